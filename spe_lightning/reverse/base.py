@@ -1,0 +1,174 @@
+"""The reverse-segmenter interface shared by UniverSeg and the weight-free segmenters.
+
+A reverse segmenter is an in-context segmenter: given a *support set* of images with
+binary masks, it segments *query* images. SPE calls it with the model's predictions as
+the support and the labelled references as the queries.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ReverseSegmenter",
+    "CallableSegmenter",
+    "register_segmenter",
+    "available_segmenters",
+    "make_segmenter",
+    "downloads_allowed",
+]
+
+
+def downloads_allowed() -> bool:
+    """False when the environment variable ``SPE_NO_DOWNLOAD`` is set to a true value."""
+    return os.environ.get("SPE_NO_DOWNLOAD", "").strip().lower() not in {"1", "true", "yes", "on"}
+
+
+def _check_inputs(query: Tensor, support_images: Tensor, support_labels: Tensor) -> None:
+    for name, t in (("query_images", query), ("support_images", support_images), ("support_labels", support_labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.ndim != 4 or t.shape[1] != 1:
+            raise ValueError(f"{name} must have shape [N,1,H,W]; got {tuple(t.shape)}. Add a channel axis with x[:, None].")
+    if support_images.shape != support_labels.shape:
+        raise ValueError(
+            f"support_images {tuple(support_images.shape)} and support_labels {tuple(support_labels.shape)} must match."
+        )
+    if support_images.shape[0] == 0:
+        raise ValueError("The support set is empty: a reverse segmenter needs at least one image with a mask.")
+    if query.shape[-2:] != support_images.shape[-2:]:
+        raise ValueError(
+            f"Query size {tuple(query.shape[-2:])} differs from support size {tuple(support_images.shape[-2:])}; "
+            "resize both to one working size first."
+        )
+
+
+class ReverseSegmenter(ABC):
+    """Base class: ``segmenter(query_images, support_images, support_labels) -> probabilities``.
+
+    Shapes ``[Q,1,H,W]``, ``[S,1,H,W]``, ``[S,1,H,W]``; images float in [0, 1], labels binary.
+    Returns foreground probabilities ``[Q,1,H,W]`` on the inputs' device. One support set is
+    shared by all queries: :meth:`prepare` runs once per support set (e.g. to train a model on
+    it) and :meth:`predict` runs on chunks of at most ``chunk_size`` queries, which bounds
+    peak memory. Subclasses implement :meth:`prepare` and :meth:`predict`.
+
+    Args:
+        chunk_size: queries segmented per step; lower it to lower peak memory.
+    """
+
+    #: short name used in reports and by :func:`make_segmenter`
+    name: str = "custom"
+
+    def __init__(self, chunk_size: int = 32) -> None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
+
+    def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
+        """Pre-compute whatever depends on the support set only (default: keep it as is)."""
+        return support_images, support_labels
+
+    @abstractmethod
+    def predict(self, query_images: Tensor, prepared: Any) -> Tensor:
+        """Foreground probabilities ``[q,1,H,W]`` for one chunk of queries."""
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-safe description (name and settings) for reports and saved estimators."""
+        return {"name": self.name, "chunk_size": self.chunk_size}
+
+    @torch.no_grad()
+    def __call__(self, query_images: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
+        _check_inputs(query_images, support_images, support_labels)
+        device = query_images.device
+        support_images = support_images.to(device=device, dtype=torch.float32)
+        support_labels = (support_labels.to(device) > 0.5).float()
+        prepared = self.prepare(support_images, support_labels)
+        out = [
+            self.predict(query_images[i : i + self.chunk_size].float(), prepared).float().clamp_(0.0, 1.0)
+            for i in range(0, query_images.shape[0], self.chunk_size)
+        ]
+        if not out:
+            return query_images.new_zeros(query_images.shape, dtype=torch.float32)
+        probs = torch.cat(out).to(device)
+        if probs.shape != query_images.shape:
+            raise RuntimeError(
+                f"{type(self).__name__} returned shape {tuple(probs.shape)} for queries {tuple(query_images.shape)}."
+            )
+        return probs
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.spec().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class CallableSegmenter(ReverseSegmenter):
+    """Wraps a plain function ``fn(query, support_images, support_labels) -> probabilities``.
+
+    The easiest way to plug in your own in-context segmenter: chunking, validation and
+    ``no_grad`` come from the base class.
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], name: str = "custom", chunk_size: int = 32):
+        super().__init__(chunk_size)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = name
+
+    def predict(self, query_images: Tensor, prepared: Any) -> Tensor:
+        support_images, support_labels = prepared
+        return self.fn(query_images, support_images, support_labels)
+
+
+_REGISTRY: dict[str, Callable[..., ReverseSegmenter]] = {}
+
+
+def register_segmenter(name: str) -> Callable[[Callable[..., ReverseSegmenter]], Callable[..., ReverseSegmenter]]:
+    """Decorator: make a segmenter class or factory available to :func:`make_segmenter` by ``name``."""
+
+    def deco(factory: Callable[..., ReverseSegmenter]) -> Callable[..., ReverseSegmenter]:
+        if name in _REGISTRY or name == "auto":
+            raise ValueError(f"A segmenter named {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_segmenters() -> list[str]:
+    """Names accepted by :func:`make_segmenter` (besides ``"auto"``)."""
+    return sorted(_REGISTRY)
+
+
+#: the weight-free segmenter "auto" falls back to (chosen by benchmarks/reverse_sensitivity.py)
+DEFAULT_WEIGHT_FREE = "label_fusion"
+
+
+def make_segmenter(name: str = "auto", **kwargs: Any) -> ReverseSegmenter:
+    """Build a segmenter by name.
+
+    ``"auto"`` returns UniverSeg when its official weights load, else the default weight-free
+    segmenter; use :func:`resolve_auto` to also learn why.
+    """
+    if name == "auto":
+        return resolve_auto(**kwargs)[0]
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown segmenter {name!r}; choose 'auto' or one of {available_segmenters()}.")
+    return _REGISTRY[name](**kwargs)
+
+
+def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
+    """``(segmenter, reason)`` for ``"auto"``: UniverSeg if its weights load, else the weight-free default."""
+    try:
+        seg = _REGISTRY["universeg"](**kwargs)
+        return seg, "UniverSeg's official weights were found."
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = f"UniverSeg's official weights could not be loaded ({first}); using the weight-free '{DEFAULT_WEIGHT_FREE}'."
+        return _REGISTRY[DEFAULT_WEIGHT_FREE](), reason
