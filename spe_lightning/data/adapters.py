@@ -1,0 +1,90 @@
+"""Turning user dataset items and batches into tensors SPE can use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["split_item", "as_tensor", "to_gray01", "resize_images", "resize_masks", "binarize_mask"]
+
+
+def as_tensor(x: Any) -> Tensor:
+    """A tensor view of ``x`` (tensor, NumPy array, MONAI MetaTensor, PIL image or nested list)."""
+    if isinstance(x, Tensor):
+        return x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> plain tensor
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.as_tensor(np.asarray(x))
+
+
+def split_item(item: Any, image_key: str = "image", label_key: str = "label") -> tuple[Tensor, Tensor | None]:
+    """``(image, mask or None)`` from a dataset item: a tuple/list ``(image, mask, ...)``, a dict, or an image alone."""
+    if isinstance(item, Mapping):
+        if image_key not in item:
+            raise KeyError(
+                f"Dataset item has no key {image_key!r} (keys: {sorted(item)}); set image_key= on SPECallback."
+            )
+        label = item.get(label_key)
+        return as_tensor(item[image_key]), None if label is None else as_tensor(label)
+    if isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and not isinstance(item, Tensor):
+        if len(item) == 0:
+            raise ValueError("Dataset item is an empty sequence; expected (image, mask).")
+        mask = item[1] if len(item) > 1 else None
+        return as_tensor(item[0]), None if mask is None else as_tensor(mask)
+    return as_tensor(item), None
+
+
+def to_gray01(images: Tensor) -> Tensor:
+    """``[N,C,H,W]`` (any dtype, any range) -> float ``[N,1,H,W]`` in [0, 1] per image.
+
+    Channels are averaged; each image is rescaled between its 1st and 99th intensity
+    percentiles, so uint8, [0, 1] and z-scored inputs all look alike to the reverse step.
+    """
+    x = images.float()
+    if x.ndim != 4:
+        raise ValueError(f"Expected images [N,C,H,W], got shape {tuple(images.shape)}.")
+    x = x.mean(dim=1, keepdim=True)
+    flat = x.flatten(1)
+    q = torch.quantile(flat, torch.tensor([0.01, 0.99], device=x.device), dim=1)  # [2,N]
+    lo, hi = q[0].view(-1, 1, 1, 1), q[1].view(-1, 1, 1, 1)
+    x = (x - lo) / (hi - lo).clamp_min(1e-6)
+    return torch.nan_to_num(x.clamp_(0.0, 1.0), nan=0.0)
+
+
+def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (antialiased when shrinking) resize of ``[N,C,H,W]`` float images."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = images.shape[-2] > size[0] or images.shape[-1] > size[1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of ``[N,1,H,W]`` binary masks; returns bool."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.bool()
+    return F.interpolate(masks.float(), size=size, mode="nearest").bool()
+
+
+def binarize_mask(mask: Tensor, foreground: int | None = None) -> Tensor:
+    """Boolean foreground from a mask of class indices, 0/1, 0/255, bool or floats in [0, 1].
+
+    ``foreground`` picks one class index; ``None`` means "any non-zero class" (floats: > 0.5,
+    0/255 masks: > 127).
+    """
+    m = as_tensor(mask)
+    if m.dtype == torch.bool:
+        return m
+    if foreground is not None:
+        return m == foreground
+    if m.is_floating_point():
+        mx = float(m.max()) if m.numel() else 0.0
+        return m > (127.5 if mx > 1.0 + 1e-6 else 0.5)
+    if m.numel() and int(m.max()) == 255 and not bool(((m != 0) & (m != 255)).any()):
+        return m > 127
+    return m != 0

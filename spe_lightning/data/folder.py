@@ -1,0 +1,206 @@
+"""Datasets in the folder layout ``<root>/<split>/{images,masks}/<id>.png`` (+ optional ``meta.csv``)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def read_meta(root: str | Path) -> dict[str, dict[str, str]]:
+    """``id -> row`` of ``<root>/meta.csv`` (empty when the file is absent)."""
+    path = Path(root) / "meta.csv"
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def _load_png(path: Path, mode: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert(mode) if mode else im)
+
+
+class FolderSegmentationDataset(Dataset):
+    """Image/mask pairs from ``<root>/<split>/images`` and ``<root>/<split>/masks`` (same file stem).
+
+    Items are dicts ``{"image": float [1,S,S] in [0,1], "label": float [1,S,S] in {0,1}, "id": str}``.
+    RGB images are converted to grayscale; masks hold class indices and ``class_index`` picks
+    the foreground (``None``: any non-zero class). Images are resized to ``image_size``
+    (longer side padded with zeros first when ``keep_aspect``; masks nearest-neighbour).
+
+    Args:
+        root: dataset root.
+        split: sub-folder, e.g. ``"train"``.
+        class_index: foreground class index in the masks.
+        image_size: side of the square output.
+        groups: keep only ids whose ``meta.csv`` group is listed.
+        augment: light random intensity and translation augmentation (training only).
+        keep_aspect: pad to a square before resizing instead of stretching.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        class_index: int | None = 1,
+        image_size: int = 128,
+        groups: Sequence[str] | None = None,
+        augment: bool = False,
+        keep_aspect: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        folder = self.root / split / "images"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No image folder {folder}; expected the layout <root>/<split>/images/<id>.png.")
+        self.split, self.class_index, self.image_size = split, class_index, int(image_size)
+        self.augment, self.keep_aspect = augment, keep_aspect
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if groups is not None:
+            meta = read_meta(self.root)
+            wanted = set(groups)
+            self.images = [p for p in self.images if meta.get(p.stem, {}).get("group") in wanted]
+        if not self.images:
+            raise ValueError(f"No images found in {folder}" + (f" for groups {list(groups)}" if groups else "") + ".")
+        self.ids = [p.stem for p in self.images]
+        self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _mask_path(self, img: Path) -> Path | None:
+        folder = self.root / self.split / "masks"
+        for suffix in (img.suffix, *IMAGE_SUFFIXES):
+            cand = folder / (img.stem + suffix)
+            if cand.exists():
+                return cand
+        return None
+
+    def _square(self, x: Tensor, mode: str) -> Tensor:
+        h, w = x.shape[-2:]
+        if self.keep_aspect and h != w:
+            side = max(h, w)
+            top, left = (side - h) // 2, (side - w) // 2
+            x = F.pad(x, (left, side - w - left, top, side - h - top))
+        s = self.image_size
+        if tuple(x.shape[-2:]) == (s, s):
+            return x
+        if mode == "nearest":
+            return F.interpolate(x[None], size=(s, s), mode="nearest")[0]
+        return F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
+
+    def _load(self, i: int) -> tuple[Tensor, Tensor | None]:
+        if i not in self._cache:
+            img = torch.from_numpy(_load_png(self.images[i], "L").astype(np.float32) / 255.0)[None]
+            mpath = self._mask_path(self.images[i])
+            mask = None
+            if mpath is not None:
+                m = torch.from_numpy(_load_png(mpath, "").astype(np.int64))
+                if m.ndim == 3:  # colour-coded masks: any channel non-zero
+                    m = m.max(dim=-1).values
+                fg = (m == self.class_index) if self.class_index is not None else (m != 0)
+                mask = self._square(fg[None].float(), "nearest")
+            self._cache[i] = (self._square(img, "bilinear"), mask)
+        return self._cache[i]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | str]:
+        img, mask = self._load(i)
+        if mask is None:
+            mask = torch.zeros_like(img)
+        if self.augment:
+            img, mask = _augment(img, mask)
+        return {"image": img, "label": mask, "id": self.ids[i]}
+
+
+def _augment(img: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Random contrast/brightness and a small translation (no flips: anatomy is lateralised)."""
+    g = torch.rand(3)
+    img = (img * (0.8 + 0.4 * g[0]) + 0.1 * (g[1] - 0.5)).clamp(0, 1)
+    dy, dx = (torch.randint(-6, 7, (2,))).tolist()
+    img = torch.roll(img, shifts=(dy, dx), dims=(-2, -1))
+    mask = torch.roll(mask, shifts=(dy, dx), dims=(-2, -1))
+    return img, mask
+
+
+class FolderSegmentationDataModule(pl.LightningDataModule):
+    """Train/validation loaders from a folder dataset, plus the datasets SPE needs.
+
+    ``spe_datasets()`` returns the reference (train split without augmentation), the
+    calibration (validation split) and the targets (``target_splits``), so SPECallback
+    works without passing datasets explicitly (e.g. from LightningCLI).
+
+    Args:
+        root: dataset root in the layout ``<root>/<split>/{images,masks}/<id>.png``.
+        class_index: foreground class (e.g. JSRT heart = 2, BUSI lesion = 1).
+        image_size: square side images are resized to.
+        batch_size: training batch size.
+        num_workers: DataLoader workers.
+        train_split: split used for training and as SPE reference.
+        val_split: split used for validation and as SPE calibration.
+        target_splits: splits given to SPE as unlabelled targets (their masks only score the estimate).
+        train_groups: restrict training/reference/calibration to these ``meta.csv`` groups.
+        augment: augment the training images.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        class_index: int | None = 1,
+        image_size: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        train_split: str = "train",
+        val_split: str = "test",
+        target_splits: list[str] | None = None,
+        train_groups: list[str] | None = None,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root
+        self.target_splits = ["extra_test"] if target_splits is None else list(target_splits)
+
+    def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
+        hp = self.hparams
+        return FolderSegmentationDataset(
+            self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if not hasattr(self, "train_set"):
+            self.train_set = self._ds(self.hparams.train_split, augment=self.hparams.augment)
+            self.reference_set = self._ds(self.hparams.train_split)
+            self.val_set = self._ds(self.hparams.val_split)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            num_workers=self.hparams.num_workers,
+            drop_last=len(self.train_set) > self.hparams.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+    def spe_datasets(self) -> dict[str, object]:
+        """``{"reference", "calibration", "target": {split: dataset}}`` for SPECallback."""
+        self.setup()
+        return {
+            "reference": self.reference_set,
+            "calibration": self.val_set,
+            "target": {split: self._ds(split) for split in self.target_splits},
+        }
