@@ -1,0 +1,110 @@
+"""Fitting G on the calibration records and turning target pseudo metrics into estimates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
+from spe_lightning.engine.metrics import BOUNDED
+
+__all__ = ["CALIBRATION", "fit_and_estimate", "finite_or_none"]
+
+#: the record key of the calibration set
+CALIBRATION = "calibration"
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` when finite, else None (reports never hold NaN or inf)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _series(records: Sequence[dict], kind: str, name: str, metric: str | None) -> np.ndarray:
+    out = []
+    for r in records:
+        v = r.get(kind, {}).get(name)
+        if metric is not None:
+            v = None if v is None else v.get(metric)
+        out.append(np.nan if v is None else float(v))
+    return np.asarray(out, dtype=float)
+
+
+def _fit(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[Mapping | None, str | None]:
+    try:
+        return Mapping.fit(kind, x, y, bounds=BOUNDED.get(metric, (None, None))), None
+    except NotEnoughPointsError as err:
+        return None, str(err)
+
+
+def fit_and_estimate(
+    records: Sequence[dict],
+    targets: Sequence[str],
+    metrics: Sequence[str],
+    mapping: str = "linear",
+    level: float = 0.9,
+) -> dict[str, Any]:
+    """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
+
+    Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
+    upper, pseudo, reason), ``by_checkpoint`` (estimate per record), ``true`` (targets with
+    masks, at the last record) and ``baselines`` (``calibration_score``: the calibration metric
+    at the same record; ``confidence``: the model's soft-Dice confidence mapped by a G of the
+    same kind fitted on calibration).
+    """
+    last = len(records) - 1
+    out: dict[str, Any] = {
+        "mapping": {},
+        "estimates": {t: {} for t in targets},
+        "by_checkpoint": {t: {} for t in targets},
+        "true": {},
+        "baselines": {"calibration_score": {t: {} for t in targets}, "confidence": {t: {} for t in targets}},
+        "level": level,
+        "n_records": len(records),
+    }
+    conf_cal = _series(records, "confidence", CALIBRATION, None)
+    for metric in metrics:
+        x = _series(records, "pseudo", CALIBRATION, metric)
+        y = _series(records, "real", CALIBRATION, metric)
+        g, why = _fit(mapping, x, y, metric)
+        out["mapping"][metric] = g.to_dict() if g else {"kind": mapping, "error": why}
+        g_conf, _ = _fit(mapping, conf_cal, y, metric)
+        for t in targets:
+            xt = _series(records, "pseudo", t, metric)
+            est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
+            if last >= 0:
+                est["pseudo"] = finite_or_none(xt[last])
+            if g is None:
+                est["reason"] = f"no mapping G: {why}"
+            elif est["pseudo"] is None:
+                reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(t)
+                est["reason"] = f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else "")
+            else:
+                lo, hi = g.interval([est["pseudo"]], level)
+                est.update(
+                    value=finite_or_none(g.predict([est["pseudo"]])[0]),
+                    lower=finite_or_none(lo[0]),
+                    upper=finite_or_none(hi[0]),
+                )
+            out["estimates"][t][metric] = est
+            if g is not None:
+                ok = np.isfinite(xt)
+                vals = np.full(len(xt), np.nan)
+                if ok.any():
+                    vals[ok] = g.predict(xt[ok])
+                out["by_checkpoint"][t][metric] = [finite_or_none(v) for v in vals]
+            out["baselines"]["calibration_score"][t][metric] = finite_or_none(y[last]) if last >= 0 else None
+            ct = _series(records, "confidence", t, None)
+            conf_val = None
+            if g_conf is not None and last >= 0 and np.isfinite(ct[last]):
+                conf_val = finite_or_none(g_conf.predict([ct[last]])[0])
+            out["baselines"]["confidence"][t][metric] = conf_val
+            true = _series(records, "real", t, metric)
+            if last >= 0 and np.isfinite(true[last]):
+                out["true"].setdefault(t, {})[metric] = float(true[last])
+    return out

@@ -1,0 +1,156 @@
+"""Reports of an SPE run: JSON, CSV, a summary table and a figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spe_lightning.engine.estimation import CALIBRATION
+from spe_lightning.engine.mapping import Mapping
+
+__all__ = ["write_json", "write_csv", "summary_table", "make_figure"]
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    """Write ``report`` as strict JSON (NaN/inf are refused: they must be None upstream)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False))
+    return path
+
+
+def write_csv(report: dict[str, Any], path: str | Path) -> Path:
+    """One row per (target, metric): estimate, interval, pseudo value, truth (if known), baselines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = [
+        "target",
+        "metric",
+        "estimate",
+        "lower",
+        "upper",
+        "pseudo",
+        "true",
+        "calibration_score",
+        "confidence",
+        "reason",
+    ]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for t, per_metric in report["estimates"].items():
+            for m, e in per_metric.items():
+                base = report.get("baselines", {})
+                w.writerow(
+                    [
+                        t,
+                        m,
+                        e["value"],
+                        e["lower"],
+                        e["upper"],
+                        e["pseudo"],
+                        report.get("true", {}).get(t, {}).get(m),
+                        base.get("calibration_score", {}).get(t, {}).get(m),
+                        base.get("confidence", {}).get(t, {}).get(m),
+                        e["reason"] or "",
+                    ]
+                )
+    return path
+
+
+def summary_table(report: dict[str, Any], markdown: bool = True) -> str:
+    """A table of estimate [interval] (and the truth where known) per target and metric."""
+    estimates = report["estimates"]
+    metrics: list[str] = list(next(iter(estimates.values()), {}).keys())
+    level = int(round(100 * report.get("level", 0.9)))
+    header = ["target", *metrics]
+    rows = []
+    for t, per_metric in estimates.items():
+        cells = []
+        for m in metrics:
+            e = per_metric[m]
+            cell = "n/a" if e["value"] is None else f"{e['value']:.3f} [{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
+            true = report.get("true", {}).get(t, {}).get(m)
+            if true is not None:
+                cell += f" (true {true:.3f})"
+            cells.append(cell)
+        rows.append([t, *cells])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows),
+    ]
+    note = f"SPE estimate [{level}% interval] at the final weights"
+    return (note + "\n" if markdown else "") + "\n".join(lines)
+
+
+def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
+    """Calibration pseudo vs real per checkpoint, the fitted G, and where each target falls."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    records = report["records"]
+    metrics = list(metrics or report["metrics"])
+    cols = min(3, len(metrics))
+    rows = int(np.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    targets = list(report["estimates"])
+    for ax, metric in zip(axes.flat, metrics):
+        xs = [r["pseudo"].get(CALIBRATION, {}).get(metric) for r in records]
+        ys = [r["real"].get(CALIBRATION, {}).get(metric) for r in records]
+        pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+        if pts:
+            px, py = zip(*pts)
+            ax.scatter(px, py, s=18, c="0.35", label="calibration checkpoints", zorder=3)
+        g = report["mapping"].get(metric, {})
+        allx = [x for x, _ in pts]
+        for ti, t in enumerate(targets):
+            e = report["estimates"][t][metric]
+            if e["value"] is None:
+                continue
+            c = colors[(ti + 1) % len(colors)]
+            ax.errorbar(
+                e["pseudo"],
+                e["value"],
+                yerr=[[e["value"] - e["lower"]], [e["upper"] - e["value"]]],
+                fmt="D",
+                color=c,
+                ms=7,
+                capsize=3,
+                label=f"{t}: estimate",
+                zorder=4,
+            )
+            true = report.get("true", {}).get(t, {}).get(metric)
+            if true is not None:
+                ax.scatter([e["pseudo"]], [true], marker="x", s=60, color=c, label=f"{t}: true", zorder=5)
+            allx.append(e["pseudo"])
+        if "error" not in g and allx:
+            grid = np.linspace(min(allx), max(allx), 100)
+            ax.plot(grid, Mapping.from_dict(g).predict(grid), color=colors[0], lw=1.5, label=f"G ({g['kind']})")
+        ax.set_title(metric)
+        ax.set_xlabel("pseudo (reverse segmentation)")
+        ax.set_ylabel("real")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(
+        f"SPE: calibration pseudo vs real metric and G ({report['segmenter'].get('name', '?')} reverse segmenter)"
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    return fig

@@ -1,0 +1,210 @@
+"""End-to-end behaviour of SPECallback on the synthetic phantom task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from spe_lightning import SPECallback
+from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning.engine.predict import eval_mode
+from spe_lightning.models import SegmentationModel
+
+
+def small_model() -> SegmentationModel:
+    return SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
+
+
+def small_data() -> SyntheticShapesDataModule:
+    return SyntheticShapesDataModule(n_train=48, n_val=24, n_target=16, size=48, batch_size=4)
+
+
+def spe(**kw) -> SPECallback:
+    args = dict(segmenter="label_fusion", support_size=12, working_size=48, max_references=24, seed=0, verbose=False)
+    args.update(kw)
+    return SPECallback(**args)
+
+
+def trainer(tmp_path, epochs, callbacks, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
+    )
+
+
+def _no_nan(obj):
+    if isinstance(obj, float):
+        assert math.isfinite(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _no_nan(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _no_nan(v)
+
+
+def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
+    pl.seed_everything(0)
+    cb = spe()
+    t = trainer(tmp_path, 4, [cb])
+    t.fit(small_model(), datamodule=small_data())
+
+    assert [r["epoch"] for r in cb.records] == [0, 1, 2, 3]
+    assert cb.records[-1]["final"] is True
+
+    report_path = tmp_path / "tb" / "version_0" / "spe_report.json"
+    report = json.loads(report_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
+    _no_nan(report)
+    assert set(report["estimates"]) == {"target", "target_noisy"}
+    assert set(report["true"]) == {"target", "target_noisy"}  # synthetic targets have masks: shown as truth
+    dice = report["estimates"]["target"]["dice"]
+    assert dice["value"] is not None and dice["lower"] <= dice["value"] <= dice["upper"]
+    assert 0.0 <= dice["value"] <= 1.0
+    assert len(report["records"]) == 4 and report["mapping"]["dice"]["kind"] == "linear"
+    assert (report_path.parent / "spe_report.csv").read_text().startswith("target,metric,estimate")
+
+    ea = EventAccumulator(str(report_path.parent), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert len(ea.Scalars("spe/pseudo/calibration/dice")) == 4
+    assert len(ea.Scalars("spe/real/calibration/hd95")) == 4
+    assert len(ea.Scalars("spe/pseudo/target_noisy/dice")) == 4
+    est = ea.Scalars("spe/estimate/target/dice")
+    # running estimates from the 3rd record on, then the final one
+    assert len(est) >= 2
+    assert est[-1].value == pytest.approx(dice["value"], abs=1e-6)
+    assert "spe/estimate_lower/target/dice" in tags and "spe/estimate_upper/target/dice" in tags
+    assert "spe/calibration_fit" in ea.Tags()["images"]
+    assert "spe/summary/text_summary" in ea.Tags()["tensors"]
+
+
+def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path):
+    """The noisy target scores worse than the clean one, and SPE's estimate says so."""
+    pl.seed_everything(1)
+    cb = spe(metrics=("dice", "iou"))
+    trainer(tmp_path, 6, [cb]).fit(small_model(), datamodule=small_data())
+    r = cb.report
+    assert r["true"]["target_noisy"]["dice"] < r["true"]["target"]["dice"]
+    assert r["estimates"]["target_noisy"]["dice"]["value"] < r["estimates"]["target"]["dice"]["value"]
+
+
+def test_no_work_during_fast_dev_run(tmp_path):
+    cb = spe()
+    trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=small_data())
+    assert cb.records == [] and cb.report is None
+    assert not list(tmp_path.rglob("spe_report.json"))
+
+
+def test_every_n_epochs_and_final_record(tmp_path):
+    cb = spe(every_n_epochs=2, metrics=("dice",))
+    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
+    # epoch 1 by schedule, then the final weights after epoch 2
+    assert [(r["epoch"], r["final"]) for r in cb.records] == [(1, False), (2, True)]
+    # two records: too few for G -> null estimates with a reason, never NaN
+    e = cb.report["estimates"]["target"]["dice"]
+    assert e["value"] is None and "need" in e["reason"].lower()
+
+
+def test_resume_keeps_records_and_evaluates_each_checkpoint_once(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = spe(metrics=("dice",))
+    trainer(tmp_path, 2, [first, ckpt]).fit(small_model(), datamodule=small_data())
+    assert len(first.records) == 2
+
+    second = spe(metrics=("dice",))
+    ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 4, [second, ckpt2]).fit(small_model(), datamodule=small_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    epochs = [r["epoch"] for r in second.records]
+    assert epochs == [0, 1, 2, 3]
+    assert [r["pseudo"] for r in second.records[:2]] == [r["pseudo"] for r in first.records]
+    assert second.report["estimates"]["target"]["dice"]["value"] is not None
+
+
+def test_state_dict_round_trip():
+    a = spe()
+    a.records = [{"epoch": 0, "step": 3, "pseudo": {}, "real": {}}]
+    b = spe()
+    b.load_state_dict(a.state_dict())
+    assert b.records == a.records
+    assert a.state_key == b.state_key and "SPECallback" in a.state_key
+
+
+def test_eval_mode_restores_each_submodule():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5))
+    net.train()
+    net[1].eval()  # a frozen BatchNorm, as users do
+    before = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"support_size": -1}, "support_size"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"mapping": "cubic"}, "mapping"),
+        ({"metrics": ("dice", "volume")}, "volume"),
+        ({"segmenter": "magic"}, "magic"),
+        ({"level": 1.0}, "level"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SPECallback(**kwargs)
+
+
+def test_missing_datasets_fail_before_training(tmp_path):
+    model = small_model()
+    dm = small_data()
+    dm.setup()
+    loader = dm.train_dataloader()
+    t = trainer(tmp_path, 1, [spe()])
+    with pytest.raises(ValueError, match="reference, calibration, target"):
+        t.fit(model, train_dataloaders=loader)
+    assert t.global_step == 0
+
+
+def test_explicit_datasets_and_tuple_items(tmp_path):
+    dm = small_data()
+    dm.setup()
+
+    class Tuples(torch.utils.data.Dataset):
+        def __init__(self, ds, with_mask=True):
+            self.ds, self.with_mask = ds, with_mask
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            it = self.ds[i]
+            return (it["image"], it["label"]) if self.with_mask else (it["image"],)
+
+    cb = spe(
+        reference=Tuples(dm.train_set),
+        calibration=Tuples(dm.val_set),
+        target={"unlabelled": Tuples(dm.targets["target"], with_mask=False)},
+        metrics=("dice",),
+    )
+    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=dm)
+    assert cb.report["estimates"]["unlabelled"]["dice"]["value"] is not None
+    assert "unlabelled" not in cb.report["true"]
