@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run ruff and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check spe_lightning tests benchmarks examples
+python -m pytest -q -p no:cacheprovider "$@"
