@@ -130,7 +130,9 @@ def test_resume_keeps_records_and_evaluates_each_checkpoint_once(tmp_path):
 
     second = spe(metrics=("dice",))
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, 4, [second, ckpt2]).fit(small_model(), datamodule=small_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer(tmp_path, 4, [second, ckpt2]).fit(
+        small_model(), datamodule=small_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     epochs = [r["epoch"] for r in second.records]
     assert epochs == [0, 1, 2, 3]
     assert [r["pseudo"] for r in second.records[:2]] == [r["pseudo"] for r in first.records]

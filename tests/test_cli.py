@@ -1,0 +1,83 @@
+"""`spe-lightning fit` (LightningCLI) with the callback from YAML and from flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spe_lightning.cli import cli, main
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+SMALL = [
+    "--trainer.max_epochs=3",
+    "--trainer.enable_progress_bar=false",
+    "--data.n_train=24",
+    "--data.n_val=12",
+    "--data.n_target=8",
+    "--data.size=32",
+]
+
+
+def _report(root: Path) -> dict:
+    (path,) = root.rglob("spe_report.json")
+    return json.loads(path.read_text())
+
+
+def test_fit_from_yaml_config(tmp_path):
+    cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.callbacks.init_args.working_size=32",
+        ]
+    )
+    report = _report(tmp_path)
+    assert len(report["records"]) == 3
+    assert set(report["estimates"]) == {"target", "target_noisy"}
+    assert report["config"]["working_size"] == 32
+
+
+def test_fit_with_callback_from_flags(tmp_path):
+    cfg = tmp_path / "no_callbacks.yaml"
+    text = CONFIG.read_text()
+    cfg.write_text(text.split("  callbacks:")[0] + "model:" + text.split("model:", 1)[1])
+    cli(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.callbacks+=spe_lightning.SPECallback",
+            "--trainer.callbacks.segmenter=label_fusion",
+            "--trainer.callbacks.working_size=32",
+            "--trainer.callbacks.support_size=8",
+            "--trainer.callbacks.metrics=[dice,hd95]",
+        ]
+    )
+    report = _report(tmp_path)
+    assert report["metrics"] == ["dice", "hd95"]
+    assert report["config"]["support_size"] == 8
+
+
+def test_bad_callback_argument_is_reported_before_training(tmp_path, capsys):
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIG),
+                *SMALL,
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.callbacks.init_args.every_n_epochs=0",
+            ]
+        )
+    assert "every_n_epochs must be an int >= 1" in str(err.value) + capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.tfevents.*"))
