@@ -153,8 +153,13 @@ class SPECallback(Callback):
     # ----------------------------------------------------------------- state
     @property
     def state_key(self) -> str:
+        seg = self.segmenter_arg if isinstance(self.segmenter_arg, str) else self.segmenter_arg.name
         return self._generate_state_key(
-            metrics=self.metrics, support_size=self.support_size, seed=self.seed, every_n_epochs=self.every_n_epochs
+            segmenter=seg,
+            metrics=self.metrics,
+            support_size=self.support_size,
+            seed=self.seed,
+            every_n_epochs=self.every_n_epochs,
         )
 
     def state_dict(self) -> dict[str, Any]:
