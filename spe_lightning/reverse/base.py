@@ -35,7 +35,9 @@ def _check_inputs(query: Tensor, support_images: Tensor, support_labels: Tensor)
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if t.ndim != 4 or t.shape[1] != 1:
-            raise ValueError(f"{name} must have shape [N,1,H,W]; got {tuple(t.shape)}. Add a channel axis with x[:, None].")
+            raise ValueError(
+                f"{name} must have shape [N,1,H,W]; got {tuple(t.shape)}. Add a channel axis with x[:, None]."
+            )
     if support_images.shape != support_labels.shape:
         raise ValueError(
             f"support_images {tuple(support_images.shape)} and support_labels {tuple(support_labels.shape)} must match."
@@ -170,5 +172,8 @@ def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
         return seg, "UniverSeg's official weights were found."
     except (FileNotFoundError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        reason = f"UniverSeg's official weights could not be loaded ({first}); using the weight-free '{DEFAULT_WEIGHT_FREE}'."
+        reason = (
+            f"UniverSeg's official weights could not be loaded ({first}); "
+            f"using the weight-free '{DEFAULT_WEIGHT_FREE}' reverse segmenter."
+        )
         return _REGISTRY[DEFAULT_WEIGHT_FREE](), reason
