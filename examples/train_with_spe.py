@@ -1,6 +1,6 @@
 """Add SPECallback to a Trainer: train on the synthetic phantom task, estimate two unlabelled targets.
 
-    python examples/train_with_spe.py
+python examples/train_with_spe.py
 """
 
 import lightning.pytorch as pl
