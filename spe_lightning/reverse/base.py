@@ -92,7 +92,7 @@ class ReverseSegmenter(ABC):
         support_labels = (support_labels.to(device) > 0.5).float()
         prepared = self.prepare(support_images, support_labels)
         out = [
-            self.predict(query_images[i : i + self.chunk_size].float(), prepared).float().clamp_(0.0, 1.0)
+            self.predict(query_images[i : i + self.chunk_size].float(), prepared).float().clamp(0.0, 1.0)
             for i in range(0, query_images.shape[0], self.chunk_size)
         ]
         if not out:

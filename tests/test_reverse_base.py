@@ -1,0 +1,66 @@
+"""The segmenter interface, the registry and 'auto'."""
+
+import pytest
+import torch
+
+from spe_lightning.reverse import (
+    CallableSegmenter,
+    LabelFusionSegmenter,
+    UniverSeg,
+    UniverSegSegmenter,
+    available_segmenters,
+    make_segmenter,
+    resolve_auto,
+)
+
+
+def test_registry_names():
+    names = available_segmenters()
+    assert {"universeg", "label_fusion"} <= set(names)
+    assert isinstance(make_segmenter("label_fusion"), LabelFusionSegmenter)
+    with pytest.raises(ValueError, match="Unknown segmenter 'nope'"):
+        make_segmenter("nope")
+
+
+def test_auto_falls_back_to_weight_free_offline():
+    seg, reason = resolve_auto()
+    assert isinstance(seg, LabelFusionSegmenter)
+    assert "UniverSeg" in reason and "label_fusion" in reason
+
+
+def test_auto_uses_universeg_when_weights_are_found(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "universeg_v1_nf64_ss64_STA.pt"
+    torch.save(UniverSeg().state_dict(), path)
+    monkeypatch.setenv("SPE_UNIVERSEG_WEIGHTS", str(path))
+    assert isinstance(make_segmenter("auto"), UniverSegSegmenter)
+
+
+def test_callback_warns_once_about_auto_choice():
+    from spe_lightning import SPECallback
+
+    cb = SPECallback()
+    with pytest.warns(UserWarning, match="weight-free 'label_fusion'"):
+        seg = cb._build_segmenter()
+    assert seg.name == "label_fusion"
+
+
+def test_callable_segmenter_chunks_and_validates():
+    calls = []
+
+    def copy_mean(q, si, sl):
+        calls.append(q.shape[0])
+        return sl.mean(0, keepdim=True).expand(q.shape[0], -1, -1, -1)
+
+    seg = CallableSegmenter(copy_mean, name="mean_mask", chunk_size=3)
+    q, s = torch.rand(7, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    lab = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    out = seg(q, s, lab)
+    assert out.shape == (7, 1, 16, 16) and calls == [3, 3, 1]
+    assert torch.allclose(out[0], lab.mean(0))
+    with pytest.raises(ValueError, match="support set is empty"):
+        seg(q, s[:0], lab[:0])
+    with pytest.raises(ValueError, match=r"\[N,1,H,W\]"):
+        seg(q[:, 0], s, lab)
+    with pytest.raises(ValueError, match="resize both"):
+        seg(torch.rand(2, 1, 8, 8), s, lab)
