@@ -32,13 +32,13 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``spe-lightning`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "benchmark":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "benchmark":
         from spe_lightning.benchmark import main as benchmark_main
 
-        benchmark_main(argv[1:])
+        benchmark_main(args[1:])
         return
-    cli(argv)
+    cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

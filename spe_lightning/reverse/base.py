@@ -171,7 +171,8 @@ def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
         seg = _REGISTRY["universeg"](**kwargs)
         return seg, "UniverSeg's official weights were found."
     except (FileNotFoundError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = " ".join(str(err).split()) or type(err).__name__
+        first = first if len(first) <= 600 else first[:600] + "..."
         reason = (
             f"UniverSeg's official weights could not be loaded ({first}); "
             f"using the weight-free '{DEFAULT_WEIGHT_FREE}' reverse segmenter."
