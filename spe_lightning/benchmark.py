@@ -43,20 +43,20 @@ def score_records(
     records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear"
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per metric: SPE / calibration_score / confidence vs the target's real metric across records."""
-    from spe_lightning.engine.estimation import CALIBRATION, _series, fit_and_estimate
+    from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, series
     from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
     from spe_lightning.engine.metrics import BOUNDED
 
     fitted = fit_and_estimate(records, [target], metrics, mapping)
-    conf_cal = _series(records, "confidence", CALIBRATION, None)
-    conf_t = _series(records, "confidence", target, None)
+    conf_cal = series(records, "confidence", CALIBRATION, None)
+    conf_t = series(records, "confidence", target, None)
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for m in metrics:
-        real = _series(records, "real", target, m)
+        real = series(records, "real", target, m)
         spe = np.asarray(
             [np.nan if v is None else v for v in fitted["by_checkpoint"][target].get(m, [])] or [np.nan] * len(records)
         )
-        cal = _series(records, "real", CALIBRATION, m)
+        cal = series(records, "real", CALIBRATION, m)
         try:
             g = Mapping.fit(mapping, conf_cal, cal, bounds=BOUNDED.get(m, (None, None)))
             conf = g.predict(conf_t)

@@ -369,7 +369,16 @@ class SPECallback(Callback):
                 parts.append(f"{t} pseudo dice {p:.3f}" if p is not None else f"{t} pseudo dice n/a")
                 if est is not None:
                     parts[-1] += f" -> est {est:.3f}"
-            rank_zero_info(" ".join(parts))
+            self._say(trainer, " ".join(parts))
+
+    @staticmethod
+    def _say(trainer: pl.Trainer, message: str) -> None:
+        """Print on rank zero without breaking the progress bar (tqdm.write when there is one)."""
+        bar = trainer.progress_bar_callback
+        if trainer.is_global_zero and bar is not None and hasattr(bar, "print"):
+            bar.print(message)
+        else:
+            rank_zero_info(message)
 
     def _build_report(self) -> dict[str, Any]:
         result = fit_and_estimate(self.records, self._targets, self.metrics, self.mapping, self.level)
@@ -424,4 +433,4 @@ class SPECallback(Callback):
 
         plt.close(fig)
         if self.verbose:
-            rank_zero_info(f"{table}\nSPE report: {out / 'spe_report.json'}")
+            self._say(trainer, f"{table}\nSPE report: {out / 'spe_report.json'}")

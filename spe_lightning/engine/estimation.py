@@ -11,7 +11,7 @@ import numpy as np
 from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["CALIBRATION", "fit_and_estimate", "finite_or_none"]
+__all__ = ["CALIBRATION", "fit_and_estimate", "finite_or_none", "series"]
 
 #: the record key of the calibration set
 CALIBRATION = "calibration"
@@ -25,7 +25,8 @@ def finite_or_none(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _series(records: Sequence[dict], kind: str, name: str, metric: str | None) -> np.ndarray:
+def series(records: Sequence[dict], kind: str, name: str, metric: str | None) -> np.ndarray:
+    """``records[i][kind][name][metric]`` (or ``[kind][name]`` when metric is None) as floats, NaN where missing."""
     out = []
     for r in records:
         v = r.get(kind, {}).get(name)
@@ -67,15 +68,15 @@ def fit_and_estimate(
         "level": level,
         "n_records": len(records),
     }
-    conf_cal = _series(records, "confidence", CALIBRATION, None)
+    conf_cal = series(records, "confidence", CALIBRATION, None)
     for metric in metrics:
-        x = _series(records, "pseudo", CALIBRATION, metric)
-        y = _series(records, "real", CALIBRATION, metric)
+        x = series(records, "pseudo", CALIBRATION, metric)
+        y = series(records, "real", CALIBRATION, metric)
         g, why = _fit(mapping, x, y, metric)
         out["mapping"][metric] = g.to_dict() if g else {"kind": mapping, "error": why}
         g_conf, _ = _fit(mapping, conf_cal, y, metric)
         for t in targets:
-            xt = _series(records, "pseudo", t, metric)
+            xt = series(records, "pseudo", t, metric)
             est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
             if last >= 0:
                 est["pseudo"] = finite_or_none(xt[last])
@@ -99,12 +100,12 @@ def fit_and_estimate(
                     vals[ok] = g.predict(xt[ok])
                 out["by_checkpoint"][t][metric] = [finite_or_none(v) for v in vals]
             out["baselines"]["calibration_score"][t][metric] = finite_or_none(y[last]) if last >= 0 else None
-            ct = _series(records, "confidence", t, None)
+            ct = series(records, "confidence", t, None)
             conf_val = None
             if g_conf is not None and last >= 0 and np.isfinite(ct[last]):
                 conf_val = finite_or_none(g_conf.predict([ct[last]])[0])
             out["baselines"]["confidence"][t][metric] = conf_val
-            true = _series(records, "real", t, metric)
+            true = series(records, "real", t, metric)
             if last >= 0 and np.isfinite(true[last]):
                 out["true"].setdefault(t, {})[metric] = float(true[last])
     return out
