@@ -136,6 +136,10 @@ def run_paper(
             if i == 0:
                 table["calibration_score"] = rows["calibration_score"]
                 table["confidence"] = rows["confidence"]
+    # the same records under the other kinds of G (robust, monotone): rows spe_<mapping>
+    for kind in ("huber", "isotonic"):
+        for m, rows in score_records(callbacks[0].records, "extra_test", PAPER_METRICS, kind).items():
+            result["metrics"][m][f"spe_{kind}"] = rows["spe"]
     result["records"] = {cb.segmenter.name: cb.records for cb in callbacks}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

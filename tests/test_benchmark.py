@@ -30,3 +30,14 @@ def test_spe_beats_calibration_score_when_target_is_worse():
     assert res["spe"]["final_abs_error"] < res["calibration_score"]["final_abs_error"]
     # a constant confidence carries no information: no correlation can be computed
     assert res["confidence"]["pearson_r"] is None
+
+
+def test_isotonic_mapping_follows_a_curved_relation():
+    recs = _records()
+    for r in recs:  # make pseudo -> real clearly non-linear
+        for name in ("calibration", "extra_test"):
+            r["pseudo"][name]["dice"] = r["pseudo"][name]["dice"] ** 4
+    lin = score_records(recs, "extra_test", ["dice"], "linear")["dice"]["spe"]
+    iso = score_records(recs, "extra_test", ["dice"], "isotonic")["dice"]["spe"]
+    assert iso["pearson_r"] > 0.95
+    assert iso["mae"] < lin["mae"]
