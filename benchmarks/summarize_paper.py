@@ -1,0 +1,108 @@
+"""Aggregate `spe-lightning benchmark paper` results: mean ± std over seeds, and figures.
+
+python benchmarks/summarize_paper.py benchmarks/results/paper_jsrt_seed*.json --figure docs/paper_jsrt.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, series  # noqa: E402
+from spe_lightning.engine.mapping import Mapping  # noqa: E402
+
+METHODS = ("spe", "spe_huber", "spe_isotonic", "calibration_score", "confidence")
+
+
+def _ms(vals: list[float | None], digits: int = 3) -> str:
+    v = np.asarray([x for x in vals if x is not None], dtype=float)
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: per metric and method, Pearson r / MAE / final abs error as mean ± std over runs."""
+    lines = [
+        f"{results[0]['dataset']}: {len(results)} seed(s) "
+        + ", ".join(str(r["seed"]) for r in results)
+        + "; real extra_test Dice range per seed: "
+        + ", ".join(f"{r['real_dice_range'][0]:.2f}–{r['real_dice_range'][1]:.2f}" for r in results),
+        "",
+        "| metric | method | Pearson r | MAE | final abs error |",
+        "|---|---|---|---|---|",
+    ]
+    for m in results[0]["metrics"]:
+        for method in METHODS:
+            rows = [r["metrics"][m].get(method) for r in results]
+            if any(row is None for row in rows):
+                continue
+            d = 1 if m == "hd95" else 3
+            cells = [
+                _ms([row[k] for row in rows], 3 if k == "pearson_r" else d)
+                for k in ("pearson_r", "mae", "final_abs_error")
+            ]
+            lines.append(f"| {m} | {method} | " + " | ".join(cells) + " |")
+    t = [r["timing"] for r in results]
+    ratio = [x["spe_s"] / x["train_s"] for x in t]
+    per_ckpt = [v for x in t for v in x["spe_s_per_checkpoint"].values()]
+    lines.append("")
+    lines.append(f"SPE overhead (SPE s / training s): {_ms(ratio, 2)}; SPE s per checkpoint: {_ms(per_ckpt, 1)}")
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: str, metric: str = "dice", mapping: str = "linear") -> None:
+    """Calibration pseudo vs real with G; estimated vs real target metric per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = next(iter(result["records"].values()))
+    x = series(records, "pseudo", CALIBRATION, metric)
+    y = series(records, "real", CALIBRATION, metric)
+    g = Mapping.fit(mapping, x, y, bounds=(0, 1))
+    est = fit_and_estimate(records, ["extra_test"], [metric], mapping)["by_checkpoint"]["extra_test"][metric]
+    real_t = series(records, "real", "extra_test", metric)
+    epochs = [r["epoch"] for r in records]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.scatter(x, y, c=epochs, cmap="viridis", s=22, label="calibration checkpoints")
+    grid = np.linspace(np.nanmin(x), np.nanmax(x), 100)
+    a.plot(grid, g.predict(grid), color="C3", label=f"G ({mapping})")
+    a.set(
+        xlabel=f"pseudo {metric} (reverse segmentation)", ylabel=f"real {metric}", title="calibration: pseudo vs real"
+    )
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.plot(epochs, real_t, "o-", ms=3, label="real extra_test")
+    b.plot(epochs, [np.nan if v is None else v for v in est], "s--", ms=3, label="SPE estimate")
+    b.plot(epochs, y, ":", color="0.5", label="calibration score")
+    b.set(xlabel="epoch", ylabel=metric, title=f"{result['dataset']}: extra_test {metric} per checkpoint")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--figure", default=None, help="PNG for the first file's run")
+    p.add_argument("--mapping", default="linear")
+    a = p.parse_args()
+    results = [json.loads(Path(f).read_text()) for f in a.files]
+    print(table(results))
+    if a.figure:
+        figure(results[0], a.figure, mapping=a.mapping)
+
+
+if __name__ == "__main__":
+    main()
