@@ -326,7 +326,12 @@ class SPECallback(Callback):
         record.update(epoch=epoch, step=trainer.global_step, final=final)
         record["seconds"] = time.perf_counter() - start
         self.records.append(record)
-        self._log_record(trainer, record)
+        try:
+            self._log_record(trainer, record)
+        except Exception as err:  # logging must not stop training either
+            if self.strict:
+                raise
+            rank_zero_warn(f"SPECallback: logging the evaluation at epoch {epoch} failed: {err!r}")
 
     @torch.no_grad()
     def _evaluate(self, pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -210,3 +210,30 @@ def test_explicit_datasets_and_tuple_items(tmp_path):
     trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=dm)
     assert cb.report["estimates"]["unlabelled"]["dice"]["value"] is not None
     assert "unlabelled" not in cb.report["true"]
+
+
+def test_a_failing_evaluation_never_stops_training(tmp_path):
+    """A model output SPE cannot use: the evaluation is skipped with a warning, training goes on; strict raises."""
+
+    class DictModel(SegmentationModel):
+        def forward(self, x):
+            return {"weird_key": self.net(x)}
+
+        def _step(self, batch):
+            image, label = batch["image"], batch["label"]
+            logits = self.net(image)
+            return logits, label, self.loss(logits, label)
+
+    cb = spe(metrics=("dice",))
+    t = trainer(tmp_path, 2, [cb])
+    with pytest.warns(UserWarning, match="pass logits_fn"):
+        t.fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
+    assert t.current_epoch == 2 and cb.records == []
+
+    ok = spe(metrics=("dice",), logits_fn=lambda module, x: module(x)["weird_key"])
+    trainer(tmp_path, 1, [ok]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
+    assert len(ok.records) == 1
+
+    strict = spe(metrics=("dice",), strict=True)
+    with pytest.raises(TypeError, match="pass logits_fn"):
+        trainer(tmp_path, 1, [strict]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
