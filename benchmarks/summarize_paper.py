@@ -15,8 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spe_lightning.benchmark import score_records  # noqa: E402
-from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, series  # noqa: E402
-from spe_lightning.engine.mapping import Mapping  # noqa: E402
+from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, fit_mapping, series  # noqa: E402
 
 METHODS = ("spe", "spe_huber", "spe_isotonic", "calibration_score", "confidence")
 
@@ -68,7 +67,7 @@ def figure(result: dict, path: str, metric: str = "dice", mapping: str = "linear
     records = next(iter(result["records"].values()))
     x = series(records, "pseudo", CALIBRATION, metric)
     y = series(records, "real", CALIBRATION, metric)
-    g = Mapping.fit(mapping, x, y, bounds=(0, 1))
+    g, _ = fit_mapping(mapping, x, y, metric)
     est = fit_and_estimate(records, ["extra_test"], [metric], mapping)["by_checkpoint"]["extra_test"][metric]
     real_t = series(records, "real", "extra_test", metric)
     epochs = [r["epoch"] for r in records]

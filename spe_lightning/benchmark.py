@@ -43,9 +43,7 @@ def score_records(
     records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear"
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per metric: SPE / calibration_score / confidence vs the target's real metric across records."""
-    from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, series
-    from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
-    from spe_lightning.engine.metrics import BOUNDED
+    from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, fit_mapping, series
 
     fitted = fit_and_estimate(records, [target], metrics, mapping)
     conf_cal = series(records, "confidence", CALIBRATION, None)
@@ -53,15 +51,11 @@ def score_records(
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for m in metrics:
         real = series(records, "real", target, m)
-        spe = np.asarray(
-            [np.nan if v is None else v for v in fitted["by_checkpoint"][target].get(m, [])] or [np.nan] * len(records)
-        )
+        by_ckpt = fitted["by_checkpoint"][target].get(m) or [None] * len(records)  # absent when G could not fit
+        spe = np.asarray([np.nan if v is None else v for v in by_ckpt], dtype=float)
         cal = series(records, "real", CALIBRATION, m)
-        try:
-            g = Mapping.fit(mapping, conf_cal, cal, bounds=BOUNDED.get(m, (None, None)))
-            conf = g.predict(conf_t)
-        except NotEnoughPointsError:
-            conf = np.full(len(records), np.nan)
+        g_conf, _ = fit_mapping(mapping, conf_cal, cal, m)
+        conf = g_conf.predict(conf_t) if g_conf else np.full(len(records), np.nan)
         out[m] = {"spe": _scores(spe, real), "calibration_score": _scores(cal, real), "confidence": _scores(conf, real)}
     return out
 

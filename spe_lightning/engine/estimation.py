@@ -11,7 +11,7 @@ import numpy as np
 from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["CALIBRATION", "fit_and_estimate", "finite_or_none", "series"]
+__all__ = ["CALIBRATION", "fit_and_estimate", "fit_mapping", "finite_or_none", "series"]
 
 #: the record key of the calibration set
 CALIBRATION = "calibration"
@@ -36,7 +36,8 @@ def series(records: Sequence[dict], kind: str, name: str, metric: str | None) ->
     return np.asarray(out, dtype=float)
 
 
-def _fit(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[Mapping | None, str | None]:
+def fit_mapping(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[Mapping | None, str | None]:
+    """``(G, None)`` fitted within the metric's bounds, or ``(None, reason)`` when too few points."""
     try:
         return Mapping.fit(kind, x, y, bounds=BOUNDED.get(metric, (None, None))), None
     except NotEnoughPointsError as err:
@@ -72,9 +73,9 @@ def fit_and_estimate(
     for metric in metrics:
         x = series(records, "pseudo", CALIBRATION, metric)
         y = series(records, "real", CALIBRATION, metric)
-        g, why = _fit(mapping, x, y, metric)
+        g, why = fit_mapping(mapping, x, y, metric)
         out["mapping"][metric] = g.to_dict() if g else {"kind": mapping, "error": why}
-        g_conf, _ = _fit(mapping, conf_cal, y, metric)
+        g_conf, _ = fit_mapping(mapping, conf_cal, y, metric)
         for t in targets:
             xt = series(records, "pseudo", t, metric)
             est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
