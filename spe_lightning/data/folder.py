@@ -14,6 +14,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from spe_lightning.data.adapters import resize_images, resize_masks
+
 __all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -94,12 +96,10 @@ class FolderSegmentationDataset(Dataset):
             side = max(h, w)
             top, left = (side - h) // 2, (side - w) // 2
             x = F.pad(x, (left, side - w - left, top, side - h - top))
-        s = self.image_size
-        if tuple(x.shape[-2:]) == (s, s):
-            return x
+        size = (self.image_size, self.image_size)
         if mode == "nearest":
-            return F.interpolate(x[None], size=(s, s), mode="nearest")[0]
-        return F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
+            return resize_masks(x[None], size)[0].float()
+        return resize_images(x[None], size)[0]
 
     def _load(self, i: int) -> tuple[Tensor, Tensor | None]:
         if i not in self._cache:

@@ -29,14 +29,14 @@ class CachedSet:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[int, Tensor]]:
-        """``(start, batch)``: consecutive items stacked while their shapes agree."""
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Consecutive items stacked into batches while their shapes agree."""
         i = 0
         while i < len(self.inputs):
             j = i + 1
             while j < len(self.inputs) and j - i < batch_size and self.inputs[j].shape == self.inputs[i].shape:
                 j += 1
-            yield i, torch.stack(self.inputs[i:j])
+            yield torch.stack(self.inputs[i:j])
             i = j
 
 
@@ -143,7 +143,7 @@ def predict_set(
     masks: list[Tensor] = []
     conf: list[Tensor] = []
     with eval_mode(module):
-        for _, batch in data.batches(batch_size):
+        for batch in data.batches(batch_size):
             logits = logits_fn(module, batch.to(device))
             if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != batch.shape[0]:
                 shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
