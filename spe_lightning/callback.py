@@ -378,7 +378,7 @@ class SPECallback(Callback):
 
     @staticmethod
     def _say(trainer: pl.Trainer, message: str) -> None:
-        """Print on rank zero without breaking the progress bar (tqdm.write when there is one)."""
+        """Print on rank zero during training without breaking the progress bar (tqdm.write when there is one)."""
         bar = trainer.progress_bar_callback
         if trainer.is_global_zero and bar is not None and hasattr(bar, "print"):
             bar.print(message)
@@ -438,4 +438,5 @@ class SPECallback(Callback):
 
         plt.close(fig)
         if self.verbose:
-            self._say(trainer, f"{table}\nSPE report: {out / 'spe_report.json'}")
+            # training is over and its progress bar closed: print through the logger
+            rank_zero_info(f"{table}\nSPE report: {out / 'spe_report.json'}")

@@ -41,10 +41,9 @@ def trainer(tmp_path, epochs, callbacks, **kw) -> pl.Trainer:
         logger=TensorBoardLogger(tmp_path, name="tb"),
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
-        **kw,
+        **{"enable_progress_bar": False, **kw},
     )
 
 
@@ -94,11 +93,14 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     assert "spe/summary/text_summary" in ea.Tags()["tensors"]
 
 
-def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path):
-    """The noisy target scores worse than the clean one, and SPE's estimate says so."""
+def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path, caplog):
+    """The noisy target scores worse than the clean one, and SPE's estimate says so (also on the console)."""
     pl.seed_everything(1)
-    cb = spe(metrics=("dice", "iou"))
-    trainer(tmp_path, 6, [cb]).fit(small_model(), datamodule=small_data())
+    cb = spe(metrics=("dice", "iou"), verbose=True)
+    with caplog.at_level("INFO"):
+        # with a progress bar: the summary must still print after the bar has closed
+        trainer(tmp_path, 6, [cb], enable_progress_bar=True).fit(small_model(), datamodule=small_data())
+    assert "| target_noisy" in caplog.text and "SPE report:" in caplog.text
     r = cb.report
     assert r["true"]["target_noisy"]["dice"] < r["true"]["target"]["dice"]
     assert r["estimates"]["target_noisy"]["dice"]["value"] < r["estimates"]["target"]["dice"]["value"]
