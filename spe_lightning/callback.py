@@ -153,7 +153,8 @@ class SPECallback(Callback):
     # ----------------------------------------------------------------- state
     @property
     def state_key(self) -> str:
-        seg = self.segmenter_arg if isinstance(self.segmenter_arg, str) else self.segmenter_arg.name
+        # the full spec, so that two SPE callbacks with differently configured segmenters can coexist
+        seg = self.segmenter_arg if isinstance(self.segmenter_arg, str) else repr(self.segmenter_arg)
         return self._generate_state_key(
             segmenter=seg,
             metrics=self.metrics,
