@@ -1,0 +1,202 @@
+"""Per-case quality scores by reverse classification accuracy (RCA).
+
+After Valindria et al., "Reverse Classification Accuracy", IEEE TMI 2017, and its in-context
+variant (In-Context RCA, 2025): a case's *own* prediction is used as a one-image support set
+of the reverse segmenter, which then segments the ``k`` labelled references that look most like
+the case. If the prediction is good, the transferred mask should fit at least one similar
+reference well; the best (or top-``top`` mean) pseudo Dice against the references' ground truth
+is the case's quality score.
+
+A case whose predicted mask has fewer than ``min_foreground`` pixels (at the working size) has
+no support to transfer. Its score is ``empty_score``: the mean real Dice of the calibration
+cases that the model also left (nearly) empty (see :func:`calibrate_flags`), because an empty
+prediction is right exactly when the case has no foreground. Without that calibration it is NaN.
+
+:func:`calibrate_flags` turns calibration scores and real Dice into a flagging threshold (cases
+scoring below it are flagged) and an isotonic map score -> estimated per-case Dice.
+
+Plain PyTorch/NumPy; no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
+from spe_lightning.engine.metrics import per_image_metrics
+from spe_lightning.reverse.base import ReverseSegmenter
+
+__all__ = ["CaseScores", "reference_neighbours", "case_scores", "calibrate_flags", "auroc", "spearman"]
+
+
+def _thumbs(images: Tensor, side: int) -> Tensor:
+    """Per-image z-scored ``side x side`` thumbnails, flattened ``[N, side*side]``."""
+    x = F.adaptive_avg_pool2d(images.float(), side).flatten(1)
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-4)
+
+
+def reference_neighbours(images: Tensor, references: Tensor, k: int, thumb: int = 16) -> Tensor:
+    """Indices ``[N, min(k, R)]`` of the ``k`` references most similar to each image (thumbnail distance)."""
+    k = min(int(k), references.shape[0])
+    d = torch.cdist(_thumbs(images, thumb), _thumbs(references, thumb))
+    return d.topk(k, dim=1, largest=False).indices
+
+
+@dataclass
+class CaseScores:
+    """Per-case RCA results: ``score`` (NaN where undefined), ``best_reference`` (-1 for empty predictions)."""
+
+    score: Tensor  # float64 [N]
+    best_reference: Tensor  # int64 [N], position in the reference tensors
+    pseudo_dice: Tensor  # float64 [N, k]: pseudo Dice against each neighbour (NaN rows for empty predictions)
+    neighbours: Tensor  # int64 [N, k]
+    empty: Tensor  # bool [N]: the prediction had < min_foreground pixels
+
+
+@torch.no_grad()
+def case_scores(
+    segmenter: ReverseSegmenter,
+    images: Tensor,
+    masks: Tensor,
+    ref_images: Tensor,
+    ref_masks: Tensor,
+    k: int = 8,
+    top: int = 1,
+    threshold: float = 0.5,
+    min_foreground: int = 16,
+    empty_score: float | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], Any] | None = None,
+) -> CaseScores:
+    """RCA quality score of every case.
+
+    Args:
+        segmenter: reverse (in-context) segmenter.
+        images: working-size gray images ``[N,1,w,w]`` in [0, 1].
+        masks: the model's predicted masks at the working size ``[N,1,w,w]`` (bool or 0/1).
+        ref_images, ref_masks: labelled references at the same size.
+        k: references reverse-segmented per case (the most similar ones).
+        top: the score is the mean of the ``top`` best pseudo Dice (1: the best one, RCA's choice).
+        threshold: binarisation of the reverse probabilities.
+        min_foreground: predictions with fewer pixels get ``empty_score`` (NaN when None).
+        empty_score: score of empty predictions (calibrated by :func:`calibrate_flags`).
+        device: where the reverse step runs.
+        progress: called with 1 after each case (e.g. ``tqdm.update``).
+    """
+    if images.shape[0] != masks.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {masks.shape[0]} masks.")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}.")
+    n = images.shape[0]
+    nb = reference_neighbours(images, ref_images, k)
+    kk = nb.shape[1]
+    masks = masks.bool()
+    empty = masks.flatten(1).sum(1) < min_foreground
+    pseudo = torch.full((n, kk), math.nan, dtype=torch.float64)
+    score = torch.full((n,), math.nan if empty_score is None else float(empty_score), dtype=torch.float64)
+    best = torch.full((n,), -1, dtype=torch.int64)
+    ref_images_d = ref_images.to(device)
+    for i in range(n):
+        if not bool(empty[i]):
+            q = nb[i]
+            probs = segmenter(ref_images_d[q], images[i : i + 1].to(device), masks[i : i + 1].float().to(device))
+            dice = per_image_metrics((probs > threshold).cpu(), ref_masks[q], ("dice",))["dice"].double()
+            pseudo[i] = dice
+            order = dice.argsort(descending=True)
+            score[i] = dice[order[: min(top, kk)]].mean()
+            best[i] = q[order[0]]
+        if progress is not None:
+            progress(1)
+    return CaseScores(score=score, best_reference=best, pseudo_dice=pseudo, neighbours=nb, empty=empty)
+
+
+def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` detecting the ``positive`` cases (higher score: more likely positive; ties count half)."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(positive, dtype=bool)
+    ok = np.isfinite(s)
+    s, y = s[ok], y[ok]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float | None:
+    """Spearman rank correlation over the pairs where both are finite (None when undefined)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return None
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def calibrate_flags(
+    scores: Sequence[float] | np.ndarray,
+    real_dice: Sequence[float] | np.ndarray,
+    empty: Sequence[bool] | np.ndarray | None = None,
+    dice_cut: float = 0.7,
+    fallback_quantile: float = 0.1,
+) -> dict[str, Any]:
+    """Flagging rule and per-case Dice map from calibration cases (plain numbers, safe to save).
+
+    ``empty_score`` is the mean real Dice of calibration cases with an empty prediction
+    (``empty``; None when there were none); their scores (NaN) are replaced by it first. The
+    threshold maximises Youden's J (TPR - FPR) of ``score < threshold`` for "real Dice <
+    ``dice_cut``" when both kinds have at least 2 cases; otherwise it is the
+    ``fallback_quantile`` of the scores (``method`` says which). ``mapping`` is an isotonic G
+    (score -> real Dice, :meth:`Mapping.to_dict`) or None when fewer than 3 cases.
+    """
+    s = np.asarray(scores, dtype=float).copy()
+    d = np.asarray(real_dice, dtype=float)
+    e = np.zeros(len(s), dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
+    if not (len(s) == len(d) == len(e)):
+        raise ValueError(f"lengths differ: {len(s)} scores, {len(d)} Dice, {len(e)} empty flags.")
+    empty_score = float(np.mean(d[e])) if e.any() else None
+    if empty_score is not None:
+        s[e] = empty_score
+    ok = np.isfinite(s) & np.isfinite(d)
+    s, d = s[ok], d[ok]
+    bad = d < dice_cut
+    out: dict[str, Any] = {
+        "dice_cut": float(dice_cut),
+        "empty_score": empty_score,
+        "n_cases": int(ok.sum()),
+        "n_below_cut": int(bad.sum()),
+    }
+    if s.size == 0:
+        return {**out, "threshold": None, "method": None, "mapping": None, "auroc": None, "spearman": None}
+    if bad.sum() >= 2 and (~bad).sum() >= 2:
+        cand = np.unique(s)
+        cuts = np.concatenate([[cand[0] - 1e-9], (cand[:-1] + cand[1:]) / 2, [cand[-1] + 1e-9]])
+        flag = s[None, :] < cuts[:, None]
+        j = flag[:, bad].mean(1) - flag[:, ~bad].mean(1)
+        best = np.flatnonzero(j == j.max())
+        threshold, method = float(cuts[best[len(best) // 2]]), "youden"
+    else:
+        threshold, method = float(np.quantile(s, fallback_quantile)), f"quantile {fallback_quantile:g}"
+    try:
+        mapping = Mapping.fit("isotonic", s, d, bounds=(0.0, 1.0)).to_dict()
+    except NotEnoughPointsError:
+        mapping = None
+    return {
+        **out,
+        "threshold": threshold,
+        "method": method,
+        "mapping": mapping,
+        "auroc": auroc(-s, bad),
+        "spearman": spearman(s, d),
+    }

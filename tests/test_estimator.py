@@ -1,0 +1,157 @@
+"""SPEEstimator: saved after fit, reloaded safely, reproduces the callback's estimates; per-case scores."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning.data import SyntheticShapesDataModule, SyntheticShapesDataset
+from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, spearman
+from spe_lightning.estimator import VERSION, IncompatibleEstimatorError
+from spe_lightning.models import SegmentationModel
+from spe_lightning.reverse import make_segmenter
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny model trained 4 epochs with SPE on the phantom task: (callback, model, datamodule)."""
+    pl.seed_everything(0)
+    dm = SyntheticShapesDataModule(n_train=48, n_val=24, n_target=16, size=48, batch_size=4)
+    model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
+    cb = SPECallback(
+        segmenter="label_fusion", support_size=12, working_size=48, max_references=24, seed=0, verbose=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path_factory.mktemp("fit"),
+    )
+    trainer.fit(model, datamodule=dm)
+    return cb, model, dm
+
+
+def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
+    cb, model, dm = fitted
+    path = SPEEstimator.from_callback(cb, model).save(tmp_path / "spe_estimator.pt")
+    # only tensors, numbers and strings: loads with weights_only=True
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "spe-estimator" and state["version"] == VERSION
+    assert state["reference"]["images"].shape == (24, 1, 48, 48)
+    assert state["reference"]["indices"] == cb.report["reference_indices"]
+    est = SPEEstimator.load(path)
+    for name in ("target", "target_noisy"):
+        res = est.estimate(model, dm.targets[name], name=name)
+        for metric, expected in cb.report["estimates"][name].items():
+            got = res.estimates[metric]
+            assert expected["value"] is not None
+            for key in ("value", "lower", "upper", "pseudo"):
+                assert got[key] == pytest.approx(expected[key], abs=1e-6), (name, metric, key)
+        # the targets have masks: reported as the truth, like the callback does
+        assert res.true["dice"] == pytest.approx(cb.report["true"][name]["dice"], abs=1e-6)
+        assert len(res.cases) == len(dm.targets[name])
+    # a tensor of images works as well as a dataset (same numbers, no masks -> no truth)
+    images = torch.stack([dm.targets["target"][i]["image"] for i in range(len(dm.targets["target"]))])
+    res = est.estimate(model, images, per_case=False)
+    assert res.estimates["dice"]["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=1e-6)
+    assert res.true is None and res.cases == []
+
+
+def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
+    cb, model, dm = fitted
+    est = SPEEstimator.load(SPEEstimator.from_callback(cb, model).save(tmp_path / "e.pt"))
+    cases = est.cases
+    assert cases is not None and cases["n_cases"] == len(dm.val_set)
+    assert len(cases["calibration_scores"]) == len(dm.val_set)
+    assert all(0.0 <= s <= 1.0 for s in cases["calibration_scores"])
+    assert cases["threshold"] is not None and cases["mapping"]["kind"] == "isotonic"
+    res = est.estimate(model, dm.targets["target_noisy"], name="target_noisy")
+    for row in res.cases:
+        assert row["flagged"] == (row["quality"] < cases["threshold"])
+        assert 0.0 <= row["estimated_dice_lower"] <= row["estimated_dice"] <= row["estimated_dice_upper"] <= 1.0
+        assert row["real_dice"] is not None  # phantom targets have masks
+
+
+def test_incompatible_or_unsafe_files_are_refused(fitted, tmp_path):
+    cb, model, _ = fitted
+    state = SPEEstimator.from_callback(cb).state()
+    state["version"] = VERSION + 1
+    torch.save(state, tmp_path / "future.pt")
+    with pytest.raises(IncompatibleEstimatorError, match=f"version {VERSION + 1}.*reads version {VERSION}"):
+        SPEEstimator.load(tmp_path / "future.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(IncompatibleEstimatorError, match="not an SPE estimator"):
+        SPEEstimator.load(tmp_path / "other.pt")
+
+    class Payload:  # what a malicious file would carry: unpickling it would call os.system
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "spe-estimator", "version": VERSION, "x": Payload()}, f, protocol=2)
+    with pytest.raises(IncompatibleEstimatorError, match="refused to load"):
+        SPEEstimator.load(tmp_path / "evil.pt")
+
+
+def test_save_caps_the_embedded_references_and_can_leave_them_out(fitted, tmp_path):
+    cb, model, dm = fitted
+    est = SPEEstimator.from_callback(cb)
+    with pytest.raises(ValueError, match="max_reference_mb"):
+        est.save(tmp_path / "big.pt", max_reference_mb=0.1)
+    slim = SPEEstimator.load(est.save(tmp_path / "slim.pt", embed_reference=False))
+    assert slim.reference_images is None
+    with pytest.raises(ValueError, match="no reference images"):
+        slim.estimate(model, dm.targets["target"])
+    slim.set_reference_dataset(dm.train_set)  # the stored indices pick the same references again
+    res = slim.estimate(model, dm.targets["target"], per_case=False)
+    assert res.estimates["dice"]["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=1e-6)
+
+
+def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
+    return -torch.nn.functional.max_pool2d(-m.float(), 2 * r + 1, 1, r) > 0.5
+
+
+def test_per_case_score_orders_a_bad_prediction_below_a_good_one():
+    refs = SyntheticShapesDataset(24, 48, seed=5)
+    ref_img = torch.stack([refs[i]["image"] for i in range(24)])
+    ref_mask = torch.stack([refs[i]["label"] for i in range(24)]).bool()
+    cases = SyntheticShapesDataset(6, 48, seed=6)
+    img = torch.stack([cases[i]["image"] for i in range(6)])
+    truth = torch.stack([cases[i]["label"] for i in range(6)]).bool()
+    shifted = torch.roll(truth, shifts=(14, 14), dims=(-2, -1))  # clearly wrong: the mask is off the organ
+    eroded = _erode(truth, 2)  # much too small (about a third of the area)
+    seg = make_segmenter("label_fusion")
+    good = case_scores(seg, img, truth, ref_img, ref_mask, k=8)
+    bad = case_scores(seg, img, shifted, ref_img, ref_mask, k=8)
+    small = case_scores(seg, img, eroded, ref_img, ref_mask, k=8)
+    assert (good.score > bad.score).all() and (good.score > small.score).all()
+    assert good.score.min() > 0.6 and bad.score.max() < 0.5
+    assert ((good.best_reference >= 0) & (good.best_reference < 24)).all()
+    # an empty prediction has no support: it gets the calibrated empty score
+    empty = case_scores(seg, img, torch.zeros_like(truth), ref_img, ref_mask, empty_score=0.25)
+    assert empty.empty.all() and torch.equal(empty.score, torch.full((6,), 0.25, dtype=torch.float64))
+
+
+def test_flag_calibration_and_rank_statistics():
+    scores = [0.9, 0.8, 0.85, 0.3, 0.2, 0.4, math.nan]
+    dice = [0.95, 0.9, 0.8, 0.5, 0.1, 0.6, 0.0]
+    empty = [False] * 6 + [True]
+    flags = calibrate_flags(scores, dice, empty, dice_cut=0.7)
+    assert flags["method"] == "youden" and 0.4 < flags["threshold"] < 0.8
+    assert flags["empty_score"] == 0.0 and flags["n_below_cut"] == 4
+    assert flags["auroc"] == 1.0 and flags["spearman"] > 0.9
+    assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0  # higher score: more likely positive
+    assert auroc([0.5, 0.5], [True, False]) == 0.5 and auroc([1.0], [True]) is None
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    few = calibrate_flags([0.9, 0.8, 0.7, 0.95], [0.9, 0.9, 0.85, 0.95])  # no bad case: quantile fallback
+    assert few["method"].startswith("quantile") and few["threshold"] == pytest.approx(0.73)
