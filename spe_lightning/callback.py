@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -20,14 +22,36 @@ from torch.utils.data import Dataset
 from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate
 from spe_lightning.engine.mapping import MAPPINGS
 from spe_lightning.engine.metrics import PAPER_METRICS, validate_metrics
-from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_set
+from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_labels
 from spe_lightning.engine.report import make_figure, summary_table, write_csv, write_json
-from spe_lightning.engine.spe import SPEEngine
+from spe_lightning.engine.spe import Shard, SPEEngine, metric_keys
 from spe_lightning.reverse.base import ReverseSegmenter, available_segmenters, make_segmenter, resolve_auto
 
 __all__ = ["SPECallback"]
 
 _ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+
+
+def _parse_classes(classes: Sequence[int] | Mapping[str, int] | None) -> tuple[list[str], list[int]]:
+    """``(names, indices)`` of the ``classes`` argument (names ``class_<i>`` for a plain list)."""
+    if classes is None:
+        return [], []
+    if isinstance(classes, Mapping):
+        names, indices = [str(k) for k in classes], list(classes.values())
+    elif isinstance(classes, Sequence) and not isinstance(classes, str):
+        indices = list(classes)
+        names = [f"class_{c}" for c in indices]
+    else:
+        raise TypeError(
+            f"SPECallback: classes must be a list of class indices or a {{name: index}} dict, got {classes!r}."
+        )
+    if not indices:
+        raise ValueError("SPECallback: classes is empty; give at least one class index (or None for binary).")
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in indices):
+        raise ValueError(f"SPECallback: class indices must be ints >= 0, got {indices!r}.")
+    if len(set(indices)) != len(indices) or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"SPECallback: classes must have distinct indices and non-empty names, got {classes!r}.")
+    return names, indices
 
 
 class SPECallback(Callback):
@@ -60,7 +84,14 @@ class SPECallback(Callback):
         level: nominal coverage of the estimate intervals.
         seed: seed for the reference subset and support orders.
         working_size: side of the square images the reverse segmenter works on.
-        foreground_class: class index of the masks that is foreground (None: any non-zero).
+        foreground_class: class index of the masks that is foreground (None: any non-zero); binary SPE.
+        classes: multi-class SPE: class indices (``[1, 2]``) or ``{name: index}``; each class gets its own
+            support set and reverse step, metrics ``"<metric>/<name>"`` and their mean ``"<metric>"``.
+            The model's channel ``c`` must be class ``c`` (argmax decides).
+        spatial_dims: 2 or 3; None: 4-D items ``[C,D,H,W]`` are volumes, handled slice-wise.
+        max_slices: per volume, at most this many evenly spaced slices are support candidates
+            (all slices) or references (slices with foreground).
+        memory_budget_mb: on CUDA, memory (MiB) the reverse step may add; its chunk of queries is sized to it.
         image_key, label_key: keys of dict items.
         logits_fn: ``fn(pl_module, images) -> logits [B,C,H,W]``; default ``pl_module(images)`` (first
             element of a list output, ``"logits"``/``"pred"``/``"out"`` of a dict output).
@@ -89,6 +120,10 @@ class SPECallback(Callback):
         seed: int = 0,
         working_size: int = 128,
         foreground_class: int | None = None,
+        classes: Sequence[int] | Mapping[str, int] | None = None,
+        spatial_dims: int | None = None,
+        max_slices: int = 16,
+        memory_budget_mb: float | None = None,
         image_key: str = "image",
         label_key: str = "label",
         logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
@@ -105,6 +140,7 @@ class SPECallback(Callback):
             ("min_foreground", min_foreground, 0),
             ("working_size", working_size, 16),
             ("batch_size", batch_size, 1),
+            ("max_slices", max_slices, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"SPECallback: {name} must be an int >= {low}, got {value!r}.")
@@ -128,6 +164,13 @@ class SPECallback(Callback):
             raise TypeError(
                 f"SPECallback: segmenter must be a name or a ReverseSegmenter, got {type(segmenter).__name__}."
             )
+        if spatial_dims not in (None, 2, 3):
+            raise ValueError(f"SPECallback: spatial_dims must be None, 2 or 3, got {spatial_dims!r}.")
+        if memory_budget_mb is not None and not float(memory_budget_mb) > 0:
+            raise ValueError(f"SPECallback: memory_budget_mb must be None or > 0, got {memory_budget_mb!r}.")
+        self.class_names, self.class_indices = _parse_classes(classes)
+        if self.class_indices and foreground_class is not None:
+            raise ValueError("SPECallback: give foreground_class (binary) or classes (multi-class), not both.")
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError("SPECallback: logits_fn must be callable (pl_module, images) -> logits.")
         self.reference, self.calibration = reference, calibration
@@ -138,6 +181,8 @@ class SPECallback(Callback):
         self.threshold, self.metrics = float(threshold), validate_metrics(metrics)
         self.mapping, self.level, self.seed = mapping, float(level), seed
         self.working_size, self.foreground_class = working_size, foreground_class
+        self.spatial_dims, self.max_slices = spatial_dims, max_slices
+        self.memory_budget_mb = None if memory_budget_mb is None else float(memory_budget_mb)
         self.image_key, self.label_key = image_key, label_key
         self.logits_fn = logits_fn or default_logits
         self.activation, self.batch_size = activation, batch_size
@@ -149,6 +194,11 @@ class SPECallback(Callback):
         self.engine: SPEEngine | None = None
         self._sets: dict[str, CachedSet] = {}
         self._targets: list[str] = []
+
+    @property
+    def keys(self) -> list[str]:
+        """The record/estimate keys: the metrics, or for multi-class each mean then ``"<metric>/<class>"``."""
+        return metric_keys(self.metrics, self.class_names or None)
 
     # ----------------------------------------------------------------- state
     @property
@@ -186,6 +236,9 @@ class SPECallback(Callback):
             "seed": self.seed,
             "working_size": self.working_size,
             "every_n_epochs": self.every_n_epochs,
+            "foreground_class": self.foreground_class,
+            "classes": dict(zip(self.class_names, self.class_indices)) if self.class_names else None,
+            "max_slices": self.max_slices,
             "segmenter": self.segmenter.spec() if self.segmenter else str(self.segmenter_arg),
         }
 
@@ -193,46 +246,66 @@ class SPECallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.engine is not None:
             return
-        reference, calibration, target = self._resolve_datasets(trainer)
-        if self.max_references is not None and len(reference) > self.max_references:
-            g = torch.Generator().manual_seed(self.seed)
-            ref_idx = sorted(torch.randperm(len(reference), generator=g)[: self.max_references].tolist())
-        else:
-            ref_idx = None
+        self.prepare(*self._resolve_datasets(trainer))
+
+    def prepare(self, reference: Dataset, calibration: Dataset, target: Mapping[str, Dataset]) -> None:
+        """Read the datasets and build the engine (``setup`` does this; every input problem is raised here)."""
         common = {
             "working_size": self.working_size,
             "image_key": self.image_key,
             "label_key": self.label_key,
             "foreground": self.foreground_class,
+            "classes": self.class_indices or None,
+            "spatial_dims": self.spatial_dims,
+            "max_slices": self.max_slices,
         }
-        ref = cache_dataset("reference", reference, indices=ref_idx, require_masks=True, **common)
-        keep = [i for i, m in enumerate(ref.masks) if bool(m.any())]
-        if not keep:
-            raise ValueError(
-                "SPECallback: no reference mask has foreground; the reverse step needs labelled structures."
-            )
-        if len(keep) < len(ref):
-            ref = CachedSet(
-                "reference",
-                [ref.inputs[i] for i in keep],
-                [ref.masks[i] for i in keep],
-                ref.gray[keep],
-                [ref.indices[i] for i in keep],
-            )
+        ref_idx = None
+        if self.max_references is not None and len(reference) > self.max_references:
+            g = torch.Generator().manual_seed(self.seed)
+            ref_idx = sorted(torch.randperm(len(reference), generator=g)[: self.max_references].tolist())
+        ref = cache_dataset(
+            "reference",
+            reference,
+            indices=ref_idx,
+            require_masks=True,
+            slices="foreground",
+            keep_inputs=False,
+            **common,
+        )
         self._sets = {CALIBRATION: cache_dataset(CALIBRATION, calibration, require_masks=True, **common)}
         for name, ds in target.items():
             if name == CALIBRATION:
                 raise ValueError(f"SPECallback: a target may not be called {CALIBRATION!r}; rename it.")
             self._sets[name] = cache_dataset(name, ds, **common)
+        dims = {("3D" if d.volumetric or (d.inputs and d.inputs[0].ndim == 4) else "2D") for d in self._sets.values()}
+        if len(dims) > 1:
+            raise ValueError("SPECallback: calibration and targets mix 2D images and 3D volumes.")
         self._targets = list(target)
-        self.segmenter = self._build_segmenter()
-        self.engine = SPEEngine(
-            self.segmenter, ref, self.metrics, self.support_size, self.min_foreground, self.threshold, self.seed
+        segmenter = self._build_segmenter()
+        engine = SPEEngine(
+            segmenter,
+            ref,
+            self.metrics,
+            self.support_size,
+            self.min_foreground,
+            self.threshold,
+            self.seed,
+            class_names=self.class_names or None,
+            memory_budget_mb=self.memory_budget_mb,
         )
+        empty = [engine._name(c) for c, q in engine.queries.items() if not q]
+        if empty:
+            what = f"class(es) {empty}" if self.class_names else "foreground"
+            raise ValueError(
+                f"SPECallback: no reference mask has {what}; the reverse step needs labelled structures "
+                "(check foreground_class/classes)."
+            )
+        self.segmenter, self.engine = segmenter, engine
         rank_zero_info(
-            f"SPE: {len(ref)} references, calibration {len(self._sets[CALIBRATION])} images, targets "
+            f"SPE: {len(engine.ref_indices)} reference {'slices' if ref.volumetric else 'images'}, calibration "
+            f"{len(self._sets[CALIBRATION])} items, targets "
             + ", ".join(f"{t} ({len(self._sets[t])})" for t in self._targets)
-            + f"; reverse segmenter {self.segmenter.name}."
+            + f"; reverse segmenter {segmenter.name}."
         )
 
     def _resolve_datasets(self, trainer: pl.Trainer) -> tuple[Dataset, Dataset, dict[str, Dataset]]:
@@ -318,7 +391,7 @@ class SPECallback(Callback):
         epoch = trainer.current_epoch if epoch is None else epoch
         start = time.perf_counter()
         try:
-            record = self._evaluate(pl_module)
+            record = self.evaluate(pl_module, self._shard(trainer))
         except Exception as err:
             if self.strict:
                 raise
@@ -334,17 +407,54 @@ class SPECallback(Callback):
                 raise
             rank_zero_warn(f"SPECallback: logging the evaluation at epoch {epoch} failed: {err!r}")
 
+    def _shard(self, trainer: pl.Trainer | None) -> Shard:
+        """This rank's share of the work; the records are gathered so every rank holds the same ones."""
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return Shard()
+
+        def gather(obj: Any) -> list[Any]:
+            out: list[Any] = [None] * world
+            dist.all_gather_object(out, obj)
+            return out
+
+        return Shard(trainer.global_rank, world, gather)  # type: ignore[union-attr]
+
     @torch.no_grad()
-    def _evaluate(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        assert self.engine is not None
-        device = pl_module.device
+    def evaluate(self, pl_module: nn.Module, shard: Shard | None = None) -> dict[str, Any]:
+        """One record of ``pl_module``'s current weights (after :meth:`prepare`/``setup``).
+
+        With a ``shard`` of several processes, each predicts its share of every set and segments its
+        share of the references; all processes must call this together and get the same record.
+        """
+        if self.engine is None:
+            raise RuntimeError("SPECallback.evaluate: call prepare() (or fit with the callback) first.")
+        shard = shard or Shard()
+        device = getattr(pl_module, "device", None) or next(pl_module.parameters()).device
         predictions = {}
         for name, data in self._sets.items():
-            _, masks, conf = predict_set(
-                pl_module, data, device, self.batch_size, self.logits_fn, self.activation, self.threshold
+            n = len(data)
+            run = functools.partial(
+                predict_labels,
+                pl_module,  # the module itself, never a DDP wrapper: no gradient sync hooks in SPE's forward
+                data,
+                device,
+                self.batch_size,
+                self.logits_fn,
+                self.activation,
+                self.threshold,
+                self.foreground_class,
+                self.class_indices or None,
+                shard.part(n),
             )
+            masks: list[Tensor] = [torch.zeros(0)] * n
+            conf = torch.zeros(n)
+            for r, (m, c) in enumerate(shard.run(run)):
+                for k, pos in enumerate(range(r, n, shard.world)):
+                    masks[pos] = m[k]
+                conf[r :: shard.world] = c
             predictions[name] = (data, masks, conf)
-        return self.engine.evaluate(predictions, device)
+        return self.engine.evaluate(predictions, device, shard)
 
     def _log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         flat: dict[str, float] = {}
@@ -355,7 +465,7 @@ class SPECallback(Callback):
                 flat[f"spe/real/calibration/{m}"] = v
         running = None
         if len(self.records) >= 3:
-            running = fit_and_estimate(self.records, self._targets, self.metrics, self.mapping, self.level)
+            running = fit_and_estimate(self.records, self._targets, self.keys, self.mapping, self.level)
             for t, per_metric in running["estimates"].items():
                 flat.update(
                     {f"spe/estimate/{t}/{m}": e["value"] for m, e in per_metric.items() if e["value"] is not None}
@@ -387,13 +497,18 @@ class SPECallback(Callback):
             rank_zero_info(message)
 
     def _build_report(self) -> dict[str, Any]:
-        result = fit_and_estimate(self.records, self._targets, self.metrics, self.mapping, self.level)
+        result = fit_and_estimate(self.records, self._targets, self.keys, self.mapping, self.level)
         return {
             "version": 1,
             "metrics": list(self.metrics),
+            "keys": self.keys,
+            "classes": self._config()["classes"],
             "segmenter": self.segmenter.spec() if self.segmenter else {"name": str(self.segmenter_arg)},
             "config": self._config(),
             "reference_indices": list(self.engine.ref_indices) if self.engine else [],
+            **(
+                {"reference_slices": self.engine.ref_slices} if self.engine and max(self.engine.ref_slices) >= 0 else {}
+            ),
             **result,
             "records": self.records,
         }

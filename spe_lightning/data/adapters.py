@@ -10,7 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["split_item", "as_tensor", "to_gray01", "resize_images", "resize_masks", "binarize_mask"]
+__all__ = [
+    "split_item",
+    "as_tensor",
+    "to_gray01",
+    "resize_images",
+    "resize_masks",
+    "resize_labels",
+    "binarize_mask",
+    "encode_labels",
+]
+
+#: torch.quantile refuses inputs above 2**24 elements; larger images are subsampled for the percentiles
+_QUANTILE_MAX = 2**20
 
 
 def as_tensor(x: Any) -> Tensor:
@@ -50,6 +62,9 @@ def to_gray01(images: Tensor) -> Tensor:
         raise ValueError(f"Expected images [N,C,H,W], got shape {tuple(images.shape)}.")
     x = x.mean(dim=1, keepdim=True)
     flat = x.flatten(1)
+    if flat.shape[1] > _QUANTILE_MAX:  # a strided sample is plenty for two percentiles
+        flat = flat[:, :: -(-flat.shape[1] // _QUANTILE_MAX)]
+    flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     q = torch.quantile(flat, torch.tensor([0.01, 0.99], device=x.device), dim=1)  # [2,N]
     lo, hi = q[0].view(-1, 1, 1, 1), q[1].view(-1, 1, 1, 1)
     x = (x - lo) / (hi - lo).clamp_min(1e-6)
@@ -71,20 +86,49 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(masks.float(), size=size, mode="nearest").bool()
 
 
+def resize_labels(labels: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Nearest-neighbour resize of ``[N,1,*S]`` label maps (2D or 3D), dtype kept."""
+    if tuple(labels.shape[2:]) == tuple(size):
+        return labels
+    out = F.interpolate(labels.float(), size=tuple(size), mode="nearest")
+    return out.bool() if labels.dtype == torch.bool else out.to(labels.dtype)
+
+
 def binarize_mask(mask: Tensor, foreground: int | None = None) -> Tensor:
     """Boolean foreground from a mask of class indices, 0/1, 0/255, bool or floats in [0, 1].
 
-    ``foreground`` picks one class index; ``None`` means "any non-zero class" (floats: > 0.5,
-    0/255 masks: > 127).
+    ``foreground`` picks one class index; ``None`` means "any non-zero class". Integer-valued
+    masks (also when stored as floats, as MONAI loads them) are class indices, except 0/255
+    masks (foreground: 255); soft float masks are thresholded at 0.5 (at 127.5 when above 1).
     """
     m = as_tensor(mask)
     if m.dtype == torch.bool:
         return m
     if foreground is not None:
         return m == foreground
-    if m.is_floating_point():
-        mx = float(m.max()) if m.numel() else 0.0
+    if not m.numel():
+        return m != 0
+    if m.is_floating_point() and not bool((m == m.round()).all()):  # soft (or NaN-holding) mask
+        mx = float(torch.nan_to_num(m, nan=0.0).max())
         return m > (127.5 if mx > 1.0 + 1e-6 else 0.5)
-    if m.numel() and int(m.max()) == 255 and not bool(((m != 0) & (m != 255)).any()):
+    if int(m.max()) == 255 and not bool(((m != 0) & (m != 255)).any()):
         return m > 127
     return m != 0
+
+
+def encode_labels(mask: Tensor, classes: Sequence[int]) -> Tensor:
+    """uint8 label map of a class-index mask: 0 for background, ``j + 1`` where it holds ``classes[j]``.
+
+    Float masks are rounded first (class maps stored as floats); other values count as background.
+    """
+    if len(classes) > 254:
+        raise ValueError(f"At most 254 classes are supported, got {len(classes)}.")
+    m = as_tensor(mask)
+    if m.dtype == torch.bool:
+        m = m.to(torch.uint8)
+    elif m.is_floating_point():
+        m = torch.nan_to_num(m, nan=-1.0).round()
+    out = torch.zeros(m.shape, dtype=torch.uint8)
+    for j, c in enumerate(classes):
+        out[m == c] = j + 1
+    return out

@@ -39,7 +39,9 @@ def series(records: Sequence[dict], kind: str, name: str, metric: str | None) ->
 def fit_mapping(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[Mapping | None, str | None]:
     """``(G, None)`` fitted within the metric's bounds, or ``(None, reason)`` when too few points."""
     try:
-        return Mapping.fit(kind, x, y, bounds=BOUNDED.get(metric, (None, None))), None
+        # per-class keys ("dice/heart") have the bounds of their metric
+        bounds = BOUNDED.get(metric, BOUNDED.get(metric.split("/")[0], (None, None)))
+        return Mapping.fit(kind, x, y, bounds=bounds), None
     except NotEnoughPointsError as err:
         return None, str(err)
 

@@ -1,4 +1,11 @@
-"""Running a segmentation model over a cached dataset: foreground probabilities and masks."""
+"""Running a segmentation model over a cached dataset: foreground probabilities, masks and label maps.
+
+Items are 2D images ``[C,H,W]`` (or ``[H,W]``) or 3D volumes ``[C,D,H,W]``. The reverse step is 2D:
+a 2D item is one *unit* (a working-size gray image); a volume contributes some of its axial slices
+(``D`` axis) as units, see :func:`cache_dataset`. Masks are kept per item at the native size: bool
+``[1,*S]`` for one foreground, or uint8 label maps ``[1,*S]`` (0 background, ``j + 1`` for the j-th
+class of ``classes``) for several.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +13,120 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spe_lightning.data.adapters import binarize_mask, resize_images, split_item, to_gray01
+from spe_lightning.data.adapters import binarize_mask, encode_labels, resize_images, split_item, to_gray01
 
-__all__ = ["CachedSet", "cache_dataset", "default_logits", "foreground_probability", "predict_set", "eval_mode"]
+__all__ = [
+    "CachedSet",
+    "NonFiniteOutputError",
+    "cache_dataset",
+    "default_logits",
+    "eval_mode",
+    "foreground_probability",
+    "predict_labels",
+    "predict_set",
+]
 
 LogitsFn = Callable[[nn.Module, Tensor], Tensor]
+SLICE_MODES = ("all", "foreground")
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's output holds NaN or inf at the current weights."""
 
 
 @dataclass
 class CachedSet:
-    """A dataset held in memory: model inputs, optional masks and working-size gray images."""
+    """A dataset held in memory: model inputs, optional masks and working-size gray images.
+
+    ``gray`` has one row per *unit* (``units[r] = (item position, slice)``; slice -1 for 2D items).
+    """
 
     name: str
-    inputs: list[Tensor]  # model inputs [C,H,W] (as the dataset returns them)
-    masks: list[Tensor] | None  # bool [1,H,W] or None (unlabelled)
-    gray: Tensor  # float [N,1,w,w] in [0,1]: what the reverse segmenter sees
+    inputs: list[Tensor]  # model inputs [C,H,W] or [C,D,H,W] (dtype as the dataset returns them); may be empty
+    masks: list[Tensor] | None  # per item: bool [1,*S], or uint8 labels [1,*S] with classes; None (unlabelled)
+    gray: Tensor  # float [U,1,w,w] in [0,1]: what the reverse segmenter sees
     indices: list[int] = field(default_factory=list)  # positions in the source dataset
+    units: list[tuple[int, int]] = field(default_factory=list)  # (item position, slice or -1) per gray row
+
+    def __post_init__(self) -> None:
+        if not self.indices:
+            self.indices = list(range(len(self.inputs) or self.gray.shape[0]))
+        if not self.units:
+            self.units = [(i, -1) for i in range(self.gray.shape[0])]
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.indices)
 
-    def batches(self, batch_size: int) -> Iterator[Tensor]:
-        """Consecutive items stacked into batches while their shapes agree."""
+    @property
+    def volumetric(self) -> bool:
+        """True when the items are 3D volumes (units are slices)."""
+        return any(z >= 0 for _, z in self.units)
+
+    def batches(self, batch_size: int, positions: Sequence[int] | None = None) -> Iterator[tuple[list[int], Tensor]]:
+        """``(positions, stacked inputs)`` of consecutive items (of ``positions``) while their shapes agree."""
+        pos = list(range(len(self.inputs))) if positions is None else list(positions)
         i = 0
-        while i < len(self.inputs):
+        while i < len(pos):
             j = i + 1
-            while j < len(self.inputs) and j - i < batch_size and self.inputs[j].shape == self.inputs[i].shape:
+            shape = self.inputs[pos[i]].shape
+            while j < len(pos) and j - i < batch_size and self.inputs[pos[j]].shape == shape:
                 j += 1
-            yield torch.stack(self.inputs[i:j])
+            yield pos[i:j], torch.stack([self.inputs[p] for p in pos[i:j]])
             i = j
+
+    def unit_mask(self, row: int) -> Tensor:
+        """The native-size mask ``[1,H,W]`` of gray row ``row`` (a slice of a volume's mask for 3D)."""
+        assert self.masks is not None
+        item, z = self.units[row]
+        m = self.masks[item]
+        return m if z < 0 else m[:, z]
+
+
+def _as_item_image(image: Tensor, spatial_dims: int | None, where: str) -> Tensor:
+    if image.ndim == 2 and spatial_dims in (None, 2):
+        return image[None]
+    if image.ndim == 3 and spatial_dims == 3:
+        return image[None]
+    if image.ndim == 3 or (image.ndim == 4 and spatial_dims in (None, 3)):
+        return image
+    want = "[C,D,H,W] or [D,H,W]" if spatial_dims == 3 else "[C,H,W], [H,W] or a volume [C,D,H,W]"
+    raise ValueError(f"SPE {where}: image has shape {tuple(image.shape)}; expected {want}.")
+
+
+def _as_item_mask(
+    mask: Tensor, spatial: tuple[int, ...], foreground: int | None, classes: Sequence[int] | None, where: str
+) -> Tensor:
+    nd = len(spatial)
+    if mask.ndim == nd:
+        mask = mask[None]
+    if mask.ndim != nd + 1 or tuple(mask.shape[1:]) != spatial:
+        raise ValueError(
+            f"SPE {where}: mask shape {tuple(mask.shape)} does not match the image's spatial size {spatial} "
+            "(expected the same size, with at most one channel axis); resize them together in the dataset."
+        )
+    if mask.shape[0] > 1:  # one-hot / multi-channel: channel index = class index
+        if classes is None and foreground is None:
+            return binarize_mask(mask[1:]).any(0, keepdim=True)
+        m = mask.float()
+        mask = torch.where(m.amax(0) > 0.5, m.argmax(0), torch.zeros_like(m[0], dtype=torch.long))[None]
+    if classes is not None:
+        return encode_labels(mask, classes)
+    return binarize_mask(mask, foreground)
+
+
+def _slices(depth: int, mask: Tensor | None, mode: str, max_slices: int | None) -> list[int]:
+    """Slice positions of a volume: all, or those whose mask has foreground; evenly thinned to ``max_slices``."""
+    zs = list(range(depth))
+    if mode == "foreground" and mask is not None:
+        zs = [z for z in zs if bool(mask[:, z].any())]
+    if max_slices is not None and len(zs) > max_slices:
+        zs = [zs[int(k)] for k in np.linspace(0, len(zs) - 1, max_slices).round().astype(int)]
+    return zs
 
 
 def cache_dataset(
@@ -49,8 +138,24 @@ def cache_dataset(
     foreground: int | None = None,
     indices: Sequence[int] | None = None,
     require_masks: bool = False,
+    classes: Sequence[int] | None = None,
+    spatial_dims: int | None = None,
+    slices: str = "all",
+    max_slices: int | None = None,
+    keep_inputs: bool = True,
 ) -> CachedSet:
-    """Read ``dataset`` (items ``(image, mask)`` tuples or dicts) once into a :class:`CachedSet`."""
+    """Read ``dataset`` (items ``(image, mask)`` tuples or dicts) once into a :class:`CachedSet`.
+
+    Args:
+        foreground: the mask class that is foreground (None: any non-zero); binary masks (bool).
+        classes: class indices of a multi-class mask; masks become uint8 label maps 1..K.
+        spatial_dims: 2 or 3 (None: 4-D items ``[C,D,H,W]`` are volumes, others 2D).
+        slices: which slices of a volume become units: ``"all"`` or ``"foreground"`` (mask non-empty).
+        max_slices: at most this many evenly spaced slices per volume (None: no limit).
+        keep_inputs: keep the model inputs (not needed for sets that are never predicted).
+    """
+    if slices not in SLICE_MODES:
+        raise ValueError(f"slices must be one of {SLICE_MODES}, got {slices!r}.")
     try:
         n = len(dataset)
     except TypeError as err:
@@ -60,33 +165,41 @@ def cache_dataset(
     idx = list(range(n)) if indices is None else list(indices)
     inputs: list[Tensor] = []
     masks: list[Tensor] = []
+    gray: list[Tensor] = []
+    units: list[tuple[int, int]] = []
     has_mask = True
-    for i in idx:
+    size = (working_size, working_size)
+    dims = None
+    for pos, i in enumerate(idx):
+        where = f"{name} item {i}"
         image, mask = split_item(dataset[i], image_key, label_key)
-        if image.ndim == 2:
-            image = image[None]
-        if image.ndim != 3:
-            raise ValueError(f"SPE {name} item {i}: image has shape {tuple(image.shape)}; expected [C,H,W] or [H,W].")
-        inputs.append(image)
+        image = _as_item_image(image, spatial_dims, where)
+        if dims is None:
+            dims = image.ndim - 1
+        elif image.ndim - 1 != dims:
+            raise ValueError(f"SPE {where}: mixes 2D and 3D items ({tuple(image.shape)}).")
+        if keep_inputs:
+            inputs.append(image)
         if mask is None:
             has_mask = False
-            continue
-        mask = binarize_mask(mask, foreground)
-        if mask.ndim == 2:
-            mask = mask[None]
-        if mask.ndim == 3 and mask.shape[0] > 1:  # one-hot masks: any foreground channel
-            mask = mask[1:].any(0, keepdim=True)
-        if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
-            raise ValueError(
-                f"SPE {name} item {i}: mask size {tuple(mask.shape[-2:])} differs from image size "
-                f"{tuple(image.shape[-2:])}; resize them together in the dataset."
-            )
-        masks.append(mask)
+        else:
+            mask = _as_item_mask(mask, tuple(image.shape[1:]), foreground, classes, where)
+            masks.append(mask)
+        x = image.float().mean(0, keepdim=True)  # [1,*S]
+        if dims == 2:
+            gray.append(resize_images(to_gray01(x[None]), size))
+            units.append((pos, -1))
+        else:  # one intensity normalisation per volume, then its slices
+            d, h, w = x.shape[1:]
+            vol = to_gray01(x.reshape(1, 1, d * h, w)).reshape(d, 1, h, w)
+            zs = _slices(d, mask, slices, max_slices)
+            if zs:
+                gray.append(resize_images(vol[zs], size))
+                units.extend((pos, z) for z in zs)
     if require_masks and not has_mask:
         raise ValueError(f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key.")
-    size = (working_size, working_size)
-    gray = torch.cat([resize_images(to_gray01(x[None].float()), size) for x in inputs])
-    return CachedSet(name, inputs, masks if has_mask else None, gray, idx)
+    g = torch.cat(gray) if gray else torch.zeros(0, 1, *size)
+    return CachedSet(name, inputs, masks if has_mask else None, g, idx, units)
 
 
 def default_logits(module: nn.Module, images: Tensor) -> Tensor:
@@ -98,12 +211,14 @@ def default_logits(module: nn.Module, images: Tensor) -> Tensor:
                 return out[key]
         raise TypeError(f"Model returned a dict with keys {sorted(out)}; pass logits_fn= to pick the logits.")
     if isinstance(out, (list, tuple)):
+        if not out:
+            raise TypeError("Model returned an empty list; pass logits_fn= to pick the logits.")
         return out[0]
     return out
 
 
 def foreground_probability(logits: Tensor, activation: str = "auto") -> Tensor:
-    """``[B,1,H,W]`` foreground probability: sigmoid for 1 channel, 1 - softmax background for several."""
+    """``[B,1,*S]`` foreground probability: sigmoid for 1 channel, 1 - softmax background for several."""
     logits = logits.float()
     if activation == "none":
         return logits[:, :1] if logits.shape[1] == 1 else 1.0 - logits[:, :1]
@@ -124,6 +239,86 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = was_training
 
 
+def _checked_logits(logits: object, batch: Tensor) -> Tensor:
+    nd = batch.ndim
+    if not isinstance(logits, Tensor) or logits.ndim != nd or logits.shape[0] != batch.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        want = "[B,C,H,W]" if nd == 4 else "[B,C,D,H,W]"
+        raise ValueError(f"Model output {shape} is not {want} logits; pass logits_fn= to SPECallback.")
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputError("the model's output holds NaN or inf at these weights")
+    logits = logits.float()
+    if logits.shape[2:] != batch.shape[2:]:
+        mode = "bilinear" if nd == 4 else "trilinear"
+        logits = F.interpolate(logits, size=tuple(batch.shape[2:]), mode=mode, align_corners=False)
+    return logits
+
+
+def _soft_dice(p: Tensor, m: Tensor) -> Tensor:
+    pm = m.float()
+    inter = (p * pm).flatten(1).sum(1)
+    denom = (p + pm).flatten(1).sum(1)
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-8), torch.ones_like(denom))
+
+
+def _decode(
+    logits: Tensor, activation: str, threshold: float, foreground: int | None, classes: Sequence[int] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(foreground probability [B,1,*S], masks [B,1,*S] (bool or uint8 labels), confidence [B])``."""
+    c = logits.shape[1]
+    if classes is None and (foreground is None or c == 1):
+        p = foreground_probability(logits, activation)
+        m = p > threshold
+        return p, m, _soft_dice(p, m)
+    need = max(classes) if classes is not None else foreground
+    assert need is not None
+    if c == 1 or c <= need:
+        raise ValueError(
+            f"The model has {c} output channel(s) but SPE needs class index {need}: give the classes the model "
+            "predicts (channel index = class index), or a logits_fn."
+        )
+    probs = logits if activation == "none" else torch.softmax(logits, dim=1)
+    arg = logits.argmax(1, keepdim=True)
+    if classes is None:
+        m = arg == foreground
+        p = probs[:, foreground : foreground + 1]
+        return p, m, _soft_dice(p, m)
+    labels = encode_labels(arg.cpu(), classes)
+    p = 1.0 - probs[:, :1]
+    return p, labels, _soft_dice(p.cpu(), labels > 0)
+
+
+@torch.no_grad()
+def predict_labels(
+    module: nn.Module,
+    data: CachedSet,
+    device: torch.device | str,
+    batch_size: int = 16,
+    logits_fn: LogitsFn = default_logits,
+    activation: str = "auto",
+    threshold: float = 0.5,
+    foreground: int | None = None,
+    classes: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """Predicted masks (bool ``[1,*S]``, or uint8 label maps with ``classes``) and confidence ``[n]``.
+
+    Only the items at ``positions`` (default: all), in that order. Integer images are cast to
+    float32 (values unchanged) before the forward. Raises :class:`NonFiniteOutputError` when the
+    output holds NaN/inf and ValueError when it is not ``[B,C,*S]`` logits.
+    """
+    masks: list[Tensor] = []
+    conf: list[Tensor] = []
+    with eval_mode(module):
+        for _, batch in data.batches(batch_size, positions):
+            x = batch if batch.is_floating_point() else batch.float()
+            logits = _checked_logits(logits_fn(module, x.to(device)), batch)
+            _, m, c = _decode(logits, activation, threshold, foreground, classes)
+            masks.extend(m.cpu())
+            conf.append(c.cpu())
+    return masks, torch.cat(conf) if conf else torch.zeros(0)
+
+
 @torch.no_grad()
 def predict_set(
     module: nn.Module,
@@ -134,7 +329,7 @@ def predict_set(
     activation: str = "auto",
     threshold: float = 0.5,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Predict every item: ``(probabilities [1,H,W] list, masks bool [1,H,W] list, confidence [N])``.
+    """Predict every item: ``(probabilities [1,*S] list, masks bool [1,*S] list, confidence [N])``.
 
     Confidence is the soft Dice between the probabilities and their own binarisation: 1 when the
     model is certain everywhere, lower where it hesitates (a baseline, not used by SPE).
@@ -143,20 +338,11 @@ def predict_set(
     masks: list[Tensor] = []
     conf: list[Tensor] = []
     with eval_mode(module):
-        for batch in data.batches(batch_size):
-            logits = logits_fn(module, batch.to(device))
-            if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[0] != batch.shape[0]:
-                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise ValueError(f"Model output {shape} is not [B,C,H,W] logits; pass logits_fn= to SPECallback.")
-            p = foreground_probability(logits, activation)
-            if p.shape[-2:] != batch.shape[-2:]:
-                p = resize_images(p, tuple(batch.shape[-2:]))
-            p = p.cpu()
-            m = p > threshold
-            pm = m.float()
-            inter = (p * pm).flatten(1).sum(1)
-            denom = (p + pm).flatten(1).sum(1)
-            conf.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-8), torch.ones_like(denom)))
-            probs.extend(p)
-            masks.extend(m)
+        for _, batch in data.batches(batch_size):
+            x = batch if batch.is_floating_point() else batch.float()
+            logits = _checked_logits(logits_fn(module, x.to(device)), batch)
+            p, m, c = _decode(logits, activation, threshold, None, None)
+            probs.extend(p.cpu())
+            masks.extend(m.cpu())
+            conf.append(c.cpu())
     return probs, masks, torch.cat(conf)

@@ -1,27 +1,90 @@
-"""One SPE evaluation: support sets from predicted masks, the reverse step, pseudo and real metrics."""
+"""One SPE evaluation: support sets from predicted masks, the reverse step, pseudo and real metrics.
+
+Binary (one foreground) or multi-class: with ``class_names`` the masks are uint8 label maps
+(``j + 1`` = the j-th class) and every class gets its own support set and reverse step; its
+metrics are keyed ``"<metric>/<class name>"`` and their mean over the classes ``"<metric>"``.
+
+Work can be split over processes (:class:`Shard`): each one runs its share of the reference
+queries and of the real-metric items, and the per-item results are gathered, so every process
+ends with the same record.
+"""
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from spe_lightning.data.adapters import resize_masks
+from spe_lightning.data.adapters import resize_labels
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.engine.predict import CachedSet
 from spe_lightning.reverse.base import ReverseSegmenter
 
-__all__ = ["SPEEngine", "SupportSet", "set_seed"]
+__all__ = ["SPEEngine", "Shard", "SupportSet", "metric_keys", "set_seed"]
 
 
 def set_seed(seed: int, name: str) -> int:
     """A stable per-set seed (independent of Python's hash randomisation)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def metric_keys(metrics: Sequence[str], class_names: Sequence[str] | None) -> list[str]:
+    """Record keys: the metrics (binary), or per metric its class mean then ``"<metric>/<class>"``."""
+    if not class_names:
+        return list(metrics)
+    return [k for m in metrics for k in (m, *(f"{m}/{c}" for c in class_names))]
+
+
+def _single(obj: Any) -> list[Any]:
+    return [obj]
+
+
+@dataclass
+class Shard:
+    """This process's share of the work: ``rank`` of ``world`` processes, and how to gather objects.
+
+    ``gather(obj)`` returns every process's ``obj`` (rank order); it must be called by all
+    processes in the same order (e.g. ``torch.distributed.all_gather_object``).
+    """
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Any], list[Any]] = field(default=_single)
+
+    def part(self, n: int) -> list[int]:
+        """This process's positions among ``n`` (strided, so shares differ by at most one)."""
+        return list(range(self.rank, n, self.world))
+
+    def run(self, fn: Callable[[], Any]) -> list[Any]:
+        """Every process's ``fn()``; if one of them fails, all raise (the first failure), none hangs."""
+        if self.world == 1:
+            return [fn()]
+        try:
+            out: tuple[Any, BaseException | None] = (fn(), None)
+        except Exception as err:  # re-raised below on every process
+            out = (None, err)
+        results = self.gather(out)
+        for r, (_, err) in enumerate(results):
+            if err is not None:
+                if r == self.rank:
+                    raise err
+                raise RuntimeError(f"SPE failed on process {r}: {err!r}") from err
+        return [res for res, _ in results]
+
+    def merge(self, parts: Sequence[Mapping[str, Tensor]], n: int) -> dict[str, Tensor]:
+        """Per-item tensors computed on :meth:`part` of ``n`` by each process, back in item order."""
+        out: dict[str, Tensor] = {}
+        for r, part in enumerate(parts):
+            for k, v in part.items():
+                if k not in out:
+                    out[k] = torch.empty(n, dtype=v.dtype)
+                out[k][r :: self.world] = v
+        return out
 
 
 @dataclass
@@ -31,6 +94,7 @@ class SupportSet:
     images: Tensor  # [S,1,w,w]
     labels: Tensor  # [S,1,w,w] float {0,1}
     indices: list[int]
+    slices: list[int] = field(default_factory=list)  # slice of each support (3D), else empty
 
 
 def _mean(values: Tensor) -> float | None:
@@ -38,13 +102,19 @@ def _mean(values: Tensor) -> float | None:
     return float(v.mean()) if v.numel() else None
 
 
+def _class_mask(labels: Tensor, cls: int) -> Tensor:
+    return labels if labels.dtype == torch.bool else labels == cls
+
+
 class SPEEngine:
     """Computes the pseudo metrics of a set of predictions by reverse segmentation.
 
-    The queries are a fixed reference subset (labelled); for every set the support candidates
-    are visited in one fixed seeded order, so successive checkpoints reuse the same support
-    images whenever their predicted masks are usable. Supports whose predicted mask has fewer
-    than ``min_foreground`` pixels (at the working size) are dropped, as in the SPE paper.
+    The queries are a fixed reference subset (labelled; for 3D, slices); for every set the support
+    candidates (images, or slices of volumes) are visited in one fixed seeded order, so successive
+    checkpoints reuse the same support images whenever their predicted masks are usable. Supports
+    whose predicted mask has fewer than ``min_foreground`` pixels (at the working size) are dropped,
+    as in the SPE paper. The reverse step and the metrics run on chunks of ``query_chunk`` queries
+    (default: the segmenter's ``chunk_size``), so memory stays bounded whatever the number of references.
 
     Args:
         segmenter: the reverse (in-context) segmenter.
@@ -54,6 +124,10 @@ class SPEEngine:
         min_foreground: minimum predicted foreground pixels for a support mask.
         threshold: binarisation threshold of the reverse probabilities.
         seed: seed of the support orders.
+        class_names: names of the classes of uint8 label masks (None: binary masks).
+        query_chunk: queries per reverse step call (None: the segmenter's ``chunk_size``).
+        memory_budget_mb: on CUDA, the memory the reverse step may allocate on top of what is already
+            allocated; the chunk is sized from the measured cost of one query and halved on out-of-memory.
     """
 
     def __init__(
@@ -65,6 +139,9 @@ class SPEEngine:
         min_foreground: int = 16,
         threshold: float = 0.5,
         seed: int = 0,
+        class_names: Sequence[str] | None = None,
+        query_chunk: int | None = None,
+        memory_budget_mb: float | None = None,
     ) -> None:
         if reference.masks is None:
             raise ValueError("The SPE reference set needs ground-truth masks.")
@@ -72,76 +149,213 @@ class SPEEngine:
         self.metrics = tuple(metrics)
         self.support_size, self.min_foreground = support_size, min_foreground
         self.threshold, self.seed = threshold, seed
+        self.class_names = list(class_names) if class_names else None
+        self.keys = metric_keys(self.metrics, self.class_names)
+        self.query_chunk = query_chunk or getattr(segmenter, "chunk_size", 32)
+        self.memory_budget_mb = memory_budget_mb
         size = tuple(reference.gray.shape[-2:])
         self.ref_images = reference.gray
-        self.ref_masks = torch.cat([resize_masks(m[None], size) for m in reference.masks])
-        self.ref_indices = list(reference.indices)
+        labels = [resize_labels(reference.unit_mask(r)[None], size) for r in range(len(reference.units))]
+        self.ref_labels = torch.cat(labels) if labels else torch.zeros(0, 1, *size, dtype=torch.bool)
+        self.ref_indices = [reference.indices[i] for i, _ in reference.units]
+        self.ref_slices = [z for _, z in reference.units]
+        self.queries = {
+            c: torch.nonzero(_class_mask(self.ref_labels, c).flatten(1).any(1)).flatten().tolist()
+            for c in range(1, self.n_classes + 1)
+        }
 
-    def support(self, data: CachedSet, masks: Sequence[Tensor]) -> SupportSet:
-        """The support set of ``data`` with predicted ``masks`` (native size, bool ``[1,H,W]``)."""
+    @property
+    def n_classes(self) -> int:
+        """1 for binary masks, else the number of named classes."""
+        return len(self.class_names) if self.class_names else 1
+
+    @property
+    def ref_masks(self) -> Tensor:
+        """Bool ``[U,1,w,w]`` foreground (any class) of the references."""
+        return self.ref_labels if self.ref_labels.dtype == torch.bool else self.ref_labels > 0
+
+    def _name(self, cls: int) -> str:
+        return self.class_names[cls - 1] if self.class_names else "foreground"
+
+    # ----------------------------------------------------------------- support
+    def support(self, data: CachedSet, masks: Sequence[Tensor], cls: int = 1) -> SupportSet:
+        """The support set of ``data`` for class ``cls`` with predicted ``masks`` (native size, per item)."""
         size = tuple(data.gray.shape[-2:])
         g = torch.Generator().manual_seed(set_seed(self.seed, data.name))
-        order = torch.randperm(len(data), generator=g).tolist()
+        order = torch.randperm(len(data.units), generator=g).tolist()
         chosen: list[int] = []
         labels: list[Tensor] = []
-        for i in order:
-            m = resize_masks(masks[i][None], size)
+        for r in order:
+            item, z = data.units[r]
+            m = masks[item] if z < 0 else masks[item][:, z]
+            m = _class_mask(resize_labels(m[None], size), cls)
             if int(m.sum()) >= self.min_foreground:
-                chosen.append(i)
+                chosen.append(r)
                 labels.append(m)
                 if len(chosen) == self.support_size:
                     break
         if not chosen:
             return SupportSet(data.gray[:0], data.gray[:0], [])
-        return SupportSet(data.gray[chosen], torch.cat(labels).float(), [data.indices[i] for i in chosen])
+        return SupportSet(
+            data.gray[chosen],
+            torch.cat(labels).float(),
+            [data.indices[data.units[r][0]] for r in chosen],
+            [data.units[r][1] for r in chosen] if data.volumetric else [],
+        )
 
-    def reverse_metrics(self, support: SupportSet, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """Per-reference metrics of the reverse segmentation from ``support``."""
-        probs = self.segmenter(self.ref_images.to(device), support.images.to(device), support.labels.to(device))
-        pred = (probs > self.threshold).cpu()
-        return per_image_metrics(pred, self.ref_masks, self.metrics)
+    # ----------------------------------------------------------------- reverse step
+    def _predict_chunk(self, idx: Sequence[int], prepared: Any, device: torch.device) -> Tensor:
+        q = self.ref_images[list(idx)].to(device, torch.float32)
+        probs = self.segmenter.predict(q, prepared)
+        if probs.shape != q.shape:
+            raise RuntimeError(
+                f"{type(self.segmenter).__name__} returned shape {tuple(probs.shape)} for queries {tuple(q.shape)}."
+            )
+        return (probs.float() > self.threshold).cpu()
 
-    def pseudo(self, data: CachedSet, masks: Sequence[Tensor], device: torch.device | str = "cpu") -> dict[str, Any]:
-        """``{"values": {metric: float|None}, "n_support": int, "reason": str|None}`` for one set."""
-        support = self.support(data, masks)
+    @torch.no_grad()
+    def reverse_metrics(
+        self,
+        support: SupportSet,
+        device: torch.device | str = "cpu",
+        cls: int = 1,
+        queries: Sequence[int] | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-query metrics ``{metric: [n]}`` of the reverse segmentation of class ``cls`` from ``support``.
+
+        ``queries``: reference rows to segment (default: every reference holding class ``cls``).
+        """
+        device = torch.device(device)
+        idx = self.queries[cls] if queries is None else list(queries)
+        out: dict[str, list[Tensor]] = {m: [] for m in self.metrics}
+        if not idx:
+            return {m: torch.zeros(0, dtype=torch.float64) for m in self.metrics}
+        sup_img = support.images.to(device, torch.float32)
+        sup_lab = (support.labels.to(device) > 0.5).float()
+        prepared = self.segmenter.prepare(sup_img, sup_lab)
+        cuda = device.type == "cuda"
+        budget = None if not cuda or self.memory_budget_mb is None else self.memory_budget_mb * 2**20
+        chunk = 1 if budget is not None else self.query_chunk
+        start = 0
+        while start < len(idx):
+            part = idx[start : start + chunk]
+            if budget is not None:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            try:
+                pred = self._predict_chunk(part, prepared, device)
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 2)
+                torch.cuda.empty_cache()
+                continue
+            if budget is not None:
+                per_query = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(part)
+                chunk = int(max(1, min(4096, budget // per_query)))
+            for m, v in per_image_metrics(pred, _class_mask(self.ref_labels[list(part)], cls), self.metrics).items():
+                out[m].append(v)
+            start += len(part)
+        return {m: torch.cat(v) for m, v in out.items()}
+
+    def _pseudo_class(self, data: CachedSet, masks: Sequence[Tensor], device: Any, cls: int, shard: Shard) -> Any:
+        support = self.support(data, masks, cls)
         if not support.indices:
-            reason = f"no predicted mask in '{data.name}' has >= {self.min_foreground} foreground pixels"
-            return {"values": dict.fromkeys(self.metrics), "n_support": 0, "reason": reason}
-        per_ref = self.reverse_metrics(support, device)
-        return {"values": {m: _mean(v) for m, v in per_ref.items()}, "n_support": len(support.indices), "reason": None}
+            where = f" for class '{self._name(cls)}'" if self.class_names else ""
+            reason = f"no predicted mask in '{data.name}' has >= {self.min_foreground} foreground pixels{where}"
+            return None, 0, reason
+        queries = self.queries[cls]
+        mine = [queries[i] for i in shard.part(len(queries))]
+        parts = shard.run(lambda: self.reverse_metrics(support, device, cls, mine))
+        per_ref = shard.merge(parts, len(queries))
+        return {m: _mean(v) for m, v in per_ref.items()}, len(support.indices), None
 
-    def real(self, data: CachedSet, masks: Sequence[Tensor]) -> dict[str, float | None] | None:
-        """Mean real metrics of predicted ``masks`` against ``data``'s masks (None when unlabelled)."""
+    def pseudo(
+        self, data: CachedSet, masks: Sequence[Tensor], device: torch.device | str = "cpu", shard: Shard | None = None
+    ) -> dict[str, Any]:
+        """``{"values": {key: float|None}, "n_support": int (per class: dict), "reason": str|None}`` for one set."""
+        shard = shard or Shard()
+        if not self.class_names:
+            values, n, reason = self._pseudo_class(data, masks, device, 1, shard)
+            return {"values": values or dict.fromkeys(self.metrics), "n_support": n, "reason": reason}
+        out: dict[str, float | None] = {}
+        n_support: dict[str, int] = {}
+        reasons = []
+        per_class = []
+        for cls, name in enumerate(self.class_names, start=1):
+            values, n, reason = self._pseudo_class(data, masks, device, cls, shard)
+            n_support[name] = n
+            if reason:
+                reasons.append(reason)
+            per_class.append(values or dict.fromkeys(self.metrics))
+        for m in self.metrics:
+            vals = [v[m] for v in per_class]
+            out[m] = None if any(v is None for v in vals) else float(sum(vals) / len(vals))  # type: ignore[arg-type]
+            out.update({f"{m}/{name}": v[m] for name, v in zip(self.class_names, per_class)})
+        return {"values": {k: out[k] for k in self.keys}, "n_support": n_support, "reason": "; ".join(reasons) or None}
+
+    # ----------------------------------------------------------------- real metrics
+    def _real_items(self, data: CachedSet, masks: Sequence[Tensor], positions: Sequence[int]) -> dict[str, Tensor]:
+        """Per-item metrics ``{"<metric>@<cls>": [n]}`` of the items at ``positions``."""
+        assert data.masks is not None
+        groups: dict[tuple[int, ...], list[int]] = {}  # images of different sizes cannot be stacked
+        for k, p in enumerate(positions):
+            groups.setdefault(tuple(masks[p].shape), []).append(k)
+        out = {f"{m}@{c}": torch.zeros(len(positions), dtype=torch.float64) for m in self.metrics for c in self._cls()}
+        for ks in groups.values():
+            for start in range(0, len(ks), self.query_chunk):
+                chunk = ks[start : start + self.query_chunk]
+                pred = torch.stack([masks[positions[k]] for k in chunk])
+                true = torch.stack([data.masks[positions[k]] for k in chunk])
+                for c in self._cls():
+                    res = per_image_metrics(_class_mask(pred, c), _class_mask(true, c), self.metrics)
+                    for m, v in res.items():
+                        out[f"{m}@{c}"][chunk] = v
+        return out
+
+    def _cls(self) -> range:
+        return range(1, self.n_classes + 1)
+
+    def real(
+        self, data: CachedSet, masks: Sequence[Tensor], shard: Shard | None = None
+    ) -> dict[str, float | None] | None:
+        """Mean real metrics of predicted ``masks`` against ``data``'s masks (None when unlabelled).
+
+        Per item at its own size (3D: per volume); multi-class: per class, and their mean.
+        """
         if data.masks is None:
             return None
-        values: dict[str, list[Tensor]] = {m: [] for m in self.metrics}
-        # group by size: images of different sizes cannot be stacked
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, m in enumerate(masks):
-            groups.setdefault(tuple(m.shape), []).append(i)
-        for idx in groups.values():
-            res = per_image_metrics(
-                torch.stack([masks[i] for i in idx]), torch.stack([data.masks[i] for i in idx]), self.metrics
-            )
-            for k, v in res.items():
-                values[k].append(v)
-        return {k: _mean(torch.cat(v)) for k, v in values.items()}
+        shard = shard or Shard()
+        n = len(masks)
+        mine = shard.part(n)
+        per_item = shard.merge(shard.run(lambda: self._real_items(data, masks, mine)), n)
+        if not self.class_names:
+            return {m: _mean(per_item[f"{m}@1"]) for m in self.metrics}
+        out: dict[str, float | None] = {}
+        for m in self.metrics:
+            per_class = {name: _mean(per_item[f"{m}@{c}"]) for c, name in zip(self._cls(), self.class_names)}
+            vals = list(per_class.values())
+            out[m] = None if any(v is None for v in vals) else float(sum(vals) / len(vals))  # type: ignore[arg-type]
+            out.update({f"{m}/{name}": v for name, v in per_class.items()})
+        return {k: out[k] for k in self.keys}
 
     def evaluate(
         self,
         predictions: Mapping[str, tuple[CachedSet, Sequence[Tensor], Tensor]],
         device: torch.device | str = "cpu",
+        shard: Shard | None = None,
     ) -> dict[str, Any]:
         """One record: ``predictions`` maps set name -> (data, predicted masks, per-image confidence)."""
         start = time.perf_counter()
         record: dict[str, Any] = {"pseudo": {}, "real": {}, "confidence": {}, "n_support": {}, "reasons": {}}
         for name, (data, masks, conf) in predictions.items():
-            res = self.pseudo(data, masks, device)
+            res = self.pseudo(data, masks, device, shard)
             record["pseudo"][name] = res["values"]
             record["n_support"][name] = res["n_support"]
             if res["reason"]:
                 record["reasons"][name] = res["reason"]
-            real = self.real(data, masks)
+            real = self.real(data, masks, shard)
             if real is not None:
                 record["real"][name] = real
             record["confidence"][name] = _mean(conf)
