@@ -38,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         benchmark_main(args[1:])
         return
+    if args and args[0] == "estimate":
+        from spe_lightning.estimate_cli import main as estimate_main
+
+        estimate_main(args[1:])
+        return
     cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import pickle
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from PIL import Image
 
 from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning.cli import main as cli_main
 from spe_lightning.data import SyntheticShapesDataModule, SyntheticShapesDataset
 from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, spearman
 from spe_lightning.estimator import VERSION, IncompatibleEstimatorError
@@ -38,6 +42,9 @@ def fitted(tmp_path_factory):
         default_root_dir=tmp_path_factory.mktemp("fit"),
     )
     trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb.ckpt_path = ckpt  # for the CLI test
     return cb, model, dm
 
 
@@ -155,3 +162,47 @@ def test_flag_calibration_and_rank_statistics():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     few = calibrate_flags([0.9, 0.8, 0.7, 0.95], [0.9, 0.9, 0.85, 0.95])  # no bad case: quantile fallback
     assert few["method"].startswith("quantile") and few["threshold"] == pytest.approx(0.73)
+
+
+def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, capsys):
+    cb, model, dm = fitted
+    est_path = SPEEstimator.from_callback(cb, model).save(tmp_path / "spe_estimator.pt")
+    folder = tmp_path / "new_images"
+    folder.mkdir()
+    target = dm.targets["target"]
+    for i in range(len(target)):  # 8-bit PNGs, as a user would have them
+        img = (target[i]["image"][0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(img).save(folder / f"case_{i:02d}.png")
+    out = tmp_path / "out"
+    cli_main(
+        [
+            "estimate",
+            "--ckpt",
+            str(cb.ckpt_path),
+            "--estimator",
+            str(est_path),
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--gallery",
+            "4",
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "| dice |" in printed and "cases flagged" in printed
+
+    summary = json.loads((out / "estimate.json").read_text())
+    assert summary["n_images"] == len(target) and set(summary["estimates"]) == set(cb.report["metrics"])
+    dice = summary["estimates"]["dice"]
+    assert dice["lower"] <= dice["value"] <= dice["upper"]
+    # 8-bit rounding of the images moves the estimate only a little
+    assert dice["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=0.05)
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["id"] for r in rows] == [f"case_{i:02d}" for i in range(len(target))]
+    assert all(r["flagged"] in ("True", "False") and 0.0 <= float(r["quality"]) <= 1.0 for r in rows)
+    assert summary["cases"]["n_flagged"] == sum(r["flagged"] == "True" for r in rows)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # estimates, quality histogram, gallery: self-contained
+    assert "src='http" not in page and "Per-case quality" in page
