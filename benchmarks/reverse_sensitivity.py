@@ -114,22 +114,6 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, 2 * inter / den.clamp_min(1e-8), torch.ones_like(den))
 
 
-def parse_segmenter(text: str) -> tuple[str, str, dict]:
-    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as int, float or str)."""
-    name, _, rest = text.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, _, val = item.partition("=")
-        for cast in (int, float):
-            try:
-                val = cast(val)
-                break
-            except ValueError:
-                continue
-        kwargs[key] = val
-    return text, name, kwargs
-
-
 def fit(x: np.ndarray, y: np.ndarray) -> dict:
     slope, intercept = np.polyfit(x, y, 1)
     resid = y - (slope * x + intercept)
@@ -154,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     base = import_reverse()
     names = args.segmenters or [n for n in base.available_segmenters() if n != "universeg"]
-    segs = [parse_segmenter(s) for s in names]
+    segs = list(names)
     levels, repeats = (QUICK_LEVELS, 1) if args.quick else (LEVELS, args.repeats)
     summary = []
     for ds in args.datasets:
@@ -169,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(1 if lev >= 0.999 else repeats):
                 deg, d = degrade_set(sm, lev, rng)
                 draws.append((lev, float(d.mean()), torch.from_numpy(deg)[:, None].float()))
-        for label, name, kwargs in segs:
-            seg = base.make_segmenter(name, **kwargs)
+        for label in segs:
+            seg = base.segmenter_from_text(label)
             pseudo, secs = [], []
             for _lev, _sd, lab in draws:
                 t0 = time.perf_counter()

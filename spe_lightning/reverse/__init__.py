@@ -8,6 +8,7 @@ from spe_lightning.reverse.base import (
     make_segmenter,
     register_segmenter,
     resolve_auto,
+    segmenter_from_text,
 )
 
 # Weight-free segmenters (each module registers itself on import).
@@ -30,4 +31,5 @@ __all__ = [
     "make_segmenter",
     "register_segmenter",
     "resolve_auto",
+    "segmenter_from_text",
 ]

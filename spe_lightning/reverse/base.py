@@ -21,6 +21,7 @@ __all__ = [
     "register_segmenter",
     "available_segmenters",
     "make_segmenter",
+    "segmenter_from_text",
     "downloads_allowed",
 ]
 
@@ -163,6 +164,26 @@ def make_segmenter(name: str = "auto", **kwargs: Any) -> ReverseSegmenter:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown segmenter {name!r}; choose 'auto' or one of {available_segmenters()}.")
     return _REGISTRY[name](**kwargs)
+
+
+def segmenter_from_text(text: str) -> ReverseSegmenter:
+    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as int, float or str), e.g.
+    ``"label_fusion:normalise=rank,k=4"``: the command-line form of :func:`make_segmenter`."""
+    name, _, rest = text.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Bad segmenter option {item!r} in {text!r}; write name:key=value,key=value.")
+        value: Any = val
+        for cast in (int, float):
+            try:
+                value = cast(val)
+                break
+            except ValueError:
+                continue
+        kwargs[key.strip()] = value
+    return make_segmenter(name, **kwargs)
 
 
 def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:

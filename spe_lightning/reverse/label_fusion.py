@@ -19,7 +19,10 @@ from torch import Tensor
 
 from spe_lightning.reverse.base import ReverseSegmenter, register_segmenter
 
-__all__ = ["LabelFusionSegmenter", "normalise_images"]
+__all__ = ["LabelFusionSegmenter", "NORMALISATIONS", "normalise_images", "rank_normalise"]
+
+#: per-image intensity normalisations of the patch comparison
+NORMALISATIONS = ("zscore", "rank")
 
 
 def normalise_images(x: Tensor, eps: float = 1e-4) -> Tensor:
@@ -28,6 +31,20 @@ def normalise_images(x: Tensor, eps: float = 1e-4) -> Tensor:
     mean = flat.mean(1).view(-1, 1, 1, 1)
     std = flat.std(1).view(-1, 1, 1, 1).clamp_min(eps)
     return (x - mean) / std
+
+
+def rank_normalise(x: Tensor) -> Tensor:
+    """Per-image quantile of every pixel, ``[N,1,H,W]`` -> values in [-1.7, 1.7] (uniform, unit variance).
+
+    Invariant to any increasing intensity transform (gamma, contrast, window); tied pixels (e.g.
+    zero padding) share their mean rank.
+    """
+    flat = x.flatten(1).contiguous()
+    srt = flat.sort(dim=1).values
+    lo = torch.searchsorted(srt, flat, side="left")
+    hi = torch.searchsorted(srt, flat, side="right")
+    q = (lo + hi).float() / (2.0 * flat.shape[1])  # in (0, 1)
+    return ((q - 0.5) * 12**0.5).view_as(x)
 
 
 def _resize(x: Tensor, size: int) -> Tensor:
@@ -51,6 +68,8 @@ class LabelFusionSegmenter(ReverseSegmenter):
             closer to copying the best match's label, so support errors carry over; 0.3 beat 1.0 on
             JSRT and BUSI in benchmarks/reverse_sensitivity.py).
         thumb: thumbnail side of the global similarity.
+        normalise: per-image intensity normalisation before comparing patches: ``"zscore"`` or
+            ``"rank"`` (quantiles: invariant to monotone intensity changes such as gamma or contrast).
         stride: labels are fused on a grid of this stride at the working size (patch distances
             still use every pixel) and bilinearly upsampled; 2 is about 4x faster.
         chunk_size: queries per step (see :class:`ReverseSegmenter`).
@@ -67,6 +86,7 @@ class LabelFusionSegmenter(ReverseSegmenter):
         h_scale: float = 0.3,
         thumb: int = 16,
         stride: int = 1,
+        normalise: str = "zscore",
         chunk_size: int = 32,
     ) -> None:
         super().__init__(chunk_size)
@@ -75,7 +95,9 @@ class LabelFusionSegmenter(ReverseSegmenter):
         if size < 8 or k < 1 or search < 0 or h_scale <= 0 or thumb < 2 or stride < 1:
             raise ValueError("Need size >= 8, k >= 1, search >= 0, h_scale > 0, thumb >= 2 and stride >= 1.")
         self.size, self.k, self.patch, self.search = size, k, patch, search
-        self.h_scale, self.thumb, self.stride = h_scale, thumb, stride
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}.")
+        self.h_scale, self.thumb, self.stride, self.normalise = h_scale, thumb, stride, normalise
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -87,13 +109,18 @@ class LabelFusionSegmenter(ReverseSegmenter):
             "h_scale": self.h_scale,
             "thumb": self.thumb,
             "stride": self.stride,
+            "normalise": self.normalise,
         }
+
+    def _norm(self, x: Tensor) -> Tensor:
+        x = _resize(x, self.size)
+        return rank_normalise(x) if self.normalise == "rank" else normalise_images(x)
 
     def _thumbs(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(x, self.thumb).flatten(1)
 
     def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
-        s = normalise_images(_resize(support_images, self.size))
+        s = self._norm(support_images)
         lab = _resize(support_labels, self.size)
         r, n = self.search, s.shape[0]
         w = 2 * r + 1
@@ -104,7 +131,7 @@ class LabelFusionSegmenter(ReverseSegmenter):
 
     def predict(self, query_images: Tensor, prepared: Any) -> Tensor:
         out_size = query_images.shape[-2:]
-        q = normalise_images(_resize(query_images, self.size))
+        q = self._norm(query_images)
         nq, n_sup = q.shape[0], prepared["img"].shape[0]
         k = min(self.k, n_sup)
         # global similarity: the k nearest supports by thumbnail distance
