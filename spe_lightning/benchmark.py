@@ -60,6 +60,103 @@ def score_records(
     return out
 
 
+def _train(
+    data: str,
+    class_index: int,
+    epochs: int,
+    seed: int,
+    segmenters: Sequence[str],
+    image_size: int,
+    lr: float,
+    batch_size: int,
+    support_size: int,
+    max_references: int | None,
+    accelerator: str,
+    log_dir: str,
+) -> tuple[Any, Any, list[Any], float]:
+    """Train the reference model with one SPECallback per segmenter: ``(model, datamodule, callbacks, seconds)``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from spe_lightning.callback import SPECallback
+    from spe_lightning.data import FolderSegmentationDataModule
+    from spe_lightning.models import SegmentationModel
+    from spe_lightning.reverse.base import segmenter_from_text
+
+    pl.seed_everything(seed)
+    dm = FolderSegmentationDataModule(
+        data, class_index=class_index, image_size=image_size, batch_size=batch_size, target_splits=["extra_test"]
+    )
+    callbacks = [
+        SPECallback(
+            segmenter=s if s == "auto" else segmenter_from_text(s),
+            support_size=support_size,
+            max_references=max_references,
+            seed=seed,
+            verbose=i == 0,
+        )
+        for i, s in enumerate(segmenters)
+    ]
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=TensorBoardLogger(log_dir, name=Path(data).name),
+        callbacks=list(callbacks),  # Lightning appends its own callbacks to this list
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+    )
+    model = SegmentationModel(lr=lr)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    return model, dm, callbacks, time.perf_counter() - start
+
+
+def _paper_result(
+    data: str, class_index: int, epochs: int, seed: int, segmenters: Sequence[str], callbacks: list, total: float
+) -> dict[str, Any]:
+    from spe_lightning.engine.metrics import PAPER_METRICS
+
+    spe_s = sum(r["seconds"] for cb in callbacks for r in cb.records)
+    result: dict[str, Any] = {
+        "dataset": Path(data).name,
+        "class_index": class_index,
+        "epochs": epochs,
+        "seed": seed,
+        "metrics": {},
+        "segmenters": list(segmenters),
+        "timing": {
+            "train_s": total - spe_s,
+            "spe_s": spe_s,
+            "spe_s_per_checkpoint": {
+                s: float(np.mean([r["seconds"] for r in cb.records])) for s, cb in zip(segmenters, callbacks)
+            },
+        },
+    }
+    real_dice = [r["real"]["extra_test"].get("dice") for r in callbacks[0].records]
+    result["real_dice_range"] = [min(real_dice), max(real_dice)]
+    for i, (s, cb) in enumerate(zip(segmenters, callbacks)):
+        scored = score_records(cb.records, "extra_test", PAPER_METRICS)
+        for m, rows in scored.items():
+            table = result["metrics"].setdefault(m, {})
+            table["spe" if i == 0 else f"spe_{s}"] = rows["spe"]
+            if i == 0:
+                table["calibration_score"] = rows["calibration_score"]
+                table["confidence"] = rows["confidence"]
+    # the same records under the other kinds of G (robust, monotone): rows spe_<mapping>
+    for kind in ("huber", "isotonic"):
+        for m, rows in score_records(callbacks[0].records, "extra_test", PAPER_METRICS, kind).items():
+            result["metrics"][m][f"spe_{kind}"] = rows["spe"]
+    result["records"] = {s: cb.records for s, cb in zip(segmenters, callbacks)}
+    return result
+
+
+def _write(result: dict[str, Any], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
 def run_paper(
     data: str,
     class_index: int = 1,
@@ -75,90 +172,239 @@ def run_paper(
     accelerator: str = "auto",
     log_dir: str = "spe_runs/benchmark",
 ) -> dict[str, Any]:
-    """Run the paper protocol; returns (and writes to ``out``) the JSON result."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
+    """Run the paper protocol; returns (and writes to ``out``) the JSON result.
 
-    from spe_lightning.callback import SPECallback
-    from spe_lightning.data import FolderSegmentationDataModule
-    from spe_lightning.engine.metrics import PAPER_METRICS
-    from spe_lightning.models import SegmentationModel
-
-    pl.seed_everything(seed)
-    dm = FolderSegmentationDataModule(
-        data, class_index=class_index, image_size=image_size, batch_size=batch_size, target_splits=["extra_test"]
+    ``segmenters``: ``"auto"`` or ``"name[:key=value,...]"`` each (the first one is ``spe``).
+    """
+    _, _, callbacks, total = _train(
+        data,
+        class_index,
+        epochs,
+        seed,
+        segmenters,
+        image_size,
+        lr,
+        batch_size,
+        support_size,
+        max_references,
+        accelerator,
+        log_dir,
     )
-    callbacks = [
-        SPECallback(segmenter=s, support_size=support_size, max_references=max_references, seed=seed, verbose=i == 0)
-        for i, s in enumerate(segmenters)
-    ]
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=TensorBoardLogger(log_dir, name=Path(data).name),
-        callbacks=list(callbacks),  # Lightning appends its own callbacks to this list
-        enable_checkpointing=False,
-        log_every_n_steps=10,
-    )
-    start = time.perf_counter()
-    trainer.fit(SegmentationModel(lr=lr), datamodule=dm)
-    total = time.perf_counter() - start
-    spe_s = sum(r["seconds"] for cb in callbacks for r in cb.records)
-    result: dict[str, Any] = {
-        "dataset": Path(data).name,
-        "class_index": class_index,
-        "epochs": epochs,
-        "seed": seed,
-        "metrics": {},
-        "segmenters": [cb.segmenter.name for cb in callbacks],
-        "timing": {
-            "train_s": total - spe_s,
-            "spe_s": spe_s,
-            "spe_s_per_checkpoint": {
-                cb.segmenter.name: float(np.mean([r["seconds"] for r in cb.records])) for cb in callbacks
-            },
-        },
-    }
-    real_dice = [r["real"]["extra_test"].get("dice") for r in callbacks[0].records]
-    result["real_dice_range"] = [min(real_dice), max(real_dice)]
-    for i, cb in enumerate(callbacks):
-        scored = score_records(cb.records, "extra_test", PAPER_METRICS)
-        for m, rows in scored.items():
-            table = result["metrics"].setdefault(m, {})
-            table["spe" if i == 0 else f"spe_{cb.segmenter.name}"] = rows["spe"]
-            if i == 0:
-                table["calibration_score"] = rows["calibration_score"]
-                table["confidence"] = rows["confidence"]
-    # the same records under the other kinds of G (robust, monotone): rows spe_<mapping>
-    for kind in ("huber", "isotonic"):
-        for m, rows in score_records(callbacks[0].records, "extra_test", PAPER_METRICS, kind).items():
-            result["metrics"][m][f"spe_{kind}"] = rows["spe"]
-    result["records"] = {cb.segmenter.name: cb.records for cb in callbacks}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+    result = _paper_result(data, class_index, epochs, seed, segmenters, callbacks, total)
+    _write(result, out)
     return result
+
+
+def _final_eval(cb: Any, model: Any, data: Any) -> dict[str, Any]:
+    """Pseudo metrics, real metrics and confidence of ``data`` under the final weights of ``model``."""
+    import torch
+
+    from spe_lightning.engine.predict import predict_set
+
+    with torch.no_grad():
+        _, masks, conf = predict_set(
+            model, data, model.device, cb.batch_size, cb.logits_fn, cb.activation, cb.threshold
+        )
+        rec = cb.engine.evaluate({data.name: (data, masks, conf)}, model.device)
+    return {
+        "pseudo": rec["pseudo"][data.name],
+        "real": rec["real"].get(data.name, {}),
+        "confidence": rec["confidence"][data.name],
+        "n_support": rec["n_support"][data.name],
+        "n_images": len(data),
+    }
+
+
+def shift_targets(cb: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
+    """The benchmark's targets built from ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
+    from spe_lightning.data.folder import read_meta
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+
+    base = cb._sets["extra_test"]
+    targets = {"clean": subset(base, range(len(base)), "clean")}
+    for fam in SHIFT_FAMILIES:
+        for sev in (1, 2, 3):
+            t = shift_set(base, fam, sev, seed=seed * 100_000)
+            targets[t.name] = t
+    ds = datamodule.spe_datasets()["target"]["extra_test"]
+    meta = read_meta(datamodule.root)
+    groups: dict[str, list[int]] = {}
+    for pos, i in enumerate(base.indices):
+        g = meta.get(ds.ids[i], {}).get("group")
+        if g:
+            groups.setdefault(g, []).append(pos)
+    for g, pos in sorted(groups.items()):
+        if len(groups) > 1 and len(pos) >= 5:
+            targets[f"group_{g}"] = subset(base, pos, f"group_{g}")
+    return targets
+
+
+def run_shift(
+    data: str,
+    class_index: int = 1,
+    epochs: int = 30,
+    seed: int = 0,
+    out: str | None = None,
+    segmenters: Sequence[str] = ("auto",),
+    image_size: int = 128,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    support_size: int = 64,
+    max_references: int | None = None,
+    accelerator: str = "auto",
+    log_dir: str = "spe_runs/benchmark",
+) -> dict[str, Any]:
+    """Train as :func:`run_paper`, then estimate shifted versions of ``extra_test`` with the final weights.
+
+    The result holds the paper-protocol scores too (same training), the raw measurements per
+    target and per shifted calibration set, and the estimates of every method (see :func:`shift_scores`).
+    """
+    from spe_lightning.engine.estimation import CALIBRATION
+
+    model, dm, callbacks, total = _train(
+        data,
+        class_index,
+        epochs,
+        seed,
+        segmenters,
+        image_size,
+        lr,
+        batch_size,
+        support_size,
+        max_references,
+        accelerator,
+        log_dir,
+    )
+    result = _paper_result(data, class_index, epochs, seed, segmenters, callbacks, total)
+    from spe_lightning.engine.anchor import anchor_pairs
+
+    start = time.perf_counter()
+    targets = shift_targets(callbacks[0], dm, seed)
+    sizes = sorted({len(t) for t in targets.values()})
+    raw: dict[str, Any] = {}
+    for s, cb in zip(segmenters, callbacks):
+        cal = _final_eval(cb, model, cb._sets[CALIBRATION])
+        raw[s] = {
+            "calibration": cal,
+            "targets": {n: _final_eval(cb, model, t) for n, t in targets.items()},
+            "pairs": anchor_pairs(
+                lambda d, cb=cb: _final_eval(cb, model, d), cb._sets[CALIBRATION], cal, sizes, seed=seed
+            ),
+        }
+        print(f"[shift] {s}: {len(targets)} targets and {len(raw[s]['pairs'])} calibration pairs evaluated")
+    result["timing"]["shift_eval_s"] = time.perf_counter() - start
+    result["shift_raw"] = raw
+    result.update(shift_scores(result))
+    _write(result, out)
+    return result
+
+
+def _est(value: Any, half: float | None = None, bounds: tuple = (None, None)) -> dict[str, float | None]:
+    from spe_lightning.engine.estimation import finite_or_none
+
+    v = finite_or_none(value)
+    if v is None:
+        return {"value": None, "lower": None, "upper": None}
+    lo, hi = (v, v) if half is None else (v - half, v + half)
+    if bounds[0] is not None:
+        v, lo, hi = max(v, bounds[0]), max(lo, bounds[0]), max(hi, bounds[0])
+    if bounds[1] is not None:
+        v, lo, hi = min(v, bounds[1]), min(lo, bounds[1]), min(hi, bounds[1])
+    return {"value": v, "lower": lo, "upper": hi}
+
+
+def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
+    """Per target and metric the estimate of every method, and a summary (MAE, coverage, false alarms).
+
+    Methods: ``spe`` (G across checkpoints, as in training), ``spe_anchored`` (G's change from the
+    calibration set at the final checkpoint added to the calibration score), ``calibration_score``
+    and ``confidence``; extra segmenters add ``spe_<name>`` rows.
+    """
+    from spe_lightning.engine.anchor import anchored_estimate, fit_anchor
+    from spe_lightning.engine.estimation import CALIBRATION, fit_mapping, series
+    from spe_lightning.engine.metrics import BOUNDED, PAPER_METRICS
+
+    segs = list(result["shift_raw"])
+    raw0 = result["shift_raw"][segs[0]]
+    names = list(raw0["targets"])
+    rows: list[dict[str, Any]] = [
+        {"name": n, "real": raw0["targets"][n]["real"], "spe": {}, "calibration_score": {}, "confidence": {}}
+        for n in names
+    ]
+    for i, seg in enumerate(segs):
+        raw, records = result["shift_raw"][seg], result["records"][seg]
+        tag = "" if i == 0 else f"_{seg}"
+        conf_cal = series(records, "confidence", CALIBRATION, None)
+        for m in PAPER_METRICS:
+            bounds = BOUNDED.get(m, (None, None))
+            g, _ = fit_mapping(
+                "linear", series(records, "pseudo", CALIBRATION, m), series(records, "real", CALIBRATION, m), m
+            )
+            g_conf, _ = fit_mapping("linear", conf_cal, series(records, "real", CALIBRATION, m), m)
+            cal = raw["calibration"]
+            half = g.half_width(level) if g else None
+            for row, n in zip(rows, names):
+                t = raw["targets"][n]
+                p_t, p_c = t["pseudo"].get(m), cal["pseudo"].get(m)
+                ok = g is not None and p_t is not None
+                row.setdefault(f"spe{tag}", {})[m] = _est(g.predict([p_t])[0] if ok else None, half, bounds)
+                anchored = None
+                if ok and p_c is not None and cal["real"].get(m) is not None:
+                    anchored = g.predict([p_t])[0] - g.predict([p_c])[0] + cal["real"][m]
+                row.setdefault(f"spe_anchored_g{tag}", {})[m] = _est(anchored, half, bounds)
+                # G_delta from calibration pairs; a synthetic target's own shift family is left out
+                family = n.rsplit("_", 1)[0] + "_" if n.rsplit("_", 1)[-1] in ("1", "2", "3") else None
+                g_delta = fit_anchor(raw["pairs"], m, exclude=family)
+                row.setdefault(f"spe_anchored{tag}", {})[m] = anchored_estimate(
+                    g_delta, m, p_t, p_c, cal["real"].get(m), level
+                )
+                if i == 0:
+                    row["calibration_score"][m] = cal["real"].get(m)
+                    c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
+                    row["confidence"][m] = _est(c, None, bounds)["value"]
+    methods = [k for k in rows[0] if k not in ("name", "real")]
+    summary: dict[str, Any] = {}
+    clean = next((r["real"] for r in rows if r["name"] == "clean"), {})
+    for m in PAPER_METRICS:
+        summary[m] = {}
+        for meth in methods:
+            errs, cover, alarms = [], [], 0
+            for r in rows:
+                real = r["real"].get(m)
+                e = r[meth].get(m)
+                v = e["value"] if isinstance(e, dict) else e
+                if real is None or v is None:
+                    continue
+                errs.append(abs(v - real))
+                if isinstance(e, dict) and e["lower"] is not None:
+                    cover.append(e["lower"] <= real <= e["upper"])
+                if m == "dice" and clean.get(m) is not None and real >= clean[m] - 0.02 and v < real - 0.05:
+                    alarms += 1
+            summary[m][meth] = {
+                "mae": float(np.mean(errs)) if errs else None,
+                "max_abs_error": float(np.max(errs)) if errs else None,
+                "n": len(errs),
+            }
+            if cover:
+                summary[m][meth]["coverage"] = float(np.mean(cover))
+            if m == "dice":
+                summary[m][meth]["false_alarms"] = alarms
+        first = summary[m].get("spe", {})
+        summary[m]["coverage"] = first.get("coverage")
+    return {"targets": rows, "summary": summary, "level": level}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``spe-lightning benchmark paper --data ROOT --class-index K --epochs N --seed S --out FILE.json``."""
     parser = argparse.ArgumentParser(prog="spe-lightning benchmark")
     sub = parser.add_subparsers(dest="which", required=True)
-    p = sub.add_parser("paper", help="the SPE paper's protocol with baselines")
-    p.add_argument("--data", required=True, help="dataset root: <root>/{train,test,extra_test}/{images,masks}")
-    p.add_argument("--class-index", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--segmenters", nargs="+", default=["auto"], help="first one is 'spe'; others are extra rows")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-references", type=int, default=None)
-    p.add_argument("--accelerator", default="auto")
+    parsers = [sub.add_parser("paper", help="the SPE paper's protocol with baselines")]
+    parsers.append(sub.add_parser("shift", help="estimates on shifted copies of extra_test (same training)"))
+    for p in parsers:
+        _add_common(p)
     a = parser.parse_args(argv)
-    res = run_paper(
+    run = run_paper if a.which == "paper" else run_shift
+    res = run(
         a.data,
         a.class_index,
         a.epochs,
@@ -171,6 +417,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_references=a.max_references,
         accelerator=a.accelerator,
     )
+    _print_paper(res)
+    if a.which == "shift":
+        _print_shift(res)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset root: <root>/{train,test,extra_test}/{images,masks}")
+    p.add_argument("--class-index", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--segmenters", nargs="+", default=["auto"], help="first one is 'spe'; others are extra rows")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-references", type=int, default=None)
+    p.add_argument("--accelerator", default="auto")
+
+
+def _print_paper(res: dict[str, Any]) -> None:
     lo, hi = res["real_dice_range"]
     print(f"\n{res['dataset']}: real extra_test Dice over checkpoints {lo:.3f}-{hi:.3f}")
     print("| metric | method | pearson r | MAE | final abs err |\n|---|---|---|---|---|")
@@ -180,3 +446,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"| {m} | {method} | " + " | ".join(cells) + " |")
     t = res["timing"]
     print(f"train {t['train_s']:.0f}s, SPE {t['spe_s']:.0f}s (overhead {t['spe_s'] / max(t['train_s'], 1e-9):.2f})")
+
+
+def _print_shift(res: dict[str, Any]) -> None:
+    methods = [k for k in res["targets"][0] if k not in ("name", "real")]
+    print("\n| target | real dice | " + " | ".join(methods) + " |\n|" + "---|" * (len(methods) + 2))
+    for r in res["targets"]:
+        cells = []
+        for meth in methods:
+            e = r[meth].get("dice")
+            v = e["value"] if isinstance(e, dict) else e
+            cells.append("n/a" if v is None else f"{v:.3f}")
+        real = r["real"].get("dice")
+        print(f"| {r['name']} | {'n/a' if real is None else f'{real:.3f}'} | " + " | ".join(cells) + " |")
+    print("\n| metric | method | MAE | max abs err | coverage | false alarms |\n|---|---|---|---|---|---|")
+    for m, per in res["summary"].items():
+        for meth, s in per.items():
+            if not isinstance(s, dict):
+                continue
+            mae = "n/a" if s["mae"] is None else f"{s['mae']:.3f}"
+            mx = "n/a" if s["max_abs_error"] is None else f"{s['max_abs_error']:.3f}"
+            cov = f"{s['coverage']:.2f}" if "coverage" in s else ""
+            print(f"| {m} | {meth} | {mae} | {mx} | {cov} | {s.get('false_alarms', '')} |")

@@ -1,0 +1,113 @@
+"""Synthetic shifts, rank normalisation and the anchored estimator (G_delta on calibration pairs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _shapes import make_shapes
+
+from spe_lightning.engine.anchor import anchor_pairs, anchored_estimate, fit_anchor
+from spe_lightning.engine.predict import CachedSet
+from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift, shift_set, subset
+from spe_lightning.reverse import segmenter_from_text
+from spe_lightning.reverse.label_fusion import LabelFusionSegmenter, rank_normalise
+
+
+def _set(n: int = 12, seed: int = 0) -> CachedSet:
+    img, msk = make_shapes(n, seed=seed)
+    return CachedSet("cal", list(img), list(msk.bool()), img.clone(), list(range(n)))
+
+
+@pytest.mark.parametrize("family", SHIFT_FAMILIES)
+def test_every_shift_changes_the_image_and_keeps_shape_range_dtype(family):
+    img = _set(1).inputs[0]
+    for severity in (1, 3):
+        out = apply_shift(img, family, severity, seed=3)
+        assert out.shape == img.shape and out.dtype == img.dtype
+        assert float(out.min()) >= float(img.min()) - 1e-6 and float(out.max()) <= float(img.max()) + 1e-6
+        assert float((out - img).abs().mean()) > 1e-3
+
+
+def test_shift_severity_orders_noise_and_seed_is_reproducible():
+    img = _set(1).inputs[0]
+    errs = [float((apply_shift(img, "noise", s, seed=0) - img).abs().mean()) for s in (1, 2, 3)]
+    assert errs[0] < errs[1] < errs[2]
+    assert torch.equal(apply_shift(img, "noise", 2, seed=5), apply_shift(img, "noise", 2, seed=5))
+    assert not torch.equal(apply_shift(img, "noise", 2, seed=5), apply_shift(img, "noise", 2, seed=6))
+    with pytest.raises(ValueError, match="severity"):
+        apply_shift(img, "noise", 4)
+    with pytest.raises(ValueError, match="Unknown shift family"):
+        apply_shift(img, "tint", 1)
+
+
+def test_shift_set_and_subset_keep_masks_and_positions():
+    data = _set(6)
+    shifted = shift_set(data, "gamma", 2)
+    assert shifted.name == "gamma_2" and shifted.masks is data.masks and shifted.gray.shape == data.gray.shape
+    sub = subset(data, [4, 1], "two")
+    assert sub.indices == [4, 1] and torch.equal(sub.masks[0], data.masks[4]) and len(sub) == 2
+
+
+def test_rank_normalise_is_invariant_to_monotone_intensity_changes():
+    x = torch.rand(3, 1, 16, 16)
+    y = rank_normalise(x)
+    assert torch.allclose(y, rank_normalise(x**2.5)) and torch.allclose(y, rank_normalise(0.3 * x + 0.2))
+    assert abs(float(y.mean())) < 1e-5 and abs(float(y.std()) - 1) < 0.05
+    # ties (zero padding) share one value
+    z = torch.zeros(1, 1, 8, 8)
+    z[..., 4:, :] = torch.rand(1, 1, 4, 8) + 0.1
+    r = rank_normalise(z)
+    assert r[..., :4, :].unique().numel() == 1
+
+
+def test_rank_label_fusion_ignores_a_gamma_shift_of_the_supports():
+    img, msk = make_shapes(20, seed=1)
+    q, _ = make_shapes(6, seed=2)
+    seg = segmenter_from_text("label_fusion:normalise=rank,size=64")
+    assert isinstance(seg, LabelFusionSegmenter) and seg.normalise == "rank"
+    assert torch.allclose(seg(q, img, msk), seg(q, img**3.0, msk), atol=1e-5)
+    zs = LabelFusionSegmenter(size=64)
+    assert not torch.allclose(zs(q, img, msk), zs(q, img**3.0, msk), atol=1e-3)
+    with pytest.raises(ValueError, match="normalise"):
+        LabelFusionSegmenter(normalise="minmax")
+    with pytest.raises(ValueError, match="key=value"):
+        segmenter_from_text("label_fusion:k")
+
+
+def test_fit_anchor_recovers_the_slope_and_leaves_a_family_out():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(12):
+        dp = float(rng.normal(0, 0.05))
+        pairs.append({"name": f"subset{i}", "d_pseudo": {"dice": dp}, "d_real": {"dice": 0.5 * dp}})
+    pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": 0.3}})  # an outlier family
+    g_all = fit_anchor(pairs, "dice")
+    g_out = fit_anchor(pairs, "dice", exclude="noise_")
+    assert g_out is not None and g_out.params["slope"] == pytest.approx(0.5, abs=1e-9)
+    assert g_all is not None and g_all.params["slope"] < 0.5
+    assert fit_anchor(pairs[:2], "dice") is None  # too few pairs
+    est = anchored_estimate(g_out, "dice", 0.70, 0.80, 0.90)
+    assert est["value"] == pytest.approx(0.85, abs=1e-6) and est["lower"] <= est["value"] <= est["upper"]
+    clipped = anchored_estimate(g_out, "dice", 1.0, 0.5, 0.95)
+    assert clipped["value"] == 1.0 and clipped["upper"] == 1.0
+    assert anchored_estimate(g_out, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
+
+
+def test_anchor_pairs_measure_subsets_and_shifts_against_the_base():
+    data = _set(10)
+
+    def evaluate(d: CachedSet) -> dict:
+        v = float(d.gray.mean())  # a stand-in for the pseudo and real metric of a set
+        return {"pseudo": {"dice": v}, "real": {"dice": 2 * v}}
+
+    base = evaluate(data)
+    pairs = anchor_pairs(evaluate, data, base, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=1)
+    kinds = [p["kind"] for p in pairs]
+    assert kinds.count("subset") == 6 and kinds.count("shift") == 1  # sizes 4 and 9 (capped below n)
+    assert sorted({p["n_images"] for p in pairs if p["kind"] == "subset"}) == [4, 9]
+    for p in pairs:
+        assert p["d_real"]["dice"] == pytest.approx(2 * p["d_pseudo"]["dice"])
+    assert pairs[-1]["name"] == "gamma_3" and pairs[-1]["d_pseudo"]["dice"] != 0
+    again = anchor_pairs(evaluate, data, base, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=1)
+    assert [p["d_pseudo"] for p in again] == [p["d_pseudo"] for p in pairs]
