@@ -85,6 +85,9 @@ def fit_and_estimate(
                 est["pseudo"] = finite_or_none(xt[last])
             if g is None:
                 est["reason"] = f"no mapping G: {why}"
+                cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
+                if cal_reason:  # why the calibration set gave no pseudo metric
+                    est["reason"] += f" (calibration: {cal_reason})"
             elif est["pseudo"] is None:
                 reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(t)
                 est["reason"] = f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else "")
