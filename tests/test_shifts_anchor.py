@@ -111,3 +111,33 @@ def test_anchor_pairs_measure_subsets_and_shifts_against_the_base():
     assert pairs[-1]["name"] == "gamma_3" and pairs[-1]["d_pseudo"]["dice"] != 0
     again = anchor_pairs(evaluate, data, base, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=1)
     assert [p["d_pseudo"] for p in again] == [p["d_pseudo"] for p in pairs]
+
+
+def _records(pc, rc, pt):
+    return [
+        {"pseudo": {"calibration": {"dice": a}, "t": {"dice": c}}, "real": {"calibration": {"dice": b}}}
+        for a, b, c in zip(pc, rc, pt)
+    ]
+
+
+def test_fit_and_estimate_anchors_on_the_last_calibration_score():
+    from spe_lightning.engine.estimation import fit_and_estimate
+
+    recs = _records([0.3, 0.5, 0.7, 0.8], [0.4, 0.6, 0.8, 0.9], [0.3, 0.5, 0.6, 0.7])
+    pairs = [
+        {"name": f"s{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": 0.5 * d}}
+        for i, d in enumerate((-0.2, -0.1, 0.0, 0.1))
+    ]
+    plain = fit_and_estimate(recs, ["t"], ["dice"])
+    est = plain["estimates"]["t"]["dice"]
+    assert est["method"] == "paper" and est["value"] == pytest.approx(0.8)  # G: real = pseudo + 0.1
+    anch = fit_and_estimate(recs, ["t"], ["dice"], anchor=pairs)
+    est = anch["estimates"]["t"]["dice"]
+    assert est["method"] == "anchored" and est["value"] == pytest.approx(0.9 + 0.5 * (0.7 - 0.8))
+    assert est["paper"]["value"] == pytest.approx(0.8) and anch["anchor_mapping"]["dice"]["params"][
+        "slope"
+    ] == pytest.approx(0.5)
+    assert anch["by_checkpoint"]["t"]["dice"] == pytest.approx([0.4, 0.6, 0.75, 0.85])
+    # one record is enough for the anchored estimate (no G across checkpoints)
+    one = fit_and_estimate(recs[-1:], ["t"], ["dice"], anchor=pairs)["estimates"]["t"]["dice"]
+    assert one["method"] == "anchored" and one["value"] == pytest.approx(0.85) and one["reason"] is None
