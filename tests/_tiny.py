@@ -25,7 +25,7 @@ def blobs(g: torch.Generator, shape: tuple[int, ...], n_classes: int = 1, noise:
 
     labels = torch.zeros(shape, dtype=torch.long)
     img = torch.full(shape, 0.2)
-    for cls, (lo, hi), level in ((1, (0.3, 0.5), 0.9), (2, (0.15, 0.25), 0.55))[:n_classes]:
+    for cls, (lo, hi), level in ((1, (0.3, 0.45), 0.9), (2, (0.2, 0.3), 0.55))[:n_classes]:
         c = [u(-0.5, 0.5) for _ in shape]
         r = [u(lo, hi) for _ in shape]
         inside = sum(((x - ci) / ri) ** 2 for x, ci, ri in zip(grids, c, r)) <= 1.0
@@ -73,14 +73,13 @@ class Blobs(Dataset):
 
 
 class TinyNet(pl.LightningModule):
-    """A few convolutions (2D or 3D); ``output``: "tensor", "dict" or "list" (deep supervision).
+    """A few convolutions (2D or 3D) on any number of input channels; ``output``: "tensor", "dict" or "list".
 
     ``nan_epochs``: epochs whose weights make the forward return NaN (outside training steps).
     """
 
     def __init__(
         self,
-        in_channels: int = 1,
         out_channels: int = 1,
         dims: int = 2,
         output: str = "tensor",
@@ -91,16 +90,21 @@ class TinyNet(pl.LightningModule):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         self.net = nn.Sequential(
-            conv(in_channels, 8, 3, padding=1),
+            conv(3, 8, 3, padding=1),
             nn.ReLU(),
             conv(8, 8, 3, padding=2, dilation=2),
             nn.ReLU(),
             conv(8, out_channels, 1),
         )
+        self.linear = conv(3, out_channels, 1)
         self.output, self.nan_epochs, self.lr, self.scale = output, tuple(nan_epochs), lr, scale
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.net(x.float() * self.scale)
+        # fixed intensity-band features of the channel mean, so that a few steps learn the task
+        x = x.float().mean(1, keepdim=True) * self.scale
+        bands = [torch.sigmoid((x - t) * 20) for t in (0.375, 0.725)]
+        f = torch.cat([x - 0.5, *bands], 1)
+        return self.net(f) + self.linear(f)  # the linear path never dies
 
     def forward(self, x: Tensor) -> Any:
         y = self.logits(x)
@@ -115,11 +119,17 @@ class TinyNet(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         image, label = split_item(batch)
         y = self.logits(image)
+        # class-balanced, so that the small structures are learnt within a few steps
         if y.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(y, (label > 0.5).float())
+            t = (label > 0.5).float()
+            pos_weight = ((1 - t).sum() / t.sum().clamp_min(1)).clamp(1, 50)
+            return F.binary_cross_entropy_with_logits(y, t, pos_weight=pos_weight)
         if label.shape[1] > 1:  # one-hot
             label = label.argmax(1, keepdim=True)
-        return F.cross_entropy(y, label[:, 0].round().long())
+        t = label[:, 0].round().long()
+        counts = torch.bincount(t.flatten(), minlength=y.shape[1]).float()
+        weight = (counts.sum() / counts.clamp_min(1)).clamp(max=50)
+        return F.cross_entropy(y, t, weight=weight / weight.min())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
