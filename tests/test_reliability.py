@@ -284,3 +284,36 @@ def test_same_seed_same_supports_references_and_estimates(tmp_path):
     assert c.engine.support(c._sets["t"], masks).indices != sa.indices  # the seed does matter
     net = trained_net()
     assert a.evaluate(net) | {"seconds": 0} == b.evaluate(net) | {"seconds": 0}
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_chunk_budget_keeps_modelled_peaks_within_the_budget():
+    from spe_lightning.engine.spe import _ChunkBudget
+
+    mib = 2**20
+    fixed_cost, per_query = 60 * mib, 11 * mib  # about what label fusion at 256x256 costs on a GPU
+
+    def run(limit_mib: int) -> tuple[list[int], list[float]]:
+        budget = _ChunkBudget(limit_mib * mib)
+        budget.fixed = 20 * mib  # the prepared support
+        remaining, sizes, peaks = 1000, [], []
+        while remaining:
+            n = min(budget.next_chunk(remaining), remaining)
+            budget.observe(n, fixed_cost + per_query * n)
+            sizes.append(n)
+            peaks.append(budget.fixed + fixed_cost + per_query * n)
+            remaining -= n
+        return sizes, peaks
+
+    for limit_mib in (512, 2048):
+        sizes, peaks = run(limit_mib)
+        assert sizes[:2] == [1, 2]  # the two points of the cost model
+        assert max(sizes) == (limit_mib * mib - 20 * mib - fixed_cost) // per_query  # as large as allowed
+        assert max(peaks) <= limit_mib * mib
+    sizes, peaks = run(128)  # two queries might not fit: one at a time, still within the budget
+    assert set(sizes) == {1} and max(peaks) <= 128 * mib
+    with pytest.warns(UserWarning, match="below what one query needs"):
+        sizes, _ = run(64)
+    assert set(sizes) == {1}

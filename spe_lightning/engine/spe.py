@@ -12,6 +12,7 @@ ends with the same record.
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,50 @@ def _mean(values: Tensor) -> float | None:
 
 def _class_mask(labels: Tensor, cls: int) -> Tensor:
     return labels if labels.dtype == torch.bool else labels == cls
+
+
+class _ChunkBudget:
+    """Sizes chunks of queries so that the reverse step's peak CUDA memory stays within ``limit`` bytes.
+
+    Peak memory of a chunk of n queries is modelled as ``f + p * n`` (a fixed part, e.g. workspaces,
+    and a part per query), fitted on the chunks seen so far: the first chunk holds 1 query, the
+    second 2, then as many as the budget allows. ``fixed``: bytes already taken (the prepared support).
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit, self.fixed = limit, 0.0
+        self.seen: dict[int, float] = {}  # chunk size -> largest peak seen
+        self.warned = False
+
+    def observe(self, n: int, peak: float) -> None:
+        self.seen[n] = max(peak, self.seen.get(n, 0.0))
+
+    def _too_small(self, needed: float) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"SPE: memory_budget_mb={self.limit / 2**20:.0f} is below what one query needs "
+                f"(~{needed / 2**20:.0f} MiB); segmenting one query at a time.",
+                stacklevel=4,
+            )
+
+    def next_chunk(self, remaining: int) -> int:
+        """Queries in the next chunk (at least 1)."""
+        if not self.seen:
+            return 1
+        if len(self.seen) == 1:  # two queries only where even 2x the one-query peak fits
+            ((_, peak),) = self.seen.items()
+            if self.fixed + peak > self.limit:
+                self._too_small(self.fixed + peak)
+            return 2 if self.fixed + 2 * peak <= self.limit and remaining > 1 else 1
+        sizes = sorted(self.seen)
+        lo, hi = sizes[0], sizes[-1]
+        per_query = max((self.seen[hi] - self.seen[lo]) / (hi - lo), 1.0)
+        base = max(peak - per_query * n for n, peak in self.seen.items())
+        room = self.limit - self.fixed - base
+        if room < per_query:
+            self._too_small(self.fixed + base + per_query)
+        return int(max(1, min(4096, max(remaining, 1), room // per_query)))
 
 
 class SPEEngine:
@@ -230,12 +275,17 @@ class SPEEngine:
         out: dict[str, list[Tensor]] = {m: [] for m in self.metrics}
         if not idx:
             return {m: torch.zeros(0, dtype=torch.float64) for m in self.metrics}
+        budget = None
+        if device.type == "cuda" and self.memory_budget_mb is not None:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            budget = _ChunkBudget(self.memory_budget_mb * 2**20)
         sup_img = support.images.to(device, torch.float32)
         sup_lab = (support.labels.to(device) > 0.5).float()
         prepared = self.segmenter.prepare(sup_img, sup_lab)
-        cuda = device.type == "cuda"
-        budget = None if not cuda or self.memory_budget_mb is None else self.memory_budget_mb * 2**20
-        chunk = 1 if budget is not None else self.query_chunk
+        if budget is not None:  # the prepared support counts against the budget too
+            budget.fixed = torch.cuda.memory_allocated(device) - before
+        chunk = budget.next_chunk(len(idx)) if budget is not None else self.query_chunk
         start = 0
         while start < len(idx):
             part = idx[start : start + chunk]
@@ -252,8 +302,8 @@ class SPEEngine:
                 torch.cuda.empty_cache()
                 continue
             if budget is not None:
-                per_query = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(part)
-                chunk = int(max(1, min(4096, budget // per_query)))
+                budget.observe(len(part), torch.cuda.max_memory_allocated(device) - base)
+                chunk = budget.next_chunk(len(idx) - start - len(part))
             for m, v in per_image_metrics(pred, _class_mask(self.ref_labels[list(part)], cls), self.metrics).items():
                 out[m].append(v)
             start += len(part)
