@@ -221,7 +221,10 @@ class SPECallback(Callback):
         mine = self._config()
         diff = sorted(k for k in mine if k in saved and saved[k] != mine[k] and k != "segmenter")
         if diff:
-            rank_zero_warn(f"SPECallback: resuming with different settings ({', '.join(diff)}); earlier records kept.")
+            message = f"SPECallback: resuming with different settings ({', '.join(diff)})"
+            if self.strict:
+                raise ValueError(message + "; the checkpoint's records were made with the others.")
+            rank_zero_warn(message + "; earlier records kept.")
         self.records = list(state_dict.get("records", []))
 
     def _config(self) -> dict[str, Any]:

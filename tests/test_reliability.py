@@ -240,6 +240,33 @@ def test_a_target_named_calibration_or_bad_classes_are_refused():
         SPECallback(classes={"a": 1, "b": 1})
 
 
+def test_resuming_with_other_settings_warns_or_raises_when_strict():
+    saved = tiny_spe(support_size=6).state_dict() | {"records": [{"epoch": 0, "step": 1, "pseudo": {}, "real": {}}]}
+    other = tiny_spe(support_size=8)
+    with pytest.warns(UserWarning, match="different settings.*support_size"):
+        other.load_state_dict(saved)
+    assert len(other.records) == 1
+    with pytest.raises(ValueError, match="support_size"):
+        tiny_spe(support_size=8, strict=True).load_state_dict(saved)
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process():
+    """Shard.run gathers (result, error) from every process: all raise together, none waits forever."""
+    from spe_lightning.engine.spe import Shard
+
+    boom = ValueError("NaN on rank 0")
+    rank1 = Shard(rank=1, world=2, gather=lambda obj: [(None, boom), obj])
+    with pytest.raises(RuntimeError, match="process 0.*NaN on rank 0"):
+        rank1.run(lambda: 42)
+    rank0 = Shard(rank=0, world=2, gather=lambda obj: [obj, (7, None)])
+    with pytest.raises(ValueError, match="bad here"):
+        rank0.run(lambda: (_ for _ in ()).throw(ValueError("bad here")))
+    ok = Shard(rank=0, world=2, gather=lambda obj: [obj, (7, None)])
+    assert ok.run(lambda: 6) == [6, 7]
+    merged = ok.merge([{"d": torch.tensor([0.0, 2.0, 4.0])}, {"d": torch.tensor([1.0, 3.0])}], 5)
+    assert merged["d"].tolist() == [0, 1, 2, 3, 4] and ok.part(5) == [0, 2, 4]
+
+
 # ------------------------------------------------------------------ resume and determinism
 
 
