@@ -170,6 +170,7 @@ def cache_dataset(
     has_mask = True
     size = (working_size, working_size)
     dims = None
+    flat: Tensor | None = None
     for pos, i in enumerate(idx):
         where = f"{name} item {i}"
         image, mask = split_item(dataset[i], image_key, label_key)
@@ -186,8 +187,10 @@ def cache_dataset(
             mask = _as_item_mask(mask, tuple(image.shape[1:]), foreground, classes, where)
             masks.append(mask)
         x = image.float().mean(0, keepdim=True)  # [1,*S]
-        if dims == 2:
-            gray.append(resize_images(to_gray01(x[None]), size))
+        if dims == 2:  # written into one preallocated tensor: no list of copies, no concatenation peak
+            if flat is None:
+                flat = torch.empty(len(idx), 1, *size)
+            flat[pos] = resize_images(to_gray01(x[None]), size)[0]
             units.append((pos, -1))
         else:  # one intensity normalisation per volume, then its slices
             d, h, w = x.shape[1:]
@@ -198,7 +201,7 @@ def cache_dataset(
                 units.extend((pos, z) for z in zs)
     if require_masks and not has_mask:
         raise ValueError(f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key.")
-    g = torch.cat(gray) if gray else torch.zeros(0, 1, *size)
+    g = flat if flat is not None else torch.cat(gray) if gray else torch.zeros(0, 1, *size)
     return CachedSet(name, inputs, masks if has_mask else None, g, idx, units)
 
 
