@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spe_lightning.data.adapters import resize_masks
+from spe_lightning.data.adapters import resize_labels, resize_masks
 from spe_lightning.engine.estimation import finite_or_none
 from spe_lightning.engine.mapping import Mapping
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.engine.percase import CaseScores, calibrate_flags, case_scores
-from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_set
-from spe_lightning.engine.spe import SPEEngine
+from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_labels
+from spe_lightning.engine.spe import SPEEngine, metric_keys
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
 __all__ = ["SPEEstimator", "EstimateResult", "FORMAT", "VERSION", "IncompatibleEstimatorError"]
@@ -60,7 +60,7 @@ class EstimateResult:
     name: str
     estimates: dict[str, dict[str, Any]]  # metric -> value, lower, upper, pseudo, reason
     n_images: int
-    n_support: int
+    n_support: int | dict[str, int]  # per class with classes
     level: float
     cases: list[dict[str, Any]]  # per case: id, quality, estimated_dice, flagged, ... (empty if per_case=False)
     masks: list[Tensor] = field(repr=False)  # predicted masks, bool [1,H,W], native size
@@ -85,12 +85,14 @@ class EstimateResult:
 
 
 def _per_case_dice(masks: Sequence[Tensor], truth: Sequence[Tensor]) -> np.ndarray:
+    """Real Dice of each predicted mask (any foreground class) against its truth."""
     out = np.full(len(masks), np.nan)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(masks):
         groups.setdefault(tuple(m.shape), []).append(i)
     for idx in groups.values():
-        d = per_image_metrics(torch.stack([masks[i] for i in idx]), torch.stack([truth[i] for i in idx]), ("dice",))
+        pred = torch.stack([masks[i] > 0 for i in idx])
+        d = per_image_metrics(pred, torch.stack([truth[i] > 0 for i in idx]), ("dice",))
         out[idx] = d["dice"].numpy()
     return out
 
@@ -145,8 +147,19 @@ class SPEEstimator:
         self.segmenter_spec = dict(segmenter)
         self.reference_indices = [int(i) for i in reference_indices]
         self.metrics = list(metrics)
-        self.mappings = {m: dict(mappings.get(m, {"error": "no mapping stored"})) for m in self.metrics}
-        self.config = {"foreground_class": None, "activation": "auto", "batch_size": 16, **config}
+        self.config = {
+            "foreground_class": None,
+            "activation": "auto",
+            "batch_size": 16,
+            "class_names": None,
+            "class_indices": None,
+            "spatial_dims": None,
+            "max_slices": None,
+            **config,
+        }
+        #: record keys: the metrics, or per metric its class mean and ``"<metric>/<class>"``
+        self.keys = metric_keys(self.metrics, self.config["class_names"])
+        self.mappings = {k: dict(mappings.get(k, {"error": "no mapping stored"})) for k in self.keys}
         self.cases = cases
         self.info = dict(info or {})
         self.reference_images: Tensor | None = None
@@ -162,7 +175,7 @@ class SPEEstimator:
         cls,
         callback: Any,
         module: nn.Module | None = None,
-        k: int = 8,
+        k: int = 16,
         top: int = 1,
         dice_cut: float = 0.7,
     ) -> SPEEstimator:
@@ -187,6 +200,10 @@ class SPEEstimator:
             "foreground_class": callback.foreground_class,
             "activation": str(callback.activation),
             "batch_size": int(callback.batch_size),
+            "class_names": list(getattr(callback, "class_names", None) or []) or None,
+            "class_indices": list(getattr(callback, "class_indices", None) or []) or None,
+            "spatial_dims": getattr(callback, "spatial_dims", None),
+            "max_slices": getattr(callback, "max_slices", None),
         }
         info: dict[str, Any] = {
             "targets": {t: dict(e) for t, e in report.get("estimates", {}).items()},
@@ -201,7 +218,7 @@ class SPEEstimator:
         est = cls(
             segmenter=engine.segmenter.spec(),
             reference_images=engine.ref_images,
-            reference_masks=engine.ref_masks,
+            reference_masks=getattr(engine, "ref_labels", engine.ref_masks),
             reference_indices=engine.ref_indices,
             metrics=list(report["metrics"]),
             mappings=report["mapping"],
@@ -217,7 +234,7 @@ class SPEEstimator:
         return est
 
     def set_reference(self, images: Tensor, masks: Tensor | None) -> None:
-        """Use these working-size references (``[R,1,w,w]`` gray in [0, 1], bool masks)."""
+        """Use these working-size references: ``[R,1,w,w]`` gray in [0, 1], masks bool (or uint8 label maps)."""
         w = int(self.config["working_size"])
         if masks is None or images.ndim != 4 or tuple(images.shape[1:]) != (1, w, w) or masks.shape != images.shape:
             shape = None if masks is None else tuple(masks.shape)
@@ -225,24 +242,37 @@ class SPEEstimator:
         if len(self.reference_indices) not in (0, images.shape[0]):
             raise ValueError(f"{images.shape[0]} references given; the estimator used {len(self.reference_indices)}.")
         self.reference_images = images.detach().float().cpu().contiguous()
-        self.reference_masks = masks.detach().bool().cpu().contiguous()
+        labels = self.config["class_names"] is not None
+        self.reference_masks = masks.detach().cpu().to(torch.uint8 if labels else torch.bool).contiguous()
         self._engine = None
+
+    def _cache_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "working_size": int(c["working_size"]),
+            "foreground": c["foreground_class"],
+            "classes": c["class_indices"],
+            "spatial_dims": c["spatial_dims"],
+            "max_slices": c["max_slices"],
+        }
 
     def set_reference_dataset(self, dataset: Sequence, image_key: str = "image", label_key: str = "label") -> None:
         """Re-read the references from the dataset they came from (the stored indices pick them)."""
         ref = cache_dataset(
             "reference",
             dataset,
-            int(self.config["working_size"]),
-            image_key,
-            label_key,
-            self.config["foreground_class"],
-            indices=self.reference_indices or None,
+            image_key=image_key,
+            label_key=label_key,
+            indices=sorted(set(self.reference_indices)) or None,
             require_masks=True,
+            slices="foreground",
+            keep_inputs=False,
+            **self._cache_kwargs(),
         )
-        assert ref.masks is not None
         size = tuple(ref.gray.shape[-2:])
-        self.set_reference(ref.gray, torch.cat([resize_masks(m[None], size) for m in ref.masks]))
+        self.set_reference(
+            ref.gray, torch.cat([resize_labels(ref.unit_mask(r)[None], size) for r in range(len(ref.units))])
+        )
 
     @property
     def segmenter(self) -> ReverseSegmenter:
@@ -268,12 +298,14 @@ class SPEEstimator:
                 "(or --reference ROOT on the command line)."
             )
         if self._engine is None:
+            n = self.reference_images.shape[0]
             ref = CachedSet(
                 "reference",
-                list(self.reference_images),
+                [],
                 list(self.reference_masks),
                 self.reference_images,
-                list(self.reference_indices) or list(range(self.reference_images.shape[0])),
+                list(self.reference_indices) or list(range(n)),
+                [(i, -1) for i in range(n)],
             )
             c = self.config
             self._engine = SPEEngine(
@@ -284,6 +316,7 @@ class SPEEstimator:
                 int(c["min_foreground"]),
                 float(c["threshold"]),
                 int(c["seed"]),
+                class_names=c["class_names"],
             )
         return self._engine
 
@@ -374,16 +407,35 @@ class SPEEstimator:
             return images
         if isinstance(images, Tensor) and images.ndim == 3:
             images = images[:, None]
-        return cache_dataset(
-            name, images, int(self.config["working_size"]), image_key, label_key, self.config["foreground_class"]
+        return cache_dataset(name, images, image_key=image_key, label_key=label_key, **self._cache_kwargs())
+
+    def _predict(
+        self, model: nn.Module, data: CachedSet, device: torch.device, logits_fn: LogitsFn
+    ) -> tuple[list[Tensor], Tensor]:
+        """Predicted masks (bool, or uint8 label maps with classes) and confidence, as the callback predicts them."""
+        c = self.config
+        return predict_labels(
+            model,
+            data,
+            device,
+            int(c["batch_size"]),
+            logits_fn,
+            c["activation"],
+            float(c["threshold"]),
+            c["foreground_class"],
+            c["class_indices"],
         )
+
+    def _check_2d(self, data: CachedSet) -> None:
+        if data.volumetric or len(data.units) != len(data):
+            raise NotImplementedError("SPEEstimator: per-case scores are for 2D images; pass per_case=False for 3D.")
 
     @torch.no_grad()
     def calibrate_cases(
         self,
         model: nn.Module,
         calibration: Any,
-        k: int = 8,
+        k: int = 16,
         top: int = 1,
         dice_cut: float = 0.7,
         logits_fn: LogitsFn = default_logits,
@@ -393,11 +445,9 @@ class SPEEstimator:
         data = self._cache("calibration", calibration, "image", "label")
         if data.masks is None:
             raise ValueError("SPEEstimator.calibrate_cases: the calibration set needs masks.")
+        self._check_2d(data)
         device = self._device(model, device)
-        c = self.config
-        _, masks, _ = predict_set(
-            model, data, device, int(c["batch_size"]), logits_fn, c["activation"], float(c["threshold"])
-        )
+        masks, _ = self._predict(model, data, device, logits_fn)
         real = _per_case_dice(masks, data.masks)
         res = self._scores(data, masks, k, top, None, device)
         flags = calibrate_flags(res.score.numpy(), real, res.empty.numpy(), dice_cut=dice_cut)
@@ -424,7 +474,7 @@ class SPEEstimator:
         progress: Callable[[int], Any] | None = None,
     ) -> CaseScores:
         size = tuple(data.gray.shape[-2:])
-        wmasks = torch.cat([resize_masks(m[None], size) for m in masks])
+        wmasks = torch.cat([resize_masks((m > 0)[None], size) for m in masks])  # any foreground class
         engine = self.engine
         return case_scores(
             self.segmenter,
@@ -480,18 +530,18 @@ class SPEEstimator:
         data = self._cache(name, images, image_key, label_key)
         if ids is not None and len(ids) != len(data):
             raise ValueError(f"{len(ids)} ids for {len(data)} images.")
+        if per_case:
+            self._check_2d(data)
         device = self._device(model, device)
         c = self.config
-        _, masks, conf = predict_set(
-            model, data, device, int(c["batch_size"]), logits_fn, c["activation"], float(c["threshold"])
-        )
+        masks, conf = self._predict(model, data, device, logits_fn)
         if progress is not None:
             progress(0)
         engine = self.engine
         level = float(c["level"])
         pseudo = engine.pseudo(data, masks, device)
         estimates: dict[str, dict[str, Any]] = {}
-        for metric in self.metrics:
+        for metric in self.keys:
             est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
             est["pseudo"] = finite_or_none(pseudo["values"].get(metric))
             md = self.mappings.get(metric, {})
@@ -517,7 +567,7 @@ class SPEEstimator:
             name=name,
             estimates=estimates,
             n_images=len(data),
-            n_support=int(pseudo["n_support"]),
+            n_support=pseudo["n_support"],
             level=level,
             cases=cases,
             masks=list(masks),
@@ -537,7 +587,7 @@ class SPEEstimator:
         progress: Callable[[int], Any] | None,
     ) -> tuple[list[dict[str, Any]], float | None]:
         cal = self.cases or {}
-        k, top = int(cal.get("k", 8)), int(cal.get("top", 1))
+        k, top = int(cal.get("k", 16)), int(cal.get("top", 1))
         res = self._scores(data, masks, k, top, cal.get("empty_score"), device, progress)
         g = Mapping.from_dict(cal["mapping"]) if cal.get("mapping") else None
         threshold = cal.get("threshold")

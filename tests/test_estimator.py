@@ -15,7 +15,7 @@ from PIL import Image
 from spe_lightning import SPECallback, SPEEstimator
 from spe_lightning.cli import main as cli_main
 from spe_lightning.data import SyntheticShapesDataModule, SyntheticShapesDataset
-from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, spearman
+from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, shift, spearman
 from spe_lightning.estimator import VERSION, IncompatibleEstimatorError
 from spe_lightning.models import SegmentationModel
 from spe_lightning.reverse import make_segmenter
@@ -25,13 +25,13 @@ from spe_lightning.reverse import make_segmenter
 def fitted(tmp_path_factory):
     """A tiny model trained 4 epochs with SPE on the phantom task: (callback, model, datamodule)."""
     pl.seed_everything(0)
-    dm = SyntheticShapesDataModule(n_train=48, n_val=24, n_target=16, size=48, batch_size=4)
+    dm = SyntheticShapesDataModule(n_train=32, n_val=16, n_target=12, size=48, batch_size=4)
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
     cb = SPECallback(
-        segmenter="label_fusion", support_size=12, working_size=48, max_references=24, seed=0, verbose=False
+        segmenter="label_fusion", support_size=12, working_size=48, max_references=20, seed=0, verbose=False
     )
     trainer = pl.Trainer(
-        max_epochs=4,
+        max_epochs=3,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -45,16 +45,18 @@ def fitted(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     trainer.save_checkpoint(ckpt)
     cb.ckpt_path = ckpt  # for the CLI test
+    # the estimator as the callback would save it after fit (per-case flags calibrated on its calibration set)
+    cb.estimator_path = SPEEstimator.from_callback(cb, model).save(ckpt.parent / "spe_estimator.pt")
     return cb, model, dm
 
 
 def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
     cb, model, dm = fitted
-    path = SPEEstimator.from_callback(cb, model).save(tmp_path / "spe_estimator.pt")
+    path = cb.estimator_path
     # only tensors, numbers and strings: loads with weights_only=True
     state = torch.load(path, weights_only=True)
     assert state["format"] == "spe-estimator" and state["version"] == VERSION
-    assert state["reference"]["images"].shape == (24, 1, 48, 48)
+    assert state["reference"]["images"].shape == (20, 1, 48, 48)
     assert state["reference"]["indices"] == cb.report["reference_indices"]
     est = SPEEstimator.load(path)
     for name in ("target", "target_noisy"):
@@ -76,7 +78,7 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
 
 def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
     cb, model, dm = fitted
-    est = SPEEstimator.load(SPEEstimator.from_callback(cb, model).save(tmp_path / "e.pt"))
+    est = SPEEstimator.load(cb.estimator_path)
     cases = est.cases
     assert cases is not None and cases["n_cases"] == len(dm.val_set)
     assert len(cases["calibration_scores"]) == len(dm.val_set)
@@ -132,21 +134,31 @@ def test_per_case_score_orders_a_bad_prediction_below_a_good_one():
     refs = SyntheticShapesDataset(24, 48, seed=5)
     ref_img = torch.stack([refs[i]["image"] for i in range(24)])
     ref_mask = torch.stack([refs[i]["label"] for i in range(24)]).bool()
+    ref_mask[-1] = False  # a reference without foreground is never used as a query
     cases = SyntheticShapesDataset(6, 48, seed=6)
     img = torch.stack([cases[i]["image"] for i in range(6)])
     truth = torch.stack([cases[i]["label"] for i in range(6)]).bool()
-    shifted = torch.roll(truth, shifts=(14, 14), dims=(-2, -1))  # clearly wrong: the mask is off the organ
     eroded = _erode(truth, 2)  # much too small (about a third of the area)
+    dilated = torch.nn.functional.max_pool2d(truth.float(), 7, 1, 3) > 0.5  # much too large
+    shifted = torch.roll(truth, shifts=(14, 14), dims=(-2, -1))  # right shape, off the organ
     seg = make_segmenter("label_fusion")
-    good = case_scores(seg, img, truth, ref_img, ref_mask, k=8)
-    bad = case_scores(seg, img, shifted, ref_img, ref_mask, k=8)
-    small = case_scores(seg, img, eroded, ref_img, ref_mask, k=8)
-    assert (good.score > bad.score).all() and (good.score > small.score).all()
-    assert good.score.min() > 0.6 and bad.score.max() < 0.5
-    assert ((good.best_reference >= 0) & (good.best_reference < 24)).all()
+    good = case_scores(seg, img, truth, ref_img, ref_mask)
+    assert good.score.min() > 0.85 and (good.best_reference < 23).all() and (good.best_reference >= 0).all()
+    for bad in (eroded, dilated):  # shape errors: caught with the default centroid alignment
+        assert (case_scores(seg, img, bad, ref_img, ref_mask).score < good.score - 0.15).all()
+    # a pure translation error needs align=False (alignment registers it away)
+    good_u = case_scores(seg, img, truth, ref_img, ref_mask, align=False)
+    shifted_u = case_scores(seg, img, shifted, ref_img, ref_mask, align=False)
+    assert (shifted_u.score < 0.1).all() and good_u.score.min() > 0.7
     # an empty prediction has no support: it gets the calibrated empty score
     empty = case_scores(seg, img, torch.zeros_like(truth), ref_img, ref_mask, empty_score=0.25)
     assert empty.empty.all() and torch.equal(empty.score, torch.full((6,), 0.25, dtype=torch.float64))
+
+
+def test_shift_translates_without_wrapping():
+    x = torch.arange(16.0).view(1, 4, 4)
+    assert torch.equal(shift(x, 1, -2)[0], torch.tensor([[0, 0, 0, 0], [2, 3, 0, 0], [6, 7, 0, 0], [10, 11, 0, 0.0]]))
+    assert torch.equal(shift(x, 0, 0), x) and not shift(x, 4, 0).any()
 
 
 def test_flag_calibration_and_rank_statistics():
@@ -166,7 +178,7 @@ def test_flag_calibration_and_rank_statistics():
 
 def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, capsys):
     cb, model, dm = fitted
-    est_path = SPEEstimator.from_callback(cb, model).save(tmp_path / "spe_estimator.pt")
+    est_path = cb.estimator_path
     folder = tmp_path / "new_images"
     folder.mkdir()
     target = dm.targets["target"]

@@ -2,10 +2,17 @@
 
 After Valindria et al., "Reverse Classification Accuracy", IEEE TMI 2017, and its in-context
 variant (In-Context RCA, 2025): a case's *own* prediction is used as a one-image support set
-of the reverse segmenter, which then segments the ``k`` labelled references that look most like
-the case. If the prediction is good, the transferred mask should fit at least one similar
-reference well; the best (or top-``top`` mean) pseudo Dice against the references' ground truth
-is the case's quality score.
+of the reverse segmenter, which then segments the ``k`` labelled references (among those with
+foreground) that look most like the case. If the prediction is good, the transferred mask should
+fit at least one similar reference well; the best (or top-``top`` mean) pseudo Dice against the
+references' ground truth is the case's quality score.
+
+RCA registers each reference to the case; here the registration is a translation (``align``):
+each reference image and mask are shifted so that the centroid of its mask sits on the centroid
+of the case's predicted mask (zero fill at the borders). Without it, a weight-free segmenter with
+a small search window mostly measures whether the reference's structure happens to lie where the
+prediction lies; with it, it measures whether the predicted region *looks and is shaped* like the
+structure in similar references (BUSI, benchmarks/percase_busi.py: AUROC 0.73 -> 0.9).
 
 A case whose predicted mask has fewer than ``min_foreground`` pixels (at the working size) has
 no support to transfer. Its score is ``empty_score``: the mean real Dice of the calibration
@@ -34,7 +41,7 @@ from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.reverse.base import ReverseSegmenter
 
-__all__ = ["CaseScores", "reference_neighbours", "case_scores", "calibrate_flags", "auroc", "spearman"]
+__all__ = ["CaseScores", "reference_neighbours", "case_scores", "calibrate_flags", "auroc", "spearman", "shift"]
 
 
 def _thumbs(images: Tensor, side: int) -> Tensor:
@@ -50,12 +57,33 @@ def reference_neighbours(images: Tensor, references: Tensor, k: int, thumb: int 
     return d.topk(k, dim=1, largest=False).indices
 
 
+def _centroids(masks: Tensor) -> Tensor:
+    """``[N,2]`` (row, column) centroids of ``[N,1,H,W]`` masks (NaN for empty ones)."""
+    m = masks.flatten(2).float()[:, 0]
+    h, w = masks.shape[-2:]
+    yy = torch.arange(h, dtype=torch.float32).repeat_interleave(w)
+    xx = torch.arange(w, dtype=torch.float32).repeat(h)
+    n = m.sum(1)
+    return torch.stack([(m * yy).sum(1) / n, (m * xx).sum(1) / n], 1)
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Translate ``[...,H,W]`` by (``dy``, ``dx``) pixels, filling with zeros (no wrap-around)."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    if abs(dy) < h and abs(dx) < w:
+        out[..., yd, xd] = x[..., ys, xs]
+    return out
+
+
 @dataclass
 class CaseScores:
     """Per-case RCA results: ``score`` (NaN where undefined), ``best_reference`` (-1 for empty predictions)."""
 
     score: Tensor  # float64 [N]
-    best_reference: Tensor  # int64 [N], position in the reference tensors
+    best_reference: Tensor  # int64 [N], position in the reference tensors (-1: none)
     pseudo_dice: Tensor  # float64 [N, k]: pseudo Dice against each neighbour (NaN rows for empty predictions)
     neighbours: Tensor  # int64 [N, k]
     empty: Tensor  # bool [N]: the prediction had < min_foreground pixels
@@ -68,8 +96,9 @@ def case_scores(
     masks: Tensor,
     ref_images: Tensor,
     ref_masks: Tensor,
-    k: int = 8,
+    k: int = 16,
     top: int = 1,
+    align: bool = True,
     threshold: float = 0.5,
     min_foreground: int = 16,
     empty_score: float | None = None,
@@ -82,9 +111,10 @@ def case_scores(
         segmenter: reverse (in-context) segmenter.
         images: working-size gray images ``[N,1,w,w]`` in [0, 1].
         masks: the model's predicted masks at the working size ``[N,1,w,w]`` (bool or 0/1).
-        ref_images, ref_masks: labelled references at the same size.
+        ref_images, ref_masks: labelled references at the same size (those without foreground are skipped).
         k: references reverse-segmented per case (the most similar ones).
         top: the score is the mean of the ``top`` best pseudo Dice (1: the best one, RCA's choice).
+        align: translate each reference onto the prediction's centroid first (see the module docstring).
         threshold: binarisation of the reverse probabilities.
         min_foreground: predictions with fewer pixels get ``empty_score`` (NaN when None).
         empty_score: score of empty predictions (calibrated by :func:`calibrate_flags`).
@@ -96,9 +126,14 @@ def case_scores(
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}.")
     n = images.shape[0]
-    nb = reference_neighbours(images, ref_images, k)
+    ref_masks = ref_masks > 0
+    pool = torch.nonzero(ref_masks.flatten(1).any(1)).flatten()
+    if pool.numel() == 0:
+        raise ValueError("per-case scores need references with foreground; none has any.")
+    nb = pool[reference_neighbours(images, ref_images[pool], k)]  # positions in the full reference tensors
     kk = nb.shape[1]
     masks = masks.bool()
+    c_case, c_ref = _centroids(masks), _centroids(ref_masks)
     empty = masks.flatten(1).sum(1) < min_foreground
     pseudo = torch.full((n, kk), math.nan, dtype=torch.float64)
     score = torch.full((n,), math.nan if empty_score is None else float(empty_score), dtype=torch.float64)
@@ -107,8 +142,13 @@ def case_scores(
     for i in range(n):
         if not bool(empty[i]):
             q = nb[i]
-            probs = segmenter(ref_images_d[q], images[i : i + 1].to(device), masks[i : i + 1].float().to(device))
-            dice = per_image_metrics((probs > threshold).cpu(), ref_masks[q], ("dice",))["dice"].double()
+            queries, truth = ref_images_d[q], ref_masks[q]
+            if align:
+                d = (c_case[i][None] - c_ref[q]).round().long().tolist()
+                queries = torch.stack([shift(queries[j], dy, dx) for j, (dy, dx) in enumerate(d)])
+                truth = torch.stack([shift(truth[j], dy, dx) for j, (dy, dx) in enumerate(d)])
+            probs = segmenter(queries, images[i : i + 1].to(device), masks[i : i + 1].float().to(device))
+            dice = per_image_metrics((probs > threshold).cpu(), truth, ("dice",))["dice"].double()
             pseudo[i] = dice
             order = dice.argsort(descending=True)
             score[i] = dice[order[: min(top, kk)]].mean()

@@ -1,0 +1,165 @@
+"""Per-case quality (RCA-style) on BUSI extra_test: does a case's score rank its real Dice?
+
+Trains (or loads) the reference model on ``ROOT/train`` (BUSI lesion, class 1), then scores every
+extra_test image with :mod:`spe_lightning.engine.percase` (its own prediction as a one-image
+support, reverse-segmenting its most similar references). extra_test masks are used only to score
+the result: Spearman correlation of the per-case score with the real per-case Dice, and AUROC of
+flagging cases with real Dice < 0.7, next to the model's own confidence as a baseline.
+
+    python benchmarks/percase_busi.py --data ../shared/datasets/busi --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def train(data: str, epochs: int, seed: int, ckpt: Path, lr: float = 1e-3) -> None:
+    """Train the reference SegmentationModel on ``data/train`` (no SPE) and save its checkpoint."""
+    import lightning.pytorch as pl
+
+    from spe_lightning.data import FolderSegmentationDataModule
+    from spe_lightning.models import SegmentationModel
+
+    pl.seed_everything(seed)
+    dm = FolderSegmentationDataModule(data, class_index=1, image_size=128, batch_size=8, target_splits=[])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    start = time.perf_counter()
+    trainer.fit(SegmentationModel(lr=lr), datamodule=dm)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(ckpt)
+    print(f"trained {epochs} epochs in {time.perf_counter() - start:.0f}s -> {ckpt}")
+
+
+def build_estimator(data: str) -> Any:
+    """An estimator over all BUSI train images as references (label fusion; no G: per-case scores only)."""
+    from spe_lightning.data import FolderSegmentationDataset
+    from spe_lightning.estimator import SPEEstimator
+    from spe_lightning.reverse import make_segmenter
+
+    config = {"support_size": 64, "min_foreground": 16, "threshold": 0.5, "seed": 0, "working_size": 128}
+    est = SPEEstimator(make_segmenter("label_fusion").spec(), None, None, [], ["dice"], {}, {**config, "level": 0.9})
+    est.set_reference_dataset(FolderSegmentationDataset(data, "train", 1, 128))
+    return est
+
+
+def flag_stats(quality: np.ndarray, real: np.ndarray, threshold: float, cut: float = 0.7) -> dict[str, float]:
+    """Sensitivity/specificity of flagging ``quality < threshold`` for real Dice < ``cut``."""
+    flag, bad = quality < threshold, real < cut
+    return {
+        "sensitivity": float((flag & bad).sum() / max(bad.sum(), 1)),
+        "specificity": float((~flag & ~bad).sum() / max((~bad).sum(), 1)),
+        "n_flagged": int(flag.sum()),
+    }
+
+
+def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32)) -> dict[str, Any]:
+    """Calibrate k on ROOT/test, then score ROOT/extra_test; RCA score vs the model's confidence."""
+    from spe_lightning.data import FolderSegmentationDataset
+    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.models import SegmentationModel
+
+    model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    est = build_estimator(data)
+    cal = FolderSegmentationDataset(data, "test", 1, 128)
+    sweep = {}
+    for k in ks:
+        start = time.perf_counter()
+        c = est.calibrate_cases(model, cal, k=k)
+        sweep[k] = {"auroc": c["auroc"], "spearman": c["spearman"], "seconds": time.perf_counter() - start}
+        print(f"calibration (test, {c['n_cases']} cases) k={k}: AUROC {c['auroc']:.3f}, Spearman {c['spearman']:.3f}")
+    k_best = max(ks, key=lambda k: sweep[k]["auroc"])
+    cases = est.calibrate_cases(model, cal, k=k_best)
+    target = FolderSegmentationDataset(data, "extra_test", 1, 128)
+    start = time.perf_counter()
+    res = est.estimate(model, target, name="extra_test", ids=target.ids)
+    seconds = time.perf_counter() - start
+    quality = np.array([np.nan if r["quality"] is None else r["quality"] for r in res.cases])
+    conf = np.array([r["confidence"] for r in res.cases])
+    real = np.array([r["real_dice"] for r in res.cases])
+    lesion = np.array([bool(target._load(i)[1].any()) for i in range(len(target))])
+    bad = real < 0.7
+    out: dict[str, Any] = {
+        "k": k_best,
+        "top": 1,
+        "calibration_sweep": {str(k): v for k, v in sweep.items()},
+        "threshold": cases["threshold"],
+        "threshold_method": cases["method"],
+        "n_cases": len(real),
+        "n_below_0.7": int(bad.sum()),
+        "mean_real_dice": float(real.mean()),
+        "seconds_extra_test": seconds,
+        "rca": {
+            "spearman": spearman(quality, real),
+            "auroc": auroc(-quality, bad),
+            "auroc_lesion_images_only": auroc(-quality[lesion], bad[lesion]),
+            **flag_stats(quality, real, cases["threshold"]),
+        },
+        "confidence": {
+            "spearman": spearman(conf, real),
+            "auroc": auroc(-conf, bad),
+            "auroc_lesion_images_only": auroc(-conf[lesion], bad[lesion]),
+        },
+        "cases": res.cases,
+    }
+    # both signals together: mean of the two ranks (no fitting; a simple check of complementarity)
+    from scipy.stats import rankdata
+
+    both = (rankdata(quality) + rankdata(conf)) / 2
+    out["rank_mean_rca_confidence"] = {"spearman": spearman(both, real), "auroc": auroc(-both, bad)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/busi"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="spe_runs/percase_busi")
+    p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
+    p.add_argument("--train-only", action="store_true")
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    ckpt = Path(a.workdir) / f"model_e{a.epochs}_s{a.seed}.ckpt"
+    if not ckpt.exists():
+        train(a.data, a.epochs, a.seed, ckpt)
+    if a.train_only:
+        return
+    res = score(a.data, ckpt)
+    res.update(epochs=a.epochs, seed=a.seed, dataset="busi", class_index=1)
+    out = Path(__file__).resolve().parent / "results" / "percase_busi.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nBUSI extra_test, {res['n_cases']} cases ({res['n_below_0.7']} with real Dice < 0.7), k={res['k']}")
+    print("| score | Spearman vs real Dice | AUROC (Dice < 0.7) | AUROC, lesion images only |\n|---|---|---|---|")
+    for name in ("rca", "confidence"):
+        r = res[name]
+        print(f"| {name} | {r['spearman']:.3f} | {r['auroc']:.3f} | {r['auroc_lesion_images_only']:.3f} |")
+    r = res["rank_mean_rca_confidence"]
+    print(f"| mean rank of both | {r['spearman']:.3f} | {r['auroc']:.3f} | |")
+    f = res["rca"]
+    print(
+        f"flag threshold {res['threshold']:.3f} ({res['threshold_method']}): {f['n_flagged']} flagged, "
+        f"sensitivity {f['sensitivity']:.2f}, specificity {f['specificity']:.2f}; {res['seconds_extra_test']:.0f}s"
+    )
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
