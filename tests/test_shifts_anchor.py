@@ -141,3 +141,27 @@ def test_fit_and_estimate_anchors_on_the_last_calibration_score():
     # one record is enough for the anchored estimate (no G across checkpoints)
     one = fit_and_estimate(recs[-1:], ["t"], ["dice"], anchor=pairs)["estimates"]["t"]["dice"]
     assert one["method"] == "anchored" and one["value"] == pytest.approx(0.85) and one["reason"] is None
+
+
+@pytest.mark.parametrize("shape,slices", [((32, 32), "all"), ((6, 24, 24), "foreground")])
+def test_shifted_and_subset_sets_match_a_fresh_cache(shape, slices):
+    """shift_set/subset rebuild the reverse step's gray rows exactly as cache_dataset does (2D and 3D)."""
+    from _tiny import Blobs
+
+    from spe_lightning.engine.predict import cache_dataset
+
+    ds = Blobs(n=5, shape=shape, seed=2)
+    data = cache_dataset("cal", ds, working_size=16, slices=slices)
+    assert torch.allclose(
+        shift_set(data, "gamma", 1).gray,
+        cache_dataset(
+            "x",
+            [{"image": apply_shift(ds[i]["image"], "gamma", 1, i), "label": ds[i]["label"]} for i in range(5)],
+            working_size=16,
+            slices=slices,
+        ).gray,
+        atol=1e-6,
+    )
+    sub = subset(data, [3, 1], "sub")
+    ref = cache_dataset("y", [ds[3], ds[1]], working_size=16, slices=slices)
+    assert torch.allclose(sub.gray, ref.gray) and sub.units == ref.units

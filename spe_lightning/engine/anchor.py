@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from spe_lightning.engine.estimation import finite_or_none
 from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
@@ -32,14 +31,56 @@ from spe_lightning.engine.metrics import BOUNDED
 from spe_lightning.engine.predict import CachedSet
 from spe_lightning.engine.shifts import shift_set, subset
 
-__all__ = ["DEFAULT_SHIFTS", "anchor_pairs", "fit_anchor", "anchored_estimate"]
+__all__ = ["DEFAULT_SHIFTS", "anchor_pairs", "anchor_sets", "anchored_estimate", "fit_anchor", "pairs_from_record"]
 
 #: shifts of the calibration set G_delta learns from: (family, severity)
 DEFAULT_SHIFTS: tuple[tuple[str, int], ...] = tuple(
     (f, s) for f in ("noise", "gamma", "contrast", "blur", "bias_field", "low_resolution") for s in (1, 2, 3)
 )
 
-PredictFn = Callable[[CachedSet], tuple[Sequence[Tensor], Tensor]]
+
+def anchor_sets(
+    calibration: CachedSet,
+    subset_sizes: Sequence[int],
+    n_subsets: int = 8,
+    shifts: Sequence[tuple[str, int]] = DEFAULT_SHIFTS,
+    seed: int = 0,
+) -> dict[str, CachedSet]:
+    """The labelled sets G_delta learns from, by name: random calibration subsets and shifted copies.
+
+    Args:
+        calibration: the labelled calibration set.
+        subset_sizes: sizes of the random calibration subsets (normally the targets' sizes; capped below n).
+        n_subsets: subsets per size.
+        shifts: synthetic shifts ``(family, severity)`` applied to the whole calibration set.
+        seed: seed of the subsets and shift noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(calibration)
+    sets: dict[str, CachedSet] = {}
+    for size in sorted({min(max(int(s), 2), n - 1) for s in subset_sizes if n > 2}):
+        for k in range(n_subsets):
+            pos = sorted(torch.randperm(n, generator=g)[:size].tolist())
+            sets[f"subset{size}_{k}"] = subset(calibration, pos, f"subset{size}_{k}")
+    for i, (family, severity) in enumerate(shifts):
+        t = shift_set(calibration, family, severity, seed=seed * 7919 + 1000 * i)
+        sets[t.name] = t
+    return sets
+
+
+def pairs_from_record(record: dict[str, Any], base: str, names: Sequence[str]) -> list[dict[str, Any]]:
+    """``(pseudo difference, real difference)`` of each set in ``names`` against set ``base`` of one record."""
+    pairs = []
+    for name in names:
+        pairs.append(
+            {
+                "kind": "subset" if name.startswith("subset") else "shift",
+                "name": name,
+                "d_pseudo": _diff(record["pseudo"].get(name, {}), record["pseudo"].get(base, {})),
+                "d_real": _diff(record["real"].get(name, {}), record["real"].get(base, {})),
+            }
+        )
+    return pairs
 
 
 def anchor_pairs(
@@ -51,38 +92,19 @@ def anchor_pairs(
     shifts: Sequence[tuple[str, int]] = DEFAULT_SHIFTS,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Labelled (pseudo difference, real difference) pairs at the current weights.
+    """Labelled pairs at the current weights, one set at a time.
 
-    Args:
-        evaluate: ``fn(set) -> {"pseudo": {m: v}, "real": {m: v}, "confidence": v}`` (predict + reverse step).
-        calibration: the labelled calibration set.
-        base: ``evaluate(calibration)`` at the same weights.
-        subset_sizes: sizes of the random calibration subsets (normally the targets' sizes).
-        n_subsets: subsets per size.
-        shifts: synthetic shifts ``(family, severity)`` applied to the whole calibration set.
-        seed: seed of the subsets and shift noise.
+    ``evaluate(set) -> {"pseudo": {m: v}, "real": {m: v}}`` runs the prediction and the reverse step;
+    ``base`` is ``evaluate(calibration)``. See :func:`anchor_sets` for the other arguments.
     """
-    g = torch.Generator().manual_seed(seed)
-    n = len(calibration)
-    jobs: list[tuple[str, CachedSet]] = []
-    for size in sorted({min(max(int(s), 2), n - 1) for s in subset_sizes if n > 2}):
-        for k in range(n_subsets):
-            pos = sorted(torch.randperm(n, generator=g)[:size].tolist())
-            jobs.append(("subset", subset(calibration, pos, f"subset{size}_{k}")))
-    for i, (family, severity) in enumerate(shifts):
-        jobs.append(("shift", shift_set(calibration, family, severity, seed=seed * 7919 + 1000 * i)))
-    pairs = []
-    for kind, data in jobs:
+    sets = anchor_sets(calibration, subset_sizes, n_subsets, shifts, seed)
+    record: dict[str, Any] = {"pseudo": {"base": base["pseudo"]}, "real": {"base": base["real"]}}
+    for name, data in sets.items():
         res = evaluate(data)
-        pairs.append(
-            {
-                "kind": kind,
-                "name": data.name,
-                "n_images": len(data),
-                "d_pseudo": _diff(res["pseudo"], base["pseudo"]),
-                "d_real": _diff(res["real"], base["real"]),
-            }
-        )
+        record["pseudo"][name], record["real"][name] = res["pseudo"], res["real"]
+    pairs = pairs_from_record(record, "base", list(sets))
+    for p in pairs:
+        p["n_images"] = len(sets[p["name"]])
     return pairs
 
 

@@ -34,7 +34,7 @@ def shift_name(family: str, severity: int) -> str:
     return f"{family}_{severity}"
 
 
-def _transform(family: str, value: float, seed: int) -> Callable[[Tensor], Tensor]:
+def _transform(family: str, value: float, seed: int, spatial_dims: int = 2) -> Callable[[Tensor], Tensor]:
     from monai.transforms import (
         AdjustContrast,
         GaussianSmooth,
@@ -55,37 +55,57 @@ def _transform(family: str, value: float, seed: int) -> Callable[[Tensor], Tenso
     elif family == "bias_field":
         t = RandBiasField(degree=3, coeff_range=(-value, value), prob=1.0)
     else:  # low_resolution
-        t = RandSimulateLowResolution(prob=1.0, zoom_range=(value, value), upsample_mode="bilinear")
+        t = RandSimulateLowResolution(
+            prob=1.0, zoom_range=(value, value), upsample_mode="bilinear" if spatial_dims == 2 else "trilinear"
+        )
     if hasattr(t, "set_random_state"):
         t.set_random_state(seed)
     return t
 
 
 def apply_shift(image: Tensor, family: str, severity: int, seed: int = 0) -> Tensor:
-    """``image`` ``[C,H,W]`` (any range) with the shift ``family`` at ``severity`` 1-3, same range and dtype."""
+    """``image`` ``[C,H,W]`` or ``[C,D,H,W]`` (any range) with ``family`` at ``severity`` 1-3 (same range, dtype)."""
     if family not in SHIFTS:
         raise ValueError(f"Unknown shift family {family!r}; choose from {SHIFT_FAMILIES}.")
     if severity not in (1, 2, 3):
         raise ValueError(f"severity must be 1, 2 or 3, got {severity!r}.")
     x = image.float()
-    lo = x.amin(dim=(-2, -1), keepdim=True)
-    span = (x.amax(dim=(-2, -1), keepdim=True) - lo).clamp_min(1e-8)
+    dims = tuple(range(1, x.ndim))
+    lo = x.amin(dim=dims, keepdim=True)
+    span = (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-8)
     unit = (x - lo) / span
-    out = torch.as_tensor(_transform(family, SHIFTS[family][severity - 1], seed)(unit)).float()
+    out = torch.as_tensor(_transform(family, SHIFTS[family][severity - 1], seed, x.ndim - 1)(unit)).float()
     out = out.clamp(0.0, 1.0) * span + lo
     return out.to(image.dtype)
+
+
+def _gray_rows(inputs: Sequence[Tensor], units: Sequence[tuple[int, int]], size: tuple[int, int]) -> Tensor:
+    """Working-size gray rows of ``units`` (as :func:`~spe_lightning.engine.predict.cache_dataset` builds them)."""
+    rows = []
+    for pos, z in units:
+        x = inputs[pos].float().mean(0, keepdim=True)  # [1,*S]
+        if z < 0:
+            rows.append(resize_images(to_gray01(x[None]), size))
+        else:  # volumes: intensity normalised per volume, then the slice
+            d, h, w = x.shape[1:]
+            vol = to_gray01(x.reshape(1, 1, d * h, w)).reshape(d, 1, h, w)
+            rows.append(resize_images(vol[z : z + 1], size))
+    return torch.cat(rows) if rows else torch.zeros(0, 1, *size)
 
 
 def shift_set(data: CachedSet, family: str, severity: int, seed: int = 0) -> CachedSet:
     """A copy of ``data`` whose images carry a synthetic shift (masks unchanged); item i uses seed ``seed + i``."""
     inputs = [apply_shift(x, family, severity, seed + i) for i, x in enumerate(data.inputs)]
-    size = tuple(data.gray.shape[-2:])
-    gray = torch.cat([resize_images(to_gray01(x[None].float()), size) for x in inputs])
-    return CachedSet(shift_name(family, severity), inputs, data.masks, gray, list(data.indices))
+    gray = _gray_rows(inputs, data.units, tuple(data.gray.shape[-2:]))
+    return CachedSet(shift_name(family, severity), inputs, data.masks, gray, list(data.indices), list(data.units))
 
 
 def subset(data: CachedSet, positions: Sequence[int], name: str) -> CachedSet:
-    """The items of ``data`` at ``positions`` as a new set called ``name``."""
+    """The items of ``data`` at ``positions`` (with their gray rows) as a new set called ``name``."""
     pos = list(positions)
+    new = {p: k for k, p in enumerate(pos)}
+    rows = [r for r, (p, _) in enumerate(data.units) if p in new]
+    rows.sort(key=lambda r: (new[data.units[r][0]], data.units[r][1]))
+    units = [(new[data.units[r][0]], data.units[r][1]) for r in rows]
     masks = None if data.masks is None else [data.masks[i] for i in pos]
-    return CachedSet(name, [data.inputs[i] for i in pos], masks, data.gray[pos], [data.indices[i] for i in pos])
+    return CachedSet(name, [data.inputs[i] for i in pos], masks, data.gray[rows], [data.indices[i] for i in pos], units)
