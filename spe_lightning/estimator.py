@@ -241,9 +241,10 @@ class SPEEstimator:
             raise ValueError(f"references must be [R,1,{w},{w}] images and masks; got {tuple(images.shape)}, {shape}.")
         if len(self.reference_indices) not in (0, images.shape[0]):
             raise ValueError(f"{images.shape[0]} references given; the estimator used {len(self.reference_indices)}.")
-        self.reference_images = images.detach().float().cpu().contiguous()
+        # clones: a view would make torch.save write its whole underlying storage
+        self.reference_images = images.detach().float().cpu().clone()
         labels = self.config["class_names"] is not None
-        self.reference_masks = masks.detach().cpu().to(torch.uint8 if labels else torch.bool).contiguous()
+        self.reference_masks = masks.detach().cpu().to(torch.uint8 if labels else torch.bool).clone()
         self._engine = None
 
     def _cache_kwargs(self) -> dict[str, Any]:

@@ -117,6 +117,11 @@ def test_save_caps_the_embedded_references_and_can_leave_them_out(fitted, tmp_pa
     est = SPEEstimator.from_callback(cb)
     with pytest.raises(ValueError, match="max_reference_mb"):
         est.save(tmp_path / "big.pt", max_reference_mb=0.1)
+    # embedding a view of a larger tensor stores only the view (not its whole storage)
+    big = torch.cat([est.reference_images] * 10)
+    est.set_reference(big[:20], torch.cat([est.reference_masks] * 10)[:20])
+    size = est.save(tmp_path / "view.pt").stat().st_size
+    assert size < 1.2 * 20 * 48 * 48 * 5 + 50_000
     slim = SPEEstimator.load(est.save(tmp_path / "slim.pt", embed_reference=False))
     assert slim.reference_images is None
     with pytest.raises(ValueError, match="no reference images"):

@@ -87,7 +87,8 @@ def estimate_figure(estimates: dict[str, dict[str, Any]], level: float) -> Any:
             ax.set_xlim(0, 1.02)
             ax.set_xlabel("higher is better")
         else:
-            ax.set_xlim(left=0)
+            top = max((estimates[m].get("upper") or estimates[m].get("value") or 0.0) for m in names)
+            ax.set_xlim(0, max(top, 1e-6) * 1.25)
             ax.set_xlabel("lower is better")
     fig.suptitle(f"Estimated performance (dot) with its {level:.0%} interval (bar)", fontsize=11)
     fig.tight_layout()
@@ -103,7 +104,7 @@ def quality_figure(
     plt = _plt()
     s = np.asarray([np.nan if v is None else v for v in scores], dtype=float)
     s = s[np.isfinite(s)]
-    fig, ax = plt.subplots(figsize=(8.6, 3.1))
+    fig, ax = plt.subplots(figsize=(9.4, 3.1))
     bins = np.linspace(0, 1, 26)
     if threshold is not None:
         low = s[s < threshold]
@@ -130,7 +131,7 @@ def quality_figure(
     ax.set_xlim(0, 1)
     ax.set_xlabel("per-case quality score (best pseudo Dice of the case's own prediction on similar references)")
     ax.set_ylabel("cases")
-    ax.legend(loc="upper left", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -249,13 +250,23 @@ def write_html_report(
             f"<img alt='quality' src='data:image/png;base64,{_png(quality_figure(scores, threshold, cal_scores))}'>"
         )
         if threshold is not None:
+            cut = calibration.get("dice_cut", 0.7)
+            if calibration.get("method") == "youden":
+                how = (
+                    f"on the labelled calibration set this threshold best separated the cases with real Dice below "
+                    f"{cut:g} from the others"
+                    + (f" (AUROC {calibration['auroc']:.2f} there)" if calibration.get("auroc") is not None else "")
+                )
+            else:
+                how = (
+                    f"the calibration set had too few cases on one side of real Dice {cut:g} to fit a threshold, so "
+                    f"it is a low quantile of the calibration scores ({calibration.get('method')})"
+                )
             parts.append(
-                f"<p class='note'>Each case's own predicted mask is used to segment its most similar labelled "
-                f"references; the best resulting Dice is its quality score. Cases scoring below "
-                f"<b>{threshold:.3f}</b> are flagged: on the calibration set this threshold best separated "
-                f"cases with real Dice below {calibration.get('dice_cut', 0.7):g} (method: {calibration.get('method')}"
-                + (f", calibration AUROC {calibration['auroc']:.2f}" if calibration.get("auroc") is not None else "")
-                + "). A flag means <i>review this case</i>, not that it is wrong.</p>"
+                "<p class='note'>Each case's own predicted mask is used to segment the labelled references that "
+                "look most like it; the best resulting Dice is its quality score (reverse classification "
+                f"accuracy). Cases scoring below <b>{threshold:.3f}</b> are flagged: {how}. The outline shows "
+                "the calibration cases' scores. A flag means <i>review this case</i>, not that it is wrong.</p>"
             )
         else:
             parts.append(
