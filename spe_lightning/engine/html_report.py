@@ -113,12 +113,14 @@ def quality_figure(
             s[s >= threshold], bins=bins, color="#2ca02c", alpha=0.75, label=f"not flagged ({(s >= threshold).sum()})"
         )
         ax.axvline(threshold, color="k", ls="--", lw=1.2)
+        right = threshold > 0.6  # the label goes on the side of the line with more room
         ax.annotate(
             "flag threshold",
             (threshold, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(4, -14),
+            xytext=(-4 if right else 4, -14),
             textcoords="offset points",
+            ha="right" if right else "left",
         )
     else:
         ax.hist(s, bins=bins, color="#1f77b4", alpha=0.8, label=f"cases ({s.size})")
