@@ -223,3 +223,18 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3  # estimates, quality histogram, gallery: self-contained
     assert "src='http" not in page and "Per-case quality" in page
+
+
+def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
+    from spe_lightning.estimate_cli import read_image_folder
+
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    vol = np.random.default_rng(0).normal(100.0, 20.0, (40, 30, 3)).astype(np.float32)  # H, W, slices
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "x.png")
+    ids, images, sources = read_image_folder(tmp_path, image_size=32)
+    assert ids == ["ct#z000", "ct#z001", "ct#z002", "x"] and sources[0] == "ct.nii.gz"
+    assert all(t.shape == (1, 32, 32) and 0.0 <= float(t.min()) and float(t.max()) <= 1.0 for t in images)
+    assert float(images[-1].max()) > 0.9  # 16-bit values are scaled, not clipped at 255
