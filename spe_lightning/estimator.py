@@ -125,6 +125,9 @@ class SPEEstimator:
         cases: per-case calibration (:func:`~spe_lightning.engine.percase.calibrate_flags` plus
             ``k``, ``top`` and the calibration scores); None when not calibrated.
         info: free-form extras (targets' in-training estimates, model class, input size).
+        anchor: for anchored estimates (:mod:`spe_lightning.engine.anchor`): ``{"mappings": {key:
+            G_delta dict or None}, "calibration_pseudo": {key: float}, "calibration_real": {key: float}}``
+            at the last record; None for the paper's G alone.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class SPEEstimator:
         config: dict[str, Any],
         cases: dict[str, Any] | None = None,
         info: dict[str, Any] | None = None,
+        anchor: dict[str, Any] | None = None,
     ) -> None:
         need = {"support_size", "min_foreground", "threshold", "seed", "working_size", "level"}
         if need - set(config):
@@ -161,6 +165,7 @@ class SPEEstimator:
         self.keys = metric_keys(self.metrics, self.config["class_names"])
         self.mappings = {k: dict(mappings.get(k, {"error": "no mapping stored"})) for k in self.keys}
         self.cases = cases
+        self.anchor = anchor
         self.info = dict(info or {})
         self.reference_images: Tensor | None = None
         self.reference_masks: Tensor | None = None
@@ -215,6 +220,14 @@ class SPEEstimator:
             info["input_shape"] = [int(s) for s in cal.inputs[0].shape]
         if module is not None:
             info["model_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+        anchor = None
+        if report.get("anchor_mapping") is not None:
+            last = callback.records[-1]
+            anchor = {
+                "mappings": dict(report["anchor_mapping"]),
+                "calibration_pseudo": dict(last["pseudo"].get("calibration", {})),
+                "calibration_real": dict(last["real"].get("calibration", {})),
+            }
         est = cls(
             segmenter=engine.segmenter.spec(),
             reference_images=engine.ref_images,
@@ -224,6 +237,7 @@ class SPEEstimator:
             mappings=report["mapping"],
             config=config,
             info=info,
+            anchor=anchor,
         )
         est._segmenter = engine.segmenter  # the very instance that ran during training
         if module is not None:
@@ -341,6 +355,7 @@ class SPEEstimator:
             "mappings": self.mappings,
             "reference": ref,
             "cases": self.cases,
+            "anchor": self.anchor,
             "info": self.info,
         }
         if not _is_safe(state):
@@ -387,6 +402,7 @@ class SPEEstimator:
             mappings=state["mappings"],
             config=state["config"],
             cases=state.get("cases"),
+            anchor=state.get("anchor"),
             info=state.get("info"),
         )
 
@@ -541,24 +557,7 @@ class SPEEstimator:
         engine = self.engine
         level = float(c["level"])
         pseudo = engine.pseudo(data, masks, device)
-        estimates: dict[str, dict[str, Any]] = {}
-        for metric in self.keys:
-            est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
-            est["pseudo"] = finite_or_none(pseudo["values"].get(metric))
-            md = self.mappings.get(metric, {})
-            if "params" not in md:
-                est["reason"] = f"no mapping G: {md.get('error', 'not stored')}"
-            elif est["pseudo"] is None:
-                est["reason"] = f"no pseudo {metric}" + (f" ({pseudo['reason']})" if pseudo["reason"] else "")
-            else:
-                g = Mapping.from_dict(md)
-                lo, hi = g.interval([est["pseudo"]], level)
-                est.update(
-                    value=finite_or_none(g.predict([est["pseudo"]])[0]),
-                    lower=finite_or_none(lo[0]),
-                    upper=finite_or_none(hi[0]),
-                )
-            estimates[metric] = est
+        estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"])
         true = engine.real(data, masks)
         cases: list[dict[str, Any]] = []
         threshold = None
@@ -577,6 +576,52 @@ class SPEEstimator:
             case_threshold=threshold,
             reason=pseudo["reason"],
         )
+
+    def estimate_from_pseudo(
+        self, pseudo: dict[str, float | None], reason: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
+
+        The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
+        calibration score moved by G_delta of the pseudo difference), the paper's one kept under ``paper``.
+        """
+        level = float(self.config["level"])
+        anchor = self.anchor or {}
+        out: dict[str, dict[str, Any]] = {}
+        for key in self.keys:
+            est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
+            est["pseudo"] = finite_or_none(pseudo.get(key))
+            md = self.mappings.get(key, {})
+            if "params" not in md:
+                est["reason"] = f"no mapping G: {md.get('error', 'not stored')}"
+            elif est["pseudo"] is None:
+                est["reason"] = f"no pseudo {key}" + (f" ({reason})" if reason else "")
+            else:
+                g = Mapping.from_dict(md)
+                lo, hi = g.interval([est["pseudo"]], level)
+                est.update(
+                    value=finite_or_none(g.predict([est["pseudo"]])[0]),
+                    lower=finite_or_none(lo[0]),
+                    upper=finite_or_none(hi[0]),
+                    method="paper",
+                )
+            gd = (anchor.get("mappings") or {}).get(key)
+            if gd and est["pseudo"] is not None:
+                from spe_lightning.engine.anchor import anchored_estimate
+
+                anchored = anchored_estimate(
+                    Mapping.from_dict(gd),
+                    key,
+                    est["pseudo"],
+                    finite_or_none(anchor["calibration_pseudo"].get(key)),
+                    finite_or_none(anchor["calibration_real"].get(key)),
+                    level,
+                )
+                if anchored["value"] is not None:
+                    est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
+                    est.update(anchored, method="anchored", reason=None)
+            out[key] = est
+        return out
 
     def _case_rows(
         self,

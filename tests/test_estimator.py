@@ -8,6 +8,7 @@ import math
 import pickle
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -229,8 +230,6 @@ def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
     from spe_lightning.estimate_cli import read_image_folder
 
     nib = pytest.importorskip("nibabel")
-    import numpy as np
-
     vol = np.random.default_rng(0).normal(100.0, 20.0, (40, 30, 3)).astype(np.float32)  # H, W, slices
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "ct.nii.gz"))
     Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "x.png")
@@ -238,3 +237,40 @@ def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
     assert ids == ["ct#z000", "ct#z001", "ct#z002", "x"] and sources[0] == "ct.nii.gz"
     assert all(t.shape == (1, 32, 32) and 0.0 <= float(t.min()) and float(t.max()) <= 1.0 for t in images)
     assert float(images[-1].max()) > 0.9  # 16-bit values are scaled, not clipped at 255
+
+
+def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_path):
+    """The saved G (and G_delta of anchored estimation) give the callback's numbers after a save/load."""
+    from spe_lightning.engine.estimation import fit_and_estimate
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        x = 0.3 + 0.1 * i + 0.01 * rng.normal()
+        records.append(
+            {
+                "pseudo": {"calibration": {"dice": x}, "site": {"dice": x - 0.08}},
+                "real": {"calibration": {"dice": 0.2 + 0.12 * i + 0.02 * rng.normal()}},
+            }
+        )
+    pairs = [
+        {"name": f"shift{j}", "d_pseudo": {"dice": -0.02 * j}, "d_real": {"dice": -0.03 * j + 0.005 * rng.normal()}}
+        for j in range(8)
+    ]
+    config = {"support_size": 8, "min_foreground": 4, "threshold": 0.5, "seed": 0, "working_size": 32, "level": 0.9}
+    for anchor_pairs in (None, pairs):
+        rep = fit_and_estimate(records, ["site"], ["dice"], "linear", 0.9, anchor=anchor_pairs)
+        anchor = None
+        if anchor_pairs is not None:
+            anchor = {
+                "mappings": rep["anchor_mapping"],
+                "calibration_pseudo": records[-1]["pseudo"]["calibration"],
+                "calibration_real": records[-1]["real"]["calibration"],
+            }
+        est = SPEEstimator({"name": "label_fusion"}, None, None, [], ["dice"], rep["mapping"], config, anchor=anchor)
+        est = SPEEstimator.load(est.save(tmp_path / "e.pt", embed_reference=False))
+        got = est.estimate_from_pseudo(records[-1]["pseudo"]["site"])["dice"]
+        want = rep["estimates"]["site"]["dice"]
+        assert got["method"] == want["method"] == ("paper" if anchor_pairs is None else "anchored")
+        for key in ("value", "lower", "upper"):
+            assert got[key] == pytest.approx(want[key], abs=1e-12)
