@@ -64,6 +64,10 @@ class SPECallback(Callback):
     checkpoints) turns each target's pseudo metrics into estimates with intervals, which go to
     every logger, ``spe_report.json``/``.csv`` in the log directory and the console.
 
+    Under DDP every rank predicts its share of each set and segments its share of the references;
+    the results are gathered, so all ranks hold the same records, and only rank zero logs and
+    writes. 3D items ``[C,D,H,W]`` are handled slice-wise; ``classes`` makes SPE per class.
+
     Datasets yield ``(image, mask)`` tuples or dicts (``image_key``/``label_key``). When
     ``reference``/``calibration``/``target`` are not given, they come from the datamodule's
     ``spe_datasets()`` (see :class:`~spe_lightning.data.FolderSegmentationDataModule`).
