@@ -218,11 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run ``spe-lightning estimate``; returns the ``estimate.json`` content."""
+    """Run ``spe-lightning estimate``; returns the ``estimate.json`` content (input problems exit with status 2)."""
+    a = build_parser().parse_args(argv)
+    try:
+        return run(a)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+        print(f"spe-lightning estimate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """The work of :func:`main` on parsed arguments."""
     from spe_lightning.engine.html_report import GalleryItem, write_html_report
     from spe_lightning.estimator import SPEEstimator
 
-    a = build_parser().parse_args(argv)
     show = not a.no_progress
     est = SPEEstimator.load(a.estimator)
     if a.reference is not None:

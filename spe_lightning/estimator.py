@@ -416,7 +416,10 @@ class SPEEstimator:
                 f"{path}: refused to load; an SPE estimator file holds only tensors, numbers and strings, "
                 f"and this one holds something else ({str(err).splitlines()[0][:200]})."
             ) from err
-        return cls.from_state(state)
+        try:
+            return cls.from_state(state)
+        except IncompatibleEstimatorError as err:
+            raise IncompatibleEstimatorError(f"{path}: {err}") from None
 
     # ------------------------------------------------------------------ estimating
     def _cache(self, name: str, images: Any, image_key: str, label_key: str) -> CachedSet:

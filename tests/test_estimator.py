@@ -221,6 +221,10 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
     assert [r["id"] for r in rows] == [f"case_{i:02d}" for i in range(len(target))]
     assert all(r["flagged"] in ("True", "False") and 0.0 <= float(r["quality"]) <= 1.0 for r in rows)
     assert summary["cases"]["n_flagged"] == sum(r["flagged"] == "True" for r in rows)
+    with pytest.raises(SystemExit) as exit_:  # a wrong file: a one-line error, status 2
+        cli_main(["estimate", "--ckpt", str(cb.ckpt_path), "--estimator", str(cb.ckpt_path), "--images", str(folder),
+                  "--out", str(out)])  # fmt: skip
+    assert exit_.value.code == 2 and "not an SPE estimator" in capsys.readouterr().err
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3  # estimates, quality histogram, gallery: self-contained
     assert "src='http" not in page and "Per-case quality" in page
