@@ -528,6 +528,24 @@ class SPECallback(Callback):
         report = self.report
         assert report is not None
         step = self.records[-1]["step"]
+        # the report files first: a failing logger must not cost them
+        out = self.report_dir(trainer)
+        write_json(report, out / "spe_report.json")
+        write_csv(report, out / "spe_report.csv")
+        table = summary_table(report)
+        fig = make_figure(report)
+        import matplotlib.pyplot as plt
+
+        try:
+            fig.savefig(out / "spe_calibration.png", dpi=110)
+            if self.verbose:
+                # training is over and its progress bar closed: print through the logger
+                rank_zero_info(f"{table}\nSPE report: {out / 'spe_report.json'}")
+            self._log_report(trainer, report, table, fig, step)
+        finally:
+            plt.close(fig)
+
+    def _log_report(self, trainer: pl.Trainer, report: dict[str, Any], table: str, fig: Any, step: int) -> None:
         flat = {}
         for t, per_metric in report["estimates"].items():
             for m, e in per_metric.items():
@@ -545,21 +563,9 @@ class SPECallback(Callback):
                 }
                 if per_ckpt:
                     logger.log_metrics(per_ckpt, step=r["step"])
-        table = summary_table(report)
-        fig = make_figure(report)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("spe/calibration_fit", fig, global_step=step)
                 logger.experiment.add_text("spe/summary", table, global_step=step)
                 logger.experiment.flush()
             logger.save()
-        out = self.report_dir(trainer)
-        write_json(report, out / "spe_report.json")
-        write_csv(report, out / "spe_report.csv")
-        fig.savefig(out / "spe_calibration.png", dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        if self.verbose:
-            # training is over and its progress bar closed: print through the logger
-            rank_zero_info(f"{table}\nSPE report: {out / 'spe_report.json'}")

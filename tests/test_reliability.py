@@ -9,6 +9,7 @@ import pytest
 import torch
 from _tiny import Blobs, TinyNet, finite_everywhere, loader, max_abs_diff, tiny_spe, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import Dataset
 
 from spe_lightning import SPECallback
@@ -238,6 +239,31 @@ def test_a_target_named_calibration_or_bad_classes_are_refused():
         SPECallback(foreground_class=1, classes=[1, 2])
     with pytest.raises(ValueError, match="distinct"):
         SPECallback(classes={"a": 1, "b": 1})
+
+
+class BrokenLogger(Logger):
+    """A logger whose every write fails."""
+
+    name, version = "broken", 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        raise OSError("disk full")
+
+
+def test_a_failing_logger_warns_and_the_report_is_still_written(tmp_path):
+    ref, cal, tgt = sets()
+    cb = tiny_spe(reference=ref, calibration=cal, target=tgt, log_dir=str(tmp_path))
+    t = tiny_trainer(tmp_path, 3, [cb], logger=BrokenLogger())
+    with pytest.warns(UserWarning, match="logging the evaluation at epoch 0 failed.*disk full"):
+        t.fit(TinyNet(), loader(ref))
+    assert t.current_epoch == 3 and len(cb.records) == 3  # training and evaluations went on
+    assert json.loads((tmp_path / "spe_report.json").read_text())["n_records"] == 3
+    strict = tiny_spe(reference=ref, calibration=cal, target=tgt, log_dir=str(tmp_path), strict=True)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_trainer(tmp_path, 1, [strict], logger=BrokenLogger()).fit(TinyNet(), loader(ref))
 
 
 def test_resuming_with_other_settings_warns_or_raises_when_strict():
