@@ -85,3 +85,20 @@ def test_3d_volumes_slice_wise(tmp_path):
     assert last["real"]["calibration"]["dice"] == pytest.approx(real["dice"].mean().item(), abs=1e-9)
     assert last["real"]["calibration"]["hd95"] == pytest.approx(real["hd95"].mean().item(), abs=1e-9)
     assert finite_everywhere(cb.report) and cb.report["reference_slices"] == cb.engine.ref_slices
+
+
+def test_3d_multiclass_label_maps_per_volume():
+    shape = (6, 20, 20)
+    cb = tiny_spe(classes=[1, 2], working_size=20, max_slices=3)
+    cb.prepare(Blobs(4, shape, 1, 2), Blobs(3, shape, 2, 2), {"t": Blobs(3, shape, 3, 2, fmt="onehot")})
+    assert all(m.shape == (1, *shape) and m.dtype == torch.uint8 for m in cb._sets["t"].masks)
+    torch.manual_seed(0)
+    net = TinyNet(dims=3, out_channels=3)
+    rec = cb.evaluate(net)
+    assert list(rec["real"]["calibration"]) == cb.keys == ["dice", "dice/class_1", "dice/class_2", "hd95", *cb.keys[4:]]
+    with torch.no_grad():
+        pred = net.eval()(_stack(Blobs(3, shape, 2, 2), "image")).argmax(1, keepdim=True)
+    true = _stack(Blobs(3, shape, 2, 2), "label").long()
+    dice2 = per_image_metrics(pred == 2, true == 2, ("dice",))["dice"].mean().item()  # 3D, per volume
+    assert rec["real"]["calibration"]["dice/class_2"] == pytest.approx(dice2, abs=1e-9)
+    assert set(rec["n_support"]["t"]) == {"class_1", "class_2"}
