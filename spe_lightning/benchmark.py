@@ -316,9 +316,10 @@ def _est(value: Any, half: float | None = None, bounds: tuple = (None, None)) ->
 def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     """Per target and metric the estimate of every method, and a summary (MAE, coverage, false alarms).
 
-    Methods: ``spe`` (G across checkpoints, as in training), ``spe_anchored`` (G's change from the
-    calibration set at the final checkpoint added to the calibration score), ``calibration_score``
-    and ``confidence``; extra segmenters add ``spe_<name>`` rows.
+    Methods: ``spe`` (the callback's default: anchored estimate, intervals from the calibration
+    pairs; a synthetic target's own shift family is left out of its interval model),
+    ``spe_paper`` (the paper's ``G(pseudo)`` with G's leave-one-out interval),
+    ``calibration_score`` and ``confidence``; extra segmenters add ``spe_<name>`` rows.
     """
     from spe_lightning.engine.anchor import anchored_estimate, fit_anchor
     from spe_lightning.engine.estimation import CALIBRATION, fit_mapping, series
@@ -335,30 +336,23 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
         raw, records = result["shift_raw"][seg], result["records"][seg]
         tag = "" if i == 0 else f"_{seg}"
         conf_cal = series(records, "confidence", CALIBRATION, None)
+        cal = raw["calibration"]
         for m in PAPER_METRICS:
             bounds = BOUNDED.get(m, (None, None))
-            g, _ = fit_mapping(
-                "linear", series(records, "pseudo", CALIBRATION, m), series(records, "real", CALIBRATION, m), m
-            )
-            g_conf, _ = fit_mapping("linear", conf_cal, series(records, "real", CALIBRATION, m), m)
-            cal = raw["calibration"]
+            real_cal = series(records, "real", CALIBRATION, m)
+            g, _ = fit_mapping("linear", series(records, "pseudo", CALIBRATION, m), real_cal, m)
+            g_conf, _ = fit_mapping("linear", conf_cal, real_cal, m)
             half = g.half_width(level) if g else None
+            p_c = cal["pseudo"].get(m)
             for row, n in zip(rows, names):
                 t = raw["targets"][n]
-                p_t, p_c = t["pseudo"].get(m), cal["pseudo"].get(m)
-                ok = g is not None and p_t is not None
-                row.setdefault(f"spe{tag}", {})[m] = _est(g.predict([p_t])[0] if ok else None, half, bounds)
-                anchored = None
-                if ok and p_c is not None and cal["real"].get(m) is not None:
-                    anchored = g.predict([p_t])[0] - g.predict([p_c])[0] + cal["real"][m]
-                row.setdefault(f"spe_anchored_g{tag}", {})[m] = _est(anchored, half, bounds)
-                # G_delta from calibration pairs; a synthetic target's own shift family is left out
+                p_t = t["pseudo"].get(m)
                 family = n.rsplit("_", 1)[0] + "_" if n.rsplit("_", 1)[-1] in ("1", "2", "3") else None
-                g_delta = fit_anchor(raw["pairs"], m, exclude=family)
-                row.setdefault(f"spe_anchored{tag}", {})[m] = anchored_estimate(
-                    g_delta, m, p_t, p_c, cal["real"].get(m), level
-                )
+                model = fit_anchor(raw["pairs"], m, g, p_c, exclude=family) if g is not None else None
+                row.setdefault(f"spe{tag}", {})[m] = anchored_estimate(g, m, p_t, p_c, cal["real"].get(m), level, model)
                 if i == 0:
+                    ok = g is not None and p_t is not None
+                    row.setdefault("spe_paper", {})[m] = _est(g.predict([p_t])[0] if ok else None, half, bounds)
                     row["calibration_score"][m] = cal["real"].get(m)
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
                     row["confidence"][m] = _est(c, None, bounds)["value"]

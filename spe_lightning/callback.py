@@ -19,11 +19,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from spe_lightning.engine.anchor import anchor_sets, pairs_from_record
 from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate
 from spe_lightning.engine.mapping import MAPPINGS
 from spe_lightning.engine.metrics import PAPER_METRICS, validate_metrics
 from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_labels
 from spe_lightning.engine.report import make_figure, summary_table, write_csv, write_json
+from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.engine.spe import Shard, SPEEngine, metric_keys
 from spe_lightning.reverse.base import ReverseSegmenter, available_segmenters, make_segmenter, resolve_auto
 
@@ -86,6 +88,13 @@ class SPECallback(Callback):
         metrics: metric names; default the paper's six.
         mapping: G: ``"linear"`` (paper), ``"huber"`` (robust) or ``"isotonic"`` (monotone).
         level: nominal coverage of the estimate intervals.
+        anchored: estimate a target as the calibration score at the same checkpoint moved by
+            ``G(pseudo_target) - G(pseudo_calibration)`` (default; better than the paper's
+            ``G(pseudo_target)`` in benchmarks/, which stays in the report under ``paper``).
+        interval_shifts: shift families (:data:`~spe_lightning.engine.shifts.SHIFT_FAMILIES`) applied
+            to the calibration set at fit end, at severities 1 and 3, to size the anchored intervals
+            (with ``interval_subsets``); ``[]`` and 0 subsets: intervals from G's residuals only.
+        interval_subsets: random calibration subsets per target size for the intervals.
         seed: seed for the reference subset and support orders.
         working_size: side of the square images the reverse segmenter works on.
         foreground_class: class index of the masks that is foreground (None: any non-zero); binary SPE.
@@ -121,6 +130,9 @@ class SPECallback(Callback):
         metrics: Sequence[str] = PAPER_METRICS,
         mapping: str = "linear",
         level: float = 0.9,
+        anchored: bool = True,
+        interval_shifts: Sequence[str] = SHIFT_FAMILIES,
+        interval_subsets: int = 4,
         seed: int = 0,
         working_size: int = 128,
         foreground_class: int | None = None,
@@ -145,6 +157,7 @@ class SPECallback(Callback):
             ("working_size", working_size, 16),
             ("batch_size", batch_size, 1),
             ("max_slices", max_slices, 1),
+            ("interval_subsets", interval_subsets, 0),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"SPECallback: {name} must be an int >= {low}, got {value!r}.")
@@ -154,6 +167,11 @@ class SPECallback(Callback):
             raise ValueError(f"SPECallback: threshold must be in (0, 1), got {threshold!r}.")
         if not 0.0 < float(level) < 1.0:
             raise ValueError(f"SPECallback: level must be in (0, 1), got {level!r}.")
+        unknown = [f for f in interval_shifts if f not in SHIFT_FAMILIES]
+        if isinstance(interval_shifts, str) or unknown:
+            raise ValueError(
+                f"SPECallback: interval_shifts must be a list of {SHIFT_FAMILIES}, got {interval_shifts!r}."
+            )
         if mapping not in MAPPINGS:
             raise ValueError(f"SPECallback: mapping must be one of {MAPPINGS}, got {mapping!r}.")
         if activation not in _ACTIVATIONS:
@@ -184,6 +202,9 @@ class SPECallback(Callback):
         self.max_references, self.min_foreground = max_references, min_foreground
         self.threshold, self.metrics = float(threshold), validate_metrics(metrics)
         self.mapping, self.level, self.seed = mapping, float(level), seed
+        self.anchored, self.interval_shifts = bool(anchored), list(interval_shifts)
+        self.interval_subsets = interval_subsets
+        self.pairs: list[dict[str, Any]] = []
         self.working_size, self.foreground_class = working_size, foreground_class
         self.spatial_dims, self.max_slices = spatial_dims, max_slices
         self.memory_budget_mb = None if memory_budget_mb is None else float(memory_budget_mb)
@@ -240,6 +261,9 @@ class SPECallback(Callback):
             "threshold": self.threshold,
             "mapping": self.mapping,
             "level": self.level,
+            "anchored": self.anchored,
+            "interval_shifts": list(self.interval_shifts),
+            "interval_subsets": self.interval_subsets,
             "seed": self.seed,
             "working_size": self.working_size,
             "every_n_epochs": self.every_n_epochs,
@@ -372,12 +396,39 @@ class SPECallback(Callback):
             return
         if self.records and self.records[-1]["step"] == trainer.global_step:
             self.records[-1]["final"] = True
+        else:
+            # after the last epoch, current_epoch already points at the next one
+            epoch = trainer.current_epoch
+            if epoch > 0 and trainer.fit_loop.epoch_progress.current.completed >= epoch:
+                epoch -= 1
+            self._record(trainer, pl_module, final=True, epoch=epoch)
+        if self.anchored and self.records and self.records[-1]["final"]:
+            self._interval_pairs(trainer, pl_module)
+
+    def _interval_pairs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Labelled calibration pairs (subsets, shifted copies) at the final weights: the anchored intervals."""
+        shifts = [(f, v) for f in self.interval_shifts for v in (1, 3)]
+        if not shifts and not self.interval_subsets:
             return
-        # after the last epoch, current_epoch already points at the next one
-        epoch = trainer.current_epoch
-        if epoch > 0 and trainer.fit_loop.epoch_progress.current.completed >= epoch:
-            epoch -= 1
-        self._record(trainer, pl_module, final=True, epoch=epoch)
+        start = time.perf_counter()
+        try:
+            sizes = sorted({len(self._sets[t]) for t in self._targets})
+            sets = anchor_sets(self._sets[CALIBRATION], sizes, self.interval_subsets, shifts, self.seed)
+            record = self.evaluate(pl_module, self._shard(trainer), sets)
+            last = self.records[-1]
+            for kind in ("pseudo", "real"):
+                record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+            self.pairs = pairs_from_record(record, CALIBRATION, list(sets))
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"SPECallback: the calibration pairs for the intervals failed ({err!r}); G's are used.")
+            return
+        if self.verbose:
+            self._say(
+                trainer,
+                f"SPE: {len(self.pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)",
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer) or not self.records:
@@ -428,7 +479,9 @@ class SPECallback(Callback):
         return Shard(trainer.global_rank, world, gather)  # type: ignore[union-attr]
 
     @torch.no_grad()
-    def evaluate(self, pl_module: nn.Module, shard: Shard | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, pl_module: nn.Module, shard: Shard | None = None, sets: Mapping[str, CachedSet] | None = None
+    ) -> dict[str, Any]:
         """One record of ``pl_module``'s current weights (after :meth:`prepare`/``setup``).
 
         With a ``shard`` of several processes, each predicts its share of every set and segments its
@@ -439,7 +492,7 @@ class SPECallback(Callback):
         shard = shard or Shard()
         device = getattr(pl_module, "device", None) or next(pl_module.parameters()).device
         predictions = {}
-        for name, data in self._sets.items():
+        for name, data in (self._sets if sets is None else sets).items():
             n = len(data)
             run = functools.partial(
                 predict_labels,
@@ -472,7 +525,9 @@ class SPECallback(Callback):
                 flat[f"spe/real/calibration/{m}"] = v
         running = None
         if len(self.records) >= 3:
-            running = fit_and_estimate(self.records, self._targets, self.keys, self.mapping, self.level)
+            running = fit_and_estimate(
+                self.records, self._targets, self.keys, self.mapping, self.level, anchored=self.anchored
+            )
             for t, per_metric in running["estimates"].items():
                 flat.update(
                     {f"spe/estimate/{t}/{m}": e["value"] for m, e in per_metric.items() if e["value"] is not None}
@@ -504,7 +559,9 @@ class SPECallback(Callback):
             rank_zero_info(message)
 
     def _build_report(self) -> dict[str, Any]:
-        result = fit_and_estimate(self.records, self._targets, self.keys, self.mapping, self.level)
+        result = fit_and_estimate(
+            self.records, self._targets, self.keys, self.mapping, self.level, self.anchored, self.pairs
+        )
         return {
             "version": 1,
             "metrics": list(self.metrics),
@@ -518,6 +575,7 @@ class SPECallback(Callback):
             ),
             **result,
             "records": self.records,
+            "pairs": self.pairs,
         }
 
     def report_dir(self, trainer: pl.Trainer) -> Path:
@@ -532,6 +590,9 @@ class SPECallback(Callback):
         out = self.report_dir(trainer)
         write_json(report, out / "spe_report.json")
         write_csv(report, out / "spe_report.csv")
+        from spe_lightning.estimator import SPEEstimator
+
+        SPEEstimator.from_callback(self, trainer.lightning_module).save(out / "spe_estimator.pt")
         table = summary_table(report)
         fig = make_figure(report)
         import matplotlib.pyplot as plt

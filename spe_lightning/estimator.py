@@ -125,9 +125,9 @@ class SPEEstimator:
         cases: per-case calibration (:func:`~spe_lightning.engine.percase.calibrate_flags` plus
             ``k``, ``top`` and the calibration scores); None when not calibrated.
         info: free-form extras (targets' in-training estimates, model class, input size).
-        anchor: for anchored estimates (:mod:`spe_lightning.engine.anchor`): ``{"mappings": {key:
-            G_delta dict or None}, "calibration_pseudo": {key: float}, "calibration_real": {key: float}}``
-            at the last record; None for the paper's G alone.
+        anchor: for anchored estimates (:mod:`spe_lightning.engine.anchor`): ``{"intervals": {key:
+            interval model (plain numbers) or None}, "calibration_pseudo": {key: float},
+            "calibration_real": {key: float}}`` at the last record; None for the paper's G alone.
     """
 
     def __init__(
@@ -221,10 +221,10 @@ class SPEEstimator:
         if module is not None:
             info["model_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
         anchor = None
-        if report.get("anchor_mapping") is not None:
+        if report.get("anchor_intervals") is not None:
             last = callback.records[-1]
             anchor = {
-                "mappings": dict(report["anchor_mapping"]),
+                "intervals": dict(report["anchor_intervals"]),
                 "calibration_pseudo": dict(last["pseudo"].get("calibration", {})),
                 "calibration_real": dict(last["real"].get("calibration", {})),
             }
@@ -608,17 +608,17 @@ class SPEEstimator:
                     upper=finite_or_none(hi[0]),
                     method="paper",
                 )
-            gd = (anchor.get("mappings") or {}).get(key)
-            if gd and est["pseudo"] is not None:
+            if anchor and "params" in md and est["pseudo"] is not None:
                 from spe_lightning.engine.anchor import anchored_estimate
 
                 anchored = anchored_estimate(
-                    Mapping.from_dict(gd),
+                    Mapping.from_dict(md),
                     key,
                     est["pseudo"],
                     finite_or_none(anchor["calibration_pseudo"].get(key)),
                     finite_or_none(anchor["calibration_real"].get(key)),
                     level,
+                    (anchor.get("intervals") or {}).get(key),
                 )
                 if anchored["value"] is not None:
                     est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}

@@ -79,6 +79,12 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     assert dice["value"] is not None and dice["lower"] <= dice["value"] <= dice["upper"]
     assert 0.0 <= dice["value"] <= 1.0
     assert len(report["records"]) == 4 and report["mapping"]["dice"]["kind"] == "linear"
+    # anchored by default: calibration score + G(target) - G(calibration), intervals from calibration pairs
+    assert dice["method"] == "anchored" and dice["paper"]["value"] is not None
+    kinds = {p["kind"] for p in report["pairs"]}
+    assert kinds == {"subset", "shift"} and len(report["pairs"]) == 4 + 12  # one target size, 6 families x 2
+    assert report["anchor_intervals"]["dice"]["scores"]
+    assert (report_path.parent / "spe_estimator.pt").is_file()
     assert (report_path.parent / "spe_report.csv").read_text().startswith("target,metric,estimate")
 
     ea = EventAccumulator(str(report_path.parent), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
@@ -124,6 +130,7 @@ def test_every_n_epochs_and_final_record(tmp_path):
     # two records: too few for G -> null estimates with a reason, never NaN
     e = cb.report["estimates"]["target"]["dice"]
     assert e["value"] is None and "need" in e["reason"].lower()
+    assert cb.report["pairs"]  # the pairs were measured; without G they cannot give an estimate
 
 
 def test_state_dict_round_trip():
@@ -155,6 +162,9 @@ def test_eval_mode_restores_each_submodule():
         ({"metrics": ("dice", "volume")}, "volume"),
         ({"segmenter": "magic"}, "magic"),
         ({"level": 1.0}, "level"),
+        ({"interval_shifts": ["tint"]}, "interval_shifts"),
+        ({"interval_shifts": "noise"}, "interval_shifts"),
+        ({"interval_subsets": -1}, "interval_subsets"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

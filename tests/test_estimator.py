@@ -244,7 +244,7 @@ def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
 
 
 def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_path):
-    """The saved G (and G_delta of anchored estimation) give the callback's numbers after a save/load."""
+    """The saved G (and the anchored intervals) give the callback's numbers after a save/load."""
     from spe_lightning.engine.estimation import fit_and_estimate
 
     rng = np.random.default_rng(0)
@@ -262,12 +262,12 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
         for j in range(8)
     ]
     config = {"support_size": 8, "min_foreground": 4, "threshold": 0.5, "seed": 0, "working_size": 32, "level": 0.9}
-    for anchor_pairs in (None, pairs):
-        rep = fit_and_estimate(records, ["site"], ["dice"], "linear", 0.9, anchor=anchor_pairs)
+    for anchored, anchor_pairs in ((False, None), (True, None), (True, pairs)):
+        rep = fit_and_estimate(records, ["site"], ["dice"], "linear", 0.9, anchored=anchored, pairs=anchor_pairs)
         anchor = None
-        if anchor_pairs is not None:
+        if anchored:
             anchor = {
-                "mappings": rep["anchor_mapping"],
+                "intervals": rep["anchor_intervals"],
                 "calibration_pseudo": records[-1]["pseudo"]["calibration"],
                 "calibration_real": records[-1]["real"]["calibration"],
             }
@@ -275,6 +275,7 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
         est = SPEEstimator.load(est.save(tmp_path / "e.pt", embed_reference=False))
         got = est.estimate_from_pseudo(records[-1]["pseudo"]["site"])["dice"]
         want = rep["estimates"]["site"]["dice"]
-        assert got["method"] == want["method"] == ("paper" if anchor_pairs is None else "anchored")
+        assert got["method"] == want["method"] == ("anchored" if anchored else "paper")
+        assert (rep.get("anchor_intervals", {}).get("dice") is not None) == (anchor_pairs is not None)
         for key in ("value", "lower", "upper"):
             assert got[key] == pytest.approx(want[key], abs=1e-12)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from _shapes import make_shapes
@@ -75,23 +74,27 @@ def test_rank_label_fusion_ignores_a_gamma_shift_of_the_supports():
         segmenter_from_text("label_fusion:k")
 
 
-def test_fit_anchor_recovers_the_slope_and_leaves_a_family_out():
-    rng = np.random.default_rng(0)
-    pairs = []
-    for i in range(12):
-        dp = float(rng.normal(0, 0.05))
-        pairs.append({"name": f"subset{i}", "d_pseudo": {"dice": dp}, "d_real": {"dice": 0.5 * dp}})
-    pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": 0.3}})  # an outlier family
-    g_all = fit_anchor(pairs, "dice")
-    g_out = fit_anchor(pairs, "dice", exclude="noise_")
-    assert g_out is not None and g_out.params["slope"] == pytest.approx(0.5, abs=1e-9)
-    assert g_all is not None and g_all.params["slope"] < 0.5
-    assert fit_anchor(pairs[:2], "dice") is None  # too few pairs
-    est = anchored_estimate(g_out, "dice", 0.70, 0.80, 0.90)
-    assert est["value"] == pytest.approx(0.85, abs=1e-6) and est["lower"] <= est["value"] <= est["upper"]
-    clipped = anchored_estimate(g_out, "dice", 1.0, 0.5, 0.95)
-    assert clipped["value"] == 1.0 and clipped["upper"] == 1.0
-    assert anchored_estimate(g_out, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
+def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
+    from spe_lightning.engine.mapping import Mapping
+
+    g = Mapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # G(p) = p + 0.1, slope 1
+    pairs = [
+        {"name": f"subset{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": d}}
+        for i, d in enumerate((-0.02, -0.01, 0.0, 0.01, 0.02, 0.03))
+    ]
+    pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": -0.4}})  # G misses it by 0.2
+    with_noise = fit_anchor(pairs, "dice", g, 0.8)
+    without = fit_anchor(pairs, "dice", g, 0.8, exclude="noise_")
+    assert without["scores"] == pytest.approx([0.0] * 6) and max(with_noise["scores"]) == pytest.approx(0.2 / 0.21)
+    assert fit_anchor(pairs[:3], "dice", g, 0.8) is None  # too few pairs
+    # value: calibration score moved by G(p_t) - G(p_c); the half-width grows with that move
+    near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, with_noise)
+    far = anchored_estimate(g, "dice", 0.60, 0.80, 0.90, 0.9, with_noise)
+    assert near["value"] == pytest.approx(0.89) and far["value"] == pytest.approx(0.70)
+    assert far["upper"] - far["lower"] > 5 * (near["upper"] - near["lower"]) > 0
+    clipped = anchored_estimate(g, "dice", 1.0, 0.5, 0.95)
+    assert clipped["value"] == 1.0 and clipped["upper"] == 1.0  # Dice stays in [0, 1]
+    assert anchored_estimate(g, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
 
 
 def test_anchor_pairs_measure_subsets_and_shifts_against_the_base():
@@ -120,27 +123,31 @@ def _records(pc, rc, pt):
     ]
 
 
-def test_fit_and_estimate_anchors_on_the_last_calibration_score():
+def test_fit_and_estimate_anchors_on_the_calibration_score_of_each_record():
     from spe_lightning.engine.estimation import fit_and_estimate
 
-    recs = _records([0.3, 0.5, 0.7, 0.8], [0.4, 0.6, 0.8, 0.9], [0.3, 0.5, 0.6, 0.7])
+    recs = _records([0.3, 0.5, 0.7, 0.8], [0.45, 0.55, 0.8, 0.9], [0.3, 0.5, 0.6, 0.7])
+    paper = fit_and_estimate(recs, ["t"], ["dice"], anchored=False)["estimates"]["t"]["dice"]
+    out = fit_and_estimate(recs, ["t"], ["dice"])
+    est = out["estimates"]["t"]["dice"]
+    g_t, g_c = (
+        paper["value"],
+        fit_and_estimate(recs, ["calibration"], ["dice"], anchored=False)["estimates"]["calibration"]["dice"]["value"],
+    )
+    assert paper["method"] == "paper" and est["method"] == "anchored"
+    assert est["value"] == pytest.approx(0.9 + g_t - g_c) and est["paper"]["value"] == pytest.approx(paper["value"])
+    assert out["anchor_intervals"]["dice"] is None  # no pairs: G's residual interval
+    series = out["by_checkpoint"]["t"]["dice"]
+    assert series[0] == pytest.approx(0.45) and series[1] == pytest.approx(0.55)  # same pseudo: calibration score
     pairs = [
-        {"name": f"s{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": 0.5 * d}}
-        for i, d in enumerate((-0.2, -0.1, 0.0, 0.1))
+        {"name": f"s{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": 0.9 * d}}
+        for i, d in enumerate((-0.2, -0.1, -0.05, 0.0, 0.1))
     ]
-    plain = fit_and_estimate(recs, ["t"], ["dice"])
-    est = plain["estimates"]["t"]["dice"]
-    assert est["method"] == "paper" and est["value"] == pytest.approx(0.8)  # G: real = pseudo + 0.1
-    anch = fit_and_estimate(recs, ["t"], ["dice"], anchor=pairs)
-    est = anch["estimates"]["t"]["dice"]
-    assert est["method"] == "anchored" and est["value"] == pytest.approx(0.9 + 0.5 * (0.7 - 0.8))
-    assert est["paper"]["value"] == pytest.approx(0.8) and anch["anchor_mapping"]["dice"]["params"][
-        "slope"
-    ] == pytest.approx(0.5)
-    assert anch["by_checkpoint"]["t"]["dice"] == pytest.approx([0.4, 0.6, 0.75, 0.85])
-    # one record is enough for the anchored estimate (no G across checkpoints)
-    one = fit_and_estimate(recs[-1:], ["t"], ["dice"], anchor=pairs)["estimates"]["t"]["dice"]
-    assert one["method"] == "anchored" and one["value"] == pytest.approx(0.85) and one["reason"] is None
+    with_pairs = fit_and_estimate(recs, ["t"], ["dice"], pairs=pairs)
+    assert (
+        with_pairs["anchor_intervals"]["dice"]["scores"]
+        and with_pairs["estimates"]["t"]["dice"]["value"] == est["value"]
+    )
 
 
 @pytest.mark.parametrize("shape,slices", [((32, 32), "all"), ((6, 24, 24), "foreground")])

@@ -1,24 +1,28 @@
-"""Anchored estimation: the calibration score plus what the reverse step says is different.
+"""Anchored estimation: the calibration score, moved by what the reverse step says is different.
 
-The paper's G maps a target's pseudo metric to a metric across checkpoints. At the final
-checkpoint SPE also knows the calibration set's *real* metric, so it can estimate the target as
+The paper estimates a target as ``G(pseudo_target)``, with G fitted across checkpoints. At any
+checkpoint SPE also knows the calibration set's *real* metric, so it estimates instead
 
-    estimate = real_calibration + G_delta(pseudo_target - pseudo_calibration)
+    estimate = real_calibration + G(pseudo_target) - G(pseudo_calibration)
 
-where G_delta is fitted at the final weights on labelled pairs whose real difference is known:
+which cancels the part of G's error shared by the two sets at that checkpoint (on BUSI the
+calibration pseudo Dice is not monotone in the real one; the difference still is informative).
 
-- random subsets of the calibration set, as large as the target (same distribution, sampling
-  noise only: teaches G_delta how much of a pseudo difference is noise and how fewer support
-  images bias the pseudo metric);
-- the calibration set under synthetic appearance shifts (:mod:`spe_lightning.engine.shifts`):
-  harmful ones (noise, low resolution) and nearly harmless ones (gamma, contrast), so that
-  G_delta learns which pseudo drops go with real drops.
+Intervals (normalised split-conformal): at the final weights SPE measures labelled *pairs* whose
+real difference is known, and how far the anchored prediction misses it:
 
-The intervals are split-conformal: quantiles of G_delta's leave-one-out residuals over the pairs.
+- random subsets of the calibration set as large as each target (sampling noise only);
+- the calibration set under synthetic appearance shifts (:mod:`spe_lightning.engine.shifts`),
+  harmful ones (noise, bias field) and nearly harmless ones (gamma, contrast, blur).
+
+Each miss is divided by ``s0 + |prediction|``; the half-width of an estimate is the ``level``
+quantile of these scores times ``s0 + |G(p_t) - G(p_c)|``. Without pairs, G's leave-one-out
+residual quantile across checkpoints is used.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,10 +30,15 @@ import numpy as np
 import torch
 
 from spe_lightning.engine.estimation import finite_or_none
-from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
+from spe_lightning.engine.mapping import Mapping
 from spe_lightning.engine.metrics import BOUNDED
 from spe_lightning.engine.predict import CachedSet
 from spe_lightning.engine.shifts import shift_set, subset
+
+#: floor of the interval scale per metric (metric units)
+_S0 = {"hd95": 1.0}
+#: the fewest labelled pairs an interval model is fitted on
+MIN_PAIRS = 5
 
 __all__ = ["DEFAULT_SHIFTS", "anchor_pairs", "anchor_sets", "anchored_estimate", "fit_anchor", "pairs_from_record"]
 
@@ -113,34 +122,66 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
 
 
 def fit_anchor(
-    pairs: Sequence[dict[str, Any]], metric: str, kind: str = "linear", exclude: str | None = None
-) -> Mapping | None:
-    """G_delta for ``metric`` (pseudo difference -> real difference); ``exclude``: drop pairs named with this prefix."""
-    use = [p for p in pairs if not (exclude and p["name"].startswith(exclude))]
-    x = np.asarray([np.nan if p["d_pseudo"].get(metric) is None else p["d_pseudo"][metric] for p in use], float)
-    y = np.asarray([np.nan if p["d_real"].get(metric) is None else p["d_real"][metric] for p in use], float)
-    try:
-        return Mapping.fit(kind, x, y, bounds=(None, None))
-    except NotEnoughPointsError:
+    pairs: Sequence[dict[str, Any]],
+    metric: str,
+    g: Mapping,
+    pseudo_calibration: float | None,
+    exclude: str | None = None,
+) -> dict[str, Any] | None:
+    """The interval model of anchored estimates of ``metric`` from labelled calibration pairs.
+
+    For each pair the anchored prediction of its real difference is ``G(p_c + dp) - G(p_c)``; the
+    model keeps the normalised residuals ``|dr - prediction| / (s0 + |prediction|)`` (plain
+    numbers), so an estimate's half-width grows with how far G moves it from the calibration
+    score (normalised split-conformal). ``exclude`` drops pairs whose name starts with it.
+    """
+    if pseudo_calibration is None:
         return None
+    s0 = _S0.get(metric.split("/")[0], 0.01)
+    base = float(g.predict([pseudo_calibration])[0])
+    scores = []
+    for p in pairs:
+        if exclude and p["name"].startswith(exclude):
+            continue
+        dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
+        if dp is None or dr is None:
+            continue
+        pred = float(g.predict([pseudo_calibration + dp])[0]) - base
+        if np.isfinite(pred) and np.isfinite(dr):
+            scores.append(abs(dr - pred) / (s0 + abs(pred)))
+    if len(scores) < MIN_PAIRS:
+        return None
+    return {"s0": s0, "scores": sorted(float(v) for v in scores)}
+
+
+def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
+    scores = model["scores"]
+    k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
+    return float(scores[k]) * (float(model["s0"]) + abs(moved))
 
 
 def anchored_estimate(
-    g_delta: Mapping | None,
+    g: Mapping | None,
     metric: str,
     pseudo_target: float | None,
     pseudo_calibration: float | None,
     real_calibration: float | None,
     level: float = 0.9,
+    interval_model: dict[str, Any] | None = None,
 ) -> dict[str, float | None]:
-    """``{"value", "lower", "upper"}``: the calibration score moved by G_delta, clipped to the metric's range."""
+    """``{"value", "lower", "upper"}``: ``real_c + G(p_t) - G(p_c)``, clipped to the metric's range.
+
+    The half-width comes from ``interval_model`` (:func:`fit_anchor`) when given, else from G's
+    leave-one-out residuals across checkpoints.
+    """
     none = {"value": None, "lower": None, "upper": None}
-    if g_delta is None or None in (pseudo_target, pseudo_calibration, real_calibration):
+    if g is None or None in (pseudo_target, pseudo_calibration, real_calibration):
         return none
-    d = float(pseudo_target) - float(pseudo_calibration)
-    lo, hi = g_delta.interval([d], level)
-    vals = np.asarray([g_delta.predict([d])[0], lo[0], hi[0]], float) + float(real_calibration)
-    low, high = BOUNDED.get(metric, (None, None))
+    moved = float(g.predict([pseudo_target])[0]) - float(g.predict([pseudo_calibration])[0])
+    value = float(real_calibration) + moved
+    half = _half_width(interval_model, moved, level) if interval_model else g.half_width(level)
+    vals = np.asarray([value, value - half, value + half], float)
+    low, high = BOUNDED.get(metric.split("/")[0], (None, None))
     vals = np.clip(vals, -np.inf if low is None else low, np.inf if high is None else high)
     out = dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in vals)))
     return out if out["value"] is not None else none

@@ -52,14 +52,16 @@ def fit_and_estimate(
     metrics: Sequence[str],
     mapping: str = "linear",
     level: float = 0.9,
-    anchor: Sequence[dict[str, Any]] | None = None,
+    anchored: bool = True,
+    pairs: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
 
-    With ``anchor`` (labelled calibration pairs from :func:`~spe_lightning.engine.anchor.anchor_pairs`
-    at the last record's weights) the estimate is anchored instead: the last calibration score
-    plus G_delta of the target-minus-calibration pseudo difference (``method: "anchored"``); the
-    paper's G estimate stays under ``paper`` and is used where G_delta cannot be fitted.
+    ``anchored`` (default): the estimate is the calibration score at the same record moved by
+    ``G(p_target) - G(p_calibration)`` (``method: "anchored"``, see :mod:`spe_lightning.engine.anchor`);
+    the paper's ``G(p_target)`` stays under ``paper``. ``pairs`` (labelled calibration pairs from
+    :func:`~spe_lightning.engine.anchor.anchor_pairs` at the last record's weights) give the
+    anchored intervals; without them G's leave-one-out residuals do.
 
     Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
     upper, pseudo, reason), ``by_checkpoint`` (estimate per record), ``true`` (targets with
@@ -77,8 +79,8 @@ def fit_and_estimate(
         "level": level,
         "n_records": len(records),
     }
-    if anchor is not None:
-        out["anchor_mapping"] = {}
+    if anchored:
+        out["anchor_intervals"] = {}
     conf_cal = series(records, "confidence", CALIBRATION, None)
     for metric in metrics:
         x = series(records, "pseudo", CALIBRATION, metric)
@@ -86,12 +88,13 @@ def fit_and_estimate(
         g, why = fit_mapping(mapping, x, y, metric)
         out["mapping"][metric] = g.to_dict() if g else {"kind": mapping, "error": why}
         g_conf, _ = fit_mapping(mapping, conf_cal, y, metric)
-        g_delta = None
-        if anchor is not None:
+        interval_model = None
+        if anchored and g is not None and pairs:
             from spe_lightning.engine.anchor import fit_anchor  # anchor imports this module
 
-            g_delta = fit_anchor(anchor, metric)
-            out["anchor_mapping"][metric] = g_delta.to_dict() if g_delta else None
+            interval_model = fit_anchor(pairs, metric, g, finite_or_none(x[last]))
+        if anchored:
+            out["anchor_intervals"][metric] = interval_model
         for t in targets:
             xt = series(records, "pseudo", t, metric)
             est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
@@ -113,11 +116,11 @@ def fit_and_estimate(
                     upper=finite_or_none(hi[0]),
                     method="paper",
                 )
-            if g_delta is not None and est["pseudo"] is not None:
-                _anchor(est, g_delta, metric, x[last], y[last], level)
+            if anchored and g is not None and est["pseudo"] is not None:
+                _anchor(est, g, metric, x[last], y[last], level, interval_model)
             out["estimates"][t][metric] = est
-            if g_delta is not None:
-                out["by_checkpoint"][t][metric] = _anchored_series(g_delta, metric, xt, x, y)
+            if anchored and g is not None:
+                out["by_checkpoint"][t][metric] = _anchored_series(g, metric, xt, x, y)
             elif g is not None:
                 ok = np.isfinite(xt)
                 vals = np.full(len(xt), np.nan)
@@ -136,24 +139,32 @@ def fit_and_estimate(
     return out
 
 
-def _anchor(est: dict[str, Any], g_delta: Any, metric: str, pseudo_cal: float, real_cal: float, level: float) -> None:
+def _anchor(
+    est: dict[str, Any],
+    g: Any,
+    metric: str,
+    pseudo_cal: float,
+    real_cal: float,
+    level: float,
+    interval_model: dict[str, Any] | None,
+) -> None:
     """Replace ``est``'s value and interval by the anchored estimate (the paper's G one moves to ``paper``)."""
     from spe_lightning.engine.anchor import anchored_estimate
 
-    anchored = anchored_estimate(
-        g_delta, metric, est["pseudo"], finite_or_none(pseudo_cal), finite_or_none(real_cal), level
+    res = anchored_estimate(
+        g, metric, est["pseudo"], finite_or_none(pseudo_cal), finite_or_none(real_cal), level, interval_model
     )
-    if anchored["value"] is None:
+    if res["value"] is None:
         return
     est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
-    est.update(anchored, method="anchored", reason=None)
+    est.update(res, method="anchored", reason=None)
 
 
-def _anchored_series(g_delta: Any, metric: str, xt: np.ndarray, x: np.ndarray, y: np.ndarray) -> list[float | None]:
-    """Anchored estimate per record: calibration score + G_delta(target - calibration pseudo)."""
+def _anchored_series(g: Any, metric: str, xt: np.ndarray, x: np.ndarray, y: np.ndarray) -> list[float | None]:
+    """Anchored estimate per record: calibration score + G(target pseudo) - G(calibration pseudo)."""
     from spe_lightning.engine.anchor import anchored_estimate
 
     return [
-        anchored_estimate(g_delta, metric, finite_or_none(a), finite_or_none(b), finite_or_none(c))["value"]
+        anchored_estimate(g, metric, finite_or_none(a), finite_or_none(b), finite_or_none(c))["value"]
         for a, b, c in zip(xt, x, y)
     ]
