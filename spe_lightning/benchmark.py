@@ -40,12 +40,12 @@ def _scores(est: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
 
 
 def score_records(
-    records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear"
+    records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per metric: SPE / calibration_score / confidence vs the target's real metric across records."""
     from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, fit_mapping, series
 
-    fitted = fit_and_estimate(records, [target], metrics, mapping)
+    fitted = fit_and_estimate(records, [target], metrics, mapping, anchored=anchored)
     conf_cal = series(records, "confidence", CALIBRATION, None)
     conf_t = series(records, "confidence", target, None)
     out: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -115,7 +115,6 @@ def _train(
 def _paper_result(
     data: str, class_index: int, epochs: int, seed: int, segmenters: Sequence[str], callbacks: list, total: float
 ) -> dict[str, Any]:
-    from spe_lightning.engine.metrics import PAPER_METRICS
 
     spe_s = sum(r["seconds"] for cb in callbacks for r in cb.records)
     result: dict[str, Any] = {
@@ -133,21 +132,36 @@ def _paper_result(
             },
         },
     }
-    real_dice = [r["real"]["extra_test"].get("dice") for r in callbacks[0].records]
+    result["records"] = {s: cb.records for s, cb in zip(segmenters, callbacks)}
+    return paper_metrics(result)
+
+
+def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``result["metrics"]`` and ``real_dice_range`` from ``result["records"]`` (per segmenter).
+
+    Rows: ``spe`` (the callback's default, anchored), ``spe_paper`` (the paper's G(pseudo)),
+    ``spe_huber`` / ``spe_isotonic`` (anchored with those kinds of G), ``spe_<segmenter>`` for
+    extra segmenters, ``calibration_score`` and ``confidence``.
+    """
+    from spe_lightning.engine.metrics import PAPER_METRICS
+
+    segs = list(result["records"])
+    first = result["records"][segs[0]]
+    real_dice = [r["real"]["extra_test"].get("dice") for r in first]
     result["real_dice_range"] = [min(real_dice), max(real_dice)]
-    for i, (s, cb) in enumerate(zip(segmenters, callbacks)):
-        scored = score_records(cb.records, "extra_test", PAPER_METRICS)
-        for m, rows in scored.items():
+    result["metrics"] = {}
+    for i, s in enumerate(segs):
+        for m, rows in score_records(result["records"][s], "extra_test", PAPER_METRICS).items():
             table = result["metrics"].setdefault(m, {})
             table["spe" if i == 0 else f"spe_{s}"] = rows["spe"]
             if i == 0:
                 table["calibration_score"] = rows["calibration_score"]
                 table["confidence"] = rows["confidence"]
-    # the same records under the other kinds of G (robust, monotone): rows spe_<mapping>
+    for m, rows in score_records(first, "extra_test", PAPER_METRICS, anchored=False).items():
+        result["metrics"][m]["spe_paper"] = rows["spe"]
     for kind in ("huber", "isotonic"):
-        for m, rows in score_records(callbacks[0].records, "extra_test", PAPER_METRICS, kind).items():
+        for m, rows in score_records(first, "extra_test", PAPER_METRICS, kind).items():
             result["metrics"][m][f"spe_{kind}"] = rows["spe"]
-    result["records"] = {s: cb.records for s, cb in zip(segmenters, callbacks)}
     return result
 
 
