@@ -578,6 +578,9 @@ class SPECallback(Callback):
             "pairs": self.pairs,
         }
 
+    def _volumetric(self) -> bool:
+        return any(d.volumetric for d in self._sets.values())
+
     def report_dir(self, trainer: pl.Trainer) -> Path:
         """Where ``spe_report.*`` are written: ``log_dir`` or the trainer's log directory."""
         return Path(self.log_dir or trainer.log_dir or trainer.default_root_dir)
@@ -590,9 +593,15 @@ class SPECallback(Callback):
         out = self.report_dir(trainer)
         write_json(report, out / "spe_report.json")
         write_csv(report, out / "spe_report.csv")
-        from spe_lightning.estimator import SPEEstimator
+        try:  # the reusable estimator; its failure must not cost the report
+            from spe_lightning.estimator import SPEEstimator
 
-        SPEEstimator.from_callback(self, trainer.lightning_module).save(out / "spe_estimator.pt")
+            module = trainer.lightning_module if self.spatial_dims != 3 and not self._volumetric() else None
+            SPEEstimator.from_callback(self, module).save(out / "spe_estimator.pt")
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"SPECallback: saving spe_estimator.pt failed: {err!r}")
         table = summary_table(report)
         fig = make_figure(report)
         import matplotlib.pyplot as plt
