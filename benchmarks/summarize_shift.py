@@ -12,16 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from summarize_paper import _ms  # noqa: E402
 
 from spe_lightning.benchmark import shift_scores  # noqa: E402
-
-
-def _ms(vals: list[float | None], digits: int = 3) -> str:
-    v = np.asarray([x for x in vals if x is not None], dtype=float)
-    if not len(v):
-        return "n/a"
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
 def _value(e: object) -> float | None:

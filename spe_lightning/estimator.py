@@ -586,44 +586,30 @@ class SPEEstimator:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
         The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
-        calibration score moved by G_delta of the pseudo difference), the paper's one kept under ``paper``.
+        calibration score moved by G(pseudo) - G(calibration pseudo)), the paper's one kept under ``paper``.
         """
+        from spe_lightning.engine.estimation import estimate
+
         level = float(self.config["level"])
-        anchor = self.anchor or {}
+        anchor = self.anchor
         out: dict[str, dict[str, Any]] = {}
         for key in self.keys:
-            est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
-            est["pseudo"] = finite_or_none(pseudo.get(key))
             md = self.mappings.get(key, {})
-            if "params" not in md:
-                est["reason"] = f"no mapping G: {md.get('error', 'not stored')}"
-            elif est["pseudo"] is None:
-                est["reason"] = f"no pseudo {key}" + (f" ({reason})" if reason else "")
-            else:
-                g = Mapping.from_dict(md)
-                lo, hi = g.interval([est["pseudo"]], level)
-                est.update(
-                    value=finite_or_none(g.predict([est["pseudo"]])[0]),
-                    lower=finite_or_none(lo[0]),
-                    upper=finite_or_none(hi[0]),
-                    method="paper",
-                )
-            if anchor and "params" in md and est["pseudo"] is not None:
-                from spe_lightning.engine.anchor import anchored_estimate
-
-                anchored = anchored_estimate(
-                    Mapping.from_dict(md),
-                    key,
-                    est["pseudo"],
-                    finite_or_none(anchor["calibration_pseudo"].get(key)),
-                    finite_or_none(anchor["calibration_real"].get(key)),
-                    level,
+            out[key] = estimate(
+                Mapping.from_dict(md) if "params" in md else None,
+                key,
+                pseudo.get(key),
+                level,
+                no_g=f"no mapping G: {md.get('error', 'not stored')}",
+                no_pseudo=f"no pseudo {key}" + (f" ({reason})" if reason else ""),
+                anchor=(
+                    anchor["calibration_pseudo"].get(key),
+                    anchor["calibration_real"].get(key),
                     (anchor.get("intervals") or {}).get(key),
                 )
-                if anchored["value"] is not None:
-                    est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
-                    est.update(anchored, method="anchored", reason=None)
-            out[key] = est
+                if anchor
+                else None,
+            )
         return out
 
     def _case_rows(

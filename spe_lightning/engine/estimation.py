@@ -11,7 +11,7 @@ import numpy as np
 from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["CALIBRATION", "fit_and_estimate", "fit_mapping", "finite_or_none", "series"]
+__all__ = ["CALIBRATION", "estimate", "fit_and_estimate", "fit_mapping", "finite_or_none", "series"]
 
 #: the record key of the calibration set
 CALIBRATION = "calibration"
@@ -97,27 +97,20 @@ def fit_and_estimate(
             out["anchor_intervals"][metric] = interval_model
         for t in targets:
             xt = series(records, "pseudo", t, metric)
-            est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": None, "reason": None}
-            if last >= 0:
-                est["pseudo"] = finite_or_none(xt[last])
-            if g is None:
-                est["reason"] = f"no mapping G: {why}"
-                cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
-                if cal_reason:  # why the calibration set gave no pseudo metric
-                    est["reason"] += f" (calibration: {cal_reason})"
-            elif est["pseudo"] is None:
-                reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(t)
-                est["reason"] = f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else "")
-            else:
-                lo, hi = g.interval([est["pseudo"]], level)
-                est.update(
-                    value=finite_or_none(g.predict([est["pseudo"]])[0]),
-                    lower=finite_or_none(lo[0]),
-                    upper=finite_or_none(hi[0]),
-                    method="paper",
-                )
-            if anchored and g is not None and est["pseudo"] is not None:
-                _anchor(est, g, metric, x[last], y[last], level, interval_model)
+            no_g = f"no mapping G: {why}"
+            cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
+            if cal_reason:  # why the calibration set gave no pseudo metric
+                no_g += f" (calibration: {cal_reason})"
+            reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(t)
+            est = estimate(
+                g,
+                metric,
+                xt[last] if last >= 0 else None,
+                level,
+                no_g=no_g,
+                no_pseudo=f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else ""),
+                anchor=(x[last], y[last], interval_model) if anchored and last >= 0 else None,
+            )
             out["estimates"][t][metric] = est
             if anchored and g is not None:
                 out["by_checkpoint"][t][metric] = _anchored_series(g, metric, xt, x, y)
@@ -139,25 +132,41 @@ def fit_and_estimate(
     return out
 
 
-def _anchor(
-    est: dict[str, Any],
-    g: Any,
+def estimate(
+    g: Mapping | None,
     metric: str,
-    pseudo_cal: float,
-    real_cal: float,
-    level: float,
-    interval_model: dict[str, Any] | None,
-) -> None:
-    """Replace ``est``'s value and interval by the anchored estimate (the paper's G one moves to ``paper``)."""
-    from spe_lightning.engine.anchor import anchored_estimate
+    pseudo: float | None,
+    level: float = 0.9,
+    no_g: str = "no mapping G",
+    no_pseudo: str = "no pseudo metric",
+    anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """One estimate ``{"value", "lower", "upper", "pseudo", "reason", "method"}`` from a pseudo metric.
 
-    res = anchored_estimate(
-        g, metric, est["pseudo"], finite_or_none(pseudo_cal), finite_or_none(real_cal), level, interval_model
+    ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
+    anchored (:mod:`spe_lightning.engine.anchor`); the paper's ``G(pseudo)`` then moves to ``paper``.
+    """
+    from spe_lightning.engine.anchor import anchored_estimate  # anchor imports this module
+
+    est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": finite_or_none(pseudo)}
+    est["reason"] = no_g if g is None else (no_pseudo if est["pseudo"] is None else None)
+    if est["reason"] is not None:
+        return est
+    assert g is not None
+    lo, hi = g.interval([est["pseudo"]], level)
+    est.update(
+        value=finite_or_none(g.predict([est["pseudo"]])[0]),
+        lower=finite_or_none(lo[0]),
+        upper=finite_or_none(hi[0]),
+        method="paper",
     )
-    if res["value"] is None:
-        return
-    est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
-    est.update(res, method="anchored", reason=None)
+    if anchor is not None:
+        p_c, r_c, model = anchor
+        res = anchored_estimate(g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model)
+        if res["value"] is not None:
+            est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
+            est.update(res, method="anchored")
+    return est
 
 
 def _anchored_series(g: Any, metric: str, xt: np.ndarray, x: np.ndarray, y: np.ndarray) -> list[float | None]:
