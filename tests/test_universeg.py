@@ -203,6 +203,10 @@ def test_segmenter_interface(weights_file, no_sources):
     assert probs.min() >= 0 and probs.max() <= 1 and probs.std() > 0
     chunked = U.UniverSegSegmenter(weights=weights_file, chunk_size=2)(queries, support, labels)
     torch.testing.assert_close(chunked, probs, rtol=0, atol=1e-5)
+    # forwards split below chunk_size when the query x support pairs would overflow PyTorch's upsampling
+    split = U.UniverSegSegmenter(weights=weights_file, chunk_size=16)
+    split.MAX_PAIRS = 2 * s  # two queries per forward
+    torch.testing.assert_close(split(queries, support, labels), probs, rtol=0, atol=1e-5)
     # each query depends on itself only, not on the others in its chunk
     torch.testing.assert_close(one_chunk(queries[1:2], support, labels), probs[1:2], rtol=0, atol=1e-5)
 

@@ -395,6 +395,8 @@ class UniverSegSegmenter(ReverseSegmenter):
     """
 
     name = "universeg"
+    #: most (query, support) pairs per forward: 64**3 * MAX_PAIRS < 2**31 (see predict)
+    MAX_PAIRS = 8191
 
     def __init__(
         self,
@@ -429,15 +431,21 @@ class UniverSegSegmenter(ReverseSegmenter):
         device = query_images.device
         model = self._model_on(device)
         target = _resize(query_images.float(), (WORKING_SIZE, WORKING_SIZE))
-        images = images.to(device).expand(q, *images.shape[1:])
-        labels = labels.to(device).expand(q, *labels.shape[1:])
+        images, labels = images.to(device), labels.to(device)
+        # PyTorch's upsampling refuses outputs of INT_MAX elements or more ([q*S, 64, 64, 64] at the
+        # first decoder level), so a forward takes at most MAX_PAIRS // S queries (64 at S = 64)
+        step = max(1, self.MAX_PAIRS // images.shape[1])
+        parts = []
         with torch.no_grad():
-            if device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(target, images, labels)
-            else:
-                logits = model(target, images, labels)
-        logits = logits.float()
+            for i in range(0, q, step):
+                t = target[i : i + step]
+                args = (t, images.expand(t.shape[0], *images.shape[1:]), labels.expand(t.shape[0], *labels.shape[1:]))
+                if device.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        parts.append(model(*args).float())
+                else:
+                    parts.append(model(*args).float())
+        logits = torch.cat(parts)
         if tuple(logits.shape[-2:]) != tuple(query_images.shape[-2:]):
             logits = F.interpolate(logits, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
         return torch.sigmoid(logits)
