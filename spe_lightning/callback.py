@@ -394,6 +394,7 @@ class SPECallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
+        self.pairs = []  # measured anew at this fit's final weights (a reused callback must not keep old ones)
         if self.records and self.records[-1]["step"] == trainer.global_step:
             self.records[-1]["final"] = True
         else:
