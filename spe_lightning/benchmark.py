@@ -211,15 +211,7 @@ def run_paper(
 
 def _final_eval(cb: Any, model: Any, data: Any) -> dict[str, Any]:
     """Pseudo metrics, real metrics and confidence of ``data`` under the final weights of ``model``."""
-    import torch
-
-    from spe_lightning.engine.predict import predict_set
-
-    with torch.no_grad():
-        _, masks, conf = predict_set(
-            model, data, model.device, cb.batch_size, cb.logits_fn, cb.activation, cb.threshold
-        )
-        rec = cb.engine.evaluate({data.name: (data, masks, conf)}, model.device)
+    rec = cb.evaluate(model, sets={data.name: data})  # the callback's own prediction and reverse step
     return {
         "pseudo": rec["pseudo"][data.name],
         "real": rec["real"].get(data.name, {}),
