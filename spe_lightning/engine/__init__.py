@@ -1,29 +1,33 @@
-"""The estimation engine: metrics, support sets, the reverse step, the mapping G and reports.
+"""The estimation engine: plain PyTorch / NumPy / scikit-learn, usable without Lightning.
 
-Plain PyTorch / NumPy / scikit-learn; usable without a Lightning Trainer (and without importing
-Lightning), e.g. with ``make_segmenter`` from :mod:`spe_lightning.reverse`::
+One file per step of SPE (see docs/architecture.md): ``cached_set`` (datasets in memory),
+``predict`` (the model's masks), ``pseudo_metrics`` (support sets, the reverse step, pseudo and
+real metrics), ``mapping`` (G), ``estimate`` (pseudo metric -> estimate with interval),
+``calibration_pairs`` (labelled pairs for the intervals), ``records`` (G over a run's records),
+``shifts``, ``percase``, ``report``, ``html_report``. :class:`spe_lightning.SPERun` puts them together::
 
     ref = cache_dataset("reference", train_set, working_size=128, require_masks=True)
     engine = SPEEngine(make_segmenter("label_fusion"), ref, PAPER_METRICS)
     record = engine.evaluate({"calibration": (cal, cal_masks, cal_conf), "site_b": (tgt, tgt_masks, tgt_conf)})
 """
 
-from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate
-from spe_lightning.engine.mapping import MAPPINGS, Mapping, NotEnoughPointsError
+from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.estimate import estimate
+from spe_lightning.engine.mapping import MAPPINGS, MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import PAPER_METRICS, per_image_metrics
-from spe_lightning.engine.predict import CachedSet, cache_dataset, predict_set
-from spe_lightning.engine.spe import SPEEngine
+from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
 
 __all__ = [
     "CALIBRATION",
     "MAPPINGS",
     "PAPER_METRICS",
     "CachedSet",
-    "Mapping",
+    "MetricMapping",
     "NotEnoughPointsError",
     "SPEEngine",
     "cache_dataset",
+    "estimate",
     "fit_and_estimate",
     "per_image_metrics",
-    "predict_set",
 ]

@@ -1,7 +1,7 @@
 """The mapping G from a pseudo metric (reverse segmentation) to the real metric.
 
 G is fitted with scikit-learn across checkpoints on the labelled calibration set, then stored as
-plain numbers (:meth:`Mapping.to_dict` is JSON-safe and ``torch.load(weights_only=True)``-safe) and
+plain numbers (:meth:`MetricMapping.to_dict` is JSON-safe and ``torch.load(weights_only=True)``-safe) and
 evaluated with NumPy only.
 
 Kinds (``MAPPINGS``)
@@ -27,7 +27,7 @@ inputs give NaN.
 
 Intervals
 ---------
-:meth:`Mapping.interval` is a split-conformal-style interval built from the leave-one-out (LOO)
+:meth:`MetricMapping.interval` is a split-conformal-style interval built from the leave-one-out (LOO)
 residuals recorded at fit time (each point predicted by G refitted without it, the jackknife):
 ``G(x) -/+ q`` where ``q`` is the ``ceil((n + 1) * level)``-th smallest ``|LOO residual|`` (the
 largest one when that rank exceeds n), clipped to ``bounds``. ``level`` is the nominal coverage
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping as _MappingABC
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from threadpoolctl import threadpool_limits
 
-__all__ = ["MAPPINGS", "MIN_POINTS", "Mapping", "NotEnoughPointsError", "fit_mappings"]
+__all__ = ["MAPPINGS", "MIN_POINTS", "MetricMapping", "NotEnoughPointsError"]
 
 #: the kinds of G
 MAPPINGS: tuple[str, ...] = ("linear", "huber", "isotonic")
@@ -131,7 +131,7 @@ def _evaluate(kind: str, params: dict, x: np.ndarray, bounds: tuple[float | None
 
 
 @dataclass
-class Mapping:
+class MetricMapping:
     """A fitted G: ``kind``, its ``params`` (plain numbers), and the LOO ``residuals`` (real - predicted)."""
 
     kind: str
@@ -147,7 +147,7 @@ class Mapping:
         x: ArrayLike,
         y: ArrayLike,
         bounds: tuple[float | None, float | None] = (None, None),
-    ) -> Mapping:
+    ) -> MetricMapping:
         """Fit G of ``kind`` on pairs (``x`` pseudo, ``y`` real); pairs with a non-finite value are dropped.
 
         Raises ValueError for an unknown kind, mismatched lengths or bad bounds, and
@@ -219,11 +219,11 @@ class Mapping:
         }
 
     @classmethod
-    def from_dict(cls, d: _MappingABC[str, Any]) -> Mapping:
-        """The Mapping of a :meth:`to_dict` dict."""
+    def from_dict(cls, d: Mapping[str, Any]) -> MetricMapping:
+        """The MetricMapping of a :meth:`to_dict` dict."""
         missing = {"kind", "params", "n_points"} - set(d)
         if missing:
-            raise ValueError(f"not a Mapping dict: missing {sorted(missing)}.")
+            raise ValueError(f"not a MetricMapping dict: missing {sorted(missing)}.")
         kind = _check_kind(d["kind"])
         params = {
             k: [float(u) for u in v] if isinstance(v, (list, tuple)) else float(v) for k, v in d["params"].items()
@@ -238,27 +238,3 @@ class Mapping:
             residuals=[float(r) for r in d.get("residuals", [])],
             bounds=_check_bounds(d.get("bounds", (None, None))),
         )
-
-
-def fit_mappings(
-    kind: str,
-    pseudo: _MappingABC[str, ArrayLike],
-    real: _MappingABC[str, ArrayLike],
-    bounds: _MappingABC[str, tuple[float | None, float | None]] | None = None,
-) -> dict[str, Mapping]:
-    """One G per metric of ``pseudo`` (``real`` must hold the same metrics); ``bounds`` per metric, default none.
-
-    A metric with too few finite pairs raises :class:`NotEnoughPointsError` naming the metric.
-    """
-    _check_kind(kind)
-    missing = [m for m in pseudo if m not in real]
-    if missing:
-        raise ValueError(f"real values missing for metric(s) {missing}.")
-    bounds = bounds or {}
-    out: dict[str, Mapping] = {}
-    for metric, x in pseudo.items():
-        try:
-            out[metric] = Mapping.fit(kind, x, real[metric], bounds=bounds.get(metric, (None, None)))
-        except NotEnoughPointsError as err:
-            raise NotEnoughPointsError(f"{metric}: {err}") from err
-    return out

@@ -49,7 +49,7 @@ r = 1 if the prediction equals the truth exactly (e.g. both full), else 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ __all__ = [
     "BOUNDED",
     "validate_metrics",
     "per_image_metrics",
+    "per_item_metrics",
 ]
 
 #: the metrics of the SPE paper, in its order
@@ -289,3 +290,35 @@ def per_image_metrics(
             parts["hd95"].append(_hd95(p.cpu(), t.cpu(), sp))
     empty = torch.zeros(0, dtype=torch.float64)
     return {m: torch.cat(v) if v else empty.clone() for m, v in parts.items()}
+
+
+def per_item_metrics(
+    pred: Sequence[Tensor],
+    target: Sequence[Tensor],
+    metrics: str | Sequence[str] = PAPER_METRICS,
+    select: Callable[[Tensor], Tensor] | None = None,
+    chunk_size: int = 32,
+) -> dict[str, Tensor]:
+    """:func:`per_image_metrics` of two lists of masks whose sizes may differ between items.
+
+    Items of one size are stacked and measured in chunks of ``chunk_size``; ``select(mask)`` picks
+    the binary mask of each (e.g. one class of a label map; default: the mask as it is). Returns
+    ``{metric: float64 [n]}`` in item order.
+    """
+    if len(pred) != len(target):
+        raise ValueError(f"{len(pred)} predicted masks but {len(target)} targets.")
+    names = validate_metrics(metrics)
+    out = {m: torch.zeros(len(pred), dtype=torch.float64) for m in names}
+    groups: dict[tuple[int, ...], list[int]] = {}  # items of different sizes cannot be stacked
+    for i, m in enumerate(pred):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    pick = select or (lambda m: m)
+    for idx in groups.values():
+        for start in range(0, len(idx), chunk_size):
+            chunk = idx[start : start + chunk_size]
+            res = per_image_metrics(
+                pick(torch.stack([pred[i] for i in chunk])), pick(torch.stack([target[i] for i in chunk])), names
+            )
+            for m, v in res.items():
+                out[m][chunk] = v.double()
+    return out

@@ -37,11 +37,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
-from spe_lightning.engine.metrics import per_image_metrics
+from spe_lightning.engine.estimate import finite_or_none
+from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
+from spe_lightning.engine.metrics import per_image_metrics, per_item_metrics
 from spe_lightning.reverse.base import ReverseSegmenter
 
-__all__ = ["CaseScores", "reference_neighbours", "case_scores", "calibrate_flags", "auroc", "spearman", "shift"]
+__all__ = [
+    "CaseScores",
+    "auroc",
+    "calibrate_cases",
+    "calibrate_flags",
+    "case_rows",
+    "case_scores",
+    "per_case_dice",
+    "reference_neighbours",
+    "shift",
+    "spearman",
+]
 
 
 def _thumbs(images: Tensor, side: int) -> Tensor:
@@ -198,7 +210,7 @@ def calibrate_flags(
     threshold maximises Youden's J (TPR - FPR) of ``score < threshold`` for "real Dice <
     ``dice_cut``" when both kinds have at least 2 cases; otherwise it is the
     ``fallback_quantile`` of the scores (``method`` says which). ``mapping`` is an isotonic G
-    (score -> real Dice, :meth:`Mapping.to_dict`) or None when fewer than 3 cases.
+    (score -> real Dice, :meth:`MetricMapping.to_dict`) or None when fewer than 3 cases.
     """
     s = np.asarray(scores, dtype=float).copy()
     d = np.asarray(real_dice, dtype=float)
@@ -229,7 +241,7 @@ def calibrate_flags(
     else:
         threshold, method = float(np.quantile(s, fallback_quantile)), f"quantile {fallback_quantile:g}"
     try:
-        mapping = Mapping.fit("isotonic", s, d, bounds=(0.0, 1.0)).to_dict()
+        mapping = MetricMapping.fit("isotonic", s, d, bounds=(0.0, 1.0)).to_dict()
     except NotEnoughPointsError:
         mapping = None
     return {
@@ -240,3 +252,66 @@ def calibrate_flags(
         "auroc": auroc(-s, bad),
         "spearman": spearman(s, d),
     }
+
+
+def per_case_dice(masks: Sequence[Tensor], truth: Sequence[Tensor]) -> np.ndarray:
+    """Real Dice of each predicted mask (any foreground class) against its truth; sizes may differ between cases."""
+    return per_item_metrics(masks, truth, ("dice",), select=lambda m: m > 0)["dice"].numpy()
+
+
+def calibrate_cases(scores: CaseScores, real_dice: np.ndarray, k: int, top: int, dice_cut: float = 0.7) -> dict:
+    """The per-case calibration saved in an estimator: :func:`calibrate_flags` plus ``k``, ``top``
+    and the calibration cases' scores (empty predictions at their calibrated score) and real Dice."""
+    flags = calibrate_flags(scores.score.numpy(), real_dice, scores.empty.numpy(), dice_cut=dice_cut)
+    values = scores.score.numpy().copy()
+    if flags["empty_score"] is not None:
+        values[scores.empty.numpy()] = flags["empty_score"]
+    return {
+        "k": int(k),
+        "top": int(top),
+        **flags,
+        "calibration_scores": [finite_or_none(v) for v in values],
+        "calibration_dice": [finite_or_none(v) for v in real_dice],
+    }
+
+
+def case_rows(
+    scores: CaseScores,
+    calibration: dict[str, Any] | None,
+    masks: Sequence[Tensor],
+    confidence: Tensor,
+    ids: Sequence[str],
+    real_dice: np.ndarray | None = None,
+    level: float = 0.9,
+) -> list[dict[str, Any]]:
+    """One row per case: quality score, estimated Dice with interval and flag (when ``calibration``
+    from :func:`calibrate_cases` is given), prediction size, confidence and real Dice (when known)."""
+    cal = calibration or {}
+    g = MetricMapping.from_dict(cal["mapping"]) if cal.get("mapping") else None
+    threshold = cal.get("threshold")
+    rows = []
+    for i in range(len(ids)):
+        s = finite_or_none(scores.score[i])
+        row: dict[str, Any] = {
+            "id": str(ids[i]),
+            "quality": s,
+            "estimated_dice": None,
+            "estimated_dice_lower": None,
+            "estimated_dice_upper": None,
+            "flagged": None if threshold is None or s is None else bool(s < threshold),
+            "empty_prediction": bool(scores.empty[i]),
+            "foreground_pixels": int(masks[i].sum()),
+            "confidence": finite_or_none(confidence[i]),
+            "best_reference": int(scores.best_reference[i]),
+        }
+        if g is not None and s is not None:
+            lo, hi = g.interval([s], level)
+            row.update(
+                estimated_dice=finite_or_none(g.predict([s])[0]),
+                estimated_dice_lower=finite_or_none(lo[0]),
+                estimated_dice_upper=finite_or_none(hi[0]),
+            )
+        if real_dice is not None:
+            row["real_dice"] = finite_or_none(real_dice[i])
+        rows.append(row)
+    return rows

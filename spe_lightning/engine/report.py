@@ -10,14 +10,79 @@ from typing import Any
 
 import numpy as np
 
-from spe_lightning.engine.estimation import CALIBRATION
-from spe_lightning.engine.mapping import Mapping
+from spe_lightning.engine.mapping import MetricMapping
+from spe_lightning.engine.records import CALIBRATION
 
-__all__ = ["write_json", "write_csv", "summary_table", "make_figure"]
+__all__ = [
+    "by_checkpoint_scalars",
+    "evaluation_line",
+    "make_figure",
+    "record_scalars",
+    "report_scalars",
+    "summary_table",
+    "write_csv",
+    "write_json",
+]
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _finite(flat: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
+
+
+def record_scalars(record: dict[str, Any], running: dict[str, Any] | None = None) -> dict[str, float]:
+    """Logger scalars of one evaluation: ``spe/pseudo/<set>/<key>``, ``spe/real/calibration/<key>`` and,
+    with a ``running`` estimate (:func:`~spe_lightning.engine.records.fit_and_estimate`), ``spe/estimate/<t>/<key>``."""
+    flat: dict[str, Any] = {}
+    for name, values in record["pseudo"].items():
+        flat.update({f"spe/pseudo/{name}/{m}": v for m, v in values.items()})
+    flat.update({f"spe/real/calibration/{m}": v for m, v in record["real"].get(CALIBRATION, {}).items()})
+    if running is not None:
+        for t, per_metric in running["estimates"].items():
+            flat.update({f"spe/estimate/{t}/{m}": e["value"] for m, e in per_metric.items()})
+    return _finite(flat)
+
+
+def report_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """Logger scalars of the final estimates: ``spe/estimate[_lower|_upper]/<target>/<key>``."""
+    flat: dict[str, Any] = {}
+    for t, per_metric in report["estimates"].items():
+        for m, e in per_metric.items():
+            for key, tag in (("value", "estimate"), ("lower", "estimate_lower"), ("upper", "estimate_upper")):
+                flat[f"spe/{tag}/{t}/{m}"] = e[key]
+    return _finite(flat)
+
+
+def by_checkpoint_scalars(report: dict[str, Any], i: int) -> dict[str, float]:
+    """Logger scalars of the final G applied to record ``i``: ``spe/estimate_by_checkpoint/<target>/<key>``."""
+    return _finite(
+        {
+            f"spe/estimate_by_checkpoint/{t}/{m}": vals[i]
+            for t, per_metric in report["by_checkpoint"].items()
+            for m, vals in per_metric.items()
+        }
+    )
+
+
+def evaluation_line(
+    record: dict[str, Any], targets: Sequence[str], running: dict[str, Any] | None = None, metric: str = "dice"
+) -> str:
+    """One console line per evaluation: its time, the calibration score, each target's pseudo value and estimate."""
+    parts = [f"SPE epoch {record['epoch']} ({record['seconds']:.1f}s):"]
+    d = record["real"].get(CALIBRATION, {}).get(metric)
+    if d is not None:
+        parts.append(f"calibration {metric} {d:.3f}")
+    for t in targets:
+        p = record["pseudo"].get(t, {}).get(metric)
+        part = f"{t} pseudo {metric} {_fmt(p)}"
+        est = running["estimates"][t].get(metric, {}).get("value") if running else None
+        if est is not None:
+            part += f" -> est {est:.3f}"
+        parts.append(part)
+    return " ".join(parts)
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
@@ -139,7 +204,7 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
             allx.append(e["pseudo"])
         if "error" not in g and allx:
             grid = np.linspace(min(allx), max(allx), 100)
-            ax.plot(grid, Mapping.from_dict(g).predict(grid), color=colors[0], lw=1.5, label=f"G ({g['kind']})")
+            ax.plot(grid, MetricMapping.from_dict(g).predict(grid), color=colors[0], lw=1.5, label=f"G ({g['kind']})")
         ax.set_title(metric)
         ax.set_xlabel("pseudo (reverse segmentation)")
         ax.set_ylabel("real")

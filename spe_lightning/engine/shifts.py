@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from spe_lightning.data.adapters import resize_images, to_gray01
-from spe_lightning.engine.predict import CachedSet
+from spe_lightning.engine.cached_set import CachedSet
 
 __all__ = ["SHIFTS", "SHIFT_FAMILIES", "apply_shift", "shift_name", "shift_set", "subset"]
 

@@ -1,28 +1,24 @@
-"""Fitting G on the calibration records and turning target pseudo metrics into estimates."""
+"""G over a run's records: fitted per metric on the calibration set, then every target's estimate.
+
+A *record* is one evaluation at one checkpoint: ``{"pseudo": {set: {key: v}}, "real": {...},
+"confidence": {set: v}, "n_support": ..., "reasons": ..., "epoch", "step", "final", "seconds"}``.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from spe_lightning.engine.mapping import Mapping, NotEnoughPointsError
+from spe_lightning.engine.estimate import anchored_estimate, estimate, finite_or_none, fit_interval_model
+from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["CALIBRATION", "estimate", "fit_and_estimate", "fit_mapping", "finite_or_none", "series"]
+__all__ = ["CALIBRATION", "fit_and_estimate", "fit_mapping", "series"]
 
 #: the record key of the calibration set
 CALIBRATION = "calibration"
-
-
-def finite_or_none(x: Any) -> float | None:
-    """``float(x)`` when finite, else None (reports never hold NaN or inf)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def series(records: Sequence[dict], kind: str, name: str, metric: str | None) -> np.ndarray:
@@ -36,12 +32,12 @@ def series(records: Sequence[dict], kind: str, name: str, metric: str | None) ->
     return np.asarray(out, dtype=float)
 
 
-def fit_mapping(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[Mapping | None, str | None]:
+def fit_mapping(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[MetricMapping | None, str | None]:
     """``(G, None)`` fitted within the metric's bounds, or ``(None, reason)`` when too few points."""
     try:
         # per-class keys ("dice/heart") have the bounds of their metric
         bounds = BOUNDED.get(metric, BOUNDED.get(metric.split("/")[0], (None, None)))
-        return Mapping.fit(kind, x, y, bounds=bounds), None
+        return MetricMapping.fit(kind, x, y, bounds=bounds), None
     except NotEnoughPointsError as err:
         return None, str(err)
 
@@ -58,9 +54,9 @@ def fit_and_estimate(
     """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
 
     ``anchored`` (default): the estimate is the calibration score at the same record moved by
-    ``G(p_target) - G(p_calibration)`` (``method: "anchored"``, see :mod:`spe_lightning.engine.anchor`);
+    ``G(p_target) - G(p_calibration)`` (``method: "anchored"``, see :mod:`spe_lightning.engine.estimate`);
     the paper's ``G(p_target)`` stays under ``paper``. ``pairs`` (labelled calibration pairs from
-    :func:`~spe_lightning.engine.anchor.anchor_pairs` at the last record's weights) give the
+    :mod:`~spe_lightning.engine.calibration_pairs` at the last record's weights) give the
     anchored intervals; without them G's leave-one-out residuals do.
 
     Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
@@ -90,9 +86,7 @@ def fit_and_estimate(
         g_conf, _ = fit_mapping(mapping, conf_cal, y, metric)
         interval_model = None
         if anchored and g is not None and pairs:
-            from spe_lightning.engine.anchor import fit_anchor  # anchor imports this module
-
-            interval_model = fit_anchor(pairs, metric, g, finite_or_none(x[last]))
+            interval_model = fit_interval_model(pairs, metric, g, finite_or_none(x[last]))
         if anchored:
             out["anchor_intervals"][metric] = interval_model
         for t in targets:
@@ -132,47 +126,8 @@ def fit_and_estimate(
     return out
 
 
-def estimate(
-    g: Mapping | None,
-    metric: str,
-    pseudo: float | None,
-    level: float = 0.9,
-    no_g: str = "no mapping G",
-    no_pseudo: str = "no pseudo metric",
-    anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
-) -> dict[str, Any]:
-    """One estimate ``{"value", "lower", "upper", "pseudo", "reason", "method"}`` from a pseudo metric.
-
-    ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
-    anchored (:mod:`spe_lightning.engine.anchor`); the paper's ``G(pseudo)`` then moves to ``paper``.
-    """
-    from spe_lightning.engine.anchor import anchored_estimate  # anchor imports this module
-
-    est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": finite_or_none(pseudo)}
-    est["reason"] = no_g if g is None else (no_pseudo if est["pseudo"] is None else None)
-    if est["reason"] is not None:
-        return est
-    assert g is not None
-    lo, hi = g.interval([est["pseudo"]], level)
-    est.update(
-        value=finite_or_none(g.predict([est["pseudo"]])[0]),
-        lower=finite_or_none(lo[0]),
-        upper=finite_or_none(hi[0]),
-        method="paper",
-    )
-    if anchor is not None:
-        p_c, r_c, model = anchor
-        res = anchored_estimate(g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model)
-        if res["value"] is not None:
-            est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
-            est.update(res, method="anchored")
-    return est
-
-
 def _anchored_series(g: Any, metric: str, xt: np.ndarray, x: np.ndarray, y: np.ndarray) -> list[float | None]:
     """Anchored estimate per record: calibration score + G(target pseudo) - G(calibration pseudo)."""
-    from spe_lightning.engine.anchor import anchored_estimate
-
     return [
         anchored_estimate(g, metric, finite_or_none(a), finite_or_none(b), finite_or_none(c))["value"]
         for a, b, c in zip(xt, x, y)

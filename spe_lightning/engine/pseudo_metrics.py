@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from spe_lightning.data.adapters import resize_labels
-from spe_lightning.engine.metrics import per_image_metrics
-from spe_lightning.engine.predict import CachedSet
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.metrics import per_image_metrics, per_item_metrics
 from spe_lightning.reverse.base import ReverseSegmenter
 
 __all__ = ["SPEEngine", "Shard", "SupportSet", "metric_keys", "set_seed"]
@@ -222,6 +222,10 @@ class SPEEngine:
     def _name(self, cls: int) -> str:
         return self.class_names[cls - 1] if self.class_names else "foreground"
 
+    def classes_without_queries(self) -> list[str]:
+        """Names of the classes (``"foreground"`` when binary) that no reference mask holds."""
+        return [self._name(c) for c, q in self.queries.items() if not q]
+
     # ----------------------------------------------------------------- support
     def support(self, data: CachedSet, masks: Sequence[Tensor], cls: int = 1) -> SupportSet:
         """The support set of ``data`` for class ``cls`` with predicted ``masks`` (native size, per item)."""
@@ -349,19 +353,12 @@ class SPEEngine:
     def _real_items(self, data: CachedSet, masks: Sequence[Tensor], positions: Sequence[int]) -> dict[str, Tensor]:
         """Per-item metrics ``{"<metric>@<cls>": [n]}`` of the items at ``positions``."""
         assert data.masks is not None
-        groups: dict[tuple[int, ...], list[int]] = {}  # images of different sizes cannot be stacked
-        for k, p in enumerate(positions):
-            groups.setdefault(tuple(masks[p].shape), []).append(k)
-        out = {f"{m}@{c}": torch.zeros(len(positions), dtype=torch.float64) for m in self.metrics for c in self._cls()}
-        for ks in groups.values():
-            for start in range(0, len(ks), self.query_chunk):
-                chunk = ks[start : start + self.query_chunk]
-                pred = torch.stack([masks[positions[k]] for k in chunk])
-                true = torch.stack([data.masks[positions[k]] for k in chunk])
-                for c in self._cls():
-                    res = per_image_metrics(_class_mask(pred, c), _class_mask(true, c), self.metrics)
-                    for m, v in res.items():
-                        out[f"{m}@{c}"][chunk] = v
+        pred = [masks[p] for p in positions]
+        true = [data.masks[p] for p in positions]
+        out: dict[str, Tensor] = {}
+        for c in self._cls():
+            res = per_item_metrics(pred, true, self.metrics, lambda m, c=c: _class_mask(m, c), self.query_chunk)
+            out.update({f"{m}@{c}": v for m, v in res.items()})
         return out
 
     def _cls(self) -> range:

@@ -1,0 +1,76 @@
+"""Labelled calibration pairs for the anchored intervals: calibration subsets and shifted copies.
+
+At the final weights SPE evaluates, next to the calibration set itself, sets whose real difference
+from it is known: random subsets as large as each target (sampling noise only) and the calibration
+set under synthetic appearance shifts (:mod:`spe_lightning.engine.shifts`), harmful ones (noise,
+bias field) and nearly harmless ones (gamma, contrast, blur). Each gives one pair
+``(pseudo difference, real difference)``; :func:`~spe_lightning.engine.estimate.fit_interval_model`
+turns them into an interval model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+
+__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_from_record"]
+
+#: severities of each shift family measured for the intervals
+INTERVAL_SEVERITIES = (1, 3)
+
+
+def calibration_sets(
+    calibration: CachedSet,
+    subset_sizes: Sequence[int],
+    n_subsets: int = 4,
+    shifts: Sequence[tuple[str, int]] | None = None,
+    seed: int = 0,
+) -> dict[str, CachedSet]:
+    """The labelled sets the interval model learns from, by name: random calibration subsets and shifted copies.
+
+    Args:
+        calibration: the labelled calibration set.
+        subset_sizes: sizes of the random calibration subsets (normally the targets' sizes; capped below n).
+        n_subsets: subsets per size.
+        shifts: synthetic shifts ``(family, severity)`` applied to the whole calibration set
+            (None: every family of :data:`~spe_lightning.engine.shifts.SHIFT_FAMILIES` at
+            :data:`INTERVAL_SEVERITIES`, the product's default).
+        seed: seed of the subsets and shift noise.
+    """
+    if shifts is None:
+        shifts = [(f, s) for f in SHIFT_FAMILIES for s in INTERVAL_SEVERITIES]
+    g = torch.Generator().manual_seed(seed)
+    n = len(calibration)
+    sets: dict[str, CachedSet] = {}
+    for size in sorted({min(max(int(s), 2), n - 1) for s in subset_sizes if n > 2}):
+        for k in range(n_subsets):
+            pos = sorted(torch.randperm(n, generator=g)[:size].tolist())
+            sets[f"subset{size}_{k}"] = subset(calibration, pos, f"subset{size}_{k}")
+    for i, (family, severity) in enumerate(shifts):
+        t = shift_set(calibration, family, severity, seed=seed * 7919 + 1000 * i)
+        sets[t.name] = t
+    return sets
+
+
+def pairs_from_record(record: dict[str, Any], base: str, names: Sequence[str]) -> list[dict[str, Any]]:
+    """``(pseudo difference, real difference)`` of each set in ``names`` against set ``base`` of one record."""
+    pairs = []
+    for name in names:
+        pairs.append(
+            {
+                "kind": "subset" if name.startswith("subset") else "shift",
+                "name": name,
+                "d_pseudo": _diff(record["pseudo"].get(name, {}), record["pseudo"].get(base, {})),
+                "d_real": _diff(record["real"].get(name, {}), record["real"].get(base, {})),
+            }
+        )
+    return pairs
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    return {m: (a[m] - b[m]) if a.get(m) is not None and b.get(m) is not None else None for m in a}

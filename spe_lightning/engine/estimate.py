@@ -1,0 +1,145 @@
+"""Turning a pseudo metric into an estimate with an interval: the one place where this happens.
+
+The paper estimates a target as ``G(pseudo_target)``, with G fitted across checkpoints. At any
+checkpoint SPE also knows the calibration set's *real* metric, so by default (*anchored*) it estimates
+
+    estimate = real_calibration + G(pseudo_target) - G(pseudo_calibration)
+
+which cancels the part of G's error shared by the two sets at that checkpoint (on BUSI the
+calibration pseudo Dice is not monotone in the real one; the difference still is informative).
+
+Intervals (normalised split-conformal): at the final weights SPE measures labelled *pairs*
+(:mod:`spe_lightning.engine.calibration_pairs`) whose real difference is known, and how far the
+anchored prediction misses it. Each miss is divided by ``s0 + |prediction|``; the half-width of an
+estimate is the ``level`` quantile of these scores times ``s0 + |G(p_t) - G(p_c)|``. Without pairs,
+G's leave-one-out residual quantile across checkpoints is used.
+
+Used by the run (:mod:`spe_lightning.engine.records`), :class:`~spe_lightning.SPEEstimator` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spe_lightning.engine.mapping import MetricMapping
+from spe_lightning.engine.metrics import BOUNDED
+
+__all__ = ["MIN_PAIRS", "anchored_estimate", "estimate", "finite_or_none", "fit_interval_model"]
+
+#: floor of the interval scale per metric (metric units)
+_S0 = {"hd95": 1.0}
+#: the fewest labelled pairs an interval model is fitted on
+MIN_PAIRS = 5
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` when finite, else None (reports never hold NaN or inf)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def fit_interval_model(
+    pairs: Sequence[dict[str, Any]],
+    metric: str,
+    g: MetricMapping,
+    pseudo_calibration: float | None,
+    exclude: str | None = None,
+) -> dict[str, Any] | None:
+    """The interval model of anchored estimates of ``metric`` from labelled calibration pairs.
+
+    For each pair the anchored prediction of its real difference is ``G(p_c + dp) - G(p_c)``; the
+    model keeps the normalised residuals ``|dr - prediction| / (s0 + |prediction|)`` (plain
+    numbers), so an estimate's half-width grows with how far G moves it from the calibration
+    score (normalised split-conformal). ``exclude`` drops pairs whose name starts with it.
+    """
+    if pseudo_calibration is None:
+        return None
+    s0 = _S0.get(metric.split("/")[0], 0.01)
+    base = float(g.predict([pseudo_calibration])[0])
+    scores = []
+    for p in pairs:
+        if exclude and p["name"].startswith(exclude):
+            continue
+        dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
+        if dp is None or dr is None:
+            continue
+        pred = float(g.predict([pseudo_calibration + dp])[0]) - base
+        if np.isfinite(pred) and np.isfinite(dr):
+            scores.append(abs(dr - pred) / (s0 + abs(pred)))
+    if len(scores) < MIN_PAIRS:
+        return None
+    return {"s0": s0, "scores": sorted(float(v) for v in scores)}
+
+
+def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
+    scores = model["scores"]
+    k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
+    return float(scores[k]) * (float(model["s0"]) + abs(moved))
+
+
+def anchored_estimate(
+    g: MetricMapping | None,
+    metric: str,
+    pseudo_target: float | None,
+    pseudo_calibration: float | None,
+    real_calibration: float | None,
+    level: float = 0.9,
+    interval_model: dict[str, Any] | None = None,
+) -> dict[str, float | None]:
+    """``{"value", "lower", "upper"}``: ``real_c + G(p_t) - G(p_c)``, clipped to the metric's range.
+
+    The half-width comes from ``interval_model`` (:func:`fit_interval_model`) when given, else from G's
+    leave-one-out residuals across checkpoints.
+    """
+    none = {"value": None, "lower": None, "upper": None}
+    if g is None or None in (pseudo_target, pseudo_calibration, real_calibration):
+        return none
+    moved = float(g.predict([pseudo_target])[0]) - float(g.predict([pseudo_calibration])[0])
+    value = float(real_calibration) + moved
+    half = _half_width(interval_model, moved, level) if interval_model else g.half_width(level)
+    vals = np.asarray([value, value - half, value + half], float)
+    low, high = BOUNDED.get(metric.split("/")[0], (None, None))
+    vals = np.clip(vals, -np.inf if low is None else low, np.inf if high is None else high)
+    out = dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in vals)))
+    return out if out["value"] is not None else none
+
+
+def estimate(
+    g: MetricMapping | None,
+    metric: str,
+    pseudo: float | None,
+    level: float = 0.9,
+    no_g: str = "no mapping G",
+    no_pseudo: str = "no pseudo metric",
+    anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """One estimate ``{"value", "lower", "upper", "pseudo", "reason", "method"}`` from a pseudo metric.
+
+    ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
+    anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``.
+    """
+    est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": finite_or_none(pseudo)}
+    est["reason"] = no_g if g is None else (no_pseudo if est["pseudo"] is None else None)
+    if est["reason"] is not None:
+        return est
+    assert g is not None
+    lo, hi = g.interval([est["pseudo"]], level)
+    est.update(
+        value=finite_or_none(g.predict([est["pseudo"]])[0]),
+        lower=finite_or_none(lo[0]),
+        upper=finite_or_none(hi[0]),
+        method="paper",
+    )
+    if anchor is not None:
+        p_c, r_c, model = anchor
+        res = anchored_estimate(g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model)
+        if res["value"] is not None:
+            est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
+            est.update(res, method="anchored")
+    return est
