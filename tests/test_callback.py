@@ -135,7 +135,7 @@ def test_every_n_epochs_and_final_record(tmp_path):
 
 def test_state_dict_round_trip():
     a = spe()
-    a.records = [{"epoch": 0, "step": 3, "pseudo": {}, "real": {}}]
+    a.load_state_dict({"records": [{"epoch": 0, "step": 3, "pseudo": {}, "real": {}}]})
     b = spe()
     b.load_state_dict(a.state_dict())
     assert b.records == a.records

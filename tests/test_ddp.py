@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _tiny import Blobs, TinyNet, loader, max_abs_diff, tiny_spe, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from spe_lightning import SPECallback
-from spe_lightning.engine.estimation import fit_and_estimate
+from spe_lightning.engine.records import fit_and_estimate
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
+from spe_lightning.testing import Blobs, TinyNet, loader, max_abs_diff, tiny_spe, tiny_trainer
 
 
 def _rank() -> int:
@@ -102,18 +102,18 @@ def test_ddp_spawn_shares_the_work_and_agrees_with_one_process(tmp_path):
 
     # one process on the same checkpoints
     one = tiny_spe()
-    one.prepare(ref, cal, tgt)
+    one.run.prepare(ref, cal, tgt)
     again = []
     for r in records:
         net = TinyNet()
         state = torch.load(tmp_path / "ckpt" / f"epoch={r['epoch']}.ckpt", weights_only=False)["state_dict"]
         net.load_state_dict(state)
-        again.append(one.evaluate(net))
+        again.append(one.run.evaluate(net))
     for a, b in zip(records, again):
         assert max_abs_diff(a["pseudo"], b["pseudo"]) < 1e-6
         assert max_abs_diff(a["real"], b["real"]) < 1e-6
-    est = fit_and_estimate(again, ["t"], one.keys)["estimates"]["t"]
-    for m in one.keys:
+    est = fit_and_estimate(again, ["t"], one.run.keys)["estimates"]["t"]
+    for m in one.run.keys:
         nums = ("value", "lower", "upper", "pseudo")
         assert max_abs_diff({k: est[m][k] for k in nums}, {k: report["estimates"]["t"][m][k] for k in nums}) < 1e-6
     assert report["estimates"]["t"]["dice"]["value"] is not None

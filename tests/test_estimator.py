@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning import SPECallback, SPEConfig, SPEEstimator
 from spe_lightning.cli import main as cli_main
 from spe_lightning.data import SyntheticShapesDataModule, SyntheticShapesDataset
 from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, shift, spearman
@@ -97,7 +97,7 @@ def test_incompatible_or_unsafe_files_are_refused(fitted, tmp_path):
     state = SPEEstimator.from_callback(cb).state()
     state["version"] = VERSION + 1
     torch.save(state, tmp_path / "future.pt")
-    with pytest.raises(IncompatibleEstimatorError, match=f"version {VERSION + 1}.*reads version {VERSION}"):
+    with pytest.raises(IncompatibleEstimatorError, match=f"version {VERSION + 1}.*reads versions 1 and {VERSION}"):
         SPEEstimator.load(tmp_path / "future.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(IncompatibleEstimatorError, match="not an SPE estimator"):
@@ -245,7 +245,7 @@ def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
 
 def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_path):
     """The saved G (and the anchored intervals) give the callback's numbers after a save/load."""
-    from spe_lightning.engine.estimation import fit_and_estimate
+    from spe_lightning.engine.records import fit_and_estimate
 
     rng = np.random.default_rng(0)
     records = []
@@ -261,7 +261,6 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
         {"name": f"shift{j}", "d_pseudo": {"dice": -0.02 * j}, "d_real": {"dice": -0.03 * j + 0.005 * rng.normal()}}
         for j in range(8)
     ]
-    config = {"support_size": 8, "min_foreground": 4, "threshold": 0.5, "seed": 0, "working_size": 32, "level": 0.9}
     for anchored, anchor_pairs in ((False, None), (True, None), (True, pairs)):
         rep = fit_and_estimate(records, ["site"], ["dice"], "linear", 0.9, anchored=anchored, pairs=anchor_pairs)
         anchor = None
@@ -271,7 +270,8 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
                 "calibration_pseudo": records[-1]["pseudo"]["calibration"],
                 "calibration_real": records[-1]["real"]["calibration"],
             }
-        est = SPEEstimator({"name": "label_fusion"}, None, None, [], ["dice"], rep["mapping"], config, anchor=anchor)
+        config = SPEConfig(metrics=("dice",), support_size=8, min_foreground=4, working_size=32, anchored=anchored)
+        est = SPEEstimator(config, {"name": "label_fusion"}, rep["mapping"], anchor=anchor)
         est = SPEEstimator.load(est.save(tmp_path / "e.pt", embed_reference=False))
         got = est.estimate_from_pseudo(records[-1]["pseudo"]["site"])["dice"]
         want = rep["estimates"]["site"]["dice"]

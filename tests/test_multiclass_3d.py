@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import Blobs, TinyNet, finite_everywhere, loader, tiny_spe, tiny_trainer
 
+from spe_lightning.engine.cached_set import cache_dataset
 from spe_lightning.engine.metrics import per_image_metrics
-from spe_lightning.engine.predict import cache_dataset
+from spe_lightning.testing import Blobs, TinyNet, finite_everywhere, loader, tiny_spe, tiny_trainer
 
 
 def _stack(ds, key):
@@ -23,7 +23,7 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
     tiny_trainer(tmp_path, 5, [cb]).fit(net, loader(ref, 2))
 
     keys = ["dice", "dice/bright", "dice/dim", "hd95", "hd95/bright", "hd95/dim"]
-    assert cb.keys == keys and cb.report["keys"] == keys
+    assert cb.run.keys == keys and cb.report["keys"] == keys
     assert cb.report["classes"] == {"bright": 1, "dim": 2}
     last = cb.records[-1]
     assert last["final"] and set(last["n_support"]["t"]) == {"bright", "dim"}
@@ -39,7 +39,7 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
         dice = per_image_metrics(pred == c, true == c, ("dice",))["dice"].mean().item()
         assert last["real"]["calibration"][f"dice/{name}"] == pytest.approx(dice, abs=1e-9)
     # the classes' reverse steps differ: each has its own support set and queries
-    assert cb.engine.queries[1] != [] and cb.engine.queries[2] != []
+    assert cb.run.engine.queries[1] != [] and cb.run.engine.queries[2] != []
     assert last["pseudo"]["t"]["dice/bright"] != last["pseudo"]["t"]["dice/dim"]
     est = cb.report["estimates"]["t"]
     assert set(est) == set(keys) and est["dice/bright"]["value"] is not None
@@ -65,13 +65,13 @@ def test_3d_volumes_slice_wise(tmp_path):
     tiny_trainer(tmp_path, 4, [cb]).fit(net, loader(ref, 2))
 
     # references: slices with foreground only; targets: all slices, thinned to 4 evenly spaced ones
-    assert cb.engine.ref_images.shape[1:] == (1, 24, 24)
-    assert all(z >= 0 for z in cb.engine.ref_slices) and cb.engine.ref_masks.flatten(1).any(1).all()
+    assert cb.run.engine.ref_images.shape[1:] == (1, 24, 24)
+    assert all(z >= 0 for z in cb.run.engine.ref_slices) and cb.run.engine.ref_masks.flatten(1).any(1).all()
     per_volume = {}
-    for i in cb.engine.ref_indices:
+    for i in cb.run.engine.ref_indices:
         per_volume[i] = per_volume.get(i, 0) + 1
     assert max(per_volume.values()) <= 4
-    t = cb._sets["t"]
+    t = cb.run.sets["t"]
     assert t.volumetric and [z for i, z in t.units if i == 0] == [0, 2, 5, 7]
     assert t.gray.shape == (24, 1, 24, 24)
 
@@ -84,18 +84,22 @@ def test_3d_volumes_slice_wise(tmp_path):
     real = per_image_metrics(pred, true, ("dice", "hd95"))
     assert last["real"]["calibration"]["dice"] == pytest.approx(real["dice"].mean().item(), abs=1e-9)
     assert last["real"]["calibration"]["hd95"] == pytest.approx(real["hd95"].mean().item(), abs=1e-9)
-    assert finite_everywhere(cb.report) and cb.report["reference_slices"] == cb.engine.ref_slices
+    assert finite_everywhere(cb.report) and cb.report["reference_slices"] == cb.run.engine.ref_slices
 
 
 def test_3d_multiclass_label_maps_per_volume():
     shape = (6, 20, 20)
     cb = tiny_spe(classes=[1, 2], working_size=20, max_slices=3)
-    cb.prepare(Blobs(4, shape, 1, 2), Blobs(3, shape, 2, 2), {"t": Blobs(3, shape, 3, 2, fmt="onehot")})
-    assert all(m.shape == (1, *shape) and m.dtype == torch.uint8 for m in cb._sets["t"].masks)
+    cb.run.prepare(Blobs(4, shape, 1, 2), Blobs(3, shape, 2, 2), {"t": Blobs(3, shape, 3, 2, fmt="onehot")})
+    assert all(m.shape == (1, *shape) and m.dtype == torch.uint8 for m in cb.run.sets["t"].masks)
     torch.manual_seed(0)
     net = TinyNet(dims=3, out_channels=3)
-    rec = cb.evaluate(net)
-    assert list(rec["real"]["calibration"]) == cb.keys == ["dice", "dice/class_1", "dice/class_2", "hd95", *cb.keys[4:]]
+    rec = cb.run.evaluate(net)
+    assert (
+        list(rec["real"]["calibration"])
+        == cb.run.keys
+        == ["dice", "dice/class_1", "dice/class_2", "hd95", *cb.run.keys[4:]]
+    )
     with torch.no_grad():
         pred = net.eval()(_stack(Blobs(3, shape, 2, 2), "image")).argmax(1, keepdim=True)
     true = _stack(Blobs(3, shape, 2, 2), "label").long()

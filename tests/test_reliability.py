@@ -7,13 +7,14 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from _tiny import Blobs, TinyNet, finite_everywhere, loader, max_abs_diff, tiny_spe, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import Dataset
 
 from spe_lightning import SPECallback
-from spe_lightning.engine.predict import NonFiniteOutputError, cache_dataset
+from spe_lightning.engine.cached_set import cache_dataset
+from spe_lightning.engine.predict import NonFiniteOutputError
+from spe_lightning.testing import Blobs, TinyNet, finite_everywhere, loader, max_abs_diff, tiny_spe, tiny_trainer
 
 
 def sets(fmt: str = "dict", n_classes: int = 1, **kw):
@@ -26,7 +27,7 @@ def sets(fmt: str = "dict", n_classes: int = 1, **kw):
 
 def prepared(fmt: str = "dict", **kw) -> SPECallback:
     cb = tiny_spe(**kw)
-    cb.prepare(*sets(fmt))
+    cb.run.prepare(*sets(fmt))
     return cb
 
 
@@ -61,9 +62,9 @@ def test_empty_dataset_fails_in_setup(tmp_path, which):
 def test_unlabelled_reference_or_reference_without_foreground_fails_in_setup():
     ref, cal, tgt = sets()
     with pytest.raises(ValueError, match="must return masks"):
-        tiny_spe().prepare(Blobs(4, with_mask=False), cal, tgt)
+        tiny_spe().run.prepare(Blobs(4, with_mask=False), cal, tgt)
     with pytest.raises(ValueError, match="no reference mask has"):
-        tiny_spe(foreground_class=7).prepare(ref, cal, tgt)
+        tiny_spe(foreground_class=7).run.prepare(ref, cal, tgt)
 
 
 def test_image_and_mask_of_different_size_fail_in_setup_naming_the_item():
@@ -77,7 +78,7 @@ def test_image_and_mask_of_different_size_fail_in_setup_naming_the_item():
 
     ref, cal, tgt = sets()
     with pytest.raises(ValueError, match=r"calibration item 2: mask shape \(1, 30, 32\) does not match"):
-        tiny_spe().prepare(ref, Cropped(), tgt)
+        tiny_spe().run.prepare(ref, Cropped(), tgt)
 
 
 def test_masks_as_0_255_float_bool_one_hot_or_soft_are_the_same_masks():
@@ -109,9 +110,9 @@ def test_rgb_images_go_to_the_model_unchanged_and_to_the_reverse_step_as_gray():
         return module(x)
 
     gray, rgb = prepared(), prepared("rgb", logits_fn=logits)
-    assert rgb._sets["calibration"].inputs[0].shape == (3, 32, 32)
-    assert torch.allclose(rgb._sets["calibration"].gray, gray._sets["calibration"].gray, atol=1e-6)
-    a, b = gray.evaluate(net), rgb.evaluate(net)
+    assert rgb.run.sets["calibration"].inputs[0].shape == (3, 32, 32)
+    assert torch.allclose(rgb.run.sets["calibration"].gray, gray.run.sets["calibration"].gray, atol=1e-6)
+    a, b = gray.run.evaluate(net), rgb.run.evaluate(net)
     assert seen and all(s[1] == 3 for s in seen)
     assert a["pseudo"]["t"]["dice"] is not None
     assert max_abs_diff(a["pseudo"], b["pseudo"]) < 1e-6 and max_abs_diff(a["real"], b["real"]) < 1e-6
@@ -126,10 +127,10 @@ def test_uint8_images_reach_the_model_as_float_with_their_values():
 
     net = trained_net()
     u8 = prepared("uint8", logits_fn=logits)
-    assert u8._sets["t"].inputs[0].dtype == torch.uint8  # cached as given: 4x less memory
-    rec_u8 = u8.evaluate(_scaled(net))
+    assert u8.run.sets["t"].inputs[0].dtype == torch.uint8  # cached as given: 4x less memory
+    rec_u8 = u8.run.evaluate(_scaled(net))
     assert all(d == torch.float32 and mx > 1 for d, mx in dtypes)  # values unchanged: 0..255
-    rec = prepared().evaluate(net)
+    rec = prepared().run.evaluate(net)
     assert rec_u8["pseudo"]["t"]["dice"] == pytest.approx(rec["pseudo"]["t"]["dice"], abs=0.05)
     assert rec_u8["real"]["calibration"]["dice"] == pytest.approx(rec["real"]["calibration"]["dice"], abs=0.02)
 
@@ -143,24 +144,24 @@ def _scaled(net: TinyNet) -> TinyNet:
 
 def test_images_of_different_sizes_in_one_dataset():
     cb = prepared("sizes")
-    cal = cb._sets["calibration"]
+    cal = cb.run.sets["calibration"]
     assert {tuple(x.shape) for x in cal.inputs} == {(1, 32, 32), (1, 48, 48)}
     assert cal.gray.shape == (10, 1, 32, 32)
     batches = [b.shape for _, b in cal.batches(16)]
     assert len(batches) == 10  # sizes alternate: every batch holds one size
-    rec = cb.evaluate(trained_net())
+    rec = cb.run.evaluate(trained_net())
     assert rec["real"]["calibration"]["dice"] is not None and rec["pseudo"]["t"]["dice"] is not None
 
 
 def test_items_as_tuples_or_dicts_and_targets_without_masks():
     net = trained_net()
     as_dict, as_tuple = prepared("dict"), prepared("tuple")
-    a, b = as_dict.evaluate(net), as_tuple.evaluate(net)
+    a, b = as_dict.run.evaluate(net), as_tuple.run.evaluate(net)
     assert a["pseudo"] == b["pseudo"] and a["real"] == b["real"]
     cb = tiny_spe()
     ref, cal, _ = sets()
-    cb.prepare(ref, cal, {"u": Blobs(10, seed=3, fmt="tuple", with_mask=False)})
-    rec = cb.evaluate(net)
+    cb.run.prepare(ref, cal, {"u": Blobs(10, seed=3, fmt="tuple", with_mask=False)})
+    rec = cb.run.evaluate(net)
     assert "u" not in rec["real"] and rec["pseudo"]["u"]["dice"] is not None
 
 
@@ -170,25 +171,25 @@ def test_forward_returning_a_dict_or_a_list_and_the_logits_fn_hook():
     for output in ("tensor", "dict", "list"):
         m = TinyNet(output=output)
         m.load_state_dict(net.state_dict())
-        recs[output] = prepared().evaluate(m)
+        recs[output] = prepared().run.evaluate(m)
     assert recs["dict"]["pseudo"] == recs["tensor"]["pseudo"] == recs["list"]["pseudo"]
     odd = TinyNet(output="dict")
     odd.load_state_dict(net.state_dict())
     odd.forward = lambda x: {"weird": odd.logits(x)}  # a key SPE cannot guess
     with pytest.raises(TypeError, match="pass logits_fn"):
-        prepared().evaluate(odd)
-    hooked = prepared(logits_fn=lambda module, x: module(x)["weird"]).evaluate(odd)
+        prepared().run.evaluate(odd)
+    hooked = prepared(logits_fn=lambda module, x: module(x)["weird"]).run.evaluate(odd)
     assert hooked["pseudo"]["t"]["dice"] is not None
 
 
 def test_outputs_spe_cannot_use_raise_a_clear_error():
     net = trained_net()
     with pytest.raises(ValueError, match=r"is not \[B,C,H,W\] logits"):
-        prepared(logits_fn=lambda module, x: module(x)[:, 0]).evaluate(net)
+        prepared(logits_fn=lambda module, x: module(x)[:, 0]).run.evaluate(net)
     cb = tiny_spe(classes=[1, 2])
-    cb.prepare(*sets(n_classes=2))
+    cb.run.prepare(*sets(n_classes=2))
     with pytest.raises(ValueError, match="1 output channel"):
-        cb.evaluate(net)
+        cb.run.evaluate(net)
 
 
 def test_nan_output_at_one_checkpoint_skips_that_evaluation_only(tmp_path):
@@ -234,7 +235,7 @@ def test_fewer_than_three_records_give_null_estimates_with_a_reason(tmp_path):
 def test_a_target_named_calibration_or_bad_classes_are_refused():
     ref, cal, _ = sets()
     with pytest.raises(ValueError, match="may not be called"):
-        tiny_spe().prepare(ref, cal, {"calibration": cal})
+        tiny_spe().run.prepare(ref, cal, {"calibration": cal})
     with pytest.raises(ValueError, match="not both"):
         SPECallback(foreground_class=1, classes=[1, 2])
     with pytest.raises(ValueError, match="distinct"):
@@ -278,7 +279,7 @@ def test_resuming_with_other_settings_warns_or_raises_when_strict():
 
 def test_a_failure_on_one_process_is_raised_on_every_process():
     """Shard.run gathers (result, error) from every process: all raise together, none waits forever."""
-    from spe_lightning.engine.spe import Shard
+    from spe_lightning.engine.pseudo_metrics import Shard
 
     boom = ValueError("NaN on rank 0")
     rank1 = Shard(rank=1, world=2, gather=lambda obj: [(None, boom), obj])
@@ -325,25 +326,25 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 def test_same_seed_same_supports_references_and_estimates(tmp_path):
     ref, cal, tgt = sets()
     a, b = tiny_spe(max_references=10), tiny_spe(max_references=10)
-    a.prepare(ref, cal, tgt)
-    b.prepare(ref, cal, tgt)
-    assert a.engine.ref_indices == b.engine.ref_indices
-    masks = [m.clone() for m in a._sets["t"].masks]
-    sa = a.engine.support(a._sets["t"], masks)
-    sb = b.engine.support(b._sets["t"], masks)
+    a.run.prepare(ref, cal, tgt)
+    b.run.prepare(ref, cal, tgt)
+    assert a.run.engine.ref_indices == b.run.engine.ref_indices
+    masks = [m.clone() for m in a.run.sets["t"].masks]
+    sa = a.run.engine.support(a.run.sets["t"], masks)
+    sb = b.run.engine.support(b.run.sets["t"], masks)
     assert sa.indices == sb.indices and torch.equal(sa.labels, sb.labels)
     c = tiny_spe(max_references=10, seed=1)
-    c.prepare(ref, cal, tgt)
-    assert c.engine.support(c._sets["t"], masks).indices != sa.indices  # the seed does matter
+    c.run.prepare(ref, cal, tgt)
+    assert c.run.engine.support(c.run.sets["t"], masks).indices != sa.indices  # the seed does matter
     net = trained_net()
-    assert a.evaluate(net) | {"seconds": 0} == b.evaluate(net) | {"seconds": 0}
+    assert a.run.evaluate(net) | {"seconds": 0} == b.run.evaluate(net) | {"seconds": 0}
 
 
 # ------------------------------------------------------------------ memory
 
 
 def test_chunk_budget_keeps_modelled_peaks_within_the_budget():
-    from spe_lightning.engine.spe import _ChunkBudget
+    from spe_lightning.engine.pseudo_metrics import _ChunkBudget
 
     mib = 2**20
     fixed_cost, per_query = 60 * mib, 11 * mib  # about what label fusion at 256x256 costs on a GPU

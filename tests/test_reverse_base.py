@@ -36,13 +36,15 @@ def test_auto_uses_universeg_when_weights_are_found(tmp_path, monkeypatch):
     assert isinstance(make_segmenter("auto"), UniverSegSegmenter)
 
 
-def test_callback_warns_once_about_auto_choice():
-    from spe_lightning import SPECallback
+def test_run_warns_once_about_auto_choice():
+    from spe_lightning import SPERun
+    from spe_lightning.data import SyntheticShapesDataset
 
-    cb = SPECallback()
-    with pytest.warns(UserWarning, match="weight-free 'label_fusion'"):
-        seg = cb._build_segmenter()
-    assert seg.name == "label_fusion"
+    run = SPERun()
+    data = SyntheticShapesDataset(6, size=32)
+    with pytest.warns(UserWarning, match="weight-free 'label_fusion'") as caught:
+        run.prepare(data, data, data)
+    assert run.segmenter.name == "label_fusion" and len(caught) == 1
 
 
 def test_callable_segmenter_chunks_and_validates():

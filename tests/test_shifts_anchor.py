@@ -6,8 +6,9 @@ import pytest
 import torch
 from _shapes import make_shapes
 
-from spe_lightning.engine.anchor import anchor_pairs, anchored_estimate, fit_anchor
-from spe_lightning.engine.predict import CachedSet
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
+from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift, shift_set, subset
 from spe_lightning.reverse import segmenter_from_text
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter, rank_normalise
@@ -75,18 +76,18 @@ def test_rank_label_fusion_ignores_a_gamma_shift_of_the_supports():
 
 
 def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
-    from spe_lightning.engine.mapping import Mapping
+    from spe_lightning.engine.mapping import MetricMapping
 
-    g = Mapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # G(p) = p + 0.1, slope 1
+    g = MetricMapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # G(p) = p + 0.1, slope 1
     pairs = [
         {"name": f"subset{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": d}}
         for i, d in enumerate((-0.02, -0.01, 0.0, 0.01, 0.02, 0.03))
     ]
     pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": -0.4}})  # G misses it by 0.2
-    with_noise = fit_anchor(pairs, "dice", g, 0.8)
-    without = fit_anchor(pairs, "dice", g, 0.8, exclude="noise_")
+    with_noise = fit_interval_model(pairs, "dice", g, 0.8)
+    without = fit_interval_model(pairs, "dice", g, 0.8, exclude="noise_")
     assert without["scores"] == pytest.approx([0.0] * 6) and max(with_noise["scores"]) == pytest.approx(0.2 / 0.21)
-    assert fit_anchor(pairs[:3], "dice", g, 0.8) is None  # too few pairs
+    assert fit_interval_model(pairs[:3], "dice", g, 0.8) is None  # too few pairs
     # value: calibration score moved by G(p_t) - G(p_c); the half-width grows with that move
     near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, with_noise)
     far = anchored_estimate(g, "dice", 0.60, 0.80, 0.90, 0.9, with_noise)
@@ -97,23 +98,36 @@ def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
     assert anchored_estimate(g, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
 
 
-def test_anchor_pairs_measure_subsets_and_shifts_against_the_base():
+def test_calibration_pairs_measure_subsets_and_shifts_against_the_base():
     data = _set(10)
 
-    def evaluate(d: CachedSet) -> dict:
+    def measure(d: CachedSet) -> dict:
         v = float(d.gray.mean())  # a stand-in for the pseudo and real metric of a set
-        return {"pseudo": {"dice": v}, "real": {"dice": 2 * v}}
+        return {"dice": v}
 
-    base = evaluate(data)
-    pairs = anchor_pairs(evaluate, data, base, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=1)
+    def pairs_of(seed: int) -> tuple[dict, list]:
+        sets = calibration_sets(data, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=seed)
+        record = {"pseudo": {"base": measure(data)}, "real": {"base": {"dice": 2 * measure(data)["dice"]}}}
+        for name, d in sets.items():
+            record["pseudo"][name], record["real"][name] = measure(d), {"dice": 2 * measure(d)["dice"]}
+        return sets, pairs_from_record(record, "base", list(sets))
+
+    sets, pairs = pairs_of(1)
     kinds = [p["kind"] for p in pairs]
     assert kinds.count("subset") == 6 and kinds.count("shift") == 1  # sizes 4 and 9 (capped below n)
-    assert sorted({p["n_images"] for p in pairs if p["kind"] == "subset"}) == [4, 9]
+    assert sorted({len(sets[p["name"]]) for p in pairs if p["kind"] == "subset"}) == [4, 9]
     for p in pairs:
         assert p["d_real"]["dice"] == pytest.approx(2 * p["d_pseudo"]["dice"])
     assert pairs[-1]["name"] == "gamma_3" and pairs[-1]["d_pseudo"]["dice"] != 0
-    again = anchor_pairs(evaluate, data, base, subset_sizes=[4, 4, 30], n_subsets=3, shifts=[("gamma", 3)], seed=1)
-    assert [p["d_pseudo"] for p in again] == [p["d_pseudo"] for p in pairs]
+    assert [p["d_pseudo"] for p in pairs_of(1)[1]] == [p["d_pseudo"] for p in pairs]
+
+
+def test_calibration_sets_default_to_the_products_shifts():
+    from spe_lightning.engine.calibration_pairs import INTERVAL_SEVERITIES
+
+    sets = calibration_sets(_set(6), subset_sizes=[3], n_subsets=1)
+    shifted = [n for n in sets if not n.startswith("subset")]
+    assert sorted(shifted) == sorted(f"{f}_{s}" for f in SHIFT_FAMILIES for s in INTERVAL_SEVERITIES)
 
 
 def _records(pc, rc, pt):
@@ -124,7 +138,7 @@ def _records(pc, rc, pt):
 
 
 def test_fit_and_estimate_anchors_on_the_calibration_score_of_each_record():
-    from spe_lightning.engine.estimation import fit_and_estimate
+    from spe_lightning.engine.records import fit_and_estimate
 
     recs = _records([0.3, 0.5, 0.7, 0.8], [0.45, 0.55, 0.8, 0.9], [0.3, 0.5, 0.6, 0.7])
     paper = fit_and_estimate(recs, ["t"], ["dice"], anchored=False)["estimates"]["t"]["dice"]
@@ -153,9 +167,8 @@ def test_fit_and_estimate_anchors_on_the_calibration_score_of_each_record():
 @pytest.mark.parametrize("shape,slices", [((32, 32), "all"), ((6, 24, 24), "foreground")])
 def test_shifted_and_subset_sets_match_a_fresh_cache(shape, slices):
     """shift_set/subset rebuild the reverse step's gray rows exactly as cache_dataset does (2D and 3D)."""
-    from _tiny import Blobs
-
-    from spe_lightning.engine.predict import cache_dataset
+    from spe_lightning.engine.cached_set import cache_dataset
+    from spe_lightning.testing import Blobs
 
     ds = Blobs(n=5, shape=shape, seed=2)
     data = cache_dataset("cal", ds, working_size=16, slices=slices)

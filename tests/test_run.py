@@ -1,0 +1,113 @@
+"""SPERun without a Trainer: a plain training loop runs SPE end to end with the callback's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spe_lightning import SPEConfig, SPEEstimator, SPERun
+from spe_lightning.testing import (
+    Blobs,
+    TinyNet,
+    fast_segmenter,
+    finite_everywhere,
+    loader,
+    max_abs_diff,
+    tiny_spe,
+    tiny_trainer,
+)
+
+
+def _config(**kw) -> SPEConfig:
+    args = dict(support_size=6, working_size=32, min_foreground=4, metrics=("dice", "hd95"), verbose=False)
+    args.update(kw)
+    return SPEConfig(**args)
+
+
+def _data():
+    return Blobs(16, seed=1), Blobs(10, seed=2), {"t": Blobs(10, seed=3, noise=0.15)}
+
+
+def _train_epoch(model: TinyNet, data, opt) -> None:
+    model.train()
+    for batch in loader(data, 6):
+        opt.zero_grad()
+        model.training_step(batch, 0).backward()
+        opt.step()
+
+
+def test_plain_loop_runs_spe_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    ref, cal, tgt = _data()
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=model.lr)
+    warnings: list[str] = []
+    run = SPERun(_config(), segmenter=fast_segmenter(), warn=warnings.append)
+    run.prepare(ref, cal, tgt)
+    assert run.prepared and run.targets == ["t"] and set(run.sets) == {"calibration", "t"}
+    for epoch in range(4):
+        _train_epoch(model, ref, opt)
+        run.record(model, epoch=epoch, step=epoch)
+    run.finish(model, step=3)  # the last record holds the final weights: no extra evaluation
+    assert [r["epoch"] for r in run.records] == [0, 1, 2, 3] and run.records[-1]["final"]
+    assert len(run.pairs) > 0 and warnings == []
+    report = run.build_report()
+    est = report["estimates"]["t"]["dice"]
+    assert est["value"] is not None and est["lower"] <= est["value"] <= est["upper"]
+    assert finite_everywhere(report)
+    paths = run.write_report(tmp_path, model)
+    assert json.loads(paths["json"].read_text())["estimates"]["t"]["dice"]["value"] == pytest.approx(est["value"])
+    reloaded = SPEEstimator.load(paths["estimator"])
+    again = reloaded.estimate(model, tgt["t"], name="t", per_case=False)
+    assert again.estimates["dice"]["value"] == pytest.approx(est["value"], abs=1e-6)
+
+
+def test_plain_loop_equals_the_callback(tmp_path):
+    """The same weights evaluated by the run alone and by the callback give the same records and estimates."""
+    ref, cal, tgt = _data()
+    torch.manual_seed(0)
+    cb = tiny_spe(reference=ref, calibration=cal, target=tgt, interval_subsets=1, interval_shifts=["noise"])
+    model = TinyNet()
+    tiny_trainer(tmp_path, 3, [cb]).fit(model, loader(ref))
+    run = SPERun(cb.config, segmenter=fast_segmenter())
+    run.prepare(ref, cal, tgt)
+    record = run.evaluate(model)
+    assert max_abs_diff(record["pseudo"], cb.records[-1]["pseudo"]) < 1e-9
+    assert max_abs_diff(record["real"], cb.records[-1]["real"]) < 1e-9
+
+
+def test_failures_are_warned_and_skipped_or_raised_when_strict():
+    ref, cal, tgt = _data()
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return {"unknown": x}
+
+    messages: list[str] = []
+    run = SPERun(_config(), segmenter=fast_segmenter(), warn=messages.append)
+    run.prepare(ref, cal, tgt)
+    assert run.record(Broken(), epoch=0, step=0) is None and run.records == []
+    assert len(messages) == 1 and "evaluation at epoch 0 skipped" in messages[0] and "logits_fn" in messages[0]
+    strict = SPERun(_config(strict=True), segmenter=fast_segmenter())
+    strict.prepare(ref, cal, tgt)
+    with pytest.raises(TypeError, match="logits_fn"):
+        strict.record(Broken(), epoch=0, step=0)
+
+
+def test_evaluate_before_prepare_names_the_fix():
+    with pytest.raises(RuntimeError, match="prepare"):
+        SPERun(_config()).evaluate(TinyNet())
+
+
+def test_resume_warns_about_changed_settings_and_keeps_records():
+    run = SPERun(_config())
+    run.records.append({"epoch": 0, "step": 5})
+    state = run.state_dict()
+    messages: list[str] = []
+    other = SPERun(_config(support_size=7), warn=messages.append)
+    other.load_state_dict(state)
+    assert other.records == [{"epoch": 0, "step": 5}] and "support_size" in messages[0]
+    with pytest.raises(ValueError, match="support_size"):
+        SPERun(_config(support_size=7, strict=True)).load_state_dict(state)
