@@ -10,19 +10,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SPECallback", "SPEEstimator", "make_segmenter", "__version__"]
+__all__ = ["SPECallback", "SPEConfig", "SPEEstimator", "SPERun", "make_segmenter", "__version__"]
 
 # Lazy: importing the engine or the segmenters should not pay for importing Lightning.
 _LAZY = {
     "SPECallback": "spe_lightning.callback",
+    "SPEConfig": "spe_lightning.config",
     "SPEEstimator": "spe_lightning.estimator",
+    "SPERun": "spe_lightning.run",
     "make_segmenter": "spe_lightning.reverse",
 }
 
 if TYPE_CHECKING:
     from spe_lightning.callback import SPECallback
+    from spe_lightning.config import SPEConfig
     from spe_lightning.estimator import SPEEstimator
     from spe_lightning.reverse import make_segmenter
+    from spe_lightning.run import SPERun
 
 
 def __getattr__(name: str) -> Any:

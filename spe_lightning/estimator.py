@@ -2,13 +2,13 @@
 
 The file (``spe_estimator.pt``) holds only tensors, numbers, strings, lists and dicts, so it
 loads with ``torch.load(weights_only=True)`` and cannot run code: G is stored as its parameters
-(:meth:`Mapping.to_dict`), the reverse segmenter as its spec (name + settings), and the reference
+(:meth:`MetricMapping.to_dict`), the reverse segmenter as its spec (name + settings), and the reference
 images/masks at the working size as tensors (float32 images, bool masks: about 86 KB per
 reference at 128 px, e.g. 15 MB for 172 references; :meth:`SPEEstimator.save` refuses more than
 ``max_reference_mb``, default 64 MB, unless the references are left out with ``embed_reference=False``
 and given again at load time).
 
-    est = SPEEstimator.from_callback(spe_callback, trainer.lightning_module)
+    est = SPEEstimator.from_run(spe_callback.run, trainer.lightning_module)
     est.save("spe_estimator.pt")
     result = SPEEstimator.load("spe_estimator.pt").estimate(model, new_images)
     result.estimates["dice"]  # {"value", "lower", "upper", "pseudo", "reason"}
@@ -24,29 +24,33 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spe_lightning.config import SPEConfig
 from spe_lightning.data.adapters import resize_labels, resize_masks
-from spe_lightning.engine.estimation import finite_or_none
-from spe_lightning.engine.mapping import Mapping
-from spe_lightning.engine.metrics import per_image_metrics
-from spe_lightning.engine.percase import CaseScores, calibrate_flags, case_scores
-from spe_lightning.engine.predict import CachedSet, cache_dataset, default_logits, predict_labels
-from spe_lightning.engine.spe import SPEEngine, metric_keys
+from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.estimate import estimate
+from spe_lightning.engine.mapping import MetricMapping
+from spe_lightning.engine.percase import CaseScores, calibrate_cases, case_rows, case_scores, per_case_dice
+from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
+from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
+
+if TYPE_CHECKING:
+    from spe_lightning.run import SPERun
 
 __all__ = ["SPEEstimator", "EstimateResult", "FORMAT", "VERSION", "IncompatibleEstimatorError"]
 
 #: the ``format`` tag of an estimator file
 FORMAT = "spe-estimator"
-#: the file layout version this code reads and writes
-VERSION = 1
-
-LogitsFn = Callable[[nn.Module, Tensor], Tensor]
+#: the file layout version this code writes (it reads 1 and 2)
+VERSION = 2
+#: settings of a version-1 file that SPEConfig names differently or not at all
+_V1_ONLY = ("class_names", "class_indices")
 
 
 class IncompatibleEstimatorError(ValueError):
@@ -84,19 +88,6 @@ class EstimateResult:
         }
 
 
-def _per_case_dice(masks: Sequence[Tensor], truth: Sequence[Tensor]) -> np.ndarray:
-    """Real Dice of each predicted mask (any foreground class) against its truth."""
-    out = np.full(len(masks), np.nan)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, m in enumerate(masks):
-        groups.setdefault(tuple(m.shape), []).append(i)
-    for idx in groups.values():
-        pred = torch.stack([masks[i] > 0 for i in idx])
-        d = per_image_metrics(pred, torch.stack([truth[i] > 0 for i in idx]), ("dice",))
-        out[idx] = d["dice"].numpy()
-    return out
-
-
 def _is_safe(obj: Any) -> bool:
     if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
         return True
@@ -108,64 +99,45 @@ def _is_safe(obj: Any) -> bool:
 
 
 class SPEEstimator:
-    """A fitted SPE estimator: reverse segmenter spec, references, G per metric, per-case calibration.
+    """A fitted SPE estimator: settings, reverse segmenter spec, references, G per key, per-case calibration.
 
-    Build it with :meth:`from_callback` after fit (or :meth:`load` a saved one); :meth:`estimate`
+    Build it with :meth:`from_run` after fit (or :meth:`load` a saved one); :meth:`estimate`
     applies it to a model and new unlabelled images.
 
     Args:
+        config: the run's :class:`~spe_lightning.SPEConfig` (or its ``to_dict()``).
         segmenter: the reverse segmenter's spec (``ReverseSegmenter.spec()``).
+        mappings: key -> :meth:`MetricMapping.to_dict` (or ``{"kind", "error"}`` when G could not be fitted).
         reference_images: working-size gray references ``[R,1,w,w]`` in [0, 1] (None: give them later).
-        reference_masks: their masks ``[R,1,w,w]`` bool.
+        reference_masks: their masks ``[R,1,w,w]`` bool (uint8 label maps with classes).
         reference_indices: positions of the references in the source reference dataset.
-        metrics: metric names.
-        mappings: metric -> :meth:`Mapping.to_dict` (or ``{"kind", "error"}`` when G could not be fitted).
-        config: ``support_size``, ``min_foreground``, ``threshold``, ``seed``, ``working_size``,
-            ``level``, ``foreground_class``, ``activation``, ``batch_size``, ``mapping``.
-        cases: per-case calibration (:func:`~spe_lightning.engine.percase.calibrate_flags` plus
-            ``k``, ``top`` and the calibration scores); None when not calibrated.
+        cases: per-case calibration (:func:`~spe_lightning.engine.percase.calibrate_cases`); None when not calibrated.
         info: free-form extras (targets' in-training estimates, model class, input size).
-        anchor: for anchored estimates (:mod:`spe_lightning.engine.anchor`): ``{"intervals": {key:
+        anchor: for anchored estimates (:mod:`spe_lightning.engine.estimate`): ``{"intervals": {key:
             interval model (plain numbers) or None}, "calibration_pseudo": {key: float},
-            "calibration_real": {key: float}}`` at the last record; None for the paper's G alone.
+            "calibration_real": {key: float}}`` at the last record; used when ``config.anchored``.
     """
 
     def __init__(
         self,
+        config: SPEConfig | dict[str, Any],
         segmenter: dict[str, Any],
-        reference_images: Tensor | None,
-        reference_masks: Tensor | None,
-        reference_indices: Sequence[int],
-        metrics: Sequence[str],
-        mappings: dict[str, dict[str, Any]],
-        config: dict[str, Any],
+        mappings: dict[str, dict[str, Any]] | None = None,
+        reference_images: Tensor | None = None,
+        reference_masks: Tensor | None = None,
+        reference_indices: Sequence[int] = (),
         cases: dict[str, Any] | None = None,
         info: dict[str, Any] | None = None,
         anchor: dict[str, Any] | None = None,
     ) -> None:
-        need = {"support_size", "min_foreground", "threshold", "seed", "working_size", "level"}
-        if need - set(config):
-            raise ValueError(f"SPEEstimator config misses {sorted(need - set(config))}.")
         if "name" not in segmenter:
             raise ValueError("SPEEstimator: the segmenter spec needs a 'name'.")
+        self.config = config if isinstance(config, SPEConfig) else SPEConfig.from_dict(config)
         self.segmenter_spec = dict(segmenter)
         self.reference_indices = [int(i) for i in reference_indices]
-        self.metrics = list(metrics)
-        self.config = {
-            "foreground_class": None,
-            "activation": "auto",
-            "batch_size": 16,
-            "class_names": None,
-            "class_indices": None,
-            "spatial_dims": None,
-            "max_slices": None,
-            **config,
-        }
-        #: record keys: the metrics, or per metric its class mean and ``"<metric>/<class>"``
-        self.keys = metric_keys(self.metrics, self.config["class_names"])
-        self.mappings = {k: dict(mappings.get(k, {"error": "no mapping stored"})) for k in self.keys}
+        self.mappings = {k: dict((mappings or {}).get(k, {"error": "no mapping stored"})) for k in self.keys}
         self.cases = cases
-        self.anchor = anchor
+        self.anchor = anchor if self.config.anchored else None
         self.info = dict(info or {})
         self.reference_images: Tensor | None = None
         self.reference_masks: Tensor | None = None
@@ -174,82 +146,72 @@ class SPEEstimator:
         if reference_images is not None:
             self.set_reference(reference_images, reference_masks)
 
+    @property
+    def metrics(self) -> list[str]:
+        """The metric names."""
+        return list(self.config.metrics)
+
+    @property
+    def keys(self) -> list[str]:
+        """Estimate keys: the metrics, or per metric its class mean and ``"<metric>/<class>"``."""
+        return self.config.keys
+
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_callback(
-        cls,
-        callback: Any,
-        module: nn.Module | None = None,
-        k: int = 16,
-        top: int = 1,
-        dice_cut: float = 0.7,
+    def from_run(
+        cls, run: SPERun, module: nn.Module | None = None, k: int = 16, top: int = 1, dice_cut: float = 0.7
     ) -> SPEEstimator:
-        """The estimator of a fitted :class:`~spe_lightning.SPECallback` (after ``trainer.fit``).
+        """The estimator of a finished :class:`~spe_lightning.SPERun` (after its report was built).
 
-        With ``module`` (the trained model, e.g. ``trainer.lightning_module``) the per-case
-        quality flags are calibrated on the callback's calibration set (``k``/``top`` of
-        :func:`~spe_lightning.engine.percase.case_scores`, flag cases whose real Dice is below
-        ``dice_cut``); without it, per-case scores are computed later but not flagged.
+        With ``module`` (the trained model) the per-case quality flags are calibrated on the run's
+        calibration set (``k``/``top`` of :func:`~spe_lightning.engine.percase.case_scores`, flag
+        cases whose real Dice is below ``dice_cut``); without it, per-case scores are not flagged.
+        The estimator reuses the run's segmenter instance.
         """
-        engine, report = getattr(callback, "engine", None), getattr(callback, "report", None)
+        report, engine = run.report, run.engine
         if engine is None or report is None:
-            raise ValueError("SPEEstimator.from_callback: the callback has no report yet; call it after trainer.fit.")
-        config = {
-            "support_size": engine.support_size,
-            "min_foreground": engine.min_foreground,
-            "threshold": float(engine.threshold),
-            "seed": int(engine.seed),
-            "working_size": int(callback.working_size),
-            "level": float(report.get("level", callback.level)),
-            "mapping": str(callback.mapping),
-            "foreground_class": callback.foreground_class,
-            "activation": str(callback.activation),
-            "batch_size": int(callback.batch_size),
-            "class_names": list(getattr(callback, "class_names", None) or []) or None,
-            "class_indices": list(getattr(callback, "class_indices", None) or []) or None,
-            "spatial_dims": getattr(callback, "spatial_dims", None),
-            "max_slices": getattr(callback, "max_slices", None),
-        }
+            raise ValueError("SPEEstimator.from_run: the run has no report yet; build it after fit.")
+        cal = run.sets[CALIBRATION]
         info: dict[str, Any] = {
             "targets": {t: dict(e) for t, e in report.get("estimates", {}).items()},
-            "n_records": int(report.get("n_records", len(report.get("records", [])))),
-            "custom_logits_fn": getattr(callback, "logits_fn", default_logits) is not default_logits,
+            "n_records": int(report.get("n_records", len(run.records))),
+            "custom_logits_fn": run.logits_fn is not default_logits,
         }
-        cal = getattr(callback, "_sets", {}).get("calibration")
-        if cal is not None and len(cal):
+        if len(cal):
             info["input_shape"] = [int(s) for s in cal.inputs[0].shape]
         if module is not None:
             info["model_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
         anchor = None
         if report.get("anchor_intervals") is not None:
-            last = callback.records[-1]
+            last = run.records[-1]
             anchor = {
                 "intervals": dict(report["anchor_intervals"]),
-                "calibration_pseudo": dict(last["pseudo"].get("calibration", {})),
-                "calibration_real": dict(last["real"].get("calibration", {})),
+                "calibration_pseudo": dict(last["pseudo"].get(CALIBRATION, {})),
+                "calibration_real": dict(last["real"].get(CALIBRATION, {})),
             }
         est = cls(
-            segmenter=engine.segmenter.spec(),
-            reference_images=engine.ref_images,
-            reference_masks=getattr(engine, "ref_labels", engine.ref_masks),
-            reference_indices=engine.ref_indices,
-            metrics=list(report["metrics"]),
-            mappings=report["mapping"],
-            config=config,
+            run.config,
+            engine.segmenter.spec(),
+            report["mapping"],
+            engine.ref_images,
+            engine.ref_labels,
+            engine.ref_indices,
             info=info,
             anchor=anchor,
         )
         est._segmenter = engine.segmenter  # the very instance that ran during training
         if module is not None:
-            if cal is None:
-                raise ValueError("SPEEstimator.from_callback: the callback holds no calibration set to calibrate on.")
-            logits_fn = getattr(callback, "logits_fn", default_logits)
-            est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=logits_fn)
+            est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=run.logits_fn)
         return est
+
+    @classmethod
+    def from_callback(cls, callback: Any, module: nn.Module | None = None, **kwargs: Any) -> SPEEstimator:
+        """:meth:`from_run` of a fitted :class:`~spe_lightning.SPECallback`'s run (``callback.run``)."""
+        return cls.from_run(callback.run, module, **kwargs)
 
     def set_reference(self, images: Tensor, masks: Tensor | None) -> None:
         """Use these working-size references: ``[R,1,w,w]`` gray in [0, 1], masks bool (or uint8 label maps)."""
-        w = int(self.config["working_size"])
+        w = self.config.working_size
         if masks is None or images.ndim != 4 or tuple(images.shape[1:]) != (1, w, w) or masks.shape != images.shape:
             shape = None if masks is None else tuple(masks.shape)
             raise ValueError(f"references must be [R,1,{w},{w}] images and masks; got {tuple(images.shape)}, {shape}.")
@@ -257,18 +219,18 @@ class SPEEstimator:
             raise ValueError(f"{images.shape[0]} references given; the estimator used {len(self.reference_indices)}.")
         # clones: a view would make torch.save write its whole underlying storage
         self.reference_images = images.detach().float().cpu().clone()
-        labels = self.config["class_names"] is not None
+        labels = bool(self.config.classes)
         self.reference_masks = masks.detach().cpu().to(torch.uint8 if labels else torch.bool).clone()
         self._engine = None
 
     def _cache_kwargs(self) -> dict[str, Any]:
         c = self.config
         return {
-            "working_size": int(c["working_size"]),
-            "foreground": c["foreground_class"],
-            "classes": c["class_indices"],
-            "spatial_dims": c["spatial_dims"],
-            "max_slices": c["max_slices"],
+            "working_size": c.working_size,
+            "foreground": c.foreground_class,
+            "classes": c.class_indices or None,
+            "spatial_dims": c.spatial_dims,
+            "max_slices": c.max_slices,
         }
 
     def set_reference_dataset(self, dataset: Sequence, image_key: str = "image", label_key: str = "label") -> None:
@@ -326,12 +288,13 @@ class SPEEstimator:
             self._engine = SPEEngine(
                 self.segmenter,
                 ref,
-                self.metrics,
-                int(c["support_size"]),
-                int(c["min_foreground"]),
-                float(c["threshold"]),
-                int(c["seed"]),
-                class_names=c["class_names"],
+                c.metrics,
+                c.support_size,
+                c.min_foreground,
+                c.threshold,
+                c.seed,
+                class_names=c.class_names or None,
+                memory_budget_mb=c.memory_budget_mb,
             )
         return self._engine
 
@@ -349,9 +312,8 @@ class SPEEstimator:
             "format": FORMAT,
             "version": VERSION,
             "spe_lightning": __version__,
-            "metrics": list(self.metrics),
             "segmenter": dict(self.segmenter_spec),
-            "config": dict(self.config),
+            "config": self.config.to_dict(),
             "mappings": self.mappings,
             "reference": ref,
             "cases": self.cases,
@@ -386,21 +348,23 @@ class SPEEstimator:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise IncompatibleEstimatorError("not an SPE estimator file (no 'format': 'spe-estimator' entry).")
         version = state.get("version")
-        if version != VERSION:
+        if version not in (1, VERSION):
             raise IncompatibleEstimatorError(
                 f"SPE estimator file version {version!r} (written by spe-lightning {state.get('spe_lightning', '?')}) "
-                f"cannot be read by this spe-lightning, which reads version {VERSION}; re-export the estimator "
-                "with a matching spe-lightning (SPEEstimator.from_callback(...).save(...))."
+                f"cannot be read by this spe-lightning, which reads versions 1 and {VERSION}; re-export the "
+                "estimator with a matching spe-lightning (SPEEstimator.from_run(...).save(...))."
             )
+        config = state["config"]
+        if version == 1:
+            config = _config_from_v1(config, state["metrics"], anchored=state.get("anchor") is not None)
         ref = state["reference"]
         return cls(
-            segmenter=state["segmenter"],
-            reference_images=ref.get("images"),
-            reference_masks=ref.get("masks"),
-            reference_indices=ref.get("indices", []),
-            metrics=state["metrics"],
-            mappings=state["mappings"],
-            config=state["config"],
+            config,
+            state["segmenter"],
+            state["mappings"],
+            ref.get("images"),
+            ref.get("masks"),
+            ref.get("indices", []),
             cases=state.get("cases"),
             anchor=state.get("anchor"),
             info=state.get("info"),
@@ -438,12 +402,12 @@ class SPEEstimator:
             model,
             data,
             device,
-            int(c["batch_size"]),
+            c.batch_size,
             logits_fn,
-            c["activation"],
-            float(c["threshold"]),
-            c["foreground_class"],
-            c["class_indices"],
+            c.activation,
+            c.threshold,
+            c.foreground_class,
+            c.class_indices or None,
         )
 
     def _check_2d(self, data: CachedSet) -> None:
@@ -468,19 +432,8 @@ class SPEEstimator:
         self._check_2d(data)
         device = self._device(model, device)
         masks, _ = self._predict(model, data, device, logits_fn)
-        real = _per_case_dice(masks, data.masks)
-        res = self._scores(data, masks, k, top, None, device)
-        flags = calibrate_flags(res.score.numpy(), real, res.empty.numpy(), dice_cut=dice_cut)
-        scores = res.score.numpy().copy()
-        if flags["empty_score"] is not None:
-            scores[res.empty.numpy()] = flags["empty_score"]
-        self.cases = {
-            "k": int(k),
-            "top": int(top),
-            **flags,
-            "calibration_scores": [finite_or_none(v) for v in scores],
-            "calibration_dice": [finite_or_none(v) for v in real],
-        }
+        scores = self._scores(data, masks, k, top, None, device)
+        self.cases = calibrate_cases(scores, per_case_dice(masks, data.masks), k, top, dice_cut)
         return self.cases
 
     def _scores(
@@ -504,8 +457,8 @@ class SPEEstimator:
             engine.ref_masks,
             k=k,
             top=top,
-            threshold=float(self.config["threshold"]),
-            min_foreground=int(self.config["min_foreground"]),
+            threshold=self.config.threshold,
+            min_foreground=self.config.min_foreground,
             empty_score=empty_score,
             device=device,
             progress=progress,
@@ -553,12 +506,10 @@ class SPEEstimator:
         if per_case:
             self._check_2d(data)
         device = self._device(model, device)
-        c = self.config
         masks, conf = self._predict(model, data, device, logits_fn)
         if progress is not None:
             progress(0)
         engine = self.engine
-        level = float(c["level"])
         pseudo = engine.pseudo(data, masks, device)
         estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"])
         true = engine.real(data, masks)
@@ -571,7 +522,7 @@ class SPEEstimator:
             estimates=estimates,
             n_images=len(data),
             n_support=pseudo["n_support"],
-            level=level,
+            level=self.config.level,
             cases=cases,
             masks=list(masks),
             gray=data.gray,
@@ -588,15 +539,13 @@ class SPEEstimator:
         The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
         calibration score moved by G(pseudo) - G(calibration pseudo)), the paper's one kept under ``paper``.
         """
-        from spe_lightning.engine.estimation import estimate
-
-        level = float(self.config["level"])
+        level = self.config.level
         anchor = self.anchor
         out: dict[str, dict[str, Any]] = {}
         for key in self.keys:
             md = self.mappings.get(key, {})
             out[key] = estimate(
-                Mapping.from_dict(md) if "params" in md else None,
+                MetricMapping.from_dict(md) if "params" in md else None,
                 key,
                 pseudo.get(key),
                 level,
@@ -623,37 +572,11 @@ class SPEEstimator:
     ) -> tuple[list[dict[str, Any]], float | None]:
         cal = self.cases or {}
         k, top = int(cal.get("k", 16)), int(cal.get("top", 1))
-        res = self._scores(data, masks, k, top, cal.get("empty_score"), device, progress)
-        g = Mapping.from_dict(cal["mapping"]) if cal.get("mapping") else None
-        threshold = cal.get("threshold")
-        real = _per_case_dice(masks, data.masks) if data.masks is not None else None
-        level = float(self.config["level"])
-        rows = []
-        for i in range(len(data)):
-            s = finite_or_none(res.score[i])
-            row: dict[str, Any] = {
-                "id": str(ids[i]) if ids is not None else str(data.indices[i]),
-                "quality": s,
-                "estimated_dice": None,
-                "estimated_dice_lower": None,
-                "estimated_dice_upper": None,
-                "flagged": None if threshold is None or s is None else bool(s < threshold),
-                "empty_prediction": bool(res.empty[i]),
-                "foreground_pixels": int(masks[i].sum()),
-                "confidence": finite_or_none(conf[i]),
-                "best_reference": int(res.best_reference[i]),
-            }
-            if g is not None and s is not None:
-                lo, hi = g.interval([s], level)
-                row.update(
-                    estimated_dice=finite_or_none(g.predict([s])[0]),
-                    estimated_dice_lower=finite_or_none(lo[0]),
-                    estimated_dice_upper=finite_or_none(hi[0]),
-                )
-            if real is not None:
-                row["real_dice"] = finite_or_none(real[i])
-            rows.append(row)
-        return rows, threshold
+        scores = self._scores(data, masks, k, top, cal.get("empty_score"), device, progress)
+        real = per_case_dice(masks, data.masks) if data.masks is not None else None
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
+        rows = case_rows(scores, self.cases, masks, conf, ids, real, self.config.level)
+        return rows, cal.get("threshold")
 
     def __repr__(self) -> str:
         n = 0 if self.reference_images is None else self.reference_images.shape[0]
@@ -661,3 +584,12 @@ class SPEEstimator:
             f"SPEEstimator(segmenter={self.segmenter_spec.get('name')!r}, metrics={self.metrics}, references={n}, "
             f"per_case={'calibrated' if self.cases else 'uncalibrated'})"
         )
+
+
+def _config_from_v1(config: dict[str, Any], metrics: Sequence[str], anchored: bool) -> SPEConfig:
+    """The :class:`SPEConfig` of a version-1 estimator file's config dict."""
+    names, indices = config.get("class_names"), config.get("class_indices")
+    nullable = ("foreground_class", "spatial_dims", "max_references", "memory_budget_mb")
+    known = {k: v for k, v in config.items() if k not in _V1_ONLY and (v is not None or k in nullable)}
+    classes = dict(zip(names, indices)) if names and indices else None
+    return SPEConfig.from_dict({**known, "metrics": tuple(metrics), "classes": classes, "anchored": anchored})

@@ -1,4 +1,7 @@
-"""Tiny, fast models and datasets for the reliability tests (2D/3D, binary/multi-class, odd formats)."""
+"""Tiny, fast models and datasets for tests and smoke checks (2D/3D, binary/multi-class, odd input formats).
+
+Shipped in the package so that the test suite and ``benchmarks/cuda_smoke.py`` share one copy.
+"""
 
 from __future__ import annotations
 

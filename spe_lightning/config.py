@@ -1,0 +1,208 @@
+"""SPEConfig: the settings of one SPE run, validated once, stored as a plain dict.
+
+The callback, its checkpoint state (``state_dict``) and the estimator file all store
+``SPEConfig.to_dict()``; :meth:`SPEConfig.from_dict` reads it back (unknown keys are refused,
+so a typo in a YAML file or a dict names itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from spe_lightning.engine.mapping import MAPPINGS
+from spe_lightning.engine.metrics import PAPER_METRICS, validate_metrics
+from spe_lightning.engine.pseudo_metrics import metric_keys
+from spe_lightning.engine.shifts import SHIFT_FAMILIES
+from spe_lightning.reverse.base import available_segmenters
+
+__all__ = ["ACTIVATIONS", "SPEConfig"]
+
+ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+
+#: settings that change what a record or an estimate means: resuming with other values is flagged
+ESTIMATION_KEYS = (
+    "metrics",
+    "support_size",
+    "max_references",
+    "min_foreground",
+    "threshold",
+    "mapping",
+    "level",
+    "anchored",
+    "interval_shifts",
+    "interval_subsets",
+    "seed",
+    "working_size",
+    "every_n_epochs",
+    "foreground_class",
+    "classes",
+    "max_slices",
+)
+
+
+def _parse_classes(classes: Sequence[int] | Mapping[str, int] | None) -> dict[str, int] | None:
+    """``{name: index}`` of the ``classes`` argument (names ``class_<i>`` for a plain list)."""
+    if classes is None:
+        return None
+    if isinstance(classes, Mapping):
+        names, indices = [str(k) for k in classes], list(classes.values())
+    elif isinstance(classes, Sequence) and not isinstance(classes, str):
+        indices = list(classes)
+        names = [f"class_{c}" for c in indices]
+    else:
+        raise TypeError(f"SPE: classes must be a list of class indices or a {{name: index}} dict, got {classes!r}.")
+    if not indices:
+        raise ValueError("SPE: classes is empty; give at least one class index (or None for binary).")
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in indices):
+        raise ValueError(f"SPE: class indices must be ints >= 0, got {indices!r}.")
+    if len(set(indices)) != len(indices) or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"SPE: classes must have distinct indices and non-empty names, got {classes!r}.")
+    return dict(zip(names, indices))
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"SPE: {name} must be an int >= {low}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SPEConfig:
+    """Every plain setting of an SPE run (see :class:`~spe_lightning.SPECallback` for their meaning).
+
+    Frozen and validated on construction; ``classes`` is normalised to ``{name: index}`` and the
+    sequences to tuples. ``segmenter`` is a registered name or ``"auto"``; a segmenter instance
+    is given to :class:`~spe_lightning.SPERun` separately.
+    """
+
+    segmenter: str = "auto"
+    every_n_epochs: int = 1
+    support_size: int = 64
+    max_references: int | None = None
+    min_foreground: int = 16
+    threshold: float = 0.5
+    metrics: tuple[str, ...] = PAPER_METRICS
+    mapping: str = "linear"
+    level: float = 0.9
+    anchored: bool = True
+    interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
+    interval_subsets: int = 4
+    seed: int = 0
+    working_size: int = 128
+    foreground_class: int | None = None
+    classes: dict[str, int] | None = field(default=None, hash=False)
+    spatial_dims: int | None = None
+    max_slices: int = 16
+    memory_budget_mb: float | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    activation: str = "auto"
+    batch_size: int = 16
+    verbose: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate_ints()
+        self._validate_ranges()
+        self._validate_choices()
+        classes = _parse_classes(self.classes)
+        if classes and self.foreground_class is not None:
+            raise ValueError("SPE: give foreground_class (binary) or classes (multi-class), not both.")
+        set_ = object.__setattr__  # normalised forms of a frozen dataclass
+        set_(self, "classes", classes)
+        set_(self, "metrics", tuple(validate_metrics(self.metrics)))
+        set_(self, "interval_shifts", tuple(self.interval_shifts))
+        set_(self, "threshold", float(self.threshold))
+        set_(self, "level", float(self.level))
+        set_(self, "anchored", bool(self.anchored))
+        if self.memory_budget_mb is not None:
+            set_(self, "memory_budget_mb", float(self.memory_budget_mb))
+
+    def _validate_ints(self) -> None:
+        for name, low in (
+            ("every_n_epochs", 1),
+            ("support_size", 1),
+            ("min_foreground", 0),
+            ("working_size", 16),
+            ("batch_size", 1),
+            ("max_slices", 1),
+            ("interval_subsets", 0),
+        ):
+            _check_int(name, getattr(self, name), low)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"SPE: seed must be an int, got {self.seed!r}.")
+        if self.max_references is not None:
+            _check_int("max_references", self.max_references, 1)
+
+    def _validate_ranges(self) -> None:
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"SPE: threshold must be in (0, 1), got {self.threshold!r}.")
+        if not 0.0 < float(self.level) < 1.0:
+            raise ValueError(f"SPE: level must be in (0, 1), got {self.level!r}.")
+        if self.memory_budget_mb is not None and not float(self.memory_budget_mb) > 0:
+            raise ValueError(f"SPE: memory_budget_mb must be None or > 0, got {self.memory_budget_mb!r}.")
+
+    def _validate_choices(self) -> None:
+        unknown = [f for f in self.interval_shifts if f not in SHIFT_FAMILIES]
+        if isinstance(self.interval_shifts, str) or unknown:
+            raise ValueError(f"SPE: interval_shifts must be a list of {SHIFT_FAMILIES}, got {self.interval_shifts!r}.")
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"SPE: mapping must be one of {MAPPINGS}, got {self.mapping!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"SPE: activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if self.spatial_dims not in (None, 2, 3):
+            raise ValueError(f"SPE: spatial_dims must be None, 2 or 3, got {self.spatial_dims!r}.")
+        if not isinstance(self.segmenter, str):
+            raise TypeError(
+                f"SPEConfig.segmenter is a name; give a ReverseSegmenter instance to SPERun/SPECallback "
+                f"instead (got {type(self.segmenter).__name__})."
+            )
+        if self.segmenter != "auto" and self.segmenter not in available_segmenters():
+            raise ValueError(
+                f"SPE: unknown segmenter {self.segmenter!r}; use 'auto', one of {available_segmenters()} "
+                "or a ReverseSegmenter instance."
+            )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the classes of multi-class SPE (empty for binary)."""
+        return list(self.classes) if self.classes else []
+
+    @property
+    def class_indices(self) -> list[int]:
+        """Indices of the classes of multi-class SPE (empty for binary)."""
+        return list(self.classes.values()) if self.classes else []
+
+    @property
+    def keys(self) -> list[str]:
+        """Record/estimate keys: the metrics, or per metric its class mean then ``"<metric>/<class>"``."""
+        return metric_keys(self.metrics, self.class_names or None)
+
+    # ------------------------------------------------------------------ plain dicts
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict (lists for tuples); :meth:`from_dict` round-trips it."""
+        out = dataclasses.asdict(self)
+        out["metrics"], out["interval_shifts"] = list(self.metrics), list(self.interval_shifts)
+        out["classes"] = dict(self.classes) if self.classes else None
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SPEConfig:
+        """The config of a :meth:`to_dict` dict; unknown keys raise ``ValueError`` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"SPEConfig: unknown setting(s) {unknown}; known: {sorted(names)}.")
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any) -> SPEConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def changed_from(self, saved: Mapping[str, Any]) -> list[str]:
+        """Estimation settings that differ from a saved dict (keys the dict lacks are not compared)."""
+        mine = self.to_dict()
+        return sorted(k for k in ESTIMATION_KEYS if k in saved and saved[k] != mine[k])

@@ -1,0 +1,409 @@
+"""SPERun: the one owner of an SPE run's state and work, in plain PyTorch (no Trainer needed).
+
+It reads the datasets and builds the reverse segmenter and engine (:meth:`SPERun.prepare`),
+evaluates a model at a checkpoint (:meth:`SPERun.record`, sharded over processes or not),
+measures the labelled calibration pairs at the final weights (:meth:`SPERun.finish`), and fits
+G and builds the report (:meth:`SPERun.build_report`). :class:`~spe_lightning.SPECallback` decides
+*when* and publishes; a user with their own training loop can call the same methods::
+
+    run = SPERun(SPEConfig(segmenter="label_fusion"))
+    run.prepare(reference=train_set, calibration=val_set, target={"site_b": unlabelled})
+    for epoch in range(epochs):
+        train_one_epoch(model)
+        run.record(model, epoch=epoch, step=epoch)
+    run.finish(model)
+    report = run.build_report()
+    run.write_report("out/")
+
+Failures at a checkpoint are passed to ``warn`` and that evaluation is skipped (``strict``: raised).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from spe_lightning.config import SPEConfig
+from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.calibration_pairs import INTERVAL_SEVERITIES, calibration_sets, pairs_from_record
+from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
+from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
+from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
+from spe_lightning.engine.report import make_figure, write_csv, write_json
+from spe_lightning.estimator import SPEEstimator
+from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
+
+__all__ = ["SPERun", "REPORT_VERSION"]
+
+#: the ``version`` of ``spe_report.json``
+REPORT_VERSION = 1
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class SPERun:
+    """State and work of one SPE run: cached sets, segmenter, engine, records, calibration pairs, report.
+
+    Args:
+        config: the settings (default: :class:`SPEConfig` defaults).
+        segmenter: a reverse segmenter instance; overrides ``config.segmenter``.
+        logits_fn: ``fn(model, images) -> logits``; default ``model(images)`` (dict/list outputs handled).
+        warn: called with a message when an evaluation is skipped or a step fails (default ``warnings.warn``).
+        say: called with progress lines when ``config.verbose`` (default ``print``).
+    """
+
+    def __init__(
+        self,
+        config: SPEConfig | None = None,
+        segmenter: ReverseSegmenter | None = None,
+        logits_fn: LogitsFn | None = None,
+        warn: Callable[[str], Any] | None = None,
+        say: Callable[[str], Any] | None = None,
+    ) -> None:
+        if segmenter is not None and not isinstance(segmenter, ReverseSegmenter):
+            raise TypeError(f"SPE: segmenter must be a ReverseSegmenter, got {type(segmenter).__name__}.")
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError("SPE: logits_fn must be callable (module, images) -> logits.")
+        self.config = config or SPEConfig()
+        self.logits_fn: LogitsFn = logits_fn or default_logits
+        self.warn: Callable[[str], Any] = warn or (lambda message: warnings.warn(message, stacklevel=3))
+        self.say: Callable[[str], Any] = say or print
+        self._segmenter_arg = segmenter
+        self.segmenter: ReverseSegmenter | None = None
+        self.engine: SPEEngine | None = None
+        self._sets: dict[str, CachedSet] = {}
+        self._targets: list[str] = []
+        self.records: list[dict[str, Any]] = []
+        self.pairs: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def prepared(self) -> bool:
+        """True once :meth:`prepare` has read the datasets."""
+        return self.engine is not None
+
+    @property
+    def targets(self) -> list[str]:
+        """The target names, in order."""
+        return list(self._targets)
+
+    @property
+    def sets(self) -> Mapping[str, CachedSet]:
+        """The cached calibration and target sets by name (read-only)."""
+        return MappingProxyType(self._sets)
+
+    @property
+    def keys(self) -> list[str]:
+        """Record/estimate keys (the metrics, or per class ``"<metric>/<class>"`` too)."""
+        return self.config.keys
+
+    @property
+    def volumetric(self) -> bool:
+        """True when the sets hold 3D volumes (handled slice-wise)."""
+        return self.config.spatial_dims == 3 or any(d.volumetric for d in self._sets.values())
+
+    def segmenter_spec(self) -> dict[str, Any]:
+        """The reverse segmenter's spec (its name before :meth:`prepare` built it)."""
+        if self.segmenter is not None:
+            return self.segmenter.spec()
+        if self._segmenter_arg is not None:
+            return self._segmenter_arg.spec()
+        return {"name": self.config.segmenter}
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self, reference: Dataset, calibration: Dataset, target: Dataset | Mapping[str, Dataset]) -> None:
+        """Read the datasets and build the segmenter and engine; every input problem is raised here."""
+        c = self.config
+        target = dict(target) if isinstance(target, Mapping) else {"target": target}
+        if not target:
+            raise ValueError("SPE: target is an empty dict; give at least one unlabelled dataset.")
+        if CALIBRATION in target:
+            raise ValueError(f"SPE: a target may not be called {CALIBRATION!r}; rename it.")
+        common = self._cache_kwargs()
+        ref_idx = None
+        if c.max_references is not None and len(reference) > c.max_references:
+            g = torch.Generator().manual_seed(c.seed)
+            ref_idx = sorted(torch.randperm(len(reference), generator=g)[: c.max_references].tolist())
+        ref = cache_dataset(
+            "reference",
+            reference,
+            indices=ref_idx,
+            require_masks=True,
+            slices="foreground",
+            keep_inputs=False,
+            **common,
+        )
+        sets = {CALIBRATION: cache_dataset(CALIBRATION, calibration, require_masks=True, **common)}
+        for name, ds in target.items():
+            sets[name] = cache_dataset(name, ds, **common)
+        dims = {("3D" if d.volumetric or (d.inputs and d.inputs[0].ndim == 4) else "2D") for d in sets.values()}
+        if len(dims) > 1:
+            raise ValueError("SPE: calibration and targets mix 2D images and 3D volumes.")
+        segmenter = self._build_segmenter()
+        engine = SPEEngine(
+            segmenter,
+            ref,
+            c.metrics,
+            c.support_size,
+            c.min_foreground,
+            c.threshold,
+            c.seed,
+            class_names=c.class_names or None,
+            memory_budget_mb=c.memory_budget_mb,
+        )
+        empty = engine.classes_without_queries()
+        if empty:
+            what = f"class(es) {empty}" if c.class_names else "foreground"
+            raise ValueError(
+                f"SPE: no reference mask has {what}; the reverse step needs labelled structures "
+                "(check foreground_class/classes)."
+            )
+        self._sets, self._targets = sets, list(target)
+        self.segmenter, self.engine = segmenter, engine
+
+    def describe(self) -> str:
+        """One line: how many references, calibration and target items, and which segmenter."""
+        engine = self._engine()
+        unit = "slices" if self.volumetric else "images"
+        return (
+            f"SPE: {len(engine.ref_indices)} reference {unit}, calibration {len(self._sets[CALIBRATION])} items, "
+            f"targets {', '.join(f'{t} ({len(self._sets[t])})' for t in self._targets)}; "
+            f"reverse segmenter {engine.segmenter.name}."
+        )
+
+    def _cache_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "working_size": c.working_size,
+            "image_key": c.image_key,
+            "label_key": c.label_key,
+            "foreground": c.foreground_class,
+            "classes": c.class_indices or None,
+            "spatial_dims": c.spatial_dims,
+            "max_slices": c.max_slices,
+        }
+
+    def cache(self, name: str, dataset: Dataset, require_masks: bool = False) -> CachedSet:
+        """A dataset cached with this run's settings (e.g. an extra set for :meth:`evaluate`)."""
+        return cache_dataset(name, dataset, require_masks=require_masks, **self._cache_kwargs())
+
+    def _build_segmenter(self) -> ReverseSegmenter:
+        if self._segmenter_arg is not None:
+            return self._segmenter_arg
+        if self.config.segmenter == "auto":
+            seg, reason = resolve_auto()
+            if seg.name != "universeg":
+                self.warn(f"SPE(segmenter='auto'): {reason}")
+            return seg
+        return make_segmenter(self.config.segmenter)
+
+    def _engine(self) -> SPEEngine:
+        if self.engine is None:
+            raise RuntimeError("SPE: call prepare() (or fit with the callback) first.")
+        return self.engine
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, shard: Shard | None = None, sets: Mapping[str, CachedSet] | None = None
+    ) -> dict[str, Any]:
+        """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
+
+        With a ``shard`` of several processes, each predicts its share of every set and segments its
+        share of the references; all processes must call this together and get the same record.
+        Raises on failure (see :meth:`record` for the skipping policy).
+        """
+        engine = self._engine()
+        shard = shard or Shard()
+        c = self.config
+        device = _model_device(model)
+        predictions = {}
+        for name, data in (self._sets if sets is None else sets).items():
+            n = len(data)
+            run = functools.partial(
+                predict_labels,
+                model,  # the module itself, never a DDP wrapper: no gradient sync hooks in SPE's forward
+                data,
+                device,
+                c.batch_size,
+                self.logits_fn,
+                c.activation,
+                c.threshold,
+                c.foreground_class,
+                c.class_indices or None,
+                shard.part(n),
+            )
+            masks: list[Tensor] = [torch.zeros(0)] * n
+            conf = torch.zeros(n)
+            for r, (m, cf) in enumerate(shard.run(run)):
+                for k, pos in enumerate(range(r, n, shard.world)):
+                    masks[pos] = m[k]
+                conf[r :: shard.world] = cf
+            predictions[name] = (data, masks, conf)
+        return engine.evaluate(predictions, device, shard)
+
+    def _guarded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None after a warning when it fails (``strict``: raised)."""
+        try:
+            return fn()
+        except Exception as err:
+            if self.config.strict:
+                raise
+            self.warn(f"SPE: {what}: {err!r}")
+            return None
+
+    def is_recorded(self, epoch: int) -> bool:
+        """True when a record of ``epoch`` exists (a resumed run never evaluates an epoch twice)."""
+        return any(r["epoch"] == epoch for r in self.records)
+
+    def record(
+        self, model: nn.Module, epoch: int, step: int, final: bool = False, shard: Shard | None = None
+    ) -> dict[str, Any] | None:
+        """Evaluate ``model`` and keep the record; None when the evaluation failed and was skipped."""
+        start = time.perf_counter()
+        record = self._guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
+        if record is None:
+            return None
+        record.update(epoch=epoch, step=step, final=final, seconds=time.perf_counter() - start)
+        self.records.append(record)
+        return record
+
+    def finish(
+        self, model: nn.Module, epoch: int | None = None, step: int | None = None, shard: Shard | None = None
+    ) -> None:
+        """At the final weights: mark (or make) the final record, then measure the calibration pairs.
+
+        The last record is the final one when its ``step`` equals ``step`` (None: the last record is
+        taken as final); otherwise ``model`` is evaluated once more as ``epoch``/``step``.
+        """
+        self.pairs = []  # measured anew at this fit's final weights (a reused run must not keep old ones)
+        if self.records and (step is None or self.records[-1]["step"] == step):
+            self.records[-1]["final"] = True
+        else:
+            last = self.records[-1] if self.records else {"epoch": -1, "step": -1}
+            self.record(
+                model,
+                last["epoch"] + 1 if epoch is None else epoch,
+                last["step"] + 1 if step is None else step,
+                final=True,
+                shard=shard,
+            )
+        if self.config.anchored and self.records and self.records[-1]["final"]:
+            self.measure_pairs(model, shard)
+
+    def measure_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
+        """The labelled calibration pairs at ``model``'s weights (subsets, shifted copies): the intervals."""
+        c = self.config
+        shifts = [(f, v) for f in c.interval_shifts for v in INTERVAL_SEVERITIES]
+        if not shifts and not c.interval_subsets:
+            return []
+        start = time.perf_counter()
+
+        def measure() -> list[dict[str, Any]]:
+            sizes = sorted({len(self._sets[t]) for t in self._targets})
+            sets = calibration_sets(self._sets[CALIBRATION], sizes, c.interval_subsets, shifts, c.seed)
+            record = self.evaluate(model, shard, sets)
+            last = self.records[-1]
+            for kind in ("pseudo", "real"):
+                record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+            return pairs_from_record(record, CALIBRATION, list(sets))
+
+        pairs = self._guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
+        self.pairs = pairs or []
+        if pairs and c.verbose:
+            self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
+        return self.pairs
+
+    # ------------------------------------------------------------------ estimates and report
+    def running_estimate(self) -> dict[str, Any] | None:
+        """G fitted on the records so far and every target's estimate; None before 3 records."""
+        if len(self.records) < 3:
+            return None
+        c = self.config
+        return fit_and_estimate(self.records, self._targets, self.keys, c.mapping, c.level, anchored=c.anchored)
+
+    def build_report(self) -> dict[str, Any]:
+        """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
+        c = self.config
+        result = fit_and_estimate(self.records, self._targets, self.keys, c.mapping, c.level, c.anchored, self.pairs)
+        engine = self.engine
+        report: dict[str, Any] = {
+            "version": REPORT_VERSION,
+            "metrics": list(c.metrics),
+            "keys": self.keys,
+            "classes": c.to_dict()["classes"],
+            "segmenter": self.segmenter_spec(),
+            "config": c.to_dict(),
+            "reference_indices": list(engine.ref_indices) if engine else [],
+        }
+        if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
+            report["reference_slices"] = engine.ref_slices
+        report.update(result, records=self.records, pairs=self.pairs)
+        self.report = report
+        return report
+
+    def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
+        """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
+
+        ``model`` (the trained model) calibrates the estimator's per-case flags (2D only); ``figure``
+        (from :func:`~spe_lightning.engine.report.make_figure`) is saved instead of drawing it again.
+        The report files come first: a failure of the estimator or the figure costs only that file (warned).
+        """
+        report = self.report if self.report is not None else self.build_report()
+        out = Path(out_dir)
+        paths = {"json": write_json(report, out / "spe_report.json"), "csv": write_csv(report, out / "spe_report.csv")}
+
+        def estimator() -> Path:
+            module = None if self.volumetric else model
+            return SPEEstimator.from_run(self, module).save(out / "spe_estimator.pt")
+
+        path = self._guarded("saving spe_estimator.pt failed", estimator)
+        if path is not None:
+            paths["estimator"] = path
+
+        def draw() -> Path:
+            import matplotlib.pyplot as plt
+
+            fig = figure if figure is not None else make_figure(report)
+            try:
+                fig.savefig(out / "spe_calibration.png", dpi=110)
+            finally:
+                if figure is None:
+                    plt.close(fig)
+            return out / "spe_calibration.png"
+
+        path = self._guarded("drawing spe_calibration.png failed", draw)
+        if path is not None:
+            paths["figure"] = path
+        return paths
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Records and settings (plain objects), for a checkpoint."""
+        return {"records": self.records, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the records of a checkpoint; other estimation settings warn (``strict``: raise)."""
+        diff = self.config.changed_from(state.get("config", {}))
+        if diff:
+            message = f"SPE: resuming with different settings ({', '.join(diff)})"
+            if self.config.strict:
+                raise ValueError(message + "; the checkpoint's records were made with the others.")
+            self.warn(message + "; earlier records kept.")
+        self.records = list(state.get("records", []))
