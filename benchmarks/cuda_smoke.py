@@ -1,6 +1,6 @@
 """CUDA checks of SPECallback (needs a GPU): fits on the GPU (binary, multi-class, 3D) and the memory budget.
 
-1. Tiny models (tests/_tiny.py) trained on CUDA with SPECallback: every record finite, estimates made.
+1. Tiny models (spe_lightning/testing.py) trained on CUDA with SPECallback: every record finite, estimates made.
 2. The reverse step's CUDA memory: 1000 references of 256x256, S = 64, label fusion, without a budget
    (chunks of 32 queries) and with ``memory_budget_mb`` budgets; the peak memory allocated on top of
    what was allocated before, against the budget.
@@ -17,15 +17,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from _tiny import Blobs, TinyNet, finite_everywhere, loader, tiny_spe, tiny_trainer  # noqa: E402
-
-from spe_lightning.engine.metrics import PAPER_METRICS  # noqa: E402
-from spe_lightning.engine.predict import CachedSet  # noqa: E402
-from spe_lightning.engine.spe import SPEEngine  # noqa: E402
-from spe_lightning.reverse.label_fusion import LabelFusionSegmenter  # noqa: E402
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.metrics import PAPER_METRICS
+from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
+from spe_lightning.testing import Blobs, TinyNet, finite_everywhere, loader, tiny_spe, tiny_trainer
 
 MIB = 2**20
 

@@ -20,17 +20,14 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from spe_lightning.data.synthetic import make_phantom  # noqa: E402
-from spe_lightning.engine.metrics import PAPER_METRICS  # noqa: E402
-from spe_lightning.engine.predict import cache_dataset  # noqa: E402
-from spe_lightning.engine.spe import SPEEngine  # noqa: E402
-from spe_lightning.reverse.label_fusion import LabelFusionSegmenter  # noqa: E402
+from spe_lightning.data.synthetic import make_phantom
+from spe_lightning.engine.cached_set import cache_dataset
+from spe_lightning.engine.metrics import PAPER_METRICS
+from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
 
 MIB = 2**20
 

@@ -48,12 +48,12 @@ def train(data: str, epochs: int, seed: int, ckpt: Path, lr: float = 1e-3) -> No
 
 def build_estimator(data: str) -> Any:
     """An estimator over all BUSI train images as references (label fusion; no G: per-case scores only)."""
+    from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import FolderSegmentationDataset
-    from spe_lightning.estimator import SPEEstimator
     from spe_lightning.reverse import make_segmenter
 
-    config = {"support_size": 64, "min_foreground": 16, "threshold": 0.5, "seed": 0, "working_size": 128}
-    est = SPEEstimator(make_segmenter("label_fusion").spec(), None, None, [], ["dice"], {}, {**config, "level": 0.9})
+    config = SPEConfig(segmenter="label_fusion", metrics=("dice",), support_size=64, working_size=128)
+    est = SPEEstimator(config, make_segmenter("label_fusion").spec())
     est.set_reference_dataset(FolderSegmentationDataset(data, "train", 1, 128))
     return est
 

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spe_lightning.benchmark import paper_metrics  # noqa: E402
-from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, fit_mapping, series  # noqa: E402
+from spe_lightning.benchmark import paper_metrics
+from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
 
 METHODS = ("spe", "spe_paper", "spe_huber", "spe_isotonic", "calibration_score", "confidence")
 

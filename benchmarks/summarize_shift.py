@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from summarize_paper import _ms
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-
-from summarize_paper import _ms  # noqa: E402
-
-from spe_lightning.benchmark import shift_scores  # noqa: E402
+from spe_lightning.benchmark import shift_scores
 
 
 def _value(e: object) -> float | None:

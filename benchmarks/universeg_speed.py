@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from spe_lightning.reverse.universeg import UniverSeg  # noqa: E402
+from spe_lightning.reverse.universeg import UniverSeg
 
 SIZE = 128
 

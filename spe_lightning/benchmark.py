@@ -15,12 +15,13 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["run_paper", "score_records", "main"]
+__all__ = ["BenchmarkConfig", "run_paper", "run_shift", "score_records", "shift_scores", "main"]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -43,7 +44,7 @@ def score_records(
     records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per metric: SPE / calibration_score / confidence vs the target's real metric across records."""
-    from spe_lightning.engine.estimation import CALIBRATION, fit_and_estimate, fit_mapping, series
+    from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
 
     fitted = fit_and_estimate(records, [target], metrics, mapping, anchored=anchored)
     conf_cal = series(records, "confidence", CALIBRATION, None)
@@ -60,20 +61,28 @@ def score_records(
     return out
 
 
-def _train(
-    data: str,
-    class_index: int,
-    epochs: int,
-    seed: int,
-    segmenters: Sequence[str],
-    image_size: int,
-    lr: float,
-    batch_size: int,
-    support_size: int,
-    max_references: int | None,
-    accelerator: str,
-    log_dir: str,
-) -> tuple[Any, Any, list[Any], float]:
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What one benchmark run trains and how SPE is set up (shared by :func:`run_paper` and :func:`run_shift`).
+
+    ``segmenters``: ``"auto"`` or ``"name[:key=value,...]"`` each; the first one is the ``spe`` row.
+    """
+
+    data: str
+    class_index: int = 1
+    epochs: int = 30
+    seed: int = 0
+    segmenters: tuple[str, ...] = ("auto",)
+    image_size: int = 128
+    lr: float = 1e-3
+    batch_size: int = 8
+    support_size: int = 64
+    max_references: int | None = None
+    accelerator: str = "auto"
+    log_dir: str = "spe_runs/benchmark"
+
+
+def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
     """Train the reference model with one SPECallback per segmenter: ``(model, datamodule, callbacks, seconds)``."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -83,47 +92,50 @@ def _train(
     from spe_lightning.models import SegmentationModel
     from spe_lightning.reverse.base import segmenter_from_text
 
-    pl.seed_everything(seed)
+    pl.seed_everything(cfg.seed)
     dm = FolderSegmentationDataModule(
-        data, class_index=class_index, image_size=image_size, batch_size=batch_size, target_splits=["extra_test"]
+        cfg.data,
+        class_index=cfg.class_index,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        target_splits=["extra_test"],
     )
     callbacks = [
         SPECallback(
             segmenter=s if s == "auto" else segmenter_from_text(s),
-            support_size=support_size,
-            max_references=max_references,
-            seed=seed,
+            support_size=cfg.support_size,
+            max_references=cfg.max_references,
+            seed=cfg.seed,
             verbose=i == 0,
         )
-        for i, s in enumerate(segmenters)
+        for i, s in enumerate(cfg.segmenters)
     ]
     trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
         devices=1,
-        logger=TensorBoardLogger(log_dir, name=Path(data).name),
+        logger=TensorBoardLogger(cfg.log_dir, name=Path(cfg.data).name),
         callbacks=list(callbacks),  # Lightning appends its own callbacks to this list
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
-    model = SegmentationModel(lr=lr)
+    model = SegmentationModel(lr=cfg.lr)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     return model, dm, callbacks, time.perf_counter() - start
 
 
-def _paper_result(
-    data: str, class_index: int, epochs: int, seed: int, segmenters: Sequence[str], callbacks: list, total: float
-) -> dict[str, Any]:
-
+def _paper_result(cfg: BenchmarkConfig, callbacks: list, total: float) -> dict[str, Any]:
+    segmenters = list(cfg.segmenters)
     spe_s = sum(r["seconds"] for cb in callbacks for r in cb.records)
     result: dict[str, Any] = {
-        "dataset": Path(data).name,
-        "class_index": class_index,
-        "epochs": epochs,
-        "seed": seed,
+        "dataset": Path(cfg.data).name,
+        "class_index": cfg.class_index,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "settings": {k: v for k, v in asdict(cfg).items() if k != "log_dir"},
         "metrics": {},
-        "segmenters": list(segmenters),
+        "segmenters": segmenters,
         "timing": {
             "train_s": total - spe_s,
             "spe_s": spe_s,
@@ -171,62 +183,35 @@ def _write(result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(json.dumps(result, indent=2))
 
 
-def run_paper(
-    data: str,
-    class_index: int = 1,
-    epochs: int = 30,
-    seed: int = 0,
-    out: str | None = None,
-    segmenters: Sequence[str] = ("auto",),
-    image_size: int = 128,
-    lr: float = 1e-4,
-    batch_size: int = 8,
-    support_size: int = 64,
-    max_references: int | None = None,
-    accelerator: str = "auto",
-    log_dir: str = "spe_runs/benchmark",
-) -> dict[str, Any]:
-    """Run the paper protocol; returns (and writes to ``out``) the JSON result.
-
-    ``segmenters``: ``"auto"`` or ``"name[:key=value,...]"`` each (the first one is ``spe``).
-    """
-    _, _, callbacks, total = _train(
-        data,
-        class_index,
-        epochs,
-        seed,
-        segmenters,
-        image_size,
-        lr,
-        batch_size,
-        support_size,
-        max_references,
-        accelerator,
-        log_dir,
-    )
-    result = _paper_result(data, class_index, epochs, seed, segmenters, callbacks, total)
+def run_paper(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
+    """Run the paper protocol; returns (and writes to ``out``) the JSON result."""
+    _, _, callbacks, total = _train(cfg)
+    result = _paper_result(cfg, callbacks, total)
     _write(result, out)
     return result
 
 
-def _final_eval(cb: Any, model: Any, data: Any) -> dict[str, Any]:
-    """Pseudo metrics, real metrics and confidence of ``data`` under the final weights of ``model``."""
-    rec = cb.evaluate(model, sets={data.name: data})  # the callback's own prediction and reverse step
+def _measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
+    """Pseudo metrics, real metrics and confidence of each of ``sets`` under ``model``'s weights (the run's path)."""
+    rec = run.evaluate(model, sets=sets)
     return {
-        "pseudo": rec["pseudo"][data.name],
-        "real": rec["real"].get(data.name, {}),
-        "confidence": rec["confidence"][data.name],
-        "n_support": rec["n_support"][data.name],
-        "n_images": len(data),
+        name: {
+            "pseudo": rec["pseudo"][name],
+            "real": rec["real"].get(name, {}),
+            "confidence": rec["confidence"][name],
+            "n_support": rec["n_support"][name],
+            "n_images": len(data),
+        }
+        for name, data in sets.items()
     }
 
 
-def shift_targets(cb: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
-    """The benchmark's targets built from ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
+def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
+    """The benchmark's targets built from the run's ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
     from spe_lightning.data.folder import read_meta
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-    base = cb._sets["extra_test"]
+    base = run.sets["extra_test"]
     targets = {"clean": subset(base, range(len(base)), "clean")}
     for fam in SHIFT_FAMILIES:
         for sev in (1, 2, 3):
@@ -245,59 +230,28 @@ def shift_targets(cb: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
     return targets
 
 
-def run_shift(
-    data: str,
-    class_index: int = 1,
-    epochs: int = 30,
-    seed: int = 0,
-    out: str | None = None,
-    segmenters: Sequence[str] = ("auto",),
-    image_size: int = 128,
-    lr: float = 1e-4,
-    batch_size: int = 8,
-    support_size: int = 64,
-    max_references: int | None = None,
-    accelerator: str = "auto",
-    log_dir: str = "spe_runs/benchmark",
-) -> dict[str, Any]:
+def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     """Train as :func:`run_paper`, then estimate shifted versions of ``extra_test`` with the final weights.
 
     The result holds the paper-protocol scores too (same training), the raw measurements per
-    target and per shifted calibration set, and the estimates of every method (see :func:`shift_scores`).
+    target, the calibration set's final record and the product's calibration pairs (measured by
+    the run at fit end, as the callback ships them), and every method's estimates (:func:`shift_scores`).
     """
-    from spe_lightning.engine.estimation import CALIBRATION
+    from spe_lightning.engine.records import CALIBRATION
 
-    model, dm, callbacks, total = _train(
-        data,
-        class_index,
-        epochs,
-        seed,
-        segmenters,
-        image_size,
-        lr,
-        batch_size,
-        support_size,
-        max_references,
-        accelerator,
-        log_dir,
-    )
-    result = _paper_result(data, class_index, epochs, seed, segmenters, callbacks, total)
-    from spe_lightning.engine.anchor import anchor_pairs
-
+    model, dm, callbacks, total = _train(cfg)
+    result = _paper_result(cfg, callbacks, total)
     start = time.perf_counter()
-    targets = shift_targets(callbacks[0], dm, seed)
-    sizes = sorted({len(t) for t in targets.values()})
+    targets = shift_targets(callbacks[0].run, dm, cfg.seed)
     raw: dict[str, Any] = {}
-    for s, cb in zip(segmenters, callbacks):
-        cal = _final_eval(cb, model, cb._sets[CALIBRATION])
+    for s, cb in zip(cfg.segmenters, callbacks):
+        last = cb.run.records[-1]
         raw[s] = {
-            "calibration": cal,
-            "targets": {n: _final_eval(cb, model, t) for n, t in targets.items()},
-            "pairs": anchor_pairs(
-                lambda d, cb=cb: _final_eval(cb, model, d), cb._sets[CALIBRATION], cal, sizes, seed=seed
-            ),
+            "calibration": {kind: last[kind][CALIBRATION] for kind in ("pseudo", "real", "confidence")},
+            "targets": _measure(cb.run, model, targets),
+            "pairs": cb.run.pairs,
         }
-        print(f"[shift] {s}: {len(targets)} targets and {len(raw[s]['pairs'])} calibration pairs evaluated")
+        print(f"[shift] {s}: {len(targets)} targets evaluated; {len(raw[s]['pairs'])} calibration pairs")
     result["timing"]["shift_eval_s"] = time.perf_counter() - start
     result["shift_raw"] = raw
     result.update(shift_scores(result))
@@ -305,18 +259,9 @@ def run_shift(
     return result
 
 
-def _est(value: Any, half: float | None = None, bounds: tuple = (None, None)) -> dict[str, float | None]:
-    from spe_lightning.engine.estimation import finite_or_none
-
-    v = finite_or_none(value)
-    if v is None:
-        return {"value": None, "lower": None, "upper": None}
-    lo, hi = (v, v) if half is None else (v - half, v + half)
-    if bounds[0] is not None:
-        v, lo, hi = max(v, bounds[0]), max(lo, bounds[0]), max(hi, bounds[0])
-    if bounds[1] is not None:
-        v, lo, hi = min(v, bounds[1]), min(lo, bounds[1]), min(hi, bounds[1])
-    return {"value": v, "lower": lo, "upper": hi}
+def _interval(est: dict[str, Any]) -> dict[str, float | None]:
+    """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these)."""
+    return {k: est[k] for k in ("value", "lower", "upper")}
 
 
 def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
@@ -327,9 +272,9 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     ``spe_paper`` (the paper's ``G(pseudo)`` with G's leave-one-out interval),
     ``calibration_score`` and ``confidence``; extra segmenters add ``spe_<name>`` rows.
     """
-    from spe_lightning.engine.anchor import anchored_estimate, fit_anchor
-    from spe_lightning.engine.estimation import CALIBRATION, fit_mapping, series
-    from spe_lightning.engine.metrics import BOUNDED, PAPER_METRICS
+    from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
+    from spe_lightning.engine.metrics import PAPER_METRICS
+    from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 
     segs = list(result["shift_raw"])
     raw0 = result["shift_raw"][segs[0]]
@@ -344,24 +289,21 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
         conf_cal = series(records, "confidence", CALIBRATION, None)
         cal = raw["calibration"]
         for m in PAPER_METRICS:
-            bounds = BOUNDED.get(m, (None, None))
             real_cal = series(records, "real", CALIBRATION, m)
             g, _ = fit_mapping("linear", series(records, "pseudo", CALIBRATION, m), real_cal, m)
             g_conf, _ = fit_mapping("linear", conf_cal, real_cal, m)
-            half = g.half_width(level) if g else None
-            p_c = cal["pseudo"].get(m)
+            p_c, r_c = cal["pseudo"].get(m), cal["real"].get(m)
             for row, n in zip(rows, names):
                 t = raw["targets"][n]
                 p_t = t["pseudo"].get(m)
                 family = n.rsplit("_", 1)[0] + "_" if n.rsplit("_", 1)[-1] in ("1", "2", "3") else None
-                model = fit_anchor(raw["pairs"], m, g, p_c, exclude=family) if g is not None else None
-                row.setdefault(f"spe{tag}", {})[m] = anchored_estimate(g, m, p_t, p_c, cal["real"].get(m), level, model)
+                model = fit_interval_model(raw["pairs"], m, g, p_c, exclude=family) if g is not None else None
+                row.setdefault(f"spe{tag}", {})[m] = _interval(estimate(g, m, p_t, level, anchor=(p_c, r_c, model)))
                 if i == 0:
-                    ok = g is not None and p_t is not None
-                    row.setdefault("spe_paper", {})[m] = _est(g.predict([p_t])[0] if ok else None, half, bounds)
-                    row["calibration_score"][m] = cal["real"].get(m)
+                    row.setdefault("spe_paper", {})[m] = _interval(estimate(g, m, p_t, level))
+                    row["calibration_score"][m] = r_c
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
-                    row["confidence"][m] = _est(c, None, bounds)["value"]
+                    row["confidence"][m] = finite_or_none(c)
     methods = [k for k in rows[0] if k not in ("name", "real")]
     summary: dict[str, Any] = {}
     clean = next((r["real"] for r in rows if r["name"] == "clean"), {})
@@ -403,20 +345,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     for p in parsers:
         _add_common(p)
     a = parser.parse_args(argv)
-    run = run_paper if a.which == "paper" else run_shift
-    res = run(
-        a.data,
-        a.class_index,
-        a.epochs,
-        a.seed,
-        a.out,
-        a.segmenters,
-        a.image_size,
-        a.lr,
-        a.batch_size,
+    cfg = BenchmarkConfig(
+        data=a.data,
+        class_index=a.class_index,
+        epochs=a.epochs,
+        seed=a.seed,
+        segmenters=tuple(a.segmenters),
+        image_size=a.image_size,
+        lr=a.lr,
+        batch_size=a.batch_size,
         max_references=a.max_references,
         accelerator=a.accelerator,
     )
+    res = (run_paper if a.which == "paper" else run_shift)(cfg, a.out)
     _print_paper(res)
     if a.which == "shift":
         _print_shift(res)
@@ -430,7 +371,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--segmenters", nargs="+", default=["auto"], help="first one is 'spe'; others are extra rows")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="the recorded runs used 1e-3")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-references", type=int, default=None)
     p.add_argument("--accelerator", default="auto")
