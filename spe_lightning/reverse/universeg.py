@@ -351,7 +351,11 @@ def load_universeg(weights: str | os.PathLike | None = None, download: bool | No
     if download is False:
         tried.append(f"download from {WEIGHTS_URL}: skipped (download=False)")
     elif download is None and not downloads_allowed():
-        why = "SPE_NO_DOWNLOAD is set" if _env_set("SPE_NO_DOWNLOAD") else "downloads need SPE_DOWNLOAD=1 or download=True"
+        why = (
+            "SPE_NO_DOWNLOAD is set"
+            if _env_set("SPE_NO_DOWNLOAD")
+            else "downloads need SPE_DOWNLOAD=1 or download=True"
+        )
         tried.append(f"download from {WEIGHTS_URL}: skipped ({why})")
     else:
         try:
