@@ -299,3 +299,10 @@ def test_wrong_label_key_names_the_item_keys():
         split_item(item, "img", require_label=True)
     assert split_item(item, "img")[1] is None  # unlabelled data stays allowed
     assert split_item(item, "img", "seg", require_label=True)[1] is not None
+
+
+def test_benchmark_input_errors_are_one_line_and_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["benchmark", "paper", "--data", str(tmp_path / "missing"), "--epochs", "1", "--accelerator", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spe-lightning")]
+    assert exit_.value.code == 2 and len(err) == 1 and "No image folder" in err[0]
