@@ -320,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from err
 
 
-def _as_given(path: str | Path) -> str:
-    """A path for the outputs: as the user gave it, never resolved to an absolute path."""
-    return Path(path).as_posix()
+def _relative(path: str | Path, out: Path) -> str:
+    """``path`` relative to the output folder, for the outputs: no absolute paths of this machine in them."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).as_posix()
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -358,9 +358,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         seg["weights"] = Path(seg["weights"]).name
     summary = {
         **res.to_dict(),
-        "images": _as_given(a.images),
-        "checkpoint": _as_given(a.ckpt),
-        "estimator": _as_given(a.estimator),
+        "images": _relative(a.images, out),
+        "checkpoint": _relative(a.ckpt, out),
+        "estimator": _relative(a.estimator, out),
         "segmenter": seg,
         "per_case": None
         if est.cases is None
@@ -381,9 +381,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         label = str(c["id"])[:28].replace("$", r"\$")  # matplotlib would read $...$ as maths
         gallery.append(GalleryItem(img, mask, f"{label}\nquality {q}{flag}", bool(c.get("flagged"))))
     meta = {
-        "images": f"{_as_given(a.images)} ({len(images)} cases)",
-        "model": _as_given(a.ckpt),
-        "estimator": f"{_as_given(a.estimator)} (reverse segmenter {est.segmenter_spec.get('name')}, "
+        "images": f"{summary['images']} ({len(images)} cases)",
+        "model": summary["checkpoint"],
+        "estimator": f"{summary['estimator']} (reverse segmenter {est.segmenter_spec.get('name')}, "
         f"{0 if est.reference_images is None else est.reference_images.shape[0]} references)",
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:

@@ -306,6 +306,7 @@ def test_cli_estimate_escapes_ids_keeps_links_and_relative_paths(fitted, tmp_pat
     page = (tmp_path / "out" / "report.html").read_text()
     assert "onerror=alert(1)>" not in page  # ids reach the page only escaped (flagged-case table)
     summary = json.loads((tmp_path / "out" / "estimate.json").read_text())
-    assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("imgs", "model.ckpt", "est.pt")
+    # relative to the folder holding estimate.json
+    assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("../imgs", "../model.ckpt", "../est.pt")
     assert str(tmp_path) not in (tmp_path / "out" / "estimate.json").read_text()
     capsys.readouterr()

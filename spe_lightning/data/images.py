@@ -84,11 +84,19 @@ def read_image(path: str | os.PathLike, limits: ImageLimits | None = None) -> np
     from PIL import Image
 
     path = Path(path)
-    with Image.open(path) as im:
-        _check_voxels(path, (im.size[1], im.size[0]), limits)
-        if im.mode in _EIGHT_BIT:
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        arr = np.asarray(im, dtype=np.float32)
+    cap = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb cap: raised with ours, never lowered
+    try:
+        if limits is not None and cap is not None and limits.max_voxels > cap:
+            Image.MAX_IMAGE_PIXELS = limits.max_voxels
+        with Image.open(path) as im:
+            _check_voxels(path, (im.size[1], im.size[0]), limits)
+            if im.mode in _EIGHT_BIT:
+                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            arr = np.asarray(im, dtype=np.float32)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path.name}: {err} (raise the limit with --max-voxels)") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = cap
     if arr.ndim == 3:  # multi-channel 16-bit / float: average the channels
         arr = arr.mean(axis=-1)
     return scale_percentile(arr)
