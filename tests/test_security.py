@@ -306,3 +306,14 @@ def test_benchmark_input_errors_are_one_line_and_status_2(tmp_path, capsys):
         cli_main(["benchmark", "paper", "--data", str(tmp_path / "missing"), "--epochs", "1", "--accelerator", "cpu"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spe-lightning")]
     assert exit_.value.code == 2 and len(err) == 1 and "No image folder" in err[0]
+
+
+def test_report_html_escapes_ids_and_paths(tmp_path):
+    from spe_lightning.engine.html_report import write_html_report
+
+    bad = "<img src=x onerror=alert(1)>"
+    cases = [{"id": bad, "quality": 0.1, "flagged": True, "estimated_dice": 0.2, "foreground_pixels": 5}]
+    page = write_html_report(
+        tmp_path / "r.html", {"n_images": 1}, cases, calibration={"threshold": 0.5}, meta={"images": bad}
+    ).read_text()
+    assert bad not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 2
