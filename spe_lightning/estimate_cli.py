@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-estimator-mb",
         type=_positive(float),
         default=None,
-        help="largest estimator file read, MB (default: SPEEstimator.load's, the 64 MB reference cap plus room)",
+        help="largest estimator file read, MB (default 80: the 64 MB reference cap of saving plus room)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
