@@ -2,16 +2,18 @@
 
     spe-lightning estimate --ckpt model.ckpt --estimator spe_estimator.pt --images FOLDER --out DIR
 
-Loads the LightningModule from its checkpoint (class from ``--model``, else the checkpoint's
-``_class_path`` hyperparameter as LightningCLI saves it, else :class:`~spe_lightning.models.SegmentationModel`),
-reads the folder (PNG/JPEG/TIFF/BMP; NIfTI volumes as slices along their last axis, via MONAI's
-readers, which need ``nibabel``), estimates every metric with its interval, scores every case, prints
-a table and writes ``estimate.json``, ``cases.csv`` and a self-contained ``report.html``.
+Loads the LightningModule from its checkpoint (class from ``--model``, else
+:class:`~spe_lightning.models.SegmentationModel`; the class path stored in the checkpoint is used
+only with ``--trust-checkpoint-class``, after the checkpoint loaded with ``weights_only=True``),
+reads the folder (PNG/JPEG/TIFF/BMP; NIfTI volumes as slices along their last axis, which needs
+``nibabel``), estimates every metric with its interval, scores every case, prints a table and writes
+``estimate.json``, ``cases.csv`` and a self-contained ``report.html``.
 
-Images are read the way :class:`~spe_lightning.data.FolderSegmentationDataset` reads them for
-training: grayscale in [0, 1] (8-bit / 255; 16-bit and float images and NIfTI volumes scaled
-between their 0.5th and 99.5th percentiles), padded to a square and resized to the model's input
-size (stored in the estimator, or ``--image-size``).
+Images are read by :mod:`spe_lightning.data.images`, the reader training uses: grayscale in
+[0, 1] (8-bit / 255; 16-bit and float images and NIfTI volumes scaled between their 0.5th and 99.5th
+percentiles), padded to a square and resized to the model's input size (stored in the estimator, or
+``--image-size``). Only regular files inside ``--images`` are read (links leading out of it are
+refused), within ``--max-images`` / ``--max-file-mb`` / ``--max-voxels``.
 """
 
 from __future__ import annotations
@@ -19,78 +21,48 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import io
 import json
+import os
+import pickle
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["main", "read_image_folder", "load_model", "IMAGE_SUFFIXES"]
+from spe_lightning.data.images import (
+    IMAGE_SUFFIXES,
+    ImageLimits,
+    image_tensor,
+    is_nifti,
+    list_image_files,
+    read_nifti_slices,
+    square_resize,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+__all__ = ["main", "read_image_folder", "load_model", "IMAGE_SUFFIXES", "csv_cell", "write_file"]
 
-
-def _is_nifti(p: Path) -> bool:
-    return p.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _scale(x: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
-    return np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
-
-
-def _square(img: Tensor, size: int | None) -> Tensor:
-    """``[1,H,W]`` -> zero-padded to a square, bilinearly resized to ``size`` (antialiased when shrinking)."""
-    from spe_lightning.data.adapters import resize_images
-
-    h, w = img.shape[-2:]
-    if h != w:
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        img = F.pad(img, (left, side - w - left, top, side - h - top))
-    return img if size is None else resize_images(img[None], (size, size))[0]
-
-
-def _read_2d(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return _scale(np.asarray(im, dtype=np.float32))
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-
-
-def _read_nifti(path: Path) -> list[np.ndarray]:
-    try:
-        from monai.transforms import LoadImage
-
-        vol = np.asarray(LoadImage(image_only=True)(str(path)), dtype=np.float32)
-    except Exception as err:  # MONAI raises OptionalImportError when nibabel is missing
-        raise RuntimeError(
-            f"cannot read {path.name} with MONAI ({err}); NIfTI needs nibabel: pip install 'spe-lightning[nifti]'."
-        ) from err
-    vol = _scale(vol)
-    if vol.ndim == 2:
-        return [vol]
-    if vol.ndim == 4:  # channel-last volumes: first channel
-        vol = vol[..., 0]
-    return [vol[..., z] for z in range(vol.shape[-1])]
+DEFAULT_MODEL = "spe_lightning.models.SegmentationModel"
+#: most worst cases shown in report.html
+MAX_GALLERY = 200
 
 
 def read_image_folder(
-    folder: str | Path, image_size: int | None = None, progress: bool = False
+    folder: str | Path, image_size: int | None = None, progress: bool = False, limits: ImageLimits | None = None
 ) -> tuple[list[str], list[Tensor], list[str]]:
-    """``(ids, images [1,S,S] float in [0,1], source files)`` of every image in ``folder`` (recursive, sorted)."""
+    """``(ids, images [1,S,S] float in [0,1], source files relative to folder)`` of every image in ``folder``.
+
+    Recursive and sorted; see :func:`spe_lightning.data.images.list_image_files` for what is refused
+    (``limits``: default :class:`ImageLimits`).
+    """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder}: not a folder.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_nifti(p)))
+    limits = ImageLimits() if limits is None else limits
+    files = list_image_files(folder, limits)
     if not files:
         raise ValueError(f"no images (PNG/JPEG/TIFF/BMP/NIfTI) in {folder}.")
     ids: list[str] = []
@@ -99,18 +71,20 @@ def read_image_folder(
     bar = _bar(len(files), "reading images", progress)
     for p in files:
         rel = p.relative_to(folder)
-        stem = str(rel.with_suffix("")).replace("\\", "/")
-        if _is_nifti(p):
-            stem = str(rel).replace("\\", "/")[: -len(".nii.gz") if p.name.lower().endswith(".gz") else -len(".nii")]
-            slices = _read_nifti(p)
-            for z, sl in enumerate(slices):
+        name = rel.as_posix()
+        if is_nifti(p):
+            stem = name[: -len(".nii.gz") if p.name.lower().endswith(".gz") else -len(".nii")]
+            for z, sl in enumerate(read_nifti_slices(p, limits)):
                 ids.append(f"{stem}#z{z:03d}")
-                images.append(_square(torch.from_numpy(np.ascontiguousarray(sl))[None], image_size))
-                sources.append(str(rel))
+                images.append(square_resize(torch.from_numpy(np.ascontiguousarray(sl))[None], image_size))
+                sources.append(name)
         else:
-            ids.append(stem)
-            images.append(_square(torch.from_numpy(_read_2d(p))[None], image_size))
-            sources.append(str(rel))
+            try:
+                images.append(image_tensor(p, image_size, limits))
+            except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
+                raise ValueError(f"cannot read the image {name}: {type(err).__name__}: {err}") from err
+            ids.append(rel.with_suffix("").as_posix())
+            sources.append(name)
         bar.update(1)
     bar.close()
     return ids, images, sources
@@ -124,28 +98,63 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 
 def _import_class(path: str) -> type:
     module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"--model {path!r}: give a full class path, e.g. spe_lightning.models.SegmentationModel.")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ValueError(f"--model {path!r}: give a full class path, e.g. {DEFAULT_MODEL}.")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the model class {path}: {type(err).__name__}: {err}") from err
+    return cls
 
 
-def load_model(ckpt: str | Path, model_class: str | None = None, device: str = "cpu") -> nn.Module:
+def load_model(
+    ckpt: str | Path, model_class: str | None = None, device: str = "cpu", trust_checkpoint_class: bool = False
+) -> nn.Module:
     """The LightningModule of a checkpoint, in eval mode on ``device``.
 
-    The class is ``model_class`` if given, else the checkpoint's ``_class_path`` hyperparameter
-    (LightningCLI stores it), else :class:`~spe_lightning.models.SegmentationModel`.
+    The class is ``model_class`` if given, else :class:`~spe_lightning.models.SegmentationModel`.
+    The class path a checkpoint stores (``hyper_parameters._class_path``, as LightningCLI saves it)
+    is imported only with ``trust_checkpoint_class=True``, and only after the whole checkpoint loaded
+    with ``torch.load(weights_only=True)`` (tensors, numbers and strings, no code): importing a module
+    runs its code, so a checkpoint must not choose one unless you trust where it came from.
     """
+    import lightning.pytorch as pl
+
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file.")
-    path = model_class
-    if path is None:
-        hp = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-        path = hp.get("_class_path") or "spe_lightning.models.SegmentationModel"
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"--ckpt {ckpt}: refused to load; it holds objects other than tensors, numbers and strings "
+            f"({str(err).splitlines()[0][:200]})."
+        ) from err
+    except Exception as err:  # not a torch file, truncated...
+        raise ValueError(f"--ckpt {ckpt}: cannot read it as a checkpoint: {type(err).__name__}: {err}") from err
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    stored = hp.get("_class_path") if isinstance(hp, dict) else None
+    stored = stored if isinstance(stored, str) else None
+    if model_class is not None:
+        path = model_class
+    elif trust_checkpoint_class and stored:
+        path = stored
+    else:
+        path = DEFAULT_MODEL
+        if stored and stored != DEFAULT_MODEL:
+            raise ValueError(
+                f"--ckpt {ckpt} was saved from the class {stored}; pass --model {stored} (its module is imported: "
+                "its code runs), or --trust-checkpoint-class if you trust the checkpoint's origin."
+            )
     cls = _import_class(path)
-    if not hasattr(cls, "load_from_checkpoint"):
-        raise TypeError(f"{path} is not a LightningModule (no load_from_checkpoint); pass --model.")
-    model = cls.load_from_checkpoint(str(ckpt), map_location=device, weights_only=True)
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise TypeError(f"{path} is not a LightningModule class; pass --model CLASS_PATH.")
+    try:
+        model = cls.load_from_checkpoint(str(ckpt), map_location=device, weights_only=True)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        first = " ".join(str(err).split())[:400]
+        hint = "" if model_class else " (pass --model CLASS_PATH, the class the checkpoint was saved from)"
+        raise ValueError(f"cannot build {path} from --ckpt {ckpt}{hint}: {type(err).__name__}: {first}") from err
     return model.to(device).eval()
 
 
@@ -165,7 +174,30 @@ def _table(estimates: dict[str, dict[str, Any]], level: float, true: dict[str, A
     return "\n".join(lines)
 
 
-def _write_cases(path: Path, cases: Sequence[dict[str, Any]], sources: Sequence[str]) -> None:
+def csv_cell(v: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting with ``= + - @``, a tab or a carriage
+    return get a leading ``'`` (OWASP's CSV-injection rule); numbers are kept as they are."""
+    if isinstance(v, str) and v and v[0] in "=+-@\t\r":
+        return "'" + v
+    return v
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write ``path`` without following a link: the content goes to a new file in the same folder, which
+    then replaces ``path`` (a link already at ``path`` is replaced, its target is never written)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cases_csv(cases: Sequence[dict[str, Any]], sources: Sequence[str]) -> str:
     cols = [
         "id",
         "file",
@@ -181,15 +213,28 @@ def _write_cases(path: Path, cases: Sequence[dict[str, Any]], sources: Sequence[
     ]
     if cases and "real_dice" in cases[0]:
         cols.append("real_dice")
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for c, src in zip(cases, sources):
-            w.writerow(["" if (v := {**c, "file": src}.get(k)) is None else v for k in cols])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for c, src in zip(cases, sources):
+        w.writerow(["" if (v := {**c, "file": src}.get(k)) is None else csv_cell(v) for k in cols])
+    return buf.getvalue()
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``spe-lightning estimate``."""
+    d = ImageLimits()
     p = argparse.ArgumentParser(
         prog="spe-lightning estimate",
         description="Estimate a trained model's performance on a folder of unlabelled images with a saved "
@@ -197,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="the model's Lightning checkpoint")
     p.add_argument("--estimator", required=True, help="spe_estimator.pt saved after training")
-    p.add_argument("--images", required=True, help="folder of images (PNG/JPEG/TIFF/BMP, NIfTI slices)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="folder of images (PNG/JPEG/TIFF/BMP, NIfTI slices); only regular files inside it are read",
+    )
     p.add_argument("--out", required=True, help="output folder for estimate.json, cases.csv, report.html")
     p.add_argument(
         "--reference",
@@ -208,23 +257,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-index", type=int, default=None, help="foreground class of --reference masks (default: any non-zero)"
     )
-    p.add_argument("--model", default=None, help="LightningModule class path (default: from the checkpoint)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"the LightningModule class path, e.g. mypackage.MyNet; its module is imported (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--trust-checkpoint-class",
+        action="store_true",
+        help="without --model, import and build the class path stored in the checkpoint (LightningCLI saves one). "
+        "Importing a module runs its code: use this only for checkpoints you trust. The checkpoint is first "
+        "loaded with weights_only=True either way",
+    )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let the estimator's reverse segmenter download its weights (UniverSeg) when they are not found locally",
+    )
     p.add_argument("--name", default="target", help="the set's name (seeds the support order; default 'target')")
-    p.add_argument("--image-size", type=int, default=None, help="model input side (default: from the estimator)")
+    p.add_argument(
+        "--image-size", type=_positive(int), default=None, help="model input side (default: from the estimator)"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--gallery", type=int, default=12, help="worst cases shown in report.html")
+    p.add_argument(
+        "--gallery", type=int, default=12, help=f"worst cases shown in report.html (0 to {MAX_GALLERY}; default 12)"
+    )
+    p.add_argument(
+        "--max-images", type=_positive(int), default=d.max_files, help=f"most image files read (default {d.max_files})"
+    )
+    p.add_argument(
+        "--max-file-mb",
+        type=_positive(float),
+        default=d.max_file_mb,
+        help=f"largest image file, MB (default {d.max_file_mb:g})",
+    )
+    p.add_argument(
+        "--max-voxels",
+        type=_positive(int),
+        default=d.max_voxels,
+        help=f"most pixels of an image / voxels of a NIfTI volume (default {d.max_voxels})",
+    )
+    p.add_argument(
+        "--max-estimator-mb",
+        type=_positive(float),
+        default=None,
+        help="largest estimator file read, MB (default 80: the 64 MB reference cap of saving plus room)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``spe-lightning estimate``; returns the ``estimate.json`` content (input problems exit with status 2)."""
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not 0 <= a.gallery <= MAX_GALLERY:
+        p.error(f"--gallery must be between 0 and {MAX_GALLERY}, got {a.gallery}")
     try:
         return run(a)
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError, NotImplementedError) as err:
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, NotImplementedError) as err:
         print(f"spe-lightning estimate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _relative(path: str | Path, out: Path) -> str:
+    """``path`` relative to the output folder, for the outputs: no absolute paths of this machine in them."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).as_posix()
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -233,52 +331,65 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from spe_lightning.estimator import SPEEstimator
 
     show = not a.no_progress
-    est = SPEEstimator.load(a.estimator)
+    limits = ImageLimits(a.max_images, a.max_file_mb, a.max_voxels)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a folder.")
+    load_kw: dict[str, Any] = {"allow_download": bool(a.allow_download)}
+    if a.max_estimator_mb is not None:
+        load_kw["max_mb"] = a.max_estimator_mb
+    est = SPEEstimator.load(a.estimator, **load_kw)
     if a.reference is not None:
         from spe_lightning.data.folder import FolderSegmentationDataset
 
         root = Path(a.reference)
         size = a.image_size or (est.info.get("input_shape") or [None])[-1] or 128
         est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size)))
-    model = load_model(a.ckpt, a.model, a.device)
+    model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
-    ids, images, sources = read_image_folder(a.images, size, progress=show)
+    ids, images, sources = read_image_folder(a.images, size, progress=show, limits=limits)
     bar = _bar(len(images), "per-case quality", show)
     res = est.estimate(model, images, name=a.name, ids=ids, device=a.device, progress=bar.update)
     bar.close()
 
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    seg = dict(est.segmenter_spec)
+    if isinstance(seg.get("weights"), str):  # where the weights lay on the machine that trained: the name only
+        seg["weights"] = Path(seg["weights"]).name
     summary = {
         **res.to_dict(),
-        "images": str(Path(a.images).resolve()),
-        "checkpoint": str(Path(a.ckpt).resolve()),
-        "estimator": str(Path(a.estimator).resolve()),
-        "segmenter": est.segmenter_spec,
+        "images": _relative(a.images, out),
+        "checkpoint": _relative(a.ckpt, out),
+        "estimator": _relative(a.estimator, out),
+        "segmenter": seg,
         "per_case": None
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},
     }
-    (out / "estimate.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    _write_cases(out / "cases.csv", res.cases, sources)
+    write_file(out / "estimate.json", json.dumps(summary, indent=2, allow_nan=False))
+    write_file(out / "cases.csv", _cases_csv(res.cases, sources))
     order = sorted(
         range(len(res.cases)), key=lambda i: (res.cases[i]["quality"] is not None, res.cases[i]["quality"] or 0)
     )
     gallery = []
-    for i in order[: max(a.gallery, 0)]:
+    for i in order[: a.gallery]:
         c = res.cases[i]
         img = images[i][0].numpy()
         mask = res.masks[i][0].numpy()
         q = "n/a" if c["quality"] is None else f"{c['quality']:.2f}"
         flag = " FLAGGED" if c.get("flagged") else ""
-        gallery.append(GalleryItem(img, mask, f"{c['id'][:28]}\nquality {q}{flag}", bool(c.get("flagged"))))
+        label = str(c["id"])[:28].replace("$", r"\$")  # matplotlib would read $...$ as maths
+        gallery.append(GalleryItem(img, mask, f"{label}\nquality {q}{flag}", bool(c.get("flagged"))))
     meta = {
-        "images": f"{a.images} ({len(images)} cases)",
-        "model": str(a.ckpt),
-        "estimator": f"{a.estimator} (reverse segmenter {est.segmenter_spec.get('name')}, "
+        "images": f"{summary['images']} ({len(images)} cases)",
+        "model": summary["checkpoint"],
+        "estimator": f"{summary['estimator']} (reverse segmenter {est.segmenter_spec.get('name')}, "
         f"{0 if est.reference_images is None else est.reference_images.shape[0]} references)",
     }
-    write_html_report(out / "report.html", summary, res.cases, gallery, est.cases, meta=meta)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:
+        page = Path(tmp) / "report.html"
+        write_html_report(page, summary, res.cases, gallery, est.cases, meta=meta)
+        write_file(out / "report.html", page.read_bytes())
     print(_table(res.estimates, res.level, res.true))
     if res.cases and res.case_threshold is not None:
         n_flag = sum(1 for c in res.cases if c["flagged"])

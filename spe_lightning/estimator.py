@@ -141,6 +141,8 @@ class SPEEstimator:
         self.info = dict(info or {})
         self.reference_images: Tensor | None = None
         self.reference_masks: Tensor | None = None
+        #: whether rebuilding the reverse segmenter may download weights (never from a file's own say-so)
+        self.allow_download = False
         self._segmenter: ReverseSegmenter | None = None
         self._engine: SPEEngine | None = None
         if reference_images is not None:
@@ -257,6 +259,11 @@ class SPEEstimator:
         if self._segmenter is None:
             spec = dict(self.segmenter_spec)
             name = spec.pop("name")
+            if name in ("universeg", "auto"):  # a file never starts a download on its own
+                spec["download"] = self.allow_download
+                w = spec.get("weights")
+                if isinstance(w, str) and not Path(w).expanduser().is_file():
+                    spec.pop("weights")  # saved on another machine: look in SPE_UNIVERSEG_WEIGHTS / the hub cache
             try:
                 self._segmenter = make_segmenter(name, **spec)
             except (ValueError, TypeError) as err:
@@ -371,8 +378,19 @@ class SPEEstimator:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> SPEEstimator:
-        """Read an estimator file with ``torch.load(weights_only=True)``: it cannot run code."""
+    def load(cls, path: str | Path, max_mb: float = 80.0, allow_download: bool = False) -> SPEEstimator:
+        """Read an estimator file with ``torch.load(weights_only=True)``: it cannot run code.
+
+        Files above ``max_mb`` (default: the 64 MB reference cap of :meth:`save` plus room for the
+        rest) are refused before reading. The reverse segmenter the file names is rebuilt without
+        downloading anything unless ``allow_download=True``.
+        """
+        size_mb = Path(path).stat().st_size / 2**20 if Path(path).is_file() else 0.0
+        if size_mb > max_mb:
+            raise IncompatibleEstimatorError(
+                f"{path}: {size_mb:.1f} MB, above max_mb={max_mb:g} (--max-estimator-mb); "
+                "raise it if you trust the file."
+            )
         try:
             state = torch.load(Path(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -381,9 +399,11 @@ class SPEEstimator:
                 f"and this one holds something else ({str(err).splitlines()[0][:200]})."
             ) from err
         try:
-            return cls.from_state(state)
+            est = cls.from_state(state)
         except IncompatibleEstimatorError as err:
             raise IncompatibleEstimatorError(f"{path}: {err}") from None
+        est.allow_download = bool(allow_download)
+        return est
 
     # ------------------------------------------------------------------ estimating
     def _cache(self, name: str, images: Any, image_key: str, label_key: str) -> CachedSet:

@@ -57,7 +57,7 @@ class SegmentationModel(pl.LightningModule):
         return self.net(x)
 
     def _step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        image, label = split_item(batch, self.hparams.image_key, self.hparams.label_key)
+        image, label = split_item(batch, self.hparams.image_key, self.hparams.label_key, require_label=True)
         image, label = image.float(), label.float()
         logits = self(image)
         return logits, label, self.loss(logits, label)

@@ -279,3 +279,34 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
         assert (rep.get("anchor_intervals", {}).get("dice") is not None) == (anchor_pairs is not None)
         for key in ("value", "lower", "upper"):
             assert got[key] == pytest.approx(want[key], abs=1e-12)
+
+
+def test_cli_estimate_escapes_ids_keeps_links_and_relative_paths(fitted, tmp_path, monkeypatch, capsys):
+    cb, _, dm = fitted
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    target = dm.targets["target"]
+    names = ["=HYPERLINK(1)", "<img src=x onerror=alert(1)>", "plain"]
+    for i, name in enumerate(names):
+        Image.fromarray((target[i]["image"][0].numpy() * 255).round().astype("uint8")).save(folder / f"{name}.png")
+    victim = tmp_path / "victim.csv"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cases.csv").symlink_to(victim)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.symlink_to(cb.ckpt_path)
+    est = tmp_path / "est.pt"
+    est.symlink_to(cb.estimator_path)
+    args = ["estimate", "--ckpt", "model.ckpt", "--estimator", "est.pt", "--images", "imgs", "--out", "out"]
+    cli_main([*args, "--no-progress"])
+    assert victim.read_text() == "keep me" and not (tmp_path / "out" / "cases.csv").is_symlink()
+    rows = list(csv.reader((tmp_path / "out" / "cases.csv").open()))
+    assert sorted(r[0] for r in rows[1:]) == sorted(["'=HYPERLINK(1)", names[1], "plain"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "onerror=alert(1)>" not in page  # ids reach the page only escaped (flagged-case table)
+    summary = json.loads((tmp_path / "out" / "estimate.json").read_text())
+    # relative to the folder holding estimate.json
+    assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("../imgs", "../model.ckpt", "../est.pt")
+    assert str(tmp_path) not in (tmp_path / "out" / "estimate.json").read_text()
+    capsys.readouterr()

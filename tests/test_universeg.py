@@ -215,3 +215,30 @@ def test_registered(weights_file, no_sources):
     assert "universeg" in reverse_base.available_segmenters()
     seg = reverse_base.make_segmenter("universeg", weights=str(weights_file), chunk_size=4)
     assert isinstance(seg, U.UniverSegSegmenter) and seg.chunk_size == 4
+
+
+def test_auto_never_downloads_without_opt_in(tiny_state, no_sources, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, *a, **k: calls.append(url) or tiny_state)
+    monkeypatch.delenv("SPE_NO_DOWNLOAD", raising=False)
+    monkeypatch.delenv("SPE_DOWNLOAD", raising=False)
+    seg, reason = reverse_base.resolve_auto()
+    assert calls == [] and seg.name == reverse_base.DEFAULT_WEIGHT_FREE
+    assert len(reason) < 200 and "SPE_UNIVERSEG_WEIGHTS" in reason and "SPE_DOWNLOAD=1" in reason
+    with pytest.raises(FileNotFoundError, match="SPE_DOWNLOAD=1"):
+        U.UniverSegSegmenter()  # named, but still no implicit download
+    assert calls == []
+    monkeypatch.setenv("SPE_DOWNLOAD", "1")
+    assert reverse_base.resolve_auto()[0].name == "universeg" and calls == [U.WEIGHTS_URL]
+
+
+def test_auto_with_a_broken_weights_variable_is_an_error(tmp_path, no_sources, monkeypatch):
+    missing = tmp_path / "nope.pt"
+    monkeypatch.setenv(U.WEIGHTS_ENV_VAR, str(missing))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        reverse_base.resolve_auto()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not torch")
+    monkeypatch.setenv(U.WEIGHTS_ENV_VAR, str(corrupt))
+    with pytest.raises(RuntimeError, match=str(corrupt)):
+        reverse_base.resolve_auto()

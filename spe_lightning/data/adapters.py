@@ -34,12 +34,22 @@ def as_tensor(x: Any) -> Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
-def split_item(item: Any, image_key: str = "image", label_key: str = "label") -> tuple[Tensor, Tensor | None]:
-    """``(image, mask or None)`` from a dataset item: a tuple/list ``(image, mask, ...)``, a dict, or an image alone."""
+def split_item(
+    item: Any, image_key: str = "image", label_key: str = "label", *, require_label: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``(image, mask or None)`` from a dataset item: a tuple/list ``(image, mask, ...)``, a dict, or an image alone.
+
+    A dict item without ``label_key`` gives no mask (unlabelled data), or, with ``require_label=True``,
+    a ``KeyError`` that names the keys the item has.
+    """
     if isinstance(item, Mapping):
+        keys = sorted(map(str, item))
         if image_key not in item:
+            raise KeyError(f"Dataset item has no key {image_key!r} (its keys: {keys}); set image_key= to one of them.")
+        if require_label and item.get(label_key) is None:
+            what = "no key" if label_key not in item else "None under the key"
             raise KeyError(
-                f"Dataset item has no key {image_key!r} (keys: {sorted(item)}); set image_key= on SPECallback."
+                f"Dataset item has {what} {label_key!r} (its keys: {keys}); set label_key= to the key of its masks."
             )
         label = item.get(label_key)
         return as_tensor(item[image_key]), None if label is None else as_tensor(label)
@@ -47,7 +57,11 @@ def split_item(item: Any, image_key: str = "image", label_key: str = "label") ->
         if len(item) == 0:
             raise ValueError("Dataset item is an empty sequence; expected (image, mask).")
         mask = item[1] if len(item) > 1 else None
+        if require_label and mask is None:
+            raise ValueError(f"Dataset item is a sequence of {len(item)} without a mask; expected (image, mask).")
         return as_tensor(item[0]), None if mask is None else as_tensor(mask)
+    if require_label:
+        raise ValueError(f"Dataset item is a lone {type(item).__name__} without a mask; expected (image, mask).")
     return as_tensor(item), None
 
 

@@ -7,18 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from spe_lightning.data.adapters import resize_images, resize_masks
+from spe_lightning.data.images import IMAGE_SUFFIXES, read_image, read_mask, square_resize
 
 __all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def read_meta(root: str | Path) -> dict[str, dict[str, str]]:
@@ -30,16 +25,13 @@ def read_meta(root: str | Path) -> dict[str, dict[str, str]]:
         return {row["id"]: row for row in csv.DictReader(f)}
 
 
-def _load_png(path: Path, mode: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert(mode) if mode else im)
-
-
 class FolderSegmentationDataset(Dataset):
     """Image/mask pairs from ``<root>/<split>/images`` and ``<root>/<split>/masks`` (same file stem).
 
     Items are dicts ``{"image": float [1,S,S] in [0,1], "label": float [1,S,S] in {0,1}, "id": str}``.
-    RGB images are converted to grayscale; masks hold class indices and ``class_index`` picks
+    Images are read by :func:`spe_lightning.data.images.read_image` (the reader ``spe-lightning
+    estimate`` uses too): grayscale, 8-bit / 255, 16-bit and float images scaled between their 0.5th
+    and 99.5th percentiles. Masks hold class indices and ``class_index`` picks
     the foreground (``None``: any non-zero class). Images are resized to ``image_size``
     (longer side padded with zeros first when ``keep_aspect``; masks nearest-neighbour).
 
@@ -91,25 +83,15 @@ class FolderSegmentationDataset(Dataset):
         return None
 
     def _square(self, x: Tensor, mode: str) -> Tensor:
-        h, w = x.shape[-2:]
-        if self.keep_aspect and h != w:
-            side = max(h, w)
-            top, left = (side - h) // 2, (side - w) // 2
-            x = F.pad(x, (left, side - w - left, top, side - h - top))
-        size = (self.image_size, self.image_size)
-        if mode == "nearest":
-            return resize_masks(x[None], size)[0].float()
-        return resize_images(x[None], size)[0]
+        return square_resize(x, self.image_size, mode, self.keep_aspect)
 
     def _load(self, i: int) -> tuple[Tensor, Tensor | None]:
         if i not in self._cache:
-            img = torch.from_numpy(_load_png(self.images[i], "L").astype(np.float32) / 255.0)[None]
+            img = torch.from_numpy(read_image(self.images[i]))[None]
             mpath = self._mask_path(self.images[i])
             mask = None
             if mpath is not None:
-                m = torch.from_numpy(_load_png(mpath, "").astype(np.int64))
-                if m.ndim == 3:  # colour-coded masks: any channel non-zero
-                    m = m.max(dim=-1).values
+                m = torch.from_numpy(read_mask(mpath))  # colour-coded masks: any channel non-zero
                 fg = (m == self.class_index) if self.class_index is not None else (m != 0)
                 mask = self._square(fg[None].float(), "nearest")
             self._cache[i] = (self._square(img, "bilinear"), mask)

@@ -184,6 +184,10 @@ def cache_dataset(
                 gray.append(resize_images(vol[zs], size))
                 units.extend((pos, z) for z in zs)
     if require_masks and not has_mask:
-        raise ValueError(f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key.")
+        first = dataset[idx[0]] if idx else None
+        keys = f" (its items have the keys {sorted(map(str, first))})" if isinstance(first, dict) else ""
+        raise ValueError(
+            f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key{keys}."
+        )
     g = flat if flat is not None else torch.cat(gray) if gray else torch.zeros(0, 1, *size)
     return CachedSet(name, inputs, masks if has_mask else None, g, idx, units)

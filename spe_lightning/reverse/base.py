@@ -25,10 +25,20 @@ __all__ = [
     "downloads_allowed",
 ]
 
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
 
 def downloads_allowed() -> bool:
-    """False when the environment variable ``SPE_NO_DOWNLOAD`` is set to a true value."""
-    return os.environ.get("SPE_NO_DOWNLOAD", "").strip().lower() not in {"1", "true", "yes", "on"}
+    """Whether a segmenter may download weights it was not told to download (``download=None``).
+
+    Only when the user opted in with ``SPE_DOWNLOAD=1``; ``SPE_NO_DOWNLOAD=1`` always forbids it.
+    Nothing downloads implicitly: not ``segmenter="auto"``, not ``"universeg"``, not an estimator file.
+    """
+    return _env_true("SPE_DOWNLOAD") and not _env_true("SPE_NO_DOWNLOAD")
 
 
 def _check_inputs(query: Tensor, support_images: Tensor, support_labels: Tensor) -> None:
@@ -156,8 +166,8 @@ DEFAULT_WEIGHT_FREE = "label_fusion"
 def make_segmenter(name: str = "auto", **kwargs: Any) -> ReverseSegmenter:
     """Build a segmenter by name.
 
-    ``"auto"`` returns UniverSeg when its official weights load, else the default weight-free
-    segmenter; use :func:`resolve_auto` to also learn why.
+    ``"auto"`` returns UniverSeg when its official weights load without a download, else the default
+    weight-free segmenter; use :func:`resolve_auto` to also learn why.
     """
     if name == "auto":
         return resolve_auto(**kwargs)[0]
@@ -187,15 +197,21 @@ def segmenter_from_text(text: str) -> ReverseSegmenter:
 
 
 def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
-    """``(segmenter, reason)`` for ``"auto"``: UniverSeg if its weights load, else the weight-free default."""
+    """``(segmenter, reason)`` for ``"auto"``: UniverSeg if its weights load, else the weight-free default.
+
+    "auto" never downloads on its own (see :func:`downloads_allowed`). Asking for UniverSeg
+    explicitly, with ``weights=`` or ``SPE_UNIVERSEG_WEIGHTS``, is not "auto": when that file is
+    missing or not UniverSeg's weights, the error (naming the path) is raised, not swallowed.
+    """
+    explicit = kwargs.get("weights") is not None or bool(os.environ.get("SPE_UNIVERSEG_WEIGHTS", "").strip())
     try:
         seg = _REGISTRY["universeg"](**kwargs)
         return seg, "UniverSeg's official weights were found."
-    except (FileNotFoundError, RuntimeError, OSError) as err:
-        first = " ".join(str(err).split()) or type(err).__name__
-        first = first if len(first) <= 600 else first[:600] + "..."
+    except (FileNotFoundError, RuntimeError, OSError):
+        if explicit:
+            raise
         reason = (
-            f"UniverSeg's official weights could not be loaded ({first}); "
-            f"using the weight-free '{DEFAULT_WEIGHT_FREE}' reverse segmenter."
+            f"UniverSeg's weights were not found (set SPE_UNIVERSEG_WEIGHTS=PATH, or SPE_DOWNLOAD=1 to download "
+            f"them), so the weight-free '{DEFAULT_WEIGHT_FREE}' reverse segmenter is used."
         )
         return _REGISTRY[DEFAULT_WEIGHT_FREE](), reason

@@ -315,8 +315,9 @@ def load_universeg(weights: str | os.PathLike | None = None, download: bool | No
 
     Tries, in order: ``weights`` (a path), the environment variable ``SPE_UNIVERSEG_WEIGHTS``, the
     torch hub cache ``<torch.hub.get_dir()>/checkpoints/universeg_v1_nf64_ss64_STA.pt``, and a
-    download from :data:`WEIGHTS_URL` (into that cache). The download is skipped when
-    ``download=False``, or when ``download`` is None and ``SPE_NO_DOWNLOAD`` is set.
+    download from :data:`WEIGHTS_URL` (into that cache). The download is an opt-in: it runs only with
+    ``download=True``, or with ``download=None`` (the default) when the environment sets
+    ``SPE_DOWNLOAD=1`` (``SPE_NO_DOWNLOAD=1`` forbids it then).
 
     Raises:
         FileNotFoundError: ``weights`` or ``SPE_UNIVERSEG_WEIGHTS`` names a missing file, or no
@@ -350,7 +351,12 @@ def load_universeg(weights: str | os.PathLike | None = None, download: bool | No
     if download is False:
         tried.append(f"download from {WEIGHTS_URL}: skipped (download=False)")
     elif download is None and not downloads_allowed():
-        tried.append(f"download from {WEIGHTS_URL}: skipped (SPE_NO_DOWNLOAD is set)")
+        why = (
+            "SPE_NO_DOWNLOAD is set"
+            if _env_set("SPE_NO_DOWNLOAD")
+            else "downloads need SPE_DOWNLOAD=1 or download=True"
+        )
+        tried.append(f"download from {WEIGHTS_URL}: skipped ({why})")
     else:
         try:
             obj = torch.hub.load_state_dict_from_url(
@@ -365,8 +371,13 @@ def load_universeg(weights: str | os.PathLike | None = None, download: bool | No
     raise FileNotFoundError(
         f"UniverSeg's official weights ({WEIGHTS_FILENAME}) were not found. Tried:\n"
         + "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
-        + f"\nPass weights=PATH, set {WEIGHTS_ENV_VAR}=PATH, or put the file at {cache}."
+        + f"\nPass weights=PATH, set {WEIGHTS_ENV_VAR}=PATH, put the file at {cache}, or set SPE_DOWNLOAD=1 "
+        "to download it."
     )
+
+
+def _env_set(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 # --------------------------------------------------------------------------------------------- segmenter
@@ -391,7 +402,7 @@ class UniverSegSegmenter(ReverseSegmenter):
         weights: path to ``universeg_v1_nf64_ss64_STA.pt`` (else env var, hub cache, download).
         device: where to put the model now (default: CPU, then wherever the queries are).
         chunk_size: queries segmented per step.
-        download: allow the download (None: unless ``SPE_NO_DOWNLOAD`` is set).
+        download: allow the download (None: only when the environment sets ``SPE_DOWNLOAD=1``).
     """
 
     name = "universeg"

@@ -1,0 +1,226 @@
+"""Reading image files: the one reader used for training (:class:`~spe_lightning.data.FolderSegmentationDataset`)
+and for ``spe-lightning estimate``, plus the safe listing of an image folder.
+
+Intensity rule (the same everywhere): 8-bit images (and RGB/palette images, converted to grayscale)
+are divided by 255; 16-bit, 32-bit integer and float images and NIfTI volumes are scaled between
+their 0.5th and 99.5th intensity percentiles and clipped to [0, 1] (dividing a 12-bit scan stored
+in 16 bits by 65535 would leave it nearly black).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spe_lightning.data.adapters import resize_images, resize_masks
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "ImageLimits",
+    "is_image_file",
+    "is_nifti",
+    "read_image",
+    "read_mask",
+    "read_nifti_slices",
+    "scale_percentile",
+    "square_resize",
+    "list_image_files",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: PIL modes read as 8-bit (divided by 255); every other mode is scaled between percentiles
+_EIGHT_BIT = ("1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La", "PA", "RGBa")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps on what an image folder may make us read (``spe-lightning estimate --max-*`` raise them).
+
+    Args:
+        max_files: image files in the folder.
+        max_file_mb: bytes of one file (compressed size for ``.nii.gz``).
+        max_voxels: pixels of one 2D image, voxels of one NIfTI volume.
+    """
+
+    max_files: int = 10_000
+    max_file_mb: float = 512.0
+    max_voxels: int = 2**27  # 134 M: a 512^3 volume, a 11585^2 image
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_nifti(path)
+
+
+def scale_percentile(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` scaled between its 0.5th and 99.5th percentiles, clipped to [0, 1]."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = np.percentile(x, [0.5, 99.5]) if x.size else (0.0, 1.0)
+    return np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def _check_voxels(path: Path, shape: tuple[int, ...], limits: ImageLimits | None) -> None:
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if limits is not None and n > limits.max_voxels:
+        raise ValueError(
+            f"{path.name}: {'x'.join(map(str, shape))} = {n} voxels, above the limit of {limits.max_voxels} "
+            "(raise it with --max-voxels)."
+        )
+
+
+def read_image(path: str | os.PathLike, limits: ImageLimits | None = None) -> np.ndarray:
+    """A 2D image file as float32 ``[H,W]`` grayscale in [0, 1] (the module's intensity rule)."""
+    from PIL import Image
+
+    path = Path(path)
+    cap = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb cap: raised with ours, never lowered
+    try:
+        if limits is not None and cap is not None and limits.max_voxels > cap:
+            Image.MAX_IMAGE_PIXELS = limits.max_voxels
+        with Image.open(path) as im:
+            _check_voxels(path, (im.size[1], im.size[0]), limits)
+            if im.mode in _EIGHT_BIT:
+                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            arr = np.asarray(im, dtype=np.float32)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path.name}: {err} (raise the limit with --max-voxels)") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = cap
+    if arr.ndim == 3:  # multi-channel 16-bit / float: average the channels
+        arr = arr.mean(axis=-1)
+    return scale_percentile(arr)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as an integer array (class indices; colour-coded masks: any channel non-zero)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        m = np.asarray(im).astype(np.int64)
+    return m.max(axis=-1) if m.ndim == 3 else m
+
+
+def read_nifti_slices(path: str | os.PathLike, limits: ImageLimits | None = None) -> list[np.ndarray]:
+    """The slices along the last axis of a NIfTI volume (first channel of 4D volumes), scaled as one volume."""
+    path = Path(path)
+    try:
+        import nibabel
+    except ImportError as err:
+        raise RuntimeError(
+            f"{path.name} is a NIfTI volume; reading it needs nibabel: pip install 'spe-lightning[nifti]'."
+        ) from err
+    try:
+        img = nibabel.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        _check_voxels(path, shape, limits)
+        vol = np.asarray(img.dataobj, dtype=np.float32)
+    except ValueError as err:
+        if "voxels, above the limit" in str(err):
+            raise
+        raise ValueError(f"cannot read the NIfTI file {path.name}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # nibabel's ImageFileError, gzip/EOF errors of a truncated file...
+        raise ValueError(f"cannot read the NIfTI file {path.name}: {type(err).__name__}: {err}") from err
+    if vol.ndim == 4:  # channel-last volumes: first channel
+        vol = vol[..., 0]
+    if vol.ndim not in (2, 3):
+        raise ValueError(f"{path.name}: a NIfTI volume of shape {vol.shape}; expected 2D or 3D.")
+    vol = scale_percentile(vol)
+    return [vol] if vol.ndim == 2 else [vol[..., z] for z in range(vol.shape[-1])]
+
+
+def square_resize(x: Tensor, size: int | None, mode: str = "bilinear", keep_aspect: bool = True) -> Tensor:
+    """``[C,H,W]`` -> zero-padded to a square (when ``keep_aspect``), resized to ``size`` x ``size``.
+
+    ``mode="bilinear"`` for images (antialiased when shrinking), ``"nearest"`` for masks (returns float 0/1).
+    """
+    h, w = x.shape[-2:]
+    if keep_aspect and h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        x = F.pad(x, (left, side - w - left, top, side - h - top))
+    if size is None:
+        return x.float() if mode == "nearest" else x
+    if mode == "nearest":
+        return resize_masks(x[None], (size, size))[0].float()
+    return resize_images(x[None], (size, size))[0]
+
+
+def image_tensor(path: str | os.PathLike, size: int | None, limits: ImageLimits | None = None) -> Tensor:
+    """:func:`read_image` as float ``[1,S,S]`` padded and resized by :func:`square_resize`."""
+    return square_resize(torch.from_numpy(read_image(path, limits))[None], size)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def list_image_files(folder: str | os.PathLike, limits: ImageLimits | None = None) -> list[Path]:
+    """The image files (PNG/JPEG/TIFF/BMP/NIfTI) under ``folder``, recursively, sorted.
+
+    Only regular files inside ``folder`` are read: a symbolic link (to a file or a folder) whose
+    target lies outside ``folder`` is refused with an error naming it; links to folders are not
+    descended (a link inside the folder to a file inside it is read once, as the link's name).
+    Raises ``ValueError`` above ``limits.max_files`` files or a file above ``limits.max_file_mb``.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: not a folder.")
+    real_root = root.resolve()
+    files: list[Path] = []
+    outside: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        d = Path(dirpath)
+        for name in list(dirnames):
+            p = d / name
+            if p.is_symlink() and not _inside(p.resolve(), real_root):
+                outside.append(str(p.relative_to(root)))
+        for name in filenames:
+            p = d / name
+            if not is_image_file(p):
+                continue
+            if p.is_symlink():
+                if not _inside(p.resolve(), real_root):
+                    outside.append(str(p.relative_to(root)))
+                    continue
+                if not p.resolve().is_file():
+                    continue
+            elif not p.is_file():  # sockets, FIFOs, devices
+                continue
+            files.append(p)
+    if outside:
+        shown = ", ".join(sorted(outside)[:5]) + (f" (+{len(outside) - 5} more)" if len(outside) > 5 else "")
+        raise ValueError(
+            f"--images {root}: refusing symbolic links that point outside the folder: {shown}. "
+            "Copy those files into the folder instead."
+        )
+    files.sort()
+    if limits is not None:
+        if len(files) > limits.max_files:
+            raise ValueError(
+                f"--images {root}: {len(files)} image files, above the limit of {limits.max_files} "
+                "(raise it with --max-images)."
+            )
+        cap = limits.max_file_mb * 2**20
+        for p in files:
+            size = p.stat().st_size
+            if size > cap:
+                raise ValueError(
+                    f"{p.relative_to(root)}: {size / 2**20:.1f} MB, above the limit of {limits.max_file_mb:g} MB "
+                    "per file (raise it with --max-file-mb)."
+                )
+    return files
