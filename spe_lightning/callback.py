@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,21 @@ def _shard(trainer: pl.Trainer) -> Shard:
         return out
 
     return Shard(trainer.global_rank, world, gather)
+
+
+def _planned_evaluations(max_epochs: int | None, every_n_epochs: int) -> int | None:
+    """Records a fit of ``max_epochs`` will make: one per due epoch, plus the final weights if the last is not due."""
+    if max_epochs is None or max_epochs < 0:
+        return None  # bounded by max_steps or time: unknown here
+    return max_epochs // every_n_epochs + (1 if max_epochs % every_n_epochs else 0)
+
+
+def _schedule_advice(max_epochs: int, every_n_epochs: int) -> str:
+    """How to change the schedule so that G gets its 3 evaluations."""
+    fits = [e for e in range(every_n_epochs, 0, -1) if (_planned_evaluations(max_epochs, e) or 0) >= 3]
+    if fits:
+        return f"set every_n_epochs <= {fits[0]}"
+    return f"train for at least {3 * every_n_epochs} epochs (or 3 with every_n_epochs=1)"
 
 
 def _final_epoch(trainer: pl.Trainer) -> int:
@@ -192,6 +208,8 @@ class SPECallback(Callback):
             say=rank_zero_info,
         )
         self._segmenter_label = segmenter if isinstance(segmenter, str) else repr(segmenter)
+        self._fit_start = self._epoch_start = 0.0
+        self._last_logged_step: int | None = None
 
     # ----------------------------------------------------------------- views
     @property
@@ -205,9 +223,12 @@ class SPECallback(Callback):
         return self.run.records
 
     @property
-    def report(self) -> dict[str, Any] | None:
-        """The final report after fit (estimates, G, baselines, records); None before."""
-        return self.run.report
+    def report(self) -> dict[str, Any]:
+        """The final report after fit (estimates, G, baselines, records); a top-level ``reason`` says why
+        there are no estimates (not fitted yet, skipped under ``fast_dev_run``, too few evaluations)."""
+        if self.run.report is not None:
+            return self.run.report
+        return {"estimates": {}, "records": list(self.records), "reason": "SPE has not finished a fit yet"}
 
     @property
     def state_key(self) -> str:
@@ -229,10 +250,27 @@ class SPECallback(Callback):
 
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.run.prepared:
+        if stage != "fit":
             return
-        self.run.prepare(*self._resolve_datasets(trainer))
-        rank_zero_info(self.run.describe())
+        if trainer.fast_dev_run:
+            rank_zero_warn("SPECallback: skipped under fast_dev_run (SPE needs real epochs); no report is made.")
+            return
+        self._check_schedule(trainer)
+        if not self.run.prepared:
+            self.run.prepare(*self._resolve_datasets(trainer))
+            rank_zero_info(self.run.describe())
+
+    def _check_schedule(self, trainer: pl.Trainer) -> None:
+        """Warn before training when the schedule cannot give G the 3 evaluations it needs."""
+        every = self.config.every_n_epochs
+        planned = _planned_evaluations(trainer.max_epochs, every)
+        if planned is None or planned + len(self.records) >= 3:
+            return
+        rank_zero_warn(
+            f"SPECallback: every_n_epochs={every} with max_epochs={trainer.max_epochs} gives {planned} "
+            f"evaluation(s), and G needs 3: every estimate would be null; "
+            f"{_schedule_advice(trainer.max_epochs, every)}."
+        )
 
     def _resolve_datasets(self, trainer: pl.Trainer) -> tuple[Dataset, Dataset, Dataset | Mapping[str, Dataset]]:
         given = {"reference": self.reference, "calibration": self.calibration, "target": self.target}
@@ -259,6 +297,12 @@ class SPECallback(Callback):
             return False
         return not self.run.is_recorded(epoch)  # a resumed run never repeats an epoch
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Evaluate here when validation runs, so that ModelCheckpoint (which saves in this hook
         # and always runs after other callbacks) stores this epoch's record for resuming.
@@ -274,16 +318,25 @@ class SPECallback(Callback):
             self.run.finish(pl_module, _final_epoch(trainer), trainer.global_step, _shard(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip(trainer) or not self.records:
+        if trainer.fast_dev_run:
+            self.run.report = {**self.report, "reason": "skipped under fast_dev_run (SPE needs real epochs)"}
             return
-        self.run.build_report()
+        if not self.run.prepared:
+            return
+        report = self.run.build_report()
+        if report["reason"]:
+            rank_zero_warn(f"SPECallback: no estimates: {report['reason']}.")
+        out = self.report_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            self._publish(trainer, pl_module)
+            self._publish(trainer, pl_module, out)
 
     # ----------------------------------------------------------------- work and publishing
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch_s = time.perf_counter() - self._epoch_start if self._epoch_start else None
         record = self.run.record(pl_module, trainer.current_epoch, trainer.global_step, shard=_shard(trainer))
         if record is not None:
+            if epoch_s is not None:  # SPE's share of this epoch, for the console line
+                record["epoch_seconds"] = epoch_s
             what = f"logging the evaluation at epoch {record['epoch']} failed"
             self._guard(what, lambda: self._log_record(trainer, record))
 
@@ -301,6 +354,7 @@ class SPECallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(record_scalars(record, running), step=record["step"])
+        self._last_logged_step = record["step"]
         if self.config.verbose:
             self._say(trainer, evaluation_line(record, self.run.targets, running))
 
@@ -314,13 +368,15 @@ class SPECallback(Callback):
             rank_zero_info(message)
 
     def report_dir(self, trainer: pl.Trainer) -> Path:
-        """Where ``spe_report.*`` are written: ``log_dir`` or the trainer's log directory."""
+        """Where ``spe_report.*`` are written: ``log_dir`` or the trainer's log directory.
+
+        Call it on every rank: under DDP ``trainer.log_dir`` broadcasts from rank zero.
+        """
         return Path(self.log_dir or trainer.log_dir or trainer.default_root_dir)
 
-    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> None:
         import matplotlib.pyplot as plt
 
-        out = self.report_dir(trainer)
         report = self.report
         assert report is not None
         fig = make_figure(report)
@@ -329,14 +385,30 @@ class SPECallback(Callback):
             self._guard("writing the report failed", lambda: self.run.write_report(out, pl_module, fig))
             if self.config.verbose:
                 # training is over and its progress bar closed: print through the logger
-                rank_zero_info(f"{summary_table(report)}\nSPE report: {out / 'spe_report.json'}")
+                rank_zero_info(f"{summary_table(report)}\n{self._cost_line()}\nSPE report: {out / 'spe_report.json'}")
             self._guard("logging the report failed", lambda: self._log_report(trainer, report, fig))
         finally:
             plt.close(fig)
 
+    def _cost_line(self) -> str:
+        """SPE's total time next to the fit's."""
+        total = time.perf_counter() - self._fit_start if self._fit_start else 0.0
+        spe = self.run.seconds
+        share = f" ({100 * spe / total:.0f}% of the fit's {total:.0f} s)" if total > spe > 0 else ""
+        pairs = self.run.pairs_seconds
+        return f"SPE took {spe:.1f} s{share}: {len(self.records)} evaluation(s), calibration pairs {pairs:.1f} s."
+
     def _log_report(self, trainer: pl.Trainer, report: dict[str, Any], fig: Any) -> None:
-        step = self.records[-1]["step"]
+        if not self.records:
+            return
+        last = self.records[-1]
+        step = last["step"]
         final = report_scalars(report)
+        if step == self._last_logged_step:
+            # the last evaluation already logged this step's estimate (same G, same value): one point per step
+            final = {k: v for k, v in final.items() if not k.startswith("spe/estimate/")}
+        else:  # the final weights were evaluated at fit end: their pseudo/real values were not logged yet
+            final.update(record_scalars(last))
         for logger in trainer.loggers:
             logger.log_metrics(final, step=step)
             for i, r in enumerate(self.records):

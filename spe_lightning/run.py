@@ -90,6 +90,7 @@ class SPERun:
         self._targets: list[str] = []
         self.records: list[dict[str, Any]] = []
         self.pairs: list[dict[str, Any]] = []
+        self.pairs_seconds = 0.0
         self.report: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ views
@@ -326,6 +327,7 @@ class SPERun:
 
         pairs = self._guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
+        self.pairs_seconds = time.perf_counter() - start
         if pairs and c.verbose:
             self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
         return self.pairs
@@ -354,9 +356,26 @@ class SPERun:
         }
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
             report["reference_slices"] = engine.ref_slices
-        report.update(result, records=self.records, pairs=self.pairs)
+        report.update(result, records=self.records, pairs=self.pairs, reason=self.no_estimate_reason())
         self.report = report
         return report
+
+    def no_estimate_reason(self) -> str | None:
+        """Why the run cannot estimate anything (too few records), or None."""
+        n = len(self.records)
+        if n == 0:
+            return "no evaluation succeeded (each was skipped; see the warnings), so there is nothing to estimate"
+        if n < 3:
+            return (
+                f"only {n} evaluation(s) were recorded and G needs 3: evaluate more often (every_n_epochs) "
+                "or train for more epochs"
+            )
+        return None
+
+    @property
+    def seconds(self) -> float:
+        """SPE's own time so far: every evaluation and the calibration pairs."""
+        return sum(float(r.get("seconds", 0.0)) for r in self.records) + self.pairs_seconds
 
     def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
         """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
@@ -373,7 +392,7 @@ class SPERun:
             module = None if self.volumetric else model
             return SPEEstimator.from_run(self, module).save(out / "spe_estimator.pt")
 
-        path = self._guarded("saving spe_estimator.pt failed", estimator)
+        path = self._guarded("saving spe_estimator.pt failed", estimator) if report.get("reason") is None else None
         if path is not None:
             paths["estimator"] = path
 

@@ -41,7 +41,7 @@ def trainer(tmp_path, epochs, callbacks, **kw) -> pl.Trainer:
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(tmp_path, name="tb"),
+        logger=kw.pop("logger", None) or TensorBoardLogger(tmp_path, name="tb"),
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_model_summary=False,
@@ -115,11 +115,76 @@ def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path, caplog):
     assert r["estimates"]["target_noisy"]["dice"]["value"] < r["estimates"]["target"]["dice"]["value"]
 
 
-def test_no_work_during_fast_dev_run(tmp_path):
+def test_no_work_during_fast_dev_run_and_it_says_so(tmp_path):
     cb = spe()
-    trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=small_data())
-    assert cb.records == [] and cb.report is None
+    with pytest.warns(UserWarning, match="skipped under fast_dev_run"):
+        trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=small_data())
+    assert cb.records == [] and "fast_dev_run" in cb.report["reason"]
     assert not list(tmp_path.rglob("spe_report.json"))
+
+
+class _RecordingLogger(pl.loggers.logger.Logger):
+    """Keeps every (tag, step) it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: list[tuple[str, int]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.points.extend((k, step) for k in metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_one_point_per_tag_and_step_and_the_truth_beside_the_estimate(tmp_path):
+    logger = _RecordingLogger()
+    cb = spe(metrics=("dice",), interval_subsets=1, interval_shifts=["noise"], log_dir=str(tmp_path))
+    trainer(tmp_path, 3, [cb], logger=logger).fit(small_model(), datamodule=small_data())
+    spe_points = [p for p in logger.points if p[0].startswith("spe/")]
+    assert len(spe_points) == len(set(spe_points))  # the final estimate is not logged a second time
+    assert ("spe/estimate_lower/target/dice", cb.records[-1]["step"]) in spe_points
+    est = cb.report["estimates"]["target"]["dice"]
+    assert est["true"] == cb.report["true"]["target"]["dice"]
+
+
+def test_a_schedule_with_too_few_evaluations_warns_before_training(tmp_path):
+    cb = spe(every_n_epochs=5, metrics=("dice",))
+    with pytest.warns(UserWarning, match=r"every_n_epochs=5 with max_epochs=3 gives 1 evaluation") as caught:
+        trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
+    messages = [str(w.message) for w in caught]
+    first = next(i for i, m in enumerate(messages) if "every_n_epochs=5" in m)
+    closing = next(i for i, m in enumerate(messages) if "no estimates" in m)
+    assert first < closing and "G needs 3" in cb.report["reason"]
+    assert cb.report["estimates"]["target"]["dice"]["value"] is None
+    assert not list(tmp_path.rglob("spe_estimator.pt"))  # no G: nothing to reuse
+
+
+def test_report_is_a_dict_with_a_reason_when_every_evaluation_failed(tmp_path):
+    class DictOut(SegmentationModel):
+        """Returns its logits under a key SPE does not know; trains and validates on self.net directly."""
+
+        def forward(self, x):
+            return {"unknown": self.net(x)}
+
+        def _step(self, batch):
+            image, label = batch["image"].float(), batch["label"].float()
+            logits = self.net(image)
+            return logits, label, self.loss(logits, label)
+
+    cb = spe(metrics=("dice",))
+    with pytest.warns(UserWarning, match="no estimates: no evaluation succeeded"):
+        trainer(tmp_path, 2, [cb]).fit(DictOut(channels=(8, 16), strides=(2,)), datamodule=small_data())
+    assert cb.records == [] and "no evaluation succeeded" in cb.report["reason"]
+    assert json.loads(next(tmp_path.rglob("spe_report.json")).read_text())["reason"] == cb.report["reason"]
 
 
 def test_every_n_epochs_and_final_record(tmp_path):

@@ -81,3 +81,31 @@ def test_bad_callback_argument_is_reported_before_training(tmp_path, capsys):
         )
     assert "every_n_epochs must be an int >= 1" in str(err.value) + capsys.readouterr().err
     assert not list(tmp_path.rglob("*.tfevents.*"))
+
+
+@pytest.mark.ddp
+def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
+    """Rank zero's publishing must not wait on a collective the other rank has left (trainer.log_dir broadcasts)."""
+    cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.callbacks.init_args.working_size=32",
+            "--trainer.callbacks.init_args.interval_subsets=1",
+            "--trainer.callbacks.init_args.interval_shifts=[noise]",
+        ]
+    )
+    reports = list(tmp_path.rglob("spe_report.json"))
+    assert len(reports) == 1 and len(list(tmp_path.rglob("spe_estimator.pt"))) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["reason"] is None and len(report["records"]) == 3
+    for target in ("target", "target_noisy"):
+        assert report["estimates"][target]["dice"]["value"] is not None
+    assert (reports[0].parent / "spe_report.csv").is_file() and (reports[0].parent / "spe_calibration.png").is_file()

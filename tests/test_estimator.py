@@ -310,3 +310,19 @@ def test_cli_estimate_escapes_ids_keeps_links_and_relative_paths(fitted, tmp_pat
     assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("../imgs", "../model.ckpt", "../est.pt")
     assert str(tmp_path) not in (tmp_path / "out" / "estimate.json").read_text()
     capsys.readouterr()
+
+
+def test_empty_predictions_are_flagged_when_no_calibrated_score_exists():
+    from spe_lightning.engine.percase import CaseScores, case_rows
+
+    scores = CaseScores(
+        score=torch.tensor([0.9, 0.2, float("nan")], dtype=torch.float64),
+        best_reference=torch.tensor([0, 1, -1]),
+        pseudo_dice=torch.zeros(3, 1, dtype=torch.float64),
+        neighbours=torch.zeros(3, 1, dtype=torch.int64),
+        empty=torch.tensor([False, False, True]),
+    )
+    masks = [torch.ones(1, 4, 4, dtype=torch.bool)] * 2 + [torch.zeros(1, 4, 4, dtype=torch.bool)]
+    rows = case_rows(scores, {"threshold": 0.5, "mapping": None}, masks, torch.ones(3), ["a", "b", "c"])
+    assert [r["flagged"] for r in rows] == [False, True, True] and rows[2]["empty_prediction"]
+    assert all(r["flagged"] is None for r in case_rows(scores, None, masks, torch.ones(3), ["a", "b", "c"]))

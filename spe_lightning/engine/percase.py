@@ -275,6 +275,15 @@ def calibrate_cases(scores: CaseScores, real_dice: np.ndarray, k: int, top: int,
     }
 
 
+def _flag(score: float | None, empty: bool, threshold: float | None) -> bool | None:
+    """Flag a case below the threshold; an empty prediction without a calibrated score is flagged for review."""
+    if threshold is None:
+        return None
+    if score is None:
+        return empty
+    return bool(score < threshold)
+
+
 def case_rows(
     scores: CaseScores,
     calibration: dict[str, Any] | None,
@@ -298,7 +307,7 @@ def case_rows(
             "estimated_dice": None,
             "estimated_dice_lower": None,
             "estimated_dice_upper": None,
-            "flagged": None if threshold is None or s is None else bool(s < threshold),
+            "flagged": _flag(s, bool(scores.empty[i]), threshold),
             "empty_prediction": bool(scores.empty[i]),
             "foreground_pixels": int(masks[i].sum()),
             "confidence": finite_or_none(confidence[i]),

@@ -60,10 +60,10 @@ def fit_and_estimate(
     anchored intervals; without them G's leave-one-out residuals do.
 
     Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
-    upper, pseudo, reason), ``by_checkpoint`` (estimate per record), ``true`` (targets with
-    masks, at the last record) and ``baselines`` (``calibration_score``: the calibration metric
-    at the same record; ``confidence``: the model's soft-Dice confidence mapped by a G of the
-    same kind fitted on calibration).
+    upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
+    record), ``true`` (targets with masks, at the last record) and ``baselines``
+    (``calibration_score``: the calibration metric at the same record; ``confidence``: the model's
+    soft-Dice confidence mapped by a G of the same kind fitted on calibration).
     """
     last = len(records) - 1
     out: dict[str, Any] = {
@@ -123,6 +123,7 @@ def fit_and_estimate(
             true = series(records, "real", t, metric)
             if last >= 0 and np.isfinite(true[last]):
                 out["true"].setdefault(t, {})[metric] = float(true[last])
+                est["true"] = float(true[last])  # next to the estimate, for targets that came with masks
     return out
 
 

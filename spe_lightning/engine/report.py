@@ -71,7 +71,10 @@ def evaluation_line(
     record: dict[str, Any], targets: Sequence[str], running: dict[str, Any] | None = None, metric: str = "dice"
 ) -> str:
     """One console line per evaluation: its time, the calibration score, each target's pseudo value and estimate."""
-    parts = [f"SPE epoch {record['epoch']} ({record['seconds']:.1f}s):"]
+    spent = record["seconds"]
+    epoch_s = record.get("epoch_seconds")
+    share = f", {100 * spent / (epoch_s + spent):.0f}% of the epoch" if epoch_s else ""
+    parts = [f"SPE epoch {record['epoch']} ({spent:.1f}s{share}):"]
     d = record["real"].get(CALIBRATION, {}).get(metric)
     if d is not None:
         parts.append(f"calibration {metric} {d:.3f}")
