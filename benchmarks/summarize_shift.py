@@ -27,8 +27,9 @@ def tables(results: list[dict]) -> str:
         + ", ".join(str(r["seed"]) for r in results)
         + f"; {len(results[0]['targets'])} targets per seed",
         "",
-        "| metric | method | MAE | max abs error | coverage of the 90% interval | Dice false alarms |",
-        "|---|---|---|---|---|---|",
+        "| metric | method | MAE | max abs error | coverage of the 90% interval | median / max width "
+        "| Dice false alarms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in results[0]["summary"]:
         for meth in methods:
@@ -36,9 +37,14 @@ def tables(results: list[dict]) -> str:
             d = 1 if m == "hd95" else 3
             cov = _ms([row.get("coverage") for row in rows], 2) if "coverage" in rows[0] else ""
             fa = " / ".join(str(row["false_alarms"]) for row in rows) if "false_alarms" in rows[0] else ""
+            width = (
+                f"{_ms([row['median_width'] for row in rows], d)} / {_ms([row['max_width'] for row in rows], d)}"
+                if "median_width" in rows[0]
+                else ""
+            )
             lines.append(
                 f"| {m} | {meth} | {_ms([row['mae'] for row in rows], d)} | "
-                f"{_ms([row['max_abs_error'] for row in rows], d)} | {cov} | {fa} |"
+                f"{_ms([row['max_abs_error'] for row in rows], d)} | {cov} | {width} | {fa} |"
             )
     lines += [
         "",

@@ -40,24 +40,51 @@ def _scores(est: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
     }
 
 
-def score_records(
+def checkpoint_series(
     records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
-) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Per metric: SPE / calibration_score / confidence vs the target's real metric across records."""
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per metric, the per-checkpoint estimate of SPE, the calibration score and the confidence, and the truth."""
     from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
 
     fitted = fit_and_estimate(records, [target], metrics, mapping, anchored=anchored)
     conf_cal = series(records, "confidence", CALIBRATION, None)
     conf_t = series(records, "confidence", target, None)
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     for m in metrics:
-        real = series(records, "real", target, m)
         by_ckpt = fitted["by_checkpoint"][target].get(m) or [None] * len(records)  # absent when G could not fit
-        spe = np.asarray([np.nan if v is None else v for v in by_ckpt], dtype=float)
         cal = series(records, "real", CALIBRATION, m)
         g_conf, _ = fit_mapping(mapping, conf_cal, cal, m)
-        conf = g_conf.predict(conf_t) if g_conf else np.full(len(records), np.nan)
-        out[m] = {"spe": _scores(spe, real), "calibration_score": _scores(cal, real), "confidence": _scores(conf, real)}
+        out[m] = {
+            "spe": np.asarray([np.nan if v is None else v for v in by_ckpt], dtype=float),
+            "calibration_score": cal,
+            "confidence": g_conf.predict(conf_t) if g_conf else np.full(len(records), np.nan),
+            "real": series(records, "real", target, m),
+        }
+    return out
+
+
+def score_on_common_checkpoints(rows: dict[str, np.ndarray], real: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Every method scored on the same checkpoints: those where the truth and every method have a value.
+
+    A method without a value somewhere would otherwise be scored on easier checkpoints (e.g. SPE has
+    none while no predicted mask is usable early in training); each row says how many were used.
+    """
+    ok = np.isfinite(real)
+    for values in rows.values():
+        ok &= np.isfinite(values)
+    n = len(real)
+    # the final checkpoint keeps its place at the end: final_abs_error is still the last common checkpoint
+    return {k: {**_scores(v[ok], real[ok]), "n_scored": int(ok.sum()), "n_checkpoints": n} for k, v in rows.items()}
+
+
+def score_records(
+    records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per metric: SPE / calibration_score / confidence vs the target's real metric, on common checkpoints."""
+    out = {}
+    for m, rows in checkpoint_series(records, target, metrics, mapping, anchored).items():
+        real = rows.pop("real")
+        out[m] = score_on_common_checkpoints(rows, real)
     return out
 
 
@@ -80,6 +107,8 @@ class BenchmarkConfig:
     max_references: int | None = None
     accelerator: str = "auto"
     log_dir: str = "spe_runs/benchmark"
+    #: other sites as extra targets, ``(name, root)``: every split under the root, scored beside extra_test
+    targets: tuple[tuple[str, str], ...] = ()
 
 
 def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
@@ -99,6 +128,7 @@ def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
         image_size=cfg.image_size,
         batch_size=cfg.batch_size,
         target_splits=["extra_test"],
+        extra_targets=dict(cfg.targets),
     )
     callbacks = [
         SPECallback(
@@ -149,31 +179,40 @@ def _paper_result(cfg: BenchmarkConfig, callbacks: list, total: float) -> dict[s
 
 
 def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``result["metrics"]`` and ``real_dice_range`` from ``result["records"]`` (per segmenter).
+    """Fill ``result["metrics"]`` (extra_test), ``metrics_by_target`` (every target) and ``real_dice_range``.
 
     Rows: ``spe`` (the callback's default, anchored), ``spe_paper`` (the paper's G(pseudo)),
     ``spe_huber`` / ``spe_isotonic`` (anchored with those kinds of G), ``spe_<segmenter>`` for
-    extra segmenters, ``calibration_score`` and ``confidence``.
+    extra segmenters, ``calibration_score`` and ``confidence``; all scored on the same checkpoints.
     """
     from spe_lightning.engine.metrics import PAPER_METRICS
 
     segs = list(result["records"])
     first = result["records"][segs[0]]
     real_dice = [r["real"]["extra_test"].get("dice") for r in first]
-    result["real_dice_range"] = [min(real_dice), max(real_dice)]
-    result["metrics"] = {}
-    for i, s in enumerate(segs):
-        for m, rows in score_records(result["records"][s], "extra_test", PAPER_METRICS).items():
-            table = result["metrics"].setdefault(m, {})
-            table["spe" if i == 0 else f"spe_{s}"] = rows["spe"]
-            if i == 0:
-                table["calibration_score"] = rows["calibration_score"]
-                table["confidence"] = rows["confidence"]
-    for m, rows in score_records(first, "extra_test", PAPER_METRICS, anchored=False).items():
-        result["metrics"][m]["spe_paper"] = rows["spe"]
-    for kind in ("huber", "isotonic"):
-        for m, rows in score_records(first, "extra_test", PAPER_METRICS, kind).items():
-            result["metrics"][m][f"spe_{kind}"] = rows["spe"]
+    result["real_dice_range"] = [min(v for v in real_dice if v is not None), max(v for v in real_dice if v is not None)]
+    targets = [t for t in first[-1]["pseudo"] if t != "calibration"]
+    result["metrics_by_target"] = {}
+    for target in targets:
+        series_by_row: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for i, s in enumerate(segs):
+            for m, rows in checkpoint_series(result["records"][s], target, PAPER_METRICS).items():
+                table = series_by_row.setdefault(m, {"real": rows["real"]})
+                table["spe" if i == 0 else f"spe_{s}"] = rows["spe"]
+                if i == 0:
+                    table["calibration_score"] = rows["calibration_score"]
+                    table["confidence"] = rows["confidence"]
+        for m, rows in checkpoint_series(first, target, PAPER_METRICS, anchored=False).items():
+            series_by_row[m]["spe_paper"] = rows["spe"]
+        for kind in ("huber", "isotonic"):
+            for m, rows in checkpoint_series(first, target, PAPER_METRICS, kind).items():
+                series_by_row[m][f"spe_{kind}"] = rows["spe"]
+        scored = {}
+        for m, rows in series_by_row.items():
+            real = rows.pop("real")
+            scored[m] = score_on_common_checkpoints(rows, real)
+        result["metrics_by_target"][target] = scored
+    result["metrics"] = result["metrics_by_target"]["extra_test"]
     return result
 
 
@@ -243,6 +282,9 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     result = _paper_result(cfg, callbacks, total)
     start = time.perf_counter()
     targets = shift_targets(callbacks[0].run, dm, cfg.seed)
+    sites = [name for name, _ in cfg.targets]
+    targets.update({name: callbacks[0].run.sets[name] for name in sites})  # another site: its own rows
+    result["site_targets"] = sites
     raw: dict[str, Any] = {}
     for s, cb in zip(cfg.segmenters, callbacks):
         last = cb.run.records[-1]
@@ -279,8 +321,16 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     segs = list(result["shift_raw"])
     raw0 = result["shift_raw"][segs[0]]
     names = list(raw0["targets"])
+    sites = set(result.get("site_targets", []))
     rows: list[dict[str, Any]] = [
-        {"name": n, "real": raw0["targets"][n]["real"], "spe": {}, "calibration_score": {}, "confidence": {}}
+        {
+            "name": n,
+            "site": n in sites,
+            "real": raw0["targets"][n]["real"],
+            "spe": {},
+            "calibration_score": {},
+            "confidence": {},
+        }
         for n in names
     ]
     for i, seg in enumerate(segs):
@@ -304,13 +354,27 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                     row["calibration_score"][m] = r_c
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
                     row["confidence"][m] = finite_or_none(c)
-    methods = [k for k in rows[0] if k not in ("name", "real")]
-    summary: dict[str, Any] = {}
+    methods = [k for k in rows[0] if k not in ROW_FIELDS]
     clean = next((r["real"] for r in rows if r["name"] == "clean"), {})
+    # another site's rows are reported on their own, never averaged with the synthetic shifts
+    summary = _summary([r for r in rows if not r["site"]], methods, clean)
+    site_summary = {r["name"]: _summary([r], methods, {}) for r in rows if r["site"]}
+    return {"targets": rows, "summary": summary, "sites": site_summary, "level": level}
+
+
+#: the fields of a shift-benchmark row that are not methods
+ROW_FIELDS = ("name", "real", "site")
+
+
+def _summary(rows: list[dict[str, Any]], methods: list[str], clean: dict[str, Any]) -> dict[str, Any]:
+    """Per metric and method over ``rows``: MAE, max error, interval coverage and widths, Dice false alarms."""
+    from spe_lightning.engine.metrics import PAPER_METRICS
+
+    summary: dict[str, Any] = {}
     for m in PAPER_METRICS:
         summary[m] = {}
         for meth in methods:
-            errs, cover, alarms = [], [], 0
+            errs, cover, widths, alarms = [], [], [], 0
             for r in rows:
                 real = r["real"].get(m)
                 e = r[meth].get(m)
@@ -320,6 +384,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                 errs.append(abs(v - real))
                 if isinstance(e, dict) and e["lower"] is not None:
                     cover.append(e["lower"] <= real <= e["upper"])
+                    widths.append(e["upper"] - e["lower"])
                 if m == "dice" and clean.get(m) is not None and real >= clean[m] - 0.02 and v < real - 0.05:
                     alarms += 1
             summary[m][meth] = {
@@ -328,12 +393,15 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                 "n": len(errs),
             }
             if cover:
-                summary[m][meth]["coverage"] = float(np.mean(cover))
+                summary[m][meth].update(
+                    coverage=float(np.mean(cover)),
+                    median_width=float(np.median(widths)),
+                    max_width=float(np.max(widths)),
+                )
             if m == "dice":
                 summary[m][meth]["false_alarms"] = alarms
-        first = summary[m].get("spe", {})
-        summary[m]["coverage"] = first.get("coverage")
-    return {"targets": rows, "summary": summary, "level": level}
+        summary[m]["coverage"] = summary[m].get("spe", {}).get("coverage")
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -356,11 +424,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=a.batch_size,
         max_references=a.max_references,
         accelerator=a.accelerator,
+        targets=tuple(_parse_target(t) for t in a.target),
     )
     res = (run_paper if a.which == "paper" else run_shift)(cfg, a.out)
     _print_paper(res)
     if a.which == "shift":
         _print_shift(res)
+
+
+def _parse_target(text: str) -> tuple[str, str]:
+    name, sep, root = text.partition("=")
+    if not sep or not name or not root:
+        raise ValueError(f"--target takes NAME=ROOT (e.g. covid_cxr=../shared/datasets/covid_cxr), got {text!r}.")
+    if not Path(root).is_dir():
+        raise ValueError(f"--target {name}: no folder {root}.")
+    return name, root
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -375,6 +453,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-references", type=int, default=None)
     p.add_argument("--accelerator", default="auto")
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=ROOT",
+        help="another site's labelled images (ROOT/<split>/{images,masks}, all splits used) as an extra target; "
+        "repeatable; reported as its own rows",
+    )
 
 
 def _print_paper(res: dict[str, Any]) -> None:
@@ -390,7 +476,7 @@ def _print_paper(res: dict[str, Any]) -> None:
 
 
 def _print_shift(res: dict[str, Any]) -> None:
-    methods = [k for k in res["targets"][0] if k not in ("name", "real")]
+    methods = [k for k in res["targets"][0] if k not in ROW_FIELDS]
     print("\n| target | real dice | " + " | ".join(methods) + " |\n|" + "---|" * (len(methods) + 2))
     for r in res["targets"]:
         cells = []

@@ -41,3 +41,60 @@ def test_isotonic_mapping_follows_a_curved_relation():
     iso = score_records(recs, "extra_test", ["dice"], "isotonic")["dice"]["spe"]
     assert iso["pearson_r"] > 0.95
     assert iso["mae"] < lin["mae"]
+
+
+def test_every_method_is_scored_on_the_same_checkpoints():
+    from spe_lightning.benchmark import score_on_common_checkpoints
+
+    real = np.array([0.2, 0.4, 0.6, 0.8])
+    rows = {"spe": np.array([np.nan, 0.4, 0.6, 0.8]), "calibration_score": np.array([0.9, 0.4, 0.6, 0.8])}
+    out = score_on_common_checkpoints(rows, real)
+    # the first checkpoint (no SPE value) is left out for the baseline too, and the count says so
+    assert out["calibration_score"]["mae"] == pytest.approx(0.0) and out["calibration_score"]["n_scored"] == 3
+    assert out["spe"]["n_checkpoints"] == 4
+
+
+def test_another_site_is_reported_on_its_own(tmp_path):
+    from PIL import Image
+
+    from spe_lightning.benchmark import shift_scores
+    from spe_lightning.data.folder import site_dataset
+
+    for split, n in (("a", 2), ("b", 3)):
+        for kind in ("images", "masks"):
+            (tmp_path / split / kind).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 1 if kind == "masks" else 128, np.uint8)).save(
+                    tmp_path / split / kind / f"{split}{i}.png"
+                )
+    assert len(site_dataset(tmp_path, 1, 16)) == 5  # every split under the root
+
+    def measured(d):
+        return {"pseudo": {m: d for m in METRICS}, "real": {m: d for m in METRICS}, "confidence": 0.9}
+
+    records = [
+        {
+            "pseudo": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "real": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "confidence": {"calibration": 0.5 + 0.05 * i},
+        }
+        for i in range(5)
+    ]
+    result = {
+        "records": {"auto": records},
+        "site_targets": ["site_b"],
+        "shift_raw": {
+            "auto": {
+                "calibration": measured(0.7),
+                "targets": {"clean": measured(0.7), "noise_3": measured(0.5), "site_b": measured(0.2)},
+                "pairs": [],
+            }
+        },
+    }
+    res = shift_scores(result)
+    assert res["summary"]["dice"]["spe"]["n"] == 2  # clean and noise_3; the site is not averaged in
+    assert set(res["sites"]) == {"site_b"} and res["sites"]["site_b"]["dice"]["spe"]["n"] == 1
+    assert [r["site"] for r in res["targets"]] == [False, False, True]
+
+
+METRICS = ("dice", "iou", "precision", "recall", "hd95", "pearson_r")

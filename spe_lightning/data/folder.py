@@ -9,11 +9,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from spe_lightning.data.images import IMAGE_SUFFIXES, read_image, read_mask, square_resize
 
-__all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta"]
+__all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta", "site_dataset"]
 
 
 def read_meta(root: str | Path) -> dict[str, dict[str, str]]:
@@ -134,6 +134,8 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         target_splits: splits given to SPE as unlabelled targets (their masks only score the estimate).
         train_groups: restrict training/reference/calibration to these ``meta.csv`` groups.
         augment: augment the training images.
+        extra_targets: more targets from other roots, ``{name: root}`` (e.g. another site's images in
+            the same layout): every split found under the root is used, concatenated.
     """
 
     def __init__(
@@ -148,11 +150,16 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         target_splits: list[str] | None = None,
         train_groups: list[str] | None = None,
         augment: bool = True,
+        extra_targets: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.root = root
         self.target_splits = ["extra_test"] if target_splits is None else list(target_splits)
+        self.extra_targets = dict(extra_targets or {})
+        clash = sorted(set(self.extra_targets) & {*self.target_splits, "calibration"})
+        if clash:
+            raise ValueError(f"extra_targets names {clash} clash with the target splits or 'calibration'; rename them.")
 
     def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
         hp = self.hparams
@@ -181,8 +188,20 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
     def spe_datasets(self) -> dict[str, object]:
         """``{"reference", "calibration", "target": {split: dataset}}`` for SPECallback."""
         self.setup()
-        return {
-            "reference": self.reference_set,
-            "calibration": self.val_set,
-            "target": {split: self._ds(split) for split in self.target_splits},
-        }
+        targets: dict[str, Dataset] = {split: self._ds(split) for split in self.target_splits}
+        targets.update(
+            {
+                name: site_dataset(root, self.hparams.class_index, self.hparams.image_size)
+                for name, root in self.extra_targets.items()
+            }
+        )
+        return {"reference": self.reference_set, "calibration": self.val_set, "target": targets}
+
+
+def site_dataset(root: str | Path, class_index: int | None = 1, image_size: int = 128) -> Dataset:
+    """Every split under ``root`` (folders holding ``images/``), concatenated: another site's labelled images."""
+    splits = sorted(p.parent.name for p in Path(root).glob("*/images") if p.is_dir())
+    if not splits:
+        raise FileNotFoundError(f"No <split>/images folder under {root}; expected <root>/<split>/images/<id>.png.")
+    parts = [FolderSegmentationDataset(root, split, class_index, image_size) for split in splits]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
