@@ -113,7 +113,8 @@ class SPECallback(Callback):
             (with ``interval_subsets``); ``[]`` and 0 subsets: intervals from G's residuals only.
         interval_subsets: random calibration subsets per target size for the intervals.
         seed: seed for the reference subset and support orders.
-        working_size: side of the square images the reverse segmenter works on.
+        working_size: side of the square images the reverse segmenter works on (None: the images'
+            own size, at most 128).
         foreground_class: class index of the masks that is foreground (None: any non-zero); binary SPE.
         classes: multi-class SPE: class indices (``[1, 2]``) or ``{name: index}``; each class gets its own
             support set and reverse step, metrics ``"<metric>/<name>"`` and their mean ``"<metric>"``.
@@ -151,7 +152,7 @@ class SPECallback(Callback):
         interval_shifts: Sequence[str] = SHIFT_FAMILIES,
         interval_subsets: int = 4,
         seed: int = 0,
-        working_size: int = 128,
+        working_size: int | None = None,
         foreground_class: int | None = None,
         classes: Sequence[int] | Mapping[str, int] | None = None,
         spatial_dims: int | None = None,

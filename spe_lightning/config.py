@@ -18,9 +18,11 @@ from spe_lightning.engine.pseudo_metrics import metric_keys
 from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.reverse.base import available_segmenters
 
-__all__ = ["ACTIVATIONS", "SPEConfig"]
+__all__ = ["ACTIVATIONS", "MAX_AUTO_WORKING_SIZE", "SPEConfig"]
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+#: the largest working size ``working_size=None`` picks (the reverse step's cost grows with its square)
+MAX_AUTO_WORKING_SIZE = 128
 
 #: settings that change what a record or an estimate means: resuming with other values is flagged
 ESTIMATION_KEYS = (
@@ -73,8 +75,9 @@ class SPEConfig:
     """Every plain setting of an SPE run (see :class:`~spe_lightning.SPECallback` for their meaning).
 
     Frozen and validated on construction; ``classes`` is normalised to ``{name: index}`` and the
-    sequences to tuples. ``segmenter`` is a registered name or ``"auto"``; a segmenter instance
-    is given to :class:`~spe_lightning.SPERun` separately.
+    sequences to tuples. ``working_size=None`` means the images' own size, at most
+    :data:`MAX_AUTO_WORKING_SIZE` (resolved by :meth:`SPERun.prepare`). ``segmenter`` is a registered
+    name or ``"auto"``; a segmenter instance is given to :class:`~spe_lightning.SPERun` separately.
     """
 
     segmenter: str = "auto"
@@ -90,7 +93,7 @@ class SPEConfig:
     interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
     interval_subsets: int = 4
     seed: int = 0
-    working_size: int = 128
+    working_size: int | None = None
     foreground_class: int | None = None
     classes: dict[str, int] | None = field(default=None, hash=False)
     spatial_dims: int | None = None
@@ -125,7 +128,6 @@ class SPEConfig:
             ("every_n_epochs", 1),
             ("support_size", 1),
             ("min_foreground", 0),
-            ("working_size", 16),
             ("batch_size", 1),
             ("max_slices", 1),
             ("interval_subsets", 0),
@@ -135,6 +137,8 @@ class SPEConfig:
             raise ValueError(f"SPE: seed must be an int, got {self.seed!r}.")
         if self.max_references is not None:
             _check_int("max_references", self.max_references, 1)
+        if self.working_size is not None:
+            _check_int("working_size", self.working_size, 16)
 
     def _validate_ranges(self) -> None:
         if not 0.0 < float(self.threshold) < 1.0:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from spe_lightning.config import SPEConfig
+from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
+from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.calibration_pairs import INTERVAL_SEVERITIES, calibration_sets, pairs_from_record
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
@@ -46,6 +47,16 @@ __all__ = ["SPERun", "REPORT_VERSION"]
 
 #: the ``version`` of ``spe_report.json``
 REPORT_VERSION = 1
+
+
+def auto_working_size(dataset: Dataset, config: SPEConfig) -> int:
+    """``working_size=None``: the side of the dataset's first image (its larger in-plane side), at most
+    :data:`~spe_lightning.config.MAX_AUTO_WORKING_SIZE` and at least 16, so SPE never works above the images' size."""
+    if len(dataset) == 0:
+        return MAX_AUTO_WORKING_SIZE
+    image, _ = split_item(dataset[0], config.image_key, config.label_key)
+    side = max(int(image.shape[-1]), int(image.shape[-2])) if image.ndim >= 2 else MAX_AUTO_WORKING_SIZE
+    return max(16, min(MAX_AUTO_WORKING_SIZE, side))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -130,6 +141,8 @@ class SPERun:
     # ------------------------------------------------------------------ preparation
     def prepare(self, reference: Dataset, calibration: Dataset, target: Dataset | Mapping[str, Dataset]) -> None:
         """Read the datasets and build the segmenter and engine; every input problem is raised here."""
+        if self.config.working_size is None:
+            self.config = self.config.replace(working_size=auto_working_size(calibration, self.config))
         c = self.config
         target = dict(target) if isinstance(target, Mapping) else {"target": target}
         if not target:

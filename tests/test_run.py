@@ -111,3 +111,13 @@ def test_resume_warns_about_changed_settings_and_keeps_records():
     assert other.records == [{"epoch": 0, "step": 5}] and "support_size" in messages[0]
     with pytest.raises(ValueError, match="support_size"):
         SPERun(_config(support_size=7, strict=True)).load_state_dict(state)
+
+
+def test_working_size_defaults_to_the_images_size_at_most_128():
+    from spe_lightning.run import auto_working_size
+
+    small, large = Blobs(2, shape=(24, 40)), Blobs(2, shape=(200, 150))
+    assert auto_working_size(small, SPEConfig()) == 40 and auto_working_size(large, SPEConfig()) == 128
+    run = SPERun(SPEConfig(support_size=4, min_foreground=1, verbose=False), segmenter=fast_segmenter())
+    run.prepare(Blobs(6, seed=1), Blobs(4, seed=2), Blobs(4, seed=3))
+    assert run.config.working_size == 32 and run.sets["calibration"].gray.shape[-1] == 32
