@@ -185,6 +185,32 @@ class SPEConfig:
         """Record/estimate keys: the metrics, or per metric its class mean then ``"<metric>/<class>"``."""
         return metric_keys(self.metrics, self.class_names or None)
 
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~spe_lightning.engine.pseudo_metrics.SPEEngine` for these settings."""
+        return {
+            "metrics": self.metrics,
+            "support_size": self.support_size,
+            "min_foreground": self.min_foreground,
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "class_names": self.class_names or None,
+            "memory_budget_mb": self.memory_budget_mb,
+        }
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~spe_lightning.engine.cached_set.cache_dataset` for these settings."""
+        if self.working_size is None:
+            raise ValueError("SPEConfig.working_size is not resolved yet (SPERun.prepare resolves None).")
+        return {
+            "working_size": self.working_size,
+            "image_key": self.image_key,
+            "label_key": self.label_key,
+            "foreground": self.foreground_class,
+            "classes": self.class_indices or None,
+            "spatial_dims": self.spatial_dims,
+            "max_slices": self.max_slices,
+        }
+
     # ------------------------------------------------------------------ plain dicts
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (lists for tuples); :meth:`from_dict` round-trips it."""

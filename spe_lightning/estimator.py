@@ -226,14 +226,8 @@ class SPEEstimator:
         self._engine = None
 
     def _cache_kwargs(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "working_size": c.working_size,
-            "foreground": c.foreground_class,
-            "classes": c.class_indices or None,
-            "spatial_dims": c.spatial_dims,
-            "max_slices": c.max_slices,
-        }
+        # the keys of dict items are per call here (estimate(..., image_key=, label_key=))
+        return {k: v for k, v in self.config.cache_kwargs().items() if k not in ("image_key", "label_key")}
 
     def set_reference_dataset(self, dataset: Sequence, image_key: str = "image", label_key: str = "label") -> None:
         """Re-read the references from the dataset they came from (the stored indices pick them)."""
@@ -291,18 +285,7 @@ class SPEEstimator:
                 list(self.reference_indices) or list(range(n)),
                 [(i, -1) for i in range(n)],
             )
-            c = self.config
-            self._engine = SPEEngine(
-                self.segmenter,
-                ref,
-                c.metrics,
-                c.support_size,
-                c.min_foreground,
-                c.threshold,
-                c.seed,
-                class_names=c.class_names or None,
-                memory_budget_mb=c.memory_budget_mb,
-            )
+            self._engine = SPEEngine(self.segmenter, ref, **self.config.engine_kwargs())
         return self._engine
 
     # ------------------------------------------------------------------ save / load

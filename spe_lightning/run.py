@@ -149,7 +149,7 @@ class SPERun:
             raise ValueError("SPE: target is an empty dict; give at least one unlabelled dataset.")
         if CALIBRATION in target:
             raise ValueError(f"SPE: a target may not be called {CALIBRATION!r}; rename it.")
-        common = self._cache_kwargs()
+        common = self.config.cache_kwargs()
         ref_idx = None
         if c.max_references is not None and len(reference) > c.max_references:
             g = torch.Generator().manual_seed(c.seed)
@@ -170,17 +170,7 @@ class SPERun:
         if len(dims) > 1:
             raise ValueError("SPE: calibration and targets mix 2D images and 3D volumes.")
         segmenter = self._build_segmenter()
-        engine = SPEEngine(
-            segmenter,
-            ref,
-            c.metrics,
-            c.support_size,
-            c.min_foreground,
-            c.threshold,
-            c.seed,
-            class_names=c.class_names or None,
-            memory_budget_mb=c.memory_budget_mb,
-        )
+        engine = SPEEngine(segmenter, ref, **c.engine_kwargs())
         empty = engine.classes_without_queries()
         if empty:
             what = f"class(es) {empty}" if c.class_names else "foreground"
@@ -201,21 +191,9 @@ class SPERun:
             f"reverse segmenter {engine.segmenter.name}."
         )
 
-    def _cache_kwargs(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "working_size": c.working_size,
-            "image_key": c.image_key,
-            "label_key": c.label_key,
-            "foreground": c.foreground_class,
-            "classes": c.class_indices or None,
-            "spatial_dims": c.spatial_dims,
-            "max_slices": c.max_slices,
-        }
-
     def cache(self, name: str, dataset: Dataset, require_masks: bool = False) -> CachedSet:
         """A dataset cached with this run's settings (e.g. an extra set for :meth:`evaluate`)."""
-        return cache_dataset(name, dataset, require_masks=require_masks, **self._cache_kwargs())
+        return cache_dataset(name, dataset, require_masks=require_masks, **self.config.cache_kwargs())
 
     def _build_segmenter(self) -> ReverseSegmenter:
         if self._segmenter_arg is not None:
