@@ -1,0 +1,127 @@
+"""What SPE costs next to training, and what its estimates are worth, at the callback's defaults.
+
+For the demo task (embedded phantoms, configs/synthetic.yaml's model and data) and, when the data is
+there, the JSRT config (configs/jsrt.yaml's model and data), one fit with SPECallback: training time
+(the fit minus SPE's own time), SPE's time per evaluation and for the calibration pairs at fit end,
+SPE's share of the fit, and each target's estimate [interval] against its true Dice.
+
+    python benchmarks/spe_cost.py                                  # demo task, callback defaults
+    python benchmarks/spe_cost.py --jsrt ../shared/datasets/jsrt --epochs 8
+    python benchmarks/spe_cost.py --spe max_references=172 support_size=64   # other settings
+
+Times are wall-clock on this machine; run it on an otherwise idle machine for the README's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+
+from spe_lightning import SPECallback
+from spe_lightning.data import FolderSegmentationDataModule, SyntheticShapesDataModule
+from spe_lightning.models import SegmentationModel
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def fit(task: str, data: Any, model: SegmentationModel, epochs: int, spe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    pl.seed_everything(0)
+    spe = SPECallback(verbose=False, **spe_kwargs)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spe],
+        default_root_dir=f"/tmp/spe_cost/{task}",
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    total = time.perf_counter() - start
+    run = spe.run
+    report = spe.report
+    targets = {
+        t: {k: report["estimates"][t]["dice"].get(k) for k in ("value", "lower", "upper", "true")}
+        for t in report["estimates"]
+    }
+    return {
+        "task": task,
+        "epochs": epochs,
+        "settings": {
+            k: v
+            for k, v in spe.config.to_dict().items()
+            if k in ("working_size", "support_size", "max_references", "segmenter")
+        },
+        "segmenter": run.segmenter_spec()["name"],
+        "fit_s": total,
+        "train_s": total - run.seconds,
+        "spe_s": run.seconds,
+        "spe_per_evaluation_s": sum(r["seconds"] for r in run.records) / max(len(run.records), 1),
+        "pairs_s": run.pairs_seconds,
+        "targets": targets,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jsrt", default=None, help="JSRT root (heart, class 2) for the second task")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the JSRT fit (the demo always trains 8)")
+    p.add_argument("--spe", nargs="*", default=[], metavar="KEY=VALUE", help="SPECallback settings (JSON values)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = p.parse_args()
+    os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
+    spe_kwargs = {k: _value(v) for k, _, v in (s.partition("=") for s in a.spe)}
+    rows = [
+        fit(
+            "demo",
+            SyntheticShapesDataModule(n_train=96, n_val=32, n_target=32, size=64, batch_size=4),
+            SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=0.003),
+            8,
+            spe_kwargs,
+        )
+    ]
+    if a.jsrt:
+        dm = FolderSegmentationDataModule(a.jsrt, class_index=2, image_size=128, batch_size=8)
+        rows.append(fit("jsrt heart", dm, SegmentationModel(lr=1e-3), a.epochs, spe_kwargs))
+    print(
+        "| task | epochs | segmenter | training s | SPE s | SPE / training | per evaluation s | pairs s "
+        "(share of SPE) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['task']} | {r['epochs']} | {r['segmenter']} | {r['train_s']:.0f} | {r['spe_s']:.0f} | "
+            f"{r['spe_s'] / r['train_s']:.2f} | {r['spe_per_evaluation_s']:.1f} | {r['pairs_s']:.0f} "
+            f"({100 * r['pairs_s'] / max(r['spe_s'], 1e-9):.0f}%) |"
+        )
+    print("\n| task | target | Dice estimate [90% interval] | true Dice | error |\n|---|---|---|---|---|")
+    for r in rows:
+        for t, e in r["targets"].items():
+            if e["value"] is None:
+                print(f"| {r['task']} | {t} | n/a | {e['true']} | |")
+                continue
+            err = "" if e["true"] is None else f"{e['value'] - e['true']:+.3f}"
+            print(
+                f"| {r['task']} | {t} | {e['value']:.3f} [{e['lower']:.3f}, {e['upper']:.3f}] | "
+                f"{e['true'] if e['true'] is None else round(e['true'], 3)} | {err} |"
+            )
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
