@@ -327,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest estimator file read, MB (default 80: the 64 MB reference cap of saving plus room)",
     )
     p.add_argument(
+        "--masks",
+        default=None,
+        help="folder of the images' masks (same relative file names; 2D binary estimators): the realised "
+        "metrics are reported next to the estimates (and per chunk); never used to estimate",
+    )
+    p.add_argument(
         "--chunk-by",
         default=None,
         help="monitor chunks of the images: N (images per chunk, in file order) or META.csv:COLUMN "
@@ -369,6 +375,22 @@ def _thresholds(given: Sequence[str] | None, flag: str) -> dict[str, float] | No
             sep = ""
         if not sep or not key.strip():
             raise ValueError(f"{flag} {item!r}: give METRIC=VALUE, e.g. dice=0.8.")
+    return out
+
+
+def _read_masks(folder: str | Path, sources: Sequence[str], size: int | None, fg: int | None) -> list[Tensor]:
+    """The mask of every image (``folder/<same relative name>``), binary ``[1,S,S]`` at the images' size."""
+    from spe_lightning.data.images import read_mask
+
+    root = Path(folder)
+    missing = [s for s in sources if not (root / s).is_file() or is_nifti(s)]
+    if missing:
+        raise ValueError(f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}.")
+    out = []
+    for s in sources:
+        m = read_mask(root / s)
+        m = (m > 0) if fg is None else (m == fg)
+        out.append(square_resize(torch.from_numpy(m.astype(np.uint8))[None], size, mode="nearest"))
     return out
 
 
@@ -437,7 +459,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ids, images, sources = read_image_folder(a.images, size, progress=show, limits=limits)
     below, above = _thresholds(a.alert_below, "--alert-below"), _thresholds(a.alert_above, "--alert-above")
     groups = _chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
-    data = est.cache(images, a.name)
+    items: Any = images
+    if a.masks is not None:
+        if est.config.classes:
+            raise ValueError("--masks: only for binary estimators.")
+        masks = _read_masks(a.masks, sources, size, est.config.foreground_class)
+        items = [{"image": i, "label": m} for i, m in zip(images, masks)]
+    data = est.cache(items, a.name)
     bar = _bar(len(images), "per-case quality", show)
     res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update)
     bar.close()

@@ -91,23 +91,27 @@ def test_cli_chunk_by_column_writes_chunks_csv_and_plot(fitted, tmp_path, capsys
     path = tmp_path / "spe_estimator.pt"
     est.save(path)
     images = tmp_path / "site" / "test" / "images"
+    masks = images.parent / "masks"
     images.mkdir(parents=True)
+    masks.mkdir()
     lines = ["id,split,date"]
     for i in range(len(tgt)):
         img = (tgt[i]["image"][0].numpy() * 255).round().astype("uint8")
         Image.fromarray(img).save(images / f"case_{i:02d}.png")
+        Image.fromarray((tgt[i]["label"][0].numpy() > 0).astype("uint8")).save(masks / f"case_{i:02d}.png")
         lines.append(f"case_{i:02d},test,2024-0{1 + i % 3}")
     (tmp_path / "site" / "meta.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     args = ["estimate", "--ckpt", str(ckpt), "--estimator", str(path), "--images", str(images), "--out", str(out)]
     args += ["--model", "spe_lightning.testing.TinyNet", "--no-progress", "--chunk-by", "meta.csv:date"]
-    cli_main([*args, "--alert-below", "dice=0.99", "--alert-above", "hd95=1000"])
+    cli_main([*args, "--alert-below", "dice=0.99", "--alert-above", "hd95=1000", "--masks", str(masks)])
     printed = capsys.readouterr().out
     assert "| 2024-01 | 4 |" in printed and "SPE alert: target dice" in printed and "model inference" in printed
     summary = json.loads((out / "estimate.json").read_text())
     chunks = summary["chunks"]
     assert [c["chunk"] for c in chunks["chunks"]] == ["2024-01", "2024-02", "2024-03"]
     assert chunks["alert_below"] == {"dice": 0.99} and len(chunks["alerts"]) == 3
+    assert all(0 < c["true"]["dice"] <= 1 for c in chunks["chunks"]) and summary["true"]["dice"] is not None
     rows = list(csv.DictReader((out / "chunks.csv").open()))
     dice = [r for r in rows if r["metric"] == "dice"]
     assert [r["chunk"] for r in dice] == ["2024-01", "2024-02", "2024-03"] and {r["alert"] for r in dice} == {"1"}
