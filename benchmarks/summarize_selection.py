@@ -39,7 +39,7 @@ def main() -> None:
             cells = [f"{r[k]['regret']:.4f} (ep {r[k]['epoch']})" if r[k]["regret"] is not None else "n/a"
                      for k in ("spe", "spe_running", "validation")]  # fmt: skip
             print(f"| {name} | {t} | {r['oracle']['real']:.3f} | " + " | ".join(cells) + " |")
-    for scope in ("all", "shifted"):
+    for scope in ("all", "shifted", "sites"):
         vals = {k: [s["summary"][scope][k] for _, s in sels if s["summary"][scope][k] is not None]
                 for k in ("spe", "spe_running", "validation")}  # fmt: skip
         if any(vals.values()):

@@ -291,19 +291,28 @@ def _selection_callback(spe: Any, datamodule: Any, seed: int, every: int) -> Any
 def selection_scores(result: dict[str, Any], metric: str = "dice") -> dict[str, Any]:
     """Checkpoint selection per target (:func:`~spe_lightning.engine.selection.selection_regret`) and alert quality.
 
-    Targets: ``extra_test`` and every target measured at several checkpoints (``--select-every``).
+    Targets: every labelled set of the records but calibration: ``extra_test``, the run's other targets
+    (``sites``) and the shifted targets measured at several checkpoints (``shifted``, ``--select-every``).
     Alerts: on the shifted targets at the final weights, threshold = final calibration Dice - 0.1, the
     estimate (``estimate``) or its lower bound (``lower``) against the real Dice crossing it.
     """
+    from spe_lightning.engine.records import CALIBRATION
     from spe_lightning.engine.selection import alert_quality, selection_regret, selection_summary
 
     seg = next(iter(result["records"]))
     records = result["records"][seg]
     measured = sorted({n for r in records for n in r.get("selection", [])})
-    per_target = {t: selection_regret(records, t, metric) for t in ["extra_test", *measured]}
+    labelled = {n for r in records for n, v in r["real"].items() if v and n != CALIBRATION}
+    sites = sorted(labelled - set(measured) - {"extra_test"})  # other targets of the run (e.g. --target sites)
+    names = [n for n in ["extra_test", *sites, *measured] if n in labelled]
+    per_target = {t: selection_regret(records, t, metric) for t in names}
     out: dict[str, Any] = {
         "targets": per_target,
-        "summary": {"all": selection_summary(per_target), "shifted": selection_summary(per_target, measured)},
+        "summary": {
+            "all": selection_summary(per_target),
+            "shifted": selection_summary(per_target, measured),
+            "sites": selection_summary(per_target, sites),
+        },
     }
     raw = result.get("shift_raw", {}).get(seg)
     if raw is not None and result.get("targets"):

@@ -67,6 +67,7 @@ def test_selection_scores_of_a_benchmark_result():
     recs = _records()
     for r in recs:
         r["pseudo"]["extra_test"], r["real"]["extra_test"] = r["pseudo"]["t"], r["real"]["t"]
+        r["pseudo"]["site"], r["real"]["site"] = r["pseudo"]["t"], r["real"]["t"]
         r["selection"] = ["t"]
     result = {
         "records": {"label_fusion": recs},
@@ -78,7 +79,8 @@ def test_selection_scores_of_a_benchmark_result():
         ],
     }
     sel = selection_scores(result)
-    assert set(sel["targets"]) == {"extra_test", "t"} and sel["summary"]["shifted"]["n_targets"] == 1
+    assert list(sel["targets"]) == ["extra_test", "site", "t"] and sel["summary"]["shifted"]["n_targets"] == 1
+    assert sel["summary"]["sites"] == sel["summary"]["shifted"]  # same numbers by construction
     assert sel["alerts"]["estimate"]["threshold"] == pytest.approx(0.78)
     assert (sel["alerts"]["estimate"]["alerts"], sel["alerts"]["lower"]["alerts"]) == (1, 2)
     assert sel["alerts"]["estimate"]["recall"] == 1.0 and sel["alerts"]["lower"]["precision"] == 0.5
