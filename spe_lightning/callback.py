@@ -367,6 +367,21 @@ class SPECallback(Callback):
             if self.on_alert is not None:
                 self._guard_alert(event)
 
+    def _final_alerts(self, trainer: pl.Trainer) -> None:
+        """The final estimates' alerts (rank zero, after fit): warned, logged as 0/1 and passed to ``on_alert``."""
+        c = self.config
+        if not (c.alert_below or c.alert_above) or not self.records:
+            return
+        events = [a for a in self.run.alerts if a.get("stage") == "final"]
+        flags = alert_scalars(events, self.run.targets, c.alert_below, c.alert_above)
+        for logger in trainer.loggers:
+            logger.log_metrics({k.replace("spe/alert/", "spe/alert_final/"): v for k, v in flags.items()},
+                               step=self.records[-1]["step"])  # fmt: skip
+        for event in events:
+            rank_zero_warn(alert_message(event))
+            if self.on_alert is not None:
+                self._guard_alert(event)
+
     def _guard_alert(self, event: dict[str, Any]) -> None:
         """``on_alert(event)``; whatever it raises is warned about and never stops training."""
         try:
@@ -401,6 +416,7 @@ class SPECallback(Callback):
                 # training is over and its progress bar closed: print through the logger
                 rank_zero_info(f"{summary_table(report)}\nSPE report: {out / 'spe_report.json'}")
             self._guard("logging the report failed", lambda: self._log_report(trainer, report, fig))
+            self._guard("announcing the final alerts failed", lambda: self._final_alerts(trainer))
         finally:
             plt.close(fig)
 

@@ -144,7 +144,9 @@ def test_alerts_warn_log_report_and_survive_a_failing_notifier(tmp_path):
     text = [str(w.message) for w in caught]
     assert any("SPE alert: t dice estimate" in m and "below the threshold 1.01 at epoch 2" in m for m in text)
     assert any("on_alert raised" in m for m in text)
-    assert [e["epoch"] for e in got] == [2, 3]  # from the 3rd record on, once per evaluation
+    # from the 3rd record on, once per evaluation, then once for the final estimate
+    assert [(e["epoch"], e["stage"]) for e in got] == [(2, "running"), (3, "running"), (3, "final")]
+    assert any("at the final weights (epoch 3)" in m for m in text)
     report = cb.report
     assert [(a["epoch"], a.get("stage")) for a in report["alerts"]] == [(2, "running"), (3, "running"), (3, "final")]
     with open(logger.log_dir + "/metrics.csv") as f:
@@ -153,6 +155,7 @@ def test_alerts_warn_log_report_and_survive_a_failing_notifier(tmp_path):
     assert flags == [1.0, 1.0]
     assert [float(r["spe/alert/t/hd95"]) for r in rows if r.get("spe/alert/t/hd95")] == [0.0, 0.0]
     assert any(r.get("spe/estimate/t/dice") for r in rows) and any(r.get("spe/pseudo/t/dice") for r in rows)
+    assert [float(r["spe/alert_final/t/dice"]) for r in rows if r.get("spe/alert_final/t/dice")] == [1.0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")

@@ -115,6 +115,8 @@ def alert_message(event: Mapping[str, Any]) -> str:
     where = ""
     if event.get("chunk") is not None:
         where = f" in chunk {event['chunk']}"
+    elif event.get("stage") == "final":
+        where = f" at the final weights (epoch {event.get('epoch')})"
     elif event.get("epoch") is not None:
         where = f" at epoch {event['epoch']}"
     what = "estimate" if event.get("alert_on", "estimate") == "estimate" else "interval bound"
