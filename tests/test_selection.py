@@ -85,3 +85,42 @@ def test_selection_scores_of_a_benchmark_result():
     assert (sel["alerts"]["estimate"]["alerts"], sel["alerts"]["lower"]["alerts"]) == (1, 2)
     assert sel["alerts"]["estimate"]["recall"] == 1.0 and sel["alerts"]["lower"]["precision"] == 0.5
     assert np.isfinite(sel["summary"]["all"]["validation"])
+
+
+def test_selection_callback_adds_the_targets_to_every_kth_record(monkeypatch):
+    """``--select-every 2``: the selection targets are measured into the records of epochs 1 and 3 only."""
+    from types import SimpleNamespace
+
+    import spe_lightning.benchmark as bench
+
+    class FakeRun:
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+            self.calls = 0
+
+        def evaluate(self, model, sets):
+            self.calls += 1
+            names = list(sets)
+            return {
+                "pseudo": {n: {"dice": 0.5} for n in names},
+                "real": {n: {"dice": 0.6} for n in names},
+                "confidence": dict.fromkeys(names, 0.9),
+                "n_support": dict.fromkeys(names, 3),
+            }
+
+    run = FakeRun()
+    monkeypatch.setattr(bench, "selection_targets", lambda r, dm, seed: {"noise_2": [0, 1, 2]})
+    cb = bench._selection_callback(SimpleNamespace(run=run), None, 0, 2)
+    for epoch in range(4):
+        run.records.append({"epoch": epoch, "pseudo": {}, "real": {}, "confidence": {}})
+        trainer = SimpleNamespace(current_epoch=epoch, sanity_checking=False)
+        cb.on_validation_end(trainer, None)
+        cb.on_train_epoch_end(trainer, None)  # never measured twice
+    assert run.calls == 2
+    assert [("noise_2" in r["pseudo"], r.get("selection")) for r in run.records] == [
+        (False, None),
+        (True, ["noise_2"]),
+        (False, None),
+        (True, ["noise_2"]),
+    ]
+    assert run.records[1]["real"]["noise_2"] == {"dice": 0.6} and run.records[3]["confidence"]["noise_2"] == 0.9
