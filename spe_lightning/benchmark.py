@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BenchmarkConfig", "run_paper", "run_shift", "score_records", "shift_scores", "main"]
+__all__ = [
+    "BenchmarkConfig",
+    "main",
+    "run_paper",
+    "run_shift",
+    "score_records",
+    "selection_scores",
+    "selection_targets",
+    "shift_scores",
+]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -109,6 +118,7 @@ class BenchmarkConfig:
     log_dir: str = "spe_runs/benchmark"
     #: other sites as extra targets, ``(name, root)``: every split under the root, scored beside extra_test
     targets: tuple[tuple[str, str], ...] = ()
+    select_every: int = 0  # shift: measure the selection targets at every k-th epoch (0: off)
 
 
 def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
@@ -140,12 +150,13 @@ def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
         )
         for i, s in enumerate(cfg.segmenters)
     ]
+    extra = [_selection_callback(callbacks[0], dm, cfg.seed, cfg.select_every)] if cfg.select_every > 0 else []
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=1,
         logger=TensorBoardLogger(cfg.log_dir, name=Path(cfg.data).name),
-        callbacks=list(callbacks),  # Lightning appends its own callbacks to this list
+        callbacks=[*callbacks, *extra],  # Lightning appends its own callbacks to this list
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
@@ -269,6 +280,91 @@ def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
     return targets
 
 
+#: the shifted targets measured at every k-th checkpoint for checkpoint selection (``--select-every``)
+SELECTION_SEVERITY = "_2"
+
+
+def selection_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
+    """The targets scored for checkpoint selection: the synthetic shifts at severity 2 and the meta.csv groups."""
+    every = shift_targets(run, datamodule, seed)
+    return {n: t for n, t in every.items() if n.endswith(SELECTION_SEVERITY) or n.startswith("group_")}
+
+
+def _selection_callback(spe: Any, datamodule: Any, seed: int, every: int) -> Any:
+    """Benchmark only: a callback that, after SPE's record of every ``every``-th epoch, measures the selection
+    targets (:func:`selection_targets`) at the same weights and adds them to that record (pseudo, real,
+    confidence), so that each can be selected over checkpoints.
+
+    Cost: one prediction and one reverse step per selection target and measured epoch (about the cost
+    of one SPE target each, ~12 s per target on BUSI at 128 px on 2 CPU cores).
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    class SelectionTargets(Callback):
+        def __init__(self) -> None:
+            self.targets: dict[str, Any] | None = None
+
+        def merge(self, trainer: Any, pl_module: Any) -> None:
+            records = spe.run.records
+            epoch = trainer.current_epoch
+            if not records or records[-1]["epoch"] != epoch or (epoch + 1) % every or records[-1].get("selection"):
+                return
+            if self.targets is None:
+                self.targets = selection_targets(spe.run, datamodule, seed)
+            record = records[-1]
+            for name, m in _measure(spe.run, pl_module, self.targets).items():
+                record["pseudo"][name], record["real"][name] = m["pseudo"], m["real"]
+                record["confidence"][name] = m["confidence"]
+            record["selection"] = sorted(self.targets)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                self.merge(trainer, pl_module)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.merge(trainer, pl_module)
+
+    return SelectionTargets()
+
+
+def selection_scores(result: dict[str, Any], metric: str = "dice") -> dict[str, Any]:
+    """Checkpoint selection per target (:func:`~spe_lightning.engine.selection.selection_regret`) and alert quality.
+
+    Targets: every labelled set of the records but calibration: ``extra_test``, the run's other targets
+    (``sites``) and the shifted targets measured at several checkpoints (``shifted``, ``--select-every``).
+    Alerts: on the shifted targets at the final weights, threshold = final calibration Dice - 0.1, the
+    estimate (``estimate``) or its lower bound (``lower``) against the real Dice crossing it.
+    """
+    from spe_lightning.engine.records import CALIBRATION
+    from spe_lightning.engine.selection import alert_quality, selection_regret, selection_summary
+
+    seg = next(iter(result["records"]))
+    records = result["records"][seg]
+    measured = sorted({n for r in records for n in r.get("selection", [])})
+    labelled = {n for r in records for n, v in r["real"].items() if v and n != CALIBRATION}
+    sites = sorted(labelled - set(measured) - {"extra_test"})  # other targets of the run (e.g. --target sites)
+    names = [n for n in ["extra_test", *sites, *measured] if n in labelled]
+    per_target = {t: selection_regret(records, t, metric) for t in names}
+    out: dict[str, Any] = {
+        "targets": per_target,
+        "summary": {
+            "all": selection_summary(per_target),
+            "shifted": selection_summary(per_target, measured),
+            "sites": selection_summary(per_target, sites),
+        },
+    }
+    raw = result.get("shift_raw", {}).get(seg)
+    if raw is not None and result.get("targets"):
+        threshold = raw["calibration"]["real"][metric] - 0.1
+        rows = [r for r in result["targets"] if r["name"] != "clean" and not r.get("site")]
+        real = [r["real"].get(metric) for r in rows]
+        out["alerts"] = {
+            on: alert_quality([(r["spe"].get(metric) or {}).get(key) for r in rows], real, threshold)
+            for on, key in (("estimate", "value"), ("lower", "lower"))
+        }
+    return out
+
+
 def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     """Train as :func:`run_paper`, then estimate shifted versions of ``extra_test`` with the final weights.
 
@@ -297,6 +393,7 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     result["timing"]["shift_eval_s"] = time.perf_counter() - start
     result["shift_raw"] = raw
     result.update(shift_scores(result))
+    result["selection"] = selection_scores(result)
     _write(result, out)
     return result
 
@@ -412,6 +509,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parsers.append(sub.add_parser("shift", help="estimates on shifted copies of extra_test (same training)"))
     for p in parsers:
         _add_common(p)
+    parsers[1].add_argument(
+        "--select-every",
+        type=int,
+        default=0,
+        help="measure the severity-2 shifts and meta.csv groups at every k-th epoch, for label-free checkpoint "
+        "selection per target (0: only extra_test is selected over checkpoints)",
+    )
     a = parser.parse_args(argv)
     cfg = BenchmarkConfig(
         data=a.data,
@@ -425,11 +529,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_references=a.max_references,
         accelerator=a.accelerator,
         targets=tuple(_parse_target(t) for t in a.target),
+        select_every=getattr(a, "select_every", 0),
     )
     res = (run_paper if a.which == "paper" else run_shift)(cfg, a.out)
     _print_paper(res)
     if a.which == "shift":
         _print_shift(res)
+        _print_selection(res["selection"])
 
 
 def _parse_target(text: str) -> tuple[str, str]:
@@ -495,3 +601,27 @@ def _print_shift(res: dict[str, Any]) -> None:
             mx = "n/a" if s["max_abs_error"] is None else f"{s['max_abs_error']:.3f}"
             cov = f"{s['coverage']:.2f}" if "coverage" in s else ""
             print(f"| {m} | {meth} | {mae} | {mx} | {cov} | {s.get('false_alarms', '')} |")
+
+
+def _print_selection(sel: dict[str, Any]) -> None:
+    print("\n| target | oracle Dice | SPE regret | SPE (running) regret | validation regret |\n|---|---|---|---|---|")
+    for t, r in sel["targets"].items():
+
+        def f(rule: str, r: dict[str, Any] = r) -> str:
+            v = r[rule]["regret"]
+            return "n/a" if v is None else f"{v:.4f} (ep {r[rule]['epoch']})"
+
+        real = "n/a" if r["oracle"]["real"] is None else f"{r['oracle']['real']:.3f}"
+        print(f"| {t} | {real} | {f('spe')} | {f('spe_running')} | {f('validation')} |")
+    for name, s in sel["summary"].items():
+        cells = ", ".join(
+            f"{k} {'n/a' if s[k] is None else f'{s[k]:.4f}'}" for k in ("spe", "spe_running", "validation")
+        )
+        print(f"mean regret over {name} targets ({s['n_targets']}): {cells}")
+    for on, q in sel.get("alerts", {}).items():
+        p = "n/a" if q["precision"] is None else f"{q['precision']:.2f}"
+        r = "n/a" if q["recall"] is None else f"{q['recall']:.2f}"
+        print(
+            f"alerts on the {on} (threshold {q['threshold']:.3f}): precision {p}, recall {r} "
+            f"({q['true_alerts']} of {q['alerts']} alerts, {q['crossings']} real crossings)"
+        )

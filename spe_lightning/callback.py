@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from spe_lightning.config import SPEConfig
+from spe_lightning.engine.alerts import alert_message, alert_scalars, monitor_scalars
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.pseudo_metrics import Shard
 from spe_lightning.engine.report import (
@@ -132,6 +134,19 @@ class SPECallback(Callback):
         log_dir: where reports go (default: the trainer's log directory).
         verbose: print a line per evaluation and the summary table.
         strict: raise instead of warning and skipping when an evaluation fails.
+        alert_below: ``{key: threshold}``: alert when a target's estimate falls below it (e.g. ``{"dice": 0.8}``).
+        alert_above: ``{key: threshold}``: alert when it rises above it (e.g. ``{"hd95": 10.0}``).
+        alert_on: ``"estimate"`` compares the estimate; ``"lower"`` the pessimistic end of its interval
+            (lower bound for ``alert_below``, upper bound for ``alert_above``).
+        on_alert: ``fn(event)`` called on rank zero for every alert event (a dict: target, metric, value,
+            threshold, direction, epoch, ...); an exception it raises is warned about, never stops training.
+
+    Monitoring: at every validation end (and train epoch end) the running estimate of every target and
+    key is in ``trainer.callback_metrics`` as ``spe/estimate/<target>/<key>`` (with
+    ``spe/estimate_lower/...`` and ``spe/estimate_upper/...``), the same value on every rank, so
+    ``ModelCheckpoint(monitor="spe/estimate/site_b/dice", mode="max")`` and ``EarlyStopping`` can use
+    it. Before the first estimate (3 evaluations) the values are NaN: ModelCheckpoint ranks NaN last;
+    EarlyStopping needs ``check_finite=False`` (see the README, "Monitoring").
     """
 
     def __init__(
@@ -166,6 +181,10 @@ class SPECallback(Callback):
         log_dir: str | None = None,
         verbose: bool = True,
         strict: bool = False,
+        alert_below: Mapping[str, float] | None = None,
+        alert_above: Mapping[str, float] | None = None,
+        alert_on: str = "estimate",
+        on_alert: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(segmenter, (str, ReverseSegmenter)):
@@ -198,7 +217,14 @@ class SPECallback(Callback):
             batch_size=batch_size,
             verbose=verbose,
             strict=strict,
+            alert_below=dict(alert_below) if isinstance(alert_below, Mapping) else alert_below,
+            alert_above=dict(alert_above) if isinstance(alert_above, Mapping) else alert_above,
+            alert_on=alert_on,
         )
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError("SPECallback: on_alert must be a callable fn(event).")
+        self.on_alert = on_alert
+        self._running: tuple[int, dict[str, Any] | None] = (-1, None)
         self.reference, self.calibration, self.target = reference, calibration, target
         self.log_dir = log_dir
         self.run = SPERun(
@@ -309,10 +335,13 @@ class SPECallback(Callback):
         # and always runs after other callbacks) stores this epoch's record for resuming.
         if trainer.state.fn == TrainerFn.FITTING and self._is_due(trainer):
             self._evaluate(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._publish_monitor(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._is_due(trainer):  # epochs without validation
             self._evaluate(trainer, pl_module)
+        self._publish_monitor(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip(trainer):
@@ -358,6 +387,62 @@ class SPECallback(Callback):
         self._last_logged_step = record["step"]
         if self.config.verbose:
             self._say(trainer, evaluation_line(record, self.run.targets, running))
+        self._alert(trainer, record, running)
+
+    # ----------------------------------------------------------------- monitoring and alerts
+    def _running_estimate(self) -> dict[str, Any] | None:
+        """The running estimate of the records so far (computed once per number of records)."""
+        n = len(self.records)
+        if self._running[0] != n:
+            self._running = (n, self.run.running_estimate())
+        return self._running[1]
+
+    def _publish_monitor(self, trainer: pl.Trainer) -> None:
+        """Put the running estimates in ``trainer.callback_metrics`` on every rank (NaN before the first one)."""
+        if self._should_skip(trainer):
+            return
+        running = self._running_estimate()
+        scalars = monitor_scalars(running["estimates"] if running else None, self.run.targets, self.run.keys)
+        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()})
+
+    def _alert(self, trainer: pl.Trainer, record: dict[str, Any], running: dict[str, Any] | None) -> None:
+        """Alerts of this evaluation: kept by the run; on rank zero warned, logged as 0/1 and passed to ``on_alert``."""
+        self._running = (len(self.records), running)
+        c = self.config
+        if running is None or not (c.alert_below or c.alert_above):
+            return
+        events = self.run.check_alerts(running["estimates"], record)
+        if not trainer.is_global_zero:
+            return
+        flags = alert_scalars(events, self.run.targets, c.alert_below, c.alert_above)
+        for logger in trainer.loggers:
+            logger.log_metrics(flags, step=record["step"])
+        for event in events:
+            rank_zero_warn(alert_message(event))
+            if self.on_alert is not None:
+                self._guard_alert(event)
+
+    def _final_alerts(self, trainer: pl.Trainer) -> None:
+        """The final estimates' alerts (rank zero, after fit): warned, logged as 0/1 and passed to ``on_alert``."""
+        c = self.config
+        if not (c.alert_below or c.alert_above) or not self.records:
+            return
+        events = [a for a in self.run.alerts if a.get("stage") == "final"]
+        flags = alert_scalars(events, self.run.targets, c.alert_below, c.alert_above)
+        for logger in trainer.loggers:
+            logger.log_metrics({k.replace("spe/alert/", "spe/alert_final/"): v for k, v in flags.items()},
+                               step=self.records[-1]["step"])  # fmt: skip
+        for event in events:
+            rank_zero_warn(alert_message(event))
+            if self.on_alert is not None:
+                self._guard_alert(event)
+
+    def _guard_alert(self, event: dict[str, Any]) -> None:
+        """``on_alert(event)``; whatever it raises is warned about and never stops training."""
+        try:
+            self.on_alert(event)  # type: ignore[misc]
+        except Exception as err:
+            rank_zero_warn(f"SPECallback: on_alert raised {err!r}; training continues.")
 
     @staticmethod
     def _say(trainer: pl.Trainer, message: str) -> None:
@@ -388,6 +473,7 @@ class SPECallback(Callback):
                 # training is over and its progress bar closed: print through the logger
                 rank_zero_info(f"{summary_table(report)}\n{self._cost_line()}\nSPE report: {out / 'spe_report.json'}")
             self._guard("logging the report failed", lambda: self._log_report(trainer, report, fig))
+            self._guard("announcing the final alerts failed", lambda: self._final_alerts(trainer))
         finally:
             plt.close(fig)
 
@@ -421,4 +507,7 @@ class SPECallback(Callback):
                 logger.experiment.add_figure("spe/calibration_fit", fig, global_step=step, close=False)
                 logger.experiment.add_text("spe/summary", summary_table(report), global_step=step)
                 logger.experiment.flush()
+            elif isinstance(logger, MLFlowLogger):  # the figure and summary as run artifacts
+                logger.experiment.log_figure(logger.run_id, fig, "spe/calibration_fit.png")
+                logger.experiment.log_text(logger.run_id, summary_table(report), "spe/summary.md")
             logger.save()

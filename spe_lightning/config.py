@@ -18,11 +18,13 @@ from spe_lightning.engine.pseudo_metrics import metric_keys
 from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.reverse.base import available_segmenters
 
-__all__ = ["ACTIVATIONS", "MAX_AUTO_WORKING_SIZE", "SPEConfig"]
+__all__ = ["ACTIVATIONS", "ALERT_ON", "MAX_AUTO_WORKING_SIZE", "SPEConfig"]
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
 #: the largest working size ``working_size=None`` picks (the reverse step's cost grows with its square)
 MAX_AUTO_WORKING_SIZE = 128
+#: what an alert threshold is compared with: the estimate, or the pessimistic end of its interval
+ALERT_ON = ("estimate", "lower")
 
 #: settings that change what a record or an estimate means: resuming with other values is flagged
 ESTIMATION_KEYS = (
@@ -105,6 +107,9 @@ class SPEConfig:
     batch_size: int = 16
     verbose: bool = True
     strict: bool = False
+    alert_below: dict[str, float] | None = field(default=None, hash=False)
+    alert_above: dict[str, float] | None = field(default=None, hash=False)
+    alert_on: str = "estimate"
 
     def __post_init__(self) -> None:
         self._validate_ints()
@@ -122,6 +127,7 @@ class SPEConfig:
         set_(self, "anchored", bool(self.anchored))
         if self.memory_budget_mb is not None:
             set_(self, "memory_budget_mb", float(self.memory_budget_mb))
+        self._validate_alerts()
 
     def _validate_ints(self) -> None:
         for name, low in (
@@ -168,6 +174,25 @@ class SPEConfig:
                 f"SPE: unknown segmenter {self.segmenter!r}; use 'auto', one of {available_segmenters()} "
                 "or a ReverseSegmenter instance."
             )
+
+    def _validate_alerts(self) -> None:
+        """``alert_below``/``alert_above``: ``{key: finite threshold}`` over this run's keys; ``alert_on`` a choice."""
+        if self.alert_on not in ALERT_ON:
+            raise ValueError(f"SPE: alert_on must be one of {ALERT_ON}, got {self.alert_on!r}.")
+        keys = self.keys
+        for name in ("alert_below", "alert_above"):
+            given = getattr(self, name)
+            if given is None:
+                continue
+            if not isinstance(given, Mapping):
+                raise TypeError(f"SPE: {name} must be a {{metric: threshold}} dict, got {given!r}.")
+            unknown = [k for k in given if k not in keys]
+            if unknown:
+                raise ValueError(f"SPE: {name} names {unknown}, which are not among the metrics {keys}.")
+            bad = [k for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v]
+            if bad or any(abs(float(v)) == float("inf") for v in given.values()):
+                raise ValueError(f"SPE: {name} thresholds must be finite numbers, got {dict(given)!r}.")
+            object.__setattr__(self, name, {str(k): float(v) for k, v in given.items()} or None)
 
     # ------------------------------------------------------------------ views
     @property
@@ -217,6 +242,8 @@ class SPEConfig:
         out = dataclasses.asdict(self)
         out["metrics"], out["interval_shifts"] = list(self.metrics), list(self.interval_shifts)
         out["classes"] = dict(self.classes) if self.classes else None
+        for name in ("alert_below", "alert_above"):
+            out[name] = dict(getattr(self, name)) if getattr(self, name) else None
         return out
 
     @classmethod

@@ -9,6 +9,13 @@ reads the folder (PNG/JPEG/TIFF/BMP; NIfTI volumes as slices along their last ax
 ``nibabel``), estimates every metric with its interval, scores every case, prints a table and writes
 ``estimate.json``, ``cases.csv`` and a self-contained ``report.html``.
 
+Monitoring: ``--chunk-by N`` (N images per chunk, in file order) or ``--chunk-by meta.csv:COLUMN``
+(one chunk per value of a column, e.g. a date or a scanner; ``meta.csv`` as given, or found in the
+``--images`` folder, its parent or its grandparent, with an ``id`` column matching the file names
+without suffix) adds one estimate with its interval per chunk, alerts against ``--alert-below`` /
+``--alert-above`` (default: the thresholds the run was configured with), ``chunks.csv`` and a plot
+of the estimate per chunk in ``report.html``.
+
 Images are read by :mod:`spe_lightning.data.images`, the reader training uses: grayscale in
 [0, 1] (8-bit / 255; 16-bit and float images and NIfTI volumes scaled between their 0.5th and 99.5th
 percentiles), padded to a square and resized to the model's input size (stored in the estimator, or
@@ -90,10 +97,10 @@ def read_image_folder(
     return ids, images, sources
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int, desc: str, enabled: bool, unit: str = "img") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 def _import_class(path: str) -> type:
@@ -171,6 +178,22 @@ def _table(estimates: dict[str, dict[str, Any]], level: float, true: dict[str, A
         if e.get("reason"):
             row += f" {e['reason']}"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def _chunk_table(chunks: Sequence[dict[str, Any]], metric: str = "dice") -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [f"| chunk | images | {metric} | interval | true | alert |", "|---|---|---|---|---|---|"]
+    for c in chunks:
+        e = c["estimates"].get(metric, {})
+        alert = "ALERT" if any(a["metric"] == metric for a in c["alerts"]) else ""
+        true = (c.get("true") or {}).get(metric)
+        lines.append(
+            f"| {c['chunk']} | {c['n_images']} | {f(e.get('value'))} | {f(e.get('lower'))} – {f(e.get('upper'))} "
+            f"| {f(true)} | {alert} |"
+        )
     return "\n".join(lines)
 
 
@@ -303,8 +326,94 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest estimator file read, MB (default 80: the 64 MB reference cap of saving plus room)",
     )
+    p.add_argument(
+        "--masks",
+        default=None,
+        help="folder of the images' masks (same relative file names; 2D binary estimators): the realised "
+        "metrics are reported next to the estimates (and per chunk); never used to estimate",
+    )
+    p.add_argument(
+        "--chunk-by",
+        default=None,
+        help="monitor chunks of the images: N (images per chunk, in file order) or META.csv:COLUMN "
+        "(one chunk per value; META.csv as given or in --images, its parent or grandparent, with an 'id' column)",
+    )
+    p.add_argument(
+        "--alert-below",
+        action="append",
+        default=None,
+        metavar="METRIC=VALUE",
+        help="alert when a chunk's estimate is below VALUE (repeatable; default: the run's alert_below)",
+    )
+    p.add_argument(
+        "--alert-above",
+        action="append",
+        default=None,
+        metavar="METRIC=VALUE",
+        help="alert when a chunk's estimate is above VALUE, e.g. hd95=10 (repeatable; default: the run's alert_above)",
+    )
+    p.add_argument(
+        "--alert-on",
+        choices=("estimate", "lower"),
+        default=None,
+        help="compare thresholds with the estimate or the pessimistic end of its interval (default: the run's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _thresholds(given: Sequence[str] | None, flag: str) -> dict[str, float] | None:
+    """``["dice=0.8"]`` -> ``{"dice": 0.8}``; None when the flag was not given."""
+    if given is None:
+        return None
+    out = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: give METRIC=VALUE, e.g. dice=0.8.")
+    return out
+
+
+def _read_masks(folder: str | Path, sources: Sequence[str], size: int | None, fg: int | None) -> list[Tensor]:
+    """The mask of every image (``folder/<same relative name>``), binary ``[1,S,S]`` at the images' size."""
+    from spe_lightning.data.images import read_mask
+
+    root = Path(folder)
+    missing = [s for s in sources if not (root / s).is_file() or is_nifti(s)]
+    if missing:
+        raise ValueError(f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}.")
+    out = []
+    for s in sources:
+        m = read_mask(root / s)
+        m = (m > 0) if fg is None else (m == fg)
+        out.append(square_resize(torch.from_numpy(m.astype(np.uint8))[None], size, mode="nearest"))
+    return out
+
+
+def _chunk_groups(spec: str, ids: Sequence[str], images: str | Path) -> tuple[dict[str, list[int]], str]:
+    """The chunks of ``--chunk-by`` (label -> positions) and a description of them."""
+    from spe_lightning.engine.chunks import chunks_by_column, chunks_of, find_meta, parse_chunk_by, read_meta
+
+    parsed = parse_chunk_by(spec)
+    if isinstance(parsed, int):
+        return chunks_of(len(ids), parsed), f"{parsed} images per chunk, in file order"
+    meta = find_meta(parsed[0], images)
+    return chunks_by_column(ids, read_meta(meta), parsed[1]), f"by {parsed[1]!r} of {meta.name}"
+
+
+def _chunks_csv(rows: Sequence[dict[str, Any]]) -> str:
+    from spe_lightning.engine.chunks import CHUNK_COLUMNS
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CHUNK_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else csv_cell(r[k]) for k in CHUNK_COLUMNS])
+    return buf.getvalue()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -348,9 +457,26 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
     ids, images, sources = read_image_folder(a.images, size, progress=show, limits=limits)
+    below, above = _thresholds(a.alert_below, "--alert-below"), _thresholds(a.alert_above, "--alert-above")
+    groups = _chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
+    items: Any = images
+    if a.masks is not None:
+        if est.config.classes:
+            raise ValueError("--masks: only for binary estimators.")
+        masks = _read_masks(a.masks, sources, size, est.config.foreground_class)
+        items = [{"image": i, "label": m} for i, m in zip(images, masks)]
+    data = est.cache(items, a.name)
     bar = _bar(len(images), "per-case quality", show)
-    res = est.estimate(model, images, name=a.name, ids=ids, device=a.device, progress=bar.update)
+    res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update)
     bar.close()
+    chunked = None
+    if groups is not None:
+        bar = _bar(len(groups[0]), "chunk estimates", show, unit="chunk")
+        chunked = est.estimate_chunks(
+            model, data, groups[0], a.name, res.masks, device=a.device, alert_below=below, alert_above=above,
+            alert_on=a.alert_on, progress=bar.update,
+        )  # fmt: skip
+        bar.close()
 
     out.mkdir(parents=True, exist_ok=True)
     seg = dict(est.segmenter_spec)
@@ -366,6 +492,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},
     }
+    if chunked is not None:
+        from spe_lightning.engine.chunks import chunk_rows
+
+        summary["chunks"] = {"by": groups[1], **chunked.to_dict()}
+        write_file(out / "chunks.csv", _chunks_csv(chunk_rows(chunked.chunks)))
     write_file(out / "estimate.json", json.dumps(summary, indent=2, allow_nan=False))
     write_file(out / "cases.csv", _cases_csv(res.cases, sources))
     order = sorted(
@@ -388,9 +519,20 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:
         page = Path(tmp) / "report.html"
-        write_html_report(page, summary, res.cases, gallery, est.cases, meta=meta)
+        write_html_report(page, summary, res.cases, gallery, est.cases, meta=meta, chunks=summary.get("chunks"))
         write_file(out / "report.html", page.read_bytes())
     print(_table(res.estimates, res.level, res.true))
+    if chunked is not None:
+        from spe_lightning.engine.alerts import alert_message
+
+        print(_chunk_table(chunked.chunks))
+        for event in chunked.alerts:
+            print(alert_message(event))
+        t = chunked.seconds
+        print(
+            f"{len(chunked.chunks)} chunks ({groups[1]}): model inference {t['predict']:.1f}s, "
+            f"chunk estimates {t['estimate']:.1f}s; wrote {out / 'chunks.csv'}"
+        )
     if res.cases and res.case_threshold is not None:
         n_flag = sum(1 for c in res.cases if c["flagged"])
         print(f"{n_flag} of {len(res.cases)} cases flagged (quality < {res.case_threshold:.3f})")

@@ -21,7 +21,8 @@ callback reported after fit (same support order, reverse step and G).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,21 +30,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from spe_lightning.config import SPEConfig
+from spe_lightning.config import ALERT_ON, SPEConfig
 from spe_lightning.data.adapters import resize_labels, resize_masks
+from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.percase import CaseScores, calibrate_cases, case_rows, case_scores, per_case_dice
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import SPEEngine
 from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.shifts import subset
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
 if TYPE_CHECKING:
     from spe_lightning.run import SPERun
 
-__all__ = ["SPEEstimator", "EstimateResult", "FORMAT", "VERSION", "IncompatibleEstimatorError"]
+__all__ = ["SPEEstimator", "EstimateResult", "ChunkedResult", "FORMAT", "VERSION", "IncompatibleEstimatorError"]
 
 #: the ``format`` tag of an estimator file
 FORMAT = "spe-estimator"
@@ -85,6 +89,32 @@ class EstimateResult:
             "true": self.true,
             "reason": self.reason,
             "cases": {"n": len(self.cases), "n_flagged": flagged, "threshold": self.case_threshold},
+        }
+
+
+@dataclass
+class ChunkedResult:
+    """What :meth:`SPEEstimator.estimate_chunks` found: one estimate (with interval) per chunk, and the alerts."""
+
+    name: str
+    chunks: list[dict[str, Any]]  # per chunk: chunk, n_images, positions, estimates, true, n_support, reason, alerts
+    alerts: list[dict[str, Any]]  # every chunk's alert events, in chunk order
+    level: float
+    thresholds: dict[str, dict[str, float] | None]  # {"alert_below": ..., "alert_above": ...}
+    alert_on: str
+    seconds: dict[str, float]  # "predict" (model inference) and "estimate" (reverse steps and G)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (no positions)."""
+        chunks = [{k: v for k, v in c.items() if k != "positions"} for c in self.chunks]
+        return {
+            "name": self.name,
+            "level": self.level,
+            "alert_on": self.alert_on,
+            **self.thresholds,
+            "chunks": chunks,
+            "alerts": self.alerts,
+            "seconds": self.seconds,
         }
 
 
@@ -396,6 +426,10 @@ class SPEEstimator:
             images = images[:, None]
         return cache_dataset(name, images, image_key=image_key, label_key=label_key, **self._cache_kwargs())
 
+    def cache(self, images: Any, name: str = "target", image_key: str = "image", label_key: str = "label") -> CachedSet:
+        """``images`` read once at this estimator's settings (for :meth:`estimate` and :meth:`estimate_chunks`)."""
+        return self._cache(name, images, image_key, label_key)
+
     def _predict(
         self, model: nn.Module, data: CachedSet, device: torch.device, logits_fn: LogitsFn
     ) -> tuple[list[Tensor], Tensor]:
@@ -532,6 +566,98 @@ class SPEEstimator:
             true=true,
             case_threshold=threshold,
             reason=pseudo["reason"],
+        )
+
+    @torch.no_grad()
+    def estimate_chunks(
+        self,
+        model: nn.Module,
+        images: Any,
+        chunks: int | Mapping[str, Sequence[int]] | Sequence[Sequence[int]],
+        name: str = "target",
+        masks: Sequence[Tensor] | None = None,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        alert_below: Mapping[str, float] | None = None,
+        alert_above: Mapping[str, float] | None = None,
+        alert_on: str | None = None,
+        progress: Callable[[int], Any] | None = None,
+    ) -> ChunkedResult:
+        """Monitor incoming data: predict once, then one estimate with its interval per chunk, and alerts.
+
+        Args:
+            model, images, name, logits_fn, device, image_key, label_key: as for :meth:`estimate`.
+            chunks: images per chunk (consecutive, in the given order), ``{label: positions}`` (e.g.
+                :func:`~spe_lightning.engine.chunks.chunks_by_column`) or a list of position lists.
+            masks: the model's predicted masks of ``images`` when already known (e.g. ``EstimateResult.masks``
+                of the same images): inference is then skipped.
+            alert_below, alert_above, alert_on: thresholds as for :class:`~spe_lightning.SPECallback`
+                (default: the ones the run was configured with).
+            progress: called with 1 after each chunk (e.g. ``tqdm.update``).
+
+        Each chunk gets its own support set (its images with their predicted masks) and reverse step;
+        its realised metrics (``true``) are reported when the images came with masks. The intervals
+        were sized for sets as large as the training targets: smaller chunks vary more than that.
+        """
+        c = self.config
+        data = self._cache(name, images, image_key, label_key)
+        device = self._device(model, device)
+        n = len(data)
+        if isinstance(chunks, int) and not isinstance(chunks, bool):
+            groups = chunks_of(n, chunks)
+        elif isinstance(chunks, Mapping):
+            groups = {str(k): [int(i) for i in v] for k, v in chunks.items()}
+        else:
+            groups = {str(i): [int(j) for j in v] for i, v in enumerate(chunks)}
+        bad = [k for k, v in groups.items() if not v or min(v) < 0 or max(v) >= n]
+        if bad:
+            raise ValueError(f"chunks {bad[:3]} are empty or name positions outside 0..{n - 1}.")
+        below = c.alert_below if alert_below is None else dict(alert_below)
+        above = c.alert_above if alert_above is None else dict(alert_above)
+        on = alert_on or c.alert_on
+        if on not in ALERT_ON:
+            raise ValueError(f"alert_on must be one of {ALERT_ON}, got {on!r}.")
+        start = time.perf_counter()
+        if masks is None:
+            masks, _ = self._predict(model, data, device, logits_fn)
+        elif len(masks) != n:
+            raise ValueError(f"{len(masks)} masks for {n} images.")
+        predicted = time.perf_counter()
+        engine = self.engine
+        rows: list[dict[str, Any]] = []
+        alerts: list[dict[str, Any]] = []
+        for label, pos in groups.items():
+            part = subset(data, pos, name)  # the set's name seeds the support order, as in training
+            part_masks = [masks[i] for i in pos]
+            pseudo = engine.pseudo(part, part_masks, device)
+            estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"])
+            events = alerts_for({name: estimates}, below, above, on, chunk=label)
+            alerts.extend(events)
+            rows.append(
+                {
+                    "chunk": label,
+                    "n_images": len(pos),
+                    "positions": list(pos),
+                    "estimates": estimates,
+                    "true": engine.real(part, part_masks),
+                    "n_support": pseudo["n_support"],
+                    "reason": pseudo["reason"],
+                    "alerts": events,
+                }
+            )
+            if progress is not None:
+                progress(1)
+        done = time.perf_counter()
+        return ChunkedResult(
+            name=name,
+            chunks=rows,
+            alerts=alerts,
+            level=c.level,
+            thresholds={"alert_below": below, "alert_above": above},
+            alert_on=on,
+            seconds={"predict": predicted - start, "estimate": done - predicted},
         )
 
     def estimate_from_pseudo(

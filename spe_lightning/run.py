@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
+from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.calibration_pairs import INTERVAL_SEVERITIES, calibration_sets, pairs_from_record
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
@@ -103,6 +104,8 @@ class SPERun:
         self.pairs: list[dict[str, Any]] = []
         self.pairs_seconds = 0.0
         self.report: dict[str, Any] | None = None
+        #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
+        self.alerts: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ views
     @property
@@ -331,6 +334,19 @@ class SPERun:
         c = self.config
         return fit_and_estimate(self.records, self._targets, self.keys, c.mapping, c.level, anchored=c.anchored)
 
+    def check_alerts(
+        self, estimates: Mapping[str, Any] | None, record: Mapping[str, Any], stage: str = "running"
+    ) -> list[dict[str, Any]]:
+        """The alert events of ``estimates`` (``{target: {key: estimate}}``) at ``record``; kept in ``alerts``."""
+        c = self.config
+        if not estimates or not (c.alert_below or c.alert_above):
+            return []
+        events = alerts_for(
+            estimates, c.alert_below, c.alert_above, c.alert_on, epoch=record["epoch"], step=record["step"], stage=stage
+        )
+        self.alerts = [a for a in self.alerts if (a["epoch"], a.get("stage")) != (record["epoch"], stage)] + events
+        return events
+
     def build_report(self) -> dict[str, Any]:
         """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
         c = self.config
@@ -348,6 +364,9 @@ class SPERun:
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
             report["reference_slices"] = engine.ref_slices
         report.update(result, records=self.records, pairs=self.pairs, reason=self.no_estimate_reason())
+        if self.records:
+            self.check_alerts(result["estimates"], self.records[-1], stage="final")
+        report["alerts"] = list(self.alerts)
         self.report = report
         return report
 
@@ -406,7 +425,7 @@ class SPERun:
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """Records and settings (plain objects), for a checkpoint."""
-        return {"records": self.records, "config": self.config.to_dict()}
+        return {"records": self.records, "config": self.config.to_dict(), "alerts": self.alerts}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the records of a checkpoint; other estimation settings warn (``strict``: raise)."""
@@ -417,3 +436,4 @@ class SPERun:
                 raise ValueError(message + "; the checkpoint's records were made with the others.")
             self.warn(message + "; earlier records kept.")
         self.records = list(state.get("records", []))
+        self.alerts = list(state.get("alerts", []))

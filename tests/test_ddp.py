@@ -50,10 +50,16 @@ class DumpRecords(Callback):
 
     def __init__(self, spe: SPECallback, folder: Path) -> None:
         self.spe, self.folder = spe, folder
+        self.monitored: list[float | None] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # what ModelCheckpoint/EarlyStopping see
+        v = float(trainer.callback_metrics["spe/estimate/t/dice"])
+        self.monitored.append(None if v != v else v)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         records = [{k: r[k] for k in ("epoch", "step", "pseudo", "real", "n_support")} for r in self.spe.records]
         (self.folder / f"records_{trainer.global_rank}.json").write_text(json.dumps(records))
+        (self.folder / f"monitored_{trainer.global_rank}.json").write_text(json.dumps(self.monitored))
 
 
 def _total(path: Path) -> int:
@@ -91,6 +97,9 @@ def test_ddp_spawn_shares_the_work_and_agrees_with_one_process(tmp_path):
     # both processes hold the same records (so checkpoints and resuming are consistent)
     r0, r1 = (json.loads((out / f"records_{k}.json").read_text()) for k in (0, 1))
     assert r0 == r1 and [r["pseudo"] for r in r0] == [r["pseudo"] for r in records]
+    # the monitorable estimate is the same on both processes (NaN, here None, before the 3rd record)
+    m0, m1 = (json.loads((out / f"monitored_{k}.json").read_text()) for k in (0, 1))
+    assert m0 == m1 and m0[:2] == [None, None] and all(v is not None for v in m0[2:])
     # per evaluation each process predicted half of the 10 + 9 items, and ran half of the queries
     n_eval = len(records)
     # (+ 10: rank zero alone calibrates the saved estimator's per-case flags on the calibration set)

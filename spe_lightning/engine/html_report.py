@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GalleryItem", "write_html_report", "estimate_figure", "quality_figure", "gallery_figure"]
+__all__ = [
+    "GalleryItem",
+    "chunks_figure",
+    "write_html_report",
+    "estimate_figure",
+    "quality_figure",
+    "gallery_figure",
+]
 
 _LABELS = {
     "dice": "Dice",
@@ -93,6 +100,82 @@ def estimate_figure(estimates: dict[str, dict[str, Any]], level: float) -> Any:
     fig.suptitle(f"Estimated performance (dot) with its {level:.0%} interval (bar)", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def chunks_figure(
+    chunks: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    level: float,
+    alert_below: dict[str, float] | None = None,
+    alert_above: dict[str, float] | None = None,
+) -> Any:
+    """Per metric: the estimate per chunk with its interval band, the thresholds, and the realised value (x)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8.6, 2.6 * len(metrics) + 0.6), squeeze=False, sharex=True)
+    xs = np.arange(len(chunks))
+    labels = [str(c["chunk"]) for c in chunks]
+    for ax, m in zip(axes[:, 0], metrics):
+
+        def col(field: str, m: str = m) -> np.ndarray:
+            return np.array([np.nan if (v := c["estimates"].get(m, {}).get(field)) is None else v for c in chunks])
+
+        value, lo, hi = col("value"), col("lower"), col("upper")
+        ax.fill_between(xs, lo, hi, color="#1f77b4", alpha=0.2, step=None, label=f"{level:.0%} interval")
+        ax.plot(xs, value, "o-", color="#1f77b4", ms=4, label="estimate")
+        true = np.array([np.nan if (v := (c.get("true") or {}).get(m)) is None else v for c in chunks])
+        if np.isfinite(true).any():
+            ax.plot(xs, true, "x", color="k", ms=7, label="realised (masks)")
+        for thresholds, style in ((alert_below, "below"), (alert_above, "above")):
+            if thresholds and m in thresholds:
+                ax.axhline(thresholds[m], color="#b00000", ls="--", lw=1.2, label=f"alert {style} {thresholds[m]:g}")
+        fired = [i for i, c in enumerate(chunks) if any(a["metric"] == m for a in c.get("alerts", []))]
+        if fired:
+            ax.plot(xs[fired], value[fired], "o", color="#b00000", ms=8, mfc="none", mew=2, label="alert")
+        ax.set_ylabel(_LABELS.get(m, m))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best", ncol=3)
+    ax = axes[-1, 0]
+    step = max(1, len(labels) // 20)  # at most ~20 tick labels
+    ax.set_xticks(xs[::step], labels[::step], rotation=45 if max(map(len, labels), default=0) > 4 else 0, ha="right")
+    ax.set_xlabel("chunk")
+    fig.suptitle("Estimated performance per chunk of incoming data", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _chunks_section(chunks: dict[str, Any], level: float) -> list[str]:
+    """The per-chunk section: plot and table (``chunks`` as in ``estimate.json``)."""
+    rows = chunks.get("chunks", [])
+    if not rows:
+        return []
+    below, above = chunks.get("alert_below") or {}, chunks.get("alert_above") or {}
+    keys = list(rows[0]["estimates"])
+    metrics = [k for k in keys if k == "dice" or k in below or k in above] or keys[:1]
+    fig = chunks_figure(rows, metrics, level, below, above)
+    out = [f"<h2>Monitoring: estimate per chunk ({html.escape(str(chunks.get('by', '')))})</h2>"]
+    out.append(f"<img alt='chunks' src='data:image/png;base64,{_png(fig)}'>")
+    m = metrics[0]
+    cells = []
+    for c in rows:
+        e = c["estimates"].get(m, {})
+        alert = any(a["metric"] == m for a in c.get("alerts", []))
+        true = (c.get("true") or {}).get(m)
+        cells.append(
+            f"<tr><td>{html.escape(str(c['chunk']))}</td><td>{c['n_images']}</td><td>{_f(e.get('value'))}</td>"
+            f"<td>{_f(e.get('lower'))} – {_f(e.get('upper'))}</td><td>{_f(true)}</td>"
+            f"<td class='{'flag' if alert else 'ok'}'>{'ALERT' if alert else ''}</td></tr>"
+        )
+    out.append(
+        f"<table><tr><th>chunk</th><th>images</th><th>{html.escape(_LABELS.get(m, m))}</th>"
+        f"<th>{level:.0%} interval</th><th>realised</th><th>alert</th></tr>{''.join(cells)}</table>"
+    )
+    n_alerts = len(chunks.get("alerts", []))
+    out.append(
+        f"<p class='note'>{n_alerts} alert(s). Each chunk is estimated on its own (its images are the support "
+        "set); intervals were sized for sets as large as the training targets, so small chunks vary more. "
+        "Per chunk and metric: chunks.csv.</p>"
+    )
+    return out
 
 
 def quality_figure(
@@ -195,8 +278,10 @@ def write_html_report(
     calibration: dict[str, Any] | None = None,
     title: str = "SPE estimate on unlabelled data",
     meta: dict[str, str] | None = None,
+    chunks: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``report.html``: ``summary`` as in ``estimate.json``, ``cases`` as in ``cases.csv``."""
+    """Write ``report.html``: ``summary`` as in ``estimate.json``, ``cases`` as in ``cases.csv``, ``chunks``
+    as ``estimate.json``'s ``chunks`` (a plot of the estimate per chunk)."""
     level = float(summary.get("level", 0.9))
     est = summary.get("estimates", {})
     flagged = [c for c in cases if c.get("flagged")]
@@ -243,6 +328,8 @@ def write_html_report(
         f"calibration set during training. The interval has nominal {level:.0%} coverage for data like the "
         "calibration set; it does not cover an unusually large shift between training and these images.</p>"
     )
+    if chunks:
+        parts.extend(_chunks_section(chunks, level))
 
     if cases:
         parts.append("<h2>2. Per-case quality</h2>")

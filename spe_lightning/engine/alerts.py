@@ -1,0 +1,127 @@
+"""Monitoring: the monitorable scalars of a running estimate, and alerts against thresholds (pure functions).
+
+:func:`monitor_scalars` gives the values SPE puts in ``trainer.callback_metrics`` (so that
+``ModelCheckpoint``/``EarlyStopping`` can monitor them): ``spe/estimate/<target>/<key>`` and, when
+the estimate has an interval, ``spe/estimate_lower/...`` and ``spe/estimate_upper/...``. Before an
+estimate exists (G needs 3 records) every tag is NaN: Lightning's ``ModelCheckpoint`` ranks NaN
+below every real score, so a checkpoint kept before the first estimate is replaced by the first
+estimated one and can never be the best.
+
+:func:`alerts_for` compares estimates with ``alert_below`` / ``alert_above`` thresholds and returns
+one event (a plain dict) per crossing; :func:`alert_scalars` gives the logged 0/1 flags.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["alert_message", "alert_scalars", "alerts_for", "monitor_scalars", "MONITOR_TAGS"]
+
+#: estimate field -> tag prefix of the monitorable scalars
+MONITOR_TAGS = {"value": "spe/estimate", "lower": "spe/estimate_lower", "upper": "spe/estimate_upper"}
+
+
+def _finite(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def monitor_scalars(
+    estimates: Mapping[str, Mapping[str, Mapping[str, Any]]] | None, targets: Sequence[str], keys: Sequence[str]
+) -> dict[str, float]:
+    """``{tag: value}`` for every target and key: the estimate and its bounds, NaN where there is none yet.
+
+    ``estimates`` is ``{target: {key: {"value", "lower", "upper", ...}}}`` (a running estimate's
+    ``estimates``) or None before the first estimate. The set of tags never changes during a run, so
+    a monitored tag is always present once the run is prepared.
+    """
+    out: dict[str, float] = {}
+    for t in targets:
+        for k in keys:
+            e = (estimates or {}).get(t, {}).get(k) or {}
+            for field, prefix in MONITOR_TAGS.items():
+                v = _finite(e.get(field))
+                out[f"{prefix}/{t}/{k}"] = float("nan") if v is None else v
+    return out
+
+
+def _compared(e: Mapping[str, Any], direction: str, alert_on: str) -> float | None:
+    """The number a threshold is compared with: the estimate, or the pessimistic end of its interval."""
+    if alert_on == "estimate":
+        return _finite(e.get("value"))
+    v = _finite(e.get("lower" if direction == "below" else "upper"))
+    return v if v is not None else _finite(e.get("value"))
+
+
+def alerts_for(
+    estimates: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    alert_below: Mapping[str, float] | None = None,
+    alert_above: Mapping[str, float] | None = None,
+    alert_on: str = "estimate",
+    **context: Any,
+) -> list[dict[str, Any]]:
+    """One event per (target, key) whose estimate crosses its threshold.
+
+    ``alert_below={"dice": 0.8}`` fires when the Dice estimate is below 0.8; ``alert_above={"hd95": 10}``
+    when HD95 is above 10. ``alert_on="lower"`` compares the pessimistic end of the interval instead
+    (the lower bound for ``alert_below``, the upper bound for ``alert_above``; the estimate where there
+    is no interval), so it alerts earlier. Missing estimates never alert. ``context`` (e.g. ``epoch``,
+    ``step``, ``chunk``) is copied into every event. An event is
+    ``{"target", "metric", "value", "compared", "threshold", "direction", "alert_on", "lower", "upper", **context}``.
+    """
+    events: list[dict[str, Any]] = []
+    for direction, thresholds in (("below", alert_below), ("above", alert_above)):
+        for key, threshold in (thresholds or {}).items():
+            for target, per_key in estimates.items():
+                e = per_key.get(key) or {}
+                v = _compared(e, direction, alert_on)
+                if v is None or not (v < threshold if direction == "below" else v > threshold):
+                    continue
+                events.append(
+                    {
+                        "target": target,
+                        "metric": key,
+                        "value": _finite(e.get("value")),
+                        "lower": _finite(e.get("lower")),
+                        "upper": _finite(e.get("upper")),
+                        "compared": v,
+                        "threshold": float(threshold),
+                        "direction": direction,
+                        "alert_on": alert_on,
+                        **context,
+                    }
+                )
+    return events
+
+
+def alert_scalars(
+    events: Sequence[Mapping[str, Any]],
+    targets: Sequence[str],
+    alert_below: Mapping[str, float] | None = None,
+    alert_above: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """``spe/alert/<target>/<key>``: 1.0 when an event fired for it, else 0.0, for every watched key."""
+    watched = list(alert_below or {}) + [k for k in alert_above or {} if k not in (alert_below or {})]
+    fired = {(e["target"], e["metric"]) for e in events}
+    return {f"spe/alert/{t}/{k}": float((t, k) in fired) for t in targets for k in watched}
+
+
+def alert_message(event: Mapping[str, Any]) -> str:
+    """One line naming target, metric, value and threshold (and where: epoch or chunk)."""
+    where = ""
+    if event.get("chunk") is not None:
+        where = f" in chunk {event['chunk']}"
+    elif event.get("stage") == "final":
+        where = f" at the final weights (epoch {event.get('epoch')})"
+    elif event.get("epoch") is not None:
+        where = f" at epoch {event['epoch']}"
+    what = "estimate" if event.get("alert_on", "estimate") == "estimate" else "interval bound"
+    value = event.get("compared", event.get("value"))
+    return (
+        f"SPE alert: {event['target']} {event['metric']} {what} {value:.3f} is {event['direction']} "
+        f"the threshold {event['threshold']:g}{where}."
+    )
