@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spe_lightning.engine.cached_set import CachedSet
+
 
 def _grid(size: int) -> tuple[Tensor, Tensor]:
     t = torch.arange(size, dtype=torch.float32)
@@ -83,3 +85,13 @@ def degrade(masks: Tensor, strength: float, seed: int = 0) -> Tensor:
             d = torch.maximum(m, _ellipse(size, by, bx, rb, rb, 0.0).float())
         out.append(d[0])
     return torch.stack(out)
+
+
+def erode(m: torch.Tensor, r: int) -> torch.Tensor:
+    return -torch.nn.functional.max_pool2d(-m.float(), 2 * r + 1, 1, r) > 0.5
+
+
+def shapes_set(n: int = 12, seed: int = 0) -> CachedSet:
+    """A cached set of ``n`` shape images (gray = inputs) for the engine tests."""
+    img, msk = make_shapes(n, seed=seed)
+    return CachedSet("cal", list(img), list(msk.bool()), img.clone(), list(range(n)))

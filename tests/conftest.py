@@ -1,7 +1,12 @@
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+
+from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning.models import SegmentationModel
 
 # Tests never touch the network: UniverSeg's loader must not try to download.
 os.environ["SPE_NO_DOWNLOAD"] = "1"
@@ -25,3 +30,35 @@ def pytest_configure(config):
 
     # The tests are tiny; one thread avoids oversubscription slow-downs on small shared CPUs.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """A tiny model trained 3 epochs with SPE on the phantom task: (callback, model, datamodule).
+
+    Shared by test_estimator and test_estimate_cli (session scope: trained once).
+    """
+    pl.seed_everything(0)
+    dm = SyntheticShapesDataModule(n_train=32, n_val=16, n_target=12, size=48, batch_size=4)
+    model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
+    cb = SPECallback(
+        segmenter="label_fusion", support_size=12, working_size=48, max_references=20, seed=0, verbose=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path_factory.mktemp("fit"),
+    )
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb.ckpt_path = ckpt  # for the CLI test
+    # the estimator as the callback would save it after fit (per-case flags calibrated on its calibration set)
+    cb.estimator_path = SPEEstimator.from_callback(cb, model).save(ckpt.parent / "spe_estimator.pt")
+    return cb, model, dm

@@ -1,0 +1,64 @@
+"""The one estimate function: anchored estimates, the interval model, G over records."""
+
+from __future__ import annotations
+
+import pytest
+
+from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model
+
+
+def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
+    from spe_lightning.engine.mapping import MetricMapping
+
+    g = MetricMapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # G(p) = p + 0.1, slope 1
+    pairs = [
+        {"name": f"subset{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": d}}
+        for i, d in enumerate((-0.02, -0.01, 0.0, 0.01, 0.02, 0.03))
+    ]
+    pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": -0.4}})  # G misses it by 0.2
+    with_noise = fit_interval_model(pairs, "dice", g, 0.8)
+    without = fit_interval_model(pairs, "dice", g, 0.8, exclude="noise_")
+    assert without["scores"] == pytest.approx([0.0] * 6) and max(with_noise["scores"]) == pytest.approx(0.2 / 0.21)
+    assert fit_interval_model(pairs[:3], "dice", g, 0.8) is None  # too few pairs
+    # value: calibration score moved by G(p_t) - G(p_c); the half-width grows with that move
+    near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, with_noise)
+    far = anchored_estimate(g, "dice", 0.60, 0.80, 0.90, 0.9, with_noise)
+    assert near["value"] == pytest.approx(0.89) and far["value"] == pytest.approx(0.70)
+    assert far["upper"] - far["lower"] > 5 * (near["upper"] - near["lower"]) > 0
+    clipped = anchored_estimate(g, "dice", 1.0, 0.5, 0.95)
+    assert clipped["value"] == 1.0 and clipped["upper"] == 1.0  # Dice stays in [0, 1]
+    assert anchored_estimate(g, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
+
+
+def _records(pc, rc, pt):
+    return [
+        {"pseudo": {"calibration": {"dice": a}, "t": {"dice": c}}, "real": {"calibration": {"dice": b}}}
+        for a, b, c in zip(pc, rc, pt)
+    ]
+
+
+def test_fit_and_estimate_anchors_on_the_calibration_score_of_each_record():
+    from spe_lightning.engine.records import fit_and_estimate
+
+    recs = _records([0.3, 0.5, 0.7, 0.8], [0.45, 0.55, 0.8, 0.9], [0.3, 0.5, 0.6, 0.7])
+    paper = fit_and_estimate(recs, ["t"], ["dice"], anchored=False)["estimates"]["t"]["dice"]
+    out = fit_and_estimate(recs, ["t"], ["dice"])
+    est = out["estimates"]["t"]["dice"]
+    g_t, g_c = (
+        paper["value"],
+        fit_and_estimate(recs, ["calibration"], ["dice"], anchored=False)["estimates"]["calibration"]["dice"]["value"],
+    )
+    assert paper["method"] == "paper" and est["method"] == "anchored"
+    assert est["value"] == pytest.approx(0.9 + g_t - g_c) and est["paper"]["value"] == pytest.approx(paper["value"])
+    assert out["anchor_intervals"]["dice"] is None  # no pairs: G's residual interval
+    series = out["by_checkpoint"]["t"]["dice"]
+    assert series[0] == pytest.approx(0.45) and series[1] == pytest.approx(0.55)  # same pseudo: calibration score
+    pairs = [
+        {"name": f"s{i}", "d_pseudo": {"dice": d}, "d_real": {"dice": 0.9 * d}}
+        for i, d in enumerate((-0.2, -0.1, -0.05, 0.0, 0.1))
+    ]
+    with_pairs = fit_and_estimate(recs, ["t"], ["dice"], pairs=pairs)
+    assert (
+        with_pairs["anchor_intervals"]["dice"]["scores"]
+        and with_pairs["estimates"]["t"]["dice"]["value"] == est["value"]
+    )

@@ -1,0 +1,104 @@
+"""`spe-lightning estimate`: a saved estimator applied to a folder of images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spe_lightning.cli import main as cli_main
+
+
+def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, capsys):
+    cb, model, dm = fitted
+    est_path = cb.estimator_path
+    folder = tmp_path / "new_images"
+    folder.mkdir()
+    target = dm.targets["target"]
+    for i in range(len(target)):  # 8-bit PNGs, as a user would have them
+        img = (target[i]["image"][0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(img).save(folder / f"case_{i:02d}.png")
+    out = tmp_path / "out"
+    cli_main(
+        [
+            "estimate",
+            "--ckpt",
+            str(cb.ckpt_path),
+            "--estimator",
+            str(est_path),
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--gallery",
+            "4",
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "| dice |" in printed and "cases flagged" in printed
+
+    summary = json.loads((out / "estimate.json").read_text())
+    assert summary["n_images"] == len(target) and set(summary["estimates"]) == set(cb.report["metrics"])
+    dice = summary["estimates"]["dice"]
+    assert dice["lower"] <= dice["value"] <= dice["upper"]
+    # 8-bit rounding of the images moves the estimate only a little
+    assert dice["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=0.05)
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["id"] for r in rows] == [f"case_{i:02d}" for i in range(len(target))]
+    assert all(r["flagged"] in ("True", "False") and 0.0 <= float(r["quality"]) <= 1.0 for r in rows)
+    assert summary["cases"]["n_flagged"] == sum(r["flagged"] == "True" for r in rows)
+    with pytest.raises(SystemExit) as exit_:  # a wrong file: a one-line error, status 2
+        cli_main(["estimate", "--ckpt", str(cb.ckpt_path), "--estimator", str(cb.ckpt_path), "--images", str(folder),
+                  "--out", str(out)])  # fmt: skip
+    assert exit_.value.code == 2 and "not an SPE estimator" in capsys.readouterr().err
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # estimates, quality histogram, gallery: self-contained
+    assert "src='http" not in page and "Per-case quality" in page
+
+
+def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
+    from spe_lightning.estimate_cli import read_image_folder
+
+    nib = pytest.importorskip("nibabel")
+    vol = np.random.default_rng(0).normal(100.0, 20.0, (40, 30, 3)).astype(np.float32)  # H, W, slices
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "x.png")
+    ids, images, sources = read_image_folder(tmp_path, image_size=32)
+    assert ids == ["ct#z000", "ct#z001", "ct#z002", "x"] and sources[0] == "ct.nii.gz"
+    assert all(t.shape == (1, 32, 32) and 0.0 <= float(t.min()) and float(t.max()) <= 1.0 for t in images)
+    assert float(images[-1].max()) > 0.9  # 16-bit values are scaled, not clipped at 255
+
+
+def test_cli_estimate_escapes_ids_keeps_links_and_relative_paths(fitted, tmp_path, monkeypatch, capsys):
+    cb, _, dm = fitted
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    target = dm.targets["target"]
+    names = ["=HYPERLINK(1)", "<img src=x onerror=alert(1)>", "plain"]
+    for i, name in enumerate(names):
+        Image.fromarray((target[i]["image"][0].numpy() * 255).round().astype("uint8")).save(folder / f"{name}.png")
+    victim = tmp_path / "victim.csv"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cases.csv").symlink_to(victim)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.symlink_to(cb.ckpt_path)
+    est = tmp_path / "est.pt"
+    est.symlink_to(cb.estimator_path)
+    args = ["estimate", "--ckpt", "model.ckpt", "--estimator", "est.pt", "--images", "imgs", "--out", "out"]
+    cli_main([*args, "--no-progress"])
+    assert victim.read_text() == "keep me" and not (tmp_path / "out" / "cases.csv").is_symlink()
+    rows = list(csv.reader((tmp_path / "out" / "cases.csv").open()))
+    assert sorted(r[0] for r in rows[1:]) == sorted(["'=HYPERLINK(1)", names[1], "plain"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "onerror=alert(1)>" not in page  # ids reach the page only escaped (flagged-case table)
+    summary = json.loads((tmp_path / "out" / "estimate.json").read_text())
+    # relative to the folder holding estimate.json
+    assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("../imgs", "../model.ckpt", "../est.pt")
+    assert str(tmp_path) not in (tmp_path / "out" / "estimate.json").read_text()
+    capsys.readouterr()
