@@ -1,0 +1,326 @@
+"""Per-case quality regression: a small CNN that reads an image and a candidate mask and predicts the mask's Dice.
+
+After Robinson et al., "Real-time prediction of segmentation quality", MICCAI 2018, which regresses
+Dice from image + segmentation with a CNN trained on labelled pairs. SPE holds such pairs for free:
+its labelled references. :meth:`QualityRegressor.fit` damages their true masks in the ways models err
+(:mod:`spe_lightning.engine.mask_errors`: erosion, dilation, shifts, holes, spurious blobs, missed parts,
+boundary noise, another case's mask, empty), optionally adds real imperfect masks of the same images
+(``extra_candidates``, e.g. an early checkpoint's predictions) and fits the network to the exact Dice of
+each candidate. Images get random appearance changes (gamma, contrast, brightness, noise, blur), so the
+network judges how the mask fits the image, not the image style.
+
+The raw prediction is then calibrated on a labelled calibration set (:func:`calibrate_quality`): an
+isotonic (or linear) map raw -> real per-case Dice, an interval from its leave-one-out residuals
+(split-conformal half-width at ``level``), and a flag threshold for real Dice < ``dice_cut``.
+:func:`quality_estimates` applies it to new cases.
+
+Everything is plain PyTorch; :meth:`QualityRegressor.state_tensors` holds tensors and JSON-safe
+settings only (``torch.load(..., weights_only=True)`` reads it back).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spe_lightning.engine.mapping import Mapping
+from spe_lightning.engine.mask_errors import ERROR_KINDS, make_candidates
+from spe_lightning.engine.metrics import per_image_metrics
+
+__all__ = ["QualitySettings", "QualityRegressor", "calibrate_quality", "quality_estimates"]
+
+
+@dataclass
+class QualitySettings:
+    """Settings of a :class:`QualityRegressor` (JSON-safe).
+
+    Args:
+        size: side the image and mask are resized to before the network (area averaging).
+        widths: channels of the four conv levels.
+        per_case: synthetic candidates per reference.
+        epochs: passes over the candidate pool.
+        batch_size: candidates per step.
+        lr: AdamW learning rate (cosine decay).
+        weight_decay: AdamW weight decay.
+        augment: random appearance changes and flips during training.
+        tta: average the prediction over the left-right flip.
+        kinds: error kinds of the synthetic candidates.
+    """
+
+    size: int = 64
+    widths: tuple[int, ...] = (16, 32, 64, 64)
+    per_case: int = 16
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    tta: bool = True
+    kinds: tuple[str, ...] = ERROR_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QualitySettings:
+        """Settings from :meth:`to_dict` (unknown keys rejected)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown QualitySettings keys {sorted(unknown)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class _Net(nn.Module):
+    """[z-scored image, mask] -> Dice logit: four conv/BN/ReLU/max-pool levels, global avg+max pooling, MLP."""
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 2
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2))
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(2 * c + 1, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.features(x)
+        area = x[:, 1].flatten(1).mean(1, keepdim=True).clamp_min(1e-6).log()  # log mask area: empty vs tiny
+        return self.head(torch.cat([f.mean((2, 3)), f.amax((2, 3)), area], 1))[:, 0]
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    x = x.float()
+    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="area")
+
+
+def _zscore(img: Tensor) -> Tensor:
+    m = img.mean((1, 2, 3), keepdim=True)
+    return (img - m) / img.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
+
+
+def _appearance(img: Tensor, g: torch.Generator) -> Tensor:
+    """Random gamma, contrast, brightness, blur and noise of ``[B,1,S,S]`` images in [0, 1]."""
+    b = img.shape[0]
+
+    def u(lo: float, hi: float) -> Tensor:
+        return lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=g)
+
+    x = img.clamp(0, 1) ** torch.exp(u(-0.7, 0.7))
+    x = (x - 0.5) * u(0.5, 1.5) + 0.5 + u(-0.2, 0.2)
+    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
+    x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), x)
+    x = x + u(0.0, 0.1) * torch.randn(x.shape, generator=g)
+    return x
+
+
+class QualityRegressor:
+    """Image + candidate mask -> estimated Dice of the candidate (see the module docstring).
+
+    Args:
+        settings: :class:`QualitySettings` (defaults when None).
+        device: where the network is fitted and run.
+    """
+
+    def __init__(self, settings: QualitySettings | None = None, device: torch.device | str = "cpu") -> None:
+        self.settings = settings or QualitySettings()
+        self.device = torch.device(device)
+        self.net = _Net(self.settings.widths).to(self.device)
+        self.fitted = False
+        self.history: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        extra_candidates: Sequence[Tensor] | None = None,
+        seed: int = 0,
+        progress: Callable[[int, float], Any] | None = None,
+    ) -> QualityRegressor:
+        """Fit on references: ``images`` ``[N,1,H,W]`` in [0, 1], true ``labels`` ``[N,1,H,W]`` (bool or 0/1).
+
+        ``extra_candidates``: more imperfect masks of the same images, each ``[N,1,H,W]`` aligned with
+        ``images`` (e.g. an early checkpoint's predictions). ``progress(epoch, loss)`` after each epoch.
+        Deterministic for ``seed`` (on one device and thread count).
+        """
+        s = self.settings
+        if images.ndim != 4 or images.shape[1] != 1 or labels.shape != images.shape:
+            raise ValueError(
+                f"images and labels must both be [N,1,H,W]; got {tuple(images.shape)}, {tuple(labels.shape)}."
+            )
+        start = time.perf_counter()
+        truth = labels > 0.5 if labels.is_floating_point() else labels.bool()
+        cand, src, dice = make_candidates(truth, s.per_case, seed, tuple(s.kinds))
+        parts_m, parts_s, parts_d = [_resize(cand, s.size).half()], [src], [dice]
+        for extra in extra_candidates or ():
+            if extra.shape != labels.shape:
+                raise ValueError(f"extra candidates must be {tuple(labels.shape)}; got {tuple(extra.shape)}.")
+            e = extra > 0.5 if extra.is_floating_point() else extra.bool()
+            parts_m.append(_resize(e, s.size).half())
+            parts_s.append(torch.arange(len(e)))
+            parts_d.append(per_image_metrics(e.cpu(), truth.cpu(), ("dice",))["dice"].float())
+        pool_m, pool_s, pool_d = torch.cat(parts_m), torch.cat(parts_s), torch.cat(parts_d)
+        imgs = _resize(images, s.size).clamp(0, 1)
+        m = len(pool_d)
+        steps_per_epoch = max(1, math.ceil(m / s.batch_size))
+        total = steps_per_epoch * s.epochs
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.net = _Net(s.widths).to(self.device)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
+        self.net.train()
+        losses = []
+        for epoch in range(s.epochs):
+            order = torch.randperm(m, generator=g)
+            run = 0.0
+            for k in range(steps_per_epoch):
+                idx = order[k * s.batch_size : (k + 1) * s.batch_size]
+                if len(idx) < 2:
+                    continue
+                x_img, x_mask = imgs[pool_s[idx]], pool_m[idx].float()
+                if s.augment:
+                    x_img = _appearance(x_img, g)
+                    flip = torch.rand(len(idx), generator=g) < 0.5
+                    x_img = torch.where(flip[:, None, None, None], x_img.flip(-1), x_img)
+                    x_mask = torch.where(flip[:, None, None, None], x_mask.flip(-1), x_mask)
+                x = torch.cat([_zscore(x_img), x_mask], 1).to(self.device)
+                pred = torch.sigmoid(self.net(x))
+                loss = F.mse_loss(pred, pool_d[idx].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                run += float(loss.detach()) * len(idx)
+            losses.append(run / m)
+            if progress is not None:
+                progress(epoch + 1, losses[-1])
+        self.net.eval()
+        self.fitted = True
+        self.history = {
+            "n_references": int(len(images)),
+            "n_candidates": int(m),
+            "train_mse": [float(v) for v in losses],
+            "candidate_dice_mean": float(pool_d.mean()),
+            "seconds": time.perf_counter() - start,
+        }
+        return self
+
+    # ------------------------------------------------------------------ predicting
+    @torch.no_grad()
+    def predict(self, images: Tensor, masks: Tensor, batch_size: int = 256) -> Tensor:
+        """Estimated Dice ``float32 [N]`` of each mask ``[N,1,H,W]`` on its image ``[N,1,H,W]`` in [0, 1]."""
+        if images.shape[0] != masks.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {masks.shape[0]} masks.")
+        s = self.settings
+        self.net.eval()
+        out = []
+        for i in range(0, images.shape[0], batch_size):
+            img = _zscore(_resize(images[i : i + batch_size], s.size).clamp(0, 1))
+            m = masks[i : i + batch_size]
+            m = _resize(m > 0.5 if m.is_floating_point() else m.bool(), s.size)
+            x = torch.cat([img, m], 1).to(self.device)
+            p = torch.sigmoid(self.net(x))
+            if s.tta:
+                p = (p + torch.sigmoid(self.net(x.flip(-1)))) / 2
+            out.append(p.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    # ------------------------------------------------------------------ saving
+    def state_tensors(self) -> dict[str, Any]:
+        """``{"settings": JSON-safe dict, "weights": {name: tensor}, "history": JSON-safe dict}``."""
+        return {
+            "settings": self.settings.to_dict(),
+            "weights": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "history": dict(self.history),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> QualityRegressor:
+        """The regressor saved by :meth:`state_tensors`."""
+        reg = cls(QualitySettings.from_dict(dict(state["settings"])), device)
+        reg.net.load_state_dict(state["weights"])
+        reg.net.eval()
+        reg.fitted = True
+        reg.history = dict(state.get("history", {}))
+        return reg
+
+
+# ---------------------------------------------------------------------- calibration
+def calibrate_quality(
+    predicted: Sequence[float] | np.ndarray | Tensor,
+    real_dice: Sequence[float] | np.ndarray | Tensor,
+    kind: str = "isotonic",
+    level: float = 0.9,
+    dice_cut: float = 0.7,
+) -> dict[str, Any]:
+    """Map raw regressor outputs to per-case Dice on a labelled calibration set (plain numbers, safe to save).
+
+    ``mapping``: G raw -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`Mapping.to_dict`);
+    ``half_width``: the split-conformal half-width at ``level`` from G's leave-one-out residuals;
+    ``threshold``: cases whose *estimated* Dice is below it are flagged; it maximises Youden's J
+    (TPR - FPR) for real Dice < ``dice_cut`` on the leave-one-out estimates (``dice_cut`` itself when
+    either kind has fewer than 2 cases). Also the calibration ``spearman`` and ``auroc`` of the raw output.
+    """
+    from spe_lightning.engine.percase import auroc, spearman
+
+    x = np.asarray(predicted, dtype=float).reshape(-1)
+    y = np.asarray(real_dice, dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{x.size} predictions but {y.size} real Dice values.")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    g = Mapping.fit(kind, x, y, bounds=(0.0, 1.0))
+    loo = y - np.asarray(g.residuals)  # leave-one-out estimates
+    bad = y < dice_cut
+    threshold, method = float(dice_cut), "dice_cut"
+    if bad.sum() >= 2 and (~bad).sum() >= 2:
+        cand = np.unique(loo)
+        cuts = np.concatenate([[cand[0] - 1e-9], (cand[:-1] + cand[1:]) / 2, [cand[-1] + 1e-9]])
+        flag = loo[None, :] < cuts[:, None]
+        j = flag[:, bad].mean(1) - flag[:, ~bad].mean(1)
+        best = np.flatnonzero(j == j.max())
+        threshold, method = float(cuts[best[len(best) // 2]]), "youden"
+    return {
+        "mapping": g.to_dict(),
+        "level": float(level),
+        "half_width": g.half_width(level),
+        "dice_cut": float(dice_cut),
+        "threshold": threshold,
+        "threshold_method": method,
+        "n_cases": int(x.size),
+        "n_below_cut": int(bad.sum()),
+        "spearman": spearman(x, y),
+        "auroc": auroc(-x, bad),
+        "loo_mae": float(np.mean(np.abs(g.residuals))),
+    }
+
+
+def quality_estimates(
+    calibration: dict[str, Any], predicted: Sequence[float] | np.ndarray | Tensor
+) -> dict[str, np.ndarray]:
+    """``estimate``, ``lower``, ``upper`` (float64) and ``flagged`` (bool) per case from :func:`calibrate_quality`."""
+    x = np.asarray(predicted, dtype=float).reshape(-1)
+    g = Mapping.from_dict(calibration["mapping"])
+    est = g.predict(x)
+    q = float(calibration["half_width"])
+    return {
+        "estimate": est,
+        "lower": np.clip(est - q, 0.0, 1.0),
+        "upper": np.clip(est + q, 0.0, 1.0),
+        "flagged": est < float(calibration["threshold"]),
+    }
