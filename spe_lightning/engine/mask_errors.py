@@ -9,7 +9,10 @@ Each kind imitates an error segmentation models make; a strength ``s`` in (0, 1]
 * ``boundary``: a wavy boundary (a smooth random field added to the signed distance);
 * ``chop``: a missed part (everything beyond a random line removed);
 * ``swap``: another case's true mask (a plausible shape, wrong for this image), moved onto this one's centroid;
-* ``empty``: nothing segmented.
+* ``empty``: nothing segmented;
+* ``lookalike``: a region of the *image* that looks like the structure (smoothed intensity near the
+  structure's own, or a random dark/bright level when there is none) segmented instead of it (strength
+  > 0.5) or besides it: the false positive on a shadow or a similar organ that models make.
 
 :func:`make_candidates` draws ``per_case`` candidates per true mask (random kind, uniform strength,
 sometimes two kinds one after the other) and returns them with their exact Dice against the truth.
@@ -25,7 +28,18 @@ from torch import Tensor
 
 __all__ = ["ERROR_KINDS", "dice_np", "degrade", "make_candidates"]
 
-ERROR_KINDS: tuple[str, ...] = ("erode", "dilate", "shift", "holes", "blobs", "boundary", "chop", "swap", "empty")
+ERROR_KINDS: tuple[str, ...] = (
+    "erode",
+    "dilate",
+    "shift",
+    "holes",
+    "blobs",
+    "boundary",
+    "chop",
+    "swap",
+    "empty",
+    "lookalike",
+)
 
 
 def dice_np(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,10 +68,43 @@ def _ellipses(shape: tuple[int, int], centres: np.ndarray, radii: np.ndarray, rn
     return out
 
 
+def _lookalike(m: np.ndarray, image: np.ndarray, s: float, r: float, rng: np.random.Generator) -> np.ndarray:
+    sm = ndimage.gaussian_filter(image.astype(float), sigma=max(r * 0.15, 1.0))
+    level = float(np.median(sm[m])) if m.any() else float(np.quantile(sm, rng.choice([0.1, 0.9]) + rng.normal(0, 0.05)))
+    tol = (0.03 + 0.1 * rng.random()) * (float(sm.max() - sm.min()) + 1e-6)
+    region = (np.abs(sm - level) < tol) & ~ndimage.binary_dilation(m, iterations=2)
+    lab, n = ndimage.label(region)
+    if n == 0:
+        return m.copy()
+    sizes = ndimage.sum_labels(region, lab, np.arange(1, n + 1))
+    ok = np.flatnonzero(sizes >= max(8.0, 0.1 * np.pi * r * r))
+    if ok.size == 0:
+        return m.copy()
+    blob = lab == int(rng.choice(ok)) + 1
+    limit = max(np.pi * r * r * rng.uniform(0.3, 1.5), 16.0)
+    if blob.sum() > limit:  # keep a compact piece of a large region: its pixels closest to a random seed
+        ys, xs = np.nonzero(blob)
+        k = int(rng.integers(len(ys)))
+        d2 = (ys - ys[k]) ** 2 + (xs - xs[k]) ** 2
+        keep = np.argsort(d2)[: int(limit)]
+        blob = np.zeros_like(blob)
+        blob[ys[keep], xs[keep]] = True
+    blob = ndimage.binary_fill_holes(ndimage.binary_closing(blob, iterations=2))
+    return blob if s > 0.5 else m | blob
+
+
 def degrade(
-    mask: np.ndarray, kind: str, s: float, rng: np.random.Generator, other: np.ndarray | None = None
+    mask: np.ndarray,
+    kind: str,
+    s: float,
+    rng: np.random.Generator,
+    other: np.ndarray | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``mask`` (bool ``[H,W]``) damaged by ``kind`` at strength ``s`` in (0, 1]; ``other`` is the mask for ``swap``."""
+    """``mask`` (bool ``[H,W]``) damaged by ``kind`` at strength ``s`` in (0, 1].
+
+    ``other`` is the mask for ``swap``; ``image`` (``[H,W]``) is needed for ``lookalike`` (else it is ``blobs``).
+    """
     m = mask.astype(bool)
     h, w = m.shape
     area = float(m.sum())
@@ -106,12 +153,15 @@ def degrade(
         oy, ox = np.nonzero(other)
         d = (centre - [oy.mean(), ox.mean()]) * (1.0 - s) + rng.normal(0, s * r, 2)
         return ndimage.shift(other.astype(np.uint8), d, order=0) > 0
+    if kind == "lookalike":
+        return _lookalike(m, image, s, r, rng) if image is not None else degrade(m, "blobs", s, rng)
     raise ValueError(f"Unknown error kind {kind!r}; choose from {ERROR_KINDS}.")
 
 
 def make_candidates(
     masks: Tensor,
     per_case: int = 16,
+    images: Tensor | None = None,
     seed: int = 0,
     kinds: tuple[str, ...] = ERROR_KINDS,
     second_kind: float = 0.3,
@@ -122,6 +172,7 @@ def make_candidates(
     Args:
         masks: true masks ``[N,1,H,W]`` (bool or 0/1).
         per_case: candidates per mask.
+        images: the images ``[N,1,H,W]`` (for ``lookalike``; without them it falls back to ``blobs``).
         seed: NumPy seed of every random draw.
         kinds: error kinds to draw from (uniformly; ``empty`` and ``swap`` at half the rate).
         second_kind: probability that a second kind is applied on top of the first.
@@ -132,6 +183,7 @@ def make_candidates(
     """
     rng = np.random.default_rng(seed)
     truth = masks.detach().cpu().numpy()[:, 0] > 0
+    pics = None if images is None else images.detach().cpu().float().numpy()[:, 0]
     n = truth.shape[0]
     with_fg = np.flatnonzero(truth.reshape(n, -1).any(1))
     weights = np.array([0.5 if k in ("empty", "swap") else 1.0 for k in kinds])
@@ -147,10 +199,10 @@ def make_candidates(
         c = m
         for step in range(2 if rng.random() < second_kind else 1):
             kind = kinds[int(rng.choice(len(kinds), p=weights))]
-            if step and kind in ("empty", "swap"):
+            if step and kind in ("empty", "swap", "lookalike"):
                 kind = "boundary"
             other = truth[int(rng.choice(with_fg))] if kind == "swap" and with_fg.size else None
-            c = degrade(c, kind, float(rng.uniform(0.05, 1.0)), rng, other)
+            c = degrade(c, kind, float(rng.uniform(0.05, 1.0)), rng, other, None if pics is None else pics[i])
         out[j] = c
         dice[j] = dice_np(c, m)
     return torch.from_numpy(out)[:, None], torch.from_numpy(src), torch.from_numpy(dice)

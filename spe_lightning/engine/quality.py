@@ -35,7 +35,7 @@ from spe_lightning.engine.mapping import Mapping
 from spe_lightning.engine.mask_errors import ERROR_KINDS, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
 
-__all__ = ["QualitySettings", "QualityRegressor", "calibrate_quality", "quality_estimates"]
+__all__ = ["QualitySettings", "QualityRegressor", "synthetic_pairs", "calibrate_quality", "quality_estimates"]
 
 
 @dataclass
@@ -163,7 +163,7 @@ class QualityRegressor:
             )
         start = time.perf_counter()
         truth = labels > 0.5 if labels.is_floating_point() else labels.bool()
-        cand, src, dice = make_candidates(truth, s.per_case, seed, tuple(s.kinds))
+        cand, src, dice = make_candidates(truth, s.per_case, images, seed, tuple(s.kinds))
         parts_m, parts_s, parts_d = [_resize(cand, s.size).half()], [src], [dice]
         for extra in extra_candidates or ():
             if extra.shape != labels.shape:
@@ -261,31 +261,77 @@ class QualityRegressor:
 
 
 # ---------------------------------------------------------------------- calibration
+def synthetic_pairs(
+    regressor: QualityRegressor, images: Tensor, labels: Tensor, per_case: int = 8, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw predictions and exact Dice of synthetic candidates on labelled images the regressor was not fitted on.
+
+    Added to the calibration pairs when the model's own calibration predictions cover too narrow a Dice
+    range (e.g. every calibration case above 0.9) for the map to extend to bad cases.
+    """
+    truth = labels > 0.5 if labels.is_floating_point() else labels.bool()
+    cand, src, dice = make_candidates(truth, per_case, images, seed, tuple(regressor.settings.kinds))
+    return regressor.predict(images[src], cand).double().numpy(), dice.double().numpy()
+
+
+def _combine(x: np.ndarray, c: np.ndarray | None, weights: Sequence[float] | None) -> np.ndarray:
+    if weights is None:
+        return x
+    if c is None:
+        raise ValueError("this quality calibration combines the regressor with the model's confidence; pass it.")
+    return float(weights[0]) * x + float(weights[1]) * c
+
+
 def calibrate_quality(
     predicted: Sequence[float] | np.ndarray | Tensor,
     real_dice: Sequence[float] | np.ndarray | Tensor,
     kind: str = "isotonic",
     level: float = 0.9,
     dice_cut: float = 0.7,
+    confidence: Sequence[float] | np.ndarray | Tensor | None = None,
+    extra_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Map raw regressor outputs to per-case Dice on a labelled calibration set (plain numbers, safe to save).
 
-    ``mapping``: G raw -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`Mapping.to_dict`);
-    ``half_width``: the split-conformal half-width at ``level`` from G's leave-one-out residuals;
-    ``threshold``: cases whose *estimated* Dice is below it are flagged; it maximises Youden's J
-    (TPR - FPR) for real Dice < ``dice_cut`` on the leave-one-out estimates (``dice_cut`` itself when
-    either kind has fewer than 2 cases). Also the calibration ``spearman`` and ``auroc`` of the raw output.
+    ``mapping``: G score -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`Mapping.to_dict`),
+    where the score is the raw output, or, with the model's per-case ``confidence``, ``weights[0] * raw +
+    weights[1] * confidence`` (least-squares weights on the calibration cases). ``extra_pairs`` (raw, Dice),
+    e.g. :func:`synthetic_pairs`, join the map's fit (not the flag threshold nor the reported statistics;
+    not with ``confidence``). ``half_width``: the split-conformal half-width at ``level`` from the
+    leave-one-out residuals of the real calibration cases; ``threshold``: cases whose *estimated* Dice is
+    below it are flagged; it maximises Youden's J (TPR - FPR) for real Dice < ``dice_cut`` on the
+    leave-one-out estimates (``dice_cut`` itself when either kind has fewer than 2 cases). Also the
+    calibration ``spearman`` and ``auroc`` of the score.
     """
     from spe_lightning.engine.percase import auroc, spearman
 
     x = np.asarray(predicted, dtype=float).reshape(-1)
     y = np.asarray(real_dice, dtype=float).reshape(-1)
-    if x.shape != y.shape:
-        raise ValueError(f"{x.size} predictions but {y.size} real Dice values.")
-    ok = np.isfinite(x) & np.isfinite(y)
+    c = None if confidence is None else np.asarray(confidence, dtype=float).reshape(-1)
+    if x.shape != y.shape or (c is not None and c.shape != x.shape):
+        raise ValueError(
+            f"{x.size} predictions, {y.size} real Dice values" + ("" if c is None else f", {c.size} confidences.")
+        )
+    if c is not None and extra_pairs is not None:
+        raise ValueError("extra_pairs have no confidence; use one or the other.")
+    ok = np.isfinite(x) & np.isfinite(y) & (np.isfinite(c) if c is not None else True)
     x, y = x[ok], y[ok]
-    g = Mapping.fit(kind, x, y, bounds=(0.0, 1.0))
-    loo = y - np.asarray(g.residuals)  # leave-one-out estimates
+    weights = None
+    if c is not None:
+        c = c[ok]
+        design = np.stack([x, c, np.ones_like(x)], 1)
+        w = np.linalg.lstsq(design, y, rcond=None)[0]
+        weights = [float(w[0]), float(w[1])] if w[0] > 0 and w[1] > 0 else ([1.0, 0.0] if w[0] > 0 else [0.0, 1.0])
+    score = _combine(x, c, weights)
+    n = score.size
+    fit_x, fit_y = score, y
+    if extra_pairs is not None:
+        ex, ey = (np.asarray(v, dtype=float).reshape(-1) for v in extra_pairs)
+        fit_x, fit_y = np.concatenate([score, ex]), np.concatenate([y, ey])
+    g = Mapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
+    resid = np.asarray(g.residuals[:n])  # leave-one-out residuals of the real calibration cases
+    g.residuals = [float(r) for r in resid]
+    loo = y - resid
     bad = y < dice_cut
     threshold, method = float(dice_cut), "dice_cut"
     if bad.sum() >= 2 and (~bad).sum() >= 2:
@@ -297,28 +343,36 @@ def calibrate_quality(
         threshold, method = float(cuts[best[len(best) // 2]]), "youden"
     return {
         "mapping": g.to_dict(),
+        "weights": weights,
+        "n_extra_pairs": 0 if extra_pairs is None else int(len(fit_x) - n),
         "level": float(level),
         "half_width": g.half_width(level),
         "dice_cut": float(dice_cut),
         "threshold": threshold,
         "threshold_method": method,
-        "n_cases": int(x.size),
+        "n_cases": int(n),
         "n_below_cut": int(bad.sum()),
-        "spearman": spearman(x, y),
-        "auroc": auroc(-x, bad),
-        "loo_mae": float(np.mean(np.abs(g.residuals))),
+        "spearman": spearman(score, y),
+        "auroc": auroc(-score, bad),
+        "loo_mae": float(np.mean(np.abs(resid))) if n else None,
     }
 
 
 def quality_estimates(
-    calibration: dict[str, Any], predicted: Sequence[float] | np.ndarray | Tensor
+    calibration: dict[str, Any],
+    predicted: Sequence[float] | np.ndarray | Tensor,
+    confidence: Sequence[float] | np.ndarray | Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """``estimate``, ``lower``, ``upper`` (float64) and ``flagged`` (bool) per case from :func:`calibrate_quality`."""
+    """Per case from :func:`calibrate_quality`: ``score`` (what is ranked), ``estimate``, ``lower``, ``upper``
+    (float64) and ``flagged`` (bool). ``confidence`` is needed when the calibration combined it."""
     x = np.asarray(predicted, dtype=float).reshape(-1)
+    c = None if confidence is None else np.asarray(confidence, dtype=float).reshape(-1)
+    score = _combine(x, c, calibration.get("weights"))
     g = Mapping.from_dict(calibration["mapping"])
-    est = g.predict(x)
+    est = g.predict(score)
     q = float(calibration["half_width"])
     return {
+        "score": score,
         "estimate": est,
         "lower": np.clip(est - q, 0.0, 1.0),
         "upper": np.clip(est + q, 0.0, 1.0),
