@@ -108,27 +108,28 @@ def rca_scores(ref_g: torch.Tensor, ref_m: torch.Tensor, g: torch.Tensor, m: tor
     return case_scores(make_segmenter("label_fusion"), g, m, ref_g, ref_m, k=16, empty_score=empty_score)
 
 
-def per_case_stats(score: np.ndarray, real: np.ndarray, cal: dict[str, Any] | None, cut: float = 0.7) -> dict:
-    """Ranking (raw score) and calibrated-estimate quality of one per-case score on a target."""
+def per_case_stats(
+    score: np.ndarray, real: np.ndarray, cal: dict[str, Any], conf: np.ndarray | None = None, cut: float = 0.7
+) -> dict[str, Any]:
+    """Ranking and calibrated-estimate quality of one per-case score on a target (``conf`` for combined maps)."""
     from spe_lightning.engine.percase import auroc, spearman
     from spe_lightning.engine.quality import quality_estimates
 
     bad = real < cut
-    out: dict[str, Any] = {"spearman": spearman(score, real), "auroc": auroc(-score, bad)}
-    if cal is not None:
-        q = quality_estimates(cal, score)
-        flag = q["flagged"]
-        out.update(
-            mae=float(np.mean(np.abs(q["estimate"] - real))),
-            coverage=float(np.mean((real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9))),
-            interval_width=float(np.mean(q["upper"] - q["lower"])),
-            sensitivity=float((flag & bad).sum() / max(bad.sum(), 1)),
-            specificity=float((~flag & ~bad).sum() / max((~bad).sum(), 1)),
-            n_flagged=int(flag.sum()),
-            mean_estimate=float(np.mean(q["estimate"])),
-            mean_real=float(np.mean(real)),
-            estimate=[float(v) for v in q["estimate"]],
-        )
+    q = quality_estimates(cal, score, conf)
+    flag = q["flagged"]
+    out: dict[str, Any] = {"spearman": spearman(q["score"], real), "auroc": auroc(-q["score"], bad)}
+    out.update(
+        mae=float(np.mean(np.abs(q["estimate"] - real))),
+        coverage=float(np.mean((real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9))),
+        interval_width=float(np.mean(q["upper"] - q["lower"])),
+        sensitivity=float((flag & bad).sum() / max(bad.sum(), 1)),
+        specificity=float((~flag & ~bad).sum() / max((~bad).sum(), 1)),
+        n_flagged=int(flag.sum()),
+        mean_estimate=float(np.mean(q["estimate"])),
+        mean_real=float(np.mean(real)),
+        estimate=[float(v) for v in q["estimate"]],
+    )
     return out
 
 
@@ -140,14 +141,29 @@ def fit_regressor(settings: dict[str, Any], ref: tuple, extras: list[torch.Tenso
     return reg
 
 
-#: settings compared by --tune (on the test split); DEFAULT is the one chosen there
+#: regressor settings compared by --tune (fit on train, scored on the model's test predictions); DEFAULT chosen there.
+#: ``extras``: which real imperfect masks of the references join the synthetic candidates.
 CANDIDATE_SETTINGS: dict[str, dict[str, Any]] = {
-    "s64_w8_e6": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6},
-    "s64_w8_e6_noextra": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6},
-    "s48_w16_e6": {"size": 48, "widths": (16, 32, 64, 64), "epochs": 6},
-    "s64_w8_e12": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 12},
+    "early_only": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early"},
+    "early_final": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early+final"},
+    "early_final_e10": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 10, "extras": "early+final"},
 }
-DEFAULT = "s64_w8_e6"
+DEFAULT = "early_final"
+#: per-case calibration variants, chosen by held-out MAE over random halves of the calibration (test) split
+VARIANTS: dict[str, dict[str, Any]] = {
+    "isotonic": {"kind": "isotonic", "confidence": False, "synthetic": False},
+    "linear": {"kind": "linear", "confidence": False, "synthetic": False},
+    "isotonic+synthetic": {"kind": "isotonic", "confidence": False, "synthetic": True},
+    "linear+synthetic": {"kind": "linear", "confidence": False, "synthetic": True},
+    "isotonic+confidence": {"kind": "isotonic", "confidence": True, "synthetic": False},
+    "linear+confidence": {"kind": "linear", "confidence": True, "synthetic": False},
+}
+MIN_BAD = 5  # with fewer calibration cases below the cut, the map needs synthetic pairs to reach bad cases
+
+
+def extras_for(ctx: dict[str, Any], which: str) -> list[torch.Tensor]:
+    tr = ctx["sets"]["train"]
+    return {"none": [], "early": ctx["early"], "early+final": [*ctx["early"], tr["pred"]]}[which]
 
 
 def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]:
@@ -184,31 +200,85 @@ def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
     res = {}
     for name, st in CANDIDATE_SETTINGS.items():
-        start = time.perf_counter()
-        extras = [] if name.endswith("noextra") else ctx["early"]
-        reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras, seed)
+        st = dict(st)
+        reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
         raw = reg.predict(te["gray"], te["pred"]).numpy()
         res[name] = {
             "spearman": spearman(raw, te["real"]),
             "auroc": auroc(-raw, te["real"] < 0.7),
             "fit_seconds": reg.history["seconds"],
-            "seconds": time.perf_counter() - start,
         }
-        print(name, {k: round(v, 3) for k, v in res[name].items()}, flush=True)
+        print(name, {k: None if v is None else round(v, 3) for k, v in res[name].items()}, flush=True)
     return res
+
+
+def _calibrate(reg: Any, variant: str, t: dict[str, Any], pos: np.ndarray, seed: int) -> dict[str, Any]:
+    from spe_lightning.engine.quality import calibrate_quality, synthetic_pairs
+
+    v = VARIANTS[variant]
+    raw = t["raw"][pos]
+    pairs = synthetic_pairs(reg, t["gray"][pos], t["truth"][pos], seed=seed) if v["synthetic"] else None
+    conf = t["conf"].numpy()[pos] if v["confidence"] else None
+    return calibrate_quality(raw, t["real"][pos], v["kind"], confidence=conf, extra_pairs=pairs)
+
+
+def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10) -> dict[str, Any]:
+    """Held-out MAE (and ranking) of every calibration variant over random halves of the calibration set."""
+    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.engine.quality import quality_estimates
+
+    rng = np.random.default_rng(seed)
+    n = len(t["real"])
+    rows: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        a, b = perm[: n // 2], perm[n // 2 :]
+        for v in VARIANTS:
+            cal = _calibrate(reg, v, t, a, seed)
+            q = quality_estimates(cal, t["raw"][b], t["conf"].numpy()[b] if VARIANTS[v]["confidence"] else None)
+            real = t["real"][b]
+            sp, au = spearman(q["score"], real), auroc(-q["score"], real < 0.7)
+            rows[v].append(
+                [
+                    float(np.mean(np.abs(q["estimate"] - real))),
+                    float(np.mean((real >= q["lower"]) & (real <= q["upper"]))),
+                    np.nan if sp is None else sp,
+                    np.nan if au is None else au,
+                ]
+            )
+    out = {}
+    for v, r in rows.items():
+        m = np.nanmean(np.array(r, dtype=float), 0)
+        out[v] = {
+            k: (None if not np.isfinite(x) else float(x)) for k, x in zip(("mae", "coverage", "spearman", "auroc"), m)
+        }
+    return out
 
 
 def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) -> dict[str, Any]:
     from spe_lightning.engine.percase import calibrate_flags
-    from spe_lightning.engine.quality import calibrate_quality
+    from spe_lightning.engine.quality import calibrate_quality, quality_estimates
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
 
     sets = ctx["sets"]
     tr, te = sets["train"], sets["test"]
-    reg = fit_regressor(CANDIDATE_SETTINGS[setting], (tr["gray"], tr["truth"]), ctx["early"], seed)
+    st = dict(CANDIDATE_SETTINGS[setting])
+    reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
     print(f"regressor fitted in {reg.history['seconds']:.0f}s on {reg.history['n_candidates']} candidates", flush=True)
-    raw_cal = reg.predict(te["gray"], te["pred"]).numpy()
-    cal_reg = calibrate_quality(raw_cal, te["real"])
+    te["raw"] = reg.predict(te["gray"], te["pred"]).numpy()
+    n_bad = int((te["real"] < 0.7).sum())
+    allowed = [v for v in VARIANTS if VARIANTS[v]["synthetic"] or n_bad >= MIN_BAD]
+    dev = choose_calibration(reg, te, seed)
+    pick = {
+        "regressor": min((v for v in allowed if not VARIANTS[v]["confidence"]), key=lambda v: dev[v]["mae"]),
+        "regressor+confidence": min((v for v in allowed if VARIANTS[v]["confidence"]), key=lambda v: dev[v]["mae"])
+        if n_bad >= MIN_BAD
+        else None,
+    }
+    pick["selected"] = min((v for v in pick.values() if v), key=lambda v: dev[v]["mae"])
+    print("development choice:", pick, flush=True)
+    all_pos = np.arange(len(te["real"]))
+    cals = {row: _calibrate(reg, v, te, all_pos, seed) for row, v in pick.items() if v}
     cal_conf = calibrate_quality(te["conf"].numpy(), te["real"])
     start = time.perf_counter()
     rca_cal = rca_scores(tr["gray"], tr["truth"], te["gray"], te["pred"], None)
@@ -222,29 +292,32 @@ def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) 
         "setting": setting,
         "settings": reg.settings.to_dict(),
         "fit": reg.history,
-        "calibration": {"regressor": cal_reg, "confidence": cal_conf, "rca": cal_rca},
+        "development": {"calibration_variants": dev, "picked": pick, "n_calibration_below_0.7": n_bad},
+        "calibration": {**cals, "confidence": cal_conf, "rca": cal_rca},
         "rca_seconds_calibration": rca_seconds,
         "targets": {},
     }
     calib_score = float(np.mean(te["real"]))  # the calibration-score baseline of the dataset level
     for name in [n for n in sets if n not in ("train", "test")]:
         t = sets[name]
+        start = time.perf_counter()
         raw = reg.predict(t["gray"], t["pred"]).numpy()
+        reg_seconds = time.perf_counter() - start
+        conf = t["conf"].numpy()
         rs = rca_scores(tr["gray"], tr["truth"], t["gray"], t["pred"], flags["empty_score"]).score.numpy()
-        result["targets"][name] = {
+        row: dict[str, Any] = {
             "n_cases": len(t["real"]),
             "n_below_0.7": int((t["real"] < 0.7).sum()),
             "mean_real_dice": float(np.mean(t["real"])),
-            "regressor": per_case_stats(raw, t["real"], cal_reg),
-            "confidence": per_case_stats(t["conf"].numpy(), t["real"], cal_conf),
-            "rca": per_case_stats(rs, t["real"], cal_rca),
-            "ids": t["ids"],
-            "real_dice": [float(v) for v in t["real"]],
-            "regressor_raw": [float(v) for v in raw],
+            "regressor_seconds": reg_seconds,
         }
+        for key, cal in cals.items():
+            row[key] = per_case_stats(raw, t["real"], cal, conf if cal.get("weights") else None)
+        row["confidence"] = per_case_stats(conf, t["real"], cal_conf)
+        row["rca"] = per_case_stats(rs, t["real"], cal_rca)
+        row.update(ids=t["ids"], real_dice=[float(v) for v in t["real"]], regressor_raw=[float(v) for v in raw])
+        result["targets"][name] = row
     if shifts:
-        from spe_lightning.engine.quality import quality_estimates
-
         base = sets["extra_test"]
         rows = {}
         for fam in SHIFT_FAMILIES:
@@ -253,22 +326,22 @@ def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) 
                     [apply_shift(x, fam, sev, seed=seed * 100_000 + i) for i, x in enumerate(base["images"])]
                 )
                 pred, conf = predict(ctx["model"], imgs)
-                real = dice(pred, base["truth"])
-                est = quality_estimates(cal_reg, reg.predict(gray(imgs), pred).numpy())["estimate"]
-                est_c = quality_estimates(cal_conf, conf.numpy())["estimate"]
-                rows[f"{fam}_{sev}"] = {
-                    "real": float(real.mean()),
-                    "regressor": float(est.mean()),
-                    "confidence": float(est_c.mean()),
-                    "calibration_score": calib_score,
-                }
-        fams: dict[str, dict[str, float]] = {}
-        for fam in SHIFT_FAMILIES:
-            r = [rows[f"{fam}_{s}"] for s in (1, 2, 3)]
-            fams[fam] = {
-                m: float(np.mean([abs(x[m] - x["real"]) for x in r]))
-                for m in ("regressor", "confidence", "calibration_score")
+                raw = reg.predict(gray(imgs), pred).numpy()
+                r = {"real": float(dice(pred, base["truth"]).mean()), "calibration_score": calib_score}
+                for key, cal in cals.items():
+                    r[key] = float(
+                        quality_estimates(cal, raw, conf.numpy() if cal.get("weights") else None)["estimate"].mean()
+                    )
+                r["confidence"] = float(quality_estimates(cal_conf, conf.numpy())["estimate"].mean())
+                rows[f"{fam}_{sev}"] = r
+        methods = [*cals, "confidence", "calibration_score"]
+        fams = {
+            fam: {
+                m: float(np.mean([abs(rows[f"{fam}_{s}"][m] - rows[f"{fam}_{s}"]["real"]) for s in (1, 2, 3)]))
+                for m in methods
             }
+            for fam in SHIFT_FAMILIES
+        }
         result["shift"] = {"sets": rows, "mae_by_family": fams}
     return result
 

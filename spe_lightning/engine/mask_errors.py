@@ -70,7 +70,11 @@ def _ellipses(shape: tuple[int, int], centres: np.ndarray, radii: np.ndarray, rn
 
 def _lookalike(m: np.ndarray, image: np.ndarray, s: float, r: float, rng: np.random.Generator) -> np.ndarray:
     sm = ndimage.gaussian_filter(image.astype(float), sigma=max(r * 0.15, 1.0))
-    level = float(np.median(sm[m])) if m.any() else float(np.quantile(sm, rng.choice([0.1, 0.9]) + rng.normal(0, 0.05)))
+    level = (
+        float(np.median(sm[m]))
+        if m.any()
+        else float(np.quantile(sm, np.clip(rng.choice([0.1, 0.9]) + rng.normal(0, 0.05), 0.0, 1.0)))
+    )
     tol = (0.03 + 0.1 * rng.random()) * (float(sm.max() - sm.min()) + 1e-6)
     region = (np.abs(sm - level) < tol) & ~ndimage.binary_dilation(m, iterations=2)
     lab, n = ndimage.label(region)

@@ -282,6 +282,22 @@ def _combine(x: np.ndarray, c: np.ndarray | None, weights: Sequence[float] | Non
     return float(weights[0]) * x + float(weights[1]) * c
 
 
+def _conformal(abs_resid: np.ndarray, level: float) -> float:
+    r = np.sort(abs_resid)
+    return float(r[min(math.ceil((r.size + 1) * level), r.size) - 1])
+
+
+def _bin_half_widths(
+    est: np.ndarray, resid: np.ndarray, bins: Sequence[float], level: float, fallback: float, min_per_bin: int
+) -> list[float]:
+    edges = np.asarray(bins, dtype=float)
+    k = np.clip(np.searchsorted(edges, est, side="right") - 1, 0, len(edges) - 2)
+    return [
+        _conformal(np.abs(resid[k == b]), level) if (k == b).sum() >= min_per_bin else float(fallback)
+        for b in range(len(edges) - 1)
+    ]
+
+
 def calibrate_quality(
     predicted: Sequence[float] | np.ndarray | Tensor,
     real_dice: Sequence[float] | np.ndarray | Tensor,
@@ -290,6 +306,8 @@ def calibrate_quality(
     dice_cut: float = 0.7,
     confidence: Sequence[float] | np.ndarray | Tensor | None = None,
     extra_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    bins: Sequence[float] = (0.0, 0.5, 0.7, 0.85, 1.0),
+    min_per_bin: int = 10,
 ) -> dict[str, Any]:
     """Map raw regressor outputs to per-case Dice on a labelled calibration set (plain numbers, safe to save).
 
@@ -298,7 +316,10 @@ def calibrate_quality(
     weights[1] * confidence`` (least-squares weights on the calibration cases). ``extra_pairs`` (raw, Dice),
     e.g. :func:`synthetic_pairs`, join the map's fit (not the flag threshold nor the reported statistics;
     not with ``confidence``). ``half_width``: the split-conformal half-width at ``level`` from the
-    leave-one-out residuals of the real calibration cases; ``threshold``: cases whose *estimated* Dice is
+    leave-one-out residuals of the real calibration cases; ``bin_half_widths``: the same per bin of the
+    estimate (``bins`` edges; Mondrian conformal), from the leave-one-out residuals of every pair whose
+    estimate falls in the bin (the global half-width for bins with fewer than ``min_per_bin``), so a case
+    estimated bad gets the wider interval bad cases need; ``threshold``: cases whose *estimated* Dice is
     below it are flagged; it maximises Youden's J (TPR - FPR) for real Dice < ``dice_cut`` on the
     leave-one-out estimates (``dice_cut`` itself when either kind has fewer than 2 cases). Also the
     calibration ``spearman`` and ``auroc`` of the score.
@@ -329,8 +350,10 @@ def calibrate_quality(
         ex, ey = (np.asarray(v, dtype=float).reshape(-1) for v in extra_pairs)
         fit_x, fit_y = np.concatenate([score, ex]), np.concatenate([y, ey])
     g = Mapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
-    resid = np.asarray(g.residuals[:n])  # leave-one-out residuals of the real calibration cases
+    all_resid = np.asarray(g.residuals)
+    resid = all_resid[:n]  # leave-one-out residuals of the real calibration cases
     g.residuals = [float(r) for r in resid]
+    widths = _bin_half_widths(fit_y - all_resid, all_resid, bins, level, g.half_width(level), min_per_bin)
     loo = y - resid
     bad = y < dice_cut
     threshold, method = float(dice_cut), "dice_cut"
@@ -347,6 +370,8 @@ def calibrate_quality(
         "n_extra_pairs": 0 if extra_pairs is None else int(len(fit_x) - n),
         "level": float(level),
         "half_width": g.half_width(level),
+        "bins": [float(b) for b in bins],
+        "bin_half_widths": widths,
         "dice_cut": float(dice_cut),
         "threshold": threshold,
         "threshold_method": method,
@@ -370,7 +395,11 @@ def quality_estimates(
     score = _combine(x, c, calibration.get("weights"))
     g = Mapping.from_dict(calibration["mapping"])
     est = g.predict(score)
-    q = float(calibration["half_width"])
+    q = np.full(est.shape, float(calibration["half_width"]))
+    if calibration.get("bins"):
+        edges = np.asarray(calibration["bins"], dtype=float)
+        k = np.clip(np.searchsorted(edges, est, side="right") - 1, 0, len(edges) - 2)
+        q = np.asarray(calibration["bin_half_widths"], dtype=float)[k]
     return {
         "score": score,
         "estimate": est,
