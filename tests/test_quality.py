@@ -12,7 +12,13 @@ from spe_lightning.data.synthetic import make_phantom
 from spe_lightning.engine.mask_errors import ERROR_KINDS, degrade, dice_np, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.engine.percase import spearman
-from spe_lightning.engine.quality import QualityRegressor, QualitySettings, calibrate_quality, quality_estimates
+from spe_lightning.engine.quality import (
+    QualityRegressor,
+    QualitySettings,
+    calibrate_quality,
+    quality_estimates,
+    synthetic_pairs,
+)
 
 TINY = {"size": 32, "widths": (8, 8, 16, 16), "per_case": 8, "epochs": 5, "batch_size": 32}
 
@@ -114,3 +120,36 @@ def test_calibration_intervals_cover_at_about_the_level() -> None:
     assert q["flagged"][bad].mean() > 0.7 and (~q["flagged"][~bad]).mean() > 0.7
     lin = calibrate_quality(raw, real, kind="linear")
     assert lin["mapping"]["kind"] == "linear"
+
+
+def test_synthetic_pairs_extend_the_map_to_bad_cases(fitted: QualityRegressor) -> None:
+    images, masks = _phantoms(6, seed=9)
+    raw_s, dice_s = synthetic_pairs(fitted, images, masks, per_case=4, seed=3)
+    assert raw_s.shape == dice_s.shape == (24,)
+    rng = np.random.default_rng(1)
+    real = rng.uniform(0.85, 1.0, 60)  # a calibration set without a single bad case
+    raw = np.clip(real + rng.normal(0, 0.03, 60), 0, 1)
+    bad_real = rng.uniform(0.0, 0.6, 400)
+    bad_raw = np.clip(bad_real + rng.normal(0, 0.05, 400), 0, 1)
+    alone = quality_estimates(calibrate_quality(raw, real), bad_raw)
+    assert alone["estimate"].min() >= 0.8  # the map cannot go below what it saw
+    pairs = (np.clip(bad_real[:200] + rng.normal(0, 0.05, 200), 0, 1), bad_real[:200])
+    cal = calibrate_quality(raw, real, extra_pairs=pairs)
+    assert cal["n_extra_pairs"] == 200 and cal["n_cases"] == 60
+    q = quality_estimates(cal, bad_raw[200:])
+    assert np.mean(np.abs(q["estimate"] - bad_real[200:])) < 0.1
+    assert np.mean((bad_real[200:] >= q["lower"]) & (bad_real[200:] <= q["upper"])) > 0.8
+    good = quality_estimates(cal, raw)
+    assert np.mean(good["upper"] - good["lower"]) < np.mean(q["upper"] - q["lower"])  # per-bin widths
+
+
+def test_calibration_can_combine_the_model_confidence() -> None:
+    rng = np.random.default_rng(2)
+    real = rng.uniform(0, 1, 300)
+    raw, conf = real + rng.normal(0, 0.25, 300), real + rng.normal(0, 0.25, 300)
+    cal = calibrate_quality(raw[:150], real[:150], confidence=conf[:150])
+    assert cal["weights"][0] > 0 and cal["weights"][1] > 0
+    both = quality_estimates(cal, raw[150:], conf[150:])
+    assert spearman(both["score"], real[150:]) > spearman(raw[150:], real[150:])
+    with pytest.raises(ValueError, match="confidence"):
+        quality_estimates(cal, raw[150:])

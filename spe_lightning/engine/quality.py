@@ -53,6 +53,7 @@ class QualitySettings:
         augment: random appearance changes and flips during training.
         tta: average the prediction over the left-right flip.
         kinds: error kinds of the synthetic candidates.
+        extra_repeat: times each extra (real) candidate enters the pool per epoch.
     """
 
     size: int = 64
@@ -65,6 +66,7 @@ class QualitySettings:
     augment: bool = True
     tta: bool = True
     kinds: tuple[str, ...] = ERROR_KINDS
+    extra_repeat: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists)."""
@@ -169,9 +171,10 @@ class QualityRegressor:
             if extra.shape != labels.shape:
                 raise ValueError(f"extra candidates must be {tuple(labels.shape)}; got {tuple(extra.shape)}.")
             e = extra > 0.5 if extra.is_floating_point() else extra.bool()
-            parts_m.append(_resize(e, s.size).half())
-            parts_s.append(torch.arange(len(e)))
-            parts_d.append(per_image_metrics(e.cpu(), truth.cpu(), ("dice",))["dice"].float())
+            r = max(1, int(s.extra_repeat))
+            parts_m.append(_resize(e, s.size).half().repeat(r, 1, 1, 1))
+            parts_s.append(torch.arange(len(e)).repeat(r))
+            parts_d.append(per_image_metrics(e.cpu(), truth.cpu(), ("dice",))["dice"].float().repeat(r))
         pool_m, pool_s, pool_d = torch.cat(parts_m), torch.cat(parts_s), torch.cat(parts_d)
         imgs = _resize(images, s.size).clamp(0, 1)
         m = len(pool_d)
