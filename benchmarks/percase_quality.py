@@ -147,8 +147,15 @@ CANDIDATE_SETTINGS: dict[str, dict[str, Any]] = {
     "early_only": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early"},
     "early_final": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early+final"},
     "early_final_e10": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 10, "extras": "early+final"},
+    "early_final_rep3": {
+        "size": 64,
+        "widths": (8, 16, 32, 64),
+        "epochs": 6,
+        "extras": "early+final",
+        "extra_repeat": 3,
+    },
 }
-DEFAULT = "early_final"
+DEFAULT = "early_final_e10"
 #: per-case calibration variants, chosen by held-out MAE over random halves of the calibration (test) split
 VARIANTS: dict[str, dict[str, Any]] = {
     "isotonic": {"kind": "isotonic", "confidence": False, "synthetic": False},

@@ -57,9 +57,9 @@ class QualitySettings:
     """
 
     size: int = 64
-    widths: tuple[int, ...] = (16, 32, 64, 64)
+    widths: tuple[int, ...] = (8, 16, 32, 64)
     per_case: int = 16
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
