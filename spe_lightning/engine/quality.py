@@ -164,17 +164,19 @@ class QualityRegressor:
                 f"images and labels must both be [N,1,H,W]; got {tuple(images.shape)}, {tuple(labels.shape)}."
             )
         start = time.perf_counter()
+        images, labels = images.detach().cpu(), labels.detach().cpu()  # candidates and augmentation on the CPU
         truth = labels > 0.5 if labels.is_floating_point() else labels.bool()
         cand, src, dice = make_candidates(truth, s.per_case, images, seed, tuple(s.kinds))
         parts_m, parts_s, parts_d = [_resize(cand, s.size).half()], [src], [dice]
         for extra in extra_candidates or ():
             if extra.shape != labels.shape:
                 raise ValueError(f"extra candidates must be {tuple(labels.shape)}; got {tuple(extra.shape)}.")
+            extra = extra.detach().cpu()
             e = extra > 0.5 if extra.is_floating_point() else extra.bool()
             r = max(1, int(s.extra_repeat))
             parts_m.append(_resize(e, s.size).half().repeat(r, 1, 1, 1))
             parts_s.append(torch.arange(len(e)).repeat(r))
-            parts_d.append(per_image_metrics(e.cpu(), truth.cpu(), ("dice",))["dice"].float().repeat(r))
+            parts_d.append(per_image_metrics(e, truth, ("dice",))["dice"].float().repeat(r))
         pool_m, pool_s, pool_d = torch.cat(parts_m), torch.cat(parts_s), torch.cat(parts_d)
         imgs = _resize(images, s.size).clamp(0, 1)
         m = len(pool_d)
