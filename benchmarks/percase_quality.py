@@ -361,9 +361,15 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/wt17_cache")
     p.add_argument("--setting", default=DEFAULT, choices=tuple(CANDIDATE_SETTINGS))
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--print", dest="show", action="store_true", help="print the tables of the saved result")
     p.add_argument("--no-shifts", action="store_true")
     p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
     a = p.parse_args()
+    if a.show:
+        print_tables(
+            json.loads((Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}.json").read_text())
+        )
+        return
     torch.set_num_threads(a.threads)
     ctx = setup(a.dataset, Path(a.workdir), a.epochs, a.seed)
     results = Path(__file__).resolve().parent / "results"
@@ -379,6 +385,7 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2))
     print_tables(res)
     print(f"-> {out}")
+    print(f"development choice: {res['development']['picked']}; regressor fit {res['fit']['seconds']:.0f}s")
 
 
 def print_tables(res: dict[str, Any]) -> None:
@@ -390,7 +397,7 @@ def print_tables(res: dict[str, Any]) -> None:
         )
         print("| score | Spearman | AUROC (Dice<0.7) | MAE | 90% coverage | width | sens | spec | mean est |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for s in ("regressor", "confidence", "rca"):
+        for s in [k for k in ("regressor", "regressor+confidence", "confidence", "rca") if k in t]:
             r = t[s]
             print(
                 f"| {s} | {f(r['spearman'])} | {f(r['auroc'])} | {f(r.get('mae'))} | {f(r.get('coverage'))} | "
@@ -399,9 +406,10 @@ def print_tables(res: dict[str, Any]) -> None:
             )
     if "shift" in res:
         print("\nshifted extra_test, dataset-level |mean estimate - real mean Dice| (mean over severities 1-3)")
-        print("| family | regressor | confidence | calibration score |\n|---|---|---|---|")
+        methods = [m for m in next(iter(res["shift"]["mae_by_family"].values())) if m != "selected"]
+        print("| family | " + " | ".join(methods) + " |\n" + "|---" * (len(methods) + 1) + "|")
         for fam, r in res["shift"]["mae_by_family"].items():
-            print(f"| {fam} | {r['regressor']:.3f} | {r['confidence']:.3f} | {r['calibration_score']:.3f} |")
+            print(f"| {fam} | " + " | ".join(f"{r[m]:.3f}" for m in methods) + " |")
 
 
 if __name__ == "__main__":
