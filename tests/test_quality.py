@@ -87,6 +87,15 @@ def test_state_round_trip_with_weights_only(fitted: QualityRegressor) -> None:
     assert torch.equal(loaded.predict(images, masks), fitted.predict(images, masks))
     assert loaded.settings == fitted.settings
     assert loaded.history["n_candidates"] == 32 * TINY["per_case"]
+    pair = QualityRegressor(QualitySettings(**{**TINY, "epochs": 1, "n_models": 2})).fit(images, masks, seed=3)
+    buf = io.BytesIO()
+    torch.save(pair.state_tensors(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert len(state["weights"]) == 2
+    assert torch.equal(QualityRegressor.from_state(state).predict(images, masks), pair.predict(images, masks))
+    with pytest.raises(ValueError, match="saved networks"):
+        QualityRegressor.from_state({**state, "weights": state["weights"][:1]})
 
 
 def test_extra_candidates_join_the_pool_and_shapes_are_checked() -> None:

@@ -54,6 +54,7 @@ class QualitySettings:
         tta: average the prediction over the left-right flip.
         kinds: error kinds of the synthetic candidates.
         extra_repeat: times each extra (real) candidate enters the pool per epoch.
+        n_models: networks fitted (seeds ``seed``, ``seed + 1``, ...) on the same candidates; predictions averaged.
     """
 
     size: int = 64
@@ -67,6 +68,7 @@ class QualitySettings:
     tta: bool = True
     kinds: tuple[str, ...] = ERROR_KINDS
     extra_repeat: int = 1
+    n_models: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists)."""
@@ -139,7 +141,7 @@ class QualityRegressor:
     def __init__(self, settings: QualitySettings | None = None, device: torch.device | str = "cpu") -> None:
         self.settings = settings or QualitySettings()
         self.device = torch.device(device)
-        self.net = _Net(self.settings.widths).to(self.device)
+        self.nets = [_Net(self.settings.widths).to(self.device) for _ in range(max(1, self.settings.n_models))]
         self.fitted = False
         self.history: dict[str, Any] = {}
 
@@ -180,15 +182,43 @@ class QualityRegressor:
         pool_m, pool_s, pool_d = torch.cat(parts_m), torch.cat(parts_s), torch.cat(parts_d)
         imgs = _resize(images, s.size).clamp(0, 1)
         m = len(pool_d)
+        losses: list[float] = []
+        self.nets = []
+        for k in range(max(1, s.n_models)):
+            net, member_losses = self._fit_one(imgs, pool_m, pool_s, pool_d, seed + k, progress)
+            self.nets.append(net)
+            losses = member_losses if k == 0 else [(a * k + b) / (k + 1) for a, b in zip(losses, member_losses)]
+        self.fitted = True
+        self.history = {
+            "n_references": int(len(images)),
+            "n_candidates": int(m),
+            "train_mse": [float(v) for v in losses],
+            "candidate_dice_mean": float(pool_d.mean()),
+            "seconds": time.perf_counter() - start,
+        }
+        return self
+
+    def _fit_one(
+        self,
+        imgs: Tensor,
+        pool_m: Tensor,
+        pool_s: Tensor,
+        pool_d: Tensor,
+        seed: int,
+        progress: Callable[[int, float], Any] | None,
+    ) -> tuple[_Net, list[float]]:
+        """One network fitted on the candidate pool (images ``imgs[pool_s]``, masks ``pool_m``, Dice ``pool_d``)."""
+        s = self.settings
+        m = len(pool_d)
         steps_per_epoch = max(1, math.ceil(m / s.batch_size))
-        total = steps_per_epoch * s.epochs
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            self.net = _Net(s.widths).to(self.device)
-        opt = torch.optim.AdamW(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+            net = _Net(s.widths).to(self.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        total = steps_per_epoch * s.epochs
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.15)
-        self.net.train()
+        net.train()
         losses = []
         for epoch in range(s.epochs):
             order = torch.randperm(m, generator=g)
@@ -204,8 +234,7 @@ class QualityRegressor:
                     x_img = torch.where(flip[:, None, None, None], x_img.flip(-1), x_img)
                     x_mask = torch.where(flip[:, None, None, None], x_mask.flip(-1), x_mask)
                 x = torch.cat([_zscore(x_img), x_mask], 1).to(self.device)
-                pred = torch.sigmoid(self.net(x))
-                loss = F.mse_loss(pred, pool_d[idx].to(self.device))
+                loss = F.mse_loss(torch.sigmoid(net(x)), pool_d[idx].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -214,16 +243,7 @@ class QualityRegressor:
             losses.append(run / m)
             if progress is not None:
                 progress(epoch + 1, losses[-1])
-        self.net.eval()
-        self.fitted = True
-        self.history = {
-            "n_references": int(len(images)),
-            "n_candidates": int(m),
-            "train_mse": [float(v) for v in losses],
-            "candidate_dice_mean": float(pool_d.mean()),
-            "seconds": time.perf_counter() - start,
-        }
-        return self
+        return net.eval(), losses
 
     # ------------------------------------------------------------------ predicting
     @torch.no_grad()
@@ -232,25 +252,23 @@ class QualityRegressor:
         if images.shape[0] != masks.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {masks.shape[0]} masks.")
         s = self.settings
-        self.net.eval()
         out = []
         for i in range(0, images.shape[0], batch_size):
             img = _zscore(_resize(images[i : i + batch_size], s.size).clamp(0, 1))
             m = masks[i : i + batch_size]
             m = _resize(m > 0.5 if m.is_floating_point() else m.bool(), s.size)
             x = torch.cat([img, m], 1).to(self.device)
-            p = torch.sigmoid(self.net(x))
-            if s.tta:
-                p = (p + torch.sigmoid(self.net(x.flip(-1)))) / 2
+            views = [x, x.flip(-1)] if s.tta else [x]
+            p = torch.stack([torch.sigmoid(net.eval()(v)) for net in self.nets for v in views]).mean(0)
             out.append(p.float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     # ------------------------------------------------------------------ saving
     def state_tensors(self) -> dict[str, Any]:
-        """``{"settings": JSON-safe dict, "weights": {name: tensor}, "history": JSON-safe dict}``."""
+        """``{"settings": JSON-safe dict, "weights": [{name: tensor}, ...] (one per network), "history": dict}``."""
         return {
             "settings": self.settings.to_dict(),
-            "weights": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "weights": [{k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for net in self.nets],
             "history": dict(self.history),
         }
 
@@ -258,8 +276,12 @@ class QualityRegressor:
     def from_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> QualityRegressor:
         """The regressor saved by :meth:`state_tensors`."""
         reg = cls(QualitySettings.from_dict(dict(state["settings"])), device)
-        reg.net.load_state_dict(state["weights"])
-        reg.net.eval()
+        weights = state["weights"]
+        if len(weights) != len(reg.nets):
+            raise ValueError(f"{len(weights)} saved networks but the settings say {len(reg.nets)}.")
+        for net, w in zip(reg.nets, weights):
+            net.load_state_dict(w)
+            net.eval()
         reg.fitted = True
         reg.history = dict(state.get("history", {}))
         return reg
