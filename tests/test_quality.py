@@ -16,6 +16,7 @@ from spe_lightning.engine.quality import (
     QualityRegressor,
     QualitySettings,
     calibrate_quality,
+    choose_combination,
     quality_estimates,
     synthetic_pairs,
 )
@@ -162,3 +163,15 @@ def test_calibration_can_combine_the_model_confidence() -> None:
     assert spearman(both["score"], real[150:]) > spearman(raw[150:], real[150:])
     with pytest.raises(ValueError, match="confidence"):
         quality_estimates(cal, raw[150:])
+
+
+def test_combination_with_spe_is_kept_only_when_it_helps_on_development_sets() -> None:
+    rng = np.random.default_rng(3)
+    real = rng.uniform(0.5, 0.9, 12)
+    spe, reg = real + rng.normal(0, 0.05, 12), real + rng.normal(0, 0.05, 12)  # independent errors: average
+    both = choose_combination(spe, reg, real)
+    assert 0.0 < both["weight"] < 1.0 and both["n_sets"] == 12
+    bad = choose_combination(spe, real + 0.3, real)  # a biased regressor is never mixed in
+    assert bad["weight"] == 0.0
+    with pytest.raises(ValueError, match="lengths differ"):
+        choose_combination(spe, reg[:3], real)

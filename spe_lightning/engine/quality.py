@@ -35,7 +35,14 @@ from spe_lightning.engine.mapping import Mapping
 from spe_lightning.engine.mask_errors import ERROR_KINDS, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
 
-__all__ = ["QualitySettings", "QualityRegressor", "synthetic_pairs", "calibrate_quality", "quality_estimates"]
+__all__ = [
+    "QualitySettings",
+    "QualityRegressor",
+    "synthetic_pairs",
+    "calibrate_quality",
+    "quality_estimates",
+    "choose_combination",
+]
 
 
 @dataclass
@@ -434,3 +441,29 @@ def quality_estimates(
         "upper": np.clip(est + q, 0.0, 1.0),
         "flagged": est < float(calibration["threshold"]),
     }
+
+
+def choose_combination(
+    spe: Sequence[float] | np.ndarray,
+    regressor: Sequence[float] | np.ndarray,
+    real: Sequence[float] | np.ndarray,
+    weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+) -> dict[str, Any]:
+    """Weight ``w`` of the dataset-level combination ``w * regressor + (1 - w) * spe``, from development sets only.
+
+    ``spe``, ``regressor``, ``real``: one value per development set (e.g. SPE's estimate, the mean per-case
+    regressor estimate and the real mean Dice on shifted copies of the calibration set). The weight with the
+    lowest mean absolute error is kept only if it beats SPE alone (``w = 0``); ``mae`` maps each weight to
+    its error. Non-finite sets are skipped.
+    """
+    s, q, y = (np.asarray(v, dtype=float).reshape(-1) for v in (spe, regressor, real))
+    if not (s.shape == q.shape == y.shape):
+        raise ValueError(f"lengths differ: {s.size} SPE, {q.size} regressor, {y.size} real values.")
+    ok = np.isfinite(s) & np.isfinite(q) & np.isfinite(y)
+    s, q, y = s[ok], q[ok], y[ok]
+    if s.size == 0:
+        return {"weight": 0.0, "mae": {}, "n_sets": 0}
+    mae = {float(w): float(np.mean(np.abs(w * q + (1 - w) * s - y))) for w in weights}
+    best = min(mae, key=lambda w: (mae[w], w))
+    keep = best if mae[best] < mae.get(0.0, float(np.mean(np.abs(s - y)))) else 0.0
+    return {"weight": keep, "mae": {str(k): v for k, v in mae.items()}, "n_sets": int(s.size)}
