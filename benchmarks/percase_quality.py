@@ -158,14 +158,18 @@ CANDIDATE_SETTINGS: dict[str, dict[str, Any]] = {
 DEFAULT = "early_final_e10"
 #: per-case calibration variants, chosen by held-out MAE over random halves of the calibration (test) split
 VARIANTS: dict[str, dict[str, Any]] = {
-    "isotonic": {"kind": "isotonic", "confidence": False, "synthetic": False},
-    "linear": {"kind": "linear", "confidence": False, "synthetic": False},
-    "isotonic+synthetic": {"kind": "isotonic", "confidence": False, "synthetic": True},
-    "linear+synthetic": {"kind": "linear", "confidence": False, "synthetic": True},
-    "isotonic+confidence": {"kind": "isotonic", "confidence": True, "synthetic": False},
-    "linear+confidence": {"kind": "linear", "confidence": True, "synthetic": False},
+    f"{kind}{'+confidence' if conf else ''}{'+' + extra if extra else ''}": {
+        "kind": kind,
+        "confidence": conf,
+        "extra": extra,
+    }
+    for kind in ("isotonic", "linear")
+    for conf in (False, True)
+    for extra in (None, "synthetic", "shifted")
+    if not (conf and extra == "synthetic")
 }
-MIN_BAD = 5  # with fewer calibration cases below the cut, the map needs synthetic pairs to reach bad cases
+MIN_COVERAGE = 0.85  # a calibration variant must keep 90% intervals at >= 85% held-out coverage to be chosen
+MIN_BAD = 5  # with fewer calibration cases below the cut, the map needs synthetic or shifted pairs to reach bad cases
 
 
 def extras_for(ctx: dict[str, Any], which: str) -> list[torch.Tensor]:
@@ -220,17 +224,44 @@ def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def _calibrate(reg: Any, variant: str, t: dict[str, Any], pos: np.ndarray, seed: int) -> dict[str, Any]:
+    """Calibrate ``variant`` on the calibration cases at ``pos`` (and their synthetic/shifted pairs)."""
     from spe_lightning.engine.quality import calibrate_quality, synthetic_pairs
 
     v = VARIANTS[variant]
-    raw = t["raw"][pos]
-    pairs = synthetic_pairs(reg, t["gray"][pos], t["truth"][pos], seed=seed) if v["synthetic"] else None
+    pairs = None
+    if v["extra"] == "synthetic":
+        pairs = synthetic_pairs(reg, t["gray"][pos], t["truth"][pos], seed=seed)
+    elif v["extra"] == "shifted":
+        pairs = tuple(t[f"shift_{k}"][:, pos].ravel() for k in ("raw", "real", "conf"))
     conf = t["conf"].numpy()[pos] if v["confidence"] else None
-    return calibrate_quality(raw, t["real"][pos], v["kind"], confidence=conf, extra_pairs=pairs)
+    return calibrate_quality(t["raw"][pos], t["real"][pos], v["kind"], confidence=conf, extra_pairs=pairs)
+
+
+def shifted_pairs(ctx: dict[str, Any], reg: Any, t: dict[str, Any], seed: int) -> None:
+    """The model's predictions on every synthetic shift of the calibration images: raw, real Dice, confidence."""
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
+
+    out: dict[str, list[np.ndarray]] = {"raw": [], "real": [], "conf": []}
+    for fam in SHIFT_FAMILIES:
+        for sev in (1, 2, 3):
+            imgs = torch.stack(
+                [apply_shift(x, fam, sev, seed=seed * 100_000 + 50_000 + i) for i, x in enumerate(t["images"])]
+            )
+            pred, conf = predict(ctx["model"], imgs)
+            out["raw"].append(reg.predict(gray(imgs), pred).numpy())
+            out["real"].append(dice(pred, t["truth"]))
+            out["conf"].append(conf.numpy())
+    for k, v in out.items():
+        t[f"shift_{k}"] = np.stack(v)  # [families x severities, N]
 
 
 def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10) -> dict[str, Any]:
-    """Held-out MAE (and ranking) of every calibration variant over random halves of the calibration set."""
+    """Held-out errors of every calibration variant over random halves of the calibration set.
+
+    Each variant is calibrated on one half (its cases, and its synthetic or shifted pairs) and scored on
+    the other half's cases *and their shifted copies* (development data only): MAE and interval coverage
+    over both, Spearman and AUROC over the unshifted cases.
+    """
     from spe_lightning.engine.percase import auroc, spearman
     from spe_lightning.engine.quality import quality_estimates
 
@@ -240,24 +271,29 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
     for _ in range(splits):
         perm = rng.permutation(n)
         a, b = perm[: n // 2], perm[n // 2 :]
+        raw_b = np.concatenate([t["raw"][b], t["shift_raw"][:, b].ravel()])
+        conf_b = np.concatenate([t["conf"].numpy()[b], t["shift_conf"][:, b].ravel()])
+        real_b = np.concatenate([t["real"][b], t["shift_real"][:, b].ravel()])
         for v in VARIANTS:
             cal = _calibrate(reg, v, t, a, seed)
-            q = quality_estimates(cal, t["raw"][b], t["conf"].numpy()[b] if VARIANTS[v]["confidence"] else None)
-            real = t["real"][b]
-            sp, au = spearman(q["score"], real), auroc(-q["score"], real < 0.7)
+            q = quality_estimates(cal, raw_b, conf_b if VARIANTS[v]["confidence"] else None)
+            clean = slice(0, len(b))
+            sp = spearman(q["score"][clean], real_b[clean])
+            au = auroc(-q["score"][clean], real_b[clean] < 0.7)
             rows[v].append(
                 [
-                    float(np.mean(np.abs(q["estimate"] - real))),
-                    float(np.mean((real >= q["lower"]) & (real <= q["upper"]))),
+                    float(np.mean(np.abs(q["estimate"] - real_b))),
+                    float(np.mean((real_b >= q["lower"]) & (real_b <= q["upper"]))),
                     np.nan if sp is None else sp,
                     np.nan if au is None else au,
                 ]
             )
     out = {}
     for v, r in rows.items():
-        m = np.nanmean(np.array(r, dtype=float), 0)
+        arr = np.array(r, dtype=float)
+        m = [float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for col in arr.T]
         out[v] = {
-            k: (None if not np.isfinite(x) else float(x)) for k, x in zip(("mae", "coverage", "spearman", "auroc"), m)
+            k: (float(x) if np.isfinite(x) else None) for k, x in zip(("mae", "coverage", "spearman", "auroc"), m)
         }
     return out
 
@@ -273,16 +309,21 @@ def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) 
     reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
     print(f"regressor fitted in {reg.history['seconds']:.0f}s on {reg.history['n_candidates']} candidates", flush=True)
     te["raw"] = reg.predict(te["gray"], te["pred"]).numpy()
+    shifted_pairs(ctx, reg, te, seed)
     n_bad = int((te["real"] < 0.7).sum())
-    allowed = [v for v in VARIANTS if VARIANTS[v]["synthetic"] or n_bad >= MIN_BAD]
+    allowed = [v for v in VARIANTS if VARIANTS[v]["extra"] or n_bad >= MIN_BAD]
     dev = choose_calibration(reg, te, seed)
+
+    def best(names: list[str]) -> str:
+        """Lowest held-out MAE among variants whose held-out coverage reaches MIN_COVERAGE (else best coverage)."""
+        ok = [v for v in names if (dev[v]["coverage"] or 0.0) >= MIN_COVERAGE]
+        return min(ok, key=lambda v: dev[v]["mae"]) if ok else max(names, key=lambda v: dev[v]["coverage"] or 0.0)
+
     pick = {
-        "regressor": min((v for v in allowed if not VARIANTS[v]["confidence"]), key=lambda v: dev[v]["mae"]),
-        "regressor+confidence": min((v for v in allowed if VARIANTS[v]["confidence"]), key=lambda v: dev[v]["mae"])
-        if n_bad >= MIN_BAD
-        else None,
+        "regressor": best([v for v in allowed if not VARIANTS[v]["confidence"]]),
+        "regressor+confidence": best([v for v in allowed if VARIANTS[v]["confidence"]]),
     }
-    pick["selected"] = min((v for v in pick.values() if v), key=lambda v: dev[v]["mae"])
+    pick["selected"] = best(list(pick.values()))
     print("development choice:", pick, flush=True)
     all_pos = np.arange(len(te["real"]))
     cals = {row: _calibrate(reg, v, te, all_pos, seed) for row, v in pick.items() if v}

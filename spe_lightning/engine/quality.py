@@ -339,7 +339,7 @@ def calibrate_quality(
     level: float = 0.9,
     dice_cut: float = 0.7,
     confidence: Sequence[float] | np.ndarray | Tensor | None = None,
-    extra_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    extra_pairs: tuple[np.ndarray, ...] | None = None,
     bins: Sequence[float] = (0.0, 0.5, 0.7, 0.85, 1.0),
     min_per_bin: int = 10,
 ) -> dict[str, Any]:
@@ -347,9 +347,10 @@ def calibrate_quality(
 
     ``mapping``: G score -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`Mapping.to_dict`),
     where the score is the raw output, or, with the model's per-case ``confidence``, ``weights[0] * raw +
-    weights[1] * confidence`` (least-squares weights on the calibration cases). ``extra_pairs`` (raw, Dice),
-    e.g. :func:`synthetic_pairs`, join the map's fit (not the flag threshold nor the reported statistics;
-    not with ``confidence``). ``half_width``: the split-conformal half-width at ``level`` from the
+    weights[1] * confidence`` (least-squares weights). ``extra_pairs`` (raw, Dice) or (raw, Dice, confidence),
+    e.g. :func:`synthetic_pairs` or the model's predictions on shifted copies of the calibration images,
+    join the fit of the weights, the map and the per-bin widths (not the flag threshold nor the reported
+    statistics). ``half_width``: the split-conformal half-width at ``level`` from the
     leave-one-out residuals of the real calibration cases; ``bin_half_widths``: the same per bin of the
     estimate (``bins`` edges; Mondrian conformal), from the leave-one-out residuals of every pair whose
     estimate falls in the bin (the global half-width for bins with fewer than ``min_per_bin``), so a case
@@ -367,22 +368,26 @@ def calibrate_quality(
         raise ValueError(
             f"{x.size} predictions, {y.size} real Dice values" + ("" if c is None else f", {c.size} confidences.")
         )
-    if c is not None and extra_pairs is not None:
-        raise ValueError("extra_pairs have no confidence; use one or the other.")
     ok = np.isfinite(x) & np.isfinite(y) & (np.isfinite(c) if c is not None else True)
     x, y = x[ok], y[ok]
+    c = None if c is None else c[ok]
+    ex = ey = ec = np.zeros(0)
+    if extra_pairs is not None:
+        ex, ey = (np.asarray(v, dtype=float).reshape(-1) for v in extra_pairs[:2])
+        ec = np.asarray(extra_pairs[2], dtype=float).reshape(-1) if len(extra_pairs) > 2 else np.zeros(0)
+        if c is not None and ec.shape != ex.shape:
+            raise ValueError("with confidence, extra_pairs must be (raw, Dice, confidence).")
+        keep = np.isfinite(ex) & np.isfinite(ey) & (np.isfinite(ec) if c is not None else True)
+        ex, ey, ec = ex[keep], ey[keep], (ec[keep] if c is not None else ec)
     weights = None
     if c is not None:
-        c = c[ok]
-        design = np.stack([x, c, np.ones_like(x)], 1)
-        w = np.linalg.lstsq(design, y, rcond=None)[0]
+        xa, ca, ya = np.concatenate([x, ex]), np.concatenate([c, ec]), np.concatenate([y, ey])
+        w = np.linalg.lstsq(np.stack([xa, ca, np.ones_like(xa)], 1), ya, rcond=None)[0]
         weights = [float(w[0]), float(w[1])] if w[0] > 0 and w[1] > 0 else ([1.0, 0.0] if w[0] > 0 else [0.0, 1.0])
     score = _combine(x, c, weights)
     n = score.size
-    fit_x, fit_y = score, y
-    if extra_pairs is not None:
-        ex, ey = (np.asarray(v, dtype=float).reshape(-1) for v in extra_pairs)
-        fit_x, fit_y = np.concatenate([score, ex]), np.concatenate([y, ey])
+    fit_x = np.concatenate([score, _combine(ex, ec if c is not None else None, weights)])
+    fit_y = np.concatenate([y, ey])
     g = Mapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
     all_resid = np.asarray(g.residuals)
     resid = all_resid[:n]  # leave-one-out residuals of the real calibration cases
