@@ -4,15 +4,18 @@ Protocol (as benchmarks/percase_busi.py): the segmentation model is trained on `
 its early checkpoints under ``--workdir``); references = ``ROOT/train``; calibration = ``ROOT/test``;
 targets (masks only score the result) = ``ROOT/extra_test`` (and covid_cxr for JSRT). The quality
 regressor (:mod:`spe_lightning.engine.quality`) is fitted on the references (their true masks degraded,
-plus the early checkpoints' predictions on them) and calibrated on the test split; so are RCA (label
-fusion, k=16) and the confidence (an isotonic map score -> Dice each). ``--tune`` compares regressor
-settings on the test split only (fit on train, score the model's test predictions); extra sets are never
-used to choose anything. Dataset level: the mean per-case estimate vs the real mean Dice on each target
-and on every synthetic shift of extra_test (spe_lightning.engine.shifts, severities 1-3).
+plus the early checkpoints' and the final model's predictions on them) and calibrated on the test split;
+RCA (label fusion, k=16) and the confidence get an isotonic map score -> Dice there too. The regressor's
+calibration variant (map kind, + confidence, + synthetic or shifted development pairs) is chosen on
+random halves of the test split and their synthetic shifts (:func:`choose_calibration`); ``--tune``
+compares regressor settings on the test split. extra sets are never used to choose anything. Dataset
+level: the mean per-case estimate vs the real mean Dice on every synthetic shift of extra_test
+(spe_lightning.engine.shifts, severities 1-3).
 
     python benchmarks/percase_quality.py --dataset busi --tune     # settings, test split only
     python benchmarks/percase_quality.py --dataset busi             # -> results/percase_quality_busi.json
     python benchmarks/percase_quality.py --dataset jsrt             # -> results/percase_quality_jsrt.json
+    python benchmarks/percase_quality.py --dataset busi --print     # tables of a saved result
 """
 
 from __future__ import annotations
