@@ -1,0 +1,460 @@
+"""Per-case quality regressor vs RCA vs the model's confidence (BUSI extra_test; JSRT lungs -> covid_cxr).
+
+Protocol (as benchmarks/percase_busi.py): the segmentation model is trained on ``ROOT/train`` (cached with
+its early checkpoints under ``--workdir``); references = ``ROOT/train``; calibration = ``ROOT/test``;
+targets (masks only score the result) = ``ROOT/extra_test`` (and covid_cxr for JSRT). The quality
+regressor (:mod:`spe_lightning.engine.quality`) is fitted on the references (their true masks degraded,
+plus the early checkpoints' and the final model's predictions on them) and calibrated on the test split;
+RCA (label fusion, k=16) and the confidence get an isotonic map score -> Dice there too. The regressor's
+calibration variant (map kind, + confidence, + synthetic or shifted development pairs) is chosen on
+random halves of the test split and their synthetic shifts (:func:`choose_calibration`); ``--tune``
+compares regressor settings on the test split. extra sets are never used to choose anything. Dataset
+level: the mean per-case estimate vs the real mean Dice on every synthetic shift of extra_test
+(spe_lightning.engine.shifts, severities 1-3).
+
+    python benchmarks/percase_quality.py --dataset busi --tune     # settings, test split only
+    python benchmarks/percase_quality.py --dataset busi             # -> results/percase_quality_busi.json
+    python benchmarks/percase_quality.py --dataset jsrt             # -> results/percase_quality_jsrt.json
+    python benchmarks/percase_quality.py --dataset busi --print     # tables of a saved result
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+EARLY = (1, 2, 4, 8)
+
+
+def load(root: Path, split: str, class_index: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Gray images ``[N,1,128,128]`` (per-image percentile scaling, as SPE's working rows), bool masks, ids."""
+    from spe_lightning.data import FolderSegmentationDataset
+
+    ds = FolderSegmentationDataset(root, split, class_index, 128)
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["label"] for it in items]) > 0.5
+    return images, masks, list(ds.ids)
+
+
+def train(root: Path, epochs: int, seed: int, out: Path) -> Path:
+    """Train SegmentationModel on ``root/train`` once (as percase_busi.py), saving early-epoch weights too."""
+    import lightning.pytorch as pl
+
+    from spe_lightning.data import FolderSegmentationDataModule
+    from spe_lightning.models import SegmentationModel
+
+    ckpt = out / f"model_e{epochs}_s{seed}.ckpt"
+    if ckpt.exists():
+        return ckpt
+
+    class Early(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if trainer.current_epoch + 1 in EARLY:
+                torch.save(module.state_dict(), out / f"early_e{trainer.current_epoch + 1}.pt")
+
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(seed)
+    dm = FolderSegmentationDataModule(str(root), class_index=1, image_size=128, batch_size=8, target_splits=[])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        callbacks=[Early()],
+    )
+    trainer.fit(SegmentationModel(lr=1e-3), datamodule=dm)
+    trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks (probability > 0.5) and soft-Dice confidence, as SPE's predictor computes them."""
+    masks, conf = [], []
+    for i in range(0, len(images), 32):
+        p = torch.sigmoid(model(images[i : i + 32]))
+        m = p > 0.5
+        inter, den = (p * m).flatten(1).sum(1), (p + m).flatten(1).sum(1)
+        conf.append(torch.where(den > 0, 2 * inter / den.clamp_min(1e-8), torch.ones_like(den)))
+        masks.append(m)
+    return torch.cat(masks), torch.cat(conf)
+
+
+def dice(pred: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    from spe_lightning.engine.metrics import per_image_metrics
+
+    return per_image_metrics(pred, truth, ("dice",))["dice"].numpy()
+
+
+def gray(images: torch.Tensor) -> torch.Tensor:
+    from spe_lightning.data.adapters import to_gray01
+
+    return to_gray01(images)
+
+
+def rca_scores(ref_g: torch.Tensor, ref_m: torch.Tensor, g: torch.Tensor, m: torch.Tensor, empty_score: Any) -> Any:
+    from spe_lightning.engine.percase import case_scores
+    from spe_lightning.reverse import make_segmenter
+
+    return case_scores(make_segmenter("label_fusion"), g, m, ref_g, ref_m, k=16, empty_score=empty_score)
+
+
+def per_case_stats(
+    score: np.ndarray, real: np.ndarray, cal: dict[str, Any], conf: np.ndarray | None = None, cut: float = 0.7
+) -> dict[str, Any]:
+    """Ranking and calibrated-estimate quality of one per-case score on a target (``conf`` for combined maps)."""
+    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.engine.quality import quality_estimates
+
+    bad = real < cut
+    q = quality_estimates(cal, score, conf)
+    flag = q["flagged"]
+    out: dict[str, Any] = {"spearman": spearman(q["score"], real), "auroc": auroc(-q["score"], bad)}
+    out.update(
+        mae=float(np.mean(np.abs(q["estimate"] - real))),
+        coverage=float(np.mean((real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9))),
+        interval_width=float(np.mean(q["upper"] - q["lower"])),
+        sensitivity=float((flag & bad).sum() / max(bad.sum(), 1)),
+        specificity=float((~flag & ~bad).sum() / max((~bad).sum(), 1)),
+        n_flagged=int(flag.sum()),
+        mean_estimate=float(np.mean(q["estimate"])),
+        mean_real=float(np.mean(real)),
+        estimate=[float(v) for v in q["estimate"]],
+    )
+    return out
+
+
+def fit_regressor(settings: dict[str, Any], ref: tuple, extras: list[torch.Tensor], seed: int) -> Any:
+    from spe_lightning.engine.quality import QualityRegressor, QualitySettings
+
+    reg = QualityRegressor(QualitySettings(**settings))
+    reg.fit(ref[0], ref[1], extra_candidates=extras, seed=seed)
+    return reg
+
+
+#: regressor settings compared by --tune (fit on train, scored on the model's test predictions); DEFAULT chosen there.
+#: ``extras``: which real imperfect masks of the references join the synthetic candidates.
+CANDIDATE_SETTINGS: dict[str, dict[str, Any]] = {
+    "early_only": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early"},
+    "early_final": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 6, "extras": "early+final"},
+    "early_final_e10": {"size": 64, "widths": (8, 16, 32, 64), "epochs": 10, "extras": "early+final"},
+    "early_final_rep3": {
+        "size": 64,
+        "widths": (8, 16, 32, 64),
+        "epochs": 6,
+        "extras": "early+final",
+        "extra_repeat": 3,
+    },
+}
+DEFAULT = "early_final_e10"
+#: per-case calibration variants, chosen by held-out MAE over random halves of the calibration (test) split
+VARIANTS: dict[str, dict[str, Any]] = {
+    f"{kind}{'+confidence' if conf else ''}{'+' + extra if extra else ''}": {
+        "kind": kind,
+        "confidence": conf,
+        "extra": extra,
+    }
+    for kind in ("isotonic", "linear")
+    for conf in (False, True)
+    for extra in (None, "synthetic", "shifted")
+    if not (conf and extra == "synthetic")
+}
+MIN_COVERAGE = 0.85  # a calibration variant must keep 90% intervals at >= 85% held-out coverage to be chosen
+MIN_BAD = 5  # with fewer calibration cases below the cut, the map needs synthetic or shifted pairs to reach bad cases
+
+
+def extras_for(ctx: dict[str, Any], which: str) -> list[torch.Tensor]:
+    tr = ctx["sets"]["train"]
+    return {"none": [], "early": ctx["early"], "early+final": [*ctx["early"], tr["pred"]]}[which]
+
+
+def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]:
+    """Model, its early checkpoints' reference predictions, and every split's images/masks/predictions."""
+    from spe_lightning.models import SegmentationModel
+
+    root = SHARED / dataset
+    out = workdir / dataset
+    ckpt = train(root, epochs, seed, out)
+    model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    sets: dict[str, Any] = {}
+    names = {"train": (root, "train"), "test": (root, "test"), "extra_test": (root, "extra_test")}
+    if dataset == "jsrt":
+        names["covid_cxr"] = (SHARED / "covid_cxr", "extra_test")
+    for name, (r, split) in names.items():
+        img, m, ids = load(r, split)
+        pred, conf = predict(model, img)
+        sets[name] = {"images": img, "gray": gray(img), "truth": m, "ids": ids, "pred": pred, "conf": conf}
+        sets[name]["real"] = dice(pred, m)
+    early = []
+    for e in EARLY:
+        path = out / f"early_e{e}.pt"
+        if path.exists():
+            net = SegmentationModel(**model.hparams)
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            early.append(predict(net.eval(), sets["train"]["images"])[0])
+    return {"model": model, "sets": sets, "early": early, "root": root}
+
+
+def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Fit each candidate setting on train; score the model's test predictions (Spearman, AUROC)."""
+    from spe_lightning.engine.percase import auroc, spearman
+
+    tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
+    res = {}
+    for name, st in CANDIDATE_SETTINGS.items():
+        st = dict(st)
+        reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+        raw = reg.predict(te["gray"], te["pred"]).numpy()
+        res[name] = {
+            "spearman": spearman(raw, te["real"]),
+            "auroc": auroc(-raw, te["real"] < 0.7),
+            "fit_seconds": reg.history["seconds"],
+        }
+        print(name, {k: None if v is None else round(v, 3) for k, v in res[name].items()}, flush=True)
+    return res
+
+
+def _calibrate(reg: Any, variant: str, t: dict[str, Any], pos: np.ndarray, seed: int) -> dict[str, Any]:
+    """Calibrate ``variant`` on the calibration cases at ``pos`` (and their synthetic/shifted pairs)."""
+    from spe_lightning.engine.quality import calibrate_quality, synthetic_pairs
+
+    v = VARIANTS[variant]
+    pairs = None
+    if v["extra"] == "synthetic":
+        pairs = synthetic_pairs(reg, t["gray"][pos], t["truth"][pos], seed=seed)
+    elif v["extra"] == "shifted":
+        pairs = tuple(t[f"shift_{k}"][:, pos].ravel() for k in ("raw", "real", "conf"))
+    conf = t["conf"].numpy()[pos] if v["confidence"] else None
+    return calibrate_quality(t["raw"][pos], t["real"][pos], v["kind"], confidence=conf, extra_pairs=pairs)
+
+
+def shifted_pairs(ctx: dict[str, Any], reg: Any, t: dict[str, Any], seed: int) -> None:
+    """The model's predictions on every synthetic shift of the calibration images: raw, real Dice, confidence."""
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
+
+    out: dict[str, list[np.ndarray]] = {"raw": [], "real": [], "conf": []}
+    for fam in SHIFT_FAMILIES:
+        for sev in (1, 2, 3):
+            imgs = torch.stack(
+                [apply_shift(x, fam, sev, seed=seed * 100_000 + 50_000 + i) for i, x in enumerate(t["images"])]
+            )
+            pred, conf = predict(ctx["model"], imgs)
+            out["raw"].append(reg.predict(gray(imgs), pred).numpy())
+            out["real"].append(dice(pred, t["truth"]))
+            out["conf"].append(conf.numpy())
+    for k, v in out.items():
+        t[f"shift_{k}"] = np.stack(v)  # [families x severities, N]
+
+
+def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10) -> dict[str, Any]:
+    """Held-out errors of every calibration variant over random halves of the calibration set.
+
+    Each variant is calibrated on one half (its cases, and its synthetic or shifted pairs) and scored on
+    the other half's cases *and their shifted copies* (development data only): MAE and interval coverage
+    over both, Spearman and AUROC over the unshifted cases.
+    """
+    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.engine.quality import quality_estimates
+
+    rng = np.random.default_rng(seed)
+    n = len(t["real"])
+    rows: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        a, b = perm[: n // 2], perm[n // 2 :]
+        raw_b = np.concatenate([t["raw"][b], t["shift_raw"][:, b].ravel()])
+        conf_b = np.concatenate([t["conf"].numpy()[b], t["shift_conf"][:, b].ravel()])
+        real_b = np.concatenate([t["real"][b], t["shift_real"][:, b].ravel()])
+        for v in VARIANTS:
+            cal = _calibrate(reg, v, t, a, seed)
+            q = quality_estimates(cal, raw_b, conf_b if VARIANTS[v]["confidence"] else None)
+            clean = slice(0, len(b))
+            sp = spearman(q["score"][clean], real_b[clean])
+            au = auroc(-q["score"][clean], real_b[clean] < 0.7)
+            rows[v].append(
+                [
+                    float(np.mean(np.abs(q["estimate"] - real_b))),
+                    float(np.mean((real_b >= q["lower"]) & (real_b <= q["upper"]))),
+                    np.nan if sp is None else sp,
+                    np.nan if au is None else au,
+                ]
+            )
+    out = {}
+    for v, r in rows.items():
+        arr = np.array(r, dtype=float)
+        m = [float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for col in arr.T]
+        out[v] = {
+            k: (float(x) if np.isfinite(x) else None) for k, x in zip(("mae", "coverage", "spearman", "auroc"), m)
+        }
+    return out
+
+
+def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) -> dict[str, Any]:
+    from spe_lightning.engine.percase import calibrate_flags
+    from spe_lightning.engine.quality import calibrate_quality, quality_estimates
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
+
+    sets = ctx["sets"]
+    tr, te = sets["train"], sets["test"]
+    st = dict(CANDIDATE_SETTINGS[setting])
+    reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+    print(f"regressor fitted in {reg.history['seconds']:.0f}s on {reg.history['n_candidates']} candidates", flush=True)
+    te["raw"] = reg.predict(te["gray"], te["pred"]).numpy()
+    shifted_pairs(ctx, reg, te, seed)
+    n_bad = int((te["real"] < 0.7).sum())
+    allowed = [v for v in VARIANTS if VARIANTS[v]["extra"] or n_bad >= MIN_BAD]
+    dev = choose_calibration(reg, te, seed)
+
+    def best(names: list[str]) -> str:
+        """Lowest held-out MAE among variants whose held-out coverage reaches MIN_COVERAGE (else best coverage)."""
+        ok = [v for v in names if (dev[v]["coverage"] or 0.0) >= MIN_COVERAGE]
+        return min(ok, key=lambda v: dev[v]["mae"]) if ok else max(names, key=lambda v: dev[v]["coverage"] or 0.0)
+
+    pick = {
+        "regressor": best([v for v in allowed if not VARIANTS[v]["confidence"]]),
+        "regressor+confidence": best([v for v in allowed if VARIANTS[v]["confidence"]]),
+    }
+    pick["selected"] = best(list(pick.values()))
+    print("development choice:", pick, flush=True)
+    all_pos = np.arange(len(te["real"]))
+    cals = {row: _calibrate(reg, v, te, all_pos, seed) for row, v in pick.items() if v}
+    cal_conf = calibrate_quality(te["conf"].numpy(), te["real"])
+    start = time.perf_counter()
+    rca_cal = rca_scores(tr["gray"], tr["truth"], te["gray"], te["pred"], None)
+    flags = calibrate_flags(rca_cal.score.numpy(), te["real"], rca_cal.empty.numpy())
+    rca_s = rca_cal.score.numpy().copy()
+    if flags["empty_score"] is not None:
+        rca_s[rca_cal.empty.numpy()] = flags["empty_score"]
+    cal_rca = calibrate_quality(rca_s, te["real"])
+    rca_seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "setting": setting,
+        "settings": reg.settings.to_dict(),
+        "fit": reg.history,
+        "development": {"calibration_variants": dev, "picked": pick, "n_calibration_below_0.7": n_bad},
+        "calibration": {**cals, "confidence": cal_conf, "rca": cal_rca},
+        "rca_seconds_calibration": rca_seconds,
+        "targets": {},
+    }
+    calib_score = float(np.mean(te["real"]))  # the calibration-score baseline of the dataset level
+    for name in [n for n in sets if n not in ("train", "test")]:
+        t = sets[name]
+        start = time.perf_counter()
+        raw = reg.predict(t["gray"], t["pred"]).numpy()
+        reg_seconds = time.perf_counter() - start
+        conf = t["conf"].numpy()
+        rs = rca_scores(tr["gray"], tr["truth"], t["gray"], t["pred"], flags["empty_score"]).score.numpy()
+        row: dict[str, Any] = {
+            "n_cases": len(t["real"]),
+            "n_below_0.7": int((t["real"] < 0.7).sum()),
+            "mean_real_dice": float(np.mean(t["real"])),
+            "regressor_seconds": reg_seconds,
+        }
+        for key, cal in cals.items():
+            row[key] = per_case_stats(raw, t["real"], cal, conf if cal.get("weights") else None)
+        row["confidence"] = per_case_stats(conf, t["real"], cal_conf)
+        row["rca"] = per_case_stats(rs, t["real"], cal_rca)
+        row.update(ids=t["ids"], real_dice=[float(v) for v in t["real"]], regressor_raw=[float(v) for v in raw])
+        result["targets"][name] = row
+    if shifts:
+        base = sets["extra_test"]
+        rows = {}
+        for fam in SHIFT_FAMILIES:
+            for sev in (1, 2, 3):
+                imgs = torch.stack(
+                    [apply_shift(x, fam, sev, seed=seed * 100_000 + i) for i, x in enumerate(base["images"])]
+                )
+                pred, conf = predict(ctx["model"], imgs)
+                raw = reg.predict(gray(imgs), pred).numpy()
+                r = {"real": float(dice(pred, base["truth"]).mean()), "calibration_score": calib_score}
+                for key, cal in cals.items():
+                    r[key] = float(
+                        quality_estimates(cal, raw, conf.numpy() if cal.get("weights") else None)["estimate"].mean()
+                    )
+                r["confidence"] = float(quality_estimates(cal_conf, conf.numpy())["estimate"].mean())
+                rows[f"{fam}_{sev}"] = r
+        methods = [*cals, "confidence", "calibration_score"]
+        fams = {
+            fam: {
+                m: float(np.mean([abs(rows[f"{fam}_{s}"][m] - rows[f"{fam}_{s}"]["real"]) for s in (1, 2, 3)]))
+                for m in methods
+            }
+            for fam in SHIFT_FAMILIES
+        }
+        result["shift"] = {"sets": rows, "mae_by_family": fams}
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=("busi", "jsrt"), default="busi")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/wt17_cache")
+    p.add_argument("--setting", default=DEFAULT, choices=tuple(CANDIDATE_SETTINGS))
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--print", dest="show", action="store_true", help="print the tables of the saved result")
+    p.add_argument("--no-shifts", action="store_true")
+    p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
+    a = p.parse_args()
+    if a.show:
+        print_tables(
+            json.loads((Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}.json").read_text())
+        )
+        return
+    torch.set_num_threads(a.threads)
+    ctx = setup(a.dataset, Path(a.workdir), a.epochs, a.seed)
+    results = Path(__file__).resolve().parent / "results"
+    load_avg = os.getloadavg()
+    if a.tune:
+        res = {"tune": tune(ctx, a.seed), "dataset": a.dataset, "load_before": load_avg, "threads": a.threads}
+        (results / f"percase_quality_{a.dataset}_tune.json").write_text(json.dumps(res, indent=2))
+        return
+    res = evaluate(ctx, a.setting, a.seed, shifts=not a.no_shifts)
+    res.update(dataset=a.dataset, epochs=a.epochs, seed=a.seed, threads=a.threads, load_before=load_avg)
+    res["load_after"] = os.getloadavg()
+    out = results / f"percase_quality_{a.dataset}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print_tables(res)
+    print(f"-> {out}")
+    print(f"development choice: {res['development']['picked']}; regressor fit {res['fit']['seconds']:.0f}s")
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, t in res["targets"].items():
+        print(
+            f"\n{res['dataset']} -> {name}: {t['n_cases']} cases ({t['n_below_0.7']} below 0.7), "
+            f"mean Dice {t['mean_real_dice']:.3f}"
+        )
+        print("| score | Spearman | AUROC (Dice<0.7) | MAE | 90% coverage | width | sens | spec | mean est |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for s in [k for k in ("regressor", "regressor+confidence", "confidence", "rca") if k in t]:
+            r = t[s]
+            print(
+                f"| {s} | {f(r['spearman'])} | {f(r['auroc'])} | {f(r.get('mae'))} | {f(r.get('coverage'))} | "
+                f"{f(r.get('interval_width'))} | {f(r.get('sensitivity'))} | {f(r.get('specificity'))} | "
+                f"{f(r.get('mean_estimate'))} |"
+            )
+    if "shift" in res:
+        print("\nshifted extra_test, dataset-level |mean estimate - real mean Dice| (mean over severities 1-3)")
+        methods = [m for m in next(iter(res["shift"]["mae_by_family"].values())) if m != "selected"]
+        print("| family | " + " | ".join(methods) + " |\n" + "|---" * (len(methods) + 1) + "|")
+        for fam, r in res["shift"]["mae_by_family"].items():
+            print(f"| {fam} | " + " | ".join(f"{r[m]:.3f}" for m in methods) + " |")
+
+
+if __name__ == "__main__":
+    main()
