@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spe_lightning.engine.mapping import Mapping
+from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.mask_errors import ERROR_KINDS, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
 
@@ -345,7 +345,7 @@ def calibrate_quality(
 ) -> dict[str, Any]:
     """Map raw regressor outputs to per-case Dice on a labelled calibration set (plain numbers, safe to save).
 
-    ``mapping``: G score -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`Mapping.to_dict`),
+    ``mapping``: G score -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`MetricMapping.to_dict`),
     where the score is the raw output, or, with the model's per-case ``confidence``, ``weights[0] * raw +
     weights[1] * confidence`` (least-squares weights). ``extra_pairs`` (raw, Dice) or (raw, Dice, confidence),
     e.g. :func:`synthetic_pairs` or the model's predictions on shifted copies of the calibration images,
@@ -388,7 +388,7 @@ def calibrate_quality(
     n = score.size
     fit_x = np.concatenate([score, _combine(ex, ec if c is not None else None, weights)])
     fit_y = np.concatenate([y, ey])
-    g = Mapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
+    g = MetricMapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
     all_resid = np.asarray(g.residuals)
     resid = all_resid[:n]  # leave-one-out residuals of the real calibration cases
     g.residuals = [float(r) for r in resid]
@@ -432,7 +432,7 @@ def quality_estimates(
     x = np.asarray(predicted, dtype=float).reshape(-1)
     c = None if confidence is None else np.asarray(confidence, dtype=float).reshape(-1)
     score = _combine(x, c, calibration.get("weights"))
-    g = Mapping.from_dict(calibration["mapping"])
+    g = MetricMapping.from_dict(calibration["mapping"])
     est = g.predict(score)
     q = np.full(est.shape, float(calibration["half_width"]))
     if calibration.get("bins"):
