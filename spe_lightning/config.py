@@ -107,6 +107,7 @@ class SPEConfig:
     batch_size: int = 16
     verbose: bool = True
     strict: bool = False
+    quality_regressor: bool = False
     alert_below: dict[str, float] | None = field(default=None, hash=False)
     alert_above: dict[str, float] | None = field(default=None, hash=False)
     alert_on: str = "estimate"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -37,11 +38,19 @@ from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.percase import CaseScores, calibrate_cases, case_rows, case_scores, per_case_dice
+from spe_lightning.engine.percase import (
+    CaseScores,
+    calibrate_cases,
+    case_rows,
+    case_scores,
+    per_case_dice,
+    regressor_case_rows,
+)
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.engine.quality import QualityRegressor, QualitySettings, calibrate_quality, quality_estimates
 from spe_lightning.engine.records import CALIBRATION
-from spe_lightning.engine.shifts import subset
+from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
 if TYPE_CHECKING:
@@ -167,6 +176,10 @@ class SPEEstimator:
         self.reference_indices = [int(i) for i in reference_indices]
         self.mappings = {k: dict((mappings or {}).get(k, {"error": "no mapping stored"})) for k in self.keys}
         self.cases = cases
+        #: the per-case quality regressor (:mod:`spe_lightning.engine.quality`): ``{"regressor": state tensors,
+        #: "calibration": plain numbers}``; None: per-case scores come from RCA
+        self.quality: dict[str, Any] | None = None
+        self._regressor: QualityRegressor | None = None
         self.anchor = anchor if self.config.anchored else None
         self.info = dict(info or {})
         self.reference_images: Tensor | None = None
@@ -337,6 +350,7 @@ class SPEEstimator:
             "mappings": self.mappings,
             "reference": ref,
             "cases": self.cases,
+            "quality": self.quality,
             "anchor": self.anchor,
             "info": self.info,
         }
@@ -378,7 +392,7 @@ class SPEEstimator:
         if version == 1:
             config = _config_from_v1(config, state["metrics"], anchored=state.get("anchor") is not None)
         ref = state["reference"]
-        return cls(
+        est = cls(
             config,
             state["segmenter"],
             state["mappings"],
@@ -389,6 +403,8 @@ class SPEEstimator:
             anchor=state.get("anchor"),
             info=state.get("info"),
         )
+        est.quality = state.get("quality")
+        return est
 
     @classmethod
     def load(cls, path: str | Path, max_mb: float = 80.0, allow_download: bool = False) -> SPEEstimator:
@@ -472,6 +488,70 @@ class SPEEstimator:
         scores = self._scores(data, masks, k, top, None, device)
         self.cases = calibrate_cases(scores, per_case_dice(masks, data.masks), k, top, dice_cut)
         return self.cases
+
+    def fit_quality(
+        self,
+        model: nn.Module,
+        reference: Any,
+        calibration: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        settings: QualitySettings | None = None,
+        extra_candidates: Sequence[Tensor] = (),
+    ) -> dict[str, Any]:
+        """Fit the per-case quality regressor on the labelled ``reference`` set and calibrate it on ``calibration``.
+
+        The regressor learns Dice from the references' true masks damaged in the ways models err
+        (:mod:`spe_lightning.engine.mask_errors`) and from ``model``'s own masks of the references (plus
+        ``extra_candidates``, e.g. masks from earlier checkpoints, working size). Calibration maps its output
+        to per-case Dice with intervals on the model's calibration predictions: combined with the model's
+        confidence when the calibration set has at least 5 cases below Dice 0.7, else with the model's
+        predictions on shifted copies of the calibration images as extra pairs. 2D binary only.
+        """
+        ref = self._cache("reference", reference, "image", "label")
+        data = self._cache("calibration", calibration, "image", "label")
+        if ref.masks is None or data.masks is None:
+            raise ValueError("SPEEstimator.fit_quality: the reference and calibration sets need masks.")
+        self._check_2d(ref)
+        self._check_2d(data)
+        device = self._device(model, device)
+        size = tuple(ref.gray.shape[-2:])
+
+        def working(masks: Sequence[Tensor]) -> Tensor:
+            return torch.cat([resize_masks((m > 0)[None], size) for m in masks])
+
+        ref_pred, _ = self._predict(model, ref, device, logits_fn)
+        regressor = QualityRegressor(settings, device=device).fit(
+            ref.gray,
+            working(ref.masks),
+            extra_candidates=[working(ref_pred), *extra_candidates],
+            seed=self.config.seed,
+        )
+        masks, conf = self._predict(model, data, device, logits_fn)
+        raw = regressor.predict(data.gray, working(masks)).numpy()
+        real = per_case_dice(masks, data.masks)
+        level = self.config.level
+        if int((real < 0.7).sum()) >= 5:
+            qcal = calibrate_quality(raw, real, kind="linear", level=level, confidence=conf.numpy())
+        else:  # too few bad calibration cases: the model's predictions on shifted copies join the fit
+            xs, ys = [], []
+            for i, family in enumerate(SHIFT_FAMILIES):
+                shifted = shift_set(data, family, 2, seed=self.config.seed * 7919 + 97 * i)
+                s_masks, _ = self._predict(model, shifted, device, logits_fn)
+                xs.append(regressor.predict(shifted.gray, working(s_masks)).numpy())
+                ys.append(per_case_dice(s_masks, shifted.masks))
+            qcal = calibrate_quality(
+                raw, real, kind="isotonic", level=level, extra_pairs=(np.concatenate(xs), np.concatenate(ys))
+            )
+        self.quality = {"regressor": regressor.state_tensors(), "calibration": qcal}
+        self._regressor = regressor
+        return qcal
+
+    def _quality_regressor(self, device: torch.device) -> QualityRegressor:
+        if self._regressor is None:
+            assert self.quality is not None
+            self._regressor = QualityRegressor.from_state(self.quality["regressor"], device=device)
+        return self._regressor
 
     def _scores(
         self,
@@ -699,11 +779,20 @@ class SPEEstimator:
         device: torch.device,
         progress: Callable[[int], Any] | None,
     ) -> tuple[list[dict[str, Any]], float | None]:
+        real = per_case_dice(masks, data.masks) if data.masks is not None else None
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
+        if self.quality is not None:  # the regressor: one forward per case, calibrated estimates
+            qcal = self.quality["calibration"]
+            size = tuple(data.gray.shape[-2:])
+            wmasks = torch.cat([resize_masks((m > 0)[None], size) for m in masks])
+            raw = self._quality_regressor(device).predict(data.gray, wmasks).numpy()
+            est = quality_estimates(qcal, raw, conf.numpy() if qcal.get("weights") else None)
+            if progress is not None:
+                progress(len(ids))
+            return regressor_case_rows(est, masks, conf, ids, real), float(qcal["threshold"])
         cal = self.cases or {}
         k, top = int(cal.get("k", 16)), int(cal.get("top", 1))
         scores = self._scores(data, masks, k, top, cal.get("empty_score"), device, progress)
-        real = per_case_dice(masks, data.masks) if data.masks is not None else None
-        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
         rows = case_rows(scores, self.cases, masks, conf, ids, real, self.config.level)
         return rows, cal.get("threshold")
 
@@ -711,7 +800,7 @@ class SPEEstimator:
         n = 0 if self.reference_images is None else self.reference_images.shape[0]
         return (
             f"SPEEstimator(segmenter={self.segmenter_spec.get('name')!r}, metrics={self.metrics}, references={n}, "
-            f"per_case={'calibrated' if self.cases else 'uncalibrated'})"
+            f"per_case={'regressor' if self.quality else 'calibrated' if self.cases else 'uncalibrated'})"
         )
 
 

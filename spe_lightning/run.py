@@ -103,6 +103,8 @@ class SPERun:
         self.records: list[dict[str, Any]] = []
         self.pairs: list[dict[str, Any]] = []
         self.pairs_seconds = 0.0
+        self.quality_seconds = 0.0
+        self._reference_dataset: Dataset | None = None
         self.report: dict[str, Any] | None = None
         #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
         self.alerts: list[dict[str, Any]] = []
@@ -182,6 +184,7 @@ class SPERun:
                 "(check foreground_class/classes)."
             )
         self._sets, self._targets = sets, list(target)
+        self._reference_dataset = reference  # for the per-case quality regressor at fit end (no copy)
         self.segmenter, self.engine = segmenter, engine
 
     def describe(self) -> str:
@@ -385,7 +388,7 @@ class SPERun:
     @property
     def seconds(self) -> float:
         """SPE's own time so far: every evaluation and the calibration pairs."""
-        return sum(float(r.get("seconds", 0.0)) for r in self.records) + self.pairs_seconds
+        return sum(float(r.get("seconds", 0.0)) for r in self.records) + self.pairs_seconds + self.quality_seconds
 
     def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
         """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
@@ -400,7 +403,14 @@ class SPERun:
 
         def estimator() -> Path:
             module = None if self.volumetric else model
-            return SPEEstimator.from_run(self, module).save(out / "spe_estimator.pt")
+            est = SPEEstimator.from_run(self, module)
+            if self.config.quality_regressor and module is not None and not self.config.classes:
+                start = time.perf_counter()
+                est.fit_quality(module, self._reference_dataset, self._sets[CALIBRATION], logits_fn=self.logits_fn)
+                self.quality_seconds = time.perf_counter() - start
+                report["quality"] = {k: v for k, v in est.quality["calibration"].items() if k != "mapping"}
+                write_json(report, out / "spe_report.json")
+            return est.save(out / "spe_estimator.pt")
 
         path = self._guarded("saving spe_estimator.pt failed", estimator) if report.get("reason") is None else None
         if path is not None:

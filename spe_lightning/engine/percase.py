@@ -51,6 +51,7 @@ __all__ = [
     "case_scores",
     "per_case_dice",
     "reference_neighbours",
+    "regressor_case_rows",
     "shift",
     "spearman",
 ]
@@ -320,6 +321,35 @@ def case_rows(
                 estimated_dice_lower=finite_or_none(lo[0]),
                 estimated_dice_upper=finite_or_none(hi[0]),
             )
+        if real_dice is not None:
+            row["real_dice"] = finite_or_none(real_dice[i])
+        rows.append(row)
+    return rows
+
+
+def regressor_case_rows(
+    estimates: dict[str, np.ndarray],
+    masks: Sequence[Tensor],
+    confidence: Tensor,
+    ids: Sequence[str],
+    real_dice: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """One row per case from the quality regressor's calibrated estimates
+    (:func:`~spe_lightning.engine.quality.quality_estimates`): the same columns as :func:`case_rows`."""
+    rows = []
+    for i in range(len(ids)):
+        row: dict[str, Any] = {
+            "id": str(ids[i]),
+            "quality": finite_or_none(estimates["score"][i]),
+            "estimated_dice": finite_or_none(estimates["estimate"][i]),
+            "estimated_dice_lower": finite_or_none(estimates["lower"][i]),
+            "estimated_dice_upper": finite_or_none(estimates["upper"][i]),
+            "flagged": bool(estimates["flagged"][i]),
+            "empty_prediction": not bool(masks[i].any()),
+            "foreground_pixels": int(masks[i].sum()),
+            "confidence": finite_or_none(confidence[i]),
+            "best_reference": -1,
+        }
         if real_dice is not None:
             row["real_dice"] = finite_or_none(real_dice[i])
         rows.append(row)
