@@ -9,9 +9,18 @@ Dice per level, then Pearson r, the slope of pseudo vs support Dice over all dra
 resolution (residual std / slope: the smallest support-Dice difference it resolves) and the
 seconds per call (all queries x 64 supports, 128 x 128, this machine).
 
+Segmenters that learn (``fit``) are fitted once per dataset on the query (training) images and
+their true masks, timed; segmenters with ``score`` give the pseudo Dice per query directly (else
+it is the Dice of ``__call__``'s probabilities > 0.5). Variants that differ only in evaluation
+settings (``EVAL_ONLY``) share one fit. The appearance test shifts only the support images
+(noise, gamma, blur, low resolution, contrast) at true masks and reports the change of the pseudo
+Dice. Fit and call times are also given as ratios to ``label_fusion``'s call time in the same run.
+
     python benchmarks/reverse_sensitivity.py --datasets jsrt busi --segmenters label_fusion knn_pixel
     python benchmarks/reverse_sensitivity.py --quick                       # 4 levels, 1 draw
     python benchmarks/reverse_sensitivity.py --segmenters "label_fusion:k=4,h_scale=0.5"
+    python benchmarks/reverse_sensitivity.py --threads 2 --segmenters label_fusion learned_propagation \
+        learned_propagation:direction=forward --out benchmarks/results/reverse_sensitivity_learned
 
 Data are read from ``../shared/datasets`` relative to the repository root.
 """
@@ -21,6 +30,8 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import json
+import os
 import sys
 import time
 import types
@@ -38,7 +49,35 @@ from _degrade import degrade_set  # noqa: E402
 
 LEVELS = (1.0, 0.92, 0.85, 0.77, 0.69, 0.6, 0.5)
 QUICK_LEVELS = (1.0, 0.85, 0.7, 0.5)
-WEIGHT_FREE_MODULES = ("label_fusion", "pixel_knn", "ensemble")
+WEIGHT_FREE_MODULES = ("label_fusion", "pixel_knn", "ensemble", "learned")
+#: settings that change only the evaluation, not the fitted weights (variants share one fit)
+EVAL_ONLY = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
+#: support-image appearance shifts (masks untouched): name -> function of (images [N,1,H,W], generator)
+APPEARANCE_SHIFTS = ("noise", "gamma", "blur", "lowres", "contrast")
+
+
+def shift_appearance(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+    """Shift the appearance of images ``[N,1,H,W]`` in [0, 1] (fixed strengths)."""
+    import torch.nn.functional as F
+
+    if kind == "noise":
+        g = torch.Generator().manual_seed(seed)
+        return (x + 0.08 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    if kind == "gamma":
+        return x.clamp(0, 1) ** 1.8
+    if kind == "blur":
+        t = torch.arange(-4, 5, dtype=torch.float32)
+        k = torch.exp(-(t**2) / (2 * 1.5**2))
+        k = k / k.sum()
+        y = F.conv2d(F.pad(x, (4, 4, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(y, (0, 0, 4, 4), mode="replicate"), k.view(1, 1, -1, 1))
+    if kind == "lowres":
+        small = F.interpolate(x, scale_factor=0.375, mode="area")
+        return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    if kind == "contrast":
+        m = x.mean((1, 2, 3), keepdim=True)
+        return (m + 0.5 * (x - m)).clamp(0, 1)
+    raise ValueError(f"Unknown appearance shift {kind!r}; choose from {APPEARANCE_SHIFTS}.")
 
 
 def import_reverse():
@@ -133,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--quick", action="store_true", help="4 levels, 1 draw")
+    ap.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md (the summary)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,14 +193,35 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(1 if lev >= 0.999 else repeats):
                 deg, d = degrade_set(sm, lev, rng)
                 draws.append((lev, float(d.mean()), torch.from_numpy(deg)[:, None].float()))
+        fitted: dict[str, tuple[dict, float]] = {}  # fit key -> (state, seconds)
+        lf_call = None
         for label in segs:
             seg = base.segmenter_from_text(label)
+            fit_s = 0.0
+            if getattr(seg, "needs_fit", False):
+                key = json.dumps({k: v for k, v in seg.spec().items() if k not in EVAL_ONLY}, sort_keys=True)
+                if key not in fitted:
+                    t0 = time.perf_counter()
+                    seg.fit(q_img, q_msk.float())
+                    fitted[key] = (seg.state_tensors(), time.perf_counter() - t0)
+                else:
+                    seg.load_state_tensors(fitted[key][0])
+                fit_s = fitted[key][1]
+
+            def pseudo_of(images: torch.Tensor, lab: torch.Tensor, seg=seg, q_img=q_img, q_msk=q_msk) -> float:
+                if getattr(seg, "supports_scoring", False):
+                    return float(seg.score(q_img, q_msk.float(), images, lab).mean())
+                return float(dice_per_image(seg(q_img, images, lab) > 0.5, q_msk).mean())
+
             pseudo, secs = [], []
             for _lev, _sd, lab in draws:
                 t0 = time.perf_counter()
-                probs = seg(q_img, s_img, lab)
+                pseudo.append(pseudo_of(s_img, lab))
                 secs.append(time.perf_counter() - t0)
-                pseudo.append(float(dice_per_image(probs > 0.5, q_msk).mean()))
+            true_lab = draws[0][2]
+            shifts = {
+                k: pseudo_of(shift_appearance(s_img, k, args.seed), true_lab) - pseudo[0] for k in APPEARANCE_SHIFTS
+            }
             x = np.array([d[1] for d in draws])
             y = np.array(pseudo)
             st = fit(x, y)
@@ -169,12 +230,73 @@ def main(argv: list[str] | None = None) -> None:
             for lev in levels:
                 sel = [i for i, d in enumerate(draws) if d[0] == lev]
                 print(f"| {lev:.2f} | {x[sel].mean():.3f} | {y[sel].mean():.3f} +- {y[sel].std():.3f} |")
-            summary.append((ds, label, st, float(np.median(secs)), y[0]))
-    print("\n## Summary (pseudo Dice vs support Dice over all draws)\n")
-    print("| dataset | segmenter | r | slope | resolution | s/call | true-mask Dice |")
-    print("|---|---|---|---|---|---|---|")
-    for ds, label, st, sec, d0 in summary:
-        print(f"| {ds} | {label} | {st['r']:.3f} | {st['slope']:.3f} | {st['resolution']:.4f} | {sec:.2f} | {d0:.3f} |")
+            print(
+                "appearance shifts of the support images at true masks (pseudo Dice change): "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in shifts.items())
+            )
+            call = float(np.median(secs))
+            if label == "label_fusion":
+                lf_call = call
+            summary.append(
+                {
+                    "dataset": ds,
+                    "segmenter": label,
+                    **st,
+                    "call_s": call,
+                    "fit_s": fit_s,
+                    "true_mask_dice": float(y[0]),
+                    "shifts": shifts,
+                    "max_abs_shift": max(abs(v) for v in shifts.values()),
+                    "levels": [{"level": d[0], "support_dice": d[1], "pseudo": p} for d, p in zip(draws, pseudo)],
+                }
+            )
+        for row in summary:
+            if row["dataset"] == ds:
+                row["label_fusion_call_s"] = lf_call
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    lines = [
+        "## Summary (pseudo Dice vs support Dice over all draws)",
+        "",
+        f"torch threads {torch.get_num_threads()}, load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        "ratios are to label_fusion's call time in this run.",
+        "",
+        "| dataset | segmenter | r | slope | resolution | true-mask Dice | max appearance shift | s/call | "
+        "call / LF call | fit s | fit / LF call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        lf = row.get("label_fusion_call_s")
+
+        def ratio(v: float, lf: float | None = lf) -> str:
+            return f"{v / lf:.2f}" if lf else "-"
+
+        lines.append(
+            f"| {row['dataset']} | {row['segmenter']} | {row['r']:.3f} | {row['slope']:.3f} | "
+            f"{row['resolution']:.4f} | {row['true_mask_dice']:.3f} | {row['max_abs_shift']:.3f} | "
+            f"{row['call_s']:.2f} | {ratio(row['call_s'])} | "
+            f"{row['fit_s']:.1f} | {ratio(row['fit_s']) if row['fit_s'] else '-'} |"
+        )
+    lines += [
+        "",
+        "Appearance shifts (pseudo Dice change at true masks, support images only):",
+        "",
+        "| dataset | segmenter | " + " | ".join(APPEARANCE_SHIFTS) + " |",
+        "|---|---|" + "---|" * len(APPEARANCE_SHIFTS),
+    ]
+    for row in summary:
+        lines.append(
+            f"| {row['dataset']} | {row['segmenter']} | "
+            + " | ".join(f"{row['shifts'][k]:+.3f}" for k in APPEARANCE_SHIFTS)
+            + " |"
+        )
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"argv": sys.argv[1:] if argv is None else argv, "threads": torch.get_num_threads(), "load": list(load)}
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1))
+        args.out.with_suffix(".md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

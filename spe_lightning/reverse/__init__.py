@@ -14,6 +14,7 @@ from spe_lightning.reverse.base import (
 # Weight-free segmenters (each module registers itself on import).
 from spe_lightning.reverse.ensemble import EnsembleSegmenter  # noqa: E402
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter  # noqa: E402  (keep after base)
+from spe_lightning.reverse.learned import LearnedPropagationSegmenter  # noqa: E402
 from spe_lightning.reverse.pixel_classifiers import PixelKNNSegmenter, PixelRidgeSegmenter  # noqa: E402
 from spe_lightning.reverse.universeg import UniverSeg, UniverSegSegmenter
 
@@ -21,6 +22,7 @@ __all__ = [
     "CallableSegmenter",
     "EnsembleSegmenter",
     "LabelFusionSegmenter",
+    "LearnedPropagationSegmenter",
     "PixelKNNSegmenter",
     "PixelRidgeSegmenter",
     "ReverseSegmenter",

@@ -77,11 +77,38 @@ class ReverseSegmenter(ABC):
 
     #: short name used in reports and by :func:`make_segmenter`
     name: str = "custom"
+    #: True when the segmenter must be fitted on the labelled references (:meth:`fit`) before use
+    needs_fit: bool = False
+    #: True when the segmenter implements ``score(query_images, query_labels, support_images,
+    #: support_labels) -> Tensor[Q]``: the pseudo Dice per query, computed per support (no fused map);
+    #: SPE then uses it for the pseudo metrics instead of thresholding ``__call__``'s probabilities
+    supports_scoring: bool = False
 
     def __init__(self, chunk_size: int = 32) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
         self.chunk_size = chunk_size
+
+    def fit(self, images: Tensor, labels: Tensor) -> None:
+        """Learn from labelled references ``[N,1,H,W]`` (images in [0, 1], binary labels).
+
+        SPE calls it once, with its reference set, before the first evaluation (benchmark harnesses
+        call it with their query set). The default does nothing: weight-free segmenters need no fit.
+        """
+        return None
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the segmenter is ready to segment (always True unless ``needs_fit``)."""
+        return not self.needs_fit
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Fitted weights as plain tensors (loadable with ``torch.load(weights_only=True)``); default empty."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (default: nothing to restore)."""
+        return None
 
     def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
         """Pre-compute whatever depends on the support set only (default: keep it as is)."""

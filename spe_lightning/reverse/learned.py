@@ -1,0 +1,418 @@
+"""Learned label propagation: a reverse segmenter that learns the task from the labelled references.
+
+:meth:`LearnedPropagationSegmenter.fit` trains a small CNN encoder episodically on the references
+(one support image, one query image per episode) so that soft attention from every query pixel to
+the pixels of the support image reproduces the query's label from the support's label. Images are
+rank-normalised and augmented in appearance (noise, gamma, blur, contrast, low resolution) during
+fitting, so the features follow anatomy rather than appearance. At evaluation the encoder is frozen
+and every query is segmented from **each support separately** (no fusion across supports before
+scoring): a support mask's errors are copied into that pair's prediction instead of being averaged
+away by the other supports. :meth:`~LearnedPropagationSegmenter.score` returns the pseudo Dice per
+query (mean over supports of the pair's soft Dice); ``__call__`` returns the mean of the per-support
+probabilities, for callers that want one fused map.
+
+Plain PyTorch, CPU or CUDA; deterministic for a given ``seed`` on one device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spe_lightning.reverse.base import ReverseSegmenter, _check_inputs, register_segmenter
+from spe_lightning.reverse.label_fusion import rank_normalise
+
+__all__ = ["DIRECTIONS", "LearnedPropagationSegmenter", "PropagationEncoder", "augment_appearance"]
+
+#: what :meth:`LearnedPropagationSegmenter.score` compares: ``"reverse"`` (support labels propagated to
+#: the query vs the query's labels), ``"forward"`` (query labels propagated to the support vs the
+#: support's labels) or ``"both"`` (their mean)
+DIRECTIONS = ("reverse", "forward", "both")
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    mode = "area" if x.shape[-1] >= size else "bilinear"
+    return F.interpolate(x, size=(size, size), mode=mode)
+
+
+def _blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Per-image Gaussian blur of ``[N,1,H,W]`` with standard deviations ``sigma [N]`` (0: none)."""
+    r = 3
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    k = k / k.sum(1, keepdim=True)  # [N, 2r+1]
+    n = x.shape[0]
+    xp = F.pad(x.transpose(0, 1), (r, r, r, r), mode="replicate")  # [1,N,H+2r,W+2r]
+    y = F.conv2d(xp, k.view(n, 1, 1, -1), groups=n)
+    y = F.conv2d(y, k.view(n, 1, -1, 1), groups=n)
+    return y.transpose(0, 1)
+
+
+def augment_appearance(x: Tensor, g: torch.Generator, strength: float = 1.0) -> Tensor:
+    """Random appearance changes of ``[N,1,H,W]`` images in [0, 1]: gamma, contrast, blur, low resolution, noise.
+
+    Random numbers are drawn on the CPU from ``g`` (so the result does not depend on the device).
+    """
+    n, dev = x.shape[0], x.device
+
+    def u(lo: float, hi: float, shape: tuple[int, ...] = ()) -> Tensor:
+        return (lo + (hi - lo) * torch.rand((n, *shape), generator=g)).to(dev)
+
+    s = strength
+    x = x.clamp(0, 1) ** torch.exp(u(-0.7 * s, 0.7 * s)).view(-1, 1, 1, 1)  # gamma 0.5 .. 2
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (mean + (x - mean) * u(1 - 0.5 * s, 1 + 0.3 * s).view(-1, 1, 1, 1)).clamp(0, 1)
+    blur = torch.where(u(0, 1) < 0.4, u(0.3, 0.3 + 1.5 * s), torch.zeros(n, device=dev))
+    x = _blur(x, blur)
+    size = x.shape[-1]
+    if float(torch.rand((), generator=g)) < 0.3 * s:  # low resolution for the whole batch
+        small = max(8, int(size * float(0.35 + 0.4 * torch.rand((), generator=g))))
+        x = F.interpolate(F.interpolate(x, size=(small, small), mode="area"), size=x.shape[-2:], mode="bilinear")
+    noise = torch.randn(x.shape, generator=g).to(dev)
+    x = x + noise * u(0.0, 0.08 * s).view(-1, 1, 1, 1)
+    return x.clamp(0, 1)
+
+
+class PropagationEncoder(nn.Module):
+    """A small CNN: ``[N,1,size,size]`` normalised images -> unit-norm features ``[N,dim,grid,grid]``.
+
+    Two coordinate channels are appended to the image, so position can be used where anatomy is
+    aligned (JSRT) and learned to be ignored where it is not (BUSI).
+    """
+
+    def __init__(self, width: int = 24, dim: int = 16, downsample: int = 2, coords: bool = True) -> None:
+        super().__init__()
+        self.coords = coords
+        layers: list[nn.Module] = [nn.Conv2d(1 + 2 * coords, width, 3, padding=1), nn.ReLU()]
+        ch = width
+        for i in range(downsample):
+            out = width * 2 if i == downsample - 1 else width
+            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.ReLU()]
+            ch = out
+        for dil in (1, 2, 4):
+            layers += [nn.Conv2d(ch, ch, 3, padding=dil, dilation=dil), nn.ReLU()]
+        layers += [nn.Conv2d(ch, dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.coords:
+            n, _, h, w = x.shape
+            yy = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+            xx = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+            x = torch.cat([x, yy, xx], 1)
+        return F.normalize(self.net(x), dim=1)
+
+
+def _morph(lab: Tensor, radius: Tensor) -> Tensor:
+    """Dilate (``radius > 0``) or erode (``< 0``) each soft mask ``[B,1,H,W]`` by its own radius (square element)."""
+    out = lab.clone()
+    for r in radius.unique().tolist():
+        if r == 0:
+            continue
+        sel = radius == r
+        k = 2 * abs(r) + 1
+        x = lab[sel]
+        out[sel] = F.max_pool2d(x, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-x, k, 1, abs(r))
+    return out
+
+
+def _soft_dice(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Soft Dice over the last axis (any leading shape)."""
+    inter = (pred * target).sum(-1)
+    return (2 * inter + eps) / (pred.sum(-1) + target.sum(-1) + eps)
+
+
+@register_segmenter("learned_propagation")
+class LearnedPropagationSegmenter(ReverseSegmenter):
+    """Label propagation by attention between learned features, fitted on the labelled references.
+
+    Call :meth:`fit` once with the references (``[N,1,H,W]`` images in [0, 1], binary labels)
+    before segmenting; without it, calls raise ``RuntimeError``. Then
+    ``segmenter(query, support_images, support_labels)`` gives the mean over supports of the
+    per-support propagated probabilities, and :meth:`score` gives the pseudo Dice per query (mean
+    over supports of the per-pair soft Dice against the query labels), which SPE should prefer.
+
+    Args:
+        size: working resolution; images are resized to ``size x size``.
+        downsample: stride-2 stages of the encoder; features live on a ``size / 2**downsample`` grid.
+        width: encoder channels.
+        dim: feature channels.
+        tau: attention temperature (cosine similarities are divided by it).
+        steps: optimisation steps of :meth:`fit`; ``batch`` episodes (query, support pairs) per step.
+        lr: Adam learning rate.
+        augment: strength of the appearance augmentation during fitting (0: none).
+        coords: give the encoder the pixel coordinates.
+        flip: flip both images of an episode left-right at random while fitting.
+        patch_labels: propagate, for every feature cell, the ``2**downsample``-pixel label patch under it
+            (label detail finer than the feature grid is copied; it raised true-mask Dice and slope
+            on BUSI and JSRT) instead of one averaged label per cell.
+        label_jitter: while fitting, dilate or erode both masks of an episode by the same random
+            radius up to this many label pixels (0: off; it did not help on BUSI).
+        max_supports: supports each query is compared with (0: all); fewer is faster.
+        direction: what :meth:`score` compares, one of :data:`DIRECTIONS`.
+        select: which supports a query is compared with when ``max_supports`` is below the support
+            count: ``"spread"`` (an evenly spread subset rotating with the query index, so every
+            support is used equally often) or ``"nearest"`` (most similar by mean feature; a few
+            "hub" supports may then dominate).
+        tau_eval: attention temperature at evaluation (0: ``tau``).
+        seed: seed of the weight initialisation, the episode order and the augmentation.
+        chunk_size: queries per step (see :class:`ReverseSegmenter`).
+    """
+
+    name = "learned_propagation"
+    needs_fit = True
+    supports_scoring = True
+
+    def __init__(
+        self,
+        size: int = 64,
+        downsample: int = 2,
+        width: int = 32,
+        dim: int = 16,
+        tau: float = 0.05,
+        steps: int = 800,
+        batch: int = 16,
+        lr: float = 3e-3,
+        augment: float = 1.0,
+        coords: bool = True,
+        flip: bool = False,
+        patch_labels: bool = True,
+        label_jitter: int = 0,
+        max_supports: int = 8,
+        direction: str = "reverse",
+        select: str = "spread",
+        tau_eval: float = 0.0,
+        seed: int = 0,
+        chunk_size: int = 8,
+    ) -> None:
+        super().__init__(chunk_size)
+        if size < 16 or downsample < 0 or size % (2**downsample):
+            raise ValueError(f"size must be >= 16 and divisible by 2**downsample; got {size}, {downsample}.")
+        if width < 1 or dim < 1 or tau <= 0 or steps < 0 or batch < 1 or lr <= 0 or augment < 0 or max_supports < 0:
+            raise ValueError("Need width, dim, batch >= 1, tau, lr > 0 and steps, augment, max_supports >= 0.")
+        self.size, self.downsample, self.width, self.dim, self.tau = size, downsample, width, dim, float(tau)
+        self.steps, self.batch, self.lr, self.augment = steps, batch, float(lr), float(augment)
+        self.coords, self.flip, self.max_supports, self.seed = bool(coords), bool(flip), max_supports, seed
+        self.patch_labels, self.label_jitter = bool(patch_labels), int(label_jitter)
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+        if tau_eval < 0:
+            raise ValueError(f"tau_eval must be >= 0 (0: use tau), got {tau_eval}.")
+        if select not in ("spread", "nearest"):
+            raise ValueError(f"select must be 'spread' or 'nearest', got {select!r}.")
+        self.direction, self.tau_eval, self.select = direction, float(tau_eval), select
+        self.encoder: PropagationEncoder | None = None
+
+    # ------------------------------------------------------------------ settings and state
+    def spec(self) -> dict[str, Any]:
+        return {
+            **super().spec(),
+            "size": self.size,
+            "downsample": self.downsample,
+            "width": self.width,
+            "dim": self.dim,
+            "tau": self.tau,
+            "steps": self.steps,
+            "batch": self.batch,
+            "lr": self.lr,
+            "augment": self.augment,
+            "coords": self.coords,
+            "flip": self.flip,
+            "patch_labels": self.patch_labels,
+            "label_jitter": self.label_jitter,
+            "max_supports": self.max_supports,
+            "direction": self.direction,
+            "select": self.select,
+            "tau_eval": self.tau_eval,
+            "seed": self.seed,
+        }
+
+    @property
+    def grid(self) -> int:
+        return self.size // 2**self.downsample
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.encoder is not None
+
+    def _new_encoder(self) -> PropagationEncoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return PropagationEncoder(self.width, self.dim, self.downsample, self.coords)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The fitted weights as plain CPU tensors (empty before :meth:`fit`)."""
+        if self.encoder is None:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """Restore weights saved by :meth:`state_tensors` (an empty dict leaves the segmenter unfitted)."""
+        if not state:
+            self.encoder = None
+            return
+        enc = self._new_encoder()
+        enc.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        self.encoder = enc.eval()
+
+    def _require_fit(self) -> PropagationEncoder:
+        if self.encoder is None:
+            raise RuntimeError(
+                "LearnedPropagationSegmenter is not fitted: call fit(reference_images, reference_labels) "
+                "(SPE does this with its references) or load_state_tensors(...) first."
+            )
+        return self.encoder
+
+    # ------------------------------------------------------------------ fitting
+    def _norm(self, x: Tensor) -> Tensor:
+        return rank_normalise(_resize(x.float(), self.size))
+
+    @property
+    def _cell(self) -> int:
+        """Label pixels per feature cell and side: ``2**downsample`` with ``patch_labels``, else 1."""
+        return 2**self.downsample if self.patch_labels else 1
+
+    def _label_image(self, y: Tensor) -> Tensor:
+        """Binary labels -> soft labels ``[N,1,L,L]`` at the label resolution ``L = grid * cell``."""
+        return _resize((y > 0.5).float(), self.grid * self._cell)
+
+    def _cells(self, lab: Tensor) -> Tensor:
+        """Label image ``[N,1,L,L]`` -> one label patch per feature cell, ``[N, P, cell*cell]``."""
+        c = self._cell
+        return F.unfold(lab, c, stride=c).transpose(1, 2) if c > 1 else lab.flatten(1)[..., None]
+
+    def _labels(self, y: Tensor) -> Tensor:
+        return self._cells(self._label_image(y))
+
+    def _uncells(self, cells: Tensor) -> Tensor:
+        """Inverse of :meth:`_cells`: ``[N, P, cell*cell]`` -> ``[N,1,L,L]``."""
+        c, g = self._cell, self.grid
+        return F.fold(cells.transpose(1, 2), (g * c, g * c), c, stride=c)
+
+    def _propagate(self, fq: Tensor, fs: Tensor, ls: Tensor) -> Tensor:
+        """Pairs: query features ``[B,D,P]``, support features ``[B,D,P]``, label cells ``[B,P,C]`` -> ``[B,P,C]``."""
+        att = torch.softmax(torch.einsum("bdp,bdr->bpr", fq, fs) / self.tau, dim=-1)
+        return torch.bmm(att, ls)
+
+    def fit(self, images: Tensor, labels: Tensor) -> None:
+        """Train the encoder on labelled references ``[N,1,H,W]`` (``N >= 2``); deterministic for ``seed``.
+
+        Each query reference is paired with a different support reference in turn (every reference
+        serves as query and as support equally often); the appearance of both is augmented.
+        """
+        _check_inputs(images, images, labels)
+        n = images.shape[0]
+        if n < 2:
+            raise ValueError(f"fit needs at least 2 labelled references, got {n}.")
+        dev = images.device
+        x = _resize(images.float(), self.size)
+        lab = self._label_image(labels.to(dev))
+        enc = self._new_encoder().to(dev).train()
+        g = torch.Generator().manual_seed(self.seed + 1)
+        opt = torch.optim.Adam(enc.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(self.steps, 1))
+        order = torch.empty(0, dtype=torch.long)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                while order.numel() < self.batch:  # queries: every reference once per epoch
+                    order = torch.cat([order, torch.randperm(n, generator=g)])
+                qi, order = order[: self.batch], order[self.batch :]
+                si = (qi + torch.randint(1, n, (self.batch,), generator=g)) % n  # a different reference
+                qi, si = qi.to(dev), si.to(dev)
+                xq, xs, lq, ls = x[qi], x[si], lab[qi], lab[si]
+                if self.flip:  # the same left-right flip for both images of an episode
+                    f = (torch.rand(self.batch, generator=g) < 0.5).to(dev)
+                    f = f.view(-1, 1, 1, 1)
+                    xq, xs = torch.where(f, xq.flip(-1), xq), torch.where(f, xs.flip(-1), xs)
+                    lq, ls = torch.where(f, lq.flip(-1), lq), torch.where(f, ls.flip(-1), ls)
+                if self.label_jitter > 0:  # grow or shrink both masks alike: the support's error must carry over
+                    r = torch.randint(-self.label_jitter, self.label_jitter + 1, (self.batch,), generator=g).to(dev)
+                    lq, ls = _morph(lq, r), _morph(ls, r)
+                lq, ls = self._cells(lq).flatten(1), self._cells(ls)
+                both = torch.cat([xq, xs])
+                if self.augment > 0:
+                    both = augment_appearance(both, g, self.augment)
+                feats = enc(rank_normalise(both)).flatten(2)
+                fq, fs = feats[: self.batch], feats[self.batch :]
+                pred = self._propagate(fq, fs, ls).flatten(1).clamp(1e-4, 1 - 1e-4)
+                target = lq
+                loss = F.binary_cross_entropy(pred, target) + (1 - _soft_dice(pred, target)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.encoder = enc.eval()
+
+    # ------------------------------------------------------------------ evaluation
+    def _pick(self, fq: Tensor, prepared: dict[str, Any]) -> Tensor:
+        """Support indices ``[q, k]`` per query: all; the ``k`` nearest by mean feature (``select="nearest"``);
+        or an evenly spread subset rotating with the query index, so every support is used equally often."""
+        fs = prepared["feats"]
+        n_query, n_sup = fq.shape[0], fs.shape[0]
+        k = n_sup if self.max_supports == 0 else min(self.max_supports, n_sup)
+        if self.select == "nearest" and k < n_sup:
+            gq = F.normalize(fq.mean(-1), dim=1)
+            return (gq @ prepared["global"].T).topk(k, dim=1).indices
+        offset = prepared["offset"]
+        prepared["offset"] += n_query
+        base = (torch.arange(k, device=fq.device) * (n_sup / k)).long()
+        rows = torch.arange(offset, offset + n_query, device=fq.device)[:, None]
+        return (base[None] + rows) % n_sup
+
+    def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
+        enc = self._require_fit().to(support_images.device)
+        feats = torch.cat(
+            [enc(self._norm(support_images[i : i + 64])).flatten(2) for i in range(0, support_images.shape[0], 64)]
+        )
+        glob = F.normalize(feats.mean(-1), dim=1)
+        return {"feats": feats, "global": glob, "labels": self._labels(support_labels), "offset": 0}
+
+    def _pair_attention(self, query_images: Tensor, prepared: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Similarities ``[q, k, P, P]`` (query pixel x support pixel) for a chunk, and support indices ``[q, k]``."""
+        enc = self._require_fit()
+        fq = enc(self._norm(query_images)).flatten(2)  # [q,D,P]
+        idx = self._pick(fq, prepared)
+        sim = torch.einsum("qdp,qkdr->qkpr", fq, prepared["feats"][idx]).div_(self.tau_eval or self.tau)
+        return sim, idx
+
+    def _pair_predictions(self, query_images: Tensor, prepared: dict[str, Any]) -> Tensor:
+        """Per-support propagated label cells for a chunk of queries: ``[q, k, P, C]``."""
+        sim, idx = self._pair_attention(query_images, prepared)
+        return torch.softmax(sim, dim=-1) @ prepared["labels"][idx]
+
+    def predict(self, query_images: Tensor, prepared: Any) -> Tensor:
+        prob = self._uncells(self._pair_predictions(query_images, prepared).mean(1))
+        return F.interpolate(prob, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def score(
+        self, query_images: Tensor, query_labels: Tensor, support_images: Tensor, support_labels: Tensor
+    ) -> Tensor:
+        """Pseudo Dice per query, ``[Q]``: the mean over supports of the soft Dice between the labels
+        propagated from that one support and the query's labels (on the feature grid)."""
+        _check_inputs(query_images, support_images, support_labels)
+        if query_labels.shape != query_images.shape:
+            raise ValueError(f"query_labels {tuple(query_labels.shape)} must match {tuple(query_images.shape)}.")
+        dev = query_images.device
+        prepared = self.prepare(support_images.to(dev).float(), (support_labels.to(dev) > 0.5).float())
+        out = []
+        for i in range(0, query_images.shape[0], self.chunk_size):
+            sim, idx = self._pair_attention(query_images[i : i + self.chunk_size].float(), prepared)
+            lq = self._labels(query_labels[i : i + self.chunk_size].to(dev))[:, None]  # [q,1,P,C]
+            ls = prepared["labels"][idx]  # [q,k,P,C]
+            parts = []
+            if self.direction in ("reverse", "both"):
+                pred_q = torch.softmax(sim, dim=-1) @ ls
+                parts.append(_soft_dice(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2)))
+            if self.direction in ("forward", "both"):
+                pred_s = torch.softmax(sim, dim=-2).transpose(-1, -2) @ lq
+                parts.append(_soft_dice(pred_s.flatten(2), ls.flatten(2)))
+            out.append(torch.stack(parts).mean(0).mean(1))
+        if not out:
+            return query_images.new_zeros(0)
+        return torch.cat(out)
