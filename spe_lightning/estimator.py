@@ -179,6 +179,8 @@ class SPEEstimator:
         #: the per-case quality regressor (:mod:`spe_lightning.engine.quality`): ``{"regressor": state tensors,
         #: "calibration": plain numbers}``; None: per-case scores come from RCA
         self.quality: dict[str, Any] | None = None
+        #: a learned reverse segmenter's fitted weights (plain tensors); empty for weight-free ones
+        self.segmenter_state: dict[str, Tensor] = {}
         self._regressor: QualityRegressor | None = None
         self.anchor = anchor if self.config.anchored else None
         self.info = dict(info or {})
@@ -245,6 +247,7 @@ class SPEEstimator:
             anchor=anchor,
         )
         est._segmenter = engine.segmenter  # the very instance that ran during training
+        est.segmenter_state = engine.segmenter.state_tensors() if engine.segmenter.needs_fit else {}
         if module is not None:
             est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=run.logits_fn)
         return est
@@ -308,6 +311,13 @@ class SPEEstimator:
                     f"SPEEstimator: cannot rebuild the reverse segmenter {self.segmenter_spec}: {err} "
                     "(register a custom segmenter with register_segmenter before estimating)."
                 ) from err
+            if self._segmenter.needs_fit:
+                if not self.segmenter_state:
+                    raise ValueError(
+                        f"SPEEstimator: the reverse segmenter {name!r} learns from the references, and this "
+                        "estimator holds no fitted weights for it; re-export it with SPEEstimator.from_run."
+                    )
+                self._segmenter.load_state_tensors(self.segmenter_state)
         return self._segmenter
 
     @property
@@ -351,6 +361,7 @@ class SPEEstimator:
             "reference": ref,
             "cases": self.cases,
             "quality": self.quality,
+            "segmenter_state": self.segmenter_state,
             "anchor": self.anchor,
             "info": self.info,
         }
@@ -404,6 +415,7 @@ class SPEEstimator:
             info=state.get("info"),
         )
         est.quality = state.get("quality")
+        est.segmenter_state = dict(state.get("segmenter_state") or {})
         return est
 
     @classmethod

@@ -104,6 +104,8 @@ class SPERun:
         self.pairs: list[dict[str, Any]] = []
         self.pairs_seconds = 0.0
         self.quality_seconds = 0.0
+        self.segmenter_fit_seconds = 0.0
+        self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
         self._reference_dataset: Dataset | None = None
         self.report: dict[str, Any] | None = None
         #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
@@ -189,7 +191,9 @@ class SPERun:
 
     def describe(self) -> str:
         """One line: how many references, calibration and target items, and which segmenter."""
-        engine = self._engine()
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("SPE: call prepare() (or fit with the callback) first.")
         unit = "slices" if self.volumetric else "images"
         return (
             f"SPE: {len(engine.ref_indices)} reference {unit}, calibration {len(self._sets[CALIBRATION])} items, "
@@ -214,7 +218,33 @@ class SPERun:
     def _engine(self) -> SPEEngine:
         if self.engine is None:
             raise RuntimeError("SPE: call prepare() (or fit with the callback) first.")
+        self._ensure_fitted(self.engine)
         return self.engine
+
+    def segmenter_key(self) -> str:
+        """What a learned segmenter's weights depend on: its settings, the references and the seed."""
+        engine = self.engine
+        refs = list(engine.ref_indices) if engine else []
+        return repr(
+            (sorted(self.segmenter_spec().items()), refs, engine.ref_slices if engine else [], self.config.seed)
+        )
+
+    def _ensure_fitted(self, engine: SPEEngine) -> None:
+        """Fit a learned reverse segmenter on the references once (or restore it from a checkpoint)."""
+        seg = engine.segmenter
+        if not seg.needs_fit or seg.is_fitted:
+            return
+        saved = self._segmenter_state
+        if saved is not None and saved.get("key") == self.segmenter_key():
+            seg.load_state_tensors(saved["tensors"])
+            return
+        start = time.perf_counter()
+        seg.fit(engine.ref_images, engine.ref_masks.float())
+        self.segmenter_fit_seconds = time.perf_counter() - start
+        if self.config.verbose:
+            self.say(
+                f"SPE: {seg.name} fitted on {len(engine.ref_indices)} references ({self.segmenter_fit_seconds:.1f}s)"
+            )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -388,7 +418,8 @@ class SPERun:
     @property
     def seconds(self) -> float:
         """SPE's own time so far: every evaluation and the calibration pairs."""
-        return sum(float(r.get("seconds", 0.0)) for r in self.records) + self.pairs_seconds + self.quality_seconds
+        extra = self.pairs_seconds + self.quality_seconds + self.segmenter_fit_seconds
+        return sum(float(r.get("seconds", 0.0)) for r in self.records) + extra
 
     def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
         """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
@@ -434,8 +465,12 @@ class SPERun:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """Records and settings (plain objects), for a checkpoint."""
-        return {"records": self.records, "config": self.config.to_dict(), "alerts": self.alerts}
+        """Records, settings and a learned segmenter's fitted weights (plain objects and tensors), for a checkpoint."""
+        state: dict[str, Any] = {"records": self.records, "config": self.config.to_dict(), "alerts": self.alerts}
+        seg = self.engine.segmenter if self.engine is not None else None
+        if seg is not None and seg.needs_fit and seg.is_fitted:
+            state["segmenter_state"] = {"key": self.segmenter_key(), "tensors": seg.state_tensors()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the records of a checkpoint; other estimation settings warn (``strict``: raise)."""
@@ -447,3 +482,4 @@ class SPERun:
             self.warn(message + "; earlier records kept.")
         self.records = list(state.get("records", []))
         self.alerts = list(state.get("alerts", []))
+        self._segmenter_state = state.get("segmenter_state")  # used instead of refitting when the key matches

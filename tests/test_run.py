@@ -121,3 +121,40 @@ def test_working_size_defaults_to_the_images_size_at_most_128():
     run = SPERun(SPEConfig(support_size=4, min_foreground=1, verbose=False), segmenter=fast_segmenter())
     run.prepare(Blobs(6, seed=1), Blobs(4, seed=2), Blobs(4, seed=3))
     assert run.config.working_size == 32 and run.sets["calibration"].gray.shape[-1] == 32
+
+
+def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estimator(tmp_path):
+    from spe_lightning.reverse.learned import LearnedPropagationSegmenter
+
+    def segmenter() -> LearnedPropagationSegmenter:
+        return LearnedPropagationSegmenter(size=32, downsample=1, width=16, batch=8, max_supports=8, steps=20)
+
+    torch.manual_seed(0)
+    ref, cal, tgt = _data()
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=model.lr)
+    run = SPERun(
+        _config(metrics=("dice", "iou"), interval_subsets=1, interval_shifts=("noise",)), segmenter=segmenter()
+    )
+    run.prepare(ref, cal, tgt)
+    assert not run.segmenter.is_fitted  # fitted lazily, at the first evaluation
+    for epoch in range(3):
+        _train_epoch(model, ref, opt)
+        run.record(model, epoch=epoch, step=epoch)
+    assert run.segmenter.is_fitted and run.segmenter_fit_seconds > 0 and len(run.records) == 3
+    state = run.state_dict()
+    assert state["segmenter_state"]["tensors"]
+
+    resumed = SPERun(run.config, segmenter=segmenter())
+    resumed.prepare(ref, cal, tgt)
+    resumed.load_state_dict(state)
+    again = resumed.evaluate(model)
+    assert resumed.segmenter_fit_seconds == 0.0  # restored, not refitted
+    assert max_abs_diff(again["pseudo"], run.evaluate(model)["pseudo"]) < 1e-6
+
+    run.finish(model, step=2)
+    run.build_report()
+    path = run.write_report(tmp_path, model)["estimator"]
+    est = SPEEstimator.load(path)
+    res = est.estimate(model, tgt["t"], name="t", per_case=False)
+    assert res.estimates["dice"]["value"] == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)

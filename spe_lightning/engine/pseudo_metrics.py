@@ -276,9 +276,14 @@ class SPEEngine:
         """
         device = torch.device(device)
         idx = self.queries[cls] if queries is None else list(queries)
-        out: dict[str, list[Tensor]] = {m: [] for m in self.metrics}
         if not idx:
             return {m: torch.zeros(0, dtype=torch.float64) for m in self.metrics}
+        # a segmenter that scores each support pair gives the pseudo Dice itself; the fused map the rest
+        scored = getattr(self.segmenter, "supports_scoring", False) and "dice" in self.metrics
+        fused = [m for m in self.metrics if not (scored and m == "dice")]
+        out: dict[str, list[Tensor]] = {m: [] for m in fused}
+        if not fused:
+            return {"dice": self._scored_dice(idx, cls, support, device)}
         budget = None
         if device.type == "cuda" and self.memory_budget_mb is not None:
             torch.cuda.synchronize(device)
@@ -308,10 +313,24 @@ class SPEEngine:
             if budget is not None:
                 budget.observe(len(part), torch.cuda.max_memory_allocated(device) - base)
                 chunk = budget.next_chunk(len(idx) - start - len(part))
-            for m, v in per_image_metrics(pred, _class_mask(self.ref_labels[list(part)], cls), self.metrics).items():
+            for m, v in per_image_metrics(pred, _class_mask(self.ref_labels[list(part)], cls), fused).items():
                 out[m].append(v)
             start += len(part)
-        return {m: torch.cat(v) for m, v in out.items()}
+        result = {m: torch.cat(v) for m, v in out.items()}
+        if scored:
+            result["dice"] = self._scored_dice(idx, cls, support, device)
+        return {m: result[m] for m in self.metrics}
+
+    def _scored_dice(self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device) -> Tensor:
+        """Pseudo Dice per query from a segmenter that scores each support pair (no fused map)."""
+        truth = _class_mask(self.ref_labels[list(idx)], cls).float().to(device)
+        dice = self.segmenter.score(
+            self.ref_images[list(idx)].float().to(device),
+            truth,
+            support.images.float().to(device),
+            (support.labels > 0.5).float().to(device),
+        )
+        return dice.detach().double().cpu()
 
     def _pseudo_class(self, data: CachedSet, masks: Sequence[Tensor], device: Any, cls: int, shard: Shard) -> Any:
         support = self.support(data, masks, cls)
