@@ -111,9 +111,10 @@ class SPECallback(Callback):
             ``G(pseudo_target) - G(pseudo_calibration)`` (default; the paper's ``G(pseudo_target)``
             stays in the report under ``paper``).
         interval_shifts: shift families (:data:`~spe_lightning.engine.shifts.SHIFT_FAMILIES`) applied
-            to the calibration set at fit end, at severities 1 and 3, to size the anchored intervals
+            to the calibration set at fit end, at ``interval_severities``, to size the anchored intervals
             (with ``interval_subsets``); ``[]`` and 0 subsets: intervals from G's residuals only.
         interval_subsets: random calibration subsets per target size for the intervals.
+        interval_severities: severities (1-3) of each interval shift.
         seed: seed for the reference subset and support orders.
         working_size: side of the square images the reverse segmenter works on (None: the images'
             own size, at most 128).
@@ -169,6 +170,7 @@ class SPECallback(Callback):
         anchored: bool = True,
         interval_shifts: Sequence[str] = SHIFT_FAMILIES,
         interval_subsets: int = 4,
+        interval_severities: Sequence[int] = (1, 3),
         seed: int = 0,
         working_size: int | None = None,
         foreground_class: int | None = None,
@@ -208,6 +210,7 @@ class SPECallback(Callback):
             anchored=anchored,
             interval_shifts=tuple(interval_shifts) if not isinstance(interval_shifts, str) else interval_shifts,
             interval_subsets=interval_subsets,
+            interval_severities=tuple(interval_severities),
             seed=seed,
             working_size=working_size,
             foreground_class=foreground_class,

@@ -38,6 +38,7 @@ ESTIMATION_KEYS = (
     "anchored",
     "interval_shifts",
     "interval_subsets",
+    "interval_severities",
     "seed",
     "working_size",
     "every_n_epochs",
@@ -94,6 +95,7 @@ class SPEConfig:
     anchored: bool = True
     interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
     interval_subsets: int = 4
+    interval_severities: tuple[int, ...] = (1, 3)
     seed: int = 0
     working_size: int | None = None
     foreground_class: int | None = None
@@ -123,6 +125,7 @@ class SPEConfig:
         set_(self, "classes", classes)
         set_(self, "metrics", tuple(validate_metrics(self.metrics)))
         set_(self, "interval_shifts", tuple(self.interval_shifts))
+        set_(self, "interval_severities", tuple(self.interval_severities))
         set_(self, "threshold", float(self.threshold))
         set_(self, "level", float(self.level))
         set_(self, "anchored", bool(self.anchored))
@@ -159,6 +162,8 @@ class SPEConfig:
         unknown = [f for f in self.interval_shifts if f not in SHIFT_FAMILIES]
         if isinstance(self.interval_shifts, str) or unknown:
             raise ValueError(f"SPE: interval_shifts must be a list of {SHIFT_FAMILIES}, got {self.interval_shifts!r}.")
+        if isinstance(self.interval_severities, (str, int)) or not set(self.interval_severities) <= {1, 2, 3}:
+            raise ValueError(f"SPE: interval_severities must be a list of 1, 2, 3, got {self.interval_severities!r}.")
         if self.mapping not in MAPPINGS:
             raise ValueError(f"SPE: mapping must be one of {MAPPINGS}, got {self.mapping!r}.")
         if self.activation not in ACTIVATIONS:
@@ -242,6 +247,7 @@ class SPEConfig:
         """Plain JSON-safe dict (lists for tuples); :meth:`from_dict` round-trips it."""
         out = dataclasses.asdict(self)
         out["metrics"], out["interval_shifts"] = list(self.metrics), list(self.interval_shifts)
+        out["interval_severities"] = list(self.interval_severities)
         out["classes"] = dict(self.classes) if self.classes else None
         for name in ("alert_below", "alert_above"):
             out[name] = dict(getattr(self, name)) if getattr(self, name) else None

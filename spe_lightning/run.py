@@ -36,7 +36,7 @@ from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
-from spe_lightning.engine.calibration_pairs import INTERVAL_SEVERITIES, calibration_sets, pairs_from_record
+from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
@@ -338,7 +338,7 @@ class SPERun:
     def measure_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
         """The labelled calibration pairs at ``model``'s weights (subsets, shifted copies): the intervals."""
         c = self.config
-        shifts = [(f, v) for f in c.interval_shifts for v in INTERVAL_SEVERITIES]
+        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
         if not shifts and not c.interval_subsets:
             return []
         start = time.perf_counter()
