@@ -34,22 +34,17 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
+from _degrade import degrade_set  # the benchmarks folder is on sys.path when this script runs
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _degrade import degrade_set  # noqa: E402
 
 LEVELS = (1.0, 0.92, 0.85, 0.77, 0.69, 0.6, 0.5)
 QUICK_LEVELS = (1.0, 0.85, 0.7, 0.5)
-WEIGHT_FREE_MODULES = ("label_fusion", "pixel_knn", "ensemble", "learned")
 #: settings that change only the evaluation, not the fitted weights (variants share one fit)
 EVAL_ONLY = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
 #: support-image appearance shifts (masks untouched): name -> function of (images [N,1,H,W], generator)
@@ -81,30 +76,8 @@ def shift_appearance(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 def import_reverse():
-    """``spe_lightning.reverse.base`` with the weight-free segmenters registered.
-
-    Falls back to loading the reverse modules alone when the package's ``__init__`` cannot be
-    imported (e.g. an unrelated module is missing in a work-in-progress checkout).
-    """
-    try:
-        importlib.import_module("spe_lightning.reverse")
-    except ImportError as err:
-        print(f"[note] spe_lightning.reverse not importable ({err}); loading the weight-free modules alone.")
-        for name in list(sys.modules):
-            if name == "spe_lightning" or name.startswith("spe_lightning."):
-                del sys.modules[name]
-        for name, path in (
-            ("spe_lightning", ROOT / "spe_lightning"),
-            ("spe_lightning.reverse", ROOT / "spe_lightning/reverse"),
-        ):
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(path)]
-            sys.modules[name] = mod
-    for m in WEIGHT_FREE_MODULES:
-        try:
-            importlib.import_module(f"spe_lightning.reverse.{m}")
-        except ModuleNotFoundError:
-            pass
+    """``spe_lightning.reverse.base`` with every built-in segmenter registered (the installed package)."""
+    importlib.import_module("spe_lightning.reverse")
     return importlib.import_module("spe_lightning.reverse.base")
 
 
