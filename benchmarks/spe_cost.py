@@ -81,7 +81,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8, help="epochs of the JSRT fit (the demo always trains 8)")
     p.add_argument("--spe", nargs="*", default=[], metavar="KEY=VALUE", help="SPECallback settings (JSON values)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--print", dest="show", nargs="+", default=None, metavar="FILE", help="print the tables of saved runs"
+    )
     a = p.parse_args()
+    if a.show:
+        for path in a.show:
+            print(f"\n{path}")
+            tables(json.loads(open(path).read()))
+        return
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     spe_kwargs = {k: _value(v) for k, _, v in (s.partition("=") for s in a.spe)}
     rows = [
@@ -96,6 +104,14 @@ def main() -> None:
     if a.jsrt:
         dm = FolderSegmentationDataModule(a.jsrt, class_index=2, image_size=128, batch_size=8)
         rows.append(fit("jsrt heart", dm, SegmentationModel(lr=1e-3), a.epochs, spe_kwargs))
+    tables(rows)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def tables(rows: list[dict[str, Any]]) -> None:
+    """Print the cost table and the estimates table of ``rows``."""
     print(
         "| task | epochs | segmenter | training s | SPE s | SPE / training | per evaluation s | pairs s "
         "(share of SPE) |"
@@ -118,9 +134,6 @@ def main() -> None:
                 f"| {r['task']} | {t} | {e['value']:.3f} [{e['lower']:.3f}, {e['upper']:.3f}] | "
                 f"{e['true'] if e['true'] is None else round(e['true'], 3)} | {err} |"
             )
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ class SPECallback(Callback):
             a name from :func:`~spe_lightning.reverse.available_segmenters`, or a ``ReverseSegmenter``.
         every_n_epochs: evaluate every n training epochs.
         support_size: maximum support images per reverse step (paper: 64).
-        max_references: use a fixed seeded subset of at most this many references (None: all).
+        max_references: use a fixed seeded subset of at most this many references (None: all); the reverse
+            step's cost grows with it (benchmarks/spe_cost.py).
         min_foreground: support masks with fewer predicted foreground pixels (at ``working_size``) are dropped.
         threshold: binarisation threshold of the model's foreground probability and of the reverse output.
         metrics: metric names; default the paper's six.
@@ -161,7 +162,7 @@ class SPECallback(Callback):
         segmenter: str | ReverseSegmenter = "auto",
         every_n_epochs: int = 1,
         support_size: int = 64,
-        max_references: int | None = None,
+        max_references: int | None = 64,
         min_foreground: int = 16,
         threshold: float = 0.5,
         metrics: Sequence[str] = PAPER_METRICS,
@@ -169,8 +170,8 @@ class SPECallback(Callback):
         level: float = 0.9,
         anchored: bool = True,
         interval_shifts: Sequence[str] = SHIFT_FAMILIES,
-        interval_subsets: int = 4,
-        interval_severities: Sequence[int] = (1, 3),
+        interval_subsets: int = 2,
+        interval_severities: Sequence[int] = (2,),
         seed: int = 0,
         working_size: int | None = None,
         foreground_class: int | None = None,

@@ -86,7 +86,7 @@ class SPEConfig:
     segmenter: str = "auto"
     every_n_epochs: int = 1
     support_size: int = 64
-    max_references: int | None = None
+    max_references: int | None = 64
     min_foreground: int = 16
     threshold: float = 0.5
     metrics: tuple[str, ...] = PAPER_METRICS
@@ -94,8 +94,8 @@ class SPEConfig:
     level: float = 0.9
     anchored: bool = True
     interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
-    interval_subsets: int = 4
-    interval_severities: tuple[int, ...] = (1, 3)
+    interval_subsets: int = 2
+    interval_severities: tuple[int, ...] = (2,)
     seed: int = 0
     working_size: int | None = None
     foreground_class: int | None = None

@@ -21,13 +21,13 @@ from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 __all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_from_record"]
 
 #: severities of each shift family measured for the intervals
-INTERVAL_SEVERITIES = (1, 3)
+INTERVAL_SEVERITIES = (2,)
 
 
 def calibration_sets(
     calibration: CachedSet,
     subset_sizes: Sequence[int],
-    n_subsets: int = 4,
+    n_subsets: int = 2,
     shifts: Sequence[tuple[str, int]] | None = None,
     seed: int = 0,
 ) -> dict[str, CachedSet]:
