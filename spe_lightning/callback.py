@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ from spe_lightning.reverse.base import ReverseSegmenter
 from spe_lightning.run import SPERun
 
 __all__ = ["SPECallback"]
+
+#: the constructor arguments that are settings (the rest: datasets, callables, where to write)
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SPEConfig))
 
 
 def _shard(trainer: pl.Trainer) -> Shard:
@@ -198,38 +202,13 @@ class SPECallback(Callback):
             raise TypeError(
                 f"SPECallback: segmenter must be a name or a ReverseSegmenter, got {type(segmenter).__name__}."
             )
-        config = SPEConfig(
-            segmenter=segmenter if isinstance(segmenter, str) else "auto",
-            every_n_epochs=every_n_epochs,
-            support_size=support_size,
-            max_references=max_references,
-            min_foreground=min_foreground,
-            threshold=threshold,
-            metrics=tuple(metrics),
-            mapping=mapping,
-            level=level,
-            anchored=anchored,
-            interval_shifts=tuple(interval_shifts) if not isinstance(interval_shifts, str) else interval_shifts,
-            interval_subsets=interval_subsets,
-            interval_severities=tuple(interval_severities),
-            seed=seed,
-            working_size=working_size,
-            foreground_class=foreground_class,
-            classes=classes,
-            spatial_dims=spatial_dims,
-            max_slices=max_slices,
-            memory_budget_mb=memory_budget_mb,
-            image_key=image_key,
-            label_key=label_key,
-            activation=activation,
-            batch_size=batch_size,
-            verbose=verbose,
-            strict=strict,
-            alert_below=dict(alert_below) if isinstance(alert_below, Mapping) else alert_below,
-            alert_above=dict(alert_above) if isinstance(alert_above, Mapping) else alert_above,
-            alert_on=alert_on,
-            quality_regressor=quality_regressor,
-        )
+        # every argument that is a setting goes to SPEConfig, which validates and normalises them
+        settings = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS}
+        settings["segmenter"] = segmenter if isinstance(segmenter, str) else "auto"
+        for name in ("alert_below", "alert_above"):
+            if isinstance(settings[name], Mapping):
+                settings[name] = dict(settings[name])
+        config = SPEConfig(**settings)
         if on_alert is not None and not callable(on_alert):
             raise TypeError("SPECallback: on_alert must be a callable fn(event).")
         self.on_alert = on_alert
