@@ -345,8 +345,13 @@ class SPECallback(Callback):
         if report["reason"]:
             rank_zero_warn(f"SPECallback: no estimates: {report['reason']}.")
         out = self.report_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
-        if trainer.is_global_zero:
-            self._publish(trainer, pl_module, out)
+        try:
+            if trainer.is_global_zero:
+                self._publish(trainer, pl_module, out)
+        finally:
+            # the other ranks wait for rank zero's files: a process leaving while rank zero still
+            # publishes can take the process group down under it (seen with ddp_spawn)
+            trainer.strategy.barrier("spe_publish")
 
     # ----------------------------------------------------------------- work and publishing
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
