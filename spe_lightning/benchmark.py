@@ -256,6 +256,24 @@ def _measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _regressor_means(run: Any, model: Any, datamodule: Any, targets: dict[str, Any]) -> dict[str, Any]:
+    """Fit the per-case quality regressor on the run's references (calibrated on its calibration set) and
+    return, per target, the mean of its per-case Dice estimates, with the fit's seconds."""
+    from spe_lightning.engine.records import CALIBRATION
+    from spe_lightning.estimator import SPEEstimator
+
+    start = time.perf_counter()
+    est = SPEEstimator.from_run(run, None)
+    est.fit_quality(model, datamodule.spe_datasets()["reference"], run.sets[CALIBRATION])
+    fit_s = time.perf_counter() - start
+    means = {}
+    for name, data in targets.items():
+        rows = est.case_estimates(model, data)
+        values = [r["estimated_dice"] for r in rows if r["estimated_dice"] is not None]
+        means[name] = float(np.mean(values)) if values else None
+    return {"means": means, "fit_s": fit_s}
+
+
 def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
     """The benchmark's targets built from the run's ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
     from spe_lightning.data.folder import read_meta
@@ -389,6 +407,8 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
             "targets": _measure(cb.run, model, targets),
             "pairs": cb.run.pairs,
         }
+        if s == cfg.segmenters[0]:  # the per-case quality regressor's mean estimate per target (issue 17)
+            raw[s]["quality_regressor"] = _regressor_means(cb.run, model, dm, targets)
         print(f"[shift] {s}: {len(targets)} targets evaluated; {len(raw[s]['pairs'])} calibration pairs")
     result["timing"]["shift_eval_s"] = time.perf_counter() - start
     result["shift_raw"] = raw
@@ -449,6 +469,8 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                 if i == 0:
                     row.setdefault("spe_paper", {})[m] = _interval(estimate(g, m, p_t, level))
                     row["calibration_score"][m] = r_c
+                    if m == "dice" and "quality_regressor" in raw:  # the regressor estimates Dice only
+                        row.setdefault("quality_regressor", {})[m] = raw["quality_regressor"]["means"].get(n)
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
                     row["confidence"][m] = finite_or_none(c)
     methods = [k for k in rows[0] if k not in ROW_FIELDS]

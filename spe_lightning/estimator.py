@@ -601,6 +601,22 @@ class SPEEstimator:
         return p.device if p is not None else torch.device("cpu")
 
     @torch.no_grad()
+    def case_estimates(
+        self,
+        model: nn.Module,
+        images: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Only the per-case rows of :meth:`estimate` (no set-level reverse step): each case's quality,
+        estimated Dice with its interval and flag (from the quality regressor when fitted, else RCA)."""
+        data = self._cache("cases", images, "image", "label")
+        self._check_2d(data)
+        device = self._device(model, device)
+        masks, conf = self._predict(model, data, device, logits_fn)
+        return self._case_rows(data, masks, conf, None, device, None)[0]
+
+    @torch.no_grad()
     def estimate(
         self,
         model: nn.Module,

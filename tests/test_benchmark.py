@@ -88,10 +88,14 @@ def test_another_site_is_reported_on_its_own(tmp_path):
                 "calibration": measured(0.7),
                 "targets": {"clean": measured(0.7), "noise_3": measured(0.5), "site_b": measured(0.2)},
                 "pairs": [],
+                "quality_regressor": {"means": {"clean": 0.68, "noise_3": 0.45, "site_b": 0.3}, "fit_s": 1.0},
             }
         },
     }
     res = shift_scores(result)
+    # the regressor's mean per-case estimate is a method row of its own (Dice only)
+    assert res["summary"]["dice"]["quality_regressor"]["mae"] == pytest.approx(0.035)
+    assert res["sites"]["site_b"]["dice"]["quality_regressor"]["mae"] == pytest.approx(0.1)
     assert res["summary"]["dice"]["spe"]["n"] == 2  # clean and noise_3; the site is not averaged in
     assert set(res["sites"]) == {"site_b"} and res["sites"]["site_b"]["dice"]["spe"]["n"] == 1
     assert [r["site"] for r in res["targets"]] == [False, False, True]
