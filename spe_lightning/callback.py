@@ -361,16 +361,7 @@ class SPECallback(Callback):
             if epoch_s is not None:  # SPE's share of this epoch, for the console line
                 record["epoch_seconds"] = epoch_s
             what = f"logging the evaluation at epoch {record['epoch']} failed"
-            self._guard(what, lambda: self._log_record(trainer, record))
-
-    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
-        """Logging and publishing never stop training: a failure warns (``strict``: raises)."""
-        try:
-            fn()
-        except Exception as err:
-            if self.config.strict:
-                raise
-            rank_zero_warn(f"SPECallback: {what}: {err!r}")
+            self.run.guarded(what, lambda: self._log_record(trainer, record))
 
     def _log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         running = self.run.running_estimate()
@@ -461,12 +452,12 @@ class SPECallback(Callback):
         fig = make_figure(report)
         try:
             # the report files first: a failing logger must not cost them
-            self._guard("writing the report failed", lambda: self.run.write_report(out, pl_module, fig))
+            self.run.guarded("writing the report failed", lambda: self.run.write_report(out, pl_module, fig))
             if self.config.verbose:
                 # training is over and its progress bar closed: print through the logger
                 rank_zero_info(f"{summary_table(report)}\n{self._cost_line()}\nSPE report: {out / 'spe_report.json'}")
-            self._guard("logging the report failed", lambda: self._log_report(trainer, report, fig))
-            self._guard("announcing the final alerts failed", lambda: self._final_alerts(trainer))
+            self.run.guarded("logging the report failed", lambda: self._log_report(trainer, report, fig))
+            self.run.guarded("announcing the final alerts failed", lambda: self._final_alerts(trainer))
         finally:
             plt.close(fig)
 

@@ -127,6 +127,11 @@ class ChunkedResult:
         }
 
 
+def _working_masks(masks: Sequence[Tensor], size: tuple[int, ...]) -> Tensor:
+    """Bool ``[N,1,w,w]`` foreground (any class) of native-size masks, at the working size."""
+    return torch.cat([resize_masks((m > 0)[None], size) for m in masks])
+
+
 def _is_safe(obj: Any) -> bool:
     if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
         return True
@@ -529,18 +534,15 @@ class SPEEstimator:
         device = self._device(model, device)
         size = tuple(ref.gray.shape[-2:])
 
-        def working(masks: Sequence[Tensor]) -> Tensor:
-            return torch.cat([resize_masks((m > 0)[None], size) for m in masks])
-
         ref_pred, _ = self._predict(model, ref, device, logits_fn)
         regressor = QualityRegressor(settings, device=device).fit(
             ref.gray,
-            working(ref.masks),
-            extra_candidates=[working(ref_pred), *extra_candidates],
+            _working_masks(ref.masks, size),
+            extra_candidates=[_working_masks(ref_pred, size), *extra_candidates],
             seed=self.config.seed,
         )
         masks, conf = self._predict(model, data, device, logits_fn)
-        raw = regressor.predict(data.gray, working(masks)).numpy()
+        raw = regressor.predict(data.gray, _working_masks(masks, size)).numpy()
         real = per_case_dice(masks, data.masks)
         level = self.config.level
         if int((real < 0.7).sum()) >= 5:
@@ -550,7 +552,7 @@ class SPEEstimator:
             for i, family in enumerate(SHIFT_FAMILIES):
                 shifted = shift_set(data, family, 2, seed=self.config.seed * 7919 + 97 * i)
                 s_masks, _ = self._predict(model, shifted, device, logits_fn)
-                xs.append(regressor.predict(shifted.gray, working(s_masks)).numpy())
+                xs.append(regressor.predict(shifted.gray, _working_masks(s_masks, size)).numpy())
                 ys.append(per_case_dice(s_masks, shifted.masks))
             qcal = calibrate_quality(
                 raw, real, kind="isotonic", level=level, extra_pairs=(np.concatenate(xs), np.concatenate(ys))
@@ -576,7 +578,7 @@ class SPEEstimator:
         progress: Callable[[int], Any] | None = None,
     ) -> CaseScores:
         size = tuple(data.gray.shape[-2:])
-        wmasks = torch.cat([resize_masks((m > 0)[None], size) for m in masks])  # any foreground class
+        wmasks = _working_masks(masks, size)
         engine = self.engine
         return case_scores(
             self.segmenter,
@@ -812,7 +814,7 @@ class SPEEstimator:
         if self.quality is not None:  # the regressor: one forward per case, calibrated estimates
             qcal = self.quality["calibration"]
             size = tuple(data.gray.shape[-2:])
-            wmasks = torch.cat([resize_masks((m > 0)[None], size) for m in masks])
+            wmasks = _working_masks(masks, size)
             raw = self._quality_regressor(device).predict(data.gray, wmasks).numpy()
             est = quality_estimates(qcal, raw, conf.numpy() if qcal.get("weights") else None)
             if progress is not None:

@@ -201,10 +201,6 @@ class SPERun:
             f"reverse segmenter {engine.segmenter.name}."
         )
 
-    def cache(self, name: str, dataset: Dataset, require_masks: bool = False) -> CachedSet:
-        """A dataset cached with this run's settings (e.g. an extra set for :meth:`evaluate`)."""
-        return cache_dataset(name, dataset, require_masks=require_masks, **self.config.cache_kwargs())
-
     def _build_segmenter(self) -> ReverseSegmenter:
         if self._segmenter_arg is not None:
             return self._segmenter_arg
@@ -286,8 +282,8 @@ class SPERun:
             predictions[name] = (data, masks, conf)
         return engine.evaluate(predictions, device, shard)
 
-    def _guarded(self, what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, or None after a warning when it fails (``strict``: raised)."""
+    def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""
         try:
             return fn()
         except Exception as err:
@@ -305,7 +301,7 @@ class SPERun:
     ) -> dict[str, Any] | None:
         """Evaluate ``model`` and keep the record; None when the evaluation failed and was skipped."""
         start = time.perf_counter()
-        record = self._guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
+        record = self.guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
         if record is None:
             return None
         record.update(epoch=epoch, step=step, final=final, seconds=time.perf_counter() - start)
@@ -352,7 +348,7 @@ class SPERun:
                 record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
             return pairs_from_record(record, CALIBRATION, list(sets))
 
-        pairs = self._guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
+        pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
         self.pairs_seconds = time.perf_counter() - start
         if pairs and c.verbose:
@@ -443,7 +439,7 @@ class SPERun:
                 write_json(report, out / "spe_report.json")
             return est.save(out / "spe_estimator.pt")
 
-        path = self._guarded("saving spe_estimator.pt failed", estimator) if report.get("reason") is None else None
+        path = self.guarded("saving spe_estimator.pt failed", estimator) if report.get("reason") is None else None
         if path is not None:
             paths["estimator"] = path
 
@@ -458,7 +454,7 @@ class SPERun:
                     plt.close(fig)
             return out / "spe_calibration.png"
 
-        path = self._guarded("drawing spe_calibration.png failed", draw)
+        path = self.guarded("drawing spe_calibration.png failed", draw)
         if path is not None:
             paths["figure"] = path
         return paths

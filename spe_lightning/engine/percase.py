@@ -285,6 +285,37 @@ def _flag(score: float | None, empty: bool, threshold: float | None) -> bool | N
     return bool(score < threshold)
 
 
+def _case_row(
+    case_id: str,
+    quality: float | None,
+    estimate: tuple[float | None, float | None, float | None],
+    flagged: bool | None,
+    empty: bool,
+    mask: Tensor,
+    confidence: float | None,
+    best_reference: int,
+    real_dice: float | None,
+    with_real: bool,
+) -> dict[str, Any]:
+    """The columns every per-case row has (RCA or regressor): ``estimate`` is (value, lower, upper)."""
+    value, lower, upper = estimate
+    row: dict[str, Any] = {
+        "id": case_id,
+        "quality": quality,
+        "estimated_dice": value,
+        "estimated_dice_lower": lower,
+        "estimated_dice_upper": upper,
+        "flagged": flagged,
+        "empty_prediction": empty,
+        "foreground_pixels": int(mask.sum()),
+        "confidence": confidence,
+        "best_reference": best_reference,
+    }
+    if with_real:
+        row["real_dice"] = real_dice
+    return row
+
+
 def case_rows(
     scores: CaseScores,
     calibration: dict[str, Any] | None,
@@ -302,28 +333,25 @@ def case_rows(
     rows = []
     for i in range(len(ids)):
         s = finite_or_none(scores.score[i])
-        row: dict[str, Any] = {
-            "id": str(ids[i]),
-            "quality": s,
-            "estimated_dice": None,
-            "estimated_dice_lower": None,
-            "estimated_dice_upper": None,
-            "flagged": _flag(s, bool(scores.empty[i]), threshold),
-            "empty_prediction": bool(scores.empty[i]),
-            "foreground_pixels": int(masks[i].sum()),
-            "confidence": finite_or_none(confidence[i]),
-            "best_reference": int(scores.best_reference[i]),
-        }
+        estimate: tuple[float | None, float | None, float | None] = (None, None, None)
         if g is not None and s is not None:
             lo, hi = g.interval([s], level)
-            row.update(
-                estimated_dice=finite_or_none(g.predict([s])[0]),
-                estimated_dice_lower=finite_or_none(lo[0]),
-                estimated_dice_upper=finite_or_none(hi[0]),
+            estimate = (finite_or_none(g.predict([s])[0]), finite_or_none(lo[0]), finite_or_none(hi[0]))
+        empty = bool(scores.empty[i])
+        rows.append(
+            _case_row(
+                str(ids[i]),
+                s,
+                estimate,
+                _flag(s, empty, threshold),
+                empty,
+                masks[i],
+                finite_or_none(confidence[i]),
+                int(scores.best_reference[i]),
+                None if real_dice is None else finite_or_none(real_dice[i]),
+                real_dice is not None,
             )
-        if real_dice is not None:
-            row["real_dice"] = finite_or_none(real_dice[i])
-        rows.append(row)
+        )
     return rows
 
 
@@ -336,21 +364,18 @@ def regressor_case_rows(
 ) -> list[dict[str, Any]]:
     """One row per case from the quality regressor's calibrated estimates
     (:func:`~spe_lightning.engine.quality.quality_estimates`): the same columns as :func:`case_rows`."""
-    rows = []
-    for i in range(len(ids)):
-        row: dict[str, Any] = {
-            "id": str(ids[i]),
-            "quality": finite_or_none(estimates["score"][i]),
-            "estimated_dice": finite_or_none(estimates["estimate"][i]),
-            "estimated_dice_lower": finite_or_none(estimates["lower"][i]),
-            "estimated_dice_upper": finite_or_none(estimates["upper"][i]),
-            "flagged": bool(estimates["flagged"][i]),
-            "empty_prediction": not bool(masks[i].any()),
-            "foreground_pixels": int(masks[i].sum()),
-            "confidence": finite_or_none(confidence[i]),
-            "best_reference": -1,
-        }
-        if real_dice is not None:
-            row["real_dice"] = finite_or_none(real_dice[i])
-        rows.append(row)
-    return rows
+    return [
+        _case_row(
+            str(ids[i]),
+            finite_or_none(estimates["score"][i]),
+            tuple(finite_or_none(estimates[k][i]) for k in ("estimate", "lower", "upper")),  # type: ignore[arg-type]
+            bool(estimates["flagged"][i]),
+            not bool(masks[i].any()),
+            masks[i],
+            finite_or_none(confidence[i]),
+            -1,
+            None if real_dice is None else finite_or_none(real_dice[i]),
+            real_dice is not None,
+        )
+        for i in range(len(ids))
+    ]
