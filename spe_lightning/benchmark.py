@@ -151,6 +151,8 @@ def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
         for i, s in enumerate(cfg.segmenters)
     ]
     extra = [_selection_callback(callbacks[0], dm, cfg.seed, cfg.select_every)] if cfg.select_every > 0 else []
+    snapshots = weight_snapshots(callbacks[0])  # for the quality regressor's row per checkpoint (issue 17)
+    extra.append(snapshots)
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -163,7 +165,71 @@ def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
     model = SegmentationModel(lr=cfg.lr)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
+    callbacks[0].weight_snapshots = snapshots.weights
     return model, dm, callbacks, time.perf_counter() - start
+
+
+def weight_snapshots(spe: Any) -> Any:
+    """Benchmark only: a callback keeping a copy of the model's weights (CPU tensors, by epoch) at every
+    epoch ``spe`` recorded, for the quality regressor's row per checkpoint."""
+    from lightning.pytorch.callbacks import Callback
+
+    class WeightSnapshots(Callback):
+        def __init__(self) -> None:
+            self.weights: dict[int, dict[str, Any]] = {}
+
+        def take(self, trainer: Any, pl_module: Any) -> None:
+            epoch, records = trainer.current_epoch, spe.run.records
+            if records and records[-1]["epoch"] == epoch and epoch not in self.weights:
+                self.weights[epoch] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                self.take(trainer, pl_module)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.take(trainer, pl_module)
+
+    return WeightSnapshots()
+
+
+def fit_regressor(run: Any, model: Any, datamodule: Any, settings: Any = None) -> tuple[Any, float]:
+    """The per-case quality regressor fitted on the run's references, calibrated on its calibration set at
+    ``model``'s weights (as the callback does at fit end): ``(estimator, seconds)``. ``settings``: a
+    :class:`~spe_lightning.engine.quality.QualitySettings` (None: the product's)."""
+    from spe_lightning.engine.records import CALIBRATION
+    from spe_lightning.estimator import SPEEstimator
+
+    start = time.perf_counter()
+    est = SPEEstimator.from_run(run, None)
+    est.fit_quality(model, datamodule.spe_datasets()["reference"], run.sets[CALIBRATION], settings=settings)
+    return est, time.perf_counter() - start
+
+
+def _regressor_mean(est: Any, model: Any, data: Any) -> float | None:
+    rows = est.case_estimates(model, data)
+    values = [r["estimated_dice"] for r in rows if r["estimated_dice"] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def regressor_by_checkpoint(est: Any, model: Any, run: Any, weights: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The quality regressor's mean per-case Dice estimate of every target of ``run`` at each recorded
+    checkpoint (``weights`` by epoch), for the paper protocol's ``quality_regressor`` row. The regressor is
+    fitted once, at the final weights, as a user fits it after training; ``model`` ends at its final weights."""
+    from spe_lightning.engine.records import CALIBRATION
+
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    targets = {n: d for n, d in run.sets.items() if n != CALIBRATION}
+    means: dict[str, list[float | None]] = {n: [] for n in targets}
+    epochs = sorted(weights)
+    try:
+        for epoch in epochs:
+            model.load_state_dict(weights[epoch])
+            for n, data in targets.items():
+                means[n].append(_regressor_mean(est, model, data))
+    finally:
+        model.load_state_dict(final)
+    return {"epochs": epochs, "means": means}
 
 
 def _paper_result(cfg: BenchmarkConfig, callbacks: list, total: float) -> dict[str, Any]:
@@ -194,15 +260,17 @@ def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
     Rows: ``spe`` (the callback's default, anchored), ``spe_paper`` (the paper's G(pseudo)),
     ``spe_huber`` / ``spe_isotonic`` (anchored with those kinds of G), ``spe_<segmenter>`` for
-    extra segmenters, ``calibration_score`` and ``confidence``; all scored on the same checkpoints.
+    extra segmenters, ``calibration_score``, ``confidence`` and, for Dice when measured,
+    ``quality_regressor`` (mean per-case estimate); all scored on the same checkpoints.
     """
     from spe_lightning.engine.metrics import PAPER_METRICS
 
     segs = list(result["records"])
     first = result["records"][segs[0]]
-    real_dice = [r["real"]["extra_test"].get("dice") for r in first]
-    result["real_dice_range"] = [min(v for v in real_dice if v is not None), max(v for v in real_dice if v is not None)]
     targets = [t for t in first[-1]["pseudo"] if t != "calibration"]
+    main = "extra_test" if "extra_test" in targets else targets[0]  # the protocol's target
+    real_dice = [v for r in first if (v := r["real"].get(main, {}).get("dice")) is not None]
+    result["real_dice_range"] = [min(real_dice), max(real_dice)] if real_dice else [None, None]
     result["metrics_by_target"] = {}
     for target in targets:
         series_by_row: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -218,12 +286,17 @@ def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
         for kind in ("huber", "isotonic"):
             for m, rows in checkpoint_series(first, target, PAPER_METRICS, kind).items():
                 series_by_row[m][f"spe_{kind}"] = rows["spe"]
+        by_ckpt = result.get("quality_regressor_by_checkpoint")
+        if by_ckpt and target in by_ckpt["means"] and "dice" in series_by_row:  # the regressor estimates Dice only
+            at = dict(zip(by_ckpt["epochs"], by_ckpt["means"][target]))
+            values = [at.get(r["epoch"]) for r in first]
+            series_by_row["dice"]["quality_regressor"] = np.asarray([np.nan if v is None else v for v in values])
         scored = {}
         for m, rows in series_by_row.items():
             real = rows.pop("real")
             scored[m] = score_on_common_checkpoints(rows, real)
         result["metrics_by_target"][target] = scored
-    result["metrics"] = result["metrics_by_target"]["extra_test"]
+    result["metrics"] = result["metrics_by_target"][main]
     return result
 
 
@@ -233,10 +306,26 @@ def _write(result: dict[str, Any], out: str | None) -> None:
         Path(out).write_text(json.dumps(result, indent=2))
 
 
+def _with_regressor(
+    result: dict[str, Any], model: Any, datamodule: Any, callbacks: list
+) -> tuple[dict[str, Any], tuple[Any, float]]:
+    """Add the quality regressor's per-checkpoint means (``quality_regressor_by_checkpoint``) and its row;
+    returns the result and ``(fitted regressor, fit seconds)`` for the shift targets."""
+    spe = callbacks[0]
+    est, fit_s = fit_regressor(spe.run, model, datamodule)
+    start = time.perf_counter()
+    result["quality_regressor_by_checkpoint"] = {
+        **regressor_by_checkpoint(est, model, spe.run, getattr(spe, "weight_snapshots", {})),
+        "fit_s": fit_s,
+        "eval_s": time.perf_counter() - start,
+    }
+    return paper_metrics(result), (est, fit_s)
+
+
 def run_paper(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     """Run the paper protocol; returns (and writes to ``out``) the JSON result."""
-    _, _, callbacks, total = _train(cfg)
-    result = _paper_result(cfg, callbacks, total)
+    model, dm, callbacks, total = _train(cfg)
+    result, _ = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks)
     _write(result, out)
     return result
 
@@ -256,22 +345,10 @@ def _measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _regressor_means(run: Any, model: Any, datamodule: Any, targets: dict[str, Any]) -> dict[str, Any]:
-    """Fit the per-case quality regressor on the run's references (calibrated on its calibration set) and
-    return, per target, the mean of its per-case Dice estimates, with the fit's seconds."""
-    from spe_lightning.engine.records import CALIBRATION
-    from spe_lightning.estimator import SPEEstimator
-
-    start = time.perf_counter()
-    est = SPEEstimator.from_run(run, None)
-    est.fit_quality(model, datamodule.spe_datasets()["reference"], run.sets[CALIBRATION])
-    fit_s = time.perf_counter() - start
-    means = {}
-    for name, data in targets.items():
-        rows = est.case_estimates(model, data)
-        values = [r["estimated_dice"] for r in rows if r["estimated_dice"] is not None]
-        means[name] = float(np.mean(values)) if values else None
-    return {"means": means, "fit_s": fit_s}
+def _regressor_means(regressor: tuple[Any, float], model: Any, targets: dict[str, Any]) -> dict[str, Any]:
+    """Per target, the mean of the fitted quality regressor's per-case Dice estimates, with its fit's seconds."""
+    est, fit_s = regressor
+    return {"means": {name: _regressor_mean(est, model, data) for name, data in targets.items()}, "fit_s": fit_s}
 
 
 def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
@@ -393,7 +470,7 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     from spe_lightning.engine.records import CALIBRATION
 
     model, dm, callbacks, total = _train(cfg)
-    result = _paper_result(cfg, callbacks, total)
+    result, regressor = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks)
     start = time.perf_counter()
     targets = shift_targets(callbacks[0].run, dm, cfg.seed)
     sites = [name for name, _ in cfg.targets]
@@ -408,7 +485,10 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
             "pairs": cb.run.pairs,
         }
         if s == cfg.segmenters[0]:  # the per-case quality regressor's mean estimate per target (issue 17)
-            raw[s]["quality_regressor"] = _regressor_means(cb.run, model, dm, targets)
+            raw[s]["quality_regressor"] = _regressor_means(regressor, model, targets)
+            # and on the calibration pairs' sets (development data), to choose its combination with SPE
+            dev = _regressor_means(regressor, model, cb.run.pair_sets())
+            raw[s]["quality_regressor"]["dev_means"] = dev["means"]
         print(f"[shift] {s}: {len(targets)} targets evaluated; {len(raw[s]['pairs'])} calibration pairs")
     result["timing"]["shift_eval_s"] = time.perf_counter() - start
     result["shift_raw"] = raw
@@ -473,12 +553,50 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                         row.setdefault("quality_regressor", {})[m] = raw["quality_regressor"]["means"].get(n)
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
                     row["confidence"][m] = finite_or_none(c)
+    combination = _combination(result["shift_raw"][segs[0]], result["records"][segs[0]])
+    if combination is not None:
+        w = combination["weight"]
+        for row in rows:
+            spe_v, reg_v = (row["spe"].get("dice") or {}).get("value"), (row.get("quality_regressor") or {}).get("dice")
+            value = None if spe_v is None or reg_v is None else w * reg_v + (1 - w) * spe_v
+            row["spe_combined"] = {"dice": value}
     methods = [k for k in rows[0] if k not in ROW_FIELDS]
     clean = next((r["real"] for r in rows if r["name"] == "clean"), {})
     # another site's rows are reported on their own, never averaged with the synthetic shifts
     summary = _summary([r for r in rows if not r["site"]], methods, clean)
     site_summary = {r["name"]: _summary([r], methods, {}) for r in rows if r["site"]}
-    return {"targets": rows, "summary": summary, "sites": site_summary, "level": level}
+    return {"targets": rows, "summary": summary, "sites": site_summary, "level": level, "combination": combination}
+
+
+def _combination(raw: dict[str, Any], records: Sequence[dict]) -> dict[str, Any] | None:
+    """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only:
+    the calibration pairs' sets (subsets and shifted copies of the calibration split) at the final weights,
+    where SPE's anchored estimate, the regressor's mean and the real Dice are all known. None when the run
+    did not measure the regressor on them."""
+    from spe_lightning.engine.estimate import estimate
+    from spe_lightning.engine.quality import choose_combination
+    from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
+
+    dev = (raw.get("quality_regressor") or {}).get("dev_means")
+    p_c, r_c = raw["calibration"]["pseudo"].get("dice"), raw["calibration"]["real"].get("dice")
+    if not dev or p_c is None or r_c is None:
+        return None
+    g, _ = fit_mapping(
+        "linear", series(records, "pseudo", CALIBRATION, "dice"), series(records, "real", CALIBRATION, "dice"), "dice"
+    )
+    if g is None:
+        return None
+    spe, reg, real, names = [], [], [], []
+    for p in raw["pairs"]:
+        dp, dr = p["d_pseudo"].get("dice"), p["d_real"].get("dice")
+        if dp is None or dr is None or dev.get(p["name"]) is None:
+            continue
+        value = estimate(g, "dice", p_c + dp, anchor=(p_c, r_c, None))["value"]
+        spe.append(np.nan if value is None else value)
+        reg.append(dev[p["name"]])
+        real.append(r_c + dr)
+        names.append(p["name"])
+    return {**choose_combination(spe, reg, real), "sets": names}
 
 
 #: the fields of a shift-benchmark row that are not methods

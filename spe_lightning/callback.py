@@ -462,12 +462,18 @@ class SPECallback(Callback):
             plt.close(fig)
 
     def _cost_line(self) -> str:
-        """SPE's total time next to the fit's."""
+        """SPE's total time next to the fit's, split into its parts."""
         total = time.perf_counter() - self._fit_start if self._fit_start else 0.0
-        spe = self.run.seconds
-        share = f" ({100 * spe / total:.0f}% of the fit's {total:.0f} s)" if total > spe > 0 else ""
-        pairs = self.run.pairs_seconds
-        return f"SPE took {spe:.1f} s{share}: {len(self.records)} evaluation(s), calibration pairs {pairs:.1f} s."
+        run = self.run
+        spe = run.seconds
+        share = f" of the fit's {total:.0f} s (training {total - spe:.0f} s)" if total > spe > 0 else ""
+        parts = [f"{len(self.records)} evaluation(s) {sum(r.get('seconds', 0.0) for r in self.records):.1f} s"]
+        if run.segmenter_fit_seconds:
+            parts.append(f"{run.segmenter.name} fit {run.segmenter_fit_seconds:.1f} s")
+        parts.append(f"calibration pairs {run.pairs_seconds:.1f} s")
+        if run.quality_seconds:
+            parts.append(f"quality regressor {run.quality_seconds:.1f} s")
+        return f"SPE took {spe:.1f} s{share}: {', '.join(parts)}."
 
     def _log_report(self, trainer: pl.Trainer, report: dict[str, Any], fig: Any) -> None:
         if not self.records:

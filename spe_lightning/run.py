@@ -300,11 +300,13 @@ class SPERun:
         self, model: nn.Module, epoch: int, step: int, final: bool = False, shard: Shard | None = None
     ) -> dict[str, Any] | None:
         """Evaluate ``model`` and keep the record; None when the evaluation failed and was skipped."""
-        start = time.perf_counter()
+        start, fit_before = time.perf_counter(), self.segmenter_fit_seconds
         record = self.guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
         if record is None:
             return None
-        record.update(epoch=epoch, step=step, final=final, seconds=time.perf_counter() - start)
+        # a learned segmenter's one-off fit (at the first evaluation) is counted in segmenter_fit_seconds only
+        seconds = time.perf_counter() - start - (self.segmenter_fit_seconds - fit_before)
+        record.update(epoch=epoch, step=step, final=final, seconds=seconds)
         self.records.append(record)
         return record
 
@@ -331,6 +333,14 @@ class SPERun:
         if self.config.anchored and self.records and self.records[-1]["final"]:
             self.measure_pairs(model, shard)
 
+    def pair_sets(self) -> dict[str, CachedSet]:
+        """The labelled sets behind the calibration pairs, by pair name (calibration subsets as large as the
+        targets, shifted copies of the calibration set): development data with known truth."""
+        c = self.config
+        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
+        sizes = sorted({len(self._sets[t]) for t in self._targets})
+        return calibration_sets(self._sets[CALIBRATION], sizes, c.interval_subsets, shifts, c.seed)
+
     def measure_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
         """The labelled calibration pairs at ``model``'s weights (subsets, shifted copies): the intervals."""
         c = self.config
@@ -340,8 +350,7 @@ class SPERun:
         start = time.perf_counter()
 
         def measure() -> list[dict[str, Any]]:
-            sizes = sorted({len(self._sets[t]) for t in self._targets})
-            sets = calibration_sets(self._sets[CALIBRATION], sizes, c.interval_subsets, shifts, c.seed)
+            sets = self.pair_sets()
             record = self.evaluate(model, shard, sets)
             last = self.records[-1]
             for kind in ("pseudo", "real"):

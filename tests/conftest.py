@@ -25,7 +25,18 @@ def _isolated_torch_hub(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
 
 
+@pytest.fixture(autouse=True)
+def _fast_auto_segmenter(request, monkeypatch):
+    """Offline, ``segmenter="auto"`` means the learned propagation, whose fit takes ~50 s: tests that only
+    need *a* working SPE get label fusion from "auto"; tests marked ``real_default`` see the real default."""
+    if "real_default" not in request.keywords:
+        from spe_lightning.reverse import base
+
+        monkeypatch.setattr(base, "DEFAULT_WEIGHT_FREE", "label_fusion")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "real_default: 'auto' resolves to the product's real offline default")
     import torch
 
     # The tests are tiny; one thread avoids oversubscription slow-downs on small shared CPUs.

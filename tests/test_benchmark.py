@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from spe_lightning.benchmark import score_records
 
@@ -102,3 +103,89 @@ def test_another_site_is_reported_on_its_own(tmp_path):
 
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "pearson_r")
+
+
+def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
+    """The paper protocol's regressor row: the model's weights at every recorded epoch, one mean estimate each."""
+    import lightning.pytorch as pl
+
+    from spe_lightning import SPECallback
+    from spe_lightning.benchmark import fit_regressor, paper_metrics, regressor_by_checkpoint, weight_snapshots
+    from spe_lightning.data import SyntheticShapesDataModule
+    from spe_lightning.engine.quality import QualitySettings
+    from spe_lightning.models import SegmentationModel
+
+    pl.seed_everything(0)
+    dm = SyntheticShapesDataModule(n_train=24, n_val=12, n_target=8, size=32, batch_size=4)
+    model = SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3)
+    cb = SPECallback(segmenter="label_fusion", support_size=8, max_references=16, seed=0, verbose=False)
+    snaps = weight_snapshots(cb)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[cb, snaps],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert sorted(snaps.weights) == [r["epoch"] for r in cb.records] == [0, 1, 2, 3]
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    est, _ = fit_regressor(cb.run, model, dm, QualitySettings(epochs=3))
+    by_ckpt = regressor_by_checkpoint(est, model, cb.run, snaps.weights)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())  # back at the final weights
+    means = by_ckpt["means"]["target_noisy"]
+    assert len(means) == 4 and all(0.0 <= v <= 1.0 for v in means)
+    rows = est.case_estimates(model, cb.run.sets["target_noisy"])
+    assert means[-1] == pytest.approx(np.mean([r["estimated_dice"] for r in rows]))
+    assert len(set(np.round(means, 6))) > 1  # the weights really changed between checkpoints
+    result = paper_metrics(
+        {"records": {"label_fusion": cb.records}, "quality_regressor_by_checkpoint": by_ckpt}
+    )
+    row = result["metrics_by_target"]["target_noisy"]["dice"]["quality_regressor"]
+    assert row["n_scored"] == result["metrics_by_target"]["target_noisy"]["dice"]["spe"]["n_scored"]
+
+
+def test_spe_regressor_combination_is_chosen_on_the_calibration_pairs_only():
+    from spe_lightning.benchmark import shift_scores
+
+    def measured(d):
+        return {"pseudo": {m: d for m in METRICS}, "real": {m: d for m in METRICS}, "confidence": 0.9}
+
+    records = [
+        {
+            "pseudo": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "real": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "confidence": {"calibration": 0.5 + 0.05 * i},
+        }
+        for i in range(5)
+    ]
+    # on the pairs' sets SPE is blind (pseudo unchanged) while the regressor follows the real drops
+    drops = {"noise_2": -0.1, "blur_2": -0.2, "gamma_2": -0.05}
+    pairs = [{"name": n, "d_pseudo": {"dice": 0.0}, "d_real": {"dice": d}} for n, d in drops.items()]
+
+    def result(dev_offset):
+        return {
+            "records": {"auto": records},
+            "shift_raw": {
+                "auto": {
+                    "calibration": measured(0.7),
+                    "targets": {"clean": measured(0.7), "noise_3": measured(0.5)},
+                    "pairs": pairs,
+                    "quality_regressor": {
+                        "means": {"clean": 0.68, "noise_3": 0.45},
+                        "dev_means": {n: 0.7 + d + dev_offset for n, d in drops.items()},
+                    },
+                }
+            },
+        }
+
+    good = shift_scores(result(0.0))
+    assert good["combination"]["weight"] == 1.0 and good["combination"]["sets"] == list(drops)
+    by_name = {r["name"]: r for r in good["targets"]}
+    assert by_name["noise_3"]["spe_combined"]["dice"] == pytest.approx(0.45)  # the regressor's value
+    biased = shift_scores(result(0.3))  # a regressor worse than SPE on the pairs is never mixed in
+    assert biased["combination"]["weight"] == 0.0
+    assert {r["name"]: r for r in biased["targets"]}["noise_3"]["spe_combined"]["dice"] == pytest.approx(0.5)

@@ -102,6 +102,7 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
             "--trainer.devices=2",
             "--trainer.accelerator=cpu",
             "--trainer.callbacks.init_args.working_size=32",
+            "--trainer.callbacks.init_args.segmenter=label_fusion",  # spawned workers do not see conftest's patch
             "--trainer.callbacks.init_args.interval_subsets=0",
             "--trainer.callbacks.init_args.interval_shifts=[]",
         ]

@@ -22,10 +22,13 @@ def test_registry_names():
         make_segmenter("nope")
 
 
-def test_auto_falls_back_to_weight_free_offline():
+@pytest.mark.real_default
+def test_auto_falls_back_to_the_learned_propagation_offline():
+    from spe_lightning.reverse.learned import LearnedPropagationSegmenter
+
     seg, reason = resolve_auto()
-    assert isinstance(seg, LabelFusionSegmenter)
-    assert "UniverSeg" in reason and "label_fusion" in reason
+    assert isinstance(seg, LearnedPropagationSegmenter) and not seg.is_fitted
+    assert "UniverSeg" in reason and "learned_propagation" in reason
 
 
 def test_auto_uses_universeg_when_weights_are_found(tmp_path, monkeypatch):
@@ -36,15 +39,16 @@ def test_auto_uses_universeg_when_weights_are_found(tmp_path, monkeypatch):
     assert isinstance(make_segmenter("auto"), UniverSegSegmenter)
 
 
+@pytest.mark.real_default
 def test_run_warns_once_about_auto_choice():
     from spe_lightning import SPERun
     from spe_lightning.data import SyntheticShapesDataset
 
     run = SPERun()
     data = SyntheticShapesDataset(6, size=32)
-    with pytest.warns(UserWarning, match="weight-free 'label_fusion'") as caught:
-        run.prepare(data, data, data)
-    assert run.segmenter.name == "label_fusion" and len(caught) == 1
+    with pytest.warns(UserWarning, match="'learned_propagation' reverse segmenter") as caught:
+        run.prepare(data, data, data)  # the learned segmenter is fitted at the first evaluation, not here
+    assert run.segmenter.name == "learned_propagation" and len(caught) == 1
 
 
 def test_callable_segmenter_chunks_and_validates():

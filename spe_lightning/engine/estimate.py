@@ -50,17 +50,19 @@ def fit_interval_model(
     g: MetricMapping,
     pseudo_calibration: float | None,
     exclude: str | None = None,
+    s0: float | None = None,
 ) -> dict[str, Any] | None:
     """The interval model of anchored estimates of ``metric`` from labelled calibration pairs.
 
     For each pair the anchored prediction of its real difference is ``G(p_c + dp) - G(p_c)``; the
     model keeps the normalised residuals ``|dr - prediction| / (s0 + |prediction|)`` (plain
     numbers), so an estimate's half-width grows with how far G moves it from the calibration
-    score (normalised split-conformal). ``exclude`` drops pairs whose name starts with it.
+    score (normalised split-conformal). ``exclude`` drops pairs whose name starts with it; ``s0``
+    overrides the metric's scale floor.
     """
     if pseudo_calibration is None:
         return None
-    s0 = _S0.get(metric.split("/")[0], 0.01)
+    s0 = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
     scores = []
     for p in pairs:

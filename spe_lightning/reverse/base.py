@@ -186,8 +186,10 @@ def available_segmenters() -> list[str]:
     return sorted(_REGISTRY)
 
 
-#: the weight-free segmenter "auto" falls back to (chosen by benchmarks/reverse_sensitivity.py)
-DEFAULT_WEIGHT_FREE = "label_fusion"
+#: the segmenter "auto" falls back to without UniverSeg weights: the learned label propagation, fitted on
+#: the references at set-up (~50 s on 2 CPU cores). It beats label fusion in benchmarks/reverse_sensitivity.py
+#: and in the shift benchmarks (BENCHMARKS.md); ``segmenter="label_fusion"`` needs no fit.
+DEFAULT_WEIGHT_FREE = "learned_propagation"
 
 
 def make_segmenter(name: str = "auto", **kwargs: Any) -> ReverseSegmenter:
@@ -239,6 +241,7 @@ def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
             raise
         reason = (
             f"UniverSeg's weights were not found (set SPE_UNIVERSEG_WEIGHTS=PATH, or SPE_DOWNLOAD=1 to download "
-            f"them), so the weight-free '{DEFAULT_WEIGHT_FREE}' reverse segmenter is used."
+            f"them), so the '{DEFAULT_WEIGHT_FREE}' reverse segmenter (no download; it learns from the references) "
+            "is used."
         )
         return _REGISTRY[DEFAULT_WEIGHT_FREE](), reason
