@@ -100,8 +100,9 @@ class SPECallback(Callback):
         reference: labelled dataset whose images are the reverse queries (the training set without augmentation).
         calibration: labelled dataset on which real metrics are measured to fit G (normally validation).
         target: unlabelled dataset, or a dict name -> dataset. Masks, if any, are only reported as the truth.
-        segmenter: ``"auto"`` (UniverSeg when its official weights are found locally, else the weight-free
-            default; never downloads unless ``SPE_DOWNLOAD=1``),
+        segmenter: ``"auto"`` (UniverSeg when its official weights are found locally, else
+            ``learned_propagation``, fitted on the references at the first evaluation; never downloads
+            unless ``SPE_DOWNLOAD=1``),
             a name from :func:`~spe_lightning.reverse.available_segmenters`, or a ``ReverseSegmenter``.
         every_n_epochs: evaluate every n training epochs.
         support_size: maximum support images per reverse step (paper: 64).

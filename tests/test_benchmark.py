@@ -1,5 +1,7 @@
 """Scoring of the paper protocol: SPE vs the baselines across checkpoints."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,9 +143,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
     rows = est.case_estimates(model, cb.run.sets["target_noisy"])
     assert means[-1] == pytest.approx(np.mean([r["estimated_dice"] for r in rows]))
     assert len(set(np.round(means, 6))) > 1  # the weights really changed between checkpoints
-    result = paper_metrics(
-        {"records": {"label_fusion": cb.records}, "quality_regressor_by_checkpoint": by_ckpt}
-    )
+    result = paper_metrics({"records": {"label_fusion": cb.records}, "quality_regressor_by_checkpoint": by_ckpt})
     row = result["metrics_by_target"]["target_noisy"]["dice"]["quality_regressor"]
     assert row["n_scored"] == result["metrics_by_target"]["target_noisy"]["dice"]["spe"]["n_scored"]
 
@@ -189,3 +189,55 @@ def test_spe_regressor_combination_is_chosen_on_the_calibration_pairs_only():
     biased = shift_scores(result(0.3))  # a regressor worse than SPE on the pairs is never mixed in
     assert biased["combination"]["weight"] == 0.0
     assert {r["name"]: r for r in biased["targets"]}["noise_3"]["spe_combined"]["dice"] == pytest.approx(0.5)
+
+
+def _phantom_folder(root, splits):
+    from PIL import Image
+
+    from spe_lightning.data import SyntheticShapesDataset
+
+    for split, n in splits.items():
+        data = SyntheticShapesDataset(n, size=32, seed=len(split))
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True)
+        for i in range(n):
+            item = data[i]
+            image, mask = (item["image"], item["label"]) if isinstance(item, dict) else item
+            Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(root / split / "images" / f"{split}{i}.png")
+            Image.fromarray(mask.reshape(32, 32).numpy().astype(np.uint8)).save(
+                root / split / "masks" / f"{split}{i}.png"
+            )
+    return root
+
+
+def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
+    """run_shift from training to scores: regressor rows (per checkpoint and per target), the combination
+    chosen on the calibration pairs, a --target site on its own and checkpoint selection."""
+    from spe_lightning.benchmark import BenchmarkConfig, run_shift
+
+    data = _phantom_folder(tmp_path / "data", {"train": 16, "test": 10, "extra_test": 8})
+    site = _phantom_folder(tmp_path / "site", {"extra_test": 6})
+    cfg = BenchmarkConfig(
+        data=str(data),
+        epochs=3,
+        segmenters=("label_fusion",),
+        image_size=32,
+        batch_size=4,
+        support_size=8,
+        max_references=12,
+        accelerator="cpu",
+        log_dir=str(tmp_path / "logs"),
+        targets=(("site", str(site)),),
+        select_every=3,
+    )
+    res = run_shift(cfg, out=str(tmp_path / "out.json"))
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(res["summary"]))
+    by_ckpt = res["quality_regressor_by_checkpoint"]
+    assert by_ckpt["epochs"] == [r["epoch"] for r in res["records"]["label_fusion"]]
+    assert "quality_regressor" in res["metrics"]["dice"] and "quality_regressor" in res["summary"]["dice"]
+    raw = res["shift_raw"]["label_fusion"]
+    assert set(raw["quality_regressor"]["dev_means"]) == {p["name"] for p in raw["pairs"]}
+    assert res["combination"]["n_sets"] == len(raw["pairs"]) and "spe_combined" in res["summary"]["dice"]
+    assert set(res["sites"]) == {"site"} and "site" in res["selection"]["targets"]
+    assert res["selection"]["summary"]["shifted"]
