@@ -234,6 +234,8 @@ class SPERun:
         if saved is not None and saved.get("key") == self.segmenter_key():
             seg.load_state_tensors(saved["tensors"])
             return
+        if self.config.verbose:
+            self.say(f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (once per run; ~1 min on a CPU)")
         start = time.perf_counter()
         seg.fit(engine.ref_images, engine.ref_masks.float())
         self.segmenter_fit_seconds = time.perf_counter() - start
