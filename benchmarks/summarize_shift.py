@@ -19,7 +19,7 @@ def _value(e: object) -> float | None:
     return e["value"] if isinstance(e, dict) else e  # type: ignore[index,return-value]
 
 
-def tables(results: list[dict]) -> str:
+def tables(results: list[dict], metrics: list[str] | None = None) -> str:
     """Markdown: summary per metric and method, then Dice per target (mean over seeds)."""
     methods = [k for k in results[0]["summary"]["dice"] if isinstance(results[0]["summary"]["dice"][k], dict)]
     lines = [
@@ -31,7 +31,7 @@ def tables(results: list[dict]) -> str:
         "| Dice false alarms |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in results[0]["summary"]:
+    for m in metrics or list(results[0]["summary"]):
         for meth in methods:
             rows = [r["summary"][m][meth] for r in results]
             d = 1 if m == "hd95" else 3
@@ -46,6 +46,34 @@ def tables(results: list[dict]) -> str:
                 f"| {m} | {meth} | {_ms([row['mae'] for row in rows], d)} | "
                 f"{_ms([row['max_abs_error'] for row in rows], d)} | {cov} | {width} | {fa} |"
             )
+    for site in results[0].get("sites", {}):
+        lines += ["", f"Another site, {site} (its own rows, never averaged with the synthetic shifts):", ""]
+        lines += ["| method | Dice error per seed (estimate - real) | mean abs error | interval per seed |"]
+        lines += ["|---|---|---|---|"]
+        for meth in methods:
+            errs, ivs = [], []
+            for r in results:
+                row = next(t for t in r["targets"] if t["name"] == site)
+                e, real = row[meth].get("dice"), row["real"]["dice"]
+                v = _value(e)
+                errs.append(None if v is None else v - real)
+                if isinstance(e, dict) and e.get("lower") is not None:
+                    ivs.append(
+                        f"[{e['lower']:.3f}, {e['upper']:.3f}]{'' if e['lower'] <= real <= e['upper'] else ' (misses)'}"
+                    )
+            shown = " / ".join("n/a" if x is None else f"{x:+.3f}" for x in errs)
+            mae = np.mean([abs(x) for x in errs if x is not None]) if any(x is not None for x in errs) else None
+            lines.append(f"| {meth} | {shown} | {'n/a' if mae is None else f'{mae:.3f}'} | {' / '.join(ivs)} |")
+    combos = [r.get("combination") for r in results]
+    if any(combos):
+        lines += [
+            "",
+            "SPE + regressor combination weight (chosen per run on its calibration pairs): "
+            + ", ".join(
+                "n/a" if c is None else f"seed {r['seed']}: w {c['weight']:.2f} ({c['n_sets']} sets)"
+                for r, c in zip(results, combos)
+            ),
+        ]
     lines += [
         "",
         "| target | real Dice | SPE [90% interval] | calibration score | confidence |",
@@ -97,11 +125,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("files", nargs="+")
     p.add_argument("--figure", default=None, help="PNG for the first file's run")
+    p.add_argument("--metrics", nargs="+", default=None, help="summary rows of these metrics only (default: all)")
     a = p.parse_args()
     results = [json.loads(Path(f).read_text()) for f in a.files]
     for r in results:  # score with the current estimators (the raw measurements are what was measured)
         r.update(shift_scores(r))
-    print(tables(results))
+    print(tables(results, a.metrics))
     if a.figure:
         figure(results[0], a.figure)
 
