@@ -41,6 +41,8 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def _scores(est: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
+    if est.size == 0:
+        return {"pearson_r": None, "mae": None, "final_abs_error": None}
     ok = np.isfinite(est) & np.isfinite(real)
     return {
         "pearson_r": _pearson(est, real),
@@ -80,10 +82,15 @@ def score_on_common_checkpoints(rows: dict[str, np.ndarray], real: np.ndarray) -
     """
     ok = np.isfinite(real)
     for values in rows.values():
-        ok &= np.isfinite(values)
+        if np.isfinite(values).any():  # a method never measured on this target (e.g. a selection target
+            ok &= np.isfinite(values)  # measured for the first segmenter only) has no row, not an empty scoring
     n = len(real)
     # the final checkpoint keeps its place at the end: final_abs_error is still the last common checkpoint
-    return {k: {**_scores(v[ok], real[ok]), "n_scored": int(ok.sum()), "n_checkpoints": n} for k, v in rows.items()}
+    return {
+        k: {**_scores(v[ok], real[ok]), "n_scored": int(ok.sum()), "n_checkpoints": n}
+        for k, v in rows.items()
+        if np.isfinite(v).any()
+    }
 
 
 def score_records(

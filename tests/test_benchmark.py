@@ -55,6 +55,10 @@ def test_every_method_is_scored_on_the_same_checkpoints():
     # the first checkpoint (no SPE value) is left out for the baseline too, and the count says so
     assert out["calibration_score"]["mae"] == pytest.approx(0.0) and out["calibration_score"]["n_scored"] == 3
     assert out["spe"]["n_checkpoints"] == 4
+    # a method never measured on this target has no row and does not empty the others' scoring
+    rows["spe_other"] = np.full(4, np.nan)
+    out = score_on_common_checkpoints(rows, real)
+    assert "spe_other" not in out and out["spe"]["n_scored"] == 3
 
 
 def test_another_site_is_reported_on_its_own(tmp_path):
@@ -220,7 +224,7 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     cfg = BenchmarkConfig(
         data=str(data),
         epochs=3,
-        segmenters=("label_fusion",),
+        segmenters=("label_fusion", "label_fusion:k=4"),  # selection targets are measured for the first only
         image_size=32,
         batch_size=4,
         support_size=8,
@@ -241,3 +245,6 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     assert res["combination"]["n_sets"] == len(raw["pairs"]) and "spe_combined" in res["summary"]["dice"]
     assert set(res["sites"]) == {"site"} and "site" in res["selection"]["targets"]
     assert res["selection"]["summary"]["shifted"]
+    noise = res["metrics_by_target"]["noise_2"]["dice"]  # a selection target: no row for the second segmenter
+    assert "spe" in noise and "spe_label_fusion:k=4" not in noise
+    assert "spe_label_fusion:k=4" in res["metrics"]["dice"]
