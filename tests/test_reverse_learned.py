@@ -94,6 +94,27 @@ def test_pseudo_dice_falls_with_degraded_masks(data, fitted):
     assert per_query.shape == (qi.shape[0],)
 
 
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_pair_metrics_follow_the_kind_of_error(data, fitted, direction):
+    """Over-segmented support masks lower the pseudo precision, under-segmented ones the pseudo recall."""
+    from _shapes import _dilate
+
+    _, (si, sm), (qi, qm) = data
+    seg = LearnedPropagationSegmenter(steps=100, direction=direction, **SMALL)
+    seg.load_state_tensors(fitted.state_tensors())
+    grown, shrunk = _dilate(sm.float(), 3), 1.0 - _dilate(1.0 - sm.float(), 2)
+
+    def mean(masks):
+        return {m: float(v.mean()) for m, v in seg.score_metrics(qi, qm, si, masks).items()}
+
+    true, over, under = mean(sm), mean(grown), mean(shrunk)
+    assert true["dice"] == pytest.approx(float(seg.score(qi, qm, si, sm).mean()), abs=1e-6)
+    assert over["precision"] < true["precision"] - 0.05 and over["recall"] > under["recall"] + 0.05
+    assert under["recall"] < true["recall"] - 0.05 and under["precision"] > over["precision"] + 0.05
+    for m in ("dice", "iou"):
+        assert true[m] > over[m] and true[m] > under[m]
+
+
 @pytest.mark.parametrize("direction", ["forward", "both"])
 def test_other_directions_fall_too(data, fitted, direction):
     _, (si, sm), (qi, qm) = data

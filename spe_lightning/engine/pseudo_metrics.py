@@ -278,12 +278,12 @@ class SPEEngine:
         idx = self.queries[cls] if queries is None else list(queries)
         if not idx:
             return {m: torch.zeros(0, dtype=torch.float64) for m in self.metrics}
-        # a segmenter that scores each support pair gives the pseudo Dice itself; the fused map the rest
-        scored = getattr(self.segmenter, "supports_scoring", False) and "dice" in self.metrics
-        fused = [m for m in self.metrics if not (scored and m == "dice")]
+        # a segmenter that scores each support pair gives those pseudo metrics itself; the fused map the rest
+        scored = self._scored_metrics()
+        fused = [m for m in self.metrics if m not in scored]
         out: dict[str, list[Tensor]] = {m: [] for m in fused}
         if not fused:
-            return {"dice": self._scored_dice(idx, cls, support, device)}
+            return self._scored(idx, cls, support, device, scored)
         budget = None
         if device.type == "cuda" and self.memory_budget_mb is not None:
             torch.cuda.synchronize(device)
@@ -318,19 +318,33 @@ class SPEEngine:
             start += len(part)
         result = {m: torch.cat(v) for m, v in out.items()}
         if scored:
-            result["dice"] = self._scored_dice(idx, cls, support, device)
+            result.update(self._scored(idx, cls, support, device, scored))
         return {m: result[m] for m in self.metrics}
 
-    def _scored_dice(self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device) -> Tensor:
-        """Pseudo Dice per query from a segmenter that scores each support pair (no fused map)."""
-        truth = _class_mask(self.ref_labels[list(idx)], cls).float().to(device)
-        dice = self.segmenter.score(
+    def _scored_metrics(self) -> tuple[str, ...]:
+        """The metrics the segmenter scores per support pair (``supports_scoring``), in SPE's order."""
+        if not getattr(self.segmenter, "supports_scoring", False):
+            return ()
+        can = getattr(self.segmenter, "scored_metrics", ("dice",))
+        if not hasattr(self.segmenter, "score_metrics"):
+            can = ("dice",)  # only ``score`` (pseudo Dice) is implemented
+        return tuple(m for m in self.metrics if m in can)
+
+    def _scored(
+        self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device, metrics: tuple[str, ...]
+    ) -> dict[str, Tensor]:
+        """Pseudo ``metrics`` per query from a segmenter that scores each support pair (no fused map)."""
+        args = (
             self.ref_images[list(idx)].float().to(device),
-            truth,
+            _class_mask(self.ref_labels[list(idx)], cls).float().to(device),
             support.images.float().to(device),
             (support.labels > 0.5).float().to(device),
         )
-        return dice.detach().double().cpu()
+        if metrics == ("dice",) or not hasattr(self.segmenter, "score_metrics"):
+            values = {"dice": self.segmenter.score(*args)}
+        else:
+            values = self.segmenter.score_metrics(*args, metrics)
+        return {m: values[m].detach().double().cpu() for m in metrics}
 
     def _pseudo_class(self, data: CachedSet, masks: Sequence[Tensor], device: Any, cls: int, shard: Shard) -> Any:
         support = self.support(data, masks, cls)

@@ -83,6 +83,9 @@ class ReverseSegmenter(ABC):
     #: support_labels) -> Tensor[Q]``: the pseudo Dice per query, computed per support (no fused map);
     #: SPE then uses it for the pseudo metrics instead of thresholding ``__call__``'s probabilities
     supports_scoring: bool = False
+    #: the metrics such a segmenter scores per support pair through ``score_metrics(query_images,
+    #: query_labels, support_images, support_labels, metrics) -> {metric: Tensor[Q]}`` (beyond Dice)
+    scored_metrics: tuple[str, ...] = ("dice",)
 
     def __init__(self, chunk_size: int = 32) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:

@@ -127,6 +127,21 @@ def _soft_dice(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     return (2 * inter + eps) / (pred.sum(-1) + target.sum(-1) + eps)
 
 
+#: the overlap metrics :meth:`LearnedPropagationSegmenter.score_metrics` scores per support pair
+PAIR_METRICS = ("dice", "iou", "precision", "recall")
+
+
+def _soft_overlap(pred: Tensor, target: Tensor, eps: float = 1e-6) -> dict[str, Tensor]:
+    """Soft Dice, IoU, precision and recall over the last axis (``eps`` as in :func:`_soft_dice`)."""
+    inter, p, t = (pred * target).sum(-1), pred.sum(-1), target.sum(-1)
+    return {
+        "dice": (2 * inter + eps) / (p + t + eps),
+        "iou": (inter + eps) / (p + t - inter + eps),
+        "precision": (inter + eps) / (p + eps),
+        "recall": (inter + eps) / (t + eps),
+    }
+
+
 @register_segmenter("learned_propagation")
 class LearnedPropagationSegmenter(ReverseSegmenter):
     """Label propagation by attention between learned features, fitted on the labelled references.
@@ -167,6 +182,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     name = "learned_propagation"
     needs_fit = True
     supports_scoring = True
+    scored_metrics = PAIR_METRICS
 
     def __init__(
         self,
@@ -395,24 +411,45 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     ) -> Tensor:
         """Pseudo Dice per query, ``[Q]``: the mean over supports of the soft Dice between the labels
         propagated from that one support and the query's labels (on the feature grid)."""
+        return self.score_metrics(query_images, query_labels, support_images, support_labels, ("dice",))["dice"]
+
+    def score_metrics(
+        self,
+        query_images: Tensor,
+        query_labels: Tensor,
+        support_images: Tensor,
+        support_labels: Tensor,
+        metrics: tuple[str, ...] = PAIR_METRICS,
+    ) -> dict[str, Tensor]:
+        """Like :meth:`score` for each of ``metrics`` (of :data:`PAIR_METRICS`): ``{metric: [Q]}``, each the mean
+        over supports of the soft metric of one support's propagated labels against the query's. With
+        ``direction="forward"`` the query's labels are propagated to the support and compared with the
+        support's labels (the model's mask), so precision and recall trade places to keep their meaning."""
         _check_inputs(query_images, support_images, support_labels)
         if query_labels.shape != query_images.shape:
             raise ValueError(f"query_labels {tuple(query_labels.shape)} must match {tuple(query_images.shape)}.")
+        unknown = [m for m in metrics if m not in PAIR_METRICS]
+        if unknown:
+            raise ValueError(f"score_metrics scores {PAIR_METRICS}, not {unknown}.")
+        swap = {"precision": "recall", "recall": "precision"}
         dev = query_images.device
         prepared = self.prepare(support_images.to(dev).float(), (support_labels.to(dev) > 0.5).float())
-        out = []
+        out: dict[str, list[Tensor]] = {m: [] for m in metrics}
         for i in range(0, query_images.shape[0], self.chunk_size):
             sim, idx = self._pair_attention(query_images[i : i + self.chunk_size].float(), prepared)
             lq = self._labels(query_labels[i : i + self.chunk_size].to(dev))[:, None]  # [q,1,P,C]
             ls = prepared["labels"][idx]  # [q,k,P,C]
-            parts = []
+            parts: dict[str, list[Tensor]] = {m: [] for m in metrics}
             if self.direction in ("reverse", "both"):
                 pred_q = torch.softmax(sim, dim=-1) @ ls
-                parts.append(_soft_dice(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2)))
+                scores = _soft_overlap(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2))
+                for m in metrics:
+                    parts[m].append(scores[m])
             if self.direction in ("forward", "both"):
                 pred_s = torch.softmax(sim, dim=-2).transpose(-1, -2) @ lq
-                parts.append(_soft_dice(pred_s.flatten(2), ls.flatten(2)))
-            out.append(torch.stack(parts).mean(0).mean(1))
-        if not out:
-            return query_images.new_zeros(0)
-        return torch.cat(out)
+                scores = _soft_overlap(pred_s.flatten(2), ls.flatten(2))
+                for m in metrics:
+                    parts[m].append(scores[swap.get(m, m)])
+            for m in metrics:
+                out[m].append(torch.stack(parts[m]).mean(0).mean(1))
+        return {m: torch.cat(v) if v else query_images.new_zeros(0) for m, v in out.items()}
