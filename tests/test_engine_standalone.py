@@ -47,3 +47,24 @@ def test_no_usable_support_gives_null_with_a_reason():
     empty = [torch.zeros_like(m) for m in tgt.masks]
     res = engine.pseudo(tgt, empty)
     assert res["values"] == {"dice": None} and res["n_support"] == 0 and "foreground" in res["reason"]
+
+
+def test_a_pair_scoring_segmenter_gives_the_metrics_it_scores():
+    """Metrics a segmenter scores per support pair come from ``score_metrics``; the rest from its fused map."""
+    from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
+
+    class PairScoring(LabelFusionSegmenter):
+        supports_scoring = True
+        scored_metrics = ("dice", "iou")
+
+        def score_metrics(self, query_images, query_labels, support_images, support_labels, metrics):
+            return {m: torch.full((query_images.shape[0],), 0.25 if m == "dice" else 0.125) for m in metrics}
+
+    ref = cache_dataset("reference", SyntheticShapesDataset(12, 32, seed=1), 32, require_masks=True)
+    cal = cache_dataset("calibration", SyntheticShapesDataset(8, 32, seed=2), 32)
+    sets = {"calibration": (cal, list(cal.masks), torch.ones(len(cal)))}
+    metrics = ("dice", "iou", "precision")
+    scored = SPEEngine(PairScoring(), ref, metrics, support_size=4, min_foreground=4).evaluate(sets)
+    fused = SPEEngine(LabelFusionSegmenter(), ref, metrics, support_size=4, min_foreground=4).evaluate(sets)
+    assert scored["pseudo"]["calibration"]["dice"] == 0.25 and scored["pseudo"]["calibration"]["iou"] == 0.125
+    assert scored["pseudo"]["calibration"]["precision"] == fused["pseudo"]["calibration"]["precision"]
