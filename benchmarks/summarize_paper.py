@@ -14,7 +14,7 @@ import numpy as np
 from spe_lightning.benchmark import paper_metrics
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
 
-METHODS = ("spe", "spe_paper", "spe_huber", "spe_isotonic", "calibration_score", "confidence")
+METHODS = ("spe", "spe_paper", "spe_huber", "spe_isotonic", "calibration_score", "confidence", "quality_regressor")
 
 
 def _ms(vals: list[float | None], digits: int = 3) -> str:
@@ -36,7 +36,8 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for m in results[0]["metrics"]:
-        for method in METHODS:
+        extra = sorted({k for r in results for k in r["metrics"][m] if k.startswith("spe_") and k not in METHODS})
+        for method in (*METHODS, *extra):  # extra: other segmenters' rows (spe_<name>)
             rows = [r["metrics"][m].get(method) for r in results]
             if any(row is None for row in rows):
                 continue
@@ -96,10 +97,15 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--figure", default=None, help="PNG for the first file's run")
     p.add_argument("--mapping", default="linear")
+    p.add_argument("--target", default=None, help="score this target of the records (default: extra_test)")
     a = p.parse_args()
     results = [json.loads(Path(f).read_text()) for f in a.files]
     for r in results:  # score every run with the current estimators (the records are what was measured)
         paper_metrics(r)
+        if a.target:
+            r["metrics"] = r["metrics_by_target"][a.target]
+    if a.target:
+        print(f"target: {a.target} (across the recorded checkpoints)")
     print(table(results))
     if a.figure:
         figure(results[0], a.figure, mapping=a.mapping)
