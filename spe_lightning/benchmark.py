@@ -537,6 +537,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
         }
         for n in names
     ]
+    combination = None
     for i, seg in enumerate(segs):
         raw, records = result["shift_raw"][seg], result["records"][seg]
         tag = "" if i == 0 else f"_{seg}"
@@ -547,6 +548,8 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
             g, _ = fit_mapping("linear", series(records, "pseudo", CALIBRATION, m), real_cal, m)
             g_conf, _ = fit_mapping("linear", conf_cal, real_cal, m)
             p_c, r_c = cal["pseudo"].get(m), cal["real"].get(m)
+            if i == 0 and m == "dice":
+                combination = _combination(raw, g, p_c, r_c)
             for row, n in zip(rows, names):
                 t = raw["targets"][n]
                 p_t = t["pseudo"].get(m)
@@ -560,7 +563,6 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
                         row.setdefault("quality_regressor", {})[m] = raw["quality_regressor"]["means"].get(n)
                     c = g_conf.predict([t["confidence"]])[0] if g_conf and t["confidence"] is not None else None
                     row["confidence"][m] = finite_or_none(c)
-    combination = _combination(result["shift_raw"][segs[0]], result["records"][segs[0]])
     if combination is not None:
         w = combination["weight"]
         for row in rows:
@@ -575,23 +577,16 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     return {"targets": rows, "summary": summary, "sites": site_summary, "level": level, "combination": combination}
 
 
-def _combination(raw: dict[str, Any], records: Sequence[dict]) -> dict[str, Any] | None:
+def _combination(raw: dict[str, Any], g: Any, p_c: float | None, r_c: float | None) -> dict[str, Any] | None:
     """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only:
     the calibration pairs' sets (subsets and shifted copies of the calibration split) at the final weights,
-    where SPE's anchored estimate, the regressor's mean and the real Dice are all known. None when the run
-    did not measure the regressor on them."""
+    where SPE's anchored estimate (G, calibration pseudo and real Dice ``p_c``, ``r_c``), the regressor's mean
+    and the real Dice are all known. None when the run did not measure the regressor on them."""
     from spe_lightning.engine.estimate import estimate
     from spe_lightning.engine.quality import choose_combination
-    from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 
     dev = (raw.get("quality_regressor") or {}).get("dev_means")
-    p_c, r_c = raw["calibration"]["pseudo"].get("dice"), raw["calibration"]["real"].get("dice")
-    if not dev or p_c is None or r_c is None:
-        return None
-    g, _ = fit_mapping(
-        "linear", series(records, "pseudo", CALIBRATION, "dice"), series(records, "real", CALIBRATION, "dice"), "dice"
-    )
-    if g is None:
+    if not dev or g is None or p_c is None or r_c is None:
         return None
     spe, reg, real, names = [], [], [], []
     for p in raw["pairs"]:

@@ -76,17 +76,7 @@ def test_another_site_is_reported_on_its_own(tmp_path):
                 )
     assert len(site_dataset(tmp_path, 1, 16)) == 5  # every split under the root
 
-    def measured(d):
-        return {"pseudo": {m: d for m in METRICS}, "real": {m: d for m in METRICS}, "confidence": 0.9}
-
-    records = [
-        {
-            "pseudo": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
-            "real": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
-            "confidence": {"calibration": 0.5 + 0.05 * i},
-        }
-        for i in range(5)
-    ]
+    records = _linear_records()
     result = {
         "records": {"auto": records},
         "site_targets": ["site_b"],
@@ -109,6 +99,23 @@ def test_another_site_is_reported_on_its_own(tmp_path):
 
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "pearson_r")
+
+
+def measured(d):
+    """One set's raw measurement in a shift result: every metric pseudo = real = ``d``."""
+    return {"pseudo": {m: d for m in METRICS}, "real": {m: d for m in METRICS}, "confidence": 0.9}
+
+
+def _linear_records():
+    """Five checkpoints whose calibration pseudo metric equals the real one (G is the identity)."""
+    return [
+        {
+            "pseudo": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "real": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
+            "confidence": {"calibration": 0.5 + 0.05 * i},
+        }
+        for i in range(5)
+    ]
 
 
 def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
@@ -155,17 +162,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
 def test_spe_regressor_combination_is_chosen_on_the_calibration_pairs_only():
     from spe_lightning.benchmark import shift_scores
 
-    def measured(d):
-        return {"pseudo": {m: d for m in METRICS}, "real": {m: d for m in METRICS}, "confidence": 0.9}
-
-    records = [
-        {
-            "pseudo": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
-            "real": {"calibration": {m: 0.3 + 0.1 * i for m in METRICS}},
-            "confidence": {"calibration": 0.5 + 0.05 * i},
-        }
-        for i in range(5)
-    ]
+    records = _linear_records()
     # on the pairs' sets SPE is blind (pseudo unchanged) while the regressor follows the real drops
     drops = {"noise_2": -0.1, "blur_2": -0.2, "gamma_2": -0.05}
     pairs = [{"name": n, "d_pseudo": {"dice": 0.0}, "d_real": {"dice": d}} for n, d in drops.items()]
