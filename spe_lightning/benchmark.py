@@ -128,8 +128,9 @@ class BenchmarkConfig:
     select_every: int = 0  # shift: measure the selection targets at every k-th epoch (0: off)
 
 
-def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
-    """Train the reference model with one SPECallback per segmenter: ``(model, datamodule, callbacks, seconds)``."""
+def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], dict[int, Any], float]:
+    """Train the reference model with one SPECallback per segmenter: ``(model, datamodule, callbacks,
+    weights by recorded epoch, seconds)``."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -172,8 +173,7 @@ def _train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], float]:
     model = SegmentationModel(lr=cfg.lr)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    callbacks[0].weight_snapshots = snapshots.weights
-    return model, dm, callbacks, time.perf_counter() - start
+    return model, dm, callbacks, snapshots.weights, time.perf_counter() - start
 
 
 def weight_snapshots(spe: Any) -> Any:
@@ -314,7 +314,7 @@ def _write(result: dict[str, Any], out: str | None) -> None:
 
 
 def _with_regressor(
-    result: dict[str, Any], model: Any, datamodule: Any, callbacks: list
+    result: dict[str, Any], model: Any, datamodule: Any, callbacks: list, weights: dict[int, Any]
 ) -> tuple[dict[str, Any], tuple[Any, float]]:
     """Add the quality regressor's per-checkpoint means (``quality_regressor_by_checkpoint``) and its row;
     returns the result and ``(fitted regressor, fit seconds)`` for the shift targets."""
@@ -322,7 +322,7 @@ def _with_regressor(
     est, fit_s = fit_regressor(spe.run, model, datamodule)
     start = time.perf_counter()
     result["quality_regressor_by_checkpoint"] = {
-        **regressor_by_checkpoint(est, model, spe.run, getattr(spe, "weight_snapshots", {})),
+        **regressor_by_checkpoint(est, model, spe.run, weights),
         "fit_s": fit_s,
         "eval_s": time.perf_counter() - start,
     }
@@ -331,8 +331,8 @@ def _with_regressor(
 
 def run_paper(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     """Run the paper protocol; returns (and writes to ``out``) the JSON result."""
-    model, dm, callbacks, total = _train(cfg)
-    result, _ = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks)
+    model, dm, callbacks, weights, total = _train(cfg)
+    result, _ = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks, weights)
     _write(result, out)
     return result
 
@@ -476,8 +476,8 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     """
     from spe_lightning.engine.records import CALIBRATION
 
-    model, dm, callbacks, total = _train(cfg)
-    result, regressor = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks)
+    model, dm, callbacks, weights, total = _train(cfg)
+    result, regressor = _with_regressor(_paper_result(cfg, callbacks, total), model, dm, callbacks, weights)
     start = time.perf_counter()
     targets = shift_targets(callbacks[0].run, dm, cfg.seed)
     sites = [name for name, _ in cfg.targets]

@@ -340,10 +340,10 @@ class SPEEngine:
             support.images.float().to(device),
             (support.labels > 0.5).float().to(device),
         )
-        if metrics == ("dice",) or not hasattr(self.segmenter, "score_metrics"):
-            values = {"dice": self.segmenter.score(*args)}
-        else:
+        if hasattr(self.segmenter, "score_metrics"):
             values = self.segmenter.score_metrics(*args, metrics)
+        else:  # only ``score`` (pseudo Dice): _scored_metrics asked for nothing else
+            values = {"dice": self.segmenter.score(*args)}
         return {m: values[m].detach().double().cpu() for m in metrics}
 
     def _pseudo_class(self, data: CachedSet, masks: Sequence[Tensor], device: Any, cls: int, shard: Shard) -> Any:
