@@ -1,12 +1,13 @@
-"""Choose the interval scale floor ``s0`` on development data: the labelled calibration pairs.
+"""Choose the interval rule on development data: the labelled calibration pairs.
 
 Each recorded shift run holds the calibration pairs its run measured at fit end (calibration =
 the test split, i.e. development data; no extra_test, shifted copy or other site is read). Held
 out one pair family at a time (a shift family, or all random subsets together), the interval model
 is fitted on the other pairs and asked to cover the held-out pair's real difference. Printed per
-``s0``: coverage of the 90% interval and its median width, over all runs' pairs.
+rule (``fitted``: the scale fitted per run; ``s0=...``: the proportional scale ``s0 + |move|``):
+coverage of the 90% interval and its median, mean and max width, over all runs' pairs.
 
-    python benchmarks/interval_rules.py benchmarks/results/shift_*.json
+    python benchmarks/interval_rules.py benchmarks/results/select_*.json
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ def _family(name: str) -> str:
     return "subset" if name.startswith("subset") else name.rsplit("_", 1)[0]
 
 
+def _rules(s0_values: list[float]) -> dict[str, dict]:
+    """Rule name -> keyword arguments of ``fit_interval_model``."""
+    rules = {"fitted": {"rule": "fitted"}}
+    rules.update({f"s0={s:g}": {"rule": "proportional", "s0": s} for s in s0_values})
+    return rules
+
+
 def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: str = "dice") -> dict:
-    """Per s0: lists of (covered, width) over held-out pairs of every segmenter of one result."""
-    out: dict[float, list[tuple[bool, float]]] = {s: [] for s in s0_values}
+    """Per rule: lists of (covered, width) over held-out pairs of every segmenter of one result."""
+    rules = _rules(s0_values)
+    out: dict[str, list[tuple[bool, float]]] = {r: [] for r in rules}
     for seg, raw in result["shift_raw"].items():
         records = result["records"][seg]
         pseudo, real = series(records, "pseudo", CALIBRATION, metric), series(records, "real", CALIBRATION, metric)
@@ -38,8 +47,8 @@ def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: s
         for fam in sorted({_family(p["name"]) for p in pairs}):
             train = [p for p in pairs if _family(p["name"]) != fam]
             test = [p for p in pairs if _family(p["name"]) == fam]
-            for s0 in s0_values:
-                model = fit_interval_model(train, metric, g, p_c, s0=s0)
+            for rule, kwargs in rules.items():
+                model = fit_interval_model(train, metric, g, p_c, **kwargs)
                 for p in test:
                     dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
                     if dp is None or dr is None or model is None:
@@ -47,27 +56,32 @@ def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: s
                     e = anchored_estimate(g, metric, p_c + dp, p_c, r_c, level, model)
                     if e["lower"] is None:
                         continue
-                    out[s0].append((e["lower"] <= r_c + dr <= e["upper"], e["upper"] - e["lower"]))
+                    out[rule].append((e["lower"] <= r_c + dr <= e["upper"], e["upper"] - e["lower"]))
     return out
+
+
+def _row(name: str, rule: str, v: list[tuple[bool, float]]) -> str:
+    w = [x for _, x in v]
+    cov = np.mean([c for c, _ in v])
+    return f"| {name} | {rule} | {len(v)} | {cov:.2f} | {np.median(w):.3f} | {np.mean(w):.3f} | {max(w):.3f} |"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--s0", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2, 1.0, 100.0])
+    ap.add_argument("--s0", type=float, nargs="+", default=[0.01, 0.05, 0.1, 1.0, 100.0])
     a = ap.parse_args()
-    pooled: dict[float, list[tuple[bool, float]]] = {s: [] for s in a.s0}
-    print("| file | s0 | held-out pairs | coverage | median width |\n|---|---|---|---|---|")
+    pooled: dict[str, list[tuple[bool, float]]] = {r: [] for r in _rules(a.s0)}
+    print("| file | rule | held-out pairs | coverage | median width | mean width | max width |")
+    print("|---|---|---|---|---|---|---|")
     for f in a.files:
-        res = held_out(json.load(open(f)), a.s0)
-        for s0, v in res.items():
-            pooled[s0] += v
+        for rule, v in held_out(json.load(open(f)), a.s0).items():
+            pooled[rule] += v
             if v:
-                cov, wid = np.mean([c for c, _ in v]), np.median([w for _, w in v])
-                print(f"| {f.rsplit('/', 1)[-1]} | {s0:g} | {len(v)} | {cov:.2f} | {wid:.3f} |")
-    for s0, v in pooled.items():
-        cov, wid = np.mean([c for c, _ in v]), np.median([w for _, w in v])
-        print(f"| all | {s0:g} | {len(v)} | {cov:.2f} | {wid:.3f} |")
+                print(_row(f.rsplit("/", 1)[-1], rule, v))
+    for rule, v in pooled.items():
+        if v:
+            print(_row("all", rule, v))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
         for i, d in enumerate((-0.02, -0.01, 0.0, 0.01, 0.02, 0.03))
     ]
     pairs.append({"name": "noise_3", "d_pseudo": {"dice": -0.2}, "d_real": {"dice": -0.4}})  # G misses it by 0.2
-    with_noise = fit_interval_model(pairs, "dice", g, 0.8)
-    without = fit_interval_model(pairs, "dice", g, 0.8, exclude="noise_")
+    with_noise = fit_interval_model(pairs, "dice", g, 0.8, rule="proportional")
+    without = fit_interval_model(pairs, "dice", g, 0.8, exclude="noise_", rule="proportional")
     assert without["scores"] == pytest.approx([0.0] * 6) and max(with_noise["scores"]) == pytest.approx(0.2 / 0.21)
     assert fit_interval_model(pairs[:3], "dice", g, 0.8) is None  # too few pairs
+    with pytest.raises(ValueError, match="rule must be one of"):
+        fit_interval_model(pairs, "dice", g, 0.8, rule="wide")
     # value: calibration score moved by G(p_t) - G(p_c); the half-width grows with that move
     near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, with_noise)
     far = anchored_estimate(g, "dice", 0.60, 0.80, 0.90, 0.9, with_noise)
@@ -28,6 +30,46 @@ def test_interval_model_scales_with_the_move_and_leaves_a_family_out():
     clipped = anchored_estimate(g, "dice", 1.0, 0.5, 0.95)
     assert clipped["value"] == 1.0 and clipped["upper"] == 1.0  # Dice stays in [0, 1]
     assert anchored_estimate(g, "dice", None, 0.5, 0.9) == {"value": None, "lower": None, "upper": None}
+
+
+def _pairs(moves_and_misses):
+    """Pairs whose anchored prediction (G has slope 1) is ``move`` and whose real difference misses it by ``miss``."""
+    return [
+        {"name": f"p{i}", "d_pseudo": {"dice": mv}, "d_real": {"dice": mv - ms}}
+        for i, (mv, ms) in enumerate(moves_and_misses)
+    ]
+
+
+def test_fitted_interval_scale_follows_how_the_misses_grow():
+    from spe_lightning.engine.mapping import MetricMapping
+
+    g = MetricMapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # slope 1
+    # misses that grow with the move: a positive slope, a wider interval far from the calibration score
+    growing = fit_interval_model(
+        _pairs([(-0.02, 0.002), (-0.05, 0.005), (-0.1, 0.01), (-0.2, 0.02), (-0.3, 0.03), (0.05, 0.006)]),
+        "dice",
+        g,
+        0.8,
+    )
+    assert growing["slope"] > 0 and growing["s0"] == pytest.approx(0.01 * growing["slope"])  # intercept at the floor
+    near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, growing)
+    far = anchored_estimate(g, "dice", 0.50, 0.80, 0.90, 0.9, growing)
+    assert far["upper"] - far["lower"] > 5 * (near["upper"] - near["lower"])
+    # a reverse step blind to some shifts (a 0.1 drop seen as 0.01) but exact on a large move: the misses do
+    # not grow with the move, so the width is the same near and far (the proportional rule gives [0, 1] far away)
+    blind_pairs = _pairs([(-0.01, -0.09), (0.0, -0.06), (-0.2, 0.01), (-0.02, 0.01), (0.01, 0.005), (-0.05, 0.0)])
+    blind = fit_interval_model(blind_pairs, "dice", g, 0.8)
+    assert blind["slope"] == 0.0
+    near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, blind)
+    far = anchored_estimate(g, "dice", 0.55, 0.80, 0.90, 0.9, blind)
+    assert far["upper"] - far["lower"] == pytest.approx(near["upper"] - near["lower"]) == pytest.approx(0.18)
+    prop = anchored_estimate(
+        g, "dice", 0.55, 0.80, 0.90, 0.9, fit_interval_model(blind_pairs, "dice", g, 0.8, rule="proportional")
+    )
+    assert prop["upper"] - prop["lower"] > 0.9
+    # estimators saved before the fitted rule hold no slope: the proportional scale
+    legacy = {"s0": 0.01, "scores": [1.0] * 6}
+    assert anchored_estimate(g, "dice", 0.70, 0.80, 0.90, 0.9, legacy)["lower"] == pytest.approx(0.8 - 0.11)
 
 
 def _records(pc, rc, pt):

@@ -10,9 +10,12 @@ calibration pseudo Dice is not monotone in the real one; the difference still is
 
 Intervals (normalised split-conformal): at the final weights SPE measures labelled *pairs*
 (:mod:`spe_lightning.engine.calibration_pairs`) whose real difference is known, and how far the
-anchored prediction misses it. Each miss is divided by ``s0 + |prediction|``; the half-width of an
-estimate is the ``level`` quantile of these scores times ``s0 + |G(p_t) - G(p_c)|``. Without pairs,
-G's leave-one-out residual quantile across checkpoints is used.
+anchored prediction misses it. Each miss is divided by a scale ``s0 + slope * |prediction|``; the
+half-width of an estimate is the ``level`` quantile of these scores times the scale at
+``|G(p_t) - G(p_c)|``. The scale is fitted per run to the pairs' misses (``rule="fitted"``): where
+the reverse step's misses grow with the move (JSRT) the intervals widen with it, where it misses
+moves it cannot see whatever their size (blur, low resolution; BUSI) the width is nearly constant.
+Without pairs, G's leave-one-out residual quantile across checkpoints is used.
 
 Used by the run (:mod:`spe_lightning.engine.records`), :class:`~spe_lightning.SPEEstimator` and the benchmarks.
 """
@@ -28,12 +31,14 @@ import numpy as np
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["MIN_PAIRS", "anchored_estimate", "estimate", "finite_or_none", "fit_interval_model"]
+__all__ = ["INTERVAL_RULES", "MIN_PAIRS", "anchored_estimate", "estimate", "finite_or_none", "fit_interval_model"]
 
 #: floor of the interval scale per metric (metric units)
 _S0 = {"hd95": 1.0}
 #: the fewest labelled pairs an interval model is fitted on
 MIN_PAIRS = 5
+#: how the interval scale is set: fitted per run to the pairs' misses (default), or proportional to the move
+INTERVAL_RULES = ("fitted", "proportional")
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -51,20 +56,25 @@ def fit_interval_model(
     pseudo_calibration: float | None,
     exclude: str | None = None,
     s0: float | None = None,
+    rule: str = "fitted",
 ) -> dict[str, Any] | None:
     """The interval model of anchored estimates of ``metric`` from labelled calibration pairs.
 
     For each pair the anchored prediction of its real difference is ``G(p_c + dp) - G(p_c)``; the
-    model keeps the normalised residuals ``|dr - prediction| / (s0 + |prediction|)`` (plain
-    numbers), so an estimate's half-width grows with how far G moves it from the calibration
-    score (normalised split-conformal). ``exclude`` drops pairs whose name starts with it; ``s0``
-    overrides the metric's scale floor.
+    model keeps the normalised residuals ``|dr - prediction| / (s0 + slope * |prediction|)`` (plain
+    numbers), so an estimate's half-width is their quantile times the same scale at its own move
+    (normalised split-conformal). ``rule="fitted"`` fits ``s0`` and ``slope`` to the pairs' misses
+    (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the metric's floor
+    times the slope); ``rule="proportional"`` fixes ``slope = 1`` and ``s0`` at the floor (or at the
+    ``s0`` given). ``exclude`` drops pairs whose name starts with it.
     """
+    if rule not in INTERVAL_RULES:
+        raise ValueError(f"rule must be one of {INTERVAL_RULES}, got {rule!r}.")
     if pseudo_calibration is None:
         return None
-    s0 = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
+    floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
-    scores = []
+    moves, misses = [], []
     for p in pairs:
         if exclude and p["name"].startswith(exclude):
             continue
@@ -73,16 +83,31 @@ def fit_interval_model(
             continue
         pred = float(g.predict([pseudo_calibration + dp])[0]) - base
         if np.isfinite(pred) and np.isfinite(dr):
-            scores.append(abs(dr - pred) / (s0 + abs(pred)))
-    if len(scores) < MIN_PAIRS:
+            moves.append(abs(pred))
+            misses.append(abs(dr - pred))
+    if len(moves) < MIN_PAIRS:
         return None
-    return {"s0": s0, "scores": sorted(float(v) for v in scores)}
+    moved, missed = np.asarray(moves), np.asarray(misses)
+    s, slope = (floor, 1.0) if rule == "proportional" else _fit_scale(moved, missed, floor)
+    scores = missed / (s + slope * moved)
+    return {"s0": float(s), "slope": float(slope), "scores": sorted(float(v) for v in scores)}
+
+
+def _fit_scale(moved: np.ndarray, missed: np.ndarray, floor: float) -> tuple[float, float]:
+    """``(s0, slope)`` of the least-squares line ``|miss| ~ s0 + slope * |move|`` with ``slope >= 0`` and
+    ``s0 >= floor * slope`` (only their ratio matters: the conformal quantile absorbs the scale)."""
+    a = np.stack([np.ones_like(moved), moved], 1)
+    (s, slope), *_ = np.linalg.lstsq(a, missed, rcond=None)
+    if not np.isfinite(slope) or slope <= 0:  # misses do not grow with the move: a constant width
+        return max(float(missed.mean()), 1e-9), 0.0
+    return max(float(s), floor * float(slope), 1e-9), float(slope)
 
 
 def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
     scores = model["scores"]
     k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
-    return float(scores[k]) * (float(model["s0"]) + abs(moved))
+    # estimators saved before the fitted rule hold no slope: theirs was 1
+    return float(scores[k]) * (float(model["s0"]) + float(model.get("slope", 1.0)) * abs(moved))
 
 
 def anchored_estimate(
