@@ -150,6 +150,9 @@ class SPECallback(Callback):
         quality_regressor: at fit end, fit the per-case quality regressor on the references (about 1-2
             minutes on 2 CPU cores for 172 references of 128 px) and save it in ``spe_estimator.pt``: per-case
             estimated Dice then come from it instead of reverse classification accuracy (2D, binary).
+        fit_cache: where a learned reverse segmenter's fitted weights are kept between runs, keyed by the
+            references' content, its settings and the seed, so a re-run on the same data skips the fit:
+            ``"auto"`` is ``$SPE_CACHE_DIR`` (empty: off) or ``~/.cache/spe_lightning``; a folder; None: off.
 
     Monitoring: at every validation end (and train epoch end) the running estimate of every target and
     key is in ``trainer.callback_metrics`` as ``spe/estimate/<target>/<key>`` (with
@@ -197,6 +200,7 @@ class SPECallback(Callback):
         alert_on: str = "estimate",
         on_alert: Callable[[dict[str, Any]], Any] | None = None,
         quality_regressor: bool = False,
+        fit_cache: str | None = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(segmenter, (str, ReverseSegmenter)):
@@ -471,6 +475,8 @@ class SPECallback(Callback):
         parts = [f"{len(self.records)} evaluation(s) {sum(r.get('seconds', 0.0) for r in self.records):.1f} s"]
         if run.segmenter_fit_seconds:
             parts.append(f"{run.segmenter.name} fit {run.segmenter_fit_seconds:.1f} s")
+        elif run.segmenter_from_cache:
+            parts.append(f"{run.segmenter.name} from the fit cache")
         parts.append(f"calibration pairs {run.pairs_seconds:.1f} s")
         if run.quality_seconds:
             parts.append(f"quality regressor {run.quality_seconds:.1f} s")

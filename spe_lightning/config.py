@@ -113,6 +113,7 @@ class SPEConfig:
     alert_below: dict[str, float] | None = field(default=None, hash=False)
     alert_above: dict[str, float] | None = field(default=None, hash=False)
     alert_on: str = "estimate"
+    fit_cache: str | None = "auto"
 
     def __post_init__(self) -> None:
         self._validate_ints()
@@ -170,6 +171,10 @@ class SPEConfig:
             raise ValueError(f"SPE: activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
         if self.spatial_dims not in (None, 2, 3):
             raise ValueError(f"SPE: spatial_dims must be None, 2 or 3, got {self.spatial_dims!r}.")
+        if self.fit_cache is not None and not isinstance(self.fit_cache, str):
+            raise ValueError(
+                f"SPE: fit_cache must be 'auto', a folder path or None (no cache), got {self.fit_cache!r}."
+            )
         if not isinstance(self.segmenter, str):
             raise TypeError(
                 f"SPEConfig.segmenter is a name; give a ReverseSegmenter instance to SPERun/SPECallback "

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from spe_lightning import __version__
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.alerts import alerts_for
@@ -43,6 +44,7 @@ from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
 from spe_lightning.engine.report import make_figure, write_csv, write_json
 from spe_lightning.estimator import SPEEstimator
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
+from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
 
 __all__ = ["SPERun", "REPORT_VERSION"]
 
@@ -105,6 +107,7 @@ class SPERun:
         self.pairs_seconds = 0.0
         self.quality_seconds = 0.0
         self.segmenter_fit_seconds = 0.0
+        self.segmenter_from_cache = False  # True when the learned segmenter's weights came from the fit cache
         self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
         self._reference_dataset: Dataset | None = None
         self.report: dict[str, Any] | None = None
@@ -226,7 +229,8 @@ class SPERun:
         )
 
     def _ensure_fitted(self, engine: SPEEngine) -> None:
-        """Fit a learned reverse segmenter on the references once (or restore it from a checkpoint)."""
+        """Fit a learned reverse segmenter on the references once: restored from a checkpoint, or loaded from
+        the disk cache of an earlier run on the same references and settings, or fitted (and cached)."""
         seg = engine.segmenter
         if not seg.needs_fit or seg.is_fitted:
             return
@@ -234,8 +238,14 @@ class SPERun:
         if saved is not None and saved.get("key") == self.segmenter_key():
             seg.load_state_tensors(saved["tensors"])
             return
+        path, key = self._fit_cache_file(engine)
+        if path is not None and self._load_fit_cache(seg, path, key):
+            return
         if self.config.verbose:
-            self.say(f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (once per run; ~1 min on a CPU)")
+            self.say(
+                f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (~1 min on a CPU; once, then "
+                "kept in the fit cache for later runs on the same references)"
+            )
         start = time.perf_counter()
         seg.fit(engine.ref_images, engine.ref_masks.float())
         self.segmenter_fit_seconds = time.perf_counter() - start
@@ -243,6 +253,39 @@ class SPERun:
             self.say(
                 f"SPE: {seg.name} fitted on {len(engine.ref_indices)} references ({self.segmenter_fit_seconds:.1f}s)"
             )
+        if path is not None:
+            try:
+                save_cached(path, key, seg.state_tensors())
+            except OSError as err:  # a read-only or full disk costs the next run a fit, nothing more
+                self.warn(f"SPE: could not cache the fitted {seg.name} weights in {path}: {err!r}")
+
+    def _fit_cache_file(self, engine: SPEEngine) -> tuple[Path | None, str]:
+        """The cache file and key of the learned segmenter's weights (``(None, "")`` without a cache)."""
+        folder = resolve_cache_dir(self.config.fit_cache)
+        if folder is None:
+            return None, ""
+        seg = engine.segmenter
+        key = content_key(engine.ref_images, engine.ref_masks, seg.spec(), self.config.seed, __version__)
+        return cache_file(folder, seg.name, key), key
+
+    def _load_fit_cache(self, seg: ReverseSegmenter, path: Path, key: str) -> bool:
+        """Load cached weights into ``seg``; False (with a warning for a bad file) when there are none."""
+        try:
+            tensors = load_cached(path, key)
+            if tensors is None:
+                return False
+            seg.load_state_tensors(tensors)
+            self.segmenter_from_cache = True
+        except (ValueError, RuntimeError, KeyError) as err:  # a bad file is refitted over, never trusted
+            seg.load_state_tensors({})
+            self.warn(f"SPE: ignoring the fit cache {path} and fitting again: {err}")
+            return False
+        if self.config.verbose:
+            self.say(
+                f"SPE: {seg.name} weights from the fit cache (same references and settings): {path} "
+                "(fit_cache=None or SPE_CACHE_DIR='' turns the cache off)"
+            )
+        return True
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

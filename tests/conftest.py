@@ -11,6 +11,8 @@ from spe_lightning.models import SegmentationModel
 # Tests never touch the network: UniverSeg's loader must not try to download.
 os.environ["SPE_NO_DOWNLOAD"] = "1"
 os.environ.pop("SPE_UNIVERSEG_WEIGHTS", None)
+# A user's cache of fitted reverse segmenters never leaks into tests (tests of the cache give a folder).
+os.environ["SPE_CACHE_DIR"] = ""
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
