@@ -7,6 +7,9 @@ the result: Spearman correlation of the per-case score with the real per-case Di
 flagging cases with real Dice < 0.7, next to the model's own confidence as a baseline.
 
     python benchmarks/percase_busi.py --data ../shared/datasets/busi --epochs 30
+    python benchmarks/percase_busi.py --segmenter learned_propagation   # the learned reverse step instead
+
+A segmenter that learns is fitted once on the references (BUSI train) before scoring.
 """
 
 from __future__ import annotations
@@ -46,15 +49,23 @@ def train(data: str, epochs: int, seed: int, ckpt: Path, lr: float = 1e-3) -> No
     print(f"trained {epochs} epochs in {time.perf_counter() - start:.0f}s -> {ckpt}")
 
 
-def build_estimator(data: str) -> Any:
-    """An estimator over all BUSI train images as references (label fusion; no G: per-case scores only)."""
+def build_estimator(data: str, segmenter: str = "label_fusion") -> Any:
+    """An estimator over all BUSI train images as references (no G: per-case scores only); a segmenter
+    that learns is fitted on them (timed in ``fit_seconds``)."""
     from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import FolderSegmentationDataset
     from spe_lightning.reverse import make_segmenter
 
-    config = SPEConfig(segmenter="label_fusion", metrics=("dice",), support_size=64, working_size=128)
-    est = SPEEstimator(config, make_segmenter("label_fusion").spec())
+    config = SPEConfig(segmenter=segmenter, metrics=("dice",), support_size=64, working_size=128)
+    seg = make_segmenter(segmenter)
+    est = SPEEstimator(config, seg.spec())
     est.set_reference_dataset(FolderSegmentationDataset(data, "train", 1, 128))
+    est.info["fit_seconds"] = 0.0
+    if seg.needs_fit:
+        start = time.perf_counter()
+        seg.fit(est.reference_images, est.reference_masks.float())
+        est.info["fit_seconds"] = time.perf_counter() - start
+        est.segmenter_state = seg.state_tensors()
     return est
 
 
@@ -68,14 +79,14 @@ def flag_stats(quality: np.ndarray, real: np.ndarray, threshold: float, cut: flo
     }
 
 
-def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32)) -> dict[str, Any]:
+def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32), segmenter: str = "label_fusion") -> dict[str, Any]:
     """Calibrate k on ROOT/test, then score ROOT/extra_test; RCA score vs the model's confidence."""
     from spe_lightning.data import FolderSegmentationDataset
     from spe_lightning.engine.percase import auroc, spearman
     from spe_lightning.models import SegmentationModel
 
     model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
-    est = build_estimator(data)
+    est = build_estimator(data, segmenter)
     cal = FolderSegmentationDataset(data, "test", 1, 128)
     sweep = {}
     for k in ks:
@@ -95,6 +106,8 @@ def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32)) -> dict[str,
     lesion = np.array([bool(target._load(i)[1].any()) for i in range(len(target))])
     bad = real < 0.7
     out: dict[str, Any] = {
+        "segmenter": segmenter,
+        "segmenter_fit_seconds": est.info["fit_seconds"],
         "k": k_best,
         "top": 1,
         "calibration_sweep": {str(k): v for k, v in sweep.items()},
@@ -133,6 +146,7 @@ def main() -> None:
     p.add_argument("--workdir", default="spe_runs/percase_busi")
     p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--segmenter", default="label_fusion", help="the per-case reverse segmenter")
     a = p.parse_args()
     import torch
 
@@ -142,9 +156,10 @@ def main() -> None:
         train(a.data, a.epochs, a.seed, ckpt)
     if a.train_only:
         return
-    res = score(a.data, ckpt)
+    res = score(a.data, ckpt, segmenter=a.segmenter)
     res.update(epochs=a.epochs, seed=a.seed, dataset="busi", class_index=1)
-    out = Path(__file__).resolve().parent / "results" / "percase_busi.json"
+    suffix = "" if a.segmenter == "label_fusion" else f"_{a.segmenter}"
+    out = Path(__file__).resolve().parent / "results" / f"percase_busi{suffix}.json"
     out.write_text(json.dumps(res, indent=2))
     print(f"\nBUSI extra_test, {res['n_cases']} cases ({res['n_below_0.7']} with real Dice < 0.7), k={res['k']}")
     print("| score | Spearman vs real Dice | AUROC (Dice < 0.7) | AUROC, lesion images only |\n|---|---|---|---|")
