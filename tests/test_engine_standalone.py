@@ -68,3 +68,22 @@ def test_a_pair_scoring_segmenter_gives_the_metrics_it_scores():
     fused = SPEEngine(LabelFusionSegmenter(), ref, metrics, support_size=4, min_foreground=4).evaluate(sets)
     assert scored["pseudo"]["calibration"]["dice"] == 0.25 and scored["pseudo"]["calibration"]["iou"] == 0.125
     assert scored["pseudo"]["calibration"]["precision"] == fused["pseudo"]["calibration"]["precision"]
+
+
+def test_scoring_and_fusing_in_one_pass_gives_the_numbers_of_two_passes(monkeypatch):
+    """The learned segmenter's ``score_and_fuse`` computes the attention once for the pair scores and the fused
+    map; the engine's numbers must equal those of ``score_metrics`` plus ``predict`` called separately."""
+    from spe_lightning.reverse.learned import LearnedPropagationSegmenter
+
+    ref = cache_dataset("reference", SyntheticShapesDataset(12, 32, seed=1), 32, require_masks=True)
+    cal = cache_dataset("calibration", SyntheticShapesDataset(8, 32, seed=2), 32)
+    noisy = [torch.roll(m, 3, dims=-1) for m in cal.masks]
+    sets = {"calibration": (cal, noisy, torch.ones(len(cal)))}
+    seg = LearnedPropagationSegmenter(size=32, downsample=1, width=8, batch=4, max_supports=4, steps=10, chunk_size=5)
+    seg.fit(ref.gray, torch.stack(ref.masks).float())
+    one = SPEEngine(seg, ref, PAPER_METRICS, support_size=6, min_foreground=4).evaluate(sets)
+    monkeypatch.delattr(LearnedPropagationSegmenter, "score_and_fuse")
+    two = SPEEngine(seg, ref, PAPER_METRICS, support_size=6, min_foreground=4).evaluate(sets)
+    assert set(one["pseudo"]["calibration"]) == set(PAPER_METRICS)
+    for m in PAPER_METRICS:
+        assert one["pseudo"]["calibration"][m] == two["pseudo"]["calibration"][m], m

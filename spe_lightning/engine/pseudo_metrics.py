@@ -284,6 +284,9 @@ class SPEEngine:
         out: dict[str, list[Tensor]] = {m: [] for m in fused}
         if not fused:
             return self._scored(idx, cls, support, device, scored)
+        budgeted = device.type == "cuda" and self.memory_budget_mb is not None
+        if scored and hasattr(self.segmenter, "score_and_fuse") and not budgeted:
+            return self._scored_and_fused(idx, cls, support, device, scored, fused)
         budget = None
         if device.type == "cuda" and self.memory_budget_mb is not None:
             torch.cuda.synchronize(device)
@@ -330,16 +333,43 @@ class SPEEngine:
             can = ("dice",)  # only ``score`` (pseudo Dice) is implemented
         return tuple(m for m in self.metrics if m in can)
 
-    def _scored(
-        self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device, metrics: tuple[str, ...]
-    ) -> dict[str, Tensor]:
-        """Pseudo ``metrics`` per query from a segmenter that scores each support pair (no fused map)."""
-        args = (
+    def _scored_args(
+        self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (
             self.ref_images[list(idx)].float().to(device),
             _class_mask(self.ref_labels[list(idx)], cls).float().to(device),
             support.images.float().to(device),
             (support.labels > 0.5).float().to(device),
         )
+
+    def _scored_and_fused(
+        self,
+        idx: Sequence[int],
+        cls: int,
+        support: SupportSet,
+        device: torch.device,
+        scored: tuple[str, ...],
+        fused: list[str],
+    ) -> dict[str, Tensor]:
+        """Pair-scored metrics and the fused map's metrics from one pass of a segmenter with ``score_and_fuse``
+        (the same numbers as scoring and predicting separately, the attention computed once)."""
+        args = self._scored_args(idx, cls, support, device)
+        values, probs = self.segmenter.score_and_fuse(*args, scored)
+        if probs is None or probs.shape != args[0].shape:
+            got = None if probs is None else tuple(probs.shape)
+            raise RuntimeError(
+                f"{type(self.segmenter).__name__}.score_and_fuse returned {got} for {tuple(args[0].shape)}."
+            )
+        result = per_image_metrics((probs.float() > self.threshold).cpu(), args[1].cpu() > 0.5, fused)
+        result.update({m: values[m].detach().double().cpu() for m in scored})
+        return {m: result[m] for m in self.metrics}
+
+    def _scored(
+        self, idx: Sequence[int], cls: int, support: SupportSet, device: torch.device, metrics: tuple[str, ...]
+    ) -> dict[str, Tensor]:
+        """Pseudo ``metrics`` per query from a segmenter that scores each support pair (no fused map)."""
+        args = self._scored_args(idx, cls, support, device)
         if hasattr(self.segmenter, "score_metrics"):
             values = self.segmenter.score_metrics(*args, metrics)
         else:  # only ``score`` (pseudo Dice): _scored_metrics asked for nothing else

@@ -459,6 +459,32 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         over supports of the soft metric of one support's propagated labels against the query's. With
         ``direction="forward"`` the query's labels are propagated to the support and compared with the
         support's labels (the model's mask), so precision and recall trade places to keep their meaning."""
+        return self._score(query_images, query_labels, support_images, support_labels, metrics, fuse=False)[0]
+
+    def score_and_fuse(
+        self,
+        query_images: Tensor,
+        query_labels: Tensor,
+        support_images: Tensor,
+        support_labels: Tensor,
+        metrics: tuple[str, ...] = PAIR_METRICS,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`score_metrics` and, from the same attention, the fused probabilities ``[Q,1,H,W]`` that
+        ``segmenter(query, support_images, support_labels)`` gives: SPE needs both (pair scores for Dice and
+        the overlaps, the fused map for HD95 and pixel r) and the attention is most of the cost."""
+        scores, fused = self._score(query_images, query_labels, support_images, support_labels, metrics, fuse=True)
+        assert fused is not None
+        return scores, fused
+
+    def _score(
+        self,
+        query_images: Tensor,
+        query_labels: Tensor,
+        support_images: Tensor,
+        support_labels: Tensor,
+        metrics: tuple[str, ...],
+        fuse: bool,
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
         _check_inputs(query_images, support_images, support_labels)
         if query_labels.shape != query_images.shape:
             raise ValueError(f"query_labels {tuple(query_labels.shape)} must match {tuple(query_images.shape)}.")
@@ -469,13 +495,15 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         dev = query_images.device
         prepared = self.prepare(support_images.to(dev).float(), (support_labels.to(dev) > 0.5).float())
         out: dict[str, list[Tensor]] = {m: [] for m in metrics}
+        fused: list[Tensor] = []
         for i in range(0, query_images.shape[0], self.chunk_size):
-            sim, idx = self._pair_attention(query_images[i : i + self.chunk_size].float(), prepared)
+            chunk = query_images[i : i + self.chunk_size].float()
+            sim, idx = self._pair_attention(chunk, prepared)
             lq = self._labels(query_labels[i : i + self.chunk_size].to(dev))[:, None]  # [q,1,P,C]
             ls = prepared["labels"][idx]  # [q,k,P,C]
             parts: dict[str, list[Tensor]] = {m: [] for m in metrics}
+            pred_q = torch.softmax(sim, dim=-1) @ ls if fuse or self.direction in ("reverse", "both") else None
             if self.direction in ("reverse", "both"):
-                pred_q = torch.softmax(sim, dim=-1) @ ls
                 scores = _soft_overlap(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2))
                 for m in metrics:
                     parts[m].append(scores[m])
@@ -486,4 +514,10 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
                     parts[m].append(scores[swap.get(m, m)])
             for m in metrics:
                 out[m].append(torch.stack(parts[m]).mean(0).mean(1))
-        return {m: torch.cat(v) if v else query_images.new_zeros(0) for m, v in out.items()}
+            if fuse:  # as predict(): the mean over supports, back at the query's size
+                prob = self._uncells(pred_q.mean(1))
+                fused.append(F.interpolate(prob, size=chunk.shape[-2:], mode="bilinear", align_corners=False))
+        scored = {m: torch.cat(v) if v else query_images.new_zeros(0) for m, v in out.items()}
+        if not fuse:
+            return scored, None
+        return scored, torch.cat(fused) if fused else query_images.new_zeros(0, *query_images.shape[1:])
