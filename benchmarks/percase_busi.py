@@ -66,6 +66,7 @@ def build_estimator(data: str, segmenter: str = "label_fusion") -> Any:
         seg.fit(est.reference_images, est.reference_masks.float())
         est.info["fit_seconds"] = time.perf_counter() - start
         est.segmenter_state = seg.state_tensors()
+        est.segmenter.case_segmenter = None  # measure this segmenter's own per-case scores (SPE uses label fusion)
     return est
 
 

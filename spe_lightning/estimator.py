@@ -194,6 +194,7 @@ class SPEEstimator:
         #: whether rebuilding the reverse segmenter may download weights (never from a file's own say-so)
         self.allow_download = False
         self._segmenter: ReverseSegmenter | None = None
+        self._case_segmenter: ReverseSegmenter | None = None
         self._engine: SPEEngine | None = None
         if reference_images is not None:
             self.set_reference(reference_images, reference_masks)
@@ -324,6 +325,16 @@ class SPEEstimator:
                     )
                 self._segmenter.load_state_tensors(self.segmenter_state)
         return self._segmenter
+
+    @property
+    def case_segmenter(self) -> ReverseSegmenter:
+        """The segmenter of per-case scores: the reverse segmenter, or the one it names as ``case_segmenter``."""
+        name = getattr(self.segmenter, "case_segmenter", None)
+        if name is None:
+            return self.segmenter
+        if self._case_segmenter is None or self._case_segmenter.name != name:
+            self._case_segmenter = make_segmenter(name)
+        return self._case_segmenter
 
     @property
     def engine(self) -> SPEEngine:
@@ -581,7 +592,7 @@ class SPEEstimator:
         wmasks = _working_masks(masks, size)
         engine = self.engine
         return case_scores(
-            self.segmenter,
+            self.case_segmenter,
             data.gray,
             wmasks,
             engine.ref_images,

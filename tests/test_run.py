@@ -158,3 +158,13 @@ def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estim
     est = SPEEstimator.load(path)
     res = est.estimate(model, tgt["t"], name="t", per_case=False)
     assert res.estimates["dice"]["value"] == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)
+    # per-case scores (one-image supports) come from label fusion, which ranked cases better than the learned step
+    from spe_lightning.engine.percase import case_scores
+    from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
+
+    assert isinstance(est.case_segmenter, LabelFusionSegmenter) and est.segmenter is not est.case_segmenter
+    cal = run.sets["calibration"]
+    got = est._scores(cal, cal.masks, k=4, top=1, empty_score=None, device=torch.device("cpu"))
+    args = (cal.gray, torch.stack([m > 0 for m in cal.masks]), est.engine.ref_images, est.engine.ref_masks)
+    want = case_scores(LabelFusionSegmenter(), *args, k=4, min_foreground=est.config.min_foreground)
+    assert torch.equal(got.score.nan_to_num(-1), want.score.nan_to_num(-1))

@@ -86,6 +86,9 @@ class ReverseSegmenter(ABC):
     #: the metrics such a segmenter scores per support pair through ``score_metrics(query_images,
     #: query_labels, support_images, support_labels, metrics) -> {metric: Tensor[Q]}`` (beyond Dice)
     scored_metrics: tuple[str, ...] = ("dice",)
+    #: the registered segmenter that scores single cases (:mod:`spe_lightning.engine.percase`) in this one's
+    #: place; None: this one (a segmenter good at sets can be poor with a one-image support)
+    case_segmenter: str | None = None
 
     def __init__(self, chunk_size: int = 32) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
