@@ -221,12 +221,11 @@ class SPERun:
         return self.engine
 
     def segmenter_key(self) -> str:
-        """What a learned segmenter's weights depend on: its settings, the references and the seed."""
+        """What a learned segmenter's weights depend on: its fit settings, the references and the seed."""
         engine = self.engine
         refs = list(engine.ref_indices) if engine else []
-        return repr(
-            (sorted(self.segmenter_spec().items()), refs, engine.ref_slices if engine else [], self.config.seed)
-        )
+        spec = engine.segmenter.fit_spec() if engine else self.segmenter_spec()
+        return repr((sorted(spec.items()), refs, engine.ref_slices if engine else [], self.config.seed))
 
     def _ensure_fitted(self, engine: SPEEngine) -> None:
         """Fit a learned reverse segmenter on the references once: restored from a checkpoint, or loaded from
@@ -265,7 +264,7 @@ class SPERun:
         if folder is None:
             return None, ""
         seg = engine.segmenter
-        key = content_key(engine.ref_images, engine.ref_masks, seg.spec(), self.config.seed, __version__)
+        key = content_key(engine.ref_images, engine.ref_masks, seg.fit_spec(), self.config.seed, __version__)
         return cache_file(folder, seg.name, key), key
 
     def _load_fit_cache(self, seg: ReverseSegmenter, path: Path, key: str) -> bool:

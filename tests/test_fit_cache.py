@@ -14,7 +14,8 @@ from spe_lightning.testing import Blobs, TinyNet
 
 
 def _segmenter(**kw) -> LearnedPropagationSegmenter:
-    return LearnedPropagationSegmenter(size=32, downsample=1, width=8, batch=4, max_supports=4, steps=10, **kw)
+    args = dict(size=32, downsample=1, width=8, batch=4, max_supports=4, steps=10)
+    return LearnedPropagationSegmenter(**{**args, **kw})
 
 
 def _run(cache, messages=None, refs_seed=1, **seg) -> SPERun:
@@ -41,6 +42,10 @@ def test_a_second_run_on_the_same_references_loads_the_fit_and_gets_the_same_num
         assert torch.equal(v, second.segmenter.state_tensors()[k])
     assert again["pseudo"] == rec["pseudo"]
 
+    # settings that only change how the weights are used share the fit
+    evaluation_only = _run(str(tmp_path), max_supports=2, direction="forward")
+    evaluation_only.evaluate(model)
+    assert evaluation_only.segmenter_fit_seconds == 0.0 and evaluation_only.segmenter_from_cache
     # other references, or other settings: another key, so a fit (and a second file)
     _run(str(tmp_path), refs_seed=5).evaluate(model)
     assert len(list(tmp_path.glob("*.pt"))) == 2
@@ -63,7 +68,7 @@ def test_a_bad_cache_file_is_never_trusted_the_run_fits_again_and_says_so(tmp_pa
     run = _run(str(tmp_path), messages)
     run.evaluate(model)
     assert run.segmenter_fit_seconds > 0 and any("ignoring the fit cache" in m for m in messages)
-    key = content_key(run.engine.ref_images, run.engine.ref_masks, run.segmenter.spec(), 0, __version__)
+    key = content_key(run.engine.ref_images, run.engine.ref_masks, run.segmenter.fit_spec(), 0, __version__)
     assert load_cached(path, key) is not None  # the bad file was replaced by this run's fit
 
 

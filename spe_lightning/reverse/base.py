@@ -128,6 +128,10 @@ class ReverseSegmenter(ABC):
         """A JSON-safe description (name and settings) for reports and saved estimators."""
         return {"name": self.name, "chunk_size": self.chunk_size}
 
+    def fit_spec(self) -> dict[str, Any]:
+        """The settings that :meth:`fit`'s result depends on (keys of fitted weights; default: all of them)."""
+        return self.spec()
+
     @torch.no_grad()
     def __call__(self, query_images: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
         _check_inputs(query_images, support_images, support_labels)

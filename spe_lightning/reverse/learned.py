@@ -257,6 +257,12 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             "seed": self.seed,
         }
 
+    #: settings that change only how the fitted encoder is used, not the weights
+    EVAL_SETTINGS = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
+
+    def fit_spec(self) -> dict[str, Any]:
+        return {k: v for k, v in self.spec().items() if k not in self.EVAL_SETTINGS}
+
     @property
     def grid(self) -> int:
         return self.size // 2**self.downsample
