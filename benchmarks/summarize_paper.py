@@ -24,13 +24,19 @@ def _ms(vals: list[float | None], digits: int = 3) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
-def table(results: list[dict]) -> str:
+def _dice_range(result: dict, target: str) -> str:
+    records = next(iter(result["records"].values())) if isinstance(result["records"], dict) else result["records"]
+    v = [x for r in records if (x := r["real"].get(target, {}).get("dice")) is not None]
+    return f"{min(v):.2f}–{max(v):.2f}" if v else "n/a"
+
+
+def table(results: list[dict], target: str = "extra_test") -> str:
     """Markdown: per metric and method, Pearson r / MAE / final abs error as mean ± std over runs."""
     lines = [
         f"{results[0]['dataset']}: {len(results)} seed(s) "
         + ", ".join(str(r["seed"]) for r in results)
-        + "; real extra_test Dice range per seed: "
-        + ", ".join(f"{r['real_dice_range'][0]:.2f}–{r['real_dice_range'][1]:.2f}" for r in results),
+        + f"; real {target} Dice range per seed: "
+        + ", ".join(_dice_range(r, target) for r in results),
         "",
         "| metric | method | Pearson r | MAE | final abs error |",
         "|---|---|---|---|---|",
@@ -106,7 +112,7 @@ def main() -> None:
             r["metrics"] = r["metrics_by_target"][a.target]
     if a.target:
         print(f"target: {a.target} (across the recorded checkpoints)")
-    print(table(results))
+    print(table(results, a.target or "extra_test"))
     if a.figure:
         figure(results[0], a.figure, mapping=a.mapping)
 
