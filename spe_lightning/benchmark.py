@@ -578,27 +578,13 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
 
 
 def _combination(raw: dict[str, Any], g: Any, p_c: float | None, r_c: float | None) -> dict[str, Any] | None:
-    """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only:
-    the calibration pairs' sets (subsets and shifted copies of the calibration split) at the final weights,
-    where SPE's anchored estimate (G, calibration pseudo and real Dice ``p_c``, ``r_c``), the regressor's mean
-    and the real Dice are all known. None when the run did not measure the regressor on them."""
-    from spe_lightning.engine.estimate import estimate
-    from spe_lightning.engine.quality import choose_combination
+    """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only
+    (:func:`~spe_lightning.engine.quality.combination_from_pairs`: the calibration pairs' sets at the final
+    weights). None when the run did not measure the regressor on them."""
+    from spe_lightning.engine.quality import combination_from_pairs
 
     dev = (raw.get("quality_regressor") or {}).get("dev_means")
-    if not dev or g is None or p_c is None or r_c is None:
-        return None
-    spe, reg, real, names = [], [], [], []
-    for p in raw["pairs"]:
-        dp, dr = p["d_pseudo"].get("dice"), p["d_real"].get("dice")
-        if dp is None or dr is None or dev.get(p["name"]) is None:
-            continue
-        value = estimate(g, "dice", p_c + dp, anchor=(p_c, r_c, None))["value"]
-        spe.append(np.nan if value is None else value)
-        reg.append(dev[p["name"]])
-        real.append(r_c + dr)
-        names.append(p["name"])
-    return {**choose_combination(spe, reg, real), "sets": names}
+    return combination_from_pairs(raw["pairs"], dev or {}, g, p_c, r_c)
 
 
 #: the fields of a shift-benchmark row that are not methods

@@ -24,6 +24,7 @@ from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.pseudo_metrics import Shard
 from spe_lightning.engine.report import (
     by_checkpoint_scalars,
+    combined_line,
     evaluation_line,
     make_figure,
     record_scalars,
@@ -460,7 +461,9 @@ class SPECallback(Callback):
             self.run.guarded("writing the report failed", lambda: self.run.write_report(out, pl_module, fig))
             if self.config.verbose:
                 # training is over and its progress bar closed: print through the logger
-                rank_zero_info(f"{summary_table(report)}\n{self._cost_line()}\nSPE report: {out / 'spe_report.json'}")
+                combined = combined_line(report)
+                table = summary_table(report) + (f"\n{combined}" if combined else "")
+                rank_zero_info(f"{table}\n{self._cost_line()}\nSPE report: {out / 'spe_report.json'}")
             self.run.guarded("logging the report failed", lambda: self._log_report(trainer, report, fig))
             self.run.guarded("announcing the final alerts failed", lambda: self._final_alerts(trainer))
         finally:

@@ -522,6 +522,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         write_html_report(page, summary, res.cases, gallery, est.cases, meta=meta, chunks=summary.get("chunks"))
         write_file(out / "report.html", page.read_bytes())
     print(_table(res.estimates, res.level, res.true))
+    if res.combined is not None:
+        c = res.combined
+        print(
+            f"Dice with the per-case quality regressor: {c['value']:.3f} "
+            f"(w {c['weight']:.2f} · regressor mean {c['regressor']:.3f} + {1 - c['weight']:.2f} · SPE {c['spe']:.3f})"
+        )
     if chunked is not None:
         from spe_lightning.engine.alerts import alert_message
 

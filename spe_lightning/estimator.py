@@ -85,6 +85,9 @@ class EstimateResult:
     true: dict[str, float | None] | None = None  # real metrics when the images came with masks
     case_threshold: float | None = None
     reason: str | None = None
+    #: Dice as ``w * regressor mean + (1 - w) * SPE`` when the estimator holds a quality regressor with the
+    #: weight its run chose (``{"value", "weight", "spe", "regressor"}``); None otherwise
+    combined: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no tensors, no per-case rows)."""
@@ -98,6 +101,7 @@ class EstimateResult:
             "true": self.true,
             "reason": self.reason,
             "cases": {"n": len(self.cases), "n_flagged": flagged, "threshold": self.case_threshold},
+            "combined": self.combined,
         }
 
 
@@ -677,6 +681,7 @@ class SPEEstimator:
             cases, threshold = self._case_rows(data, masks, conf, ids, device, progress)
         return EstimateResult(
             name=name,
+            combined=self._combined(estimates, cases),
             estimates=estimates,
             n_images=len(data),
             n_support=pseudo["n_support"],
@@ -688,6 +693,16 @@ class SPEEstimator:
             case_threshold=threshold,
             reason=pseudo["reason"],
         )
+
+    def _combined(self, estimates: dict[str, dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """SPE's Dice combined with the regressor's mean per-case estimate, with the weight the run chose."""
+        weight = ((self.quality or {}).get("combination") or {}).get("weight")
+        spe = (estimates.get("dice") or {}).get("value")
+        values = [c["estimated_dice"] for c in cases if c.get("estimated_dice") is not None]
+        if weight is None or spe is None or not values:
+            return None
+        reg, w = float(np.mean(values)), float(weight)
+        return {"value": w * reg + (1 - w) * spe, "weight": w, "spe": spe, "regressor": reg}
 
     @torch.no_grad()
     def estimate_chunks(

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -38,9 +39,11 @@ from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
+from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
-from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
+from spe_lightning.engine.quality import combination_from_pairs
+from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
 from spe_lightning.engine.report import make_figure, write_csv, write_json
 from spe_lightning.estimator import SPEEstimator
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
@@ -487,8 +490,14 @@ class SPERun:
             if self.config.quality_regressor and module is not None and not self.config.classes:
                 start = time.perf_counter()
                 est.fit_quality(module, self._reference_dataset, self._sets[CALIBRATION], logits_fn=self.logits_fn)
-                self.quality_seconds = time.perf_counter() - start
                 report["quality"] = {k: v for k, v in est.quality["calibration"].items() if k != "mapping"}
+                combined = self.guarded(
+                    "combining SPE with the quality regressor failed", lambda: self._combine(est, module, report)
+                )
+                if combined is not None:
+                    report["combined"] = combined
+                    est.quality["combination"] = {"weight": combined["weight"], "n_sets": combined["n_sets"]}
+                self.quality_seconds = time.perf_counter() - start
                 write_json(report, out / "spe_report.json")
             return est.save(out / "spe_estimator.pt")
 
@@ -511,6 +520,43 @@ class SPERun:
         if path is not None:
             paths["figure"] = path
         return paths
+
+    def _combine(self, est: SPEEstimator, model: nn.Module, report: dict[str, Any]) -> dict[str, Any] | None:
+        """Dice of every target as ``w * regressor mean + (1 - w) * SPE``, ``w`` chosen on the calibration pairs'
+        sets (development data: their real Dice is known) with the fitted quality regressor; None without pairs."""
+        mapping = report.get("mapping", {}).get("dice")
+        if not self.pairs or not mapping or "error" in mapping:
+            return None
+        pseudo = series(self.records, "pseudo", CALIBRATION, "dice")
+        real = series(self.records, "real", CALIBRATION, "dice")
+        ok = np.isfinite(pseudo) & np.isfinite(real)
+        if not ok.any():
+            return None
+        last = int(np.flatnonzero(ok)[-1])
+
+        def mean(data: CachedSet) -> float | None:
+            rows = est.case_estimates(model, data, logits_fn=self.logits_fn)
+            values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
+            return float(np.mean(values)) if values else None
+
+        dev = {name: mean(data) for name, data in self.pair_sets().items()}
+        g = MetricMapping.from_dict(mapping)
+        choice = combination_from_pairs(self.pairs, dev, g, float(pseudo[last]), float(real[last]))
+        if choice is None:
+            return None
+        w = float(choice["weight"])
+        estimates = {}
+        for t in self._targets:
+            spe, reg = report["estimates"][t]["dice"]["value"], mean(self._sets[t])
+            value = None if spe is None or reg is None else w * reg + (1 - w) * spe
+            estimates[t] = {"value": value, "spe": spe, "regressor": reg}
+        return {
+            "metric": "dice",
+            "weight": w,
+            "mae_by_weight": choice["mae"],
+            "n_sets": choice["n_sets"],
+            "estimates": estimates,
+        }
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:

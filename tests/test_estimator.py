@@ -186,4 +186,20 @@ def test_callback_fits_the_quality_regressor_into_the_estimator(tmp_path):
     trainer.fit(SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3), datamodule=dm)
     est = SPEEstimator.load(tmp_path / "spe_estimator.pt")
     assert est.quality is not None and cb.report["quality"]["n_cases"] == 12
-    assert json.loads((tmp_path / "spe_report.json").read_text())["quality"]["n_cases"] == 12
+    saved = json.loads((tmp_path / "spe_report.json").read_text())
+    assert saved["quality"]["n_cases"] == 12
+    # SPE combined with the regressor's mean, the weight chosen on the calibration pairs' sets
+    combined = saved["combined"]
+    w = combined["weight"]
+    assert w in (0.0, 0.25, 0.5, 0.75, 1.0) and combined["n_sets"] == len(cb.run.pairs) > 0
+    assert est.quality["combination"]["weight"] == w
+    for t, e in combined["estimates"].items():
+        assert e["spe"] == saved["estimates"][t]["dice"]["value"] and 0.0 <= e["regressor"] <= 1.0
+        assert e["value"] == pytest.approx(w * e["regressor"] + (1 - w) * e["spe"])
+    # the estimator applies the same weight to new data
+    res = est.estimate(trainer.lightning_module, dm.spe_datasets()["target"]["target"], name="target")
+    mean = sum(c["estimated_dice"] for c in res.cases) / len(res.cases)
+    assert res.combined["weight"] == w and res.combined["value"] == pytest.approx(
+        w * mean + (1 - w) * res.estimates["dice"]["value"]
+    )
+    assert res.to_dict()["combined"] == res.combined

@@ -42,6 +42,7 @@ __all__ = [
     "calibrate_quality",
     "quality_estimates",
     "choose_combination",
+    "combination_from_pairs",
 ]
 
 
@@ -472,3 +473,30 @@ def choose_combination(
     best = min(mae, key=lambda w: (mae[w], w))
     keep = best if mae[best] < mae.get(0.0, float(np.mean(np.abs(s - y)))) else 0.0
     return {"weight": keep, "mae": {str(k): v for k, v in mae.items()}, "n_sets": int(s.size)}
+
+
+def combination_from_pairs(
+    pairs: Sequence[dict[str, Any]],
+    regressor_means: dict[str, float | None],
+    g: MetricMapping | None,
+    pseudo_calibration: float | None,
+    real_calibration: float | None,
+) -> dict[str, Any] | None:
+    """:func:`choose_combination` on a run's calibration pairs (Dice): development sets whose real Dice
+    (``real_calibration + d_real``), SPE's anchored estimate (from ``d_pseudo`` through ``g``) and the
+    regressor's mean estimate (``regressor_means`` by pair name) are all known. None without them."""
+    from spe_lightning.engine.estimate import anchored_estimate
+
+    if not regressor_means or g is None or pseudo_calibration is None or real_calibration is None:
+        return None
+    spe, reg, real, names = [], [], [], []
+    for p in pairs:
+        dp, dr = p["d_pseudo"].get("dice"), p["d_real"].get("dice")
+        if dp is None or dr is None or regressor_means.get(p["name"]) is None:
+            continue
+        value = anchored_estimate(g, "dice", pseudo_calibration + dp, pseudo_calibration, real_calibration)["value"]
+        spe.append(np.nan if value is None else value)
+        reg.append(regressor_means[p["name"]])
+        real.append(real_calibration + dr)
+        names.append(p["name"])
+    return {**choose_combination(spe, reg, real), "sets": names}

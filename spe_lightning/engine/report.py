@@ -162,6 +162,24 @@ def summary_table(report: dict[str, Any], markdown: bool = True) -> str:
     return (note + "\n" if markdown else "") + "\n".join(lines)
 
 
+def combined_line(report: dict[str, Any]) -> str | None:
+    """One line with the Dice of SPE combined with the quality regressor's mean (when the run fitted it)."""
+    combined = report.get("combined")
+    if not combined:
+        return None
+    parts = []
+    for t, e in combined["estimates"].items():
+        if e["value"] is None:
+            continue
+        true = report.get("true", {}).get(t, {}).get("dice")
+        parts.append(f"{t} {e['value']:.3f}" + (f" (true {true:.3f})" if true is not None else ""))
+    w = combined["weight"]
+    return (
+        f"Dice with the per-case quality regressor (w {w:.2f} · regressor mean + {1 - w:.2f} · SPE, w chosen on "
+        f"{combined['n_sets']} calibration pair sets): " + (", ".join(parts) or "n/a")
+    )
+
+
 def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
     """Calibration pseudo vs real per checkpoint, the fitted G, and where each target falls."""
     import matplotlib
