@@ -167,6 +167,11 @@ def combined_line(report: dict[str, Any]) -> str | None:
     combined = report.get("combined")
     if not combined:
         return None
+    if combined["weight"] == 0.0:
+        return (
+            f"Per-case quality regressor: not mixed into the Dice estimates (on {combined['n_sets']} calibration "
+            "pair sets it did not lower SPE's error)."
+        )
     parts = []
     for t, e in combined["estimates"].items():
         if e["value"] is None:
