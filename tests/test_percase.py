@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from _shapes import erode
@@ -73,3 +74,32 @@ def test_empty_predictions_are_flagged_when_no_calibrated_score_exists():
     rows = case_rows(scores, {"threshold": 0.5, "mapping": None}, masks, torch.ones(3), ["a", "b", "c"])
     assert [r["flagged"] for r in rows] == [False, True, True] and rows[2]["empty_prediction"]
     assert all(r["flagged"] is None for r in case_rows(scores, None, masks, torch.ones(3), ["a", "b", "c"]))
+
+
+def test_a_case_scoring_below_every_calibration_case_gets_a_low_estimate():
+    """The isotonic score -> Dice map is flat below the calibration scores; a case no reference fits (score 0)
+    must not inherit the worst calibration case's Dice (issue 16: "quality 0.000, estimated Dice 0.968")."""
+    from spe_lightning.engine.percase import CaseScores, calibrate_cases, case_rows
+
+    cal_scores = CaseScores(
+        score=torch.tensor([0.6, 0.7, 0.8, 0.85, 0.9], dtype=torch.float64),
+        best_reference=torch.zeros(5, dtype=torch.int64),
+        pseudo_dice=torch.zeros(5, 1, dtype=torch.float64),
+        neighbours=torch.zeros(5, 1, dtype=torch.int64),
+        empty=torch.zeros(5, dtype=torch.bool),
+    )
+    cal = calibrate_cases(cal_scores, np.array([0.95, 0.96, 0.97, 0.97, 0.98]), k=1, top=1)
+    new = CaseScores(
+        score=torch.tensor([0.0, 0.3, 0.8], dtype=torch.float64),
+        best_reference=torch.zeros(3, dtype=torch.int64),
+        pseudo_dice=torch.zeros(3, 1, dtype=torch.float64),
+        neighbours=torch.zeros(3, 1, dtype=torch.int64),
+        empty=torch.zeros(3, dtype=torch.bool),
+    )
+    masks = [torch.ones(1, 4, 4, dtype=torch.bool)] * 3
+    rows = case_rows(new, cal, masks, torch.ones(3), ["zero", "low", "typical"])
+    zero, low, typical = (r["estimated_dice"] for r in rows)
+    assert zero == 0.0 and low == pytest.approx(0.95 * 0.3 / 0.6) and typical == pytest.approx(0.97)
+    assert rows[0]["estimated_dice_lower"] == 0.0 and rows[1]["estimated_dice_lower"] == 0.0
+    assert all(r["estimated_dice_lower"] <= r["estimated_dice"] <= r["estimated_dice_upper"] for r in rows)
+    assert [r["flagged"] for r in rows] == [True, True, False]

@@ -330,13 +330,14 @@ def case_rows(
     cal = calibration or {}
     g = MetricMapping.from_dict(cal["mapping"]) if cal.get("mapping") else None
     threshold = cal.get("threshold")
+    seen = [v for v in cal.get("calibration_scores") or [] if v is not None and math.isfinite(v)]
+    lowest = min(seen) if seen else None
     rows = []
     for i in range(len(ids)):
         s = finite_or_none(scores.score[i])
         estimate: tuple[float | None, float | None, float | None] = (None, None, None)
         if g is not None and s is not None:
-            lo, hi = g.interval([s], level)
-            estimate = (finite_or_none(g.predict([s])[0]), finite_or_none(lo[0]), finite_or_none(hi[0]))
+            estimate = _case_estimate(g, s, lowest, level)
         empty = bool(scores.empty[i])
         rows.append(
             _case_row(
@@ -353,6 +354,24 @@ def case_rows(
             )
         )
     return rows
+
+
+def _case_estimate(
+    g: MetricMapping, score: float, lowest: float | None, level: float
+) -> tuple[float | None, float | None, float | None]:
+    """Estimated Dice ``(value, lower, upper)`` of a case's score through the isotonic map ``g``.
+
+    Below the lowest calibration score the map is flat (it has seen nothing worse), which would give
+    a case scoring 0 the Dice of the worst calibration case; there the estimate falls in proportion
+    to the score instead (RCA's score is itself a Dice estimate: 0 means no reference fits) and the
+    interval reaches 0.
+    """
+    if lowest is not None and lowest > 0 and score < lowest:
+        value = float(g.predict([lowest])[0]) * max(score, 0.0) / lowest
+        _, hi = g.interval([lowest], level)
+        return finite_or_none(value), 0.0, finite_or_none(hi[0])
+    lo, hi = g.interval([score], level)
+    return finite_or_none(g.predict([score])[0]), finite_or_none(lo[0]), finite_or_none(hi[0])
 
 
 def regressor_case_rows(
