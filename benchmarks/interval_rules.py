@@ -27,7 +27,7 @@ def _family(name: str) -> str:
 
 def _rules(s0_values: list[float]) -> dict[str, dict]:
     """Rule name -> keyword arguments of ``fit_interval_model``."""
-    rules = {"fitted": {"rule": "fitted"}}
+    rules = {"fitted": {"rule": "fitted"}, "fitted, G's move only": {"rule": "fitted", "move": "g"}}
     rules.update({f"s0={s:g}": {"rule": "proportional", "s0": s} for s in s0_values})
     return rules
 
@@ -35,7 +35,7 @@ def _rules(s0_values: list[float]) -> dict[str, dict]:
 def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: str = "dice") -> dict:
     """Per rule: lists of (covered, width) over held-out pairs of every segmenter of one result."""
     rules = _rules(s0_values)
-    out: dict[str, list[tuple[bool, float]]] = {r: [] for r in rules}
+    out: dict[str, list[tuple[bool, float, float]]] = {r: [] for r in rules}
     for seg, raw in result["shift_raw"].items():
         records = result["records"][seg]
         pseudo, real = series(records, "pseudo", CALIBRATION, metric), series(records, "real", CALIBRATION, metric)
@@ -56,14 +56,18 @@ def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: s
                     e = anchored_estimate(g, metric, p_c + dp, p_c, r_c, level, model)
                     if e["lower"] is None:
                         continue
-                    out[rule].append((e["lower"] <= r_c + dr <= e["upper"], e["upper"] - e["lower"]))
+                    covered = e["lower"] <= r_c + dr <= e["upper"]
+                    out[rule].append((covered, e["upper"] - e["lower"], abs(e["value"] - r_c - dr)))
     return out
 
 
-def _row(name: str, rule: str, v: list[tuple[bool, float]]) -> str:
-    w = [x for _, x in v]
-    cov = np.mean([c for c, _ in v])
-    return f"| {name} | {rule} | {len(v)} | {cov:.2f} | {np.median(w):.3f} | {np.mean(w):.3f} | {max(w):.3f} |"
+def _row(name: str, rule: str, v: list[tuple[bool, float, float]]) -> str:
+    w = [x for _, x, _ in v]
+    cov = np.mean([c for c, _, _ in v])
+    mae = np.mean([a for _, _, a in v])
+    return (
+        f"| {name} | {rule} | {len(v)} | {mae:.4f} | {cov:.2f} | {np.median(w):.3f} | {np.mean(w):.3f} | {max(w):.3f} |"
+    )
 
 
 def main() -> None:
@@ -71,9 +75,9 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--s0", type=float, nargs="+", default=[0.01, 0.05, 0.1, 1.0, 100.0])
     a = ap.parse_args()
-    pooled: dict[str, list[tuple[bool, float]]] = {r: [] for r in _rules(a.s0)}
-    print("| file | rule | held-out pairs | coverage | median width | mean width | max width |")
-    print("|---|---|---|---|---|---|---|")
+    pooled: dict[str, list[tuple[bool, float, float]]] = {r: [] for r in _rules(a.s0)}
+    print("| file | rule | held-out pairs | MAE | coverage | median width | mean width | max width |")
+    print("|---|---|---|---|---|---|---|---|")
     for f in a.files:
         for rule, v in held_out(json.load(open(f)), a.s0).items():
             pooled[rule] += v

@@ -492,7 +492,8 @@ class SPECallback(Callback):
         step = last["step"]
         final = report_scalars(report)
         if step == self._last_logged_step:
-            # the last evaluation already logged this step's estimate (same G, same value): one point per step
+            # the last evaluation already logged this step's running estimate: one point per tag and step (the
+            # report's value, which the calibration pairs may have moved, is under spe/final_estimate)
             final = {k: v for k, v in final.items() if not k.startswith("spe/estimate/")}
         else:  # the final weights were evaluated at fit end: their pseudo/real values were not logged yet
             final.update(record_scalars(last))

@@ -96,7 +96,9 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     est = ea.Scalars("spe/estimate/target/dice")
     # running estimates from the 3rd record on, then the final one
     assert len(est) >= 2
-    assert est[-1].value == pytest.approx(dice["value"], abs=1e-6)
+    final = ea.Scalars("spe/final_estimate/target/dice")
+    assert len(final) == 1 and final[0].value == pytest.approx(dice["value"], abs=1e-6)
+    assert final[0].step == est[-1].step  # at the last step, beside the last running estimate
     assert "spe/estimate_lower/target/dice" in tags and "spe/estimate_upper/target/dice" in tags
     assert "spe/calibration_fit" in ea.Tags()["images"]
     assert "spe/summary/text_summary" in ea.Tags()["tensors"]

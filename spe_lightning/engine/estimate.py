@@ -31,7 +31,15 @@ import numpy as np
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["INTERVAL_RULES", "MIN_PAIRS", "anchored_estimate", "estimate", "finite_or_none", "fit_interval_model"]
+__all__ = [
+    "INTERVAL_RULES",
+    "MIN_PAIRS",
+    "MOVE_RULES",
+    "anchored_estimate",
+    "estimate",
+    "finite_or_none",
+    "fit_interval_model",
+]
 
 #: floor of the interval scale per metric (metric units)
 _S0 = {"hd95": 1.0}
@@ -39,6 +47,10 @@ _S0 = {"hd95": 1.0}
 MIN_PAIRS = 5
 #: how the interval scale is set: fitted per run to the pairs' misses (default), or proportional to the move
 INTERVAL_RULES = ("fitted", "proportional")
+#: how far an anchored estimate moves: chosen per run on the pairs (default), or G alone
+MOVE_RULES = ("auto", "g")
+#: the candidate weights of G's move against the pairs' slope
+MOVE_WEIGHTS = (1.0, 0.5, 0.0)
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -57,11 +69,21 @@ def fit_interval_model(
     exclude: str | None = None,
     s0: float | None = None,
     rule: str = "fitted",
+    move: str = "auto",
 ) -> dict[str, Any] | None:
-    """The interval model of anchored estimates of ``metric`` from labelled calibration pairs.
+    """The pair model of anchored estimates of ``metric``, fitted on labelled calibration pairs: how
+    far an estimate moves from the calibration score, and its interval.
 
-    For each pair the anchored prediction of its real difference is ``G(p_c + dp) - G(p_c)``; the
-    model keeps the normalised residuals ``|dr - prediction| / (s0 + slope * |prediction|)`` (plain
+    Move (``model["move"]``): G fitted across checkpoints says how the real metric follows the pseudo
+    one while the model trains; under a shift the pairs may say otherwise (on JSRT the real Dice fell
+    about twice as fast per unit of pseudo Dice on the shifted copies as G says). The move is
+    ``weight * (G(p_t) - G(p_c)) + (1 - weight) * pairs_slope * (p_t - p_c)``, ``pairs_slope`` the
+    least-squares slope (through 0) of the pairs' real on their pseudo differences and ``weight`` in
+    (1, 0.5, 0) the one whose predictions of held-out pair families (each family predicted from the
+    others) missed least; ties keep G. ``move="g"`` keeps G alone (weight 1).
+
+    Interval: each pair's prediction (its family's slope left out) misses its real difference; the
+    model keeps the normalised misses ``|dr - prediction| / (s0 + slope * |prediction|)`` (plain
     numbers), so an estimate's half-width is their quantile times the same scale at its own move
     (normalised split-conformal). ``rule="fitted"`` fits ``s0`` and ``slope`` to the pairs' misses
     (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the metric's floor
@@ -70,27 +92,72 @@ def fit_interval_model(
     """
     if rule not in INTERVAL_RULES:
         raise ValueError(f"rule must be one of {INTERVAL_RULES}, got {rule!r}.")
+    if move not in MOVE_RULES:
+        raise ValueError(f"move must be one of {MOVE_RULES}, got {move!r}.")
     if pseudo_calibration is None:
         return None
     floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
-    moves, misses = [], []
+    fams, dps, drs, gms = [], [], [], []
     for p in pairs:
         if exclude and p["name"].startswith(exclude):
             continue
         dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
         if dp is None or dr is None:
             continue
-        pred = float(g.predict([pseudo_calibration + dp])[0]) - base
-        if np.isfinite(pred) and np.isfinite(dr):
-            moves.append(abs(pred))
-            misses.append(abs(dr - pred))
-    if len(moves) < MIN_PAIRS:
+        gm = float(g.predict([pseudo_calibration + dp])[0]) - base
+        if np.isfinite(gm) and np.isfinite(dr) and np.isfinite(dp):
+            fams.append(_family(p["name"]))
+            dps.append(float(dp))
+            drs.append(float(dr))
+            gms.append(gm)
+    if len(dps) < MIN_PAIRS:
         return None
-    moved, missed = np.asarray(moves), np.asarray(misses)
+    fam, dp_, dr_, gm_ = np.asarray(fams), np.asarray(dps), np.asarray(drs), np.asarray(gms)
+    rule_move = _choose_move(fam, dp_, dr_, gm_) if move == "auto" else {"weight": 1.0, "pairs_slope": None}
+    pred = _held_out_predictions(fam, dp_, dr_, gm_, rule_move["weight"])
+    moved, missed = np.abs(pred), np.abs(dr_ - pred)
     s, slope = (floor, 1.0) if rule == "proportional" else _fit_scale(moved, missed, floor)
     scores = missed / (s + slope * moved)
-    return {"s0": float(s), "slope": float(slope), "scores": sorted(float(v) for v in scores)}
+    return {
+        "s0": float(s),
+        "slope": float(slope),
+        "scores": sorted(float(v) for v in scores),
+        "move": rule_move,
+    }
+
+
+def _family(name: str) -> str:
+    """A calibration pair's family: ``subset`` for random subsets, else the shift (``noise_2`` -> ``noise``)."""
+    return "subset" if name.startswith("subset") else name.rsplit("_", 1)[0]
+
+
+def _slope_through_zero(x: np.ndarray, y: np.ndarray) -> float | None:
+    xx = float((x * x).sum())
+    return float((x * y).sum()) / xx if xx > 1e-12 else None
+
+
+def _held_out_predictions(fam: np.ndarray, dp: np.ndarray, dr: np.ndarray, gm: np.ndarray, weight: float) -> np.ndarray:
+    """Each pair's predicted real difference with the pairs' slope fitted without its family."""
+    if weight >= 1.0:
+        return gm.copy()
+    pred = gm.copy()
+    for f in np.unique(fam):
+        out = fam == f
+        k = _slope_through_zero(dp[~out], dr[~out])
+        if k is not None:
+            pred[out] = weight * gm[out] + (1 - weight) * k * dp[out]
+    return pred
+
+
+def _choose_move(fam: np.ndarray, dp: np.ndarray, dr: np.ndarray, gm: np.ndarray) -> dict[str, Any]:
+    """The move weight with the smallest held-out-family error (see :func:`fit_interval_model`)."""
+    k = _slope_through_zero(dp, dr)
+    if k is None or len(np.unique(fam)) < 3:
+        return {"weight": 1.0, "pairs_slope": k, "errors": {}}
+    errors = {w: float(np.mean(np.abs(_held_out_predictions(fam, dp, dr, gm, w) - dr))) for w in MOVE_WEIGHTS}
+    best = min(MOVE_WEIGHTS, key=lambda w: (round(errors[w], 12), -w))  # ties keep G
+    return {"weight": best, "pairs_slope": k, "errors": {str(w): e for w, e in errors.items()}}
 
 
 def _fit_scale(moved: np.ndarray, missed: np.ndarray, floor: float) -> tuple[float, float]:
@@ -128,6 +195,10 @@ def anchored_estimate(
     if g is None or None in (pseudo_target, pseudo_calibration, real_calibration):
         return none
     moved = float(g.predict([pseudo_target])[0]) - float(g.predict([pseudo_calibration])[0])
+    rule_move = (interval_model or {}).get("move") or {}
+    w, k = float(rule_move.get("weight", 1.0)), rule_move.get("pairs_slope")
+    if w < 1.0 and k is not None:  # the pairs' own slope under shift (see fit_interval_model)
+        moved = w * moved + (1 - w) * float(k) * (float(pseudo_target) - float(pseudo_calibration))
     value = float(real_calibration) + moved
     half = _half_width(interval_model, moved, level) if interval_model else g.half_width(level)
     vals = np.asarray([value, value - half, value + half], float)

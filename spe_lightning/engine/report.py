@@ -47,12 +47,15 @@ def record_scalars(record: dict[str, Any], running: dict[str, Any] | None = None
 
 
 def report_scalars(report: dict[str, Any]) -> dict[str, float]:
-    """Logger scalars of the final estimates: ``spe/estimate[_lower|_upper]/<target>/<key>``."""
+    """Logger scalars of the final estimates: ``spe/estimate[_lower|_upper]/<target>/<key>`` and
+    ``spe/final_estimate/<target>/<key>`` (the report's value: at fit end the calibration pairs may move it
+    from the last running estimate, which ``spe/estimate`` already holds at that step)."""
     flat: dict[str, Any] = {}
     for t, per_metric in report["estimates"].items():
         for m, e in per_metric.items():
             for key, tag in (("value", "estimate"), ("lower", "estimate_lower"), ("upper", "estimate_upper")):
                 flat[f"spe/{tag}/{t}/{m}"] = e[key]
+            flat[f"spe/final_estimate/{t}/{m}"] = e["value"]
     return _finite(flat)
 
 
