@@ -444,9 +444,13 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         sim, idx = self._pair_attention(query_images, prepared)
         return torch.softmax(sim, dim=-1) @ prepared["labels"][idx]
 
+    def _fuse(self, pair_predictions: Tensor, size: tuple[int, ...]) -> Tensor:
+        """Per-support label cells ``[q, k, P, C]`` -> their mean as probabilities ``[q,1,*size]``."""
+        prob = self._uncells(pair_predictions.mean(1))
+        return F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+
     def predict(self, query_images: Tensor, prepared: Any) -> Tensor:
-        prob = self._uncells(self._pair_predictions(query_images, prepared).mean(1))
-        return F.interpolate(prob, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
+        return self._fuse(self._pair_predictions(query_images, prepared), tuple(query_images.shape[-2:]))
 
     @torch.no_grad()
     def score(
@@ -523,9 +527,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
                     parts[m].append(scores[swap.get(m, m)])
             for m in metrics:
                 out[m].append(torch.stack(parts[m]).mean(0).mean(1))
-            if fuse:  # as predict(): the mean over supports, back at the query's size
-                prob = self._uncells(pred_q.mean(1))
-                fused.append(F.interpolate(prob, size=chunk.shape[-2:], mode="bilinear", align_corners=False))
+            if fuse:
+                fused.append(self._fuse(pred_q, tuple(chunk.shape[-2:])))
         scored = {m: torch.cat(v) if v else query_images.new_zeros(0) for m, v in out.items()}
         if not fuse:
             return scored, None
