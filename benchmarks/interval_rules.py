@@ -17,12 +17,8 @@ import json
 
 import numpy as np
 
-from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model
+from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model, pair_family
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
-
-
-def _family(name: str) -> str:
-    return "subset" if name.startswith("subset") else name.rsplit("_", 1)[0]
 
 
 def _rules(s0_values: list[float]) -> dict[str, dict]:
@@ -44,9 +40,9 @@ def held_out(result: dict, s0_values: list[float], level: float = 0.9, metric: s
         if g is None or p_c is None or r_c is None:
             continue
         pairs = raw["pairs"]
-        for fam in sorted({_family(p["name"]) for p in pairs}):
-            train = [p for p in pairs if _family(p["name"]) != fam]
-            test = [p for p in pairs if _family(p["name"]) == fam]
+        for fam in sorted({pair_family(p["name"]) for p in pairs}):
+            train = [p for p in pairs if pair_family(p["name"]) != fam]
+            test = [p for p in pairs if pair_family(p["name"]) == fam]
             for rule, kwargs in rules.items():
                 model = fit_interval_model(train, metric, g, p_c, **kwargs)
                 for p in test:

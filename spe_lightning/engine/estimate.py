@@ -39,6 +39,7 @@ __all__ = [
     "estimate",
     "finite_or_none",
     "fit_interval_model",
+    "pair_family",
 ]
 
 #: floor of the interval scale per metric (metric units)
@@ -107,7 +108,7 @@ def fit_interval_model(
             continue
         gm = float(g.predict([pseudo_calibration + dp])[0]) - base
         if np.isfinite(gm) and np.isfinite(dr) and np.isfinite(dp):
-            fams.append(_family(p["name"]))
+            fams.append(pair_family(p["name"]))
             dps.append(float(dp))
             drs.append(float(dr))
             gms.append(gm)
@@ -127,7 +128,7 @@ def fit_interval_model(
     }
 
 
-def _family(name: str) -> str:
+def pair_family(name: str) -> str:
     """A calibration pair's family: ``subset`` for random subsets, else the shift (``noise_2`` -> ``noise``)."""
     return "subset" if name.startswith("subset") else name.rsplit("_", 1)[0]
 

@@ -288,7 +288,7 @@ class SPEEngine:
         if scored and hasattr(self.segmenter, "score_and_fuse") and not budgeted:
             return self._scored_and_fused(idx, cls, support, device, scored, fused)
         budget = None
-        if device.type == "cuda" and self.memory_budget_mb is not None:
+        if budgeted:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             budget = _ChunkBudget(self.memory_budget_mb * 2**20)
