@@ -520,6 +520,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     """
     from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
     from spe_lightning.engine.metrics import PAPER_METRICS
+    from spe_lightning.engine.quality import combined_value
     from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 
     segs = list(result["shift_raw"])
@@ -567,7 +568,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
         w = combination["weight"]
         for row in rows:
             spe_v, reg_v = (row["spe"].get("dice") or {}).get("value"), (row.get("quality_regressor") or {}).get("dice")
-            value = None if spe_v is None or reg_v is None else w * reg_v + (1 - w) * spe_v
+            value = combined_value(w, reg_v, spe_v)
             row["spe_combined"] = {"dice": value}
     methods = [k for k in rows[0] if k not in ROW_FIELDS]
     clean = next((r["real"] for r in rows if r["name"] == "clean"), {})

@@ -48,7 +48,13 @@ from spe_lightning.engine.percase import (
 )
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import SPEEngine
-from spe_lightning.engine.quality import QualityRegressor, QualitySettings, calibrate_quality, quality_estimates
+from spe_lightning.engine.quality import (
+    QualityRegressor,
+    QualitySettings,
+    calibrate_quality,
+    combined_value,
+    quality_estimates,
+)
 from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
@@ -702,7 +708,7 @@ class SPEEstimator:
         if weight is None or spe is None or not values:
             return None
         reg, w = float(np.mean(values)), float(weight)
-        return {"value": w * reg + (1 - w) * spe, "weight": w, "spe": spe, "regressor": reg}
+        return {"value": combined_value(w, reg, spe), "weight": w, "spe": spe, "regressor": reg}
 
     @torch.no_grad()
     def estimate_chunks(

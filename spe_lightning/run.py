@@ -42,7 +42,7 @@ from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
-from spe_lightning.engine.quality import combination_from_pairs
+from spe_lightning.engine.quality import combination_from_pairs, combined_value
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
 from spe_lightning.engine.report import make_figure, write_csv, write_json
 from spe_lightning.estimator import SPEEstimator
@@ -548,7 +548,7 @@ class SPERun:
         estimates = {}
         for t in self._targets:
             spe, reg = report["estimates"][t]["dice"]["value"], mean(self._sets[t])
-            value = None if spe is None or reg is None else w * reg + (1 - w) * spe
+            value = combined_value(w, reg, spe)
             estimates[t] = {"value": value, "spe": spe, "regressor": reg}
         return {
             "metric": "dice",

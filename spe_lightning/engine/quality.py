@@ -43,6 +43,7 @@ __all__ = [
     "quality_estimates",
     "choose_combination",
     "combination_from_pairs",
+    "combined_value",
 ]
 
 
@@ -473,6 +474,13 @@ def choose_combination(
     best = min(mae, key=lambda w: (mae[w], w))
     keep = best if mae[best] < mae.get(0.0, float(np.mean(np.abs(s - y)))) else 0.0
     return {"weight": keep, "mae": {str(k): v for k, v in mae.items()}, "n_sets": int(s.size)}
+
+
+def combined_value(weight: float, regressor: float | None, spe: float | None) -> float | None:
+    """``weight * regressor + (1 - weight) * spe`` (None when either is missing)."""
+    if regressor is None or spe is None:
+        return None
+    return float(weight) * float(regressor) + (1 - float(weight)) * float(spe)
 
 
 def combination_from_pairs(
