@@ -12,7 +12,7 @@ seconds per call (all queries x 64 supports, 128 x 128, this machine).
 Segmenters that learn (``fit``) are fitted once per dataset on the query (training) images and
 their true masks, timed; segmenters with ``score`` give the pseudo Dice per query directly (else
 it is the Dice of ``__call__``'s probabilities > 0.5). Variants that differ only in evaluation
-settings (``EVAL_ONLY``) share one fit. The appearance test shifts only the support images
+settings (the segmenter's ``fit_spec()`` is the same) share one fit. The appearance test shifts only the support images
 (noise, gamma, blur, low resolution, contrast) at true masks and reports the change of the pseudo
 Dice. Fit and call times are also given as ratios to ``label_fusion``'s call time in the same run.
 
@@ -45,8 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LEVELS = (1.0, 0.92, 0.85, 0.77, 0.69, 0.6, 0.5)
 QUICK_LEVELS = (1.0, 0.85, 0.7, 0.5)
-#: settings that change only the evaluation, not the fitted weights (variants share one fit)
-EVAL_ONLY = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
 #: support-image appearance shifts (masks untouched): name -> function of (images [N,1,H,W], generator)
 APPEARANCE_SHIFTS = ("noise", "gamma", "blur", "lowres", "contrast")
 
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             seg = base.segmenter_from_text(label)
             fit_s = 0.0
             if getattr(seg, "needs_fit", False):
-                key = json.dumps({k: v for k, v in seg.spec().items() if k not in EVAL_ONLY}, sort_keys=True)
+                key = json.dumps(seg.fit_spec(), sort_keys=True)  # variants differing in evaluation share a fit
                 if key not in fitted:
                     t0 = time.perf_counter()
                     seg.fit(q_img, q_msk.float())
