@@ -17,6 +17,7 @@ def test_every_shift_changes_the_image_and_keeps_shape_range_dtype(family):
     for severity in (1, 3):
         out = apply_shift(img, family, severity, seed=3)
         assert out.shape == img.shape and out.dtype == img.dtype
+        assert type(out) is torch.Tensor  # not MONAI's MetaTensor (slow in every later torch call)
         assert float(out.min()) >= float(img.min()) - 1e-6 and float(out.max()) <= float(img.max()) + 1e-6
         assert float((out - img).abs().mean()) > 1e-3
 

@@ -74,7 +74,10 @@ def apply_shift(image: Tensor, family: str, severity: int, seed: int = 0) -> Ten
     lo = x.amin(dim=dims, keepdim=True)
     span = (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-8)
     unit = (x - lo) / span
-    out = torch.as_tensor(_transform(family, SHIFTS[family][severity - 1], seed, x.ndim - 1)(unit)).float()
+    out = _transform(family, SHIFTS[family][severity - 1], seed, x.ndim - 1)(unit)
+    # MONAI returns a MetaTensor: every later torch call on it pays for metadata bookkeeping (it made the
+    # calibration pairs' reverse step 3x slower), so keep a plain tensor
+    out = torch.as_tensor(out).as_subclass(torch.Tensor).float()
     out = out.clamp(0.0, 1.0) * span + lo
     return out.to(image.dtype)
 
