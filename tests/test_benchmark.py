@@ -98,6 +98,29 @@ def test_another_site_is_reported_on_its_own(tmp_path):
     assert [r["site"] for r in res["targets"]] == [False, False, True]
 
 
+def test_false_alarm_is_an_estimated_drop_on_an_unshifted_target_whose_real_dice_held():
+    from spe_lightning.benchmark import shift_scores
+
+    def set_(pseudo, real):
+        return {"pseudo": {m: pseudo for m in METRICS}, "real": {m: real for m in METRICS}, "confidence": 0.9}
+
+    targets = {
+        "clean": set_(0.6, 0.7),  # estimate 0.6, 0.1 below the calibration score, real held: an alarm
+        "group_a": set_(0.72, 0.8),  # under-estimated by 0.08 but no drop: not an alarm
+        "group_b": set_(0.55, 0.6),  # the real Dice dropped too: not an alarm
+        "noise_3": set_(0.6, 0.7),  # a synthetic shift is not an unshifted target
+    }
+    result = {
+        "records": {"auto": _linear_records()},
+        "shift_raw": {"auto": {"calibration": set_(0.7, 0.7), "targets": targets, "pairs": []}},
+    }
+    res = shift_scores(result)
+    values = {r["name"]: r["spe"]["dice"]["value"] for r in res["targets"]}
+    assert values["clean"] == pytest.approx(0.6) and values["group_a"] == pytest.approx(0.72)
+    assert res["summary"]["dice"]["spe"]["false_alarms"] == 1
+    assert res["summary"]["dice"]["calibration_score"]["false_alarms"] == 0
+
+
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "pearson_r")
 
 
