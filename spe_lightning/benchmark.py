@@ -119,7 +119,7 @@ class BenchmarkConfig:
     image_size: int = 128
     lr: float = 1e-3
     batch_size: int = 8
-    support_size: int = 64
+    support_size: int | None = None  # None: each segmenter's own (see SPECallback)
     max_references: int | None = None
     accelerator: str = "auto"
     log_dir: str = "spe_runs/benchmark"

@@ -106,7 +106,8 @@ class SPECallback(Callback):
             unless ``SPE_DOWNLOAD=1``),
             a name from :func:`~spe_lightning.reverse.available_segmenters`, or a ``ReverseSegmenter``.
         every_n_epochs: evaluate every n training epochs.
-        support_size: maximum support images per reverse step (paper: 64).
+        support_size: maximum support images per reverse step (None: the segmenter's own, the paper's 64
+            for UniverSeg and label fusion, 512 for ``learned_propagation``, whose cost barely grows with it).
         max_references: use a fixed seeded subset of at most this many references (None: all); the reverse
             step's cost grows with it (benchmarks/spe_cost.py).
         min_foreground: support masks with fewer predicted foreground pixels (at ``working_size``) are dropped.
@@ -170,7 +171,7 @@ class SPECallback(Callback):
         target: Dataset | Mapping[str, Dataset] | None = None,
         segmenter: str | ReverseSegmenter = "auto",
         every_n_epochs: int = 1,
-        support_size: int = 64,
+        support_size: int | None = None,
         max_references: int | None = 64,
         min_foreground: int = 16,
         threshold: float = 0.5,

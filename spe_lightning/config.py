@@ -85,7 +85,7 @@ class SPEConfig:
 
     segmenter: str = "auto"
     every_n_epochs: int = 1
-    support_size: int = 64
+    support_size: int | None = None
     max_references: int | None = 64
     min_foreground: int = 16
     threshold: float = 0.5
@@ -137,7 +137,6 @@ class SPEConfig:
     def _validate_ints(self) -> None:
         for name, low in (
             ("every_n_epochs", 1),
-            ("support_size", 1),
             ("min_foreground", 0),
             ("batch_size", 1),
             ("max_slices", 1),
@@ -146,6 +145,8 @@ class SPEConfig:
             _check_int(name, getattr(self, name), low)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"SPE: seed must be an int, got {self.seed!r}.")
+        if self.support_size is not None:
+            _check_int("support_size", self.support_size, 1)
         if self.max_references is not None:
             _check_int("max_references", self.max_references, 1)
         if self.working_size is not None:

@@ -444,6 +444,7 @@ class SPERun:
             "classes": c.to_dict()["classes"],
             "segmenter": self.segmenter_spec(),
             "config": c.to_dict(),
+            "support_size": engine.support_size if engine else c.support_size,  # config None: the segmenter's
             "reference_indices": list(engine.ref_indices) if engine else [],
         }
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:

@@ -87,3 +87,15 @@ def test_scoring_and_fusing_in_one_pass_gives_the_numbers_of_two_passes(monkeypa
     assert set(one["pseudo"]["calibration"]) == set(PAPER_METRICS)
     for m in PAPER_METRICS:
         assert one["pseudo"]["calibration"][m] == two["pseudo"]["calibration"][m], m
+
+
+def test_support_size_none_takes_the_segmenters_own():
+    ref = cache_dataset("reference", SyntheticShapesDataset(8, 32, seed=1), 32, require_masks=True)
+    data = cache_dataset("site_b", SyntheticShapesDataset(80, 32, seed=3), 32)
+    fusion = SPEEngine(make_segmenter("label_fusion"), ref, ("dice",), min_foreground=1)
+    learned = SPEEngine(make_segmenter("learned_propagation"), ref, ("dice",), min_foreground=1)
+    assert (fusion.support_size, learned.support_size) == (64, 512)  # the paper's 64; every image of most sets
+    # the learned step is given every usable image of an 80-image set, label fusion 64 of them
+    assert len(learned.support(data, data.masks).indices) == 80
+    assert len(fusion.support(data, data.masks).indices) == 64
+    assert SPEEngine(make_segmenter("learned_propagation"), ref, ("dice",), support_size=10).support_size == 10

@@ -165,7 +165,8 @@ class SPEEngine:
         segmenter: the reverse (in-context) segmenter.
         reference: labelled reference set (queries of the reverse step).
         metrics: metric names (see :mod:`spe_lightning.engine.metrics`).
-        support_size: maximum support images per reverse step (paper: 64).
+        support_size: maximum support images per reverse step (None: the segmenter's
+            ``default_support_size``: the paper's 64, or 512 for the learned propagation).
         min_foreground: minimum predicted foreground pixels for a support mask.
         threshold: binarisation threshold of the reverse probabilities.
         seed: seed of the support orders.
@@ -180,7 +181,7 @@ class SPEEngine:
         segmenter: ReverseSegmenter,
         reference: CachedSet,
         metrics: Sequence[str],
-        support_size: int = 64,
+        support_size: int | None = None,
         min_foreground: int = 16,
         threshold: float = 0.5,
         seed: int = 0,
@@ -192,6 +193,8 @@ class SPEEngine:
             raise ValueError("The SPE reference set needs ground-truth masks.")
         self.segmenter = segmenter
         self.metrics = tuple(metrics)
+        if support_size is None:
+            support_size = int(getattr(segmenter, "default_support_size", 64))
         self.support_size, self.min_foreground = support_size, min_foreground
         self.threshold, self.seed = threshold, seed
         self.class_names = list(class_names) if class_names else None

@@ -89,6 +89,9 @@ class ReverseSegmenter(ABC):
     #: the registered segmenter that scores single cases (:mod:`spe_lightning.engine.percase`) in this one's
     #: place; None: this one (a segmenter good at sets can be poor with a one-image support)
     case_segmenter: str | None = None
+    #: how many of a set's images SPE gives this segmenter as supports when ``support_size`` is None
+    #: (the paper's 64: UniverSeg's cost and memory grow with the supports, label fusion's too)
+    default_support_size: int = 64
 
     def __init__(self, chunk_size: int = 32) -> None:
         if not isinstance(chunk_size, int) or chunk_size < 1:
