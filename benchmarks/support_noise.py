@@ -12,6 +12,7 @@ and each shifted copy's pseudo and real difference from the whole set.
 
     python benchmarks/support_noise.py --data ../shared/datasets/busi --class-index 1 --epochs 15 \
         --out benchmarks/results/support_noise_busi.json
+    python benchmarks/support_noise.py --print benchmarks/results/support_noise_busi.json
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from spe_lightning.models import SegmentationModel
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None)
     p.add_argument("--class-index", type=int, default=1)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +44,13 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.8, help="size of each subset, as a share of the set")
     p.add_argument("--support-sizes", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--out", default=None)
+    p.add_argument("--print", dest="show", default=None, metavar="FILE", help="print the tables of a saved run")
     a = p.parse_args()
+    if a.show:
+        tables(json.loads(open(a.show).read()))
+        return
+    if not a.data:
+        p.error("--data ROOT is needed to measure (or --print FILE to show a saved run)")
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     torch.set_num_threads(2)
     pl.seed_everything(a.seed)
@@ -95,7 +102,18 @@ def main() -> None:
         row["shift_slope"] = float((dp * dr).sum() / max((dp * dp).sum(), 1e-12))
         row["shift_r"] = float(np.corrcoef(dp, dr)[0, 1])
         rows.append(row)
-    print(f"{len(cal)} labelled images, {a.subsets} subsets of {int(a.fraction * n)}; reverse step learned_propagation")
+    result = {"args": {k: v for k, v in vars(a).items() if k not in ("out", "show")}, "n": n, "rows": rows}
+    tables(result)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def tables(result: dict) -> None:
+    """Print the noise table and the shifts table of a saved result."""
+    rows, a = result["rows"], result["args"]
+    n = result["n"]
+    print(f"{n} labelled images, {a['subsets']} subsets of {int(a['fraction'] * n)}; reverse step learned_propagation")
     print("| support_size | subset pseudo std | subset real std | max subset pseudo diff | shifts: dr/dp | r | s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -108,9 +126,6 @@ def main() -> None:
     for k in rows[0]["shifts"]:
         dps = " | ".join(f"{r['shifts'][k]['dp']:+.3f}" for r in rows)
         print(f"| {k} | {dps} | {rows[0]['shifts'][k]['dr']:+.3f} |")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "n": n, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
