@@ -604,8 +604,8 @@ ALARM_TOLERANCE, ALARM_DROP = 0.02, 0.05
 
 def _summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """Per metric and method over ``rows``: MAE, max error, interval coverage and widths, Dice false alarms
-    (an estimate that drops more than 0.05 below the calibration score on an unshifted target whose real
-    Dice did not drop, i.e. stayed within 0.02 of the calibration score: a user told to act for nothing)."""
+    (an estimate more than ``ALARM_DROP`` below the calibration score on an unshifted target whose real
+    Dice stayed within ``ALARM_TOLERANCE`` of it: a user told to act for nothing)."""
     from spe_lightning.engine.metrics import PAPER_METRICS
 
     summary: dict[str, Any] = {}
