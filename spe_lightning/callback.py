@@ -39,6 +39,8 @@ __all__ = ["SPECallback"]
 
 #: the constructor arguments that are settings (the rest: datasets, callables, where to write)
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SPEConfig))
+#: the ``support_size`` default before None (each segmenter's own): checkpoints of that time are keyed by it
+LEGACY_SUPPORT_SIZE = 64
 
 
 def _shard(trainer: pl.Trainer) -> Shard:
@@ -255,14 +257,28 @@ class SPECallback(Callback):
     @property
     def state_key(self) -> str:
         # the segmenter and main settings, so that differently configured SPE callbacks can coexist
+        return self._state_key_for(self.config.support_size)
+
+    def _state_key_for(self, support_size: int | None) -> str:
         c = self.config
         return self._generate_state_key(
             segmenter=self._segmenter_label,
             metrics=c.metrics,
-            support_size=c.support_size,
+            support_size=support_size,
             seed=c.seed,
             every_n_epochs=c.every_n_epochs,
         )
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find the state a checkpoint saved before ``support_size`` defaulted to None (it was 64 then), so
+        resuming keeps the earlier records and :meth:`load_state_dict` reports the changed setting."""
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict) and self.state_key not in states and self.config.support_size is None:
+            legacy = self._state_key_for(LEGACY_SUPPORT_SIZE)
+            if legacy in states:
+                states[self.state_key] = states[legacy]
 
     def state_dict(self) -> dict[str, Any]:
         return self.run.state_dict()

@@ -277,6 +277,23 @@ def test_resuming_with_other_settings_warns_or_raises_when_strict():
         tiny_spe(support_size=8, strict=True).load_state_dict(saved)
 
 
+def test_a_checkpoint_from_before_the_support_size_default_keeps_its_records():
+    """Checkpoints saved when ``support_size`` defaulted to 64 are keyed by it: resuming with the new default
+    (None) finds that state, keeps its records and says the setting changed (no silent fresh start)."""
+    old = tiny_spe(support_size=64)
+    saved = old.state_dict() | {"records": [{"epoch": 0, "step": 1, "pseudo": {}, "real": {}}]}
+    checkpoint = {"callbacks": {old.state_key: saved}}
+    new = tiny_spe(support_size=None)
+    assert new.state_key != old.state_key
+    new.on_load_checkpoint(None, None, checkpoint)
+    with pytest.warns(UserWarning, match="different settings.*support_size"):
+        new.load_state_dict(checkpoint["callbacks"][new.state_key])
+    assert len(new.records) == 1
+    other = tiny_spe(support_size=None, seed=1)  # another callback's state is not taken
+    other.on_load_checkpoint(None, None, checkpoint)
+    assert other.state_key not in checkpoint["callbacks"]
+
+
 def test_a_failure_on_one_process_is_raised_on_every_process():
     """Shard.run gathers (result, error) from every process: all raise together, none waits forever."""
     from spe_lightning.engine.pseudo_metrics import Shard
