@@ -257,12 +257,12 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             "seed": self.seed,
         }
 
-    #: settings that change only how the fitted encoder is used, not the weights
     #: supports per set when ``support_size`` is None: every image of most sets. Each query meets only
     #: ``max_supports`` of them, so more supports cost little (their features are memoised), and with 64 of
     #: BUSI's 156 the pseudo Dice varied by 0.016 (std) between subsets of one set with no real difference
     #: (0.006 with all; benchmarks/support_noise.py)
     default_support_size = 512
+    #: settings that change only how the fitted encoder is used, not the weights
     EVAL_SETTINGS = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
 
     def fit_spec(self) -> dict[str, Any]:
