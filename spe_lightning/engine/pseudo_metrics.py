@@ -194,7 +194,7 @@ class SPEEngine:
         self.segmenter = segmenter
         self.metrics = tuple(metrics)
         if support_size is None:
-            support_size = int(getattr(segmenter, "default_support_size", 64))
+            support_size = int(getattr(segmenter, "default_support_size", ReverseSegmenter.default_support_size))
         self.support_size, self.min_foreground = support_size, min_foreground
         self.threshold, self.seed = threshold, seed
         self.class_names = list(class_names) if class_names else None
