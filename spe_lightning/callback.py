@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -142,7 +142,9 @@ class SPECallback(Callback):
         activation: ``"auto"`` (sigmoid for 1 channel, softmax for several), or force one; ``"none"``
             when the model already outputs probabilities.
         batch_size: batch size of SPE's own inference.
-        log_dir: where reports go (default: the trainer's log directory).
+        log_dir: folder of ``spe_report.*`` and ``spe_estimator.pt``. Default: the TensorBoard/CSV logger's
+            run folder; otherwise ``spe_reports/`` under the logger's ``save_dir`` or, without a logger, under
+            ``trainer.default_root_dir`` (see :meth:`report_dir`).
         verbose: print a line per evaluation and the summary table.
         strict: raise instead of warning and skipping when an evaluation fails.
         alert_below: ``{key: threshold}``: alert when a target's estimate falls below it (e.g. ``{"dice": 0.8}``).
@@ -461,11 +463,20 @@ class SPECallback(Callback):
             rank_zero_info(message)
 
     def report_dir(self, trainer: pl.Trainer) -> Path:
-        """Where ``spe_report.*`` are written: ``log_dir`` or the trainer's log directory.
+        """Where ``spe_report.*`` and ``spe_estimator.pt`` are written.
 
-        Call it on every rank: under DDP ``trainer.log_dir`` broadcasts from rank zero.
+        ``log_dir`` when given; else the first logger's own run folder when it has one (TensorBoard/CSV:
+        ``<save_dir>/<name>/version_<n>``, beside its event files); else a ``spe_reports`` folder under the
+        logger's ``save_dir`` or, without a logger, under ``trainer.default_root_dir`` (as Lightning puts
+        ``checkpoints/`` there), so no file lands loose in the working directory (``WandbLogger``'s ``save_dir``
+        is ``"."`` by default). Call it on every rank: ``trainer.log_dir`` broadcasts under DDP.
         """
-        return Path(self.log_dir or trainer.log_dir or trainer.default_root_dir)
+        if self.log_dir:
+            return Path(self.log_dir)
+        base = trainer.log_dir  # collective under DDP: every rank calls it
+        if trainer.loggers and isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)) and base:
+            return Path(base)
+        return Path(base or trainer.default_root_dir) / "spe_reports"
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Path) -> None:
         import matplotlib.pyplot as plt

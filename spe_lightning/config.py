@@ -7,7 +7,10 @@ so a typo in a YAML file or a dict names itself).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +21,7 @@ from spe_lightning.engine.pseudo_metrics import metric_keys
 from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.reverse.base import available_segmenters
 
-__all__ = ["ACTIVATIONS", "ALERT_ON", "MAX_AUTO_WORKING_SIZE", "SPEConfig"]
+__all__ = ["ACTIVATIONS", "ALERT_ON", "MAX_AUTO_WORKING_SIZE", "SPEConfig", "setting_docs", "settings_markdown"]
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
 #: the largest working size ``working_size=None`` picks (the reverse step's cost grows with its square)
@@ -75,7 +78,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 @dataclass(frozen=True)
 class SPEConfig:
-    """Every plain setting of an SPE run (see :class:`~spe_lightning.SPECallback` for their meaning).
+    """Every plain setting of an SPE run; each field's docstring says what it does (docs/settings.md lists them).
 
     Frozen and validated on construction; ``classes`` is normalised to ``{name: index}`` and the
     sequences to tuples. ``working_size=None`` means the images' own size, at most
@@ -84,36 +87,87 @@ class SPEConfig:
     """
 
     segmenter: str = "auto"
+    """The reverse segmenter: ``"auto"`` is UniverSeg when its official weights are found on the machine, else
+    ``learned_propagation`` (fitted on the references at the first evaluation, then cached); nothing is downloaded
+    unless asked for (``SPE_DOWNLOAD=1``). Or a registered name: ``universeg``, ``learned_propagation``,
+    ``label_fusion``, ``pixel_ridge``, ``pixel_knn``, ``fusion_ridge``. The callback also takes a
+    ``ReverseSegmenter`` instance."""
     every_n_epochs: int = 1
+    """Evaluate every n training epochs (and once more at the final weights)."""
     support_size: int | None = None
+    """Support images per reverse step. None: the segmenter's own count (the paper's 64 for UniverSeg and label
+    fusion; 512 for ``learned_propagation``, whose cost per query does not grow with it and whose pseudo metrics are
+    less noisy with more)."""
     max_references: int | None = 64
+    """A fixed seeded subset of at most this many references (the same queries at every checkpoint); None: all.
+    The reverse step's cost grows with it."""
     min_foreground: int = 16
+    """Support masks with fewer predicted foreground pixels (at ``working_size``) are dropped, as in the paper."""
     threshold: float = 0.5
+    """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
     metrics: tuple[str, ...] = PAPER_METRICS
+    """Metrics to estimate: any of ``dice``, ``iou``, ``precision``, ``recall``, ``hd95``, ``pearson_r``."""
     mapping: str = "linear"
+    """G, the map from pseudo to real metric across checkpoints: ``linear`` (the paper's), ``huber`` (robust to
+    outlying checkpoints) or ``isotonic`` (monotone)."""
     level: float = 0.9
+    """Nominal coverage of the intervals (split-conformal on the calibration pairs, scaled per run to how their
+    misses grow with the estimate's move; without pairs, G's leave-one-out residuals)."""
     anchored: bool = True
+    """Estimate a target as the calibration score moved by ``G(pseudo target) - G(pseudo calibration)``;
+    False: the paper's ``G(pseudo target)`` (always kept in the report under ``paper``)."""
     interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
+    """Shift families (``noise``, ``gamma``, ``contrast``, ``blur``, ``bias_field``, ``low_resolution``) applied to
+    the calibration set at fit end, at ``interval_severities``, to size the intervals; ``[]`` to skip."""
     interval_subsets: int = 2
+    """Random calibration subsets per target size measured at fit end for the intervals (each costs about one
+    SPE evaluation)."""
     interval_severities: tuple[int, ...] = (2,)
+    """Severities (1-3) of each interval shift."""
     seed: int = 0
+    """Seed of the reference subset and of the support order of every set."""
     working_size: int | None = None
+    """Side of the square images the reverse step works on; None: the images' own size, at most 128."""
     foreground_class: int | None = None
+    """Binary SPE on this mask class (argmax == class for a multi-channel model); None: any non-zero class."""
     classes: dict[str, int] | None = field(default=None, hash=False)
+    """Multi-class SPE: class indices ``[1, 2]`` or ``{"heart": 2, "lung": 1}``. Each class gets its own support
+    set and reverse step; keys ``"<metric>/<class>"`` and their mean ``"<metric>"``. The model's channel ``c`` is
+    class ``c``."""
     spatial_dims: int | None = None
+    """2 or 3; None: 4-D items ``[C,D,H,W]`` are volumes (handled slice by slice)."""
     max_slices: int = 16
+    """Per volume, at most this many evenly spaced slices are support candidates or references."""
     memory_budget_mb: float | None = None
+    """On CUDA: memory (MiB) the reverse step may add; its chunk of queries is sized to it. None: no budget."""
     image_key: str = "image"
+    """Key of the image in dict items."""
     label_key: str = "label"
+    """Key of the mask in dict items."""
     activation: str = "auto"
+    """``auto``: sigmoid for one output channel, softmax for several; ``sigmoid``/``softmax`` forces one;
+    ``none`` when the model already outputs probabilities."""
     batch_size: int = 16
+    """Batch size of SPE's own inference."""
     verbose: bool = True
+    """Print a line per evaluation (with its time) and the table of estimates."""
     strict: bool = False
+    """Raise instead of warning and skipping when an evaluation (or writing the report) fails."""
     quality_regressor: bool = False
+    """At fit end, fit the per-case quality regressor on the references (minutes on a CPU) and save it in
+    ``spe_estimator.pt``: per-case estimated Dice then come from it, and each target's Dice is also reported
+    combined with SPE's."""
     alert_below: dict[str, float] | None = field(default=None, hash=False)
+    """``{metric: threshold}``: alert when a target's estimate falls below it (e.g. ``{"dice": 0.8}``)."""
     alert_above: dict[str, float] | None = field(default=None, hash=False)
+    """``{metric: threshold}``: alert when a target's estimate rises above it (e.g. ``{"hd95": 10.0}``)."""
     alert_on: str = "estimate"
+    """``estimate`` compares the estimate with the thresholds; ``lower`` the pessimistic end of its interval
+    (lower bound for ``alert_below``, upper bound for ``alert_above``): more alerts, fewer missed drops."""
     fit_cache: str | None = "auto"
+    """Where a learned reverse segmenter's fitted weights are kept between runs (keyed by the references' content,
+    its settings, the seed and the package version): ``"auto"`` is ``$SPE_CACHE_DIR`` (empty: off) or
+    ``~/.cache/spe_lightning``; a folder; None: off."""
 
     def __post_init__(self) -> None:
         self._validate_ints()
@@ -276,3 +330,70 @@ class SPEConfig:
         """Estimation settings that differ from a saved dict (keys the dict lacks are not compared)."""
         mine = self.to_dict()
         return sorted(k for k in ESTIMATION_KEYS if k in saved and saved[k] != mine[k])
+
+
+# ---------------------------------------------------------------------- documentation
+def setting_docs() -> dict[str, str]:
+    """Each :class:`SPEConfig` field's docstring (the string literal under it in the class body), in field order.
+
+    These docstrings are the one description of the settings: the settings page of the docs is generated
+    from them (:func:`settings_markdown`) and the API reference shows them.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(SPEConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return {f.name: docs[f.name] for f in dataclasses.fields(SPEConfig) if f.name in docs}
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return f"`{value!r}`".replace("'", '"')
+
+
+#: the command that writes docs/settings.md (printed in the page, checked by tests/test_docs.py)
+SETTINGS_COMMAND = "python scripts/settings_table.py > docs/settings.md"
+
+
+def settings_markdown() -> str:
+    """The settings page (Markdown): one row per :class:`SPEConfig` field with its default and docstring.
+
+    Raises ``ValueError`` naming any field without a docstring (every setting must say what it does).
+    """
+    docs = setting_docs()
+    fields = dataclasses.fields(SPEConfig)
+    missing = [f.name for f in fields if not docs.get(f.name)]
+    if missing:
+        raise ValueError(f"SPEConfig fields without a docstring: {missing}; add one under each field in config.py.")
+    defaults = SPEConfig()
+    lines = [
+        "# Settings",
+        "",
+        f"<!-- generated from SPEConfig's field docstrings (spe_lightning/config.py) by: {SETTINGS_COMMAND} -->",
+        "",
+        "Every setting of an SPE run, with its default. `SPECallback(...)` takes each as a keyword argument (in",
+        "a LightningCLI config: `init_args` of the callback), `SPEConfig(...)` holds them for `SPERun`, and the",
+        "report and `spe_estimator.pt` record them. Every value is validated when the callback is built.",
+        "",
+        "The callback's other arguments (the datasets `reference`, `calibration`, `target`; `logits_fn`,",
+        "`log_dir`, `on_alert`, a `ReverseSegmenter` instance as `segmenter`) are described in the",
+        "[API reference](api.md).",
+        "",
+        "| setting | default | meaning |",
+        "|---|---|---|",
+    ]
+    for f in fields:
+        text = " ".join(docs[f.name].split()).replace("``", "`").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {_default_text(getattr(defaults, f.name))} | {text} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""Nothing is written to the working directory by default: SPE's files go to the configured log directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spe_lightning.cli import cli
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+SMALL = [
+    "--trainer.max_epochs=3",
+    "--trainer.enable_progress_bar=false",
+    "--data.n_train=24",
+    "--data.n_val=12",
+    "--data.n_target=8",
+    "--data.size=32",
+    "--trainer.callbacks.init_args.working_size=32",
+    "--trainer.callbacks.init_args.interval_shifts=[noise]",
+]
+SPE_FILES = {"spe_report.json", "spe_report.csv", "spe_calibration.png", "spe_estimator.pt"}
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "extra, report_dir",
+    [
+        ([], "spe_runs/synthetic/tb/version_0"),  # the demo config as shipped: beside TensorBoard's events
+        (["--trainer.logger=false"], "spe_runs/synthetic/spe_reports"),  # no logger: under default_root_dir
+    ],
+)
+def test_demo_config_from_a_scratch_directory_writes_only_under_its_log_dir(tmp_path, monkeypatch, extra, report_dir):
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", "--config", str(CONFIG), *SMALL, *extra])
+    files = _files(tmp_path)
+    assert files, "the run wrote nothing"
+    outside = sorted(f for f in files if not f.startswith("spe_runs/synthetic/"))
+    assert not outside, f"written outside the configured log directory: {outside}"
+    spe = {f.rsplit("/", 1)[-1]: f for f in files if f.rsplit("/", 1)[-1] in SPE_FILES}
+    assert set(spe) == SPE_FILES
+    assert {f.rsplit("/", 1)[0] for f in spe.values()} == {report_dir}
+
+
+def test_trainer_without_logger_or_root_dir_keeps_reports_in_their_own_folder(tmp_path, monkeypatch):
+    """A bare ``Trainer(logger=False)`` (default_root_dir = cwd) gets ``./spe_reports/``, not loose files."""
+    import lightning.pytorch as pl
+
+    from spe_lightning import SPECallback
+
+    monkeypatch.chdir(tmp_path)
+    cb = SPECallback(log_dir=None)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False)
+    assert cb.report_dir(trainer) == tmp_path / "spe_reports"
+    assert SPECallback(log_dir=str(tmp_path / "mine")).report_dir(trainer) == tmp_path / "mine"
+    with_tb = pl.Trainer(default_root_dir=tmp_path / "root", enable_checkpointing=False)  # default TensorBoard/CSV
+    assert cb.report_dir(with_tb) == Path(with_tb.log_dir)
+    assert not list(tmp_path.iterdir())  # asking wrote nothing
