@@ -38,8 +38,8 @@ def table(results: list[dict], target: str = "extra_test") -> str:
         + f"; real {target} Dice range per seed: "
         + ", ".join(_dice_range(r, target) for r in results),
         "",
-        "| metric | method | Pearson r | MAE | final abs error |",
-        "|---|---|---|---|---|",
+        "| metric | method | Pearson r | MAE | final abs error | checkpoints scored per seed |",
+        "|---|---|---|---|---|---|",
     ]
     for m in results[0]["metrics"]:
         extra = sorted({k for r in results for k in r["metrics"][m] if k.startswith("spe_") and k not in METHODS})
@@ -52,7 +52,9 @@ def table(results: list[dict], target: str = "extra_test") -> str:
                 _ms([row[k] for row in rows], 3 if k == "pearson_r" else d)
                 for k in ("pearson_r", "mae", "final_abs_error")
             ]
-            lines.append(f"| {m} | {method} | " + " | ".join(cells) + " |")
+            # every method is scored on the checkpoints where all have a value: say how many that was
+            scored = " / ".join(f"{row.get('n_scored', '?')} of {row.get('n_checkpoints', '?')}" for row in rows)
+            lines.append(f"| {m} | {method} | " + " | ".join(cells) + f" | {scored} |")
     t = [r["timing"] for r in results]
     ratio = [x["spe_s"] / x["train_s"] for x in t]
     per_ckpt = [v for x in t for v in x["spe_s_per_checkpoint"].values()]
