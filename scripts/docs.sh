@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Build the documentation site (MkDocs + mkdocstrings) with warnings as errors into ./site.
-# Uses .venv when it exists (scripts/setup.sh creates it), else the python on PATH; installs the
-# docs extra (`pip install -e ".[docs]"`) only when mkdocs or mkdocstrings is missing.
+# Build the documentation site (MkDocs + mkdocstrings) with warnings as errors into ./site (SITE_DIR=...
+# for another folder). Uses .venv (created by scripts/setup.sh when missing; PYTHON=... uses that
+# interpreter instead) and installs the docs extra (`pip install -e ".[docs]"`) when mkdocs is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .venv ]; then . .venv/bin/activate; fi
-PY=${PYTHON:-python}
-if ! "$PY" -c "import mkdocs, mkdocstrings_handlers.python, spe_lightning" 2>/dev/null; then
-    "$PY" -m pip install -q -e ".[docs]"
+if [ -z "${PYTHON:-}" ]; then
+    [ -d .venv ] || bash scripts/setup.sh
+    . .venv/bin/activate
+    PYTHON=python
 fi
-# the API pages import nothing at build time (griffe reads the sources), but the settings page must be current
-"$PY" scripts/settings_table.py | diff -u docs/settings.md - >/dev/null || {
+if ! "$PYTHON" -c "import mkdocs, mkdocstrings_handlers.python, spe_lightning" 2>/dev/null; then
+    "$PYTHON" -m pip install -q -e ".[docs]"
+fi
+# the settings page is generated from SPEConfig's field docstrings: a stale page fails the build
+if ! "$PYTHON" scripts/settings_table.py | diff -q docs/settings.md - >/dev/null; then
     echo "docs/settings.md is stale: run  python scripts/settings_table.py > docs/settings.md" >&2
     exit 1
-}
-"$PY" -m mkdocs build --strict --clean --site-dir "${SITE_DIR:-site}" "$@"
+fi
+"$PYTHON" -m mkdocs build --strict --clean --site-dir "${SITE_DIR:-site}" "$@"

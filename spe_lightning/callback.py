@@ -165,7 +165,7 @@ class SPECallback(Callback):
     ``spe/estimate_lower/...`` and ``spe/estimate_upper/...``), the same value on every rank, so
     ``ModelCheckpoint(monitor="spe/estimate/site_b/dice", mode="max")`` and ``EarlyStopping`` can use
     it. Before the first estimate (3 evaluations) the values are NaN: ModelCheckpoint ranks NaN last;
-    EarlyStopping needs ``check_finite=False`` (see the README, "Monitoring").
+    EarlyStopping needs ``check_finite=False`` (see docs/monitoring.md).
     """
 
     def __init__(

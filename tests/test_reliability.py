@@ -1,4 +1,4 @@
-"""Bad input: one test per row of the README's "Bad input" table; plus resume and determinism."""
+"""Bad input: one test per row of the "Bad input" table (docs/reliability.md); plus resume and determinism."""
 
 from __future__ import annotations
 

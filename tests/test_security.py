@@ -1,4 +1,4 @@
-"""What input files can make `spe-lightning estimate` do (README "Security"), and the CLI's error handling."""
+"""What input files can make `spe-lightning estimate` do (docs/security.md), and the CLI's error handling."""
 
 from __future__ import annotations
 

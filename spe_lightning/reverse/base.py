@@ -201,7 +201,7 @@ def available_segmenters() -> list[str]:
 
 #: the segmenter "auto" falls back to without UniverSeg weights: the learned label propagation, fitted on
 #: the references at set-up (~50 s on 2 CPU cores). It beats label fusion in benchmarks/reverse_sensitivity.py
-#: and in the shift benchmarks (BENCHMARKS.md); ``segmenter="label_fusion"`` needs no fit.
+#: and in the shift benchmarks (BENCHMARKS.md, docs/benchmarks_history.md); ``segmenter="label_fusion"`` needs no fit.
 DEFAULT_WEIGHT_FREE = "learned_propagation"
 
 

@@ -186,7 +186,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     supports_scoring = True
     scored_metrics = PAIR_METRICS
     # per-case RCA scores (one-image supports) ranked BUSI cases worse with it than with label fusion on the
-    # calibration split (AUROC 0.825 against 0.906; BENCHMARKS.md, per-case quality on BUSI)
+    # calibration split (AUROC 0.825 against 0.906; docs/benchmarks_history.md, per-case quality on BUSI)
     case_segmenter = "label_fusion"
 
     def __init__(
