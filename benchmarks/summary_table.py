@@ -62,7 +62,7 @@ def first_definition_alarms(rows: list[dict[str, Any]], method: str) -> int:
         return 0
     n = 0
     for r in rows:
-        real, v = r["real"].get("dice"), _value(r[method].get("dice"))
+        real, v = r["real"].get("dice"), _value(r.get(method, {}).get("dice"))
         if r.get("site") or real is None or v is None:
             continue
         n += int(real >= clean - FIRST_TOLERANCE and v < real - FIRST_DROP)
@@ -144,8 +144,12 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
     for meth in methods:
         for label, runs in data.items():
             rows = [r["summary"]["dice"].get(meth) or {} for r in runs]
-            if not any("coverage" in s for s in rows) and not any(s.get("false_alarms") for s in rows):
+            if not any(rows):
                 continue
+            firsts = [first_definition_alarms(r["targets"], meth) for r in runs]
+            alarms = any(s.get("false_alarms") for s in rows) or any(firsts)
+            if not any("coverage" in s for s in rows) and not alarms:
+                continue  # a method without interval or alarm has nothing to show here
             cov = _ms([s["coverage"] for s in rows if "coverage" in s], 2)
             width = (
                 f"{_ms([s['median_width'] for s in rows if 'median_width' in s])} / "
@@ -164,7 +168,7 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
                         widths.append(f"{e['upper'] - e['lower']:.2f}")
                 site_cell = f"{inside}/{len(runs)}, {' / '.join(widths)}" if widths else ""
             now = " / ".join(str(s.get("false_alarms", "")) for s in rows)
-            first = " / ".join(str(first_definition_alarms(r["targets"], meth)) for r in runs)
+            first = " / ".join(map(str, firsts))
             lines.append(f"| {meth} | {label} | {cov} | {width} | {site_cell} | {now} — {first} |")
 
     # i.i.d.: extra_test over the recorded checkpoints (paper protocol)
