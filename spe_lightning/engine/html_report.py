@@ -347,6 +347,7 @@ def write_html_report(
             f"<img alt='quality' src='data:image/png;base64,{_png(quality_figure(scores, threshold, cal_scores))}'>"
         )
         if threshold is not None:
+            assert calibration is not None  # the threshold came from it
             cut = calibration.get("dice_cut", 0.7)
             if calibration.get("method") == "youden":
                 how = (
