@@ -280,7 +280,7 @@ def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
     result["real_dice_range"] = [min(real_dice), max(real_dice)] if real_dice else [None, None]
     result["metrics_by_target"] = {}
     for target in targets:
-        series_by_row: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        series_by_row: dict[str, dict[str, np.ndarray]] = {}  # metric -> row -> value per checkpoint
         for i, s in enumerate(segs):
             for m, rows in checkpoint_series(result["records"][s], target, PAPER_METRICS).items():
                 table = series_by_row.setdefault(m, {"real": rows["real"]})
@@ -376,9 +376,9 @@ def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
         g = meta.get(ds.ids[i], {}).get("group")
         if g:
             groups.setdefault(g, []).append(pos)
-    for g, pos in sorted(groups.items()):
-        if len(groups) > 1 and len(pos) >= 5:
-            targets[f"group_{g}"] = subset(base, pos, f"group_{g}")
+    for g, members in sorted(groups.items()):
+        if len(groups) > 1 and len(members) >= 5:
+            targets[f"group_{g}"] = subset(base, members, f"group_{g}")
     return targets
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from spe_lightning.config import SPEConfig
 from spe_lightning.engine.alerts import alert_message, alert_scalars, monitor_scalars
+from spe_lightning.engine.cached_set import SizedDataset
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.pseudo_metrics import Shard
 from spe_lightning.engine.report import (
@@ -292,7 +293,7 @@ class SPECallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             rank_zero_warn("SPECallback: skipped under fast_dev_run (SPE needs real epochs); no report is made.")
             return
         self._check_schedule(trainer)
@@ -306,13 +307,16 @@ class SPECallback(Callback):
         planned = _planned_evaluations(trainer.max_epochs, every)
         if planned is None or planned + len(self.records) >= 3:
             return
+        assert trainer.max_epochs is not None  # planned is None without a finite max_epochs
         rank_zero_warn(
             f"SPECallback: every_n_epochs={every} with max_epochs={trainer.max_epochs} gives {planned} "
             f"evaluation(s), and G needs 3: every estimate would be null; "
             f"{_schedule_advice(trainer.max_epochs, every)}."
         )
 
-    def _resolve_datasets(self, trainer: pl.Trainer) -> tuple[Dataset, Dataset, Dataset | Mapping[str, Dataset]]:
+    def _resolve_datasets(
+        self, trainer: pl.Trainer
+    ) -> tuple[SizedDataset, SizedDataset, SizedDataset | Mapping[str, SizedDataset]]:
         given = {"reference": self.reference, "calibration": self.calibration, "target": self.target}
         if any(v is None for v in given.values()):
             dm = getattr(trainer, "datamodule", None)
@@ -329,7 +333,8 @@ class SPECallback(Callback):
     # ----------------------------------------------------------------- hooks
     def _should_skip(self, trainer: pl.Trainer) -> bool:
         # no SPE in sanity checks and fast_dev_run, nor before setup prepared the run
-        return bool(trainer.fast_dev_run) or trainer.sanity_checking or not self.run.prepared
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning's debugging connector
+        return bool(fast_dev_run) or trainer.sanity_checking or not self.run.prepared
 
     def _is_due(self, trainer: pl.Trainer) -> bool:
         epoch = trainer.current_epoch
@@ -361,7 +366,7 @@ class SPECallback(Callback):
             self.run.finish(pl_module, _final_epoch(trainer), trainer.global_step, _shard(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]
             self.run.report = {**self.report, "reason": "skipped under fast_dev_run (SPE needs real epochs)"}
             return
         if not self.run.prepared:
@@ -504,10 +509,11 @@ class SPECallback(Callback):
         spe = run.seconds
         share = f" of the fit's {total:.0f} s (training {total - spe:.0f} s)" if total > spe > 0 else ""
         parts = [f"{len(self.records)} evaluation(s) {sum(r.get('seconds', 0.0) for r in self.records):.1f} s"]
-        if run.segmenter_fit_seconds:
-            parts.append(f"{run.segmenter.name} fit {run.segmenter_fit_seconds:.1f} s")
-        elif run.segmenter_from_cache:
-            parts.append(f"{run.segmenter.name} from the fit cache")
+        seg = run.segmenter
+        if seg is not None and run.segmenter_fit_seconds:
+            parts.append(f"{seg.name} fit {run.segmenter_fit_seconds:.1f} s")
+        elif seg is not None and run.segmenter_from_cache:
+            parts.append(f"{seg.name} from the fit cache")
         parts.append(f"calibration pairs {run.pairs_seconds:.1f} s")
         if run.quality_seconds:
             parts.append(f"quality regressor {run.quality_seconds:.1f} s")

@@ -19,6 +19,7 @@ commands:
   estimate                       estimate a trained model's metrics on a folder of unlabelled images
                                  with a saved spe_estimator.pt (spe-lightning estimate --help)
   benchmark                      the paper's protocol and the shift benchmark (spe-lightning benchmark --help)
+  --version                      print the installed spe-lightning version
 """
 
 
@@ -71,6 +72,11 @@ def _tool(name: str, fn: object, argv: list[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``spe-lightning`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--version", "-V"):
+        from spe_lightning import __version__
+
+        print(f"spe-lightning {__version__}")
+        return
     if not args or args[0] in ("-h", "--help"):
         print(COMMANDS)
         if not args:

@@ -436,6 +436,7 @@ def _relative(path: str | Path, out: Path) -> str:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The work of :func:`main` on parsed arguments."""
+    from spe_lightning import __version__
     from spe_lightning.engine.html_report import GalleryItem, write_html_report
     from spe_lightning.estimator import SPEEstimator
 
@@ -448,6 +449,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.max_estimator_mb is not None:
         load_kw["max_mb"] = a.max_estimator_mb
     est = SPEEstimator.load(a.estimator, **load_kw)
+    print(f"estimator {a.estimator}: written by spe-lightning {est.written_by} (running {__version__})")
     if a.reference is not None:
         from spe_lightning.data.folder import FolderSegmentationDataset
 
@@ -488,11 +490,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": _relative(a.ckpt, out),
         "estimator": _relative(a.estimator, out),
         "segmenter": seg,
+        "spe_lightning": {"running": __version__, "estimator_written_by": est.written_by},
         "per_case": None
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},
     }
-    if chunked is not None:
+    if chunked is not None and groups is not None:
         from spe_lightning.engine.chunks import chunk_rows
 
         summary["chunks"] = {"by": groups[1], **chunked.to_dict()}
@@ -515,7 +518,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "images": f"{summary['images']} ({len(images)} cases)",
         "model": summary["checkpoint"],
         "estimator": f"{summary['estimator']} (reverse segmenter {est.segmenter_spec.get('name')}, "
-        f"{0 if est.reference_images is None else est.reference_images.shape[0]} references)",
+        f"{0 if est.reference_images is None else est.reference_images.shape[0]} references; "
+        f"written by spe-lightning {est.written_by})",
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:
         page = Path(tmp) / "report.html"
@@ -528,7 +532,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             f"Dice with the per-case quality regressor: {c['value']:.3f} "
             f"(w {c['weight']:.2f} · regressor mean {c['regressor']:.3f} + {1 - c['weight']:.2f} · SPE {c['spe']:.3f})"
         )
-    if chunked is not None:
+    if chunked is not None and groups is not None:
         from spe_lightning.engine.alerts import alert_message
 
         print(_chunk_table(chunked.chunks))

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spe_lightning import __version__
 from spe_lightning.config import ALERT_ON, SPEConfig
 from spe_lightning.data.adapters import resize_labels, resize_masks
 from spe_lightning.engine.alerts import alerts_for
-from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
@@ -203,6 +204,8 @@ class SPEEstimator:
         self.reference_masks: Tensor | None = None
         #: whether rebuilding the reverse segmenter may download weights (never from a file's own say-so)
         self.allow_download = False
+        #: the spe-lightning version that wrote this estimator's file (this version's for a new estimator)
+        self.written_by: str = __version__
         self._segmenter: ReverseSegmenter | None = None
         self._case_segmenter: ReverseSegmenter | None = None
         self._engine: SPEEngine | None = None
@@ -291,7 +294,7 @@ class SPEEstimator:
         # the keys of dict items are per call here (estimate(..., image_key=, label_key=))
         return {k: v for k, v in self.config.cache_kwargs().items() if k not in ("image_key", "label_key")}
 
-    def set_reference_dataset(self, dataset: Sequence, image_key: str = "image", label_key: str = "label") -> None:
+    def set_reference_dataset(self, dataset: SizedDataset, image_key: str = "image", label_key: str = "label") -> None:
         """Re-read the references from the dataset they came from (the stored indices pick them)."""
         ref = cache_dataset(
             "reference",
@@ -442,6 +445,7 @@ class SPEEstimator:
         )
         est.quality = state.get("quality")
         est.segmenter_state = dict(state.get("segmenter_state") or {})
+        est.written_by = str(state.get("spe_lightning") or "unknown")
         return est
 
     @classmethod
@@ -574,6 +578,7 @@ class SPEEstimator:
                 shifted = shift_set(data, family, 2, seed=self.config.seed * 7919 + 97 * i)
                 s_masks, _ = self._predict(model, shifted, device, logits_fn)
                 xs.append(regressor.predict(shifted.gray, _working_masks(s_masks, size)).numpy())
+                assert shifted.masks is not None  # shifted copies keep the calibration set's masks
                 ys.append(per_case_dice(s_masks, shifted.masks))
             qcal = calibrate_quality(
                 raw, real, kind="isotonic", level=level, extra_pairs=(np.concatenate(xs), np.concatenate(ys))
@@ -747,7 +752,9 @@ class SPEEstimator:
         data = self._cache(name, images, image_key, label_key)
         device = self._device(model, device)
         n = len(data)
-        if isinstance(chunks, int) and not isinstance(chunks, bool):
+        if isinstance(chunks, bool):
+            raise TypeError("chunks: give images per chunk (an int), {label: positions} or a list of position lists.")
+        if isinstance(chunks, int):
             groups = chunks_of(n, chunks)
         elif isinstance(chunks, Mapping):
             groups = {str(k): [int(i) for i in v] for k, v in chunks.items()}
@@ -862,7 +869,8 @@ class SPEEstimator:
         n = 0 if self.reference_images is None else self.reference_images.shape[0]
         return (
             f"SPEEstimator(segmenter={self.segmenter_spec.get('name')!r}, metrics={self.metrics}, references={n}, "
-            f"per_case={'regressor' if self.quality else 'calibrated' if self.cases else 'uncalibrated'})"
+            f"per_case={'regressor' if self.quality else 'calibrated' if self.cases else 'uncalibrated'}, "
+            f"written_by='spe-lightning {self.written_by}')"
         )
 
 

@@ -57,7 +57,7 @@ class SegmentationModel(pl.LightningModule):
         return self.net(x)
 
     def _step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        image, label = split_item(batch, self.hparams.image_key, self.hparams.label_key, require_label=True)
+        image, label = split_item(batch, self.hparams["image_key"], self.hparams["label_key"], require_label=True)
         image, label = image.float(), label.float()
         logits = self(image)
         return logits, label, self.loss(logits, label)
@@ -68,7 +68,7 @@ class SegmentationModel(pl.LightningModule):
             "train_loss",
             loss,
             prog_bar=True,
-            batch_size=len(batch[self.hparams.image_key]) if isinstance(batch, dict) else None,
+            batch_size=len(batch[self.hparams["image_key"]]) if isinstance(batch, dict) else None,
         )
         return loss
 
@@ -87,4 +87,4 @@ class SegmentationModel(pl.LightningModule):
         self.log("val_dice", dice.mean(), prog_bar=True, batch_size=len(dice))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from spe_lightning import __version__
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.alerts import alerts_for
-from spe_lightning.engine.cached_set import CachedSet, cache_dataset
+from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
@@ -55,7 +54,7 @@ __all__ = ["SPERun", "REPORT_VERSION"]
 REPORT_VERSION = 1
 
 
-def auto_working_size(dataset: Dataset, config: SPEConfig) -> int:
+def auto_working_size(dataset: SizedDataset, config: SPEConfig) -> int:
     """``working_size=None``: the side of the dataset's first image (its larger in-plane side), at most
     :data:`~spe_lightning.config.MAX_AUTO_WORKING_SIZE` and at least 16, so SPE never works above the images' size."""
     if len(dataset) == 0:
@@ -112,7 +111,7 @@ class SPERun:
         self.segmenter_fit_seconds = 0.0
         self.segmenter_from_cache = False  # True when the learned segmenter's weights came from the fit cache
         self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
-        self._reference_dataset: Dataset | None = None
+        self._reference_dataset: SizedDataset | None = None
         self.report: dict[str, Any] | None = None
         #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
         self.alerts: list[dict[str, Any]] = []
@@ -152,7 +151,9 @@ class SPERun:
         return {"name": self.config.segmenter}
 
     # ------------------------------------------------------------------ preparation
-    def prepare(self, reference: Dataset, calibration: Dataset, target: Dataset | Mapping[str, Dataset]) -> None:
+    def prepare(
+        self, reference: SizedDataset, calibration: SizedDataset, target: SizedDataset | Mapping[str, SizedDataset]
+    ) -> None:
         """Read the datasets and build the segmenter and engine; every input problem is raised here."""
         if self.config.working_size is None:
             self.config = self.config.replace(working_size=auto_working_size(calibration, self.config))
@@ -491,6 +492,7 @@ class SPERun:
             if self.config.quality_regressor and module is not None and not self.config.classes:
                 start = time.perf_counter()
                 est.fit_quality(module, self._reference_dataset, self._sets[CALIBRATION], logits_fn=self.logits_fn)
+                assert est.quality is not None  # fit_quality sets it
                 report["quality"] = {k: v for k, v in est.quality["calibration"].items() if k != "mapping"}
                 combined = self.guarded(
                     "combining SPE with the quality regressor failed", lambda: self._combine(est, module, report)

@@ -120,7 +120,7 @@ class TinyNet(pl.LightningModule):
         return y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        image, label = split_item(batch)
+        image, label = split_item(batch, require_label=True)
         y = self.logits(image)
         # class-balanced, so that the small structures are learnt within a few steps
         if y.shape[1] == 1:

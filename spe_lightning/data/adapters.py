@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -34,6 +34,14 @@ def as_tensor(x: Any) -> Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
+@overload
+def split_item(
+    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: Literal[True]
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def split_item(
+    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: bool = ...
+) -> tuple[Tensor, Tensor | None]: ...
 def split_item(
     item: Any, image_key: str = "image", label_key: str = "label", *, require_label: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -93,7 +101,7 @@ def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_masks(masks: Tensor, size: tuple[int, ...]) -> Tensor:
     """Nearest-neighbour resize of ``[N,1,H,W]`` binary masks; returns bool."""
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks.bool()

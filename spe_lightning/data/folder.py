@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -162,28 +163,28 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"extra_targets names {clash} clash with the target splits or 'calibration'; rename them.")
 
     def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict (Lightning types it as a mapping)
         return FolderSegmentationDataset(
             self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment
         )
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = self._ds(self.hparams.train_split, augment=self.hparams.augment)
-            self.reference_set = self._ds(self.hparams.train_split)
-            self.val_set = self._ds(self.hparams.val_split)
+            self.train_set = self._ds(self.hparams["train_split"], augment=self.hparams["augment"])
+            self.reference_set = self._ds(self.hparams["train_split"])
+            self.val_set = self._ds(self.hparams["val_split"])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_set,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.hparams["batch_size"],
             shuffle=True,
-            num_workers=self.hparams.num_workers,
-            drop_last=len(self.train_set) > self.hparams.batch_size,
+            num_workers=self.hparams["num_workers"],
+            drop_last=len(self.train_set) > self.hparams["batch_size"],
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.hparams["batch_size"], num_workers=self.hparams["num_workers"])
 
     def spe_datasets(self) -> dict[str, object]:
         """``{"reference", "calibration", "target": {split: dataset}}`` for SPECallback."""
@@ -191,7 +192,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         targets: dict[str, Dataset] = {split: self._ds(split) for split in self.target_splits}
         targets.update(
             {
-                name: site_dataset(root, self.hparams.class_index, self.hparams.image_size)
+                name: site_dataset(root, self.hparams["class_index"], self.hparams["image_size"])
                 for name, root in self.extra_targets.items()
             }
         )

@@ -8,6 +8,7 @@ smaller distractor blobs, on a smooth background with noise. Items are generated
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -111,7 +112,7 @@ class SyntheticShapesDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict (Lightning types it as a mapping)
         self.train_set = SyntheticShapesDataset(hp.n_train, hp.size, seed=hp.seed * 10 + 1)
         self.val_set = SyntheticShapesDataset(hp.n_val, hp.size, seed=hp.seed * 10 + 2)
         self.targets = {
@@ -122,10 +123,10 @@ class SyntheticShapesDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.hparams["batch_size"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+        return DataLoader(self.val_set, batch_size=self.hparams["batch_size"])
 
     def spe_datasets(self) -> dict[str, object]:
         """``{"reference", "calibration", "target"}`` for SPECallback."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,9 +19,17 @@ from torch import Tensor
 
 from spe_lightning.data.adapters import binarize_mask, encode_labels, resize_images, split_item, to_gray01
 
-__all__ = ["CachedSet", "SLICE_MODES", "cache_dataset"]
+__all__ = ["CachedSet", "SLICE_MODES", "SizedDataset", "cache_dataset"]
 
 SLICE_MODES = ("all", "foreground")
+
+
+class SizedDataset(Protocol):
+    """What SPE reads a dataset through: ``len(ds)`` and ``ds[i]`` (a map-style torch Dataset with ``__len__``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 @dataclass
@@ -115,7 +124,7 @@ def _slices(depth: int, mask: Tensor | None, mode: str, max_slices: int | None) 
 
 def cache_dataset(
     name: str,
-    dataset: Sequence,
+    dataset: SizedDataset,
     working_size: int,
     image_key: str = "image",
     label_key: str = "label",

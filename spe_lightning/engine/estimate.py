@@ -115,7 +115,9 @@ def fit_interval_model(
     if len(dps) < MIN_PAIRS:
         return None
     fam, dp_, dr_, gm_ = np.asarray(fams), np.asarray(dps), np.asarray(drs), np.asarray(gms)
-    rule_move = _choose_move(fam, dp_, dr_, gm_) if move == "auto" else {"weight": 1.0, "pairs_slope": None}
+    rule_move: dict[str, Any] = (
+        _choose_move(fam, dp_, dr_, gm_) if move == "auto" else {"weight": 1.0, "pairs_slope": None}
+    )
     pred = _held_out_predictions(fam, dp_, dr_, gm_, rule_move["weight"])
     moved, missed = np.abs(pred), np.abs(dr_ - pred)
     s, slope = (floor, 1.0) if rule == "proportional" else _fit_scale(moved, missed, floor)
@@ -192,8 +194,8 @@ def anchored_estimate(
     The half-width comes from ``interval_model`` (:func:`fit_interval_model`) when given, else from G's
     leave-one-out residuals across checkpoints.
     """
-    none = {"value": None, "lower": None, "upper": None}
-    if g is None or None in (pseudo_target, pseudo_calibration, real_calibration):
+    none: dict[str, float | None] = {"value": None, "lower": None, "upper": None}
+    if g is None or pseudo_target is None or pseudo_calibration is None or real_calibration is None:
         return none
     moved = float(g.predict([pseudo_target])[0]) - float(g.predict([pseudo_calibration])[0])
     rule_move = (interval_model or {}).get("move") or {}

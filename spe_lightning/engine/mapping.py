@@ -160,7 +160,7 @@ class MetricMapping:
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same length; got {x.size} and {y.size}.")
         ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
+        x, y = np.asarray(x[ok]), np.asarray(y[ok])  # (asarray: typed as arrays, not Any)
         n = int(x.size)
         if n < MIN_POINTS:
             dropped = int((~ok).sum())

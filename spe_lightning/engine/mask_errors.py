@@ -134,9 +134,9 @@ def degrade(
     if kind == "blobs":
         n = int(rng.integers(1, 4))
         if area > 0:
-            ang = rng.uniform(0, 2 * np.pi, n)
+            angles = rng.uniform(0, 2 * np.pi, n)
             dist = r * rng.uniform(0.8, 2.5, n)
-            c = centre[None] + np.stack([np.sin(ang), np.cos(ang)], 1) * dist[:, None]
+            c = centre[None] + np.stack([np.sin(angles), np.cos(angles)], 1) * dist[:, None]
         else:
             c = rng.uniform(0.1, 0.9, (n, 2)) * [h, w]
         c = np.clip(c, 0, [h - 1, w - 1])

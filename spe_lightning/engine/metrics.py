@@ -318,6 +318,6 @@ def per_item_metrics(
             res = per_image_metrics(
                 pick(torch.stack([pred[i] for i in chunk])), pick(torch.stack([target[i] for i in chunk])), names
             )
-            for m, v in res.items():
-                out[m][chunk] = v.double()
+            for name, v in res.items():
+                out[name][chunk] = v.double()
     return out

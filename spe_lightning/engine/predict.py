@@ -106,6 +106,7 @@ def _decode(
     probs = logits if activation == "none" else torch.softmax(logits, dim=1)
     arg = logits.argmax(1, keepdim=True)
     if classes is None:
+        assert foreground is not None  # without classes, a None foreground returned above
         m = arg == foreground
         p = probs[:, foreground : foreground + 1]
         return p, m, _soft_dice(p, m)

@@ -16,6 +16,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,11 +71,11 @@ class Shard:
         except Exception as err:  # re-raised below on every process
             out = (None, err)
         results = self.gather(out)
-        for r, (_, err) in enumerate(results):
-            if err is not None:
+        for r, (_, failure) in enumerate(results):
+            if failure is not None:
                 if r == self.rank:
-                    raise err
-                raise RuntimeError(f"SPE failed on process {r}: {err!r}") from err
+                    raise failure
+                raise RuntimeError(f"SPE failed on process {r}: {failure!r}") from failure
         return [res for res, _ in results]
 
     def merge(self, parts: Sequence[Mapping[str, Tensor]], n: int) -> dict[str, Tensor]:
@@ -199,7 +200,7 @@ class SPEEngine:
         self.threshold, self.seed = threshold, seed
         self.class_names = list(class_names) if class_names else None
         self.keys = metric_keys(self.metrics, self.class_names)
-        self.query_chunk = query_chunk or getattr(segmenter, "chunk_size", 32)
+        self.query_chunk: int = query_chunk or int(getattr(segmenter, "chunk_size", 32))
         self.memory_budget_mb = memory_budget_mb
         size = tuple(reference.gray.shape[-2:])
         self.ref_images = reference.gray
@@ -294,6 +295,7 @@ class SPEEngine:
         if budgeted:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
+            assert self.memory_budget_mb is not None  # budgeted
             budget = _ChunkBudget(self.memory_budget_mb * 2**20)
         sup_img = support.images.to(device, torch.float32)
         sup_lab = (support.labels.to(device) > 0.5).float()
@@ -358,7 +360,8 @@ class SPEEngine:
         """Pair-scored metrics and the fused map's metrics from one pass of a segmenter with ``score_and_fuse``
         (the same numbers as scoring and predicting separately, the attention computed once)."""
         args = self._scored_args(idx, cls, support, device)
-        values, probs = self.segmenter.score_and_fuse(*args, scored)
+        seg: Any = self.segmenter  # score_and_fuse: an optional method (checked by the caller)
+        values, probs = seg.score_and_fuse(*args, scored)
         if probs is None or probs.shape != args[0].shape:
             got = None if probs is None else tuple(probs.shape)
             raise RuntimeError(
@@ -376,7 +379,7 @@ class SPEEngine:
         if hasattr(self.segmenter, "score_metrics"):
             values = self.segmenter.score_metrics(*args, metrics)
         else:  # only ``score`` (pseudo Dice): _scored_metrics asked for nothing else
-            values = {"dice": self.segmenter.score(*args)}
+            values = {"dice": self.segmenter.score(*args)}  # type: ignore[attr-defined]  # see _scored_metrics
         return {m: values[m].detach().double().cpu() for m in metrics}
 
     def _pseudo_class(self, data: CachedSet, masks: Sequence[Tensor], device: Any, cls: int, shard: Shard) -> Any:
@@ -423,7 +426,7 @@ class SPEEngine:
         true = [data.masks[p] for p in positions]
         out: dict[str, Tensor] = {}
         for c in self._cls():
-            res = per_item_metrics(pred, true, self.metrics, lambda m, c=c: _class_mask(m, c), self.query_chunk)
+            res = per_item_metrics(pred, true, self.metrics, partial(_class_mask, cls=c), self.query_chunk)
             out.update({f"{m}@{c}": v for m, v in res.items()})
         return out
 

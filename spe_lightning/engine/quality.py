@@ -90,7 +90,8 @@ class QualitySettings:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown QualitySettings keys {sorted(unknown)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
 
 
 class _Net(nn.Module):
@@ -499,12 +500,12 @@ def combination_from_pairs(
         return None
     spe, reg, real, names = [], [], [], []
     for p in pairs:
-        dp, dr = p["d_pseudo"].get("dice"), p["d_real"].get("dice")
-        if dp is None or dr is None or regressor_means.get(p["name"]) is None:
+        dp, dr, mean = p["d_pseudo"].get("dice"), p["d_real"].get("dice"), regressor_means.get(p["name"])
+        if dp is None or dr is None or mean is None:
             continue
         value = anchored_estimate(g, "dice", pseudo_calibration + dp, pseudo_calibration, real_calibration)["value"]
         spe.append(np.nan if value is None else value)
-        reg.append(regressor_means[p["name"]])
+        reg.append(mean)
         real.append(real_calibration + dr)
         names.append(p["name"])
     return {**choose_combination(spe, reg, real), "sets": names}

@@ -30,7 +30,7 @@ LOWER_IS_BETTER = ("hd95",)
 
 def _best(values: Sequence[float | None], candidates: Sequence[int], lower: bool) -> int | None:
     """The candidate index with the best finite value (the earliest on ties), or None."""
-    ok = [(i, float(values[i])) for i in candidates if values[i] is not None and np.isfinite(values[i])]
+    ok = [(i, float(v)) for i in candidates if (v := values[i]) is not None and np.isfinite(v)]
     if not ok:
         return None
     if lower:
@@ -70,12 +70,16 @@ def selection_regret(
     }
     best = picks["oracle"]
     out: dict[str, Any] = {"n_candidates": len(candidates)}
-    for rule, i in picks.items():
-        if i is None or best is None:
+    for rule, pick in picks.items():
+        if pick is None or best is None:
             out[rule] = {"epoch": None, "real": None, "regret": None}
             continue
-        gap = float(real[best] - real[i])
-        out[rule] = {"epoch": records[i].get("epoch", i), "real": float(real[i]), "regret": -gap if lower else gap}
+        gap = float(real[best] - real[pick])
+        out[rule] = {
+            "epoch": records[pick].get("epoch", pick),
+            "real": float(real[pick]),
+            "regret": -gap if lower else gap,
+        }
     return out
 
 

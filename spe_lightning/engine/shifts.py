@@ -8,6 +8,7 @@ shifts of the labelled calibration set. Images are shifted in a per-image ``[0, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ def _transform(family: str, value: float, seed: int, spatial_dims: int = 2) -> C
         ScaleIntensityRange,
     )
 
+    t: Any  # one of MONAI's transforms
     if family == "noise":
         t = RandGaussianNoise(prob=1.0, std=value, sample_std=False)
     elif family == "gamma":
@@ -99,7 +101,7 @@ def _gray_rows(inputs: Sequence[Tensor], units: Sequence[tuple[int, int]], size:
 def shift_set(data: CachedSet, family: str, severity: int, seed: int = 0) -> CachedSet:
     """A copy of ``data`` whose images carry a synthetic shift (masks unchanged); item i uses seed ``seed + i``."""
     inputs = [apply_shift(x, family, severity, seed + i) for i, x in enumerate(data.inputs)]
-    gray = _gray_rows(inputs, data.units, tuple(data.gray.shape[-2:]))
+    gray = _gray_rows(inputs, data.units, (data.gray.shape[-2], data.gray.shape[-1]))
     return CachedSet(shift_name(family, severity), inputs, data.masks, gray, list(data.indices), list(data.units))
 
 

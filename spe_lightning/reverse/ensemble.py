@@ -42,6 +42,7 @@ class EnsembleSegmenter(ReverseSegmenter):
         for m, w, p in zip(self.members, self.weights, prepared):
             prob = m.predict(query_images, p).float().clamp(0.0, 1.0) * w
             out = prob if out is None else out + prob
+        assert out is not None  # __init__ refuses an ensemble without members
         return out
 
 

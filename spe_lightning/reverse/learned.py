@@ -522,6 +522,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             parts: dict[str, list[Tensor]] = {m: [] for m in metrics}
             pred_q = torch.softmax(sim, dim=-1) @ ls if fuse or self.direction in ("reverse", "both") else None
             if self.direction in ("reverse", "both"):
+                assert pred_q is not None
                 scores = _soft_overlap(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2))
                 for m in metrics:
                     parts[m].append(scores[m])
@@ -533,6 +534,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             for m in metrics:
                 out[m].append(torch.stack(parts[m]).mean(0).mean(1))
             if fuse:
+                assert pred_q is not None
                 fused.append(self._fuse(pred_q, tuple(chunk.shape[-2:])))
         scored = {m: torch.cat(v) if v else query_images.new_zeros(0) for m, v in out.items()}
         if not fuse:

@@ -129,6 +129,7 @@ class _CrossBlock(nn.Module):
         y, n = _split_conv(target_parts, conv.weight, 0)
         if n != self.cross.target_channels:
             raise RuntimeError(f"Target features have {n} channels; expected {self.cross.target_channels}.")
+        assert conv.bias is not None  # the cross convolution has a bias
         return y.add_(conv.bias.view(1, -1, 1, 1).to(y.dtype))
 
     def forward(self, target_parts: Sequence[Tensor], support_parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -217,7 +218,8 @@ class UniverSeg(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.01, nonlinearity="leaky_relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, target_image: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
         if target_image.ndim != 4 or target_image.shape[1] != 1:
@@ -251,6 +253,7 @@ class UniverSeg(nn.Module):
 
         t, s = t_parts[0], s_parts[0]
         for j, block in enumerate(self.dec_blocks):
+            assert isinstance(block, _CrossBlock)
             t_skip, s_skip = skips.pop()
             if j == len(self.dec_blocks) - 1:
                 # mean over the support axis commutes with (linear) bilinear up-sampling
