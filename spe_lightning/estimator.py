@@ -57,6 +57,7 @@ from spe_lightning.engine.quality import (
 )
 from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
 if TYPE_CHECKING:
@@ -536,6 +537,7 @@ class SPEEstimator:
         device: torch.device | str | None = None,
         settings: QualitySettings | None = None,
         extra_candidates: Sequence[Tensor] = (),
+        progress: bool = False,
     ) -> dict[str, Any]:
         """Fit the per-case quality regressor on the labelled ``reference`` set and calibrate it on ``calibration``.
 
@@ -545,6 +547,7 @@ class SPEEstimator:
         to per-case Dice with intervals on the model's calibration predictions: combined with the model's
         confidence when the calibration set has at least 5 cases below Dice 0.7, else with the model's
         predictions on shifted copies of the calibration images as extra pairs. 2D binary only.
+        ``progress``: show the regressor's fit (:mod:`spe_lightning.progress`, one unit per epoch and member).
         """
         ref = self._cache("reference", reference, "image", "label")
         data = self._cache("calibration", calibration, "image", "label")
@@ -556,12 +559,16 @@ class SPEEstimator:
         size = tuple(ref.gray.shape[-2:])
 
         ref_pred, _ = self._predict(model, ref, device, logits_fn)
-        regressor = QualityRegressor(settings, device=device).fit(
-            ref.gray,
-            _working_masks(ref.masks, size),
-            extra_candidates=[_working_masks(ref_pred, size), *extra_candidates],
-            seed=self.config.seed,
-        )
+        regressor = QualityRegressor(settings, device=device)
+        s = regressor.settings
+        with Progress(s.epochs * max(1, s.n_models), "SPE: fitting the quality regressor", progress, "epoch") as bar:
+            regressor.fit(
+                ref.gray,
+                _working_masks(ref.masks, size),
+                extra_candidates=[_working_masks(ref_pred, size), *extra_candidates],
+                seed=self.config.seed,
+                progress=lambda epoch, loss: bar.update(1),
+            )
         masks, conf = self._predict(model, data, device, logits_fn)
         raw = regressor.predict(data.gray, _working_masks(masks, size)).numpy()
         real = per_case_dice(masks, data.masks)
