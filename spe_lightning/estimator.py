@@ -20,6 +20,7 @@ callback reported after fit (same support order, reverse step and G).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,7 @@ from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.estimate import estimate
+from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.percase import (
     CaseScores,
@@ -71,6 +73,7 @@ FORMAT = "spe-estimator"
 VERSION = 2
 #: settings of a version-1 file that SPEConfig names differently or not at all
 _V1_ONLY = ("class_names", "class_indices")
+_log = logging.getLogger(__name__)
 
 
 class IncompatibleEstimatorError(ValueError):
@@ -204,6 +207,8 @@ class SPEEstimator:
         self.reference_masks: Tensor | None = None
         #: whether rebuilding the reverse segmenter may download weights (never from a file's own say-so)
         self.allow_download = False
+        #: the spe-lightning version that wrote the loaded file (None: built in this process, or not recorded)
+        self.written_by: str | None = None
         self._segmenter: ReverseSegmenter | None = None
         self._case_segmenter: ReverseSegmenter | None = None
         self._engine: SPEEngine | None = None
@@ -267,6 +272,9 @@ class SPEEstimator:
         est.segmenter_state = engine.segmenter.state_tensors() if engine.segmenter.needs_fit else {}
         if module is not None:
             est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=run.logits_fn)
+            if cal.inputs:  # what the model saw and predicted on its calibration images: the input check's yardstick
+                masks, conf = est._predict(module, cal, est._device(module, None), run.logits_fn)
+                est.info["input_summary"] = input_summary(cal.inputs, masks, conf)
         return est
 
     @classmethod
@@ -443,6 +451,8 @@ class SPEEstimator:
         )
         est.quality = state.get("quality")
         est.segmenter_state = dict(state.get("segmenter_state") or {})
+        written = state.get("spe_lightning")
+        est.written_by = written if isinstance(written, str) else None
         return est
 
     @classmethod
@@ -471,6 +481,11 @@ class SPEEstimator:
         except IncompatibleEstimatorError as err:
             raise IncompatibleEstimatorError(f"{path}: {err}") from None
         est.allow_download = bool(allow_download)
+        from spe_lightning import __version__
+
+        _log.info(
+            "SPE estimator %s: written by spe-lightning %s (this is %s)", path, est.written_by or "?", __version__
+        )
         return est
 
     # ------------------------------------------------------------------ estimating
@@ -645,6 +660,47 @@ class SPEEstimator:
         device = self._device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         return self._case_rows(data, masks, conf, None, device, None)[0]
+
+    @torch.no_grad()
+    def check_inputs(
+        self,
+        model: nn.Module,
+        images: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> dict[str, Any]:
+        """Compare ``images`` with the images the estimator was fitted on, before estimating.
+
+        The model's inputs (intensity statistics, padding bars) and its predictions (foreground fraction,
+        confidence) against the calibration images' (stored at fit time; estimator files without them are
+        compared on what they hold, the rest is listed under ``not_compared``). Returns the record of
+        :func:`~spe_lightning.engine.input_check.compare_inputs` (``verdict``, ``checks``, ``warnings`` naming
+        the likely cause and the fix). Raises ``ValueError`` when the channel count differs from the model's
+        calibration inputs (the model could not take them).
+        """
+        data = self._cache("target", images, image_key, label_key)
+        stored = self.info.get("input_summary")
+        shape = self.info.get("input_shape")
+        want = set(stored["channels"]) if stored and stored.get("channels") else {int(shape[0])} if shape else None
+        have = sorted({int(x.shape[0]) for x in data.inputs})
+        if want and have and set(have) - want:
+            fix = "--channels rgb" if 3 in want else "--channels gray" if 1 in want else "your --dataset / --transform"
+            raise ValueError(
+                f"the model was calibrated on {'/'.join(map(str, sorted(want)))}-channel images and these have "
+                f"{'/'.join(map(str, have))} channel(s): read them as in training ({fix})."
+            )
+        device = self._device(model, device)
+        masks, conf = self._predict(model, data, device, logits_fn)
+        new = input_summary(data.inputs, masks, conf)
+        ref_border = None
+        if stored is None and self.reference_images is not None:
+            ref_border = [border_fraction(x) for x in self.reference_images]
+        out = compare_inputs(stored, new, ref_border, self.written_by)
+        out["n_images"] = len(data)
+        out["n_calibration"] = int(stored["n"]) if stored else None
+        return out
 
     @torch.no_grad()
     def estimate(
