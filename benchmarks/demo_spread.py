@@ -103,8 +103,9 @@ def table(result: dict[str, Any], metrics: tuple[str, ...] = TABLE_METRICS) -> s
     times = ", ".join(f"seed {r['seed']} {r['seconds']:.0f} s" for r in runs)
     lines += [
         "",
-        f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, load average {m['load_before']} before "
-        f"the runs; {times} "
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} thread(s)), load "
+        f"average {m['load_before']} before the runs and {m.get('load_after')} after (other work shared the machine); "
+        f"{times} "
         "(later seeds reuse the first one's fitted reverse step).",
         "Made by `python benchmarks/demo_spread.py` (`--table-only` prints this table from the JSON).",
     ]
