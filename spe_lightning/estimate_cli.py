@@ -186,7 +186,11 @@ def load_model(
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file.")
+        raise FileNotFoundError(
+            f"--ckpt {ckpt}: no such file. Give the model's checkpoint from training: ModelCheckpoint's file, "
+            "trainer.save_checkpoint(...), or, for a LightningCLI run, its checkpoints/ folder (configs with "
+            "enable_checkpointing: false, like the demo's, save none: add --trainer.enable_checkpointing=true)."
+        )
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -196,6 +200,15 @@ def load_model(
         ) from err
     except Exception as err:  # not a torch file, truncated...
         raise ValueError(f"--ckpt {ckpt}: cannot read it as a checkpoint: {type(err).__name__}: {err}") from err
+    if isinstance(state, dict) and state.get("format") == "spe-estimator":
+        raise ValueError(
+            f"--ckpt {ckpt} is an SPE estimator file, not the model's checkpoint: did you swap --ckpt and --estimator?"
+        )
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(
+            f"--ckpt {ckpt}: not a Lightning checkpoint (no 'state_dict'); give the file ModelCheckpoint or "
+            "trainer.save_checkpoint wrote (a bare torch.save(model.state_dict()) cannot say which class to build)."
+        )
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     stored = hp.get("_class_path") if isinstance(hp, dict) else None
     stored = stored if isinstance(stored, str) else None
@@ -490,7 +503,10 @@ def _read_masks(
     root = Path(folder)
     missing = [s for s in sources if not (root / s).is_file() or is_nifti(s)]
     if missing:
-        raise ValueError(f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}.")
+        raise ValueError(
+            f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}; each mask must have its "
+            "image's relative file name (images/a/b.png -> masks/a/b.png), or leave --masks out."
+        )
     out = []
     for s in sources:
         m = read_mask(root / s)
@@ -682,7 +698,29 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if recorder is not None:
         ids = sources = recorder.item_ids()
     groups = _chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
-    check = est.check_inputs(model, data, device=a.device)
+    saved_with = est.info.get("model_class")
+    loaded = f"{type(model).__module__}.{type(model).__qualname__}"
+    if saved_with and saved_with != loaded:
+        print(
+            f"spe-lightning estimate: warning: the estimator was saved with a {saved_with} and --ckpt built a "
+            f"{loaded}: use the checkpoint of the run that wrote the estimator (--model {saved_with}).",
+            file=sys.stderr,
+        )
+    try:
+        check = est.check_inputs(model, data, device=a.device)
+    except (ValueError, RuntimeError, TypeError) as err:
+        if "calibrated on" in str(err):  # the channel check: already names the fix
+            raise
+        shape = est.info.get("input_shape")
+        raise ValueError(
+            f"running the model of --ckpt {a.ckpt} on the images failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:400].rstrip('.')}. "
+            "Are the model and the estimator from the same training run? "
+            f"The estimator was saved with {saved_with or 'an unrecorded model class'}"
+            + (f" on inputs of shape {shape}" if shape else "")
+            + (f" for the classes {est.config.classes}" if est.config.classes else "")
+            + "."
+        ) from err
     check["reading"] = _reading(a, opts)
     _report_check(check)
     if a.strict and check["verdict"] == "mismatch":

@@ -426,7 +426,12 @@ class SPEEstimator:
     def from_state(cls, state: dict[str, Any]) -> SPEEstimator:
         """The estimator of a :meth:`state` dict (version-checked)."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise IncompatibleEstimatorError("not an SPE estimator file (no 'format': 'spe-estimator' entry).")
+            hint = (
+                " It is a Lightning checkpoint: did you swap the checkpoint and the estimator (--ckpt, --estimator)?"
+                if isinstance(state, dict) and "state_dict" in state
+                else " SPECallback writes spe_estimator.pt next to spe_report.json after fit."
+            )
+            raise IncompatibleEstimatorError(f"not an SPE estimator file (no 'format': 'spe-estimator' entry).{hint}")
         version = state.get("version")
         if version not in (1, VERSION):
             raise IncompatibleEstimatorError(
@@ -463,7 +468,12 @@ class SPEEstimator:
         rest) are refused before reading. The reverse segmenter the file names is rebuilt without
         downloading anything unless ``allow_download=True``.
         """
-        size_mb = Path(path).stat().st_size / 2**20 if Path(path).is_file() else 0.0
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{path}: no such estimator file. SPECallback writes spe_estimator.pt next to spe_report.json after "
+                "fit (the trainer's log folder, or log_dir=); SPEEstimator.from_run(...).save(path) writes one too."
+            )
+        size_mb = Path(path).stat().st_size / 2**20
         if size_mb > max_mb:
             raise IncompatibleEstimatorError(
                 f"{path}: {size_mb:.1f} MB, above max_mb={max_mb:g} (--max-estimator-mb); "

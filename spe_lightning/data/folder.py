@@ -76,7 +76,11 @@ class FolderSegmentationDataset(Dataset):
             wanted = set(groups)
             self.images = [p for p in self.images if meta.get(p.stem, {}).get("group") in wanted]
         if not self.images:
-            raise ValueError(f"No images found in {folder}" + (f" for groups {list(groups)}" if groups else "") + ".")
+            raise ValueError(
+                f"No images found in {folder}"
+                + (f" for groups {list(groups)} (the 'group' column of {self.root / 'meta.csv'})" if groups else "")
+                + f"; expected files with the suffixes {', '.join(IMAGE_SUFFIXES)}."
+            )
         self.ids = [p.stem for p in self.images]
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 

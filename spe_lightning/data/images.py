@@ -258,7 +258,8 @@ def list_image_files(folder: str | os.PathLike, limits: ImageLimits | None = Non
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"--images {root}: not a folder.")
+        what = "a file" if root.is_file() else "no such folder"
+        raise FileNotFoundError(f"--images {root}: {what}; give the folder that holds the images (read recursively).")
     real_root = root.resolve()
     files: list[Path] = []
     outside: list[str] = []
