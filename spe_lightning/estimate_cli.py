@@ -613,9 +613,10 @@ def _reading(a: argparse.Namespace, opts: ReadOptions) -> dict[str, Any]:
 
 
 def _versions(est: Any) -> dict[str, Any]:
+    """The versions, as the full ``estimate.json`` records them."""
     from spe_lightning import __version__
 
-    return {"estimator_version": est.written_by, "spe_lightning_version": __version__}
+    return {"spe_lightning": {"running": __version__, "estimator_written_by": getattr(est, "written_by", None)}}
 
 
 def _report_check(check: dict[str, Any]) -> None:
@@ -653,19 +654,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         load_kw["max_mb"] = a.max_estimator_mb
     opts = ReadOptions(a.resize, a.intensity, a.channels)
     est = SPEEstimator.load(a.estimator, **load_kw)
-    from spe_lightning import __version__
-
-    print(
-        f"estimator {a.estimator}: written by spe-lightning {est.written_by or '(version not recorded)'}; "
-        f"this is spe-lightning {__version__}",
-        file=sys.stderr,
-    )
     if a.reference is not None:
         from spe_lightning.data.folder import FolderSegmentationDataset
 
         root = Path(a.reference)
         size = a.image_size or (est.info.get("input_shape") or [None])[-1] or 128
-        read = {"keep_aspect": opts.resize != "plain", "intensity": opts.intensity, "channels": opts.channels}
+        read: dict[str, Any] = {
+            "keep_aspect": opts.resize != "plain",
+            "intensity": opts.intensity,
+            "channels": opts.channels,
+        }
         est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read))
     model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
@@ -757,7 +755,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "estimator": _relative(a.estimator, out),
         "segmenter": seg,
         "input_check": check,
-        **_versions(est),
         "per_case": None
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},

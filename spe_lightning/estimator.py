@@ -207,8 +207,6 @@ class SPEEstimator:
         self.reference_masks: Tensor | None = None
         #: whether rebuilding the reverse segmenter may download weights (never from a file's own say-so)
         self.allow_download = False
-        #: the spe-lightning version that wrote the loaded file (None: built in this process, or not recorded)
-        self.written_by: str | None = None
         self._segmenter: ReverseSegmenter | None = None
         self._case_segmenter: ReverseSegmenter | None = None
         self._engine: SPEEngine | None = None
@@ -456,8 +454,6 @@ class SPEEstimator:
         )
         est.quality = state.get("quality")
         est.segmenter_state = dict(state.get("segmenter_state") or {})
-        written = state.get("spe_lightning")
-        est.written_by = written if isinstance(written, str) else None
         return est
 
     @classmethod
@@ -493,9 +489,8 @@ class SPEEstimator:
         est.allow_download = bool(allow_download)
         from spe_lightning import __version__
 
-        _log.info(
-            "SPE estimator %s: written by spe-lightning %s (this is %s)", path, est.written_by or "?", __version__
-        )
+        written = state.get("spe_lightning") if isinstance(state, dict) else None
+        _log.info("SPE estimator %s: written by spe-lightning %s (this is %s)", path, written or "?", __version__)
         return est
 
     # ------------------------------------------------------------------ estimating
@@ -707,7 +702,8 @@ class SPEEstimator:
         ref_border = None
         if stored is None and self.reference_images is not None:
             ref_border = [border_fraction(x) for x in self.reference_images]
-        out = compare_inputs(stored, new, ref_border, self.written_by)
+        written = getattr(self, "written_by", None)  # the loaded file's version ("unknown": not recorded)
+        out = compare_inputs(stored, new, ref_border, None if written in (None, "", "unknown") else str(written))
         out["n_images"] = len(data)
         out["n_calibration"] = int(stored["n"]) if stored else None
         return out

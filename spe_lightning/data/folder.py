@@ -180,15 +180,15 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"extra_targets names {clash} clash with the target splits or 'calibration'; rename them.")
 
     def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict (Lightning types it as a mapping)
         return FolderSegmentationDataset(
             self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment, **self._read
         )
 
     @property
-    def _read(self) -> dict[str, object]:
-        hp = self.hparams
-        return {"keep_aspect": hp.keep_aspect, "intensity": hp.intensity, "channels": hp.channels}
+    def _read(self) -> dict[str, Any]:
+        """How images are read (the same for training, SPE's sets and extra targets)."""
+        return {k: self.hparams[k] for k in ("keep_aspect", "intensity", "channels")}
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
@@ -214,7 +214,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         targets: dict[str, Dataset] = {split: self._ds(split) for split in self.target_splits}
         targets.update(
             {
-                name: site_dataset(root, self.hparams.class_index, self.hparams.image_size, **self._read)
+                name: site_dataset(root, self.hparams["class_index"], self.hparams["image_size"], **self._read)
                 for name, root in self.extra_targets.items()
             }
         )
