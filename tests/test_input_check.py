@@ -211,6 +211,7 @@ def test_transform_is_applied_and_an_inverted_image_is_caught(plain_trained, tmp
 @pytest.mark.parametrize("flag", ["--dataset", "--transform", "--model"])
 def test_a_class_path_that_cannot_be_imported_names_pythonpath(plain_trained, tmp_path, capsys, monkeypatch, flag):
     root, ckpt, est = plain_trained
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])  # as under the console script
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notonpath.py").write_text("X = 1\n")
     with pytest.raises(SystemExit) as exit_:
@@ -221,6 +222,7 @@ def test_a_class_path_that_cannot_be_imported_names_pythonpath(plain_trained, tm
 
 
 def test_fit_with_a_model_that_cannot_be_imported_names_pythonpath(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         cli_main(["fit", "--model", "mymodule.MyNet", "--data", "spe_lightning.data.SyntheticShapesDataModule"])

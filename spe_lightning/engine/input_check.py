@@ -87,8 +87,8 @@ def input_summary(inputs: Sequence[Tensor], masks: Sequence[Tensor], confidence:
     stats = [image_statistics(x) for x in inputs]
     out: dict[str, Any] = {k: [round(s[k], 6) for s in stats] for k in (*INTENSITY_STATS, "border")}
     out["channels"] = sorted({int(x.shape[0]) for x in inputs}) if inputs else []
-    out["shapes"] = sorted({tuple(int(s) for s in x.shape[1:]) for x in inputs})[:5]
-    out["shapes"] = [list(s) for s in out["shapes"]]
+    shapes = sorted({tuple(int(s) for s in x.shape[1:]) for x in inputs})
+    out["shapes"] = [list(s) for s in shapes] if len(shapes) <= 5 else None  # sizes vary: nothing to compare
     out["foreground"] = [round(float((m > 0).float().mean()), 6) for m in masks]
     out["confidence"] = [round(float(c), 6) for c in confidence.flatten().tolist()]
     out["n"] = len(stats)
