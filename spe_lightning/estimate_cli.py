@@ -168,7 +168,8 @@ def _transformed(x: Tensor, transform: Any, name: str) -> Tensor:
 
 
 def _import_class(path: str) -> type:
-    return import_object(path, "--model", DEFAULT_MODEL)  # type: ignore[no-any-return]
+    cls: type = import_object(path, "--model", DEFAULT_MODEL)
+    return cls
 
 
 def load_model(
