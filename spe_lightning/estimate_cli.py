@@ -663,7 +663,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         read: dict[str, Any] = {
             "keep_aspect": opts.resize != "plain",
             "intensity": opts.intensity,
-            "channels": opts.channels,
+            "image_channels": opts.channels,
         }
         est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read))
     model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)

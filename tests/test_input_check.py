@@ -55,6 +55,9 @@ def plain_trained(tmp_path_factory):
         str(root), 1, 48, batch_size=4, val_split="val", target_splits=["target"], augment=False, keep_aspect=False
     )
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
+    # Lightning merges both hparams for the loggers and refuses a key with two values: the reading options must
+    # not reuse the model's names (a "channels" option did)
+    assert not set(dm.hparams) & set(model.hparams)
     cb = SPECallback(
         segmenter="label_fusion", support_size=12, working_size=48, max_references=16, seed=0, verbose=False,
         every_n_epochs=2, log_dir=str(root / "run"),

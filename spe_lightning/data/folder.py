@@ -47,7 +47,7 @@ class FolderSegmentationDataset(Dataset):
             --resize pad``; False: ``--resize plain``).
         intensity: how intensities are scaled (:data:`~spe_lightning.data.images.INTENSITY_MODES`; ``estimate
             --intensity``).
-        channels: ``"gray"`` (one channel) or ``"rgb"`` (three; ``estimate --channels``).
+        image_channels: ``"gray"`` (one channel) or ``"rgb"`` (three; ``estimate --channels``).
     """
 
     def __init__(
@@ -60,10 +60,10 @@ class FolderSegmentationDataset(Dataset):
         augment: bool = False,
         keep_aspect: bool = True,
         intensity: str = "auto",
-        channels: str = "gray",
+        image_channels: str = "gray",
     ) -> None:
-        ReadOptions(intensity=intensity, channels=channels)  # validates
-        self.intensity, self.channels = intensity, channels
+        ReadOptions(intensity=intensity, channels=image_channels)  # validates
+        self.intensity, self.image_channels = intensity, image_channels
         self.root = Path(root)
         folder = self.root / split / "images"
         if not folder.is_dir():
@@ -100,7 +100,7 @@ class FolderSegmentationDataset(Dataset):
 
     def _load(self, i: int) -> tuple[Tensor, Tensor | None]:
         if i not in self._cache:
-            img = torch.from_numpy(read_image_array(self.images[i], None, self.intensity, self.channels))
+            img = torch.from_numpy(read_image_array(self.images[i], None, self.intensity, self.image_channels))
             mpath = self._mask_path(self.images[i])
             mask = None
             if mpath is not None:
@@ -149,7 +149,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         augment: augment the training images.
         extra_targets: more targets from other roots, ``{name: root}`` (e.g. another site's images in
             the same layout): every split found under the root is used, concatenated.
-        keep_aspect, intensity, channels: how images are read (:class:`FolderSegmentationDataset`); give
+        keep_aspect, intensity, image_channels: how images are read (:class:`FolderSegmentationDataset`); give
             ``spe-lightning estimate`` the same (``--resize pad|plain``, ``--intensity``, ``--channels``).
     """
 
@@ -168,7 +168,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         extra_targets: dict[str, str] | None = None,
         keep_aspect: bool = True,
         intensity: str = "auto",
-        channels: str = "gray",
+        image_channels: str = "gray",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -188,7 +188,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
     @property
     def _read(self) -> dict[str, Any]:
         """How images are read (the same for training, SPE's sets and extra targets)."""
-        return {k: self.hparams[k] for k in ("keep_aspect", "intensity", "channels")}
+        return {k: self.hparams[k] for k in ("keep_aspect", "intensity", "image_channels")}
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
@@ -223,7 +223,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
 
 def site_dataset(root: str | Path, class_index: int | None = 1, image_size: int = 128, **read: Any) -> Dataset:
     """Every split under ``root`` (folders holding ``images/``), concatenated: another site's labelled images
-    (``read``: ``keep_aspect``, ``intensity``, ``channels`` of :class:`FolderSegmentationDataset`)."""
+    (``read``: ``keep_aspect``, ``intensity``, ``image_channels`` of :class:`FolderSegmentationDataset`)."""
     splits = sorted(p.parent.name for p in Path(root).glob("*/images") if p.is_dir())
     if not splits:
         raise FileNotFoundError(f"No <split>/images folder under {root}; expected <root>/<split>/images/<id>.png.")
