@@ -297,6 +297,8 @@ class SPECallback(Callback):
             rank_zero_warn("SPECallback: skipped under fast_dev_run (SPE needs real epochs); no report is made.")
             return
         self._check_schedule(trainer)
+        # the long steps' progress follows the Trainer's bar (off with enable_progress_bar=False), rank zero only
+        self.run.show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
         if not self.run.prepared:
             self.run.prepare(*self._resolve_datasets(trainer))
             rank_zero_info(self.run.describe())

@@ -91,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _tool("estimate", estimate_main, args[1:])
         return
+    from spe_lightning.class_paths import find_missing_class_paths
+
+    for problem in find_missing_class_paths(args):  # before LightningCLI's long "does not validate" error
+        print(f"spe-lightning {args[0]}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 

@@ -16,18 +16,24 @@ without suffix) adds one estimate with its interval per chunk, alerts against ``
 ``--alert-above`` (default: the thresholds the run was configured with), ``chunks.csv`` and a plot
 of the estimate per chunk in ``report.html``.
 
-Images are read by :mod:`spe_lightning.data.images`, the reader training uses: grayscale in
-[0, 1] (8-bit / 255; 16-bit and float images and NIfTI volumes scaled between their 0.5th and 99.5th
-percentiles), padded to a square and resized to the model's input size (stored in the estimator, or
-``--image-size``). Only regular files inside ``--images`` are read (links leading out of it are
-refused), within ``--max-images`` / ``--max-file-mb`` / ``--max-voxels``.
+Images are read by :mod:`spe_lightning.data.images`, the reader the folder datasets use for training:
+by default grayscale in [0, 1] (8-bit / 255; 16-bit and float images and NIfTI volumes scaled between their
+0.5th and 99.5th percentiles), padded to a square and resized to the model's input size (stored in the
+estimator, or ``--image-size``); ``--resize``, ``--intensity`` and ``--channels`` change each choice,
+``--transform module.fn`` changes every image after reading, and ``--dataset module.Class`` replaces the
+reader by the user's own dataset (built from the ``--images`` folder). Only regular files inside ``--images``
+are read (links leading out of it are refused), within ``--max-images`` / ``--max-file-mb`` / ``--max-voxels``.
+
+Before estimating, the images as read are compared with the calibration images the estimator was fitted on
+(:mod:`spe_lightning.engine.input_check`): a mismatch (padding, scaling, the model's foreground fraction or
+confidence outside the calibration range) is warned with its likely cause and fix, recorded in
+``estimate.json`` as ``input_check``, and with ``--strict`` stops the command (exit status 3).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import io
 import json
 import os
@@ -42,36 +48,67 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spe_lightning.class_paths import import_object
 from spe_lightning.data.images import (
+    CHANNEL_MODES,
     IMAGE_SUFFIXES,
+    INTENSITY_MODES,
+    RESIZE_MODES,
     ImageLimits,
+    ReadOptions,
+    fit_to_size,
     image_tensor,
     is_nifti,
     list_image_files,
     read_nifti_slices,
-    square_resize,
 )
 
-__all__ = ["main", "read_image_folder", "load_model", "IMAGE_SUFFIXES", "csv_cell", "write_file"]
+__all__ = [
+    "main",
+    "read_image_folder",
+    "load_model",
+    "IMAGE_SUFFIXES",
+    "csv_cell",
+    "write_file",
+    "InputMismatchError",
+    "STRICT_EXIT",
+]
 
 DEFAULT_MODEL = "spe_lightning.models.SegmentationModel"
 #: most worst cases shown in report.html
 MAX_GALLERY = 200
+#: exit status of ``--strict`` when the input check finds a mismatch (input errors exit with 2)
+STRICT_EXIT = 3
+
+
+class InputMismatchError(Exception):
+    """``--strict``: the images do not look like the calibration images the estimator was fitted on."""
 
 
 def read_image_folder(
-    folder: str | Path, image_size: int | None = None, progress: bool = False, limits: ImageLimits | None = None
+    folder: str | Path,
+    image_size: int | None = None,
+    progress: bool = False,
+    limits: ImageLimits | None = None,
+    options: ReadOptions | None = None,
+    transform: Any = None,
 ) -> tuple[list[str], list[Tensor], list[str]]:
-    """``(ids, images [1,S,S] float in [0,1], source files relative to folder)`` of every image in ``folder``.
+    """``(ids, images [C,S,S] float, source files relative to folder)`` of every image in ``folder``.
 
     Recursive and sorted; see :func:`spe_lightning.data.images.list_image_files` for what is refused
-    (``limits``: default :class:`ImageLimits`).
+    (``limits``: default :class:`ImageLimits`). ``options``: how each file is read (default
+    :class:`ReadOptions`: gray in [0, 1], padded to a square); ``transform(image [C,S,S]) -> image``
+    after reading.
     """
     folder = Path(folder)
+    o = options or ReadOptions()
     limits = ImageLimits() if limits is None else limits
     files = list_image_files(folder, limits)
     if not files:
-        raise ValueError(f"no images (PNG/JPEG/TIFF/BMP/NIfTI) in {folder}.")
+        raise ValueError(
+            f"--images {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)}, .nii, .nii.gz, "
+            "in sub-folders too); give the folder that holds the image files, or --dataset to read other formats."
+        )
     ids: list[str] = []
     images: list[Tensor] = []
     sources: list[str] = []
@@ -81,15 +118,21 @@ def read_image_folder(
         name = rel.as_posix()
         if is_nifti(p):
             stem = name[: -len(".nii.gz") if p.name.lower().endswith(".gz") else -len(".nii")]
-            for z, sl in enumerate(read_nifti_slices(p, limits)):
+            for z, sl in enumerate(read_nifti_slices(p, limits, o.intensity)):
                 ids.append(f"{stem}#z{z:03d}")
-                images.append(square_resize(torch.from_numpy(np.ascontiguousarray(sl))[None], image_size))
+                x = torch.from_numpy(np.ascontiguousarray(sl))[None]
+                x = x.expand(3, *x.shape[1:]).clone() if o.channels == "rgb" else x
+                images.append(_transformed(fit_to_size(x, image_size, o.resize), transform, name))
                 sources.append(name)
         else:
             try:
-                images.append(image_tensor(p, image_size, limits))
+                x = image_tensor(p, image_size, limits, o)
             except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
-                raise ValueError(f"cannot read the image {name}: {type(err).__name__}: {err}") from err
+                raise ValueError(
+                    f"cannot read the image {name}: {type(err).__name__}: {err} (remove it from the folder, or "
+                    "re-save it as PNG/TIFF)"
+                ) from err
+            images.append(_transformed(x, transform, name))
             ids.append(rel.with_suffix("").as_posix())
             sources.append(name)
         bar.update(1)
@@ -103,14 +146,29 @@ def _bar(total: int, desc: str, enabled: bool, unit: str = "img") -> Any:
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def _import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    if not module or not name:
-        raise ValueError(f"--model {path!r}: give a full class path, e.g. {DEFAULT_MODEL}.")
+def _transformed(x: Tensor, transform: Any, name: str) -> Tensor:
+    """``transform(x)`` as a float tensor ``[C,H,W]``; an error naming the file and the contract."""
+    if transform is None:
+        return x
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import the model class {path}: {type(err).__name__}: {err}") from err
+        y = transform(x)
+    except Exception as err:
+        raise ValueError(f"--transform failed on {name}: {type(err).__name__}: {err}") from err
+    from spe_lightning.data.adapters import as_tensor
+
+    try:
+        y = as_tensor(y).float()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"--transform returned a {type(y).__name__} for {name}; return a [C,H,W] tensor.") from err
+    if y.ndim == 2:
+        y = y[None]
+    if y.ndim != 3:
+        raise ValueError(f"--transform returned shape {tuple(y.shape)} for {name}; return a [C,H,W] image.")
+    return y
+
+
+def _import_class(path: str) -> type:
+    cls: type = import_object(path, "--model", DEFAULT_MODEL)
     return cls
 
 
@@ -129,7 +187,11 @@ def load_model(
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file.")
+        raise FileNotFoundError(
+            f"--ckpt {ckpt}: no such file. Give the model's checkpoint from training: ModelCheckpoint's file, "
+            "trainer.save_checkpoint(...), or, for a LightningCLI run, its checkpoints/ folder (configs with "
+            "enable_checkpointing: false, like the demo's, save none: add --trainer.enable_checkpointing=true)."
+        )
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -139,6 +201,15 @@ def load_model(
         ) from err
     except Exception as err:  # not a torch file, truncated...
         raise ValueError(f"--ckpt {ckpt}: cannot read it as a checkpoint: {type(err).__name__}: {err}") from err
+    if isinstance(state, dict) and state.get("format") == "spe-estimator":
+        raise ValueError(
+            f"--ckpt {ckpt} is an SPE estimator file, not the model's checkpoint: did you swap --ckpt and --estimator?"
+        )
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(
+            f"--ckpt {ckpt}: not a Lightning checkpoint (no 'state_dict'); give the file ModelCheckpoint or "
+            "trainer.save_checkpoint wrote (a bare torch.save(model.state_dict()) cannot say which class to build)."
+        )
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     stored = hp.get("_class_path") if isinstance(hp, dict) else None
     stored = stored if isinstance(stored, str) else None
@@ -359,7 +430,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare thresholds with the estimate or the pessimistic end of its interval (default: the run's)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_reading_arguments(p)
     return p
+
+
+def _add_reading_arguments(p: argparse.ArgumentParser) -> None:
+    """Reading the images as the model was trained, and the input check (issue 26)."""
+    g = p.add_argument_group(
+        "reading the images as in training",
+        "The defaults are the folder datasets' reading (FolderSegmentationDataModule's defaults). Before estimating, "
+        "the images as read are compared with the calibration images the estimator was fitted on; a mismatch is "
+        "warned with its likely cause and fix and recorded in estimate.json (input_check).",
+    )
+    g.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="pad",
+        help="pad: zero-pad to a square, then resize (default); plain: stretch to the square without padding "
+        "(a model trained on plain resizes); none: keep each image's size",
+    )
+    g.add_argument(
+        "--intensity",
+        choices=INTENSITY_MODES,
+        default="auto",
+        help="auto: 8-bit / 255, 16-bit and float between the 0.5th and 99.5th percentiles (default); divide: by "
+        "the type's maximum (255, 65535); percentile: every image between its percentiles; none: stored values",
+    )
+    g.add_argument("--channels", choices=CHANNEL_MODES, default="gray", help="gray: one channel (default); rgb: three")
+    g.add_argument(
+        "--transform",
+        default=None,
+        metavar="MODULE.FN",
+        help="a function applied to every image after reading: fn(image [C,H,W] float tensor) -> image "
+        "(e.g. the training's normalisation); its module is imported (its code runs)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        metavar="MODULE.CLASS",
+        help="read the images with your own dataset instead: CLASS(IMAGES_FOLDER), items an image, (image, mask) "
+        "or a dict with 'image' (and 'label', 'id'), as SPECallback takes them; its module is imported",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"stop (exit status {STRICT_EXIT}, estimate.json holds only input_check) when the images do not look "
+        "like the calibration images, instead of warning",
+    )
 
 
 def _thresholds(given: Sequence[str] | None, flag: str) -> dict[str, float] | None:
@@ -378,19 +495,24 @@ def _thresholds(given: Sequence[str] | None, flag: str) -> dict[str, float] | No
     return out
 
 
-def _read_masks(folder: str | Path, sources: Sequence[str], size: int | None, fg: int | None) -> list[Tensor]:
+def _read_masks(
+    folder: str | Path, sources: Sequence[str], size: int | None, fg: int | None, resize: str = "pad"
+) -> list[Tensor]:
     """The mask of every image (``folder/<same relative name>``), binary ``[1,S,S]`` at the images' size."""
     from spe_lightning.data.images import read_mask
 
     root = Path(folder)
     missing = [s for s in sources if not (root / s).is_file() or is_nifti(s)]
     if missing:
-        raise ValueError(f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}.")
+        raise ValueError(
+            f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}; each mask must have its "
+            "image's relative file name (images/a/b.png -> masks/a/b.png), or leave --masks out."
+        )
     out = []
     for s in sources:
         m = read_mask(root / s)
         m = (m > 0) if fg is None else (m == fg)
-        out.append(square_resize(torch.from_numpy(m.astype(np.uint8))[None], size, mode="nearest"))
+        out.append(fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, resize, mode="nearest"))
     return out
 
 
@@ -424,9 +546,93 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error(f"--gallery must be between 0 and {MAX_GALLERY}, got {a.gallery}")
     try:
         return run(a)
+    except InputMismatchError as err:
+        print(f"spe-lightning estimate: stopped (--strict): {err}", file=sys.stderr)
+        raise SystemExit(STRICT_EXIT) from err
     except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError, NotImplementedError) as err:
         print(f"spe-lightning estimate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+class _RecordingDataset:
+    """A user's dataset as :meth:`SPEEstimator.cache` reads it, keeping each dict item's ``id``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.ids: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if isinstance(item, dict) and isinstance(item.get("id"), (str, int)):
+            self.ids[i] = str(item["id"])
+        return item
+
+    def item_ids(self) -> list[str]:
+        """Each item's ``id`` (dict items), else the dataset's ``ids`` attribute, else its position."""
+        n = len(self)
+        own = getattr(self.dataset, "ids", None)
+        fallback = [str(v) for v in own] if isinstance(own, (list, tuple)) and len(own) == n else None
+        return [self.ids.get(i, fallback[i] if fallback else f"{i:05d}") for i in range(n)]
+
+
+def _user_dataset(path: str, folder: str) -> _RecordingDataset:
+    """``--dataset``: the user's class built from the images folder."""
+    cls = import_object(path, "--dataset", "mypackage.data.MyDataset")
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--images {folder}: not a folder (--dataset {path} is built from it).")
+    try:
+        ds = cls(folder)
+    except Exception as err:
+        raise ValueError(
+            f"--dataset {path}: {path.rpartition('.')[2]}({folder!r}) failed: {type(err).__name__}: {err} "
+            "(the class is built with the --images folder as its only argument; wrap it in a class that is)."
+        ) from err
+    try:
+        n = len(ds)
+    except TypeError as err:
+        raise ValueError(f"--dataset {path}: needs __len__ and __getitem__ (a map-style dataset).") from err
+    if n == 0:
+        raise ValueError(f"--dataset {path}: built from {folder}, it has no items; check the folder it reads.")
+    return _RecordingDataset(ds)
+
+
+def _display(x: Tensor) -> np.ndarray:
+    """A model input ``[C,H,W]`` as a gray image in [0, 1] for the gallery."""
+    g = x.float().mean(0) if x.ndim == 3 else x.float()
+    lo, hi = float(g.min()), float(g.max())
+    return ((g - lo) / max(hi - lo, 1e-8)).numpy()
+
+
+def _reading(a: argparse.Namespace, opts: ReadOptions) -> dict[str, Any]:
+    """How the images were read (recorded with the input check)."""
+    if a.dataset is not None:
+        return {"dataset": a.dataset}
+    return {"resize": opts.resize, "intensity": opts.intensity, "channels": opts.channels, "transform": a.transform}
+
+
+def _versions(est: Any) -> dict[str, Any]:
+    """The versions, as the full ``estimate.json`` records them."""
+    from spe_lightning import __version__
+
+    return {"spe_lightning": {"running": __version__, "estimator_written_by": getattr(est, "written_by", None)}}
+
+
+def _report_check(check: dict[str, Any]) -> None:
+    """The input check on stderr: every warning; what could not be compared, in one line."""
+    for w in check["warnings"]:
+        print(f"spe-lightning estimate: warning: {w}", file=sys.stderr)
+    if check["verdict"] == "mismatch" and not check["warnings"]:
+        odd = [c["statistic"] for c in check["checks"] if c["verdict"] != "ok"]
+        print(
+            f"spe-lightning estimate: warning: the images differ from the calibration images in {odd}.", file=sys.stderr
+        )
+    if check["not_compared"]:
+        what = sorted({n.split(":")[0] for n in check["not_compared"]})
+        why = check["not_compared"][0].split(": ", 1)[1]
+        print(f"spe-lightning estimate: input check: not compared: {', '.join(what)} ({why})", file=sys.stderr)
 
 
 def _relative(path: str | Path, out: Path) -> str:
@@ -448,6 +654,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     load_kw: dict[str, Any] = {"allow_download": bool(a.allow_download)}
     if a.max_estimator_mb is not None:
         load_kw["max_mb"] = a.max_estimator_mb
+    opts = ReadOptions(a.resize, a.intensity, a.channels)
     est = SPEEstimator.load(a.estimator, **load_kw)
     print(f"estimator {a.estimator}: written by spe-lightning {est.written_by} (running {__version__})")
     if a.reference is not None:
@@ -455,20 +662,80 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
         root = Path(a.reference)
         size = a.image_size or (est.info.get("input_shape") or [None])[-1] or 128
-        est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size)))
+        read: dict[str, Any] = {
+            "keep_aspect": opts.resize != "plain",
+            "intensity": opts.intensity,
+            "image_channels": opts.channels,
+        }
+        est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read))
     model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
-    ids, images, sources = read_image_folder(a.images, size, progress=show, limits=limits)
     below, above = _thresholds(a.alert_below, "--alert-below"), _thresholds(a.alert_above, "--alert-above")
-    groups = _chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
-    items: Any = images
-    if a.masks is not None:
-        if est.config.classes:
-            raise ValueError("--masks: only for binary estimators.")
-        masks = _read_masks(a.masks, sources, size, est.config.foreground_class)
-        items = [{"image": i, "label": m} for i, m in zip(images, masks)]
+    recorder: _RecordingDataset | None = None
+    ids: list[str] = []
+    sources: list[str] = []
+    if a.dataset is not None:
+        if a.transform is not None or a.masks is not None:
+            raise ValueError(
+                "--dataset reads the images itself: apply --transform inside its __getitem__, and give the masks "
+                "as its items' labels instead of --masks."
+            )
+        recorder = _user_dataset(a.dataset, a.images)
+        items: Any = recorder
+    else:
+        transform = None
+        if a.transform is not None:
+            transform = import_object(a.transform, "--transform", "mypackage.transforms.normalise")
+            if not callable(transform):
+                raise ValueError(f"--transform {a.transform}: not a function; give MODULE.FN with fn(image) -> image.")
+        ids, images, sources = read_image_folder(a.images, size, show, limits, opts, transform)
+        items = images
+        if a.masks is not None:
+            if est.config.classes:
+                raise ValueError("--masks: only for binary estimators.")
+            masks = _read_masks(a.masks, sources, size, est.config.foreground_class, opts.resize)
+            items = [{"image": i, "label": m} for i, m in zip(images, masks)]
     data = est.cache(items, a.name)
-    bar = _bar(len(images), "per-case quality", show)
+    if recorder is not None:
+        ids = sources = recorder.item_ids()
+    groups = _chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
+    saved_with = est.info.get("model_class")
+    loaded = f"{type(model).__module__}.{type(model).__qualname__}"
+    if saved_with and saved_with != loaded:
+        print(
+            f"spe-lightning estimate: warning: the estimator was saved with a {saved_with} and --ckpt built a "
+            f"{loaded}: use the checkpoint of the run that wrote the estimator (--model {saved_with}).",
+            file=sys.stderr,
+        )
+    try:
+        check = est.check_inputs(model, data, device=a.device)
+    except (ValueError, RuntimeError, TypeError) as err:
+        if "calibrated on" in str(err):  # the channel check: already names the fix
+            raise
+        shape = est.info.get("input_shape")
+        raise ValueError(
+            f"running the model of --ckpt {a.ckpt} on the images failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:400].rstrip('.')}. "
+            "Are the model and the estimator from the same training run? "
+            f"The estimator was saved with {saved_with or 'an unrecorded model class'}"
+            + (f" on inputs of shape {shape}" if shape else "")
+            + (f" for the classes {est.config.classes}" if est.config.classes else "")
+            + "."
+        ) from err
+    check["reading"] = _reading(a, opts)
+    _report_check(check)
+    if a.strict and check["verdict"] == "mismatch":
+        out.mkdir(parents=True, exist_ok=True)
+        stopped = {
+            "input_check": check,
+            "estimates": None,
+            "reason": "stopped by --strict: the images do not look like the calibration images",
+            **_versions(est),
+        }
+        write_file(out / "estimate.json", json.dumps(stopped, indent=2, allow_nan=False))
+        first = check["warnings"][0] if check["warnings"] else "see input_check in estimate.json"
+        raise InputMismatchError(f"{first} (nothing estimated; wrote {out / 'estimate.json'} with input_check)")
+    bar = _bar(len(data), "per-case quality", show)
     res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update)
     bar.close()
     chunked = None
@@ -490,7 +757,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": _relative(a.ckpt, out),
         "estimator": _relative(a.estimator, out),
         "segmenter": seg,
-        "spe_lightning": {"running": __version__, "estimator_written_by": est.written_by},
+        **_versions(est),
+        "input_check": check,
         "per_case": None
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},
@@ -508,18 +776,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     gallery = []
     for i in order[: a.gallery]:
         c = res.cases[i]
-        img = images[i][0].numpy()
+        img = _display(data.inputs[i])
         mask = res.masks[i][0].numpy()
         q = "n/a" if c["quality"] is None else f"{c['quality']:.2f}"
         flag = " FLAGGED" if c.get("flagged") else ""
         label = str(c["id"])[:28].replace("$", r"\$")  # matplotlib would read $...$ as maths
         gallery.append(GalleryItem(img, mask, f"{label}\nquality {q}{flag}", bool(c.get("flagged"))))
     meta = {
-        "images": f"{summary['images']} ({len(images)} cases)",
+        "images": f"{summary['images']} ({len(data)} cases)",
         "model": summary["checkpoint"],
         "estimator": f"{summary['estimator']} (reverse segmenter {est.segmenter_spec.get('name')}, "
         f"{0 if est.reference_images is None else est.reference_images.shape[0]} references; "
         f"written by spe-lightning {est.written_by})",
+        "input check": check["verdict"] + (f": {check['warnings'][0]}" if check["warnings"] else ""),
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report.") as tmp:
         page = Path(tmp) / "report.html"

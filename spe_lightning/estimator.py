@@ -20,6 +20,7 @@ callback reported after fit (same support order, reverse step and G).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.estimate import estimate
+from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.percase import (
     CaseScores,
@@ -58,6 +60,7 @@ from spe_lightning.engine.quality import (
 )
 from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ FORMAT = "spe-estimator"
 VERSION = 2
 #: settings of a version-1 file that SPEConfig names differently or not at all
 _V1_ONLY = ("class_names", "class_indices")
+_log = logging.getLogger(__name__)
 
 
 class IncompatibleEstimatorError(ValueError):
@@ -269,6 +273,9 @@ class SPEEstimator:
         est.segmenter_state = engine.segmenter.state_tensors() if engine.segmenter.needs_fit else {}
         if module is not None:
             est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=run.logits_fn)
+            if cal.inputs:  # what the model saw and predicted on its calibration images: the input check's yardstick
+                masks, conf = est._predict(module, cal, est._device(module, None), run.logits_fn)
+                est.info["input_summary"] = input_summary(cal.inputs, masks, conf)
         return est
 
     @classmethod
@@ -420,7 +427,12 @@ class SPEEstimator:
     def from_state(cls, state: dict[str, Any]) -> SPEEstimator:
         """The estimator of a :meth:`state` dict (version-checked)."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise IncompatibleEstimatorError("not an SPE estimator file (no 'format': 'spe-estimator' entry).")
+            hint = (
+                " It is a Lightning checkpoint: did you swap the checkpoint and the estimator (--ckpt, --estimator)?"
+                if isinstance(state, dict) and "state_dict" in state
+                else " SPECallback writes spe_estimator.pt next to spe_report.json after fit."
+            )
+            raise IncompatibleEstimatorError(f"not an SPE estimator file (no 'format': 'spe-estimator' entry).{hint}")
         version = state.get("version")
         if version not in (1, VERSION):
             raise IncompatibleEstimatorError(
@@ -456,7 +468,12 @@ class SPEEstimator:
         rest) are refused before reading. The reverse segmenter the file names is rebuilt without
         downloading anything unless ``allow_download=True``.
         """
-        size_mb = Path(path).stat().st_size / 2**20 if Path(path).is_file() else 0.0
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{path}: no such estimator file. SPECallback writes spe_estimator.pt next to spe_report.json after "
+                "fit (the trainer's log folder, or log_dir=); SPEEstimator.from_run(...).save(path) writes one too."
+            )
+        size_mb = Path(path).stat().st_size / 2**20
         if size_mb > max_mb:
             raise IncompatibleEstimatorError(
                 f"{path}: {size_mb:.1f} MB, above max_mb={max_mb:g} (--max-estimator-mb); "
@@ -474,6 +491,10 @@ class SPEEstimator:
         except IncompatibleEstimatorError as err:
             raise IncompatibleEstimatorError(f"{path}: {err}") from None
         est.allow_download = bool(allow_download)
+        from spe_lightning import __version__
+
+        written = state.get("spe_lightning") if isinstance(state, dict) else None
+        _log.info("SPE estimator %s: written by spe-lightning %s (this is %s)", path, written or "?", __version__)
         return est
 
     # ------------------------------------------------------------------ estimating
@@ -540,6 +561,7 @@ class SPEEstimator:
         device: torch.device | str | None = None,
         settings: QualitySettings | None = None,
         extra_candidates: Sequence[Tensor] = (),
+        progress: bool = False,
     ) -> dict[str, Any]:
         """Fit the per-case quality regressor on the labelled ``reference`` set and calibrate it on ``calibration``.
 
@@ -549,6 +571,7 @@ class SPEEstimator:
         to per-case Dice with intervals on the model's calibration predictions: combined with the model's
         confidence when the calibration set has at least 5 cases below Dice 0.7, else with the model's
         predictions on shifted copies of the calibration images as extra pairs. 2D binary only.
+        ``progress``: show the regressor's fit (:mod:`spe_lightning.progress`, one unit per epoch and member).
         """
         ref = self._cache("reference", reference, "image", "label")
         data = self._cache("calibration", calibration, "image", "label")
@@ -560,12 +583,16 @@ class SPEEstimator:
         size = tuple(ref.gray.shape[-2:])
 
         ref_pred, _ = self._predict(model, ref, device, logits_fn)
-        regressor = QualityRegressor(settings, device=device).fit(
-            ref.gray,
-            _working_masks(ref.masks, size),
-            extra_candidates=[_working_masks(ref_pred, size), *extra_candidates],
-            seed=self.config.seed,
-        )
+        regressor = QualityRegressor(settings, device=device)
+        s = regressor.settings
+        with Progress(s.epochs * max(1, s.n_models), "SPE: fitting the quality regressor", progress, "epoch") as bar:
+            regressor.fit(
+                ref.gray,
+                _working_masks(ref.masks, size),
+                extra_candidates=[_working_masks(ref_pred, size), *extra_candidates],
+                seed=self.config.seed,
+                progress=lambda epoch, loss: bar.update(1),
+            )
         masks, conf = self._predict(model, data, device, logits_fn)
         raw = regressor.predict(data.gray, _working_masks(masks, size)).numpy()
         real = per_case_dice(masks, data.masks)
@@ -643,6 +670,48 @@ class SPEEstimator:
         device = self._device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         return self._case_rows(data, masks, conf, None, device, None)[0]
+
+    @torch.no_grad()
+    def check_inputs(
+        self,
+        model: nn.Module,
+        images: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> dict[str, Any]:
+        """Compare ``images`` with the images the estimator was fitted on, before estimating.
+
+        The model's inputs (intensity statistics, padding bars) and its predictions (foreground fraction,
+        confidence) against the calibration images' (stored at fit time; estimator files without them are
+        compared on what they hold, the rest is listed under ``not_compared``). Returns the record of
+        :func:`~spe_lightning.engine.input_check.compare_inputs` (``verdict``, ``checks``, ``warnings`` naming
+        the likely cause and the fix). Raises ``ValueError`` when the channel count differs from the model's
+        calibration inputs (the model could not take them).
+        """
+        data = self._cache("target", images, image_key, label_key)
+        stored = self.info.get("input_summary")
+        shape = self.info.get("input_shape")
+        want = set(stored["channels"]) if stored and stored.get("channels") else {int(shape[0])} if shape else None
+        have = sorted({int(x.shape[0]) for x in data.inputs})
+        if want and have and set(have) - want:
+            fix = "--channels rgb" if 3 in want else "--channels gray" if 1 in want else "your --dataset / --transform"
+            raise ValueError(
+                f"the model was calibrated on {'/'.join(map(str, sorted(want)))}-channel images and these have "
+                f"{'/'.join(map(str, have))} channel(s): read them as in training ({fix})."
+            )
+        device = self._device(model, device)
+        masks, conf = self._predict(model, data, device, logits_fn)
+        new = input_summary(data.inputs, masks, conf)
+        ref_border = None
+        if stored is None and self.reference_images is not None:
+            ref_border = [border_fraction(x) for x in self.reference_images]
+        written = getattr(self, "written_by", None)  # the loaded file's version ("unknown": not recorded)
+        out = compare_inputs(stored, new, ref_border, None if written in (None, "", "unknown") else str(written))
+        out["n_images"] = len(data)
+        out["n_calibration"] = int(stored["n"]) if stored else None
+        return out
 
     @torch.no_grad()
     def estimate(

@@ -21,6 +21,7 @@ Failures at a checkpoint are passed to ``warn`` and that evaluation is skipped (
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ from spe_lightning.engine.quality import combination_from_pairs, combined_value
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
 from spe_lightning.engine.report import make_figure, write_csv, write_json
 from spe_lightning.estimator import SPEEstimator
+from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
 from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
 
@@ -115,6 +117,13 @@ class SPERun:
         self.report: dict[str, Any] | None = None
         #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
         self.alerts: list[dict[str, Any]] = []
+        #: progress bars of the long steps (learned fit, calibration pairs, quality regressor) when
+        #: ``config.verbose``; SPECallback sets it to the Trainer's ``enable_progress_bar`` (rank zero only)
+        self.show_progress = True
+
+    def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
+        """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
+        return Progress(total, desc, enabled=self.show_progress and self.config.verbose, unit=unit)
 
     # ------------------------------------------------------------------ views
     @property
@@ -250,7 +259,12 @@ class SPERun:
                 "kept in the fit cache for later runs on the same references)"
             )
         start = time.perf_counter()
-        seg.fit(engine.ref_images, engine.ref_masks.float())
+        steps = int(getattr(seg, "steps", 0) or 0)
+        with self.progress(steps, f"SPE: fitting {seg.name}", "step") as bar:
+            if steps and "progress" in inspect.signature(seg.fit).parameters:
+                seg.fit(engine.ref_images, engine.ref_masks.float(), progress=bar.update)  # type: ignore[call-arg]
+            else:
+                seg.fit(engine.ref_images, engine.ref_masks.float())
         self.segmenter_fit_seconds = time.perf_counter() - start
         if self.config.verbose:
             self.say(
@@ -293,13 +307,17 @@ class SPERun:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, shard: Shard | None = None, sets: Mapping[str, CachedSet] | None = None
+        self,
+        model: nn.Module,
+        shard: Shard | None = None,
+        sets: Mapping[str, CachedSet] | None = None,
+        progress: Callable[[int], Any] | None = None,
     ) -> dict[str, Any]:
         """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
 
         With a ``shard`` of several processes, each predicts its share of every set and segments its
         share of the references; all processes must call this together and get the same record.
-        Raises on failure (see :meth:`record` for the skipping policy).
+        Raises on failure (see :meth:`record` for the skipping policy). ``progress(1)`` after each set.
         """
         engine = self._engine()
         shard = shard or Shard()
@@ -328,7 +346,7 @@ class SPERun:
                     masks[pos] = m[k]
                 conf[r :: shard.world] = cf
             predictions[name] = (data, masks, conf)
-        return engine.evaluate(predictions, device, shard)
+        return engine.evaluate(predictions, device, shard, progress=progress)
 
     def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""
@@ -399,7 +417,8 @@ class SPERun:
 
         def measure() -> list[dict[str, Any]]:
             sets = self.pair_sets()
-            record = self.evaluate(model, shard, sets)
+            with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
+                record = self.evaluate(model, shard, sets, progress=bar.update)
             last = self.records[-1]
             for kind in ("pseudo", "real"):
                 record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
@@ -491,7 +510,13 @@ class SPERun:
             est = SPEEstimator.from_run(self, module)
             if self.config.quality_regressor and module is not None and not self.config.classes:
                 start = time.perf_counter()
-                est.fit_quality(module, self._reference_dataset, self._sets[CALIBRATION], logits_fn=self.logits_fn)
+                est.fit_quality(
+                    module,
+                    self._reference_dataset,
+                    self._sets[CALIBRATION],
+                    logits_fn=self.logits_fn,
+                    progress=self.show_progress and self.config.verbose,
+                )
                 assert est.quality is not None  # fit_quality sets it
                 report["quality"] = {k: v for k, v in est.quality["calibration"].items() if k != "mapping"}
                 combined = self.guarded(

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spe_lightning.cli import main as cli_main
@@ -38,11 +39,14 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
             "--no-progress",
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| dice |" in printed and "cases flagged" in printed
+    assert "warning" not in captured.err  # the images as the model saw them in training: the input check passes
 
     summary = json.loads((out / "estimate.json").read_text())
     assert summary["n_images"] == len(target) and set(summary["estimates"]) == set(cb.report["metrics"])
+    assert summary["input_check"]["verdict"] == "ok" and summary["input_check"]["n_calibration"] == 16
     dice = summary["estimates"]["dice"]
     assert dice["lower"] <= dice["value"] <= dice["upper"]
     # 8-bit rounding of the images moves the estimate only a little
@@ -102,3 +106,36 @@ def test_cli_estimate_escapes_ids_keeps_links_and_relative_paths(fitted, tmp_pat
     assert (summary["images"], summary["checkpoint"], summary["estimator"]) == ("../imgs", "../model.ckpt", "../est.pt")
     assert str(tmp_path) not in (tmp_path / "out" / "estimate.json").read_text()
     capsys.readouterr()
+
+
+def test_first_run_errors_name_the_fix(fitted, tmp_path, capsys):
+    """The mistakes of a first run (issue 26 item 6): each one line, exit status 2, with what to do instead."""
+    cb, _, dm = fitted
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (tmp_path / "empty").mkdir()
+    for i in range(4):
+        img = (dm.targets["target"][i]["image"][0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(img).save(folder / f"c{i}.png")
+    state = torch.load(cb.estimator_path, weights_only=True)
+    state["config"]["classes"] = {"a": 1, "b": 2}  # an estimator of another (multi-class) model
+    other = tmp_path / "other_estimator.pt"
+    torch.save(state, other)
+    ckpt, est = str(cb.ckpt_path), str(cb.estimator_path)
+    cases = [
+        (["--ckpt", "missing.ckpt", "--estimator", est, "--images", str(folder)], "enable_checkpointing=true"),
+        (["--ckpt", ckpt, "--estimator", "missing.pt", "--images", str(folder)], "writes spe_estimator.pt next to"),
+        (["--ckpt", est, "--estimator", est, "--images", str(folder)], "did you swap --ckpt and --estimator"),
+        (["--ckpt", ckpt, "--estimator", ckpt, "--images", str(folder)], "did you swap the checkpoint and the"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(tmp_path / "empty")], "give the folder that holds"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(folder / "c0.png")], "a file; give the folder"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(folder), "--masks", str(tmp_path / "empty")],
+         "each mask must have its image's relative file name"),
+        (["--ckpt", ckpt, "--estimator", str(other), "--images", str(folder)],
+         "Are the model and the estimator from the same training run?"),
+    ]  # fmt: skip
+    for args, fix in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["estimate", *args, "--out", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and err.startswith("spe-lightning estimate: error: ") and fix in err, (args, err)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from spe_lightning.data.images import IMAGE_SUFFIXES, read_image, read_mask, square_resize
+from spe_lightning.data.images import IMAGE_SUFFIXES, ReadOptions, read_image_array, read_mask, square_resize
 
 __all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta", "site_dataset"]
 
@@ -43,7 +43,11 @@ class FolderSegmentationDataset(Dataset):
         image_size: side of the square output.
         groups: keep only ids whose ``meta.csv`` group is listed.
         augment: light random intensity and translation augmentation (training only).
-        keep_aspect: pad to a square before resizing instead of stretching.
+        keep_aspect: pad to a square before resizing instead of stretching (``spe-lightning estimate
+            --resize pad``; False: ``--resize plain``).
+        intensity: how intensities are scaled (:data:`~spe_lightning.data.images.INTENSITY_MODES`; ``estimate
+            --intensity``).
+        image_channels: ``"gray"`` (one channel) or ``"rgb"`` (three; ``estimate --channels``).
     """
 
     def __init__(
@@ -55,7 +59,11 @@ class FolderSegmentationDataset(Dataset):
         groups: Sequence[str] | None = None,
         augment: bool = False,
         keep_aspect: bool = True,
+        intensity: str = "auto",
+        image_channels: str = "gray",
     ) -> None:
+        ReadOptions(intensity=intensity, channels=image_channels)  # validates
+        self.intensity, self.image_channels = intensity, image_channels
         self.root = Path(root)
         folder = self.root / split / "images"
         if not folder.is_dir():
@@ -68,7 +76,11 @@ class FolderSegmentationDataset(Dataset):
             wanted = set(groups)
             self.images = [p for p in self.images if meta.get(p.stem, {}).get("group") in wanted]
         if not self.images:
-            raise ValueError(f"No images found in {folder}" + (f" for groups {list(groups)}" if groups else "") + ".")
+            raise ValueError(
+                f"No images found in {folder}"
+                + (f" for groups {list(groups)} (the 'group' column of {self.root / 'meta.csv'})" if groups else "")
+                + f"; expected files with the suffixes {', '.join(IMAGE_SUFFIXES)}."
+            )
         self.ids = [p.stem for p in self.images]
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
@@ -88,7 +100,7 @@ class FolderSegmentationDataset(Dataset):
 
     def _load(self, i: int) -> tuple[Tensor, Tensor | None]:
         if i not in self._cache:
-            img = torch.from_numpy(read_image(self.images[i]))[None]
+            img = torch.from_numpy(read_image_array(self.images[i], None, self.intensity, self.image_channels))
             mpath = self._mask_path(self.images[i])
             mask = None
             if mpath is not None:
@@ -101,7 +113,7 @@ class FolderSegmentationDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor | str]:
         img, mask = self._load(i)
         if mask is None:
-            mask = torch.zeros_like(img)
+            mask = torch.zeros_like(img[:1])
         if self.augment:
             img, mask = _augment(img, mask)
         return {"image": img, "label": mask, "id": self.ids[i]}
@@ -137,6 +149,8 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         augment: augment the training images.
         extra_targets: more targets from other roots, ``{name: root}`` (e.g. another site's images in
             the same layout): every split found under the root is used, concatenated.
+        keep_aspect, intensity, image_channels: how images are read (:class:`FolderSegmentationDataset`); give
+            ``spe-lightning estimate`` the same (``--resize pad|plain``, ``--intensity``, ``--channels``).
     """
 
     def __init__(
@@ -152,6 +166,9 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         train_groups: list[str] | None = None,
         augment: bool = True,
         extra_targets: dict[str, str] | None = None,
+        keep_aspect: bool = True,
+        intensity: str = "auto",
+        image_channels: str = "gray",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,8 +182,13 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
     def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
         hp: Any = self.hparams  # an AttributeDict (Lightning types it as a mapping)
         return FolderSegmentationDataset(
-            self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment
+            self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment, **self._read
         )
+
+    @property
+    def _read(self) -> dict[str, Any]:
+        """How images are read (the same for training, SPE's sets and extra targets)."""
+        return {k: self.hparams[k] for k in ("keep_aspect", "intensity", "image_channels")}
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
@@ -192,17 +214,18 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         targets: dict[str, Dataset] = {split: self._ds(split) for split in self.target_splits}
         targets.update(
             {
-                name: site_dataset(root, self.hparams["class_index"], self.hparams["image_size"])
+                name: site_dataset(root, self.hparams["class_index"], self.hparams["image_size"], **self._read)
                 for name, root in self.extra_targets.items()
             }
         )
         return {"reference": self.reference_set, "calibration": self.val_set, "target": targets}
 
 
-def site_dataset(root: str | Path, class_index: int | None = 1, image_size: int = 128) -> Dataset:
-    """Every split under ``root`` (folders holding ``images/``), concatenated: another site's labelled images."""
+def site_dataset(root: str | Path, class_index: int | None = 1, image_size: int = 128, **read: Any) -> Dataset:
+    """Every split under ``root`` (folders holding ``images/``), concatenated: another site's labelled images
+    (``read``: ``keep_aspect``, ``intensity``, ``image_channels`` of :class:`FolderSegmentationDataset`)."""
     splits = sorted(p.parent.name for p in Path(root).glob("*/images") if p.is_dir())
     if not splits:
         raise FileNotFoundError(f"No <split>/images folder under {root}; expected <root>/<split>/images/<id>.png.")
-    parts = [FolderSegmentationDataset(root, split, class_index, image_size) for split in splits]
+    parts = [FolderSegmentationDataset(root, split, class_index, image_size, **read) for split in splits]
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)

@@ -1,10 +1,12 @@
 """Reading image files: the one reader used for training (:class:`~spe_lightning.data.FolderSegmentationDataset`)
 and for ``spe-lightning estimate``, plus the safe listing of an image folder.
 
-Intensity rule (the same everywhere): 8-bit images (and RGB/palette images, converted to grayscale)
-are divided by 255; 16-bit, 32-bit integer and float images and NIfTI volumes are scaled between
-their 0.5th and 99.5th intensity percentiles and clipped to [0, 1] (dividing a 12-bit scan stored
-in 16 bits by 65535 would leave it nearly black).
+Intensity rule (the default everywhere, ``intensity="auto"``): 8-bit images (and RGB/palette images,
+converted to grayscale) are divided by 255; 16-bit, 32-bit integer and float images and NIfTI volumes are
+scaled between their 0.5th and 99.5th intensity percentiles and clipped to [0, 1] (dividing a 12-bit scan
+stored in 16 bits by 65535 would leave it nearly black). :class:`ReadOptions` names the other choices
+(``spe-lightning estimate --resize/--intensity/--channels``, the folder datasets' arguments), for a model
+trained on images read another way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from torch import Tensor
 from spe_lightning.data.adapters import resize_images, resize_masks
 
 __all__ = [
+    "RESIZE_MODES",
+    "INTENSITY_MODES",
+    "CHANNEL_MODES",
+    "ReadOptions",
+    "read_image_array",
+    "fit_to_size",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "ImageLimits",
@@ -55,6 +63,36 @@ class ImageLimits:
     max_voxels: int = 2**27  # 134 M: a 512^3 volume, a 11585^2 image
 
 
+#: ``pad``: zero-pad to a square, then resize (default); ``plain``: stretch to the square; ``none``: keep the size
+RESIZE_MODES = ("pad", "plain", "none")
+#: ``auto``: 8-bit / 255, other types between their 0.5th and 99.5th percentiles (default); ``divide``: by the
+#: type's maximum (255, 65535; floats as they are); ``percentile``: every image between its percentiles;
+#: ``none``: the stored values
+INTENSITY_MODES = ("auto", "divide", "percentile", "none")
+#: ``gray``: one channel (colour averaged; default); ``rgb``: three channels (gray images repeated)
+CHANNEL_MODES = ("gray", "rgb")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How image files become model inputs; the defaults are the reader's long-standing behaviour.
+
+    Args:
+        resize: one of :data:`RESIZE_MODES`.
+        intensity: one of :data:`INTENSITY_MODES`.
+        channels: one of :data:`CHANNEL_MODES`.
+    """
+
+    resize: str = "pad"
+    intensity: str = "auto"
+    channels: str = "gray"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("resize", RESIZE_MODES), ("intensity", INTENSITY_MODES), ("channels", CHANNEL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+
+
 def is_nifti(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -81,8 +119,25 @@ def _check_voxels(path: Path, shape: tuple[int, ...], limits: ImageLimits | None
 
 def read_image(path: str | os.PathLike, limits: ImageLimits | None = None) -> np.ndarray:
     """A 2D image file as float32 ``[H,W]`` grayscale in [0, 1] (the module's intensity rule)."""
+    return read_image_array(path, limits)[0]
+
+
+def _channels(arr: np.ndarray, channels: str) -> np.ndarray:
+    """``[H,W]`` or ``[H,W,C]`` -> ``[C,H,W]`` with 1 (gray: colour averaged) or 3 (rgb) channels."""
+    x = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    if channels == "gray":
+        return x if x.shape[0] == 1 else x.mean(axis=0, keepdims=True)
+    return np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x[:3]
+
+
+def read_image_array(
+    path: str | os.PathLike, limits: ImageLimits | None = None, intensity: str = "auto", channels: str = "gray"
+) -> np.ndarray:
+    """A 2D image file as float32 ``[C,H,W]`` (``C`` 1 or 3 by ``channels``), scaled by ``intensity``
+    (:data:`INTENSITY_MODES`; ``"auto"``, the default, is the module's intensity rule)."""
     from PIL import Image
 
+    ReadOptions(intensity=intensity, channels=channels)  # validates
     path = Path(path)
     cap = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb cap: raised with ours, never lowered
     try:
@@ -90,16 +145,24 @@ def read_image(path: str | os.PathLike, limits: ImageLimits | None = None) -> np
             Image.MAX_IMAGE_PIXELS = limits.max_voxels
         with Image.open(path) as im:
             _check_voxels(path, (im.size[1], im.size[0]), limits)
-            if im.mode in _EIGHT_BIT:
-                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-            arr = np.asarray(im, dtype=np.float32)
+            eight_bit = im.mode in _EIGHT_BIT
+            top = 255.0 if eight_bit else 65535.0 if im.mode.startswith("I;16") else None
+            if eight_bit:
+                arr = np.asarray(im.convert("RGB" if channels == "rgb" else "L"), dtype=np.float32)
+            else:
+                arr = np.asarray(im, dtype=np.float32)
+                if im.mode == "I" and arr.size and float(arr.max()) <= 65535 and float(arr.min()) >= 0:
+                    top = 65535.0  # 16-bit PNGs open as 32-bit integers
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path.name}: {err} (raise the limit with --max-voxels)") from err
     finally:
         Image.MAX_IMAGE_PIXELS = cap
-    if arr.ndim == 3:  # multi-channel 16-bit / float: average the channels
-        arr = arr.mean(axis=-1)
-    return scale_percentile(arr)
+    x = _channels(arr, channels)
+    if intensity == "none" or (intensity == "divide" and top is None):
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if intensity == "divide" or (intensity == "auto" and eight_bit):
+        return np.ascontiguousarray(x / np.float32(top), dtype=np.float32)
+    return scale_percentile(x)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -111,8 +174,11 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return m.max(axis=-1) if m.ndim == 3 else m
 
 
-def read_nifti_slices(path: str | os.PathLike, limits: ImageLimits | None = None) -> list[np.ndarray]:
-    """The slices along the last axis of a NIfTI volume (first channel of 4D volumes), scaled as one volume."""
+def read_nifti_slices(
+    path: str | os.PathLike, limits: ImageLimits | None = None, intensity: str = "auto"
+) -> list[np.ndarray]:
+    """The slices along the last axis of a NIfTI volume (first channel of 4D volumes), scaled as one volume
+    between its percentiles (``intensity`` ``"none"`` or ``"divide"``: the stored values)."""
     path = Path(path)
     try:
         import nibabel
@@ -135,7 +201,8 @@ def read_nifti_slices(path: str | os.PathLike, limits: ImageLimits | None = None
         vol = vol[..., 0]
     if vol.ndim not in (2, 3):
         raise ValueError(f"{path.name}: a NIfTI volume of shape {vol.shape}; expected 2D or 3D.")
-    vol = scale_percentile(vol)
+    if intensity in ("auto", "percentile"):
+        vol = scale_percentile(vol)
     return [vol] if vol.ndim == 2 else [vol[..., z] for z in range(vol.shape[-1])]
 
 
@@ -156,9 +223,21 @@ def square_resize(x: Tensor, size: int | None, mode: str = "bilinear", keep_aspe
     return resize_images(x[None], (size, size))[0]
 
 
-def image_tensor(path: str | os.PathLike, size: int | None, limits: ImageLimits | None = None) -> Tensor:
-    """:func:`read_image` as float ``[1,S,S]`` padded and resized by :func:`square_resize`."""
-    return square_resize(torch.from_numpy(read_image(path, limits))[None], size)
+def fit_to_size(x: Tensor, size: int | None, resize: str = "pad", mode: str = "bilinear") -> Tensor:
+    """``[C,H,W]`` to ``size`` x ``size`` by :data:`RESIZE_MODES` (``"none"``: unchanged; masks ``"nearest"``)."""
+    if resize == "none":
+        return x.float() if mode == "nearest" else x
+    return square_resize(x, size, mode, keep_aspect=resize == "pad")
+
+
+def image_tensor(
+    path: str | os.PathLike, size: int | None, limits: ImageLimits | None = None, options: ReadOptions | None = None
+) -> Tensor:
+    """An image file as float ``[C,S,S]``: read by :func:`read_image_array` and sized by :func:`fit_to_size`
+    (default :class:`ReadOptions`: gray, the intensity rule, padded to a square and resized)."""
+    o = options or ReadOptions()
+    x = torch.from_numpy(read_image_array(path, limits, o.intensity, o.channels))
+    return fit_to_size(x, size, o.resize)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -179,7 +258,8 @@ def list_image_files(folder: str | os.PathLike, limits: ImageLimits | None = Non
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"--images {root}: not a folder.")
+        what = "a file" if root.is_file() else "no such folder"
+        raise FileNotFoundError(f"--images {root}: {what}; give the folder that holds the images (read recursively).")
     real_root = root.resolve()
     files: list[Path] = []
     outside: list[str] = []

@@ -461,8 +461,10 @@ class SPEEngine:
         predictions: Mapping[str, tuple[CachedSet, Sequence[Tensor], Tensor]],
         device: torch.device | str = "cpu",
         shard: Shard | None = None,
+        progress: Callable[[int], Any] | None = None,
     ) -> dict[str, Any]:
-        """One record: ``predictions`` maps set name -> (data, predicted masks, per-image confidence)."""
+        """One record: ``predictions`` maps set name -> (data, predicted masks, per-image confidence);
+        ``progress(1)`` after each set."""
         start = time.perf_counter()
         record: dict[str, Any] = {"pseudo": {}, "real": {}, "confidence": {}, "n_support": {}, "reasons": {}}
         for name, (data, masks, conf) in predictions.items():
@@ -475,5 +477,7 @@ class SPEEngine:
             if real is not None:
                 record["real"][name] = real
             record["confidence"][name] = _mean(conf)
+            if progress is not None:
+                progress(1)
         record["seconds"] = time.perf_counter() - start
         return record

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -338,8 +339,9 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         att = torch.softmax(torch.einsum("bdp,bdr->bpr", fq, fs) / self.tau, dim=-1)
         return torch.bmm(att, ls)
 
-    def fit(self, images: Tensor, labels: Tensor) -> None:
+    def fit(self, images: Tensor, labels: Tensor, progress: Callable[[int], Any] | None = None) -> None:
         """Train the encoder on labelled references ``[N,1,H,W]`` (``N >= 2``); deterministic for ``seed``.
+        ``progress(1)`` after each of the ``steps`` optimisation steps.
 
         Each query reference is paired with a different support reference in turn (every reference
         serves as query and as support equally often); the appearance of both is augmented.
@@ -386,6 +388,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
                 loss.backward()
                 opt.step()
                 sched.step()
+                if progress is not None:
+                    progress(1)
         self.encoder = enc.eval()
 
     # ------------------------------------------------------------------ evaluation
