@@ -273,9 +273,6 @@ class SPEEstimator:
         est.segmenter_state = engine.segmenter.state_tensors() if engine.segmenter.needs_fit else {}
         if module is not None:
             est.calibrate_cases(module, cal, k=k, top=top, dice_cut=dice_cut, logits_fn=run.logits_fn)
-            if cal.inputs:  # what the model saw and predicted on its calibration images: the input check's yardstick
-                masks, conf = est._predict(module, cal, est._device(module, None), run.logits_fn)
-                est.info["input_summary"] = input_summary(cal.inputs, masks, conf)
         return est
 
     @classmethod
@@ -541,13 +538,16 @@ class SPEEstimator:
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
     ) -> dict[str, Any]:
-        """Calibrate the per-case flags on a labelled set (the model's predictions vs its masks)."""
+        """Calibrate the per-case flags on a labelled set (the model's predictions vs its masks), and keep what the
+        model was given and predicted there (``info["input_summary"]``, the yardstick of :meth:`check_inputs`)."""
         data = self._cache("calibration", calibration, "image", "label")
         if data.masks is None:
             raise ValueError("SPEEstimator.calibrate_cases: the calibration set needs masks.")
         self._check_2d(data)
         device = self._device(model, device)
-        masks, _ = self._predict(model, data, device, logits_fn)
+        masks, conf = self._predict(model, data, device, logits_fn)
+        if data.inputs:
+            self.info["input_summary"] = input_summary(data.inputs, masks, conf)
         scores = self._scores(data, masks, k, top, None, device)
         self.cases = calibrate_cases(scores, per_case_dice(masks, data.masks), k, top, dice_cut)
         return self.cases
