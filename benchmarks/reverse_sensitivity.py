@@ -2,7 +2,8 @@
 
 For JSRT (heart, class 2) and BUSI (lesions, benign + malignant, resized to 128 x 128) the
 queries are training images with their true masks; the support is up to 64 images of the test
-split (fixed seed; JSRT's test split has 49, so all 49 there; extra_test is never read) whose masks are degraded to graded quality (``_degrade.py``: erosion, dilation, shift,
+split (fixed seed; JSRT's test split has 49, so all 49 there; extra_test is never read) whose
+masks are degraded to graded quality (``_degrade.py``: erosion, dilation, shift,
 holes, spurious blobs, wavy boundary, missed parts; one dominant kind per draw plus random
 kinds, per-image strengths calibrated to the level). For every segmenter it reports the pseudo
 Dice per level, then Pearson r, the slope of pseudo vs support Dice over all draws, the
