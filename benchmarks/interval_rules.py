@@ -19,6 +19,13 @@ proportional scales ``s0=...`` kept from the first study.
 
     python benchmarks/interval_rules.py benchmarks/results/select_*.json
     python benchmarks/interval_rules.py --reliability benchmarks/results/select_*.json
+
+The distance rule needs pairs that carry their label-free distance (runs made since issue 23; the
+recorded select_*.json do not). ``--distance`` reads run reports (``spe_report.json``) and compares,
+on held-out families farther than every remaining pair, no widening with widening by the distance
+ratio (the default) and by its square root:
+
+    python benchmarks/interval_rules.py --distance /tmp/demo_s*/tb/version_0/spe_report.json
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model, metric_range, pair_family
+from spe_lightning.engine.estimate import (
+    _half_width,
+    anchored_estimate,
+    fit_interval_model,
+    metric_range,
+    pair_family,
+)
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 
@@ -87,8 +100,6 @@ def half_widths(result: dict, rules: dict, level: float = 0.9, metric: str = "di
             model = fit_interval_model(pairs, metric, g, p_c, **kwargs)
             if model is None:
                 continue
-            from spe_lightning.engine.estimate import _half_width
-
             span = metric_range(metric) or max(abs(r_c), 1e-9)
             out[rule][seg] = _half_width(model, float(np.median(moves)), level) / span
     return out
@@ -145,13 +156,60 @@ def reliability(files: list[str], level: float = 0.9) -> None:
         print(f"\n{m} (all pairs):\n  " + "\n  ".join(rows))
 
 
+def distance_rules(files: list[str], metric: str = "dice", level: float = 0.9) -> None:
+    """Held-out families beyond the remaining pairs' reach: coverage and width with and without widening."""
+    out: dict[str, list[tuple[bool, float]]] = {"none": [], "sqrt(d / d_max)": [], "d / d_max (default)": []}
+    inside: list[bool] = []
+    for f in files:
+        report = json.load(open(f))
+        records = report["records"]
+        x, y = series(records, "pseudo", CALIBRATION, metric), series(records, "real", CALIBRATION, metric)
+        g, _ = fit_mapping(report["mapping"][metric]["kind"], x, y, metric)
+        pairs = [p for p in report["pairs"] if p.get("distance") is not None]
+        if g is None or not pairs:
+            continue
+        p_c, r_c = float(x[-1]), float(y[-1])
+        for fam in sorted({pair_family(p["name"]) for p in pairs}):
+            train = [p for p in pairs if pair_family(p["name"]) != fam]
+            model = fit_interval_model(train, metric, g, p_c)
+            if model is None:
+                continue
+            for p in (p for p in pairs if pair_family(p["name"]) == fam):
+                dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
+                if dp is None or dr is None:
+                    continue
+                base = anchored_estimate(g, metric, p_c + dp, p_c, r_c, level, model)  # no distance: no widening
+                if p["distance"] <= model["distance"]:
+                    inside.append(base["lower"] <= r_c + dr <= base["upper"])
+                    continue
+                reach = model["distance"]
+                ratio = p["distance"] / reach
+                for rule, d in (
+                    ("none", None),
+                    ("sqrt(d / d_max)", reach * ratio**0.5),
+                    ("d / d_max (default)", reach * ratio),
+                ):
+                    e = anchored_estimate(g, metric, p_c + dp, p_c, r_c, level, model, distance=d)
+                    out[rule].append((e["lower"] <= r_c + dr <= e["upper"], e["upper"] - e["lower"]))
+    print(f"held-out pairs inside the reach: {len(inside)}, coverage {np.mean(inside) if inside else float('nan'):.2f}")
+    print("| widening beyond the reach | held-out pairs farther than the rest | coverage | median width |")
+    print("|---|---|---|---|")
+    for rule, v in out.items():
+        if v:
+            print(f"| {rule} | {len(v)} | {np.mean([c for c, _ in v]):.2f} | {np.median([w for _, w in v]):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
     ap.add_argument("--s0", type=float, nargs="*", default=[0.01, 1.0])
     ap.add_argument("--metric", default="dice")
     ap.add_argument("--reliability", action="store_true")
+    ap.add_argument("--distance", action="store_true", help="FILES are spe_report.json of runs with pair distances")
     a = ap.parse_args()
+    if a.distance:
+        distance_rules(a.files, a.metric)
+        return
     if a.reliability:
         reliability(a.files)
         return

@@ -17,11 +17,12 @@ the reverse step's misses grow with the move (JSRT) the intervals widen with it,
 moves it cannot see whatever their size (blur, low resolution; BUSI) the width is nearly constant.
 Without pairs, G's leave-one-out residual quantile across checkpoints is used.
 
-Four guards on top (docs/intervals.md; each rule chosen on development pairs, benchmarks/interval_rules.py):
+Four guards on top (docs/intervals.md; compared on held-out families of development pairs by
+benchmarks/interval_rules.py):
 
 - *quantile*: with 8 pairs the 90% conformal quantile is the single worst pair's miss; by default the
   half-width is a Student-t prediction quantile of the normalised misses (``quantile="normal"``), which
-  uses every pair and varies far less from run to run.
+  uses every pair (on the recorded runs' pairs: same coverage, width sd over seeds 0.015 vs 0.018).
 - *extrapolation*: each pair and target carries a label-free distance to the calibration set
   (:mod:`spe_lightning.engine.distance`); a target farther than every pair the model was fitted on
   gets its half-width multiplied by ``distance / largest pair distance`` and is flagged
