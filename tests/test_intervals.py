@@ -254,3 +254,19 @@ def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range
     dice, hd95 = (line for line in table.splitlines() if line.startswith(("| dice", "| hd95")))
     assert "outside the calibrated range" in dice and "0.700" in dice
     assert "unreliable: its interval half-width" in hd95 and "n/a" in hd95
+
+
+def test_reports_and_interval_models_from_before_issue_23_still_load():
+    old_report = {
+        "level": 0.9,
+        "estimates": {"t": {"dice": {"value": 0.8, "lower": 0.7, "upper": 0.9, "pseudo": 0.7, "reason": None}}},
+        "by_checkpoint": {"t": {"dice": [0.75, 0.8]}},
+    }
+    assert "0.800 [0.700, 0.900]" in summary_table(old_report) and "outside" not in summary_table(old_report)
+    scalars = report_scalars(old_report)
+    assert scalars["spe/final_estimate/t/dice"] == 0.8 and not any("reliable" in k or "outside" in k for k in scalars)
+    # an interval model saved before: no quantile (conformal), no distance, no reliability
+    legacy = {"s0": 0.01, "slope": 1.0, "scores": [0.5] * 8, "move": {"weight": 1.0, "pairs_slope": None}}
+    e = estimate(G, "dice", 0.7, 0.9, anchor=(0.8, 0.9, legacy), distance=9.0)
+    assert e["value"] == pytest.approx(0.8) and e["outside_calibrated_range"] is None and "reliable" not in e
+    assert e["upper"] - e["lower"] == pytest.approx(2 * 0.5 * (0.01 + 0.1))  # the conformal order statistic

@@ -371,7 +371,7 @@ def anchored_estimate(
     reliability = (interval_model or {}).get("reliability") or {}
     if reliability.get("reliable") is False:
         extra["reliable"], extra["unreliable"] = False, reliability.get("reason")
-    elif interval_model:
+    elif reliability:  # interval models saved before the rule say nothing either way
         extra["reliable"] = True
     return {**out, **extra}
 
