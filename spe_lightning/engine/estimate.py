@@ -138,8 +138,9 @@ def fit_interval_model(
     at its own move (normalised split-conformal). ``rule="fitted"`` fits ``s0`` and ``slope`` to the
     pairs' misses (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the
     metric's floor times the slope); ``rule="proportional"`` fixes ``slope = 1`` and ``s0`` at the floor
-    (or at the ``s0`` given). ``exclude`` drops pairs whose name starts with it; ``target`` adds the
-    pairs styled like that target (:func:`pairs_for`).
+    (or at the ``s0`` given). ``exclude`` drops pairs whose name starts with it. ``target``: keep the
+    generic pairs and those styled like that target (:func:`pairs_for`); None: the pairs as given (the
+    caller has chosen them, e.g. ``pairs_for(pairs, None)`` for the generic model).
 
     ``model["distance"]``: the largest label-free distance of a pair (None when the pairs hold none);
     ``model["reliability"]``: ``{"reliable", "reason", ...}`` (see the module docstring); ``bounds``
@@ -155,8 +156,8 @@ def fit_interval_model(
         return None
     floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
-    fams, dps, drs, gms, dists = [], [], [], [], []
-    for p in pairs_for(pairs, target):
+    fams, dps, drs, gms, dists, styled = [], [], [], [], [], 0
+    for p in pairs if target is None else pairs_for(pairs, target):
         if exclude and p["name"].startswith(exclude):
             continue
         dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
@@ -171,6 +172,7 @@ def fit_interval_model(
             d = finite_or_none(p.get("distance"))
             if d is not None:
                 dists.append(d)
+            styled += p.get("target") is not None
     if len(dps) < MIN_PAIRS:
         return None
     fam, dp_, dr_, gm_ = np.asarray(fams), np.asarray(dps), np.asarray(drs), np.asarray(gms)
@@ -186,7 +188,7 @@ def fit_interval_model(
         "quantile": quantile,
         "move": rule_move,
         "n_pairs": len(dps),
-        "n_target_pairs": sum(1 for p in pairs if target is not None and p.get("target") == target),
+        "n_target_pairs": styled,
         "distance": max(dists) if len(dists) == len(dps) else None,
     }
     model["reliability"] = _reliability(model, metric, pred, dr_, bounds, level)
