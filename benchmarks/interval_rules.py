@@ -120,9 +120,12 @@ def reliability(files: list[str], level: float = 0.9) -> None:
     full: dict[str, list[str]] = defaultdict(list)
     for f in files:
         result = json.load(open(f))
+        side = result.get("settings", {}).get("image_size")
         for metric in PAPER_METRICS:
+            # as shift_scores and the run: hd95 ranges up to the image diagonal
+            bounds = (0.0, float(side) * 2**0.5) if metric == "hd95" and side else None
             for seg, g, p_c, r_c, pairs in _runs(result, metric):
-                model = fit_interval_model(pairs, metric, g, p_c, level=level)
+                model = fit_interval_model(pairs, metric, g, p_c, level=level, bounds=bounds)
                 if model is not None:
                     r = model["reliability"]
                     full[metric].append(
@@ -132,7 +135,7 @@ def reliability(files: list[str], level: float = 0.9) -> None:
                 for fam in sorted({pair_family(p["name"]) for p in pairs}):
                     train = [p for p in pairs if pair_family(p["name"]) != fam]
                     test = [p for p in pairs if pair_family(p["name"]) == fam]
-                    model = fit_interval_model(train, metric, g, p_c, level=level)
+                    model = fit_interval_model(train, metric, g, p_c, level=level, bounds=bounds)
                     if model is None:
                         continue
                     errs, still = [], []
