@@ -1,13 +1,14 @@
 """How faithfully does a reverse segmenter's pseudo Dice track the quality of its support masks?
 
 For JSRT (heart, class 2) and BUSI (lesions, benign + malignant, resized to 128 x 128) the
-queries are training images with their true masks; the support is 64 held-out images (fixed
-seed) whose masks are degraded to graded quality (``_degrade.py``: erosion, dilation, shift,
+queries are training images with their true masks; the support is up to 64 images of the test
+split (fixed seed; JSRT's test split has 49, so all 49 there; extra_test is never read) whose
+masks are degraded to graded quality (``_degrade.py``: erosion, dilation, shift,
 holes, spurious blobs, wavy boundary, missed parts; one dominant kind per draw plus random
 kinds, per-image strengths calibrated to the level). For every segmenter it reports the pseudo
 Dice per level, then Pearson r, the slope of pseudo vs support Dice over all draws, the
 resolution (residual std / slope: the smallest support-Dice difference it resolves) and the
-seconds per call (all queries x 64 supports, 128 x 128, this machine).
+seconds per call (all queries x the supports, 128 x 128, this machine).
 
 Segmenters that learn (``fit``) are fitted once per dataset on the query (training) images and
 their true masks, timed; segmenters with ``score`` give the pseudo Dice per query directly (else
@@ -91,10 +92,10 @@ def load_dataset(name: str, shared: Path, n_query: int, n_support: int, seed: in
     root = shared / "datasets" / name
     if name == "jsrt":
         cls = 2
-        ids = {s: sorted(p.stem for p in (root / s / "images").glob("*.png")) for s in ("train", "test", "extra_test")}
+        ids = {s: sorted(p.stem for p in (root / s / "images").glob("*.png")) for s in ("train", "test")}
         q_ids = [("train", i) for i in ids["train"]]
-        # JSRT's test split has 49 images: the support pool is test + extra_test
-        s_ids = [("test", i) for i in ids["test"]] + [("extra_test", i) for i in ids["extra_test"]]
+        # supports = the test split only (49 images on JSRT): extra_test is kept for final numbers
+        s_ids = [("test", i) for i in ids["test"]]
     elif name == "busi":
         cls = 1
         with open(root / "meta.csv") as f:

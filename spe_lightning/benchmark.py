@@ -347,6 +347,7 @@ def _measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
             "confidence": rec["confidence"][name],
             "n_support": rec["n_support"][name],
             "n_images": len(data),
+            "distance": rec.get("distance", {}).get(name),  # label-free, to the calibration set (engine/distance.py)
         }
         for name, data in sets.items()
     }
@@ -505,9 +506,13 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     return result
 
 
-def _interval(est: dict[str, Any]) -> dict[str, float | None]:
-    """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these)."""
-    return {k: est[k] for k in ("value", "lower", "upper")}
+def _interval(est: dict[str, Any]) -> dict[str, Any]:
+    """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these), with the flags of
+    issue 23 where set: ``reliable`` (False: value None, the numbers under ``withheld``) and
+    ``outside_calibrated_range``."""
+    out = {k: est[k] for k in ("value", "lower", "upper")}
+    out.update({k: est[k] for k in ("reliable", "outside_calibrated_range", "withheld") if est.get(k) is not None})
+    return out
 
 
 def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
@@ -551,12 +556,19 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
             p_c, r_c = cal["pseudo"].get(m), cal["real"].get(m)
             if i == 0 and m == "dice":
                 combination = _combination(raw, g, p_c, r_c)
+            side = result.get("settings", {}).get("image_size")  # hd95 ends at the image diagonal (2D here)
+            bounds = (0.0, float(side) * 2**0.5) if m == "hd95" and side else None
             for row, n in zip(rows, names):
                 t = raw["targets"][n]
                 p_t = t["pseudo"].get(m)
                 family = n.rsplit("_", 1)[0] + "_" if n.rsplit("_", 1)[-1] in ("1", "2", "3") else None
-                model = fit_interval_model(raw["pairs"], m, g, p_c, exclude=family) if g is not None else None
-                row.setdefault(f"spe{tag}", {})[m] = _interval(estimate(g, m, p_t, level, anchor=(p_c, r_c, model)))
+                model = (
+                    fit_interval_model(raw["pairs"], m, g, p_c, exclude=family, bounds=bounds, level=level)
+                    if g is not None
+                    else None
+                )
+                est = estimate(g, m, p_t, level, anchor=(p_c, r_c, model), distance=t.get("distance"), bounds=bounds)
+                row.setdefault(f"spe{tag}", {})[m] = _interval(est)
                 if i == 0:
                     row.setdefault("spe_paper", {})[m] = _interval(estimate(g, m, p_t, level))
                     row["calibration_score"][m] = r_c
@@ -631,6 +643,9 @@ def _summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
                 "max_abs_error": float(np.max(errs)) if errs else None,
                 "n": len(errs),
             }
+            flags = [r[meth].get(m) for r in rows if isinstance(r[meth].get(m), dict)]
+            if any("reliable" in e for e in flags):  # issue 23: rows SPE declared unreliable (no value)
+                summary[m][meth]["n_unreliable"] = sum(e.get("reliable") is False for e in flags)
             if cover:
                 summary[m][meth].update(
                     coverage=float(np.mean(cover)),

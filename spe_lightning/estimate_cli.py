@@ -248,6 +248,8 @@ def _table(estimates: dict[str, dict[str, Any]], level: float, true: dict[str, A
             row += f" {f(true.get(m))} |"
         if e.get("reason"):
             row += f" {e['reason']}"
+        if e.get("outside_calibrated_range"):  # farther than every calibration pair: the interval was widened
+            row += " outside the calibrated range (interval widened)"
         lines.append(row)
     return "\n".join(lines)
 

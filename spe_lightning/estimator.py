@@ -38,6 +38,7 @@ from spe_lightning.data.adapters import resize_labels, resize_masks
 from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.chunks import chunks_of
+from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
 from spe_lightning.engine.mapping import MetricMapping
@@ -175,6 +176,8 @@ class SPEEstimator:
         anchor: for anchored estimates (:mod:`spe_lightning.engine.estimate`): ``{"intervals": {key:
             interval model (plain numbers) or None}, "calibration_pseudo": {key: float},
             "calibration_real": {key: float}}`` at the last record; used when ``config.anchored``.
+            ``"calibration_features"`` (a list of per-item feature lists, engine/distance.py) gives new
+            sets their distance to the calibration set (the extrapolation flag); older files lack it.
     """
 
     def __init__(
@@ -259,6 +262,8 @@ class SPEEstimator:
                 "calibration_pseudo": dict(last["pseudo"].get(CALIBRATION, {})),
                 "calibration_real": dict(last["real"].get(CALIBRATION, {})),
             }
+            if run.calibration_features is not None:  # label-free features for the extrapolation flag
+                anchor["calibration_features"] = [[float(v) for v in row] for row in run.calibration_features]
         est = cls(
             run.config,
             engine.segmenter.spec(),
@@ -753,7 +758,9 @@ class SPEEstimator:
             progress(0)
         engine = self.engine
         pseudo = engine.pseudo(data, masks, device)
-        estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"])
+        estimates = self.estimate_from_pseudo(
+            pseudo["values"], pseudo["reason"], self._distance(data, masks, conf), self._bounds(data)
+        )
         true = engine.real(data, masks)
         cases: list[dict[str, Any]] = []
         threshold = None
@@ -838,8 +845,9 @@ class SPEEstimator:
         if on not in ALERT_ON:
             raise ValueError(f"alert_on must be one of {ALERT_ON}, got {on!r}.")
         start = time.perf_counter()
+        conf = None  # without the model's confidence (masks given) no distance is measured
         if masks is None:
-            masks, _ = self._predict(model, data, device, logits_fn)
+            masks, conf = self._predict(model, data, device, logits_fn)
         elif len(masks) != n:
             raise ValueError(f"{len(masks)} masks for {n} images.")
         predicted = time.perf_counter()
@@ -850,7 +858,8 @@ class SPEEstimator:
             part = subset(data, pos, name)  # the set's name seeds the support order, as in training
             part_masks = [masks[i] for i in pos]
             pseudo = engine.pseudo(part, part_masks, device)
-            estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"])
+            distance = None if conf is None else self._distance(part, part_masks, conf[pos])
+            estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"], distance, self._bounds(part))
             events = alerts_for({name: estimates}, below, above, on, chunk=label)
             alerts.extend(events)
             rows.append(
@@ -878,13 +887,32 @@ class SPEEstimator:
             seconds={"predict": predicted - start, "estimate": done - predicted},
         )
 
+    def _distance(self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor) -> float | None:
+        """``data``'s label-free distance to the calibration set (None for estimators saved without features)."""
+        cal = (self.anchor or {}).get("calibration_features")
+        if not cal:
+            return None
+        return set_distance(image_features(data, masks, conf), np.asarray(cal, float))
+
+    def _bounds(self, data: CachedSet) -> dict[str, tuple[float | None, float | None]]:
+        """hd95 keys range from 0 to ``data``'s largest image diagonal."""
+        diag = diagonal(data)
+        return {} if diag is None else {k: (0.0, diag) for k in self.keys if k.split("/")[0] == "hd95"}
+
     def estimate_from_pseudo(
-        self, pseudo: dict[str, float | None], reason: str | None = None
+        self,
+        pseudo: dict[str, float | None],
+        reason: str | None = None,
+        distance: float | None = None,
+        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
         The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
         calibration score moved by G(pseudo) - G(calibration pseudo)), the paper's one kept under ``paper``.
+        ``distance``: the set's label-free distance to the calibration set (a set farther than the
+        calibration pairs gets a wider interval and ``outside_calibrated_range``); ``bounds``: per key range
+        overrides (hd95: the images' diagonal). A metric the run found unreliable has no value (see ``reason``).
         """
         level = self.config.level
         anchor = self.anchor
@@ -905,6 +933,8 @@ class SPEEstimator:
                 )
                 if anchor
                 else None,
+                distance=distance,
+                bounds=(bounds or {}).get(key),
             )
         return out
 

@@ -39,6 +39,7 @@ from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
+from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
 from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
@@ -120,6 +121,8 @@ class SPERun:
         #: progress bars of the long steps (learned fit, calibration pairs, quality regressor) when
         #: ``config.verbose``; SPECallback sets it to the Trainer's ``enable_progress_bar`` (rank zero only)
         self.show_progress = True
+        #: the calibration set's label-free features at the last evaluated weights (engine/distance.py)
+        self.calibration_features: np.ndarray | None = None
 
     def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
         """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
@@ -312,12 +315,15 @@ class SPERun:
         shard: Shard | None = None,
         sets: Mapping[str, CachedSet] | None = None,
         progress: Callable[[int], Any] | None = None,
+        from_calibration: bool = False,
     ) -> dict[str, Any]:
         """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
 
         With a ``shard`` of several processes, each predicts its share of every set and segments its
         share of the references; all processes must call this together and get the same record.
         Raises on failure (see :meth:`record` for the skipping policy). ``progress(1)`` after each set.
+        ``from_calibration``: ``sets`` were made from the calibration set's items (the calibration pairs),
+        which their distances must not match.
         """
         engine = self._engine()
         shard = shard or Shard()
@@ -346,7 +352,30 @@ class SPERun:
                     masks[pos] = m[k]
                 conf[r :: shard.world] = cf
             predictions[name] = (data, masks, conf)
-        return engine.evaluate(predictions, device, shard, progress=progress)
+        record = engine.evaluate(predictions, device, shard, progress=progress)
+        distances = self.guarded(
+            "the label-free distances to the calibration set failed (no extrapolation flag)",
+            lambda: self._distances(predictions, from_calibration),
+        )
+        record["distance"] = distances or {}
+        return record
+
+    def _distances(self, predictions: Mapping[str, Any], from_calibration: bool) -> dict[str, float | None]:
+        """Each set's label-free distance to the calibration set (engine/distance.py) at these weights; the
+        calibration pairs' sets (``from_calibration``) are measured against the last calibration features, never
+        matching an item with its own original."""
+        feats = {name: image_features(data, masks, conf) for name, (data, masks, conf) in predictions.items()}
+        if CALIBRATION in feats:
+            self.calibration_features = feats[CALIBRATION]
+        cal = self.calibration_features
+        if cal is None:
+            return {}
+        cal_ids = list(self._sets[CALIBRATION].indices) if from_calibration else None
+        return {
+            name: set_distance(f, cal, list(predictions[name][0].indices) if from_calibration else None, cal_ids)
+            for name, f in feats.items()
+            if name != CALIBRATION
+        }
 
     def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""
@@ -418,11 +447,14 @@ class SPERun:
         def measure() -> list[dict[str, Any]]:
             sets = self.pair_sets()
             with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
-                record = self.evaluate(model, shard, sets, progress=bar.update)
+                record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
             last = self.records[-1]
             for kind in ("pseudo", "real"):
                 record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
-            return pairs_from_record(record, CALIBRATION, list(sets))
+            pairs = pairs_from_record(record, CALIBRATION, list(sets))
+            for p in pairs:  # how far each pair set is from the calibration set: the intervals' reach
+                p.setdefault("distance", record["distance"].get(p["name"]))
+            return pairs
 
         pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
@@ -455,7 +487,9 @@ class SPERun:
     def build_report(self) -> dict[str, Any]:
         """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
         c = self.config
-        result = fit_and_estimate(self.records, self._targets, self.keys, c.mapping, c.level, c.anchored, self.pairs)
+        result = fit_and_estimate(
+            self.records, self._targets, self.keys, c.mapping, c.level, c.anchored, self.pairs, self.metric_bounds()
+        )
         engine = self.engine
         report: dict[str, Any] = {
             "version": REPORT_VERSION,
@@ -475,6 +509,14 @@ class SPERun:
         report["alerts"] = list(self.alerts)
         self.report = report
         return report
+
+    def metric_bounds(self) -> dict[str, tuple[float | None, float | None]]:
+        """The range of the keys whose range depends on the images: hd95 from 0 to the largest image diagonal
+        (the value an empty prediction gets), so that no estimate or interval end goes beyond it."""
+        diags = [d for d in (diagonal(s) for s in self._sets.values()) if d is not None]
+        if not diags:
+            return {}
+        return {k: (0.0, max(diags)) for k in self.keys if k.split("/")[0] == "hd95"}
 
     def no_estimate_reason(self) -> str | None:
         """Why the run cannot estimate anything (too few records), or None."""

@@ -59,7 +59,7 @@ def test_fitted_interval_scale_follows_how_the_misses_grow():
     # a reverse step blind to some shifts (a 0.1 drop seen as 0.01) but exact on a large move: the misses do
     # not grow with the move, so the width is the same near and far (the proportional rule gives [0, 1] far away)
     blind_pairs = _pairs([(-0.01, -0.09), (0.0, -0.06), (-0.2, 0.01), (-0.02, 0.01), (0.01, 0.005), (-0.05, 0.0)])
-    blind = fit_interval_model(blind_pairs, "dice", g, 0.8, move="g")
+    blind = fit_interval_model(blind_pairs, "dice", g, 0.8, move="g", quantile="conformal")
     assert blind["slope"] == 0.0
     near = anchored_estimate(g, "dice", 0.79, 0.80, 0.90, 0.9, blind)
     far = anchored_estimate(g, "dice", 0.55, 0.80, 0.90, 0.9, blind)

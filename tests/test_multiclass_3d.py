@@ -42,7 +42,10 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
     assert cb.run.engine.queries[1] != [] and cb.run.engine.queries[2] != []
     assert last["pseudo"]["t"]["dice/bright"] != last["pseudo"]["t"]["dice/dim"]
     est = cb.report["estimates"]["t"]
-    assert set(est) == set(keys) and est["dice/bright"]["value"] is not None
+    bright = est["dice/bright"]  # a 5-epoch toy: its pairs may show SPE does not track it (value withheld, said so)
+    said = bright if bright.get("reliable", True) else bright["withheld"]
+    assert set(est) == set(keys) and said["value"] is not None
+    assert bright["value"] is not None or bright["reason"].startswith("unreliable: ")
     assert finite_everywhere(cb.report) and (tmp_path / "spe_report.csv").read_text().count("dice/dim") == 1
 
 

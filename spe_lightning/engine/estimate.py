@@ -17,6 +17,22 @@ the reverse step's misses grow with the move (JSRT) the intervals widen with it,
 moves it cannot see whatever their size (blur, low resolution; BUSI) the width is nearly constant.
 Without pairs, G's leave-one-out residual quantile across checkpoints is used.
 
+Four guards on top (docs/intervals.md; compared on held-out families of development pairs by
+benchmarks/interval_rules.py):
+
+- *quantile*: with 8 pairs the 90% conformal quantile is the single worst pair's miss; by default the
+  half-width is a Student-t prediction quantile of the normalised misses (``quantile="normal"``), which
+  uses every pair (on the recorded runs' pairs: same coverage, width sd over seeds 0.015 vs 0.018).
+- *extrapolation*: each pair and target carries a label-free distance to the calibration set
+  (:mod:`spe_lightning.engine.distance`); a target farther than every pair the model was fitted on
+  gets its half-width multiplied by ``distance / largest pair distance`` and is flagged
+  ``outside_calibrated_range``.
+- *disagreeing moves*: the interval always spans the candidate estimates (G's move, the pairs' slope,
+  the paper's ``G(p_t)``): when they disagree by more than the interval, which one is right is unknown.
+- *reliability*: a metric whose held-out pair predictions miss by more than not moving at all
+  (estimate = calibration score), or whose half-width exceeds :data:`MAX_HALF_WIDTH` of the metric's
+  range, is reported as unreliable: no value, a ``reason`` saying why (the numbers stay under ``withheld``).
+
 Used by the run (:mod:`spe_lightning.engine.records`), :class:`~spe_lightning.SPEEstimator` and the benchmarks.
 """
 
@@ -27,19 +43,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 
 __all__ = [
     "INTERVAL_RULES",
+    "MAX_HALF_WIDTH",
     "MIN_PAIRS",
     "MOVE_RULES",
+    "QUANTILES",
     "anchored_estimate",
+    "anchored_value",
     "estimate",
     "finite_or_none",
     "fit_interval_model",
+    "metric_range",
     "pair_family",
+    "pairs_for",
 ]
 
 #: floor of the interval scale per metric (metric units)
@@ -52,6 +74,15 @@ INTERVAL_RULES = ("fitted", "proportional")
 MOVE_RULES = ("auto", "g")
 #: the candidate weights of G's move against the pairs' slope
 MOVE_WEIGHTS = (1.0, 0.5, 0.0)
+#: how the half-width is read off the pairs' normalised misses: a Student-t prediction quantile of their
+#: root mean square (default), or their conformal order statistic (the worst pair's miss with 8 pairs)
+QUANTILES = ("normal", "conformal")
+#: a metric is unreliable when its typical half-width exceeds this fraction of its range (dev choice: see
+#: docs/intervals.md; Dice-type metrics have range 1, hd95 the image diagonal)
+MAX_HALF_WIDTH = 0.25
+#: held-out pair error allowed above the no-move baseline, as a fraction of the metric's range, before a metric
+#: is called untracked (sampling noise of a handful of pairs)
+TRACKING_TOLERANCE = 0.005
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -60,6 +91,19 @@ def finite_or_none(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def pairs_for(pairs: Sequence[dict[str, Any]], target: str | None = None) -> list[dict[str, Any]]:
+    """The pairs an interval model of ``target`` learns from: the generic pairs (no ``"target"`` key) and
+    the pairs styled like that target (``"target": target``); ``target=None``: the generic pairs only."""
+    return [p for p in pairs if p.get("target") is None or (target is not None and p.get("target") == target)]
+
+
+def metric_range(metric: str, bounds: tuple[float | None, float | None] | None = None) -> float | None:
+    """The width of ``metric``'s range (``bounds`` overrides :data:`~spe_lightning.engine.metrics.BOUNDED`),
+    None when unbounded."""
+    lo, hi = bounds if bounds is not None else BOUNDED.get(metric.split("/")[0], (None, None))
+    return None if lo is None or hi is None else float(hi) - float(lo)
 
 
 def fit_interval_model(
@@ -71,9 +115,14 @@ def fit_interval_model(
     s0: float | None = None,
     rule: str = "fitted",
     move: str = "auto",
+    quantile: str = "normal",
+    target: str | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
+    level: float = 0.9,
 ) -> dict[str, Any] | None:
     """The pair model of anchored estimates of ``metric``, fitted on labelled calibration pairs: how
-    far an estimate moves from the calibration score, and its interval.
+    far an estimate moves from the calibration score, its interval, how far the pairs reached and
+    whether SPE tracks the metric at all.
 
     Move (``model["move"]``): G fitted across checkpoints says how the real metric follows the pseudo
     one while the model trains; under a shift the pairs may say otherwise (on JSRT the real Dice fell
@@ -85,22 +134,30 @@ def fit_interval_model(
 
     Interval: each pair's prediction (its family's slope left out) misses its real difference; the
     model keeps the normalised misses ``|dr - prediction| / (s0 + slope * |prediction|)`` (plain
-    numbers), so an estimate's half-width is their quantile times the same scale at its own move
-    (normalised split-conformal). ``rule="fitted"`` fits ``s0`` and ``slope`` to the pairs' misses
-    (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the metric's floor
-    times the slope); ``rule="proportional"`` fixes ``slope = 1`` and ``s0`` at the floor (or at the
-    ``s0`` given). ``exclude`` drops pairs whose name starts with it.
+    numbers), so an estimate's half-width is their ``quantile`` (:data:`QUANTILES`) times the same scale
+    at its own move (normalised split-conformal). ``rule="fitted"`` fits ``s0`` and ``slope`` to the
+    pairs' misses (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the
+    metric's floor times the slope); ``rule="proportional"`` fixes ``slope = 1`` and ``s0`` at the floor
+    (or at the ``s0`` given). ``exclude`` drops pairs whose name starts with it. ``target``: keep the
+    generic pairs and those styled like that target (:func:`pairs_for`); None: the pairs as given (the
+    caller has chosen them, e.g. ``pairs_for(pairs, None)`` for the generic model).
+
+    ``model["distance"]``: the largest label-free distance of a pair (None when the pairs hold none);
+    ``model["reliability"]``: ``{"reliable", "reason", ...}`` (see the module docstring); ``bounds``
+    overrides the metric's range (hd95: the image diagonal).
     """
     if rule not in INTERVAL_RULES:
         raise ValueError(f"rule must be one of {INTERVAL_RULES}, got {rule!r}.")
     if move not in MOVE_RULES:
         raise ValueError(f"move must be one of {MOVE_RULES}, got {move!r}.")
+    if quantile not in QUANTILES:
+        raise ValueError(f"quantile must be one of {QUANTILES}, got {quantile!r}.")
     if pseudo_calibration is None:
         return None
     floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
-    fams, dps, drs, gms = [], [], [], []
-    for p in pairs:
+    fams, dps, drs, gms, dists, styled = [], [], [], [], [], 0
+    for p in pairs if target is None else pairs_for(pairs, target):
         if exclude and p["name"].startswith(exclude):
             continue
         dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
@@ -112,6 +169,10 @@ def fit_interval_model(
             dps.append(float(dp))
             drs.append(float(dr))
             gms.append(gm)
+            d = finite_or_none(p.get("distance"))
+            if d is not None:
+                dists.append(d)
+            styled += p.get("target") is not None
     if len(dps) < MIN_PAIRS:
         return None
     fam, dp_, dr_, gm_ = np.asarray(fams), np.asarray(dps), np.asarray(drs), np.asarray(gms)
@@ -122,12 +183,56 @@ def fit_interval_model(
     moved, missed = np.abs(pred), np.abs(dr_ - pred)
     s, slope = (floor, 1.0) if rule == "proportional" else _fit_scale(moved, missed, floor)
     scores = missed / (s + slope * moved)
-    return {
+    model: dict[str, Any] = {
         "s0": float(s),
         "slope": float(slope),
         "scores": sorted(float(v) for v in scores),
+        "quantile": quantile,
         "move": rule_move,
+        "n_pairs": len(dps),
+        "n_target_pairs": styled,
+        "distance": max(dists) if len(dists) == len(dps) else None,
     }
+    model["reliability"] = _reliability(model, metric, pred, dr_, bounds, level)
+    return model
+
+
+def _reliability(
+    model: dict[str, Any],
+    metric: str,
+    pred: np.ndarray,
+    dr: np.ndarray,
+    bounds: tuple[float | None, float | None] | None,
+    level: float,
+) -> dict[str, Any]:
+    """Whether SPE follows ``metric`` on the pairs: its held-out predictions miss less than not moving at all
+    (estimate = calibration score, up to :data:`TRACKING_TOLERANCE` of the range), and its half-width at the
+    pairs' median move is at most :data:`MAX_HALF_WIDTH` of the range."""
+    span = metric_range(metric, bounds)
+    mae, still = float(np.mean(np.abs(dr - pred))), float(np.mean(np.abs(dr)))
+    half = _half_width(model, float(np.median(np.abs(pred))), level)
+    out: dict[str, Any] = {
+        "reliable": True,
+        "reason": None,
+        "held_out_mae": mae,
+        "no_move_mae": still,
+        "half_width": half,
+        "range": span,
+    }
+    tol = TRACKING_TOLERANCE * (span if span is not None else max(float(np.max(np.abs(dr))), 1e-12))
+    if mae > still + tol:
+        out.update(
+            reliable=False,
+            reason=f"on {len(dr)} calibration pairs SPE's held-out error {mae:.3g} was larger than keeping the "
+            f"calibration score ({still:.3g}): SPE does not track {metric} here",
+        )
+    elif span is not None and half > MAX_HALF_WIDTH * span:
+        out.update(
+            reliable=False,
+            reason=f"its interval half-width {half:.3g} on the calibration pairs exceeds {MAX_HALF_WIDTH:g} of the "
+            f"metric's range ({span:.3g})",
+        )
+    return out
 
 
 def pair_family(name: str) -> str:
@@ -174,10 +279,49 @@ def _fit_scale(moved: np.ndarray, missed: np.ndarray, floor: float) -> tuple[flo
 
 
 def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
-    scores = model["scores"]
-    k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
-    # estimators saved before the fitted rule hold no slope: theirs was 1
-    return float(scores[k]) * (float(model["s0"]) + float(model.get("slope", 1.0)) * abs(moved))
+    scores = np.asarray(model["scores"], float)
+    # estimators saved before the fitted rule hold no slope (theirs was 1), before the t quantile no "quantile"
+    scale = float(model["s0"]) + float(model.get("slope", 1.0)) * abs(moved)
+    if model.get("quantile", "conformal") == "normal":
+        # normalised misses taken as |N(0, sigma^2)|: the prediction quantile of a new one is t_n * rms
+        q = float(stats.t.ppf(0.5 + level / 2, df=len(scores))) * math.sqrt(float(np.mean(scores**2)))
+    else:
+        k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
+        q = float(np.sort(scores)[k])
+    return q * scale
+
+
+def _moves(
+    g: MetricMapping, pseudo_target: float, pseudo_calibration: float, interval_model: dict[str, Any] | None
+) -> tuple[float, float, float | None, float]:
+    """``(move, G's move, the pairs' slope move or None, G(p_t))`` of an anchored estimate."""
+    g_t = float(g.predict([pseudo_target])[0])
+    g_move = g_t - float(g.predict([pseudo_calibration])[0])
+    moved = g_move
+    rule_move = (interval_model or {}).get("move") or {}
+    w, k = float(rule_move.get("weight", 1.0)), rule_move.get("pairs_slope")
+    slope_move = None if k is None else float(k) * (float(pseudo_target) - float(pseudo_calibration))
+    if w < 1.0 and slope_move is not None:  # the pairs' own slope under shift (see fit_interval_model)
+        moved = w * g_move + (1 - w) * slope_move
+    return moved, g_move, slope_move, g_t
+
+
+def anchored_value(
+    g: MetricMapping | None,
+    metric: str,
+    pseudo_target: float | None,
+    pseudo_calibration: float | None,
+    real_calibration: float | None,
+    interval_model: dict[str, Any] | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
+) -> float | None:
+    """The value of :func:`anchored_estimate` alone (the same move rule and range), e.g. per checkpoint."""
+    if g is None or None in (pseudo_target, pseudo_calibration, real_calibration):
+        return None
+    assert pseudo_target is not None and pseudo_calibration is not None and real_calibration is not None
+    value = float(real_calibration) + _moves(g, pseudo_target, pseudo_calibration, interval_model)[0]
+    low, high = bounds if bounds is not None else BOUNDED.get(metric.split("/")[0], (None, None))
+    return finite_or_none(np.clip(value, -np.inf if low is None else low, np.inf if high is None else high))
 
 
 def anchored_estimate(
@@ -188,27 +332,52 @@ def anchored_estimate(
     real_calibration: float | None,
     level: float = 0.9,
     interval_model: dict[str, Any] | None = None,
-) -> dict[str, float | None]:
+    distance: float | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
+    span: bool = True,
+) -> dict[str, Any]:
     """``{"value", "lower", "upper"}``: ``real_c + G(p_t) - G(p_c)``, clipped to the metric's range.
 
     The half-width comes from ``interval_model`` (:func:`fit_interval_model`) when given, else from G's
-    leave-one-out residuals across checkpoints.
+    leave-one-out residuals across checkpoints. With an interval model: ``distance`` (the target's
+    label-free distance to the calibration set) beyond the pairs' largest widens the interval by their
+    ratio and adds ``outside_calibrated_range``; ``span`` makes the interval include every candidate
+    move's estimate and the paper's ``G(p_t)``. ``bounds`` overrides the metric's range.
     """
     none: dict[str, float | None] = {"value": None, "lower": None, "upper": None}
     if g is None or pseudo_target is None or pseudo_calibration is None or real_calibration is None:
         return none
-    moved = float(g.predict([pseudo_target])[0]) - float(g.predict([pseudo_calibration])[0])
-    rule_move = (interval_model or {}).get("move") or {}
-    w, k = float(rule_move.get("weight", 1.0)), rule_move.get("pairs_slope")
-    if w < 1.0 and k is not None:  # the pairs' own slope under shift (see fit_interval_model)
-        moved = w * moved + (1 - w) * float(k) * (float(pseudo_target) - float(pseudo_calibration))
+    assert pseudo_target is not None and pseudo_calibration is not None and real_calibration is not None
+    moved, g_move, slope_move, g_t = _moves(g, pseudo_target, pseudo_calibration, interval_model)
     value = float(real_calibration) + moved
     half = _half_width(interval_model, moved, level) if interval_model else g.half_width(level)
-    vals = np.asarray([value, value - half, value + half], float)
-    low, high = BOUNDED.get(metric.split("/")[0], (None, None))
+    extra: dict[str, Any] = {}
+    if interval_model:
+        reach = finite_or_none(interval_model.get("distance"))
+        d = finite_or_none(distance)
+        extra["distance"] = d
+        extra["pairs_distance"] = reach
+        outside = None if d is None or reach is None else bool(d > reach)
+        extra["outside_calibrated_range"] = outside
+        if outside:  # beyond every pair: the misses are unknown there; widen with the distance
+            half *= d / max(reach, 1e-12)  # type: ignore[operator]
+    lower, upper = value - half, value + half
+    if interval_model and span:
+        cands = [real_calibration + g_move, g_t] + ([real_calibration + slope_move] if slope_move is not None else [])
+        cands = [c for c in cands if math.isfinite(c)]
+        lower, upper = min([lower, *cands]), max([upper, *cands])
+    vals = np.asarray([value, lower, upper], float)
+    low, high = bounds if bounds is not None else BOUNDED.get(metric.split("/")[0], (None, None))
     vals = np.clip(vals, -np.inf if low is None else low, np.inf if high is None else high)
-    out = dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in vals)))
-    return out if out["value"] is not None else none
+    out: dict[str, Any] = dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in vals)))
+    if out["value"] is None:
+        return none
+    reliability = (interval_model or {}).get("reliability") or {}
+    if reliability.get("reliable") is False:
+        extra["reliable"], extra["unreliable"] = False, reliability.get("reason")
+    elif reliability:  # interval models saved before the rule say nothing either way
+        extra["reliable"] = True
+    return {**out, **extra}
 
 
 def estimate(
@@ -219,11 +388,18 @@ def estimate(
     no_g: str = "no mapping G",
     no_pseudo: str = "no pseudo metric",
     anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
+    distance: float | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
 ) -> dict[str, Any]:
     """One estimate ``{"value", "lower", "upper", "pseudo", "reason", "method"}`` from a pseudo metric.
 
     ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
-    anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``.
+    anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
+    the target's label-free distance to the calibration set; ``bounds``: the metric's range when it
+    differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
+
+    A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable:
+    False`` and the ``reason``; the numbers it would have said stay under ``withheld``.
     """
     est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": finite_or_none(pseudo)}
     est["reason"] = no_g if g is None else (no_pseudo if est["pseudo"] is None else None)
@@ -231,16 +407,19 @@ def estimate(
         return est
     assert g is not None
     lo, hi = g.interval([est["pseudo"]], level)
-    est.update(
-        value=finite_or_none(g.predict([est["pseudo"]])[0]),
-        lower=finite_or_none(lo[0]),
-        upper=finite_or_none(hi[0]),
-        method="paper",
-    )
+    paper = np.asarray([g.predict([est["pseudo"]])[0], lo[0], hi[0]], float)
+    if bounds is not None:
+        paper = np.clip(paper, -np.inf if bounds[0] is None else bounds[0], np.inf if bounds[1] is None else bounds[1])
+    est.update(dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in paper))), method="paper")
     if anchor is not None:
         p_c, r_c, model = anchor
-        res = anchored_estimate(g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model)
+        res = anchored_estimate(
+            g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds
+        )
         if res["value"] is not None:
             est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
             est.update(res, method="anchored")
+            if res.get("reliable") is False:
+                est["withheld"] = {k: est[k] for k in ("value", "lower", "upper")}
+                est.update(value=None, lower=None, upper=None, reason=f"unreliable: {res['unreliable']}")
     return est

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from spe_lightning.engine.estimate import anchored_estimate, estimate, finite_or_none, fit_interval_model
+from spe_lightning.engine.estimate import anchored_value, estimate, finite_or_none, fit_interval_model, pairs_for
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
@@ -50,6 +50,8 @@ def fit_and_estimate(
     level: float = 0.9,
     anchored: bool = True,
     pairs: Sequence[dict[str, Any]] | None = None,
+    bounds: dict[str, tuple[float | None, float | None]] | None = None,
+    distances: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
 
@@ -57,7 +59,14 @@ def fit_and_estimate(
     ``G(p_target) - G(p_calibration)`` (``method: "anchored"``, see :mod:`spe_lightning.engine.estimate`);
     the paper's ``G(p_target)`` stays under ``paper``. ``pairs`` (labelled calibration pairs from
     :mod:`~spe_lightning.engine.calibration_pairs` at the last record's weights) give the
-    anchored intervals; without them G's leave-one-out residuals do.
+    anchored intervals; without them G's leave-one-out residuals do. A target's interval model uses the
+    generic pairs and the pairs styled like it (``"target": <name>``; kept under
+    ``anchor_intervals_by_target`` when there are any). ``bounds`` overrides a key's range (hd95: the
+    image diagonal); ``distances`` (default: the last record's ``"distance"``) are the targets'
+    label-free distances to the calibration set, which widen intervals beyond the pairs' reach.
+
+    ``by_checkpoint`` is computed with the final rule (the interval model's move), so its last point is
+    the final estimate; a metric found unreliable has none.
 
     Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
     upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
@@ -77,6 +86,12 @@ def fit_and_estimate(
     }
     if anchored:
         out["anchor_intervals"] = {}
+    styled = {t for t in targets if any(p.get("target") == t for p in pairs or [])}
+    if anchored and styled:
+        out["anchor_intervals_by_target"] = {t: {} for t in sorted(styled)}
+    if distances is None:
+        distances = dict(records[last].get("distance") or {}) if last >= 0 else {}
+    bounds = bounds or {}
     conf_cal = series(records, "confidence", CALIBRATION, None)
     for metric in metrics:
         x = series(records, "pseudo", CALIBRATION, metric)
@@ -85,11 +100,20 @@ def fit_and_estimate(
         out["mapping"][metric] = g.to_dict() if g else {"kind": mapping, "error": why}
         g_conf, _ = fit_mapping(mapping, conf_cal, y, metric)
         interval_model = None
+        key_bounds = bounds.get(metric)
         if anchored and g is not None and pairs:
-            interval_model = fit_interval_model(pairs, metric, g, finite_or_none(x[last]))
+            interval_model = fit_interval_model(  # the generic pairs: no target-styled ones
+                pairs_for(pairs, None), metric, g, finite_or_none(x[last]), bounds=key_bounds, level=level
+            )
         if anchored:
             out["anchor_intervals"][metric] = interval_model
         for t in targets:
+            model_t = interval_model
+            if t in styled and g is not None:
+                model_t = fit_interval_model(
+                    pairs or [], metric, g, finite_or_none(x[last]), target=t, bounds=key_bounds, level=level
+                )
+                out["anchor_intervals_by_target"][t][metric] = model_t
             xt = series(records, "pseudo", t, metric)
             no_g = f"no mapping G: {why}"
             cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
@@ -103,11 +127,16 @@ def fit_and_estimate(
                 level,
                 no_g=no_g,
                 no_pseudo=f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else ""),
-                anchor=(x[last], y[last], interval_model) if anchored and last >= 0 else None,
+                anchor=(x[last], y[last], model_t) if anchored and last >= 0 else None,
+                distance=finite_or_none(distances.get(t)),
+                bounds=key_bounds,
             )
             out["estimates"][t][metric] = est
             if anchored and g is not None:
-                out["by_checkpoint"][t][metric] = _anchored_series(g, metric, xt, x, y)
+                series_ = _anchored_series(g, metric, xt, x, y, model_t, key_bounds)
+                if est.get("reliable") is False:  # no number for a metric SPE cannot follow, at any checkpoint
+                    series_ = [None] * len(series_)
+                out["by_checkpoint"][t][metric] = series_
             elif g is not None:
                 ok = np.isfinite(xt)
                 vals = np.full(len(xt), np.nan)
@@ -127,9 +156,18 @@ def fit_and_estimate(
     return out
 
 
-def _anchored_series(g: Any, metric: str, xt: np.ndarray, x: np.ndarray, y: np.ndarray) -> list[float | None]:
-    """Anchored estimate per record: calibration score + G(target pseudo) - G(calibration pseudo)."""
+def _anchored_series(
+    g: Any,
+    metric: str,
+    xt: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    model: dict[str, Any] | None = None,
+    bounds: tuple[float | None, float | None] | None = None,
+) -> list[float | None]:
+    """Anchored estimate per record with the final rule: the calibration score moved as ``model`` moves
+    (G's move, the pairs' slope or a mix), so that the last record's value is the final estimate."""
     return [
-        anchored_estimate(g, metric, finite_or_none(a), finite_or_none(b), finite_or_none(c))["value"]
+        anchored_value(g, metric, finite_or_none(a), finite_or_none(b), finite_or_none(c), model, bounds)
         for a, b, c in zip(xt, x, y)
     ]

@@ -49,14 +49,33 @@ def record_scalars(record: dict[str, Any], running: dict[str, Any] | None = None
 def report_scalars(report: dict[str, Any]) -> dict[str, float]:
     """Logger scalars of the final estimates: ``spe/estimate[_lower|_upper]/<target>/<key>`` and
     ``spe/final_estimate/<target>/<key>`` (the report's value: at fit end the calibration pairs may move it
-    from the last running estimate, which ``spe/estimate`` already holds at that step)."""
+    from the last running estimate, which ``spe/estimate`` already holds at that step, *provisional*).
+
+    Flags: ``spe/reliable/<target>/<key>`` (0: the metric is unreliable and has no final scalar),
+    ``spe/outside_calibrated_range/<target>`` (1: farther from the calibration set than every calibration
+    pair; its intervals were widened) and ``spe/distance/<target>`` (engine/distance.py).
+    """
     flat: dict[str, Any] = {}
     for t, per_metric in report["estimates"].items():
         for m, e in per_metric.items():
             for key, tag in (("value", "estimate"), ("lower", "estimate_lower"), ("upper", "estimate_upper")):
                 flat[f"spe/{tag}/{t}/{m}"] = e[key]
             flat[f"spe/final_estimate/{t}/{m}"] = e["value"]
+            if e.get("reliable") is not None:
+                flat[f"spe/reliable/{t}/{m}"] = float(bool(e["reliable"]))
+        outside, distance = _range_flag(per_metric)
+        if outside is not None:
+            flat[f"spe/outside_calibrated_range/{t}"] = float(outside)
+        flat[f"spe/distance/{t}"] = distance
     return _finite(flat)
+
+
+def _range_flag(per_metric: dict[str, Any]) -> tuple[bool | None, float | None]:
+    """A target's ``(outside_calibrated_range, distance)``: outside when any key's interval model says so."""
+    flags = [e.get("outside_calibrated_range") for e in per_metric.values()]
+    known = [f for f in flags if f is not None]
+    distance = next((e.get("distance") for e in per_metric.values() if e.get("distance") is not None), None)
+    return (any(known) if known else None), distance
 
 
 def by_checkpoint_scalars(report: dict[str, Any], i: int) -> dict[str, float]:
@@ -85,8 +104,8 @@ def evaluation_line(
         p = record["pseudo"].get(t, {}).get(metric)
         part = f"{t} pseudo {metric} {_fmt(p)}"
         est = running["estimates"][t].get(metric, {}).get("value") if running else None
-        if est is not None:
-            part += f" -> est {est:.3f}"
+        if est is not None:  # the running G without the calibration pairs: the report's estimate is final
+            part += f" -> provisional est {est:.3f}"
         parts.append(part)
     return " ".join(parts)
 
@@ -114,6 +133,9 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
         "calibration_score",
         "confidence",
         "reason",
+        "reliable",
+        "outside_calibrated_range",
+        "distance",
     ]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -133,6 +155,9 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
                         base.get("calibration_score", {}).get(t, {}).get(m),
                         base.get("confidence", {}).get(t, {}).get(m),
                         e["reason"] or "",
+                        e.get("reliable", ""),
+                        e.get("outside_calibrated_range", ""),
+                        e.get("distance", ""),
                     ]
                 )
     return path
@@ -149,7 +174,12 @@ def summary_table(report: dict[str, Any], markdown: bool = True) -> str:
         cells = []
         for m in metrics:
             e = per_metric[m]
-            cell = "n/a" if e["value"] is None else f"{e['value']:.3f} [{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
+            if e.get("reliable") is False:
+                cell = f"unreliable ({_short_why(e.get('unreliable') or '')})"
+            elif e["value"] is None:
+                cell = "n/a"
+            else:
+                cell = f"{e['value']:.3f} [{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
             true = report.get("true", {}).get(t, {}).get(m)
             if true is not None:
                 cell += f" (true {true:.3f})"
@@ -162,7 +192,28 @@ def summary_table(report: dict[str, Any], markdown: bool = True) -> str:
         *("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows),
     ]
     note = f"SPE estimate [{level}% interval] at the final weights"
-    return (note + "\n" if markdown else "") + "\n".join(lines)
+    return (note + "\n" if markdown else "") + "\n".join(lines + _notes(estimates))
+
+
+def _short_why(reason: str) -> str:
+    return "not tracked on the calibration pairs" if "does not track" in reason else "interval too wide"
+
+
+def _notes(estimates: dict[str, Any]) -> list[str]:
+    """Lines under the table: targets outside the calibrated range, and why a metric is unreliable."""
+    lines = []
+    for t, per_metric in estimates.items():
+        outside, distance = _range_flag(per_metric)
+        if outside:
+            reach = next((e.get("pairs_distance") for e in per_metric.values() if e.get("pairs_distance")), None)
+            lines.append(
+                f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
+                f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
+            )
+    reasons = {(m, e["unreliable"]) for per_metric in estimates.values() for m, e in per_metric.items()
+               if e.get("reliable") is False and e.get("unreliable")}  # fmt: skip
+    lines += [f"{m}: unreliable: {why}." for m, why in sorted(reasons)]
+    return lines
 
 
 def combined_line(report: dict[str, Any]) -> str | None:

@@ -1,0 +1,112 @@
+"""How far a set of images is from the calibration set, without labels: what an interval may extrapolate.
+
+Each item is described by a few numbers that exist for any model and any image, so no hook into
+the user's ``nn.Module`` is needed (forward hooks on an encoder layer depend on its architecture):
+
+- the image as the reverse segmenter sees it (gray, ``[0, 1]``, working size): its 10th, 50th and 90th
+  intensity percentiles, standard deviation, mean absolute Laplacian (noise raises it, blur and low
+  resolution lower it) and mean gradient magnitude (edges, contrast);
+- the model's output: the predicted foreground fraction and the mean confidence (soft Dice of its
+  probabilities against its own mask, as :func:`~spe_lightning.engine.predict.predict_labels` gives).
+
+Features are standardised by the calibration set's mean and standard deviation. The distance of a
+set is the mean, over its items, of the Euclidean distance to the nearest calibration item, divided
+by the calibration set's own spread: the same mean nearest-neighbour distance of each calibration
+item to the others (leave one out). About 1 means "as far as calibration images are from each
+other"; a shifted set is farther. Items made from calibration items (the calibration pairs: subsets
+and shifted copies) are never matched with their own original (``exclude_same``), so a copy counts
+as a new set from a shifted distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spe_lightning.engine.cached_set import CachedSet
+
+__all__ = ["FEATURES", "diagonal", "image_features", "set_distance"]
+
+#: the per-item features, in column order
+FEATURES = ("q10", "q50", "q90", "std", "laplacian", "gradient", "foreground", "confidence")
+
+_LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def _gray_features(gray: Tensor) -> Tensor:
+    """``[U, 6]`` intensity features of gray rows ``[U,1,w,w]``."""
+    x = gray.float()
+    flat = x.flatten(1)
+    q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9]), dim=1).T
+    lap = F.conv2d(x, _LAPLACE, padding=1)[..., 1:-1, 1:-1].abs().flatten(1).mean(1)
+    dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    grad = (dx[..., :-1, :] ** 2 + dy[..., :, :-1] ** 2).sqrt().flatten(1).mean(1)
+    return torch.cat([q, flat.std(1, keepdim=True), lap[:, None], grad[:, None]], 1)
+
+
+def image_features(data: CachedSet, masks: Sequence[Tensor], confidence: Tensor) -> np.ndarray:
+    """``[n_items, len(FEATURES)]`` label-free features of ``data`` with the model's ``masks`` and ``confidence``."""
+    n = len(data)
+    if len(masks) != n or len(confidence) != n:
+        raise ValueError(f"{len(masks)} masks and {len(confidence)} confidences for {n} items.")
+    out = np.zeros((n, len(FEATURES)))
+    if n == 0:
+        return out
+    rows = _gray_features(data.gray).double().numpy() if data.gray.shape[0] else np.zeros((0, 6))
+    sums, counts = np.zeros((n, rows.shape[1])), np.zeros(n)
+    for row, (item, _) in enumerate(data.units):  # a volume's slices: their mean
+        sums[item] += rows[row]
+        counts[item] += 1
+    out[:, :6] = sums / np.maximum(counts, 1)[:, None]
+    out[:, 6] = [float((m > 0).float().mean()) if m.numel() else 0.0 for m in masks]
+    out[:, 7] = confidence.double().numpy()
+    return out
+
+
+def _standardise(x: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu, sd = calibration.mean(0), calibration.std(0)
+    sd = np.maximum(sd, 1e-6 * (np.abs(mu) + 1.0))  # a constant feature must not divide by zero
+    return (x - mu) / sd, (calibration - mu) / sd
+
+
+def set_distance(
+    features: np.ndarray,
+    calibration: np.ndarray,
+    ids: Sequence[int] | None = None,
+    calibration_ids: Sequence[int] | None = None,
+) -> float | None:
+    """The distance of a set (``features`` of its items) to the calibration set (see the module docstring).
+
+    ``ids``/``calibration_ids``: source ids of the items; an item is never matched with a calibration
+    item of the same id (a pair set made from the calibration set). None when the calibration set has
+    fewer than 3 items or the set is empty.
+    """
+    features, calibration = np.asarray(features, float), np.asarray(calibration, float)
+    if len(calibration) < 3 or len(features) == 0:
+        return None
+    z, zc = _standardise(features, calibration)
+    within = np.sqrt(((zc[:, None, :] - zc[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(within, np.inf)
+    spread = float(within.min(1).mean())
+    d = np.sqrt(((z[:, None, :] - zc[None, :, :]) ** 2).sum(-1))
+    if ids is not None and calibration_ids is not None:
+        d[np.asarray(ids)[:, None] == np.asarray(calibration_ids)[None, :]] = np.inf
+    nearest = d.min(1)
+    nearest = nearest[np.isfinite(nearest)]
+    if not len(nearest):
+        return None
+    value = float(nearest.mean()) / max(spread, 1e-12)
+    return value if math.isfinite(value) else None
+
+
+def diagonal(data: CachedSet) -> float | None:
+    """The largest item diagonal of ``data`` in pixels (voxels): the largest hd95 its masks allow."""
+    sides = [tuple(int(s) for s in x.shape[1:]) for x in data.inputs]
+    if not sides:
+        return None
+    return max(math.sqrt(sum(s * s for s in side)) for side in sides)
