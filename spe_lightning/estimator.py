@@ -254,7 +254,7 @@ class SPEEstimator:
             info["input_shape"] = [int(s) for s in cal.inputs[0].shape]
         if module is not None:
             info["model_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
-        anchor = None
+        anchor: dict[str, Any] | None = None
         if report.get("anchor_intervals") is not None:
             last = run.records[-1]
             anchor = {

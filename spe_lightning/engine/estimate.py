@@ -359,8 +359,8 @@ def anchored_estimate(
         extra["pairs_distance"] = reach
         outside = None if d is None or reach is None else bool(d > reach)
         extra["outside_calibrated_range"] = outside
-        if outside:  # beyond every pair: the misses are unknown there; widen with the distance
-            half *= d / max(reach, 1e-12)  # type: ignore[operator]
+        if outside and d is not None and reach is not None:  # beyond every pair: widen with the distance
+            half *= d / max(reach, 1e-12)
     lower, upper = value - half, value + half
     if interval_model and span:
         cands = [real_calibration + g_move, g_t] + ([real_calibration + slope_move] if slope_move is not None else [])
