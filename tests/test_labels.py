@@ -116,3 +116,51 @@ def test_chunks_get_their_own_prediction_powered_estimate_and_alert(fitted):
     assert not [e for e in quiet.alerts if e["alert_on"] == "ppi_interval"]
     with pytest.raises(ValueError, match="4 per-case rows for 12 images"):
         est.estimate_chunks(model, images, 6, labelled_masks=labels, cases=whole.cases[:4])
+
+
+def test_cli_suggests_cases_then_uses_their_masks(fitted, tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    from spe_lightning.cli import main as cli_main
+
+    cb, _, dm = fitted
+    tgt = dm.targets["target_noisy"]
+    images, masks = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(len(tgt)):
+        Image.fromarray((tgt[i]["image"][0].numpy() * 255).round().astype("uint8")).save(images / f"c{i:02d}.png")
+    base = ["estimate", "--ckpt", str(cb.ckpt_path), "--estimator", str(cb.estimator_path), "--images", str(images)]
+    base += ["--no-progress", "--gallery", "0"]
+    cli_main([*base, "--out", str(tmp_path / "first"), "--suggest-labels", "6", "--suggest-seed", "2"])
+    printed = capsys.readouterr().out
+    assert "Label these 6 cases" in printed
+    first = json.loads((tmp_path / "first" / "estimate.json").read_text())
+    sug = first["suggested_labels"]
+    rows = list(csv.DictReader((tmp_path / "first" / "suggested_labels.csv").open()))
+    assert [r["id"] for r in rows] == sug["ids"] and len(set(sug["ids"])) == 6 and "strat" in sug["rule"]
+    # the user labels exactly the suggested cases (masks named like the images)
+    for case in sug["ids"]:
+        i = int(case[1:])
+        Image.fromarray((tgt[i]["label"][0].numpy() > 0).astype("uint8")).save(masks / f"{case}.png")
+    design = str(tmp_path / "first" / "label_design.json")
+    out = tmp_path / "second"
+    cli_main([*base, "--out", str(out), "--labelled-masks", str(masks), "--label-design", design])
+    printed = capsys.readouterr().out
+    assert "With 6 labelled of 12 cases (stratified design" in printed and "| dice |" in printed
+    summary = json.loads((out / "estimate.json").read_text())
+    lab = summary["labelled"]
+    assert lab["n_labels"] == 6 and lab["design"] == "stratified" and sorted(lab["ids"]) == sorted(sug["ids"])
+    d = lab["metrics"]["dice"]
+    assert 0 <= d["lower"] <= d["estimate"] <= d["upper"] <= 1
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert sorted(r["id"] for r in rows if r["real_dice"]) == sorted(sug["ids"])
+    # the same masks without the design: treated as a uniform sample
+    cli_main([*base, "--out", str(tmp_path / "third"), "--labelled-masks", str(masks)])
+    assert json.loads((tmp_path / "third" / "estimate.json").read_text())["labelled"]["design"] == "uniform"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*base, "--out", str(tmp_path / "x"), "--labelled-masks", str(tmp_path / "first")])
+    assert exit_.value.code == 2 and "no mask named like any" in capsys.readouterr().err
