@@ -7,7 +7,7 @@ PPI++'s power-tuned one (Angelopoulos, Duchi, Zrnic, "PPI++", 2023)::
 
     estimate = lambda * mean(f over the target) + mean(y - lambda * f over the labelled cases)
 
-with ``lambda`` chosen from the labelled cases to minimise the estimated variance: ``lambda = 0`` is the
+with ``lambda`` chosen from the labelled cases to minimise the estimated variance, clipped to [0, 1]: ``lambda = 0`` is the
 classical labelled-only mean and ``lambda = 1`` plain PPI, so asymptotically it is never worse than the
 labelled cases alone.
 
@@ -149,12 +149,29 @@ def classical_mean(
     return mean, lo, hi
 
 
+def _cov(a: np.ndarray, b: np.ndarray) -> float:
+    """Sample covariance (``ddof=1``); faster than ``np.cov`` for the many small vectors of the jackknife."""
+    return float(((a - a.mean()) * (b - b.mean())).sum() / (a.size - 1))
+
+
 def _tuned_lambda(y: np.ndarray, f: np.ndarray, scale: float = 1.0) -> float:
-    """The variance-minimising weight ``cov(y, f) / (scale * var(f))`` (0 when the predictions are constant)."""
+    """The variance-minimising weight ``cov(y, f) / (scale * var(f))`` clipped to [0, 1] (0 when the
+    predictions are constant); see :data:`LAMBDA_RANGE`."""
     var_f = float(f.var(ddof=1))
     if var_f <= 1e-15:
         return 0.0
-    return float(np.cov(y, f, ddof=1)[0, 1] / (scale * var_f))
+    return _clip_lambda(_cov(y, f) / (scale * var_f))
+
+
+#: the tuned lambda is clipped to this range, between the classical mean (0) and plain PPI (1): on simulated
+#: targets (benchmarks/ppi_coverage.py synthetic, 600 draws) it narrowed the interval of weak or useless
+#: predictions at k=10 by 3-4% (width vs labelled-only 1.09 -> 1.05, 1.08 -> 1.05) and changed neither the
+#: coverage nor the width of good ones
+LAMBDA_RANGE = (0.0, 1.0)
+
+
+def _clip_lambda(lam: float) -> float:
+    return float(min(max(lam, LAMBDA_RANGE[0]), LAMBDA_RANGE[1]))
 
 
 def ppi_mean(
@@ -447,9 +464,9 @@ def _stratified_estimate(groups: Sequence[_Stratum], lam: float) -> float:
 def _stratified_lambda(groups: Sequence[_Stratum]) -> float:
     """The ``lambda`` minimising the summed stratum variances (strata with fewer than 2 labels are skipped)."""
     ok = [g for g in groups if g.y.size >= 2]
-    num = sum(g.factor() * float(np.cov(g.y, g.f, ddof=1)[0, 1]) for g in ok)
+    num = sum(g.factor() * _cov(g.y, g.f) for g in ok)
     den = sum(g.factor() * float(g.f.var(ddof=1)) for g in ok)
-    return float(num / den) if den > 1e-15 else 0.0
+    return _clip_lambda(num / den) if den > 1e-15 else 0.0
 
 
 def _satterthwaite(terms: Sequence[float], dfs: Sequence[int]) -> float:
