@@ -7,9 +7,9 @@ PPI++'s power-tuned one (Angelopoulos, Duchi, Zrnic, "PPI++", 2023)::
 
     estimate = lambda * mean(f over the target) + mean(y - lambda * f over the labelled cases)
 
-with ``lambda`` chosen from the labelled cases to minimise the estimated variance, clipped to [0, 1]: ``lambda = 0`` is the
-classical labelled-only mean and ``lambda = 1`` plain PPI, so asymptotically it is never worse than the
-labelled cases alone.
+with ``lambda`` chosen from the labelled cases to minimise the estimated variance, clipped to [0, 1]:
+``lambda = 0`` is the classical labelled-only mean and ``lambda = 1`` plain PPI, so asymptotically it is
+never worse than the labelled cases alone.
 
 **The estimand and the sampling design.** The target is a finite set of ``N`` cases and its mean Dice is
 the mean over those cases (what a user asks for and what the benchmarks score). By default
