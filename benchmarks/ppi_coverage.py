@@ -83,6 +83,7 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
     from spe_lightning.data import FolderSegmentationDataset
     from spe_lightning.engine.metrics import per_item_metrics
     from spe_lightning.engine.ppi import PPI_METRICS
+    from spe_lightning.engine.predict import default_logits
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
     from spe_lightning.models import SegmentationModel
     from spe_lightning.reverse import make_segmenter
@@ -118,22 +119,24 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
     }
     for name, (data, ids) in sets.items():
         start = time.perf_counter()
-        res = est.estimate(model, data, name=name, ids=ids)
-        real = per_item_metrics(res.masks, data.masks, PPI_METRICS, select=lambda m: m > 0)
+        # the per-case rows of SPEEstimator.estimate without its set-level reverse step (same code, _case_rows)
+        rows = est.case_estimates(model, data)
+        masks, _ = est._predict(model, data, torch.device("cpu"), default_logits)  # the masks estimate() predicts
+        real = per_item_metrics(masks, data.masks, PPI_METRICS, select=lambda m: m > 0)
         out["targets"][name] = {
             "n": len(ids),
             "cases": [
                 {
-                    "id": row["id"],
+                    "id": ids[i],
                     "estimated_dice": row["estimated_dice"],
                     "estimated_dice_lower": row["estimated_dice_lower"],
                     "estimated_dice_upper": row["estimated_dice_upper"],
                     **{f"real_{m}": float(real[m][i]) for m in PPI_METRICS},
                 }
-                for i, row in enumerate(res.cases)
+                for i, row in enumerate(rows)
             ],
         }
-        assert torch.allclose(torch.tensor([c["real_dice"] for c in res.cases]), real["dice"].double().float())
+        assert np.allclose([c["real_dice"] for c in rows], real["dice"].numpy(), atol=1e-6)
         print(f"  {name}: {len(ids)} cases, {time.perf_counter() - start:.0f}s", flush=True)
     return out
 
