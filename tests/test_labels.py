@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spe_lightning import SPEEstimator
+from spe_lightning.engine.chunks import chunk_rows
 from spe_lightning.engine.ppi import metric_predictions, ppi_mean, stratified_ppi_mean
 
 
@@ -110,6 +111,9 @@ def test_chunks_get_their_own_prediction_powered_estimate_and_alert(fitted):
     assert "at least 3" in second["labelled"]["reason"]
     ppi_events = [e for e in res.alerts if e["alert_on"] == "ppi_interval"]
     assert [(e["chunk"], e["metric"]) for e in ppi_events] == [("0-5", "dice")]  # upper <= 1 < 1.01
+    dice_rows = [r for r in chunk_rows(res.chunks) if r["metric"] == "dice"]  # chunks.csv
+    assert [(r["labels"], r["ppi_alert"], r["alert"]) for r in dice_rows] == [(4, 1, 1), (1, 0, 1)]
+    assert dice_rows[0]["ppi_estimate"] == pytest.approx(expected.estimate) and dice_rows[1]["ppi_estimate"] is None
     quiet = est.estimate_chunks(model, images, 6, name="target_noisy", masks=whole.masks, cases=whole.cases,
                                 labelled_masks=labels, alert_below={"dice": 0.0})  # fmt: skip
     assert quiet.chunks[0]["labelled"]["metrics"]["dice"]["estimate"] == pytest.approx(expected.estimate)
