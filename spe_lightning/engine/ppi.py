@@ -115,9 +115,10 @@ def _check_level(level: float) -> None:
 
 
 def _t(level: float, df: float) -> float:
-    from scipy.stats import t
+    """The two-sided Student-t quantile (``scipy.special.stdtrit``: ``scipy.stats.t.ppf`` costs ~1000x more)."""
+    from scipy.special import stdtrit
 
-    return float(t.ppf(0.5 + level / 2, max(df, 1.0)))
+    return float(stdtrit(max(df, 1.0), 0.5 + level / 2))
 
 
 def _clip(lo: float, hi: float, bounds: tuple[float, float] | None) -> tuple[float, float]:
