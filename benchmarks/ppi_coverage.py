@@ -18,7 +18,7 @@ rule, uncertainty) were fixed on simulated targets (``synthetic``), never on the
     python benchmarks/ppi_coverage.py collect --dataset jsrt_lungs   # -> results/ppi_cases_jsrt_lungs.json
     python benchmarks/ppi_coverage.py collect --dataset jsrt_heart
     python benchmarks/ppi_coverage.py collect --dataset busi
-    python benchmarks/ppi_coverage.py score                          # -> results/ppi_coverage.json
+    python benchmarks/ppi_coverage.py score [--dataset NAME]         # -> results/ppi_coverage_<dataset>.json
     python benchmarks/ppi_coverage.py table                          # the markdown table of docs/few_labels.md
     python benchmarks/ppi_coverage.py synthetic                      # -> results/ppi_synthetic.json
 """
@@ -146,7 +146,8 @@ def _summary(values: list[float]) -> float:
 
 
 def score_target(rows: list[dict[str, Any]], k: int, draws: int, seed: int) -> dict[str, Any]:
-    """Coverage and widths of PPI, the labelled-only and the suggested-design intervals over ``draws`` draws."""
+    """Coverage and widths of PPI, the labelled-only and the suggested-design intervals over ``draws`` draws
+    (each draw labels the same cases for every metric)."""
     from spe_lightning.engine.percase import spearman
     from spe_lightning.engine.ppi import (
         PPI_METRICS,
@@ -163,57 +164,72 @@ def score_target(rows: list[dict[str, Any]], k: int, draws: int, seed: int) -> d
     n = est.size
     rng = np.random.default_rng(seed)
     design_u = uncertainty_of(est)
+    ys = {m: np.array([r[f"real_{m}"] for r in rows], dtype=float) for m in PPI_METRICS}
+    fs = {m: metric_predictions(m, est) for m in PPI_METRICS}
+    truth = {m: float(ys[m].mean()) for m in PPI_METRICS}
+    keys = ("ppi", "classical", "suggested", "w_ppi", "w_classical", "w_suggested", "lam")
+    acc: dict[str, dict[str, list[float]]] = {m: {key: [] for key in keys} for m in PPI_METRICS}
+    for d in range(draws):
+        lab = rng.choice(n, k, replace=False)
+        unl = np.setdiff1d(np.arange(n), lab)
+        design = stratified_design(design_u, k, seed=seed * 1_000_003 + d)
+        for m in PPI_METRICS:
+            f, y, a = fs[m], ys[m], acc[m]
+            r = ppi_mean(f[unl], f[lab], y[lab], LEVEL)
+            a["ppi"].append(r.lower <= truth[m] <= r.upper)
+            a["classical"].append(r.classical_lower <= truth[m] <= r.classical_upper)
+            a["w_ppi"].append(r.width)
+            a["w_classical"].append(r.classical_width)
+            a["lam"].append(r.lam)
+            s = stratified_ppi_mean(f, design.strata, design.chosen, y[design.chosen], LEVEL)
+            a["suggested"].append(s.lower <= truth[m] <= s.upper)
+            a["w_suggested"].append(s.width)
     out: dict[str, Any] = {"k": k, "n": n, "draws": draws, "n_missing_estimates": int(missing.sum())}
     for m in PPI_METRICS:
-        y = np.array([r[f"real_{m}"] for r in rows], dtype=float)
-        f = metric_predictions(m, est)
-        truth = float(y.mean())
-        acc: dict[str, list[float]] = {
-            key: [] for key in ("ppi", "classical", "suggested", "w_ppi", "w_classical", "w_suggested", "lam")
-        }
-        for d in range(draws):
-            lab = rng.choice(n, k, replace=False)
-            unl = np.setdiff1d(np.arange(n), lab)
-            r = ppi_mean(f[unl], f[lab], y[lab], LEVEL)
-            acc["ppi"].append(r.lower <= truth <= r.upper)
-            acc["classical"].append(r.classical_lower <= truth <= r.classical_upper)
-            acc["w_ppi"].append(r.width)
-            acc["w_classical"].append(r.classical_width)
-            acc["lam"].append(r.lam)
-            design = stratified_design(design_u, k, seed=seed * 1_000_003 + d)
-            s = stratified_ppi_mean(f, design.strata, design.chosen, y[design.chosen], LEVEL)
-            acc["suggested"].append(s.lower <= truth <= s.upper)
-            acc["w_suggested"].append(s.width)
-        w_ppi, w_cl, w_s = (_summary(acc[k_]) for k_ in ("w_ppi", "w_classical", "w_suggested"))
+        a = acc[m]
+        w_ppi, w_cl, w_s = (_summary(a[key]) for key in ("w_ppi", "w_classical", "w_suggested"))
         out[m] = {
-            "truth": truth,
-            "spearman": spearman(f, y),
-            "coverage_ppi": float(np.mean(acc["ppi"])),
-            "coverage_classical": float(np.mean(acc["classical"])),
-            "coverage_suggested": float(np.mean(acc["suggested"])),
+            "truth": truth[m],
+            "spearman": spearman(fs[m], ys[m]),
+            "coverage_ppi": float(np.mean(a["ppi"])),
+            "coverage_classical": float(np.mean(a["classical"])),
+            "coverage_suggested": float(np.mean(a["suggested"])),
             "median_width_ppi": w_ppi,
             "median_width_classical": w_cl,
             "median_width_suggested": w_s,
             "width_ratio_ppi_vs_classical": w_ppi / w_cl if w_cl > 0 else None,
             "width_ratio_suggested_vs_random": w_s / w_ppi if w_ppi > 0 else None,
-            "median_lambda": _summary(acc["lam"]),
+            "median_lambda": _summary(a["lam"]),
         }
     return out
 
 
-def score(draws: int, seed: int) -> dict[str, Any]:
-    """Every cached target at every k below its size."""
-    result: dict[str, Any] = {"level": LEVEL, "draws": draws, "seed": seed, "ks": list(KS), "datasets": {}}
-    for path in sorted(RESULTS.glob("ppi_cases_*.json")):
-        cached = json.loads(path.read_text())
-        per: dict[str, Any] = {}
-        for t, (name, target) in enumerate(cached["targets"].items()):
-            per[name] = {
-                str(k): score_target(target["cases"], k, draws, seed + 7919 * t + k) for k in KS if k < target["n"]
-            }
-            print(f"scored {cached['dataset']} / {name}", flush=True)
-        result["datasets"][cached["dataset"]] = per
+def score(dataset: str, draws: int, seed: int) -> dict[str, Any]:
+    """Every cached target of ``dataset`` at every k below its size."""
+    cached = json.loads((RESULTS / f"ppi_cases_{dataset}.json").read_text())
+    result: dict[str, Any] = {"level": LEVEL, "draws": draws, "seed": seed, "ks": list(KS), "dataset": dataset}
+    per: dict[str, Any] = {}
+    for t, (name, target) in enumerate(cached["targets"].items()):
+        per[name] = {
+            str(k): score_target(target["cases"], k, draws, seed + 7919 * t + k) for k in KS if k < target["n"]
+        }
+        print(f"scored {dataset} / {name}", flush=True)
+    result["targets"] = per
     return result
+
+
+def merged() -> dict[str, Any]:
+    """Every ``results/ppi_coverage_<dataset>.json`` as one result (``datasets``: name -> targets)."""
+    parts = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("ppi_coverage_*.json"))]
+    if not parts:
+        raise SystemExit("no results/ppi_coverage_<dataset>.json yet: run `score --dataset NAME` first.")
+    first = parts[0]
+    return {
+        "level": first["level"],
+        "draws": first["draws"],
+        "ks": first["ks"],
+        "datasets": {p["dataset"]: p["targets"] for p in parts},
+    }
 
 
 def table(result: dict[str, Any], metric: str = "dice") -> str:
@@ -354,11 +370,13 @@ def main() -> None:
         path.write_text(json.dumps(res, indent=1))
         print(f"-> {path}")
     elif a.what == "score":
-        res = score(a.draws, a.seed)
-        (RESULTS / "ppi_coverage.json").write_text(json.dumps(res, indent=1))
-        print(summary_table(res))
+        names = [a.dataset] if a.dataset else [p.stem[len("ppi_cases_") :] for p in RESULTS.glob("ppi_cases_*.json")]
+        for name in sorted(names):
+            res = score(name, a.draws, a.seed)
+            (RESULTS / f"ppi_coverage_{name}.json").write_text(json.dumps(res, indent=1))
+        print(summary_table(merged()))
     elif a.what == "table":
-        res = json.loads((RESULTS / "ppi_coverage.json").read_text())
+        res = merged()
         print(summary_table(res) + "\n\n" + table(res))
     else:
         res = synthetic(a.draws, a.seed)
