@@ -433,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_reading_arguments(p)
+    _add_label_options(p)  # few labelled cases (issue 28): the block at the end of this file
     return p
 
 
@@ -738,7 +739,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         first = check["warnings"][0] if check["warnings"] else "see input_check in estimate.json"
         raise InputMismatchError(f"{first} (nothing estimated; wrote {out / 'estimate.json'} with input_check)")
     bar = _bar(len(data), "per-case quality", show)
-    res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update)
+    labelled = _label_inputs(a, sources, size, est)  # few labelled cases (issue 28)
+    res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update, **labelled)
     bar.close()
     chunked = None
     if groups is not None:
@@ -746,6 +748,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         chunked = est.estimate_chunks(
             model, data, groups[0], a.name, res.masks, device=a.device, alert_below=below, alert_above=above,
             alert_on=a.alert_on, progress=bar.update,
+            **({"labelled_masks": labelled["labelled_masks"], "cases": res.cases} if labelled else {}),
         )  # fmt: skip
         bar.close()
 
@@ -765,6 +768,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if est.cases is None
         else {k: est.cases.get(k) for k in ("k", "top", "threshold", "method", "dice_cut", "auroc", "empty_score")},
     }
+    _label_outputs(a, est, res, sources, out, summary)  # few labelled cases (issue 28)
     if chunked is not None and groups is not None:
         from spe_lightning.engine.chunks import chunk_rows
 
@@ -797,6 +801,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         write_html_report(page, summary, res.cases, gallery, est.cases, meta=meta, chunks=summary.get("chunks"))
         write_file(out / "report.html", page.read_bytes())
     print(_table(res.estimates, res.level, res.true))
+    _print_labels(res, summary)  # few labelled cases (issue 28)
     if res.combined is not None:
         c = res.combined
         print(
@@ -819,6 +824,147 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         print(f"{n_flag} of {len(res.cases)} cases flagged (quality < {res.case_threshold:.3f})")
     print(f"wrote {out / 'estimate.json'}, {out / 'cases.csv'}, {out / 'report.html'}")
     return summary
+
+
+# ------------------------------------------------------------------------- few labelled cases (issue 28)
+#: what --labelled-masks looks for, beside the image's own relative name
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+def _add_label_options(p: argparse.ArgumentParser) -> None:
+    """``--labelled-masks``, ``--label-design``, ``--suggest-labels``, ``--suggest-seed``."""
+    p.add_argument(
+        "--labelled-masks",
+        default=None,
+        help="folder with the masks of SOME of the images (same relative file name, or the same name with a "
+        ".png/.tif/.bmp suffix): adds the prediction-powered estimate of Dice, IoU, precision and recall with its "
+        "interval, beside the labelled-only interval (docs/few_labels.md). The labelled cases must be a uniform "
+        "random sample of the images, or exactly the cases of --label-design",
+    )
+    p.add_argument(
+        "--label-design",
+        default=None,
+        help="label_design.json written by --suggest-labels, when the labelled cases are exactly its suggestions",
+    )
+    p.add_argument(
+        "--suggest-labels",
+        type=_positive(int),
+        default=None,
+        metavar="K",
+        help="list K cases to label (a random draw stratified by per-case uncertainty: the design the interval "
+        "assumes); writes suggested_labels.csv and label_design.json and adds them to estimate.json",
+    )
+    p.add_argument("--suggest-seed", type=int, default=0, help="seed of the --suggest-labels draw (default 0)")
+
+
+def _label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None, est: Any) -> dict[str, Any]:
+    """``estimate``'s ``labelled_masks`` (by case position) and ``label_design`` from the options ({} without)."""
+    from spe_lightning.data.images import read_mask
+
+    if a.label_design is not None and a.labelled_masks is None:
+        raise ValueError("--label-design needs --labelled-masks (the masks of the suggested cases).")
+    if a.labelled_masks is None:
+        return {}
+    if a.dataset is not None:
+        raise ValueError(
+            "--labelled-masks reads masks named like image files: with --dataset, pass the labelled cases' masks "
+            "through the Python API (SPEEstimator.estimate(labelled_masks=...))."
+        )
+    root = Path(a.labelled_masks)
+    if not root.is_dir():
+        raise NotADirectoryError(f"--labelled-masks {root}: no such folder.")
+    if est.config.classes:
+        raise ValueError("--labelled-masks: prediction-powered estimates are for binary estimators.")
+    fg = est.config.foreground_class
+    masks: dict[int | str, Tensor] = {}
+    for pos, src in enumerate(sources):
+        if is_nifti(src):
+            raise ValueError("--labelled-masks: only for 2D images (the images include NIfTI volumes).")
+        found = [root / src, *(root / Path(src).with_suffix(x) for x in MASK_SUFFIXES)]
+        path = next((f for f in found if f.is_file() and not f.is_symlink()), None)
+        if path is None:
+            continue
+        m = read_mask(path)
+        m = (m > 0) if fg is None else (m == fg)
+        masks[pos] = fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, a.resize, mode="nearest")
+    if not masks:
+        raise ValueError(f"--labelled-masks {root}: no mask named like any of the {len(sources)} images.")
+    design = None
+    if a.label_design is not None:
+        try:
+            design = json.loads(Path(a.label_design).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--label-design {a.label_design}: cannot read it as JSON: {err}") from err
+        if not isinstance(design, dict) or design.get("design") != "stratified":
+            raise ValueError(f"--label-design {a.label_design}: not a label_design.json of --suggest-labels.")
+    return {"labelled_masks": masks, "label_design": design}
+
+
+def _label_outputs(
+    a: argparse.Namespace, est: Any, res: Any, sources: Sequence[str], out: Path, summary: dict[str, Any]
+) -> None:
+    """With ``--suggest-labels``: suggested_labels.csv, label_design.json and ``summary["suggested_labels"]``."""
+    if a.suggest_labels is None:
+        return
+    if a.suggest_labels > len(res.cases):
+        raise ValueError(f"--suggest-labels {a.suggest_labels}: only {len(res.cases)} images.")
+    design = est.suggest_labels(res, a.suggest_labels, seed=a.suggest_seed)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "file", "stratum", "estimated_dice"])
+    for i in design["chosen"]:
+        c = res.cases[i]
+        w.writerow([csv_cell(c["id"]), csv_cell(sources[i]), design["strata"][i], c.get("estimated_dice") or ""])
+    write_file(out / "suggested_labels.csv", buf.getvalue())
+    write_file(out / "label_design.json", json.dumps(design, indent=2))
+    summary["suggested_labels"] = {
+        "k": design["k"],
+        "ids": design["chosen_ids"],
+        "files": [sources[i] for i in design["chosen"]],
+        "design": design["design"],
+        "rule": design["rule"],
+        "uncertainty": design["uncertainty"],
+        "seed": design["seed"],
+        "guarantee": design["guarantee"],
+        "csv": "suggested_labels.csv",
+        "design_file": "label_design.json",
+    }
+
+
+def _print_labels(res: Any, summary: dict[str, Any]) -> None:
+    """The prediction-powered estimates (with labels) and the suggested cases (with --suggest-labels)."""
+    lab = res.labelled
+    if lab is not None:
+
+        def f(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        print(
+            f"\nWith {lab['n_labels']} labelled of {lab['n_cases']} cases ({lab['design']} design; "
+            f"predictions: {lab['predictions']}):"
+        )
+        if lab["reason"]:
+            print(f"no prediction-powered interval: {lab['reason']}")
+        print(
+            f"| metric | prediction-powered | {res.level:.0%} interval | labelled only | interval | lambda |\n"
+            "|---|---|---|---|---|---|"
+        )
+        for m, r in lab["metrics"].items():
+            if "estimate" not in r:
+                print(f"| {m} | n/a | | {f(r.get('labelled_mean'))} | | |")
+                continue
+            print(
+                f"| {m} | {f(r['estimate'])} | {f(r['lower'])} – {f(r['upper'])} | {f(r['classical'])} "
+                f"| {f(r['classical_lower'])} – {f(r['classical_upper'])} | {r['lambda']:.2f} |"
+            )
+    sug = summary.get("suggested_labels")
+    if sug is not None:
+        print(f"\nLabel these {sug['k']} cases ({sug['rule']}; seed {sug['seed']}):")
+        print("  " + ", ".join(sug["files"]))
+        print(
+            "then run again with --labelled-masks DIR --label-design label_design.json; "
+            "cases picked by hand instead void the interval."
+        )
 
 
 if __name__ == "__main__":

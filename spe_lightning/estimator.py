@@ -41,6 +41,7 @@ from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
+from spe_lightning.engine.labels import label_positions, labelled_estimates, labelled_metrics, suggest_labels
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.percase import (
     CaseScores,
@@ -100,6 +101,9 @@ class EstimateResult:
     #: Dice as ``w * regressor mean + (1 - w) * SPE`` when the estimator holds a quality regressor with the
     #: weight its run chose (``{"value", "weight", "spe", "regressor"}``); None otherwise
     combined: dict[str, Any] | None = None
+    #: with labelled target cases: the prediction-powered estimates
+    #: (:func:`~spe_lightning.engine.labels.labelled_estimates`); None otherwise
+    labelled: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no tensors, no per-case rows)."""
@@ -114,6 +118,7 @@ class EstimateResult:
             "reason": self.reason,
             "cases": {"n": len(self.cases), "n_flagged": flagged, "threshold": self.case_threshold},
             "combined": self.combined,
+            "labelled": self.labelled,
         }
 
 
@@ -731,6 +736,8 @@ class SPEEstimator:
         image_key: str = "image",
         label_key: str = "label",
         progress: Callable[[int], Any] | None = None,
+        labelled_masks: Mapping[str | int, Tensor] | None = None,
+        label_design: Mapping[str, Any] | None = None,
     ) -> EstimateResult:
         """Estimate every metric (with its interval) of ``model`` on ``images``, and score each case.
 
@@ -746,8 +753,16 @@ class SPEEstimator:
             device: where to run (default: the model's device).
             image_key, label_key: keys of dict items.
             progress: called with the number of finished cases (e.g. ``tqdm.update``).
+            labelled_masks: masks of some of the cases (``{case id or position: mask}``, binary, at the
+                image's size): ``result.labelled`` then holds the prediction-powered estimate of Dice, IoU,
+                precision and recall with its interval at ``level`` beside the labelled-only interval, and
+                the labelled rows their real Dice. The labelled cases must be a uniform random sample of
+                the images, or exactly the cases of ``label_design`` (see docs/few_labels.md).
+            label_design: the dict of :meth:`suggest_labels` whose suggested cases were labelled.
         """
         data = self._cache(name, images, image_key, label_key)
+        if labelled_masks is not None and not per_case:
+            raise ValueError("labelled_masks need the per-case estimates: leave per_case=True.")
         if ids is not None and len(ids) != len(data):
             raise ValueError(f"{len(ids)} ids for {len(data)} images.")
         if per_case:
@@ -766,6 +781,9 @@ class SPEEstimator:
         threshold = None
         if per_case:
             cases, threshold = self._case_rows(data, masks, conf, ids, device, progress)
+        labelled = None
+        if labelled_masks is not None:
+            labelled = self._with_labels(cases, masks, labelled_masks, label_design)
         return EstimateResult(
             name=name,
             combined=self._combined(estimates, cases),
@@ -779,6 +797,7 @@ class SPEEstimator:
             true=true,
             case_threshold=threshold,
             reason=pseudo["reason"],
+            labelled=labelled,
         )
 
     def _combined(self, estimates: dict[str, dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -807,6 +826,8 @@ class SPEEstimator:
         alert_above: Mapping[str, float] | None = None,
         alert_on: str | None = None,
         progress: Callable[[int], Any] | None = None,
+        labelled_masks: Mapping[str | int, Tensor] | None = None,
+        cases: Sequence[dict[str, Any]] | None = None,
     ) -> ChunkedResult:
         """Monitor incoming data: predict once, then one estimate with its interval per chunk, and alerts.
 
@@ -819,6 +840,12 @@ class SPEEstimator:
             alert_below, alert_above, alert_on: thresholds as for :class:`~spe_lightning.SPECallback`
                 (default: the ones the run was configured with).
             progress: called with 1 after each chunk (e.g. ``tqdm.update``).
+            labelled_masks: masks of some cases (as for :meth:`estimate`): each chunk with at least 3 of
+                them gets their prediction-powered estimate and interval (``labelled``; the labels inside a
+                chunk must be a uniform random sample of it), and an alert (``alert_on="ppi_interval"``)
+                when that whole interval lies beyond a threshold.
+            cases: the per-case rows of these images (``EstimateResult.cases``) for ``labelled_masks``;
+                computed here when not given (with ``masks`` given, the model then runs once more).
 
         Each chunk gets its own support set (its images with their predicted masks) and reverse step;
         its realised metrics (``true``) are reported when the images came with masks. The intervals
@@ -850,6 +877,9 @@ class SPEEstimator:
             masks, conf = self._predict(model, data, device, logits_fn)
         elif len(masks) != n:
             raise ValueError(f"{len(masks)} masks for {n} images.")
+        labels: dict[int, Tensor] = {}
+        if labelled_masks is not None:
+            cases, labels = self._chunk_labels(model, data, masks, conf, labelled_masks, cases, device, logits_fn)
         predicted = time.perf_counter()
         engine = self.engine
         rows: list[dict[str, Any]] = []
@@ -861,6 +891,10 @@ class SPEEstimator:
             distance = None if conf is None else self._distance(part, part_masks, conf[pos])
             estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"], distance, self._bounds(part))
             events = alerts_for({name: estimates}, below, above, on, chunk=label)
+            with_labels = None
+            if labelled_masks is not None:
+                with_labels, ppi_events = self._chunk_ppi(cases, masks, labels, pos, name, below, above, label)
+                events.extend(ppi_events)
             alerts.extend(events)
             rows.append(
                 {
@@ -872,6 +906,7 @@ class SPEEstimator:
                     "n_support": pseudo["n_support"],
                     "reason": pseudo["reason"],
                     "alerts": events,
+                    **({} if with_labels is None else {"labelled": with_labels}),
                 }
             )
             if progress is not None:
@@ -963,6 +998,84 @@ class SPEEstimator:
         scores = self._scores(data, masks, k, top, cal.get("empty_score"), device, progress)
         rows = case_rows(scores, self.cases, masks, conf, ids, real, self.config.level)
         return rows, cal.get("threshold")
+
+    # ------------------------------------------------------------------ few labels (prediction-powered inference)
+    def suggest_labels(
+        self, result: EstimateResult | Sequence[dict[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
+    ) -> dict[str, Any]:
+        """The ``k`` target cases to label (a stratified random draw by per-case uncertainty, seeded), as a
+        plain dict: label exactly those, then pass the dict as ``label_design`` with their masks to
+        :meth:`estimate` (see :func:`~spe_lightning.engine.labels.suggest_labels`)."""
+        cases = result.cases if isinstance(result, EstimateResult) else result
+        if not cases:
+            raise ValueError("suggest_labels needs the per-case rows (estimate with per_case=True).")
+        return suggest_labels(cases, k, seed=seed, n_strata=n_strata)
+
+    def _with_labels(
+        self,
+        cases: list[dict[str, Any]],
+        masks: Sequence[Tensor],
+        labelled_masks: Mapping[str | int, Tensor],
+        design: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The prediction-powered estimates of the labelled cases; their rows get their real Dice."""
+        if self.config.classes:
+            raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
+        ids = [c["id"] for c in cases]
+        labels = label_positions(labelled_masks, ids)
+        out = labelled_estimates(cases, masks, labels, self.config.level, design)
+        real = labelled_metrics(masks, labels, ids)["dice"]
+        for c in cases:
+            c.setdefault("real_dice", None)
+            c["labelled"] = False
+        for pos, value in zip(labels, real):
+            cases[pos]["real_dice"], cases[pos]["labelled"] = float(value), True
+        return out
+
+    def _chunk_labels(
+        self,
+        model: nn.Module,
+        data: CachedSet,
+        masks: Sequence[Tensor],
+        conf: Tensor | None,
+        labelled_masks: Mapping[str | int, Tensor],
+        cases: Sequence[dict[str, Any]] | None,
+        device: torch.device,
+        logits_fn: LogitsFn,
+    ) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
+        """The per-case rows (given, or computed) and the labelled positions of :meth:`estimate_chunks`."""
+        if self.config.classes:
+            raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
+        if cases is None:
+            self._check_2d(data)
+            if conf is None:  # masks were given: the confidence needs the model once more
+                _, conf = self._predict(model, data, device, logits_fn)
+            cases = self._case_rows(data, masks, conf, None, device, None)[0]
+        if len(cases) != len(data):
+            raise ValueError(f"{len(cases)} per-case rows for {len(data)} images.")
+        return list(cases), label_positions(labelled_masks, [c["id"] for c in cases])
+
+    def _chunk_ppi(
+        self,
+        cases: Sequence[dict[str, Any]],
+        masks: Sequence[Tensor],
+        labels: dict[int, Tensor],
+        positions: Sequence[int],
+        name: str,
+        below: Mapping[str, float] | None,
+        above: Mapping[str, float] | None,
+        chunk: str,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One chunk's prediction-powered estimates (uniform design inside the chunk) and their alerts."""
+        from spe_lightning.engine.ppi import ppi_alerts
+
+        out = labelled_estimates(cases, masks, labels, self.config.level, None, positions)
+        bounds = {
+            m: {"value": r["estimate"], "lower": r["lower"], "upper": r["upper"]}
+            for m, r in out["metrics"].items()
+            if "estimate" in r
+        }
+        return out, ppi_alerts({name: bounds}, dict(below or {}), dict(above or {}), chunk=chunk, source="labels")
 
     def __repr__(self) -> str:
         n = 0 if self.reference_images is None else self.reference_images.shape[0]

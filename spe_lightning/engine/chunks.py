@@ -36,6 +36,13 @@ CHUNK_COLUMNS = (
     "alert",
     "threshold",
     "reason",
+    # with labelled cases (docs/few_labels.md): their number, the prediction-powered estimate and interval,
+    # and whether that whole interval crossed a threshold
+    "labels",
+    "ppi_estimate",
+    "ppi_lower",
+    "ppi_upper",
+    "ppi_alert",
 )
 #: the largest meta.csv read, MB
 MAX_META_MB = 50.0
@@ -117,9 +124,12 @@ def chunk_rows(chunks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows of ``chunks.csv``: per chunk and metric the estimate, interval, pseudo value, truth and alert."""
     rows = []
     for c in chunks:
-        fired = {a["metric"]: a for a in c.get("alerts", [])}
+        fired = {a["metric"]: a for a in c.get("alerts", []) if a.get("alert_on") != "ppi_interval"}
+        ppi_fired = {a["metric"] for a in c.get("alerts", []) if a.get("alert_on") == "ppi_interval"}
+        lab = c.get("labelled") or {}
         for metric, e in c["estimates"].items():
             a = fired.get(metric)
+            p = (lab.get("metrics") or {}).get(metric) or {}
             rows.append(
                 {
                     "chunk": c["chunk"],
@@ -133,6 +143,11 @@ def chunk_rows(chunks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "alert": int(a is not None),
                     "threshold": None if a is None else a["threshold"],
                     "reason": e.get("reason") or "",
+                    "labels": lab.get("n_labels"),
+                    "ppi_estimate": p.get("estimate"),
+                    "ppi_lower": p.get("lower"),
+                    "ppi_upper": p.get("upper"),
+                    "ppi_alert": int(metric in ppi_fired) if lab else None,
                 }
             )
     return rows
