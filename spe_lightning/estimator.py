@@ -878,8 +878,12 @@ class SPEEstimator:
         elif len(masks) != n:
             raise ValueError(f"{len(masks)} masks for {n} images.")
         labels: dict[int, Tensor] = {}
+        labelled_cases: list[dict[str, Any]] = []
         if labelled_masks is not None:
-            cases, labels = self._chunk_labels(model, data, masks, conf, labelled_masks, cases, device, logits_fn)
+            labelled_cases, labels = self._chunk_labels(
+                model, data, masks, conf, labelled_masks, cases, device, logits_fn
+            )
+            cases = labelled_cases
         predicted = time.perf_counter()
         engine = self.engine
         rows: list[dict[str, Any]] = []
@@ -893,7 +897,7 @@ class SPEEstimator:
             events = alerts_for({name: estimates}, below, above, on, chunk=label)
             with_labels = None
             if labelled_masks is not None:
-                with_labels, ppi_events = self._chunk_ppi(cases, masks, labels, pos, name, below, above, label)
+                with_labels, ppi_events = self._chunk_ppi(labelled_cases, masks, labels, pos, name, below, above, label)
                 events.extend(ppi_events)
             alerts.extend(events)
             rows.append(

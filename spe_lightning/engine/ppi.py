@@ -359,7 +359,7 @@ def stratified_design(
 def stratified_ppi_mean(
     pred: ArrayLike,
     strata: ArrayLike,
-    labelled: Sequence[int],
+    labelled: Sequence[int] | np.ndarray,
     y_labelled: ArrayLike,
     level: float = 0.9,
     lam: float | None = None,
