@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.estimate import anchored_estimate, estimate, finite_or_none, fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
@@ -86,10 +87,15 @@ def fit_and_estimate(
         g_conf, _ = fit_mapping(mapping, conf_cal, y, metric)
         interval_model = None
         if anchored and g is not None and pairs:
-            interval_model = fit_interval_model(pairs, metric, g, finite_or_none(x[last]))
+            interval_model = fit_interval_model(pairs_for_target(pairs, None), metric, g, finite_or_none(x[last]))
         if anchored:
             out["anchor_intervals"][metric] = interval_model
         for t in targets:
+            model_t = interval_model
+            if anchored and g is not None and pairs and any(p.get("target") == t for p in pairs):
+                # a target-styled pair joins only its own target's model (engine/styled_pairs.py)
+                model_t = fit_interval_model(pairs_for_target(pairs, t), metric, g, finite_or_none(x[last]))
+                out.setdefault("anchor_intervals_by_target", {}).setdefault(t, {})[metric] = model_t
             xt = series(records, "pseudo", t, metric)
             no_g = f"no mapping G: {why}"
             cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
@@ -103,7 +109,7 @@ def fit_and_estimate(
                 level,
                 no_g=no_g,
                 no_pseudo=f"no pseudo {metric} at the last checkpoint" + (f" ({reason})" if reason else ""),
-                anchor=(x[last], y[last], interval_model) if anchored and last >= 0 else None,
+                anchor=(x[last], y[last], model_t) if anchored and last >= 0 else None,
             )
             out["estimates"][t][metric] = est
             if anchored and g is not None:

@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 
+#: the baseline rows of the label-free signals (engine/signals.py), as CSV columns
+SIGNAL_COLUMNS = ("soft_dice_confidence", "styled_calibration_score", "agreement")
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -113,6 +117,9 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
         "true",
         "calibration_score",
         "confidence",
+        "soft_dice_confidence",
+        "styled_calibration_score",
+        "agreement",
         "reason",
     ]
     with path.open("w", newline="") as f:
@@ -132,6 +139,7 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
                         report.get("true", {}).get(t, {}).get(m),
                         base.get("calibration_score", {}).get(t, {}).get(m),
                         base.get("confidence", {}).get(t, {}).get(m),
+                        *(base.get(row, {}).get(t, {}).get(m) for row in SIGNAL_COLUMNS),
                         e["reason"] or "",
                     ]
                 )
