@@ -292,3 +292,36 @@ def test_a_run_reports_the_signal_rows_and_keeps_the_masks_across_a_resume(tmp_p
     paths = run.write_report(tmp_path, model)
     header = paths["csv"].read_text().splitlines()[0]
     assert "soft_dice_confidence,styled_calibration_score,agreement" in header
+
+
+# ---------------------------------------------------------------------------------------- one estimate (item 4)
+def _pair_errors(spe: list[float], reg: list[float], agree: list[float], real: list[float]) -> dict:
+    names = [f"{f}_2" for f in ("noise", "gamma", "contrast", "blur", "bias_field", "low_resolution")]
+    out: dict = {"real": dict(zip(names, real))}
+    for key, vals in (("spe", spe), ("quality_regressor", reg), ("agreement", agree)):
+        out[key] = {"values": dict(zip(names, vals))}
+    out["subset5_0"] = {}
+    return out
+
+
+def test_all_signal_combination_is_chosen_on_held_out_families_and_ties_keep_spe_alone():
+    from spe_lightning.benchmark import _weight_grid, all_signal_combination
+
+    grid = _weight_grid(3)
+    assert grid[0] == (1.0, 0.0, 0.0) and len(grid) == 15 and all(sum(w) == pytest.approx(1) for w in grid)
+    real = [0.6, 0.9, 0.85, 0.8, 0.7, 0.75]
+    # agreement is exact on every family, SPE and the regressor miss: agreement alone wins held out
+    res = all_signal_combination(
+        {"pair_errors": _pair_errors([r + 0.1 for r in real], [r - 0.1 for r in real], real, real)}
+    )
+    assert res["weights"] == [0.0, 0.0, 1.0] and res["heldout_mae"] == pytest.approx(0.0)
+    assert res["adopted"] and res["spe_heldout_mae"] == pytest.approx(0.1) and res["half_width"] == pytest.approx(0)
+    # every signal the same: SPE alone (the simpler rule), not adopted
+    same = [r + 0.05 for r in real]
+    res = all_signal_combination({"pair_errors": _pair_errors(same, same, same, real)})
+    assert res["weights"] == [1.0, 0.0, 0.0] and not res["adopted"]
+    # fewer than 3 shifted families: no rule is chosen
+    few = _pair_errors(real, real, real, real)
+    for key in ("spe", "quality_regressor", "agreement"):
+        few[key]["values"] = dict(list(few[key]["values"].items())[:2])
+    assert all_signal_combination({"pair_errors": few}) is None
