@@ -81,18 +81,24 @@ def table(result: dict[str, Any]) -> str:
         ]
     t = result["timing"]
     sig = t.get("signals_s") or {}
-    spe = t["spe_s"] / max(1, len(result.get("segmenters", [1])))  # the first segmenter's share, roughly
     first = result["records"][result["segmenters"][0]]
-    spe_first = sum(r["seconds"] for r in first)
+    per_ckpt = sum(r["seconds"] for r in first) / max(1, len(first))
+    n_targets = len(result["targets"])
     if sig:
         lines += [
             "",
-            "new signals' seconds: "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in sig.items())
-            + f"; SPE's evaluations ({result['segmenters'][0]}) {spe_first:.1f}s: "
-            + f"{100 * sum(sig.values()) / max(spe_first, 1e-9):.0f}% (all segmenters' SPE {t['spe_s']:.0f}s; "
-            + f"per segmenter ~{spe:.0f}s)",
+            f"benchmark's signal work: styled pairs {sig.get('styled_pairs', 0):.1f}s for {n_targets} targets "
+            f"({sig.get('styled_pairs', 0) / max(1, n_targets):.1f}s each; one SPE checkpoint {per_ckpt:.1f}s), "
+            f"agreement from the weight snapshots {sig.get('agreement', 0):.1f}s",
         ]
+    prod = t.get("product_signals_s")
+    if prod:
+        share = 100 * sum(prod.values()) / max(t["product_spe_s"], 1e-9)
+        lines.append(
+            "product's signal work in the same run: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in prod.items())
+            + f" = {share:.1f}% of SPE's {t['product_spe_s']:.0f}s"
+        )
     return "\n".join(lines)
 
 

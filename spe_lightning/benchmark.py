@@ -506,7 +506,11 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     result["pair_errors"] = pair_errors(result)
     result["all_signals"] = all_signal_combination(result)
     _all_signal_rows(result)
+    # the benchmark's own signal work (a styled pair for every benchmark target, the snapshots' masks) and the
+    # product's (one styled pair per run target, the masks kept at each record) for the same run
     result["timing"]["signals_s"] = raw[cfg.segmenters[0]].get("seconds", {})
+    result["timing"]["product_signals_s"] = dict(callbacks[0].run.signal_seconds)
+    result["timing"]["product_spe_s"] = callbacks[0].run.seconds - sum(callbacks[0].run.signal_seconds.values())
     result["selection"] = selection_scores(result)
     _write(result, out)
     return result
