@@ -264,6 +264,8 @@ class SPEEstimator:
             last = run.records[-1]
             anchor = {
                 "intervals": dict(report["anchor_intervals"]),
+                # a run target's own model (its target-styled pair joined it): used for a set of the same name
+                "intervals_by_target": dict(report.get("anchor_intervals_by_target", {})),
                 "calibration_pseudo": dict(last["pseudo"].get(CALIBRATION, {})),
                 "calibration_real": dict(last["real"].get(CALIBRATION, {})),
             }
@@ -774,7 +776,7 @@ class SPEEstimator:
         engine = self.engine
         pseudo = engine.pseudo(data, masks, device)
         estimates = self.estimate_from_pseudo(
-            pseudo["values"], pseudo["reason"], self._distance(data, masks, conf), self._bounds(data)
+            pseudo["values"], pseudo["reason"], self._distance(data, masks, conf), self._bounds(data), target=name
         )
         true = engine.real(data, masks)
         cases: list[dict[str, Any]] = []
@@ -944,6 +946,7 @@ class SPEEstimator:
         reason: str | None = None,
         distance: float | None = None,
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        target: str | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
@@ -955,6 +958,9 @@ class SPEEstimator:
         """
         level = self.config.level
         anchor = self.anchor
+        # the run's own targets had a target-styled pair in their interval model; other sets use the generic one
+        intervals = (anchor or {}).get("intervals") or {}
+        intervals = {**intervals, **((anchor or {}).get("intervals_by_target") or {}).get(target or "", {})}
         out: dict[str, dict[str, Any]] = {}
         for key in self.keys:
             md = self.mappings.get(key, {})
@@ -968,7 +974,7 @@ class SPEEstimator:
                 anchor=(
                     anchor["calibration_pseudo"].get(key),
                     anchor["calibration_real"].get(key),
-                    (anchor.get("intervals") or {}).get(key),
+                    intervals.get(key),
                 )
                 if anchor
                 else None,

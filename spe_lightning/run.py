@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from spe_lightning import __version__
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
+from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
 from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
@@ -46,6 +47,8 @@ from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
 from spe_lightning.engine.quality import combination_from_pairs, combined_value
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
 from spe_lightning.engine.report import make_figure, write_csv, write_json
+from spe_lightning.engine.signals import signal_baselines
+from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.estimator import SPEEstimator
 from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
@@ -123,6 +126,13 @@ class SPERun:
         self.show_progress = True
         #: the calibration set's label-free features at the last evaluated weights (engine/distance.py)
         self.calibration_features: np.ndarray | None = None
+        #: the last checkpoints' masks per set, for the checkpoint agreement (kept in the checkpoint state)
+        self.history = MaskHistory(AGREEMENT_K)
+        self._pending_masks: dict[str, list[Tensor]] = {}
+        #: the style applied to each target's styled calibration set (engine/styled_pairs.py)
+        self.styles: dict[str, Any] = {}
+        #: seconds of the new signals (styled pairs, agreement) apart from SPE's own
+        self.signal_seconds: dict[str, float] = {"styled_pairs": 0.0, "agreement": 0.0}
 
     def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
         """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
@@ -352,6 +362,8 @@ class SPERun:
                     masks[pos] = m[k]
                 conf[r :: shard.world] = cf
             predictions[name] = (data, masks, conf)
+        if sets is None:  # a checkpoint's record: its masks feed the checkpoint agreement once it is kept
+            self._pending_masks = {name: p[1] for name, p in predictions.items()}
         record = engine.evaluate(predictions, device, shard, progress=progress)
         distances = self.guarded(
             "the label-free distances to the calibration set failed (no extrapolation flag)",
@@ -403,7 +415,17 @@ class SPERun:
         seconds = time.perf_counter() - start - (self.segmenter_fit_seconds - fit_before)
         record.update(epoch=epoch, step=step, final=final, seconds=seconds)
         self.records.append(record)
+        self._keep_masks(record, epoch)
         return record
+
+    def _keep_masks(self, record: dict[str, Any], epoch: int) -> None:
+        """Keep this record's masks (bit-packed, last K) and add each set's checkpoint agreement to it."""
+        start = time.perf_counter()
+        pending, self._pending_masks = self._pending_masks, {}
+        for name, masks in pending.items():
+            self.history.push(name, masks, epoch)
+        record["agreement"] = {name: self.history.agreement(name) for name in pending}
+        self.signal_seconds["agreement"] += time.perf_counter() - start
 
     def finish(
         self, model: nn.Module, epoch: int | None = None, step: int | None = None, shard: Shard | None = None
@@ -461,7 +483,35 @@ class SPERun:
         self.pairs_seconds = time.perf_counter() - start
         if pairs and c.verbose:
             self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
+        if pairs:
+            start = time.perf_counter()
+            styled = self.guarded(
+                "the target-styled calibration pairs failed; the targets use the generic pairs",
+                lambda: self.measure_styled_pairs(model, shard),
+            )
+            self.pairs += styled or []
+            self.signal_seconds["styled_pairs"] = time.perf_counter() - start
         return self.pairs
+
+    def styled_sets(self) -> dict[str, CachedSet]:
+        """Each target's styled calibration set (the calibration set restyled as the target from its unlabelled
+        images; :func:`~spe_lightning.engine.styled_pairs.styled_set`), by set name; the styles go to ``styles``."""
+        out = {}
+        for i, t in enumerate(self._targets):
+            data, style = styled_set(self._sets[CALIBRATION], self._sets[t], seed=self.config.seed * 7919 + 31 * i)
+            self.styles[t] = {k: v for k, v in style.items() if k != "target_images"}
+            out[data.name] = data
+        return out
+
+    def measure_styled_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
+        """One labelled pair per target from its styled calibration set at ``model``'s weights (one set
+        evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
+        sets = self.styled_sets()
+        record = self.evaluate(model, shard, sets)
+        last = self.records[-1]
+        for kind in ("pseudo", "real"):
+            record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+        return pairs_from_record(record, CALIBRATION, list(sets), {styled_name(t): t for t in self._targets})
 
     # ------------------------------------------------------------------ estimates and report
     def running_estimate(self) -> dict[str, Any] | None:
@@ -504,6 +554,11 @@ class SPERun:
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
             report["reference_slices"] = engine.ref_slices
         report.update(result, records=self.records, pairs=self.pairs, reason=self.no_estimate_reason())
+        rows, details = signal_baselines(
+            self.records, self._targets, self.keys, self.pairs, self.history, self._sets.get(CALIBRATION)
+        )
+        report["baselines"].update(rows)
+        report["signals"] = {**details, "styles": self.styles, "seconds": dict(self.signal_seconds)}
         if self.records:
             self.check_alerts(result["estimates"], self.records[-1], stage="final")
         report["alerts"] = list(self.alerts)
@@ -534,6 +589,7 @@ class SPERun:
     def seconds(self) -> float:
         """SPE's own time so far: every evaluation and the calibration pairs."""
         extra = self.pairs_seconds + self.quality_seconds + self.segmenter_fit_seconds
+        extra += sum(self.signal_seconds.values())
         return sum(float(r.get("seconds", 0.0)) for r in self.records) + extra
 
     def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
@@ -609,7 +665,8 @@ class SPERun:
             values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
             return float(np.mean(values)) if values else None
 
-        dev = {name: mean(data) for name, data in self.pair_sets().items()}
+        # held out: the regressor's map refitted without each pair's shift family (subsets: none left, skipped)
+        dev = regressor_heldout_means(est, model, self, self.pair_sets())
         g = MetricMapping.from_dict(mapping)
         choice = combination_from_pairs(self.pairs, dev, g, float(pseudo[last]), float(real[last]))
         if choice is None:
@@ -632,6 +689,7 @@ class SPERun:
     def state_dict(self) -> dict[str, Any]:
         """Records, settings and a learned segmenter's fitted weights (plain objects and tensors), for a checkpoint."""
         state: dict[str, Any] = {"records": self.records, "config": self.config.to_dict(), "alerts": self.alerts}
+        state["mask_history"] = self.history.state_dict()  # the checkpoint agreement continues after a resume
         seg = self.engine.segmenter if self.engine is not None else None
         if seg is not None and seg.needs_fit and seg.is_fitted:
             state["segmenter_state"] = {"key": self.segmenter_key(), "tensors": seg.state_tensors()}
@@ -647,4 +705,53 @@ class SPERun:
             self.warn(message + "; earlier records kept.")
         self.records = list(state.get("records", []))
         self.alerts = list(state.get("alerts", []))
+        self.history = MaskHistory(AGREEMENT_K)
+        if "mask_history" in state:  # older checkpoints: the agreement starts over (it needs 2 new records)
+            self.history.load_state_dict(state["mask_history"])
         self._segmenter_state = state.get("segmenter_state")  # used instead of refitting when the key matches
+
+
+def regressor_heldout_means(est: Any, model: Any, run: Any, pair_sets: dict[str, Any]) -> dict[str, float | None]:
+    """The regressor's mean estimate on each shifted pair set, its calibration map refitted with the shifted
+    copies of every *other* family (as ``SPEEstimator.fit_quality`` builds them); subsets: None (they are the
+    calibration cases the map is fitted on). Only when the fit used shifted copies (few bad calibration
+    cases); otherwise the map never saw the shifted sets and the plain means are returned."""
+    from spe_lightning.engine.percase import per_case_dice
+    from spe_lightning.engine.quality import calibrate_quality, quality_estimates
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
+    from spe_lightning.estimator import _working_masks
+
+    qcal = est.quality["calibration"]
+    device = next(model.parameters()).device
+    reg = est._quality_regressor(device)
+    cal = run.sets[CALIBRATION]
+    size = tuple(cal.gray.shape[-2:])
+
+    def raw_of(data: Any) -> tuple[np.ndarray, np.ndarray]:
+        masks, _ = est._predict(model, data, device, run.logits_fn)
+        return reg.predict(data.gray, _working_masks(masks, size)).numpy(), per_case_dice(masks, data.masks)
+
+    out: dict[str, float | None] = {n: None for n in pair_sets}
+    if not qcal.get("n_extra_pairs"):
+        for n, data in pair_sets.items():
+            if not n.startswith("subset"):
+                rows = est.case_estimates(model, data, logits_fn=run.logits_fn)
+                values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
+                out[n] = float(np.mean(values)) if values else None
+        return out
+    x0, y0 = raw_of(cal)
+    fam = {f: raw_of(shift_set(cal, f, 2, seed=est.config.seed * 7919 + 97 * i)) for i, f in enumerate(SHIFT_FAMILIES)}
+    for n, data in pair_sets.items():
+        f = n.rsplit("_", 1)[0]
+        if n.startswith("subset") or f not in fam:
+            continue
+        others = [fam[o] for o in fam if o != f]
+        q = calibrate_quality(
+            x0,
+            y0,
+            kind="isotonic",
+            level=qcal["level"],
+            extra_pairs=(np.concatenate([a for a, _ in others]), np.concatenate([b for _, b in others])),
+        )
+        out[n] = float(np.mean(quality_estimates(q, raw_of(data)[0])["estimate"]))
+    return out

@@ -261,8 +261,25 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     assert by_ckpt["epochs"] == [r["epoch"] for r in res["records"]["label_fusion"]]
     assert "quality_regressor" in res["metrics"]["dice"] and "quality_regressor" in res["summary"]["dice"]
     raw = res["shift_raw"]["label_fusion"]
-    assert set(raw["quality_regressor"]["dev_means"]) == {p["name"] for p in raw["pairs"]}
-    assert res["combination"]["n_sets"] == len(raw["pairs"]) and "spe_combined" in res["summary"]["dice"]
+    generic = [p for p in raw["pairs"] if "target" not in p]
+    assert {p["target"] for p in raw["pairs"] if "target" in p} == {"extra_test", "site"}  # the product's own
+    assert set(raw["quality_regressor"]["dev_means"]) == {p["name"] for p in generic}
+    # the combination is chosen on held-out families only: the regressor's map refitted without each shift
+    # family; the subsets (calibration cases its map was fitted on) are skipped
+    shifted = {p["name"] for p in generic if p["kind"] == "shift"}
+    assert set(res["combination"]["sets"]) <= shifted and res["combination"]["held_out"]
+    assert "spe_combined" in res["summary"]["dice"]
+    # the new signals (issue 23): a styled pair per benchmark target, agreement, their rows and pair errors
+    names = [t["name"] for t in res["targets"]]
+    assert set(raw["styled_pairs"]) == set(names) and all(p["kind"] == "styled" for p in raw["styled_pairs"].values())
+    assert raw["agreement"]["calibration"] == pytest.approx(raw["agreement"]["calibration_run"])
+    assert set(raw["agreement"]["pairs"]) == {p["name"] for p in generic}
+    for row in ("soft_dice_confidence", "styled_calibration_score", "agreement", "spe_without_styled"):
+        assert res["summary"]["dice"][row]["n"] > 0, row
+    assert {"spe", "calibration_score", "soft_dice_confidence", "agreement"} <= set(res["pair_errors"])
+    assert set(res["timing"]["signals_s"]) == set(res["timing"]["product_signals_s"]) == {"styled_pairs", "agreement"}
+    combo = res["all_signals"]  # item 4: weights chosen on held-out families, a row beside SPE's
+    assert combo is None or (sum(combo["weights"]) == pytest.approx(1.0) and "all_signals" in res["summary"]["dice"])
     assert set(res["sites"]) == {"site"} and "site" in res["selection"]["targets"]
     assert res["selection"]["summary"]["shifted"]
     noise = res["metrics_by_target"]["noise_2"]["dice"]  # a selection target: no row for the second segmenter

@@ -82,7 +82,9 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     # anchored by default: calibration score + G(target) - G(calibration), intervals from calibration pairs
     assert dice["method"] == "anchored" and dice["paper"]["value"] is not None
     kinds = {p["kind"] for p in report["pairs"]}
-    assert kinds == {"subset", "shift"} and len(report["pairs"]) == 2 + 6  # one target size, 6 families x 1
+    # one target size, 6 families x 1, and one target-styled pair per target (joining only that target's model)
+    assert kinds == {"subset", "shift", "styled"} and len(report["pairs"]) == 2 + 6 + 2
+    assert {p["target"] for p in report["pairs"] if p["kind"] == "styled"} == {"target", "target_noisy"}
     assert report["anchor_intervals"]["dice"]["scores"]
     assert (report_path.parent / "spe_estimator.pt").is_file()
     assert (report_path.parent / "spe_report.csv").read_text().startswith("target,metric,estimate")

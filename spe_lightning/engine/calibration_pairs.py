@@ -18,7 +18,7 @@ import torch
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_from_record"]
+__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_for_target", "pairs_from_record"]
 
 #: severities of each shift family measured for the intervals
 INTERVAL_SEVERITIES = (2,)
@@ -57,19 +57,34 @@ def calibration_sets(
     return sets
 
 
-def pairs_from_record(record: dict[str, Any], base: str, names: Sequence[str]) -> list[dict[str, Any]]:
-    """``(pseudo difference, real difference)`` of each set in ``names`` against set ``base`` of one record."""
+def pairs_from_record(
+    record: dict[str, Any], base: str, names: Sequence[str], targets: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """``(pseudo difference, real difference)`` of each set in ``names`` against set ``base`` of one record,
+    with the set's mean per-case confidence (Soft Dice Confidence). ``targets`` maps a target-styled set's name
+    to its target: that pair is of kind ``"styled"`` and carries ``"target"`` (it joins only that target's
+    move/interval model, :func:`pairs_for_target`); the other pairs carry no ``"target"``."""
+    targets = targets or {}
     pairs = []
     for name in names:
-        pairs.append(
-            {
-                "kind": "subset" if name.startswith("subset") else "shift",
-                "name": name,
-                "d_pseudo": _diff(record["pseudo"].get(name, {}), record["pseudo"].get(base, {})),
-                "d_real": _diff(record["real"].get(name, {}), record["real"].get(base, {})),
-            }
-        )
+        kind = "styled" if name in targets else ("subset" if name.startswith("subset") else "shift")
+        pair = {
+            "kind": kind,
+            "name": name,
+            "d_pseudo": _diff(record["pseudo"].get(name, {}), record["pseudo"].get(base, {})),
+            "d_real": _diff(record["real"].get(name, {}), record["real"].get(base, {})),
+            "confidence": record.get("confidence", {}).get(name),
+        }
+        if name in targets:
+            pair["target"] = targets[name]
+        pairs.append(pair)
     return pairs
+
+
+def pairs_for_target(pairs: Sequence[dict[str, Any]], target: str | None) -> list[dict[str, Any]]:
+    """The pairs of ``target``'s move/interval model: every generic pair (no ``"target"`` key) and the pairs
+    made for that target (``target=None``: the generic ones only)."""
+    return [p for p in pairs if p.get("target") is None or (target is not None and p.get("target") == target)]
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 
@@ -61,7 +62,6 @@ __all__ = [
     "fit_interval_model",
     "metric_range",
     "pair_family",
-    "pairs_for",
 ]
 
 #: floor of the interval scale per metric (metric units)
@@ -91,12 +91,6 @@ def finite_or_none(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def pairs_for(pairs: Sequence[dict[str, Any]], target: str | None = None) -> list[dict[str, Any]]:
-    """The pairs an interval model of ``target`` learns from: the generic pairs (no ``"target"`` key) and
-    the pairs styled like that target (``"target": target``); ``target=None``: the generic pairs only."""
-    return [p for p in pairs if p.get("target") is None or (target is not None and p.get("target") == target)]
 
 
 def metric_range(metric: str, bounds: tuple[float | None, float | None] | None = None) -> float | None:
@@ -139,8 +133,9 @@ def fit_interval_model(
     pairs' misses (least squares of ``|miss|`` on ``|prediction|``, slope >= 0, ``s0`` at least the
     metric's floor times the slope); ``rule="proportional"`` fixes ``slope = 1`` and ``s0`` at the floor
     (or at the ``s0`` given). ``exclude`` drops pairs whose name starts with it. ``target``: keep the
-    generic pairs and those styled like that target (:func:`pairs_for`); None: the pairs as given (the
-    caller has chosen them, e.g. ``pairs_for(pairs, None)`` for the generic model).
+    generic pairs and those styled like that target
+    (:func:`~spe_lightning.engine.calibration_pairs.pairs_for_target`); None: the pairs as given (the caller
+    has chosen them, e.g. ``pairs_for_target(pairs, None)`` for the generic model).
 
     ``model["distance"]``: the largest label-free distance of a pair (None when the pairs hold none);
     ``model["reliability"]``: ``{"reliable", "reason", ...}`` (see the module docstring); ``bounds``
@@ -157,7 +152,7 @@ def fit_interval_model(
     floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
     fams, dps, drs, gms, dists, styled = [], [], [], [], [], 0
-    for p in pairs if target is None else pairs_for(pairs, target):
+    for p in pairs if target is None else pairs_for_target(pairs, target):
         if exclude and p["name"].startswith(exclude):
             continue
         dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from spe_lightning.data.adapters import encode_labels
 from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.soft_dice import soft_dice_confidence
 
 __all__ = [
     "LogitsFn",
@@ -81,10 +82,8 @@ def _checked_logits(logits: object, batch: Tensor) -> Tensor:
 
 
 def _soft_dice(p: Tensor, m: Tensor) -> Tensor:
-    pm = m.float()
-    inter = (p * pm).flatten(1).sum(1)
-    denom = (p + pm).flatten(1).sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-8), torch.ones_like(denom))
+    # the per-case confidence is the Soft Dice Confidence (engine/soft_dice.py)
+    return soft_dice_confidence(p, m)
 
 
 def _decode(

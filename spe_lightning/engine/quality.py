@@ -492,20 +492,33 @@ def combination_from_pairs(
     real_calibration: float | None,
 ) -> dict[str, Any] | None:
     """:func:`choose_combination` on a run's calibration pairs (Dice): development sets whose real Dice
-    (``real_calibration + d_real``), SPE's anchored estimate (from ``d_pseudo`` through ``g``) and the
-    regressor's mean estimate (``regressor_means`` by pair name) are all known. None without them."""
-    from spe_lightning.engine.estimate import anchored_estimate
+    (``real_calibration + d_real``), SPE's anchored estimate and the regressor's mean estimate
+    (``regressor_means`` by pair name) are all known. None without them.
+
+    Neither signal is scored on data it was fitted on: SPE's estimate of a pair is made with the move rule it
+    applies (:func:`~spe_lightning.engine.estimate.fit_interval_model`) fitted without that pair's family,
+    and ``regressor_means`` must be held out the same way (e.g. :func:`spe_lightning.run.regressor_heldout_means`;
+    a pair whose mean is None, such as a subset of the calibration cases the regressor's map was fitted on,
+    is skipped). Only generic pairs (no ``"target"``) are used."""
+    from spe_lightning.engine.calibration_pairs import pairs_for_target
+    from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model, pair_family
 
     if not regressor_means or g is None or pseudo_calibration is None or real_calibration is None:
         return None
+    generic = pairs_for_target(pairs, None)
     spe, reg, real, names = [], [], [], []
-    for p in pairs:
+    for p in generic:
         dp, dr, mean = p["d_pseudo"].get("dice"), p["d_real"].get("dice"), regressor_means.get(p["name"])
         if dp is None or dr is None or mean is None:
             continue
-        value = anchored_estimate(g, "dice", pseudo_calibration + dp, pseudo_calibration, real_calibration)["value"]
+        fam = pair_family(p["name"])
+        held_out = [q for q in generic if pair_family(q["name"]) != fam]
+        model = fit_interval_model(held_out, "dice", g, pseudo_calibration)
+        value = anchored_estimate(
+            g, "dice", pseudo_calibration + dp, pseudo_calibration, real_calibration, interval_model=model
+        )["value"]
         spe.append(np.nan if value is None else value)
         reg.append(mean)
         real.append(real_calibration + dr)
         names.append(p["name"])
-    return {**choose_combination(spe, reg, real), "sets": names}
+    return {**choose_combination(spe, reg, real), "sets": names, "held_out": True}

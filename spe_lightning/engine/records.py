@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from spe_lightning.engine.estimate import anchored_value, estimate, finite_or_none, fit_interval_model, pairs_for
+from spe_lightning.engine.calibration_pairs import pairs_for_target
+from spe_lightning.engine.estimate import anchored_value, estimate, finite_or_none, fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
@@ -103,7 +104,7 @@ def fit_and_estimate(
         key_bounds = bounds.get(metric)
         if anchored and g is not None and pairs:
             interval_model = fit_interval_model(  # the generic pairs: no target-styled ones
-                pairs_for(pairs, None), metric, g, finite_or_none(x[last]), bounds=key_bounds, level=level
+                pairs_for_target(pairs, None), metric, g, finite_or_none(x[last]), bounds=key_bounds, level=level
             )
         if anchored:
             out["anchor_intervals"][metric] = interval_model

@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 
+#: the baseline rows of the label-free signals (engine/signals.py), as CSV columns
+SIGNAL_COLUMNS = ("soft_dice_confidence", "styled_calibration_score", "agreement")
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -132,6 +136,9 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
         "true",
         "calibration_score",
         "confidence",
+        "soft_dice_confidence",
+        "styled_calibration_score",
+        "agreement",
         "reason",
         "reliable",
         "outside_calibrated_range",
@@ -154,6 +161,7 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
                         report.get("true", {}).get(t, {}).get(m),
                         base.get("calibration_score", {}).get(t, {}).get(m),
                         base.get("confidence", {}).get(t, {}).get(m),
+                        *(base.get(row, {}).get(t, {}).get(m) for row in SIGNAL_COLUMNS),
                         e["reason"] or "",
                         e.get("reliable", ""),
                         e.get("outside_calibrated_range", ""),
