@@ -507,11 +507,14 @@ class SPERun:
         """One labelled pair per target from its styled calibration set at ``model``'s weights (one set
         evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
         sets = self.styled_sets()
-        record = self.evaluate(model, shard, sets)
+        record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
         last = self.records[-1]
         for kind in ("pseudo", "real"):
             record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
-        return pairs_from_record(record, CALIBRATION, list(sets), {styled_name(t): t for t in self._targets})
+        pairs = pairs_from_record(record, CALIBRATION, list(sets), {styled_name(t): t for t in self._targets})
+        for p in pairs:  # how far each styled set is from the calibration set: its interval model's reach
+            p.setdefault("distance", record["distance"].get(p["name"]))
+        return pairs
 
     # ------------------------------------------------------------------ estimates and report
     def running_estimate(self) -> dict[str, Any] | None:
