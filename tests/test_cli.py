@@ -105,7 +105,10 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
     reports = list(tmp_path.rglob("spe_report.json"))
     assert len(reports) == 1 and len(list(tmp_path.rglob("spe_estimator.pt"))) == 1
     report = json.loads(reports[0].read_text())
-    assert report["reason"] is None and len(report["records"]) == 3 and len(report["pairs"]) == 8
+    assert report["reason"] is None and len(report["records"]) == 3
+    # 8 generic calibration pairs, and one pair styled like each of the two targets
+    assert len([p for p in report["pairs"] if p.get("target") is None]) == 8
+    assert sorted(p["target"] for p in report["pairs"] if p.get("target")) == ["target", "target_noisy"]
     for target in ("target", "target_noisy"):
         assert report["estimates"][target]["dice"]["value"] is not None
     assert (reports[0].parent / "spe_report.csv").is_file() and (reports[0].parent / "spe_calibration.png").is_file()
