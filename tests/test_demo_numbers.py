@@ -1,8 +1,8 @@
 """The demo's numbers (issue 26 item 5): `spe-lightning fit --config configs/synthetic.yaml` estimates Dice and IoU
 of both targets within the tolerance the README states, with the truth inside the 90% interval.
 
-The tolerance comes from benchmarks/results/demo_spread.json (training seeds 0-2: the largest error was 0.032
-for Dice and 0.039 for IoU, on the noisy target). The demo's real default reverse step (learned propagation)
+The tolerance comes from benchmarks/results/demo_spread.json (training seeds 0-2: the largest error was 0.040
+for Dice and 0.049 for IoU, on the noisy target). The demo's real default reverse step (learned propagation)
 is fitted once here (~1 min on an idle 2-core machine, several when loaded), so the test is marked ``slow``
 and runs with ``SPE_RUN_SLOW=1`` (skipped, with that reason, otherwise).
 """
@@ -20,7 +20,7 @@ from spe_lightning.cli import cli
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthetic.yaml"
 #: |estimate - truth| the README states for the demo, per metric (the spread over seeds, rounded up)
-TOLERANCE = {"dice": 0.04, "iou": 0.05}
+TOLERANCE = {"dice": 0.05, "iou": 0.05}
 
 
 def test_the_recorded_spread_is_within_the_stated_tolerance():
