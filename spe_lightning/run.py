@@ -470,13 +470,7 @@ class SPERun:
             sets = self.pair_sets()
             with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
                 record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
-            last = self.records[-1]
-            for kind in ("pseudo", "real"):
-                record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
-            pairs = pairs_from_record(record, CALIBRATION, list(sets))
-            for p in pairs:  # how far each pair set is from the calibration set: the intervals' reach
-                p.setdefault("distance", record["distance"].get(p["name"]))
-            return pairs
+            return self._pairs_of(record, list(sets))
 
         pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
@@ -508,11 +502,19 @@ class SPERun:
         evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
         sets = self.styled_sets()
         record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
+        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets})
+
+    def _pairs_of(
+        self, record: dict[str, Any], names: list[str], targets: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The labelled pairs of the sets ``names`` evaluated in ``record`` against the last record's calibration
+        set (``targets``: set name -> the target a styled set was made for), each with its distance to the
+        calibration set: the reach of the interval model it joins."""
         last = self.records[-1]
         for kind in ("pseudo", "real"):
             record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
-        pairs = pairs_from_record(record, CALIBRATION, list(sets), {styled_name(t): t for t in self._targets})
-        for p in pairs:  # how far each styled set is from the calibration set: its interval model's reach
+        pairs = pairs_from_record(record, CALIBRATION, names, targets)
+        for p in pairs:
             p.setdefault("distance", record["distance"].get(p["name"]))
         return pairs
 

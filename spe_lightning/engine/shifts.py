@@ -16,7 +16,7 @@ from torch import Tensor
 from spe_lightning.data.adapters import resize_images, to_gray01
 from spe_lightning.engine.cached_set import CachedSet
 
-__all__ = ["SHIFTS", "SHIFT_FAMILIES", "apply_shift", "shift_name", "shift_set", "subset"]
+__all__ = ["SHIFTS", "SHIFT_FAMILIES", "apply_shift", "gray_rows", "shift_name", "shift_set", "subset"]
 
 #: family -> parameter per severity 1, 2, 3
 SHIFTS: dict[str, tuple[float, float, float]] = {
@@ -84,7 +84,7 @@ def apply_shift(image: Tensor, family: str, severity: int, seed: int = 0) -> Ten
     return out.to(image.dtype)
 
 
-def _gray_rows(inputs: Sequence[Tensor], units: Sequence[tuple[int, int]], size: tuple[int, int]) -> Tensor:
+def gray_rows(inputs: Sequence[Tensor], units: Sequence[tuple[int, int]], size: tuple[int, int]) -> Tensor:
     """Working-size gray rows of ``units`` (as :func:`~spe_lightning.engine.predict.cache_dataset` builds them)."""
     rows = []
     for pos, z in units:
@@ -101,7 +101,7 @@ def _gray_rows(inputs: Sequence[Tensor], units: Sequence[tuple[int, int]], size:
 def shift_set(data: CachedSet, family: str, severity: int, seed: int = 0) -> CachedSet:
     """A copy of ``data`` whose images carry a synthetic shift (masks unchanged); item i uses seed ``seed + i``."""
     inputs = [apply_shift(x, family, severity, seed + i) for i, x in enumerate(data.inputs)]
-    gray = _gray_rows(inputs, data.units, (data.gray.shape[-2], data.gray.shape[-1]))
+    gray = gray_rows(inputs, data.units, (data.gray.shape[-2], data.gray.shape[-1]))
     return CachedSet(shift_name(family, severity), inputs, data.masks, gray, list(data.indices), list(data.units))
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spe_lightning.engine.cached_set import CachedSet
-from spe_lightning.engine.shifts import _gray_rows
+from spe_lightning.engine.shifts import gray_rows
 
 __all__ = [
     "BLUR_GRID",
@@ -256,7 +256,7 @@ def styled_set(
         for x, j in zip(calibration.inputs, refs)
     ]
     h, w = calibration.gray.shape[-2:]
-    gray = _gray_rows(inputs, calibration.units, (int(h), int(w)))
+    gray = gray_rows(inputs, calibration.units, (int(h), int(w)))
     name = styled_name(target.name)
     styled = CachedSet(name, inputs, calibration.masks, gray, list(calibration.indices), list(calibration.units))
     return styled, {**style, "beta": float(beta), "target_images": refs}
