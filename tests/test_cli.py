@@ -6,18 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from _demo import CONFIG, SMALL
 
 from spe_lightning.cli import cli, main
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
-SMALL = [
-    "--trainer.max_epochs=3",
-    "--trainer.enable_progress_bar=false",
-    "--data.n_train=24",
-    "--data.n_val=12",
-    "--data.n_target=8",
-    "--data.size=32",
-]
 
 
 def _report(root: Path) -> dict:

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 import pytest
+from _demo import CONFIG
 
 from spe_lightning.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "synthetic.yaml"
 #: |estimate - truth| the README states for the demo, per metric (the spread over seeds, rounded up)
 TOLERANCE = {"dice": 0.05, "iou": 0.05}
 

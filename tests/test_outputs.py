@@ -5,20 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _demo import CONFIG, SMALL
 
 from spe_lightning.cli import cli
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
-SMALL = [
-    "--trainer.max_epochs=3",
-    "--trainer.enable_progress_bar=false",
-    "--data.n_train=24",
-    "--data.n_val=12",
-    "--data.n_target=8",
-    "--data.size=32",
-    "--trainer.callbacks.init_args.working_size=32",
-    "--trainer.callbacks.init_args.interval_shifts=[noise]",
-]
+EXTRA = ["--trainer.callbacks.init_args.working_size=32", "--trainer.callbacks.init_args.interval_shifts=[noise]"]
 SPE_FILES = {"spe_report.json", "spe_report.csv", "spe_calibration.png", "spe_estimator.pt"}
 
 
@@ -35,7 +26,7 @@ def _files(root: Path) -> set[str]:
 )
 def test_demo_config_from_a_scratch_directory_writes_only_under_its_log_dir(tmp_path, monkeypatch, extra, report_dir):
     monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *SMALL, *extra])
+    cli(["fit", "--config", str(CONFIG), *SMALL, *EXTRA, *extra])
     files = _files(tmp_path)
     assert files, "the run wrote nothing"
     outside = sorted(f for f in files if not f.startswith("spe_runs/synthetic/"))
