@@ -19,7 +19,7 @@ import torch
 
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.metrics import PAPER_METRICS
-from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.engine.spe_engine import SPEEngine
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
 from spe_lightning.testing import Blobs, TinyNet, finite_everywhere, loader, tiny_spe, tiny_trainer
 

@@ -26,7 +26,7 @@ import torch
 from spe_lightning.data.synthetic import make_phantom
 from spe_lightning.engine.cached_set import cache_dataset
 from spe_lightning.engine.metrics import PAPER_METRICS
-from spe_lightning.engine.pseudo_metrics import SPEEngine
+from spe_lightning.engine.spe_engine import SPEEngine
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
 
 MIB = 2**20

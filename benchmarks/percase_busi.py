@@ -1,7 +1,7 @@
 """Per-case quality (RCA-style) on BUSI extra_test: does a case's score rank its real Dice?
 
 Trains (or loads) the reference model on ``ROOT/train`` (BUSI lesion, class 1), then scores every
-extra_test image with :mod:`spe_lightning.engine.percase` (its own prediction as a one-image
+extra_test image with :mod:`spe_lightning.percase.rca` (its own prediction as a one-image
 support, reverse-segmenting its most similar references). extra_test masks are used only to score
 the result: Spearman correlation of the per-case score with the real per-case Dice, and AUROC of
 flagging cases with real Dice < 0.7, next to the model's own confidence as a baseline.
@@ -83,8 +83,8 @@ def flag_stats(quality: np.ndarray, real: np.ndarray, threshold: float, cut: flo
 def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32), segmenter: str = "label_fusion") -> dict[str, Any]:
     """Calibrate k on ROOT/test, then score ROOT/extra_test; RCA score vs the model's confidence."""
     from spe_lightning.data import FolderSegmentationDataset
-    from spe_lightning.engine.percase import auroc, spearman
     from spe_lightning.models import SegmentationModel
+    from spe_lightning.percase.rca import auroc, spearman
 
     model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     est = build_estimator(data, segmenter)

@@ -3,7 +3,7 @@
 Protocol (as benchmarks/percase_busi.py): the segmentation model is trained on ``ROOT/train`` (cached with
 its early checkpoints under ``--workdir``); references = ``ROOT/train``; calibration = ``ROOT/test``;
 targets (masks only score the result) = ``ROOT/extra_test`` (and covid_cxr for JSRT). The quality
-regressor (:mod:`spe_lightning.engine.quality`) is fitted on the references (their true masks degraded,
+regressor (:mod:`spe_lightning.percase.regressor`) is fitted on the references (their true masks degraded,
 plus the early checkpoints' and the final model's predictions on them) and calibrated on the test split;
 RCA (label fusion, k=16) and the confidence get an isotonic map score -> Dice there too. The regressor's
 calibration variant (map kind, + confidence, + synthetic or shifted development pairs) is chosen on
@@ -105,7 +105,7 @@ def gray(images: torch.Tensor) -> torch.Tensor:
 
 
 def rca_scores(ref_g: torch.Tensor, ref_m: torch.Tensor, g: torch.Tensor, m: torch.Tensor, empty_score: Any) -> Any:
-    from spe_lightning.engine.percase import case_scores
+    from spe_lightning.percase.rca import case_scores
     from spe_lightning.reverse import make_segmenter
 
     return case_scores(make_segmenter("label_fusion"), g, m, ref_g, ref_m, k=16, empty_score=empty_score)
@@ -115,8 +115,8 @@ def per_case_stats(
     score: np.ndarray, real: np.ndarray, cal: dict[str, Any], conf: np.ndarray | None = None, cut: float = 0.7
 ) -> dict[str, Any]:
     """Ranking and calibrated-estimate quality of one per-case score on a target (``conf`` for combined maps)."""
-    from spe_lightning.engine.percase import auroc, spearman
-    from spe_lightning.engine.quality import quality_estimates
+    from spe_lightning.percase.rca import auroc, spearman
+    from spe_lightning.percase.regressor import quality_estimates
 
     bad = real < cut
     q = quality_estimates(cal, score, conf)
@@ -137,7 +137,7 @@ def per_case_stats(
 
 
 def fit_regressor(settings: dict[str, Any], ref: tuple, extras: list[torch.Tensor], seed: int) -> Any:
-    from spe_lightning.engine.quality import QualityRegressor, QualitySettings
+    from spe_lightning.percase.regressor import QualityRegressor, QualitySettings
 
     reg = QualityRegressor(QualitySettings(**settings))
     reg.fit(ref[0], ref[1], extra_candidates=extras, seed=seed)
@@ -209,7 +209,7 @@ def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]
 
 def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     """Fit each candidate setting on train; score the model's test predictions (Spearman, AUROC)."""
-    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.percase.rca import auroc, spearman
 
     tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
     res = {}
@@ -228,7 +228,7 @@ def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def _calibrate(reg: Any, variant: str, t: dict[str, Any], pos: np.ndarray, seed: int) -> dict[str, Any]:
     """Calibrate ``variant`` on the calibration cases at ``pos`` (and their synthetic/shifted pairs)."""
-    from spe_lightning.engine.quality import calibrate_quality, synthetic_pairs
+    from spe_lightning.percase.regressor import calibrate_quality, synthetic_pairs
 
     v = VARIANTS[variant]
     pairs = None
@@ -265,8 +265,8 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
     the other half's cases *and their shifted copies* (development data only): MAE and interval coverage
     over both, Spearman and AUROC over the unshifted cases.
     """
-    from spe_lightning.engine.percase import auroc, spearman
-    from spe_lightning.engine.quality import quality_estimates
+    from spe_lightning.percase.rca import auroc, spearman
+    from spe_lightning.percase.regressor import quality_estimates
 
     rng = np.random.default_rng(seed)
     n = len(t["real"])
@@ -302,9 +302,9 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
 
 
 def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) -> dict[str, Any]:
-    from spe_lightning.engine.percase import calibrate_flags
-    from spe_lightning.engine.quality import calibrate_quality, quality_estimates
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
+    from spe_lightning.percase.rca import calibrate_flags
+    from spe_lightning.percase.regressor import calibrate_quality, quality_estimates
 
     sets = ctx["sets"]
     tr, te = sets["train"], sets["test"]

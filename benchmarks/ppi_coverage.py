@@ -10,9 +10,9 @@ case's real Dice, IoU, precision and recall; nothing is chosen on them. The rows
 Targets: JSRT lungs -> covid_cxr; JSRT heart (class 2) -> extra_test and its 18 synthetic shifts
 (:mod:`spe_lightning.engine.shifts`, severities 1-3, seed 0 as the shift benchmark); BUSI -> extra_test
 and its shifts. Per target and k (10, 20, 40; below the target's size): ``--draws`` uniform random draws
-of k labelled cases (:func:`~spe_lightning.engine.ppi.ppi_mean` beside the labelled-only interval), and as
-many seeded draws of the suggested design (:func:`~spe_lightning.engine.ppi.stratified_design` +
-:func:`~spe_lightning.engine.ppi.stratified_ppi_mean`). The method's settings (jackknife variance, strata
+of k labelled cases (:func:`~spe_lightning.percase.ppi.ppi_mean` beside the labelled-only interval), and as
+many seeded draws of the suggested design (:func:`~spe_lightning.percase.ppi.stratified_design` +
+:func:`~spe_lightning.percase.ppi.stratified_ppi_mean`). The method's settings (jackknife variance, strata
 rule, uncertainty) were fixed on simulated targets (``synthetic``), never on these.
 
     python benchmarks/ppi_coverage.py collect --dataset jsrt_lungs   # -> results/ppi_cases_jsrt_lungs.json
@@ -82,10 +82,10 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
     from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import FolderSegmentationDataset
     from spe_lightning.engine.metrics import per_item_metrics
-    from spe_lightning.engine.ppi import PPI_METRICS
     from spe_lightning.engine.predict import default_logits
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
     from spe_lightning.models import SegmentationModel
+    from spe_lightning.percase.ppi import PPI_METRICS
     from spe_lightning.reverse import make_segmenter
 
     root_name, ci, epochs, targets = DATASETS[dataset]
@@ -148,8 +148,7 @@ def _summary(values: list[float]) -> float:
 def score_target(rows: list[dict[str, Any]], k: int, draws: int, seed: int) -> dict[str, Any]:
     """Coverage and widths of PPI, the labelled-only and the suggested-design intervals over ``draws`` draws
     (each draw labels the same cases for every metric)."""
-    from spe_lightning.engine.percase import spearman
-    from spe_lightning.engine.ppi import (
+    from spe_lightning.percase.ppi import (
         PPI_METRICS,
         metric_predictions,
         ppi_mean,
@@ -157,6 +156,7 @@ def score_target(rows: list[dict[str, Any]], k: int, draws: int, seed: int) -> d
         stratified_ppi_mean,
         uncertainty_of,
     )
+    from spe_lightning.percase.rca import spearman
 
     est = np.array([np.nan if r["estimated_dice"] is None else r["estimated_dice"] for r in rows], dtype=float)
     missing = ~np.isfinite(est)
@@ -268,7 +268,7 @@ def summary_table(result: dict[str, Any]) -> str:
         "| width ratio PPI / labelled-only (median, max) | suggested / random (median) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    from spe_lightning.engine.ppi import PPI_METRICS
+    from spe_lightning.percase.ppi import PPI_METRICS
 
     for ds, targets in result["datasets"].items():
         for m in PPI_METRICS:
@@ -307,7 +307,7 @@ def summary_table(result: dict[str, Any]) -> str:
 def synthetic(draws: int, seed: int) -> dict[str, Any]:
     """Simulated targets (the only data the method's settings were chosen on): plug-in vs jackknife variance
     of the tuned estimator, and the strata rule, on predictions that are good, biased and noisy, or useless."""
-    from spe_lightning.engine.ppi import ppi_mean, stratified_design, stratified_ppi_mean, uncertainty_of
+    from spe_lightning.percase.ppi import ppi_mean, stratified_design, stratified_ppi_mean, uncertainty_of
 
     rng = np.random.default_rng(seed)
     n = 100

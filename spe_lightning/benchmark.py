@@ -203,7 +203,7 @@ def weight_snapshots(spe: Any) -> Any:
 def fit_regressor(run: Any, model: Any, datamodule: Any, settings: Any = None) -> tuple[Any, float]:
     """The per-case quality regressor fitted on the run's references, calibrated on its calibration set at
     ``model``'s weights (as the callback does at fit end): ``(estimator, seconds)``. ``settings``: a
-    :class:`~spe_lightning.engine.quality.QualitySettings` (None: the product's)."""
+    :class:`~spe_lightning.percase.regressor.QualitySettings` (None: the product's)."""
     from spe_lightning.engine.records import CALIBRATION
     from spe_lightning.estimator import SPEEstimator
 
@@ -431,7 +431,7 @@ def _selection_callback(spe: Any, datamodule: Any, seed: int, every: int) -> Any
 
 
 def selection_scores(result: dict[str, Any], metric: str = "dice") -> dict[str, Any]:
-    """Checkpoint selection per target (:func:`~spe_lightning.engine.selection.selection_regret`) and alert quality.
+    """Checkpoint selection per target (:func:`~spe_lightning.monitoring.selection.selection_regret`) and alert quality.
 
     Targets: every labelled set of the records but calibration: ``extra_test``, the run's other targets
     (``sites``) and the shifted targets measured at several checkpoints (``shifted``, ``--select-every``).
@@ -439,7 +439,7 @@ def selection_scores(result: dict[str, Any], metric: str = "dice") -> dict[str, 
     estimate (``estimate``) or its lower bound (``lower``) against the real Dice crossing it.
     """
     from spe_lightning.engine.records import CALIBRATION
-    from spe_lightning.engine.selection import alert_quality, selection_regret, selection_summary
+    from spe_lightning.monitoring.selection import alert_quality, selection_regret, selection_summary
 
     seg = next(iter(result["records"]))
     records = result["records"][seg]
@@ -626,8 +626,8 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     from spe_lightning.engine.calibration_pairs import pairs_for_target
     from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
     from spe_lightning.engine.metrics import PAPER_METRICS
-    from spe_lightning.engine.quality import combined_value
     from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
+    from spe_lightning.percase.regressor import combined_value
 
     segs = list(result["shift_raw"])
     raw0 = result["shift_raw"][segs[0]]
@@ -708,9 +708,9 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
 
 def _combination(raw: dict[str, Any], g: Any, p_c: float | None, r_c: float | None) -> dict[str, Any] | None:
     """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only
-    (:func:`~spe_lightning.engine.quality.combination_from_pairs`: the calibration pairs' sets at the final
+    (:func:`~spe_lightning.percase.regressor.combination_from_pairs`: the calibration pairs' sets at the final
     weights). None when the run did not measure the regressor on them."""
-    from spe_lightning.engine.quality import combination_from_pairs
+    from spe_lightning.percase.regressor import combination_from_pairs
 
     q = raw.get("quality_regressor") or {}
     dev = q.get("heldout_dev_means", q.get("dev_means"))  # older results: the means on the fitted families

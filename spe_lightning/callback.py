@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from spe_lightning.config import SPEConfig
-from spe_lightning.engine.alerts import alert_message, alert_scalars, monitor_scalars
 from spe_lightning.engine.cached_set import SizedDataset
 from spe_lightning.engine.metrics import PAPER_METRICS
-from spe_lightning.engine.pseudo_metrics import Shard
-from spe_lightning.engine.report import (
+from spe_lightning.engine.shifts import SHIFT_FAMILIES
+from spe_lightning.engine.spe_engine import Shard
+from spe_lightning.monitoring.alerts import alert_message, alert_scalars, monitor_scalars
+from spe_lightning.reporting.report import (
     by_checkpoint_scalars,
     combined_line,
     evaluation_line,
@@ -32,7 +33,6 @@ from spe_lightning.engine.report import (
     report_scalars,
     summary_table,
 )
-from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.reverse.base import ReverseSegmenter
 from spe_lightning.run import SPERun
 

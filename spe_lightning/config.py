@@ -17,8 +17,8 @@ from typing import Any
 
 from spe_lightning.engine.mapping import MAPPINGS
 from spe_lightning.engine.metrics import PAPER_METRICS, validate_metrics
-from spe_lightning.engine.pseudo_metrics import metric_keys
 from spe_lightning.engine.shifts import SHIFT_FAMILIES
+from spe_lightning.engine.spe_engine import metric_keys
 from spe_lightning.reverse.base import available_segmenters
 
 __all__ = ["ACTIVATIONS", "ALERT_ON", "MAX_AUTO_WORKING_SIZE", "SPEConfig", "setting_docs", "settings_markdown"]
@@ -277,7 +277,7 @@ class SPEConfig:
         return metric_keys(self.metrics, self.class_names or None)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~spe_lightning.engine.pseudo_metrics.SPEEngine` for these settings."""
+        """Keyword arguments of :class:`~spe_lightning.engine.spe_engine.SPEEngine` for these settings."""
         return {
             "metrics": self.metrics,
             "support_size": self.support_size,

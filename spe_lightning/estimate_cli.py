@@ -521,7 +521,7 @@ def _read_masks(
 
 def _chunk_groups(spec: str, ids: Sequence[str], images: str | Path) -> tuple[dict[str, list[int]], str]:
     """The chunks of ``--chunk-by`` (label -> positions) and a description of them."""
-    from spe_lightning.engine.chunks import chunks_by_column, chunks_of, find_meta, parse_chunk_by, read_meta
+    from spe_lightning.monitoring.chunks import chunks_by_column, chunks_of, find_meta, parse_chunk_by, read_meta
 
     parsed = parse_chunk_by(spec)
     if isinstance(parsed, int):
@@ -531,7 +531,7 @@ def _chunk_groups(spec: str, ids: Sequence[str], images: str | Path) -> tuple[di
 
 
 def _chunks_csv(rows: Sequence[dict[str, Any]]) -> str:
-    from spe_lightning.engine.chunks import CHUNK_COLUMNS
+    from spe_lightning.monitoring.chunks import CHUNK_COLUMNS
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -646,8 +646,8 @@ def _relative(path: str | Path, out: Path) -> str:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The work of :func:`main` on parsed arguments."""
     from spe_lightning import __version__
-    from spe_lightning.engine.html_report import GalleryItem, write_html_report
     from spe_lightning.estimator import SPEEstimator
+    from spe_lightning.reporting.html import GalleryItem, write_html_report
 
     show = not a.no_progress
     limits = ImageLimits(a.max_images, a.max_file_mb, a.max_voxels)
@@ -770,7 +770,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     _label_outputs(a, est, res, sources, out, summary)  # few labelled cases (issue 28)
     if chunked is not None and groups is not None:
-        from spe_lightning.engine.chunks import chunk_rows
+        from spe_lightning.monitoring.chunks import chunk_rows
 
         summary["chunks"] = {"by": groups[1], **chunked.to_dict()}
         write_file(out / "chunks.csv", _chunks_csv(chunk_rows(chunked.chunks)))
@@ -809,7 +809,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             f"(w {c['weight']:.2f} · regressor mean {c['regressor']:.3f} + {1 - c['weight']:.2f} · SPE {c['spe']:.3f})"
         )
     if chunked is not None and groups is not None:
-        from spe_lightning.engine.alerts import alert_message
+        from spe_lightning.monitoring.alerts import alert_message
 
         print(_chunk_table(chunked.chunks))
         for event in chunked.alerts:

@@ -35,15 +35,19 @@ from torch import Tensor, nn
 from spe_lightning import __version__
 from spe_lightning.config import ALERT_ON, SPEConfig
 from spe_lightning.data.adapters import resize_labels, resize_masks
-from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
-from spe_lightning.engine.chunks import chunks_of
 from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
-from spe_lightning.engine.labels import label_positions, labelled_estimates, labelled_metrics, suggest_labels
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.percase import (
+from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
+from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+from spe_lightning.engine.spe_engine import SPEEngine
+from spe_lightning.monitoring.alerts import alerts_for
+from spe_lightning.monitoring.chunks import chunks_of
+from spe_lightning.percase.labels import label_positions, labelled_estimates, labelled_metrics, suggest_labels
+from spe_lightning.percase.rca import (
     CaseScores,
     calibrate_cases,
     case_rows,
@@ -51,17 +55,13 @@ from spe_lightning.engine.percase import (
     per_case_dice,
     regressor_case_rows,
 )
-from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
-from spe_lightning.engine.pseudo_metrics import SPEEngine
-from spe_lightning.engine.quality import (
+from spe_lightning.percase.regressor import (
     QualityRegressor,
     QualitySettings,
     calibrate_quality,
     combined_value,
     quality_estimates,
 )
-from spe_lightning.engine.records import CALIBRATION
-from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter
 
@@ -102,7 +102,7 @@ class EstimateResult:
     #: weight its run chose (``{"value", "weight", "spe", "regressor"}``); None otherwise
     combined: dict[str, Any] | None = None
     #: with labelled target cases: the prediction-powered estimates
-    #: (:func:`~spe_lightning.engine.labels.labelled_estimates`); None otherwise
+    #: (:func:`~spe_lightning.percase.labels.labelled_estimates`); None otherwise
     labelled: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +176,7 @@ class SPEEstimator:
         reference_images: working-size gray references ``[R,1,w,w]`` in [0, 1] (None: give them later).
         reference_masks: their masks ``[R,1,w,w]`` bool (uint8 label maps with classes).
         reference_indices: positions of the references in the source reference dataset.
-        cases: per-case calibration (:func:`~spe_lightning.engine.percase.calibrate_cases`); None when not calibrated.
+        cases: per-case calibration (:func:`~spe_lightning.percase.rca.calibrate_cases`); None when not calibrated.
         info: free-form extras (targets' in-training estimates, model class, input size).
         anchor: for anchored estimates (:mod:`spe_lightning.engine.estimate`): ``{"intervals": {key:
             interval model (plain numbers) or None}, "calibration_pseudo": {key: float},
@@ -204,7 +204,7 @@ class SPEEstimator:
         self.reference_indices = [int(i) for i in reference_indices]
         self.mappings = {k: dict((mappings or {}).get(k, {"error": "no mapping stored"})) for k in self.keys}
         self.cases = cases
-        #: the per-case quality regressor (:mod:`spe_lightning.engine.quality`): ``{"regressor": state tensors,
+        #: the per-case quality regressor (:mod:`spe_lightning.percase.regressor`): ``{"regressor": state tensors,
         #: "calibration": plain numbers}``; None: per-case scores come from RCA
         self.quality: dict[str, Any] | None = None
         #: a learned reverse segmenter's fitted weights (plain tensors); empty for weight-free ones
@@ -242,7 +242,7 @@ class SPEEstimator:
         """The estimator of a finished :class:`~spe_lightning.SPERun` (after its report was built).
 
         With ``module`` (the trained model) the per-case quality flags are calibrated on the run's
-        calibration set (``k``/``top`` of :func:`~spe_lightning.engine.percase.case_scores`, flag
+        calibration set (``k``/``top`` of :func:`~spe_lightning.percase.rca.case_scores`, flag
         cases whose real Dice is below ``dice_cut``); without it, per-case scores are not flagged.
         The estimator reuses the run's segmenter instance.
         """
@@ -578,7 +578,7 @@ class SPEEstimator:
         """Fit the per-case quality regressor on the labelled ``reference`` set and calibrate it on ``calibration``.
 
         The regressor learns Dice from the references' true masks damaged in the ways models err
-        (:mod:`spe_lightning.engine.mask_errors`) and from ``model``'s own masks of the references (plus
+        (:mod:`spe_lightning.percase.mask_errors`) and from ``model``'s own masks of the references (plus
         ``extra_candidates``, e.g. masks from earlier checkpoints, working size). Calibration maps its output
         to per-case Dice with intervals on the model's calibration predictions: combined with the model's
         confidence when the calibration set has at least 5 cases below Dice 0.7, else with the model's
@@ -836,7 +836,7 @@ class SPEEstimator:
         Args:
             model, images, name, logits_fn, device, image_key, label_key: as for :meth:`estimate`.
             chunks: images per chunk (consecutive, in the given order), ``{label: positions}`` (e.g.
-                :func:`~spe_lightning.engine.chunks.chunks_by_column`) or a list of position lists.
+                :func:`~spe_lightning.monitoring.chunks.chunks_by_column`) or a list of position lists.
             masks: the model's predicted masks of ``images`` when already known (e.g. ``EstimateResult.masks``
                 of the same images): inference is then skipped.
             alert_below, alert_above, alert_on: thresholds as for :class:`~spe_lightning.SPECallback`
@@ -1015,7 +1015,7 @@ class SPEEstimator:
     ) -> dict[str, Any]:
         """The ``k`` target cases to label (a stratified random draw by per-case uncertainty, seeded), as a
         plain dict: label exactly those, then pass the dict as ``label_design`` with their masks to
-        :meth:`estimate` (see :func:`~spe_lightning.engine.labels.suggest_labels`)."""
+        :meth:`estimate` (see :func:`~spe_lightning.percase.labels.suggest_labels`)."""
         cases = result.cases if isinstance(result, EstimateResult) else result
         if not cases:
             raise ValueError("suggest_labels needs the per-case rows (estimate with per_case=True).")
@@ -1077,7 +1077,7 @@ class SPEEstimator:
         chunk: str,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """One chunk's prediction-powered estimates (uniform design inside the chunk) and their alerts."""
-        from spe_lightning.engine.ppi import ppi_alerts
+        from spe_lightning.percase.ppi import ppi_alerts
 
         out = labelled_estimates(cases, masks, labels, self.config.level, None, positions)
         bounds = {

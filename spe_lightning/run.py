@@ -37,20 +37,20 @@ from spe_lightning import __version__
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
-from spe_lightning.engine.alerts import alerts_for
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
-from spe_lightning.engine.pseudo_metrics import Shard, SPEEngine
-from spe_lightning.engine.quality import combination_from_pairs, combined_value
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
-from spe_lightning.engine.report import make_figure, write_csv, write_json
 from spe_lightning.engine.signals import signal_baselines
+from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.estimator import SPEEstimator
+from spe_lightning.monitoring.alerts import alerts_for
+from spe_lightning.percase.regressor import combination_from_pairs, combined_value
 from spe_lightning.progress import Progress
+from spe_lightning.reporting.report import make_figure, write_csv, write_json
 from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
 from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
 
@@ -119,7 +119,7 @@ class SPERun:
         self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
         self._reference_dataset: SizedDataset | None = None
         self.report: dict[str, Any] | None = None
-        #: alert events (:func:`~spe_lightning.engine.alerts.alerts_for`) of the running and final estimates
+        #: alert events (:func:`~spe_lightning.monitoring.alerts.alerts_for`) of the running and final estimates
         self.alerts: list[dict[str, Any]] = []
         #: progress bars of the long steps (learned fit, calibration pairs, quality regressor) when
         #: ``config.verbose``; SPECallback sets it to the Trainer's ``enable_progress_bar`` (rank zero only)
@@ -601,7 +601,7 @@ class SPERun:
         """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
 
         ``model`` (the trained model) calibrates the estimator's per-case flags (2D only); ``figure``
-        (from :func:`~spe_lightning.engine.report.make_figure`) is saved instead of drawing it again.
+        (from :func:`~spe_lightning.reporting.report.make_figure`) is saved instead of drawing it again.
         The report files come first: a failure of the estimator or the figure costs only that file (warned).
         """
         report = self.report if self.report is not None else self.build_report()
@@ -721,10 +721,10 @@ def regressor_heldout_means(est: Any, model: Any, run: Any, pair_sets: dict[str,
     copies of every *other* family (as ``SPEEstimator.fit_quality`` builds them); subsets: None (they are the
     calibration cases the map is fitted on). Only when the fit used shifted copies (few bad calibration
     cases); otherwise the map never saw the shifted sets and the plain means are returned."""
-    from spe_lightning.engine.percase import per_case_dice
-    from spe_lightning.engine.quality import calibrate_quality, quality_estimates
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
     from spe_lightning.estimator import _working_masks
+    from spe_lightning.percase.rca import per_case_dice
+    from spe_lightning.percase.regressor import calibrate_quality, quality_estimates
 
     qcal = est.quality["calibration"]
     device = next(model.parameters()).device

@@ -148,8 +148,8 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
     from spe_lightning import SPECallback
     from spe_lightning.benchmark import fit_regressor, paper_metrics, regressor_by_checkpoint, weight_snapshots
     from spe_lightning.data import SyntheticShapesDataModule
-    from spe_lightning.engine.quality import QualitySettings
     from spe_lightning.models import SegmentationModel
+    from spe_lightning.percase.regressor import QualitySettings
 
     pl.seed_everything(0)
     dm = SyntheticShapesDataModule(n_train=24, n_val=12, n_target=8, size=32, batch_size=4)

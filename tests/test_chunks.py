@@ -11,7 +11,7 @@ from PIL import Image
 
 from spe_lightning import SPEEstimator
 from spe_lightning.cli import main as cli_main
-from spe_lightning.engine.chunks import (
+from spe_lightning.monitoring.chunks import (
     chunk_rows,
     chunks_by_column,
     chunks_of,

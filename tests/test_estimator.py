@@ -146,8 +146,8 @@ def test_quality_regressor_gives_per_case_estimates_that_follow_the_truth(tmp_pa
     from torch.utils.data import ConcatDataset
 
     from spe_lightning.data import SyntheticShapesDataset
-    from spe_lightning.engine.percase import spearman
-    from spe_lightning.engine.quality import QualitySettings
+    from spe_lightning.percase.rca import spearman
+    from spe_lightning.percase.regressor import QualitySettings
     from spe_lightning.reverse import make_segmenter
 
     torch.manual_seed(0)

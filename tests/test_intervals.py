@@ -11,8 +11,8 @@ from spe_lightning.engine.distance import FEATURES, diagonal, image_features, se
 from spe_lightning.engine.estimate import anchored_estimate, estimate, fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.records import fit_and_estimate
-from spe_lightning.engine.report import by_checkpoint_scalars, report_scalars, summary_table
 from spe_lightning.engine.shifts import shift_set, subset
+from spe_lightning.reporting.report import by_checkpoint_scalars, report_scalars, summary_table
 from spe_lightning.testing import Blobs
 
 G = MetricMapping.fit("linear", [0.2, 0.4, 0.6, 0.8], [0.3, 0.5, 0.7, 0.9])  # G(p) = p + 0.1

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from spe_lightning import SPEEstimator
-from spe_lightning.engine.chunks import chunk_rows
-from spe_lightning.engine.ppi import metric_predictions, ppi_mean, stratified_ppi_mean
+from spe_lightning.monitoring.chunks import chunk_rows
+from spe_lightning.percase.ppi import metric_predictions, ppi_mean, stratified_ppi_mean
 
 
 def _target(dm):

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from spe_lightning import SPEConfig
-from spe_lightning.engine.alerts import alert_message, alert_scalars, alerts_for, monitor_scalars
+from spe_lightning.monitoring.alerts import alert_message, alert_scalars, alerts_for, monitor_scalars
 from spe_lightning.testing import Blobs, TinyNet, loader, tiny_spe, tiny_trainer
 
 TAG = "spe/estimate/t/dice"

@@ -10,7 +10,7 @@ import torch
 from _shapes import erode
 
 from spe_lightning.data import SyntheticShapesDataset
-from spe_lightning.engine.percase import auroc, calibrate_flags, case_scores, shift, spearman
+from spe_lightning.percase.rca import auroc, calibrate_flags, case_scores, shift, spearman
 from spe_lightning.reverse import make_segmenter
 
 
@@ -61,7 +61,7 @@ def test_flag_calibration_and_rank_statistics():
 
 
 def test_empty_predictions_are_flagged_when_no_calibrated_score_exists():
-    from spe_lightning.engine.percase import CaseScores, case_rows
+    from spe_lightning.percase.rca import CaseScores, case_rows
 
     scores = CaseScores(
         score=torch.tensor([0.9, 0.2, float("nan")], dtype=torch.float64),
@@ -79,7 +79,7 @@ def test_empty_predictions_are_flagged_when_no_calibrated_score_exists():
 def test_a_case_scoring_below_every_calibration_case_gets_a_low_estimate():
     """The isotonic score -> Dice map is flat below the calibration scores; a case no reference fits (score 0)
     must not inherit the worst calibration case's Dice (issue 16: "quality 0.000, estimated Dice 0.968")."""
-    from spe_lightning.engine.percase import CaseScores, calibrate_cases, case_rows
+    from spe_lightning.percase.rca import CaseScores, calibrate_cases, case_rows
 
     cal_scores = CaseScores(
         score=torch.tensor([0.6, 0.7, 0.8, 0.85, 0.9], dtype=torch.float64),

@@ -1,4 +1,4 @@
-"""Prediction-powered inference (engine/ppi.py): hand computations and coverage by simulation."""
+"""Prediction-powered inference (percase/ppi.py): hand computations and coverage by simulation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import t
 
-from spe_lightning.engine.ppi import (
+from spe_lightning.percase.ppi import (
     LabelDesign,
     classical_mean,
     ppi_mean,

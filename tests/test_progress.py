@@ -94,7 +94,7 @@ def test_no_progress_without_the_trainer_bar_or_when_quiet(tmp_path, capsys, ena
 def test_quality_regressor_fit_shows_its_epochs(capsys, show):
     from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import SyntheticShapesDataset
-    from spe_lightning.engine.quality import QualitySettings
+    from spe_lightning.percase.regressor import QualitySettings
     from spe_lightning.reverse import make_segmenter
 
     torch.manual_seed(0)

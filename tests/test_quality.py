@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from spe_lightning.data.synthetic import make_phantom
-from spe_lightning.engine.mask_errors import ERROR_KINDS, degrade, dice_np, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
-from spe_lightning.engine.percase import spearman
-from spe_lightning.engine.quality import (
+from spe_lightning.percase.mask_errors import ERROR_KINDS, degrade, dice_np, make_candidates
+from spe_lightning.percase.rca import spearman
+from spe_lightning.percase.regressor import (
     QualityRegressor,
     QualitySettings,
     calibrate_quality,

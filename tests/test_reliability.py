@@ -296,7 +296,7 @@ def test_a_checkpoint_from_before_the_support_size_default_keeps_its_records():
 
 def test_a_failure_on_one_process_is_raised_on_every_process():
     """Shard.run gathers (result, error) from every process: all raise together, none waits forever."""
-    from spe_lightning.engine.pseudo_metrics import Shard
+    from spe_lightning.engine.spe_engine import Shard
 
     boom = ValueError("NaN on rank 0")
     rank1 = Shard(rank=1, world=2, gather=lambda obj: [(None, boom), obj])
@@ -361,7 +361,7 @@ def test_same_seed_same_supports_references_and_estimates(tmp_path):
 
 
 def test_chunk_budget_keeps_modelled_peaks_within_the_budget():
-    from spe_lightning.engine.pseudo_metrics import _ChunkBudget
+    from spe_lightning.engine.spe_engine import _ChunkBudget
 
     mib = 2**20
     fixed_cost, per_query = 60 * mib, 11 * mib  # about what label fusion at 256x256 costs on a GPU

@@ -1,5 +1,5 @@
 def test_combined_line_says_what_was_mixed_in():
-    from spe_lightning.engine.report import combined_line
+    from spe_lightning.reporting.report import combined_line
 
     report = {
         "true": {"t": {"dice": 0.8}},

@@ -16,7 +16,7 @@ from _browser import Browser, find_chromium
 from PIL import Image
 
 from spe_lightning.cli import main as cli_main
-from spe_lightning.engine.html_report import _LABELS
+from spe_lightning.reporting.html import _LABELS
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estim
     res = est.estimate(model, tgt["t"], name="t", per_case=False)
     assert res.estimates["dice"]["value"] == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)
     # per-case scores (one-image supports) come from label fusion, which ranked cases better than the learned step
-    from spe_lightning.engine.percase import case_scores
+    from spe_lightning.percase.rca import case_scores
     from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
 
     assert isinstance(est.case_segmenter, LabelFusionSegmenter) and est.segmenter is not est.case_segmenter

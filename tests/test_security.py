@@ -310,7 +310,7 @@ def test_benchmark_input_errors_are_one_line_and_status_2(tmp_path, capsys):
 
 
 def test_report_html_escapes_ids_and_paths(tmp_path):
-    from spe_lightning.engine.html_report import write_html_report
+    from spe_lightning.reporting.html import write_html_report
 
     bad = "<img src=x onerror=alert(1)>"
     cases = [{"id": bad, "quality": 0.1, "flagged": True, "estimated_dice": 0.2, "foreground_pixels": 5}]

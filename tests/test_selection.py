@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spe_lightning.benchmark import selection_scores
-from spe_lightning.engine.selection import alert_quality, selection_regret, selection_summary
+from spe_lightning.monitoring.selection import alert_quality, selection_regret, selection_summary
 
 
 def _records(n: int = 8) -> list[dict]:

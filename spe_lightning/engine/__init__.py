@@ -1,10 +1,12 @@
 """The estimation engine: plain PyTorch / NumPy / scikit-learn, usable without Lightning.
 
 One file per step of SPE (see docs/architecture.md): ``cached_set`` (datasets in memory),
-``predict`` (the model's masks), ``pseudo_metrics`` (support sets, the reverse step, pseudo and
+``predict`` (the model's masks), ``spe_engine`` (support sets, the reverse step, pseudo and
 real metrics), ``mapping`` (G), ``estimate`` (pseudo metric -> estimate with interval),
 ``calibration_pairs`` (labelled pairs for the intervals), ``records`` (G over a run's records),
-``shifts``, ``percase``, ``report``, ``html_report``. :class:`spe_lightning.SPERun` puts them together::
+``shifts``, ``styled_pairs``, ``agreement``, ``soft_dice``, ``distance``. Per-case scoring lives in
+:mod:`spe_lightning.percase`, monitoring in :mod:`spe_lightning.monitoring`, outputs in
+:mod:`spe_lightning.reporting`. :class:`spe_lightning.SPERun` puts them together::
 
     ref = cache_dataset("reference", train_set, working_size=128, require_masks=True)
     engine = SPEEngine(make_segmenter("label_fusion"), ref, PAPER_METRICS)
@@ -15,8 +17,8 @@ from spe_lightning.engine.cached_set import CachedSet, cache_dataset
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MAPPINGS, MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import PAPER_METRICS, per_image_metrics
-from spe_lightning.engine.pseudo_metrics import SPEEngine
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
+from spe_lightning.engine.spe_engine import SPEEngine
 
 __all__ = [
     "CALIBRATION",

@@ -30,7 +30,7 @@ SIGNAL_ROWS = ("soft_dice_confidence", "styled_calibration_score", "agreement")
 def agreement_fit(history: MaskHistory, calibration: CachedSet) -> dict[str, Any]:
     """:func:`~spe_lightning.engine.agreement.fit_agreement_map` on the calibration cases: their agreement over
     the kept checkpoints against the real Dice of the newest checkpoint's masks."""
-    from spe_lightning.engine.percase import per_case_dice
+    from spe_lightning.percase.rca import per_case_dice
 
     agree = history.per_case(CALIBRATION)
     latest = history.latest(CALIBRATION)

@@ -86,7 +86,7 @@ class ReverseSegmenter(ABC):
     #: the metrics such a segmenter scores per support pair through ``score_metrics(query_images,
     #: query_labels, support_images, support_labels, metrics) -> {metric: Tensor[Q]}`` (beyond Dice)
     scored_metrics: tuple[str, ...] = ("dice",)
-    #: the registered segmenter that scores single cases (:mod:`spe_lightning.engine.percase`) in this one's
+    #: the registered segmenter that scores single cases (:mod:`spe_lightning.percase.rca`) in this one's
     #: place; None: this one (a segmenter good at sets can be poor with a one-image support)
     case_segmenter: str | None = None
     #: how many of a set's images SPE gives this segmenter as supports when ``support_size`` is None

@@ -382,7 +382,7 @@ def regressor_case_rows(
     real_dice: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One row per case from the quality regressor's calibrated estimates
-    (:func:`~spe_lightning.engine.quality.quality_estimates`): the same columns as :func:`case_rows`."""
+    (:func:`~spe_lightning.percase.regressor.quality_estimates`): the same columns as :func:`case_rows`."""
     return [
         _case_row(
             str(ids[i]),

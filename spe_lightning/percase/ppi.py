@@ -533,7 +533,7 @@ def ppi_alerts(
     ``estimates`` is ``{target: {metric: {"value", "lower", "upper"}}}``. ``alert_below={"dice": 0.8}``
     fires when the *upper* bound is below 0.8 (the labels show the drop at the interval's level),
     ``alert_above`` when the lower bound is above. Events have the fields of
-    :func:`~spe_lightning.engine.alerts.alerts_for`'s, with ``alert_on="ppi_interval"``.
+    :func:`~spe_lightning.monitoring.alerts.alerts_for`'s, with ``alert_on="ppi_interval"``.
     """
     events: list[dict[str, Any]] = []
     for direction, thresholds in (("below", alert_below), ("above", alert_above)):

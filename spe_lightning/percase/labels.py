@@ -1,8 +1,8 @@
 """A few labelled target cases: their real metrics, the prediction-powered estimates, and suggested cases.
 
-The glue between :class:`~spe_lightning.SPEEstimator`'s per-case rows and :mod:`spe_lightning.engine.ppi`:
+The glue between :class:`~spe_lightning.SPEEstimator`'s per-case rows and :mod:`spe_lightning.percase.ppi`:
 :func:`labelled_estimates` turns the masks of some cases into the prediction-powered mean of every metric
-of :data:`~spe_lightning.engine.ppi.PPI_METRICS` (the per-case estimated Dice as predictions) with the
+of :data:`~spe_lightning.percase.ppi.PPI_METRICS` (the per-case estimated Dice as predictions) with the
 labelled-only interval beside it; :func:`suggest_labels` draws the cases to label by the stratified design
 and returns it as a plain dict (saved with the suggestions, given back with the labels).
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from spe_lightning.engine.metrics import per_item_metrics
-from spe_lightning.engine.ppi import (
+from spe_lightning.percase.ppi import (
     PPI_METRICS,
     LabelDesign,
     metric_predictions,
@@ -111,7 +111,7 @@ def labelled_estimates(
         level: the intervals' coverage.
         design: the suggestions dict of :func:`suggest_labels` when the labelled cases are exactly its
             suggested ones (stratified estimator); None: they are a uniform random sample (see
-            :mod:`spe_lightning.engine.ppi`).
+            :mod:`spe_lightning.percase.ppi`).
         positions: the population (e.g. one chunk's cases); labels outside it are not used.
 
     Returns ``{"n_labels", "n_cases", "design", "level", "ids", "predictions", "n_missing_estimates",
@@ -181,7 +181,7 @@ def _design_strata(design: Mapping[str, Any], ids: Sequence[str], pop: Sequence[
 def suggest_labels(
     cases: Sequence[Mapping[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
 ) -> dict[str, Any]:
-    """The ``k`` cases to label, drawn by the stratified design of :func:`~spe_lightning.engine.ppi.stratified_design`
+    """The ``k`` cases to label, drawn by the stratified design of :func:`~spe_lightning.percase.ppi.stratified_design`
     on the per-case estimated Dice's uncertainty; a plain dict to save and give back with the labels."""
     ids = [str(c["id"]) for c in cases]
     est, n_missing = _estimated_dice(cases)

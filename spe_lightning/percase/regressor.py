@@ -3,7 +3,7 @@
 After Robinson et al., "Real-time prediction of segmentation quality", MICCAI 2018, which regresses
 Dice from image + segmentation with a CNN trained on labelled pairs. SPE holds such pairs for free:
 its labelled references. :meth:`QualityRegressor.fit` damages their true masks in the ways models err
-(:mod:`spe_lightning.engine.mask_errors`: erosion, dilation, shifts, holes, spurious blobs, missed parts,
+(:mod:`spe_lightning.percase.mask_errors`: erosion, dilation, shifts, holes, spurious blobs, missed parts,
 boundary noise, another case's mask, empty), optionally adds real imperfect masks of the same images
 (``extra_candidates``, e.g. an early checkpoint's predictions) and fits the network to the exact Dice of
 each candidate. Images get random appearance changes (gamma, contrast, brightness, noise, blur), so the
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.mask_errors import ERROR_KINDS, make_candidates
 from spe_lightning.engine.metrics import per_image_metrics
+from spe_lightning.percase.mask_errors import ERROR_KINDS, make_candidates
 
 __all__ = [
     "QualitySettings",
@@ -362,7 +362,7 @@ def calibrate_quality(
     leave-one-out estimates (``dice_cut`` itself when either kind has fewer than 2 cases). Also the
     calibration ``spearman`` and ``auroc`` of the score.
     """
-    from spe_lightning.engine.percase import auroc, spearman
+    from spe_lightning.percase.rca import auroc, spearman
 
     x = np.asarray(predicted, dtype=float).reshape(-1)
     y = np.asarray(real_dice, dtype=float).reshape(-1)

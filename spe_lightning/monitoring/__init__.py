@@ -1,0 +1,1 @@
+"""Monitoring after training: alerts on running estimates, chunked estimates, checkpoint selection."""
