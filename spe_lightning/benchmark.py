@@ -522,12 +522,12 @@ def _masks_by_epoch(
 ) -> dict[str, list[list[Any]]]:
     """Each set's predicted masks at each of ``epochs`` (weights from the benchmark's snapshots); ``model``
     gets its own weights back afterwards."""
-    from spe_lightning.engine.predict import predict_labels
+    from spe_lightning.engine.predict import model_device, predict_labels
 
     c = run.config
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out: dict[str, list[list[Any]]] = {n: [] for n in sets}
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for e in epochs:
             model.load_state_dict(weights[e])

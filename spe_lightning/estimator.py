@@ -40,7 +40,7 @@ from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
+from spe_lightning.engine.predict import LogitsFn, default_logits, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 from spe_lightning.engine.spe_engine import SPEEngine
@@ -556,7 +556,7 @@ class SPEEstimator:
         if data.masks is None:
             raise ValueError("SPEEstimator.calibrate_cases: the calibration set needs masks.")
         self._check_2d(data)
-        device = self._device(model, device)
+        device = model_device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         if data.inputs:
             self.info["input_summary"] = input_summary(data.inputs, masks, conf)
@@ -591,7 +591,7 @@ class SPEEstimator:
             raise ValueError("SPEEstimator.fit_quality: the reference and calibration sets need masks.")
         self._check_2d(ref)
         self._check_2d(data)
-        device = self._device(model, device)
+        device = model_device(model, device)
         size = tuple(ref.gray.shape[-2:])
 
         ref_pred, _ = self._predict(model, ref, device, logits_fn)
@@ -660,13 +660,6 @@ class SPEEstimator:
             progress=progress,
         )
 
-    @staticmethod
-    def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-        if device is not None:
-            return torch.device(device)
-        p = next(iter(model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
-
     @torch.no_grad()
     def case_estimates(
         self,
@@ -679,7 +672,7 @@ class SPEEstimator:
         estimated Dice with its interval and flag (from the quality regressor when fitted, else RCA)."""
         data = self._cache("cases", images, "image", "label")
         self._check_2d(data)
-        device = self._device(model, device)
+        device = model_device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         return self._case_rows(data, masks, conf, None, device, None)[0]
 
@@ -713,7 +706,7 @@ class SPEEstimator:
                 f"the model was calibrated on {'/'.join(map(str, sorted(want)))}-channel images and these have "
                 f"{'/'.join(map(str, have))} channel(s): read them as in training ({fix})."
             )
-        device = self._device(model, device)
+        device = model_device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         new = input_summary(data.inputs, masks, conf)
         ref_border = None
@@ -769,7 +762,7 @@ class SPEEstimator:
             raise ValueError(f"{len(ids)} ids for {len(data)} images.")
         if per_case:
             self._check_2d(data)
-        device = self._device(model, device)
+        device = model_device(model, device)
         masks, conf = self._predict(model, data, device, logits_fn)
         if progress is not None:
             progress(0)
@@ -855,7 +848,7 @@ class SPEEstimator:
         """
         c = self.config
         data = self._cache(name, images, image_key, label_key)
-        device = self._device(model, device)
+        device = model_device(model, device)
         n = len(data)
         if isinstance(chunks, bool):
             raise TypeError("chunks: give images per chunk (an int), {label: positions} or a list of position lists.")

@@ -41,7 +41,7 @@ from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_datas
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.predict import LogitsFn, default_logits, predict_labels
+from spe_lightning.engine.predict import LogitsFn, default_logits, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
 from spe_lightning.engine.signals import signal_baselines
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
@@ -68,14 +68,6 @@ def auto_working_size(dataset: SizedDataset, config: SPEConfig) -> int:
     image, _ = split_item(dataset[0], config.image_key, config.label_key)
     side = max(int(image.shape[-1]), int(image.shape[-2])) if image.ndim >= 2 else MAX_AUTO_WORKING_SIZE
     return max(16, min(MAX_AUTO_WORKING_SIZE, side))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class SPERun:
@@ -338,7 +330,7 @@ class SPERun:
         engine = self._engine()
         shard = shard or Shard()
         c = self.config
-        device = _model_device(model)
+        device = model_device(model)
         predictions = {}
         for name, data in (self._sets if sets is None else sets).items():
             n = len(data)
@@ -727,7 +719,7 @@ def regressor_heldout_means(est: Any, model: Any, run: Any, pair_sets: dict[str,
     from spe_lightning.percase.regressor import calibrate_quality, quality_estimates
 
     qcal = est.quality["calibration"]
-    device = next(model.parameters()).device
+    device = model_device(model)
     reg = est._quality_regressor(device)
     cal = run.sets[CALIBRATION]
     size = tuple(cal.gray.shape[-2:])

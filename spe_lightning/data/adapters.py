@@ -93,12 +93,31 @@ def to_gray01(images: Tensor) -> Tensor:
     return torch.nan_to_num(x.clamp_(0.0, 1.0), nan=0.0)
 
 
-def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear (antialiased when shrinking) resize of ``[N,C,H,W]`` float images."""
-    if tuple(images.shape[-2:]) == tuple(size):
+#: how :func:`resize_images` interpolates, by name (why each caller picks its own is said where it calls)
+RESIZE_METHODS = ("bilinear", "antialiased", "area", "area_down")
+
+
+def resize_images(images: Tensor, size: int | tuple[int, int], method: str = "bilinear") -> Tensor:
+    """Resize ``[N,C,H,W]`` float images to ``size`` (an int: a square); the one resize of the package.
+
+    ``method``: ``"bilinear"`` (antialiased when shrinking), ``"antialiased"`` (bilinear, antialiased
+    always), ``"area"`` (box average, both directions), ``"area_down"`` (box average when shrinking,
+    bilinear when enlarging). Images already at ``size`` come back unchanged (same tensor).
+    """
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if tuple(images.shape[-2:]) == hw:
         return images
-    shrink = images.shape[-2] > size[0] or images.shape[-1] > size[1]
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    if method == "bilinear":
+        shrink = images.shape[-2] > hw[0] or images.shape[-1] > hw[1]
+        return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
+    if method == "antialiased":
+        return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    if method == "area":
+        return F.interpolate(images, size=hw, mode="area")
+    if method == "area_down":
+        mode = "area" if images.shape[-1] >= hw[1] else "bilinear"
+        return F.interpolate(images, size=hw, mode=mode)
+    raise ValueError(f"resize_images: method must be one of {RESIZE_METHODS}, got {method!r}.")
 
 
 def resize_masks(masks: Tensor, size: tuple[int, ...]) -> Tensor:

@@ -29,6 +29,18 @@ class NonFiniteOutputError(ValueError):
     """The model's output holds NaN or inf at the current weights."""
 
 
+def model_device(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """Where SPE runs ``model``: ``device`` when given, else the module's own (a LightningModule's
+    ``device``, or its first parameter's), else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    own = getattr(model, "device", None)
+    if isinstance(own, torch.device):
+        return own
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def default_logits(module: nn.Module, images: Tensor) -> Tensor:
     """``module(images)``; from a dict output takes ``"logits"``/``"pred"``/``"out"``, from a list the first."""
     out = module(images)

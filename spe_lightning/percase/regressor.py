@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spe_lightning.data.adapters import resize_images
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.percase.mask_errors import ERROR_KINDS, make_candidates
@@ -115,11 +116,6 @@ class _Net(nn.Module):
         return self.head(torch.cat([f.mean((2, 3)), f.amax((2, 3)), area], 1))[:, 0]
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
-    x = x.float()
-    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="area")
-
-
 def _zscore(img: Tensor) -> Tensor:
     m = img.mean((1, 2, 3), keepdim=True)
     return (img - m) / img.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
@@ -179,18 +175,18 @@ class QualityRegressor:
         images, labels = images.detach().cpu(), labels.detach().cpu()  # candidates and augmentation on the CPU
         truth = labels > 0.5 if labels.is_floating_point() else labels.bool()
         cand, src, dice = make_candidates(truth, s.per_case, images, seed, tuple(s.kinds))
-        parts_m, parts_s, parts_d = [_resize(cand, s.size).half()], [src], [dice]
+        parts_m, parts_s, parts_d = [resize_images(cand.float(), s.size, "area").half()], [src], [dice]
         for extra in extra_candidates or ():
             if extra.shape != labels.shape:
                 raise ValueError(f"extra candidates must be {tuple(labels.shape)}; got {tuple(extra.shape)}.")
             extra = extra.detach().cpu()
             e = extra > 0.5 if extra.is_floating_point() else extra.bool()
             r = max(1, int(s.extra_repeat))
-            parts_m.append(_resize(e, s.size).half().repeat(r, 1, 1, 1))
+            parts_m.append(resize_images(e.float(), s.size, "area").half().repeat(r, 1, 1, 1))
             parts_s.append(torch.arange(len(e)).repeat(r))
             parts_d.append(per_image_metrics(e, truth, ("dice",))["dice"].float().repeat(r))
         pool_m, pool_s, pool_d = torch.cat(parts_m), torch.cat(parts_s), torch.cat(parts_d)
-        imgs = _resize(images, s.size).clamp(0, 1)
+        imgs = resize_images(images.float(), s.size, "area").clamp(0, 1)
         m = len(pool_d)
         losses: list[float] = []
         self.nets = []
@@ -264,9 +260,9 @@ class QualityRegressor:
         s = self.settings
         out = []
         for i in range(0, images.shape[0], batch_size):
-            img = _zscore(_resize(images[i : i + batch_size], s.size).clamp(0, 1))
+            img = _zscore(resize_images(images[i : i + batch_size].float(), s.size, "area").clamp(0, 1))
             m = masks[i : i + batch_size]
-            m = _resize(m > 0.5 if m.is_floating_point() else m.bool(), s.size)
+            m = resize_images((m > 0.5 if m.is_floating_point() else m.bool()).float(), s.size, "area")
             x = torch.cat([img, m], 1).to(self.device)
             views = [x, x.flip(-1)] if s.tta else [x]
             p = torch.stack([torch.sigmoid(net.eval()(v)) for net in self.nets for v in views]).mean(0)

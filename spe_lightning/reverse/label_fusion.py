@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spe_lightning.data.adapters import resize_images
 from spe_lightning.reverse.base import ReverseSegmenter, register_segmenter
 
 __all__ = ["LabelFusionSegmenter", "NORMALISATIONS", "normalise_images", "rank_normalise"]
@@ -45,12 +46,6 @@ def rank_normalise(x: Tensor) -> Tensor:
     hi = torch.searchsorted(srt, flat, side="right")
     q = (lo + hi).float() / (2.0 * flat.shape[1])  # in (0, 1)
     return ((q - 0.5) * 12**0.5).view_as(x)
-
-
-def _resize(x: Tensor, size: int) -> Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] >= size else "bilinear", align_corners=None)
 
 
 @register_segmenter("label_fusion")
@@ -113,7 +108,7 @@ class LabelFusionSegmenter(ReverseSegmenter):
         }
 
     def _norm(self, x: Tensor) -> Tensor:
-        x = _resize(x, self.size)
+        x = resize_images(x, self.size, "area_down")
         return rank_normalise(x) if self.normalise == "rank" else normalise_images(x)
 
     def _thumbs(self, x: Tensor) -> Tensor:
@@ -121,7 +116,7 @@ class LabelFusionSegmenter(ReverseSegmenter):
 
     def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
         s = self._norm(support_images)
-        lab = _resize(support_labels, self.size)
+        lab = resize_images(support_labels, self.size, "area_down")
         r, n = self.search, s.shape[0]
         w = 2 * r + 1
         # every shifted copy of each support inside the search window: [S, O, HW]

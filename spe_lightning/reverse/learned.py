@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spe_lightning.data.adapters import resize_images
 from spe_lightning.reverse.base import ReverseSegmenter, _check_inputs, register_segmenter
 from spe_lightning.reverse.label_fusion import rank_normalise
 
@@ -34,13 +35,6 @@ __all__ = ["DIRECTIONS", "LearnedPropagationSegmenter", "PropagationEncoder", "a
 #: the query vs the query's labels), ``"forward"`` (query labels propagated to the support vs the
 #: support's labels) or ``"both"`` (their mean)
 DIRECTIONS = ("reverse", "forward", "both")
-
-
-def _resize(x: Tensor, size: int) -> Tensor:
-    if x.shape[-2:] == (size, size):
-        return x
-    mode = "area" if x.shape[-1] >= size else "bilinear"
-    return F.interpolate(x, size=(size, size), mode=mode)
 
 
 def _blur(x: Tensor, sigma: Tensor) -> Tensor:
@@ -308,7 +302,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
 
     # ------------------------------------------------------------------ fitting
     def _norm(self, x: Tensor) -> Tensor:
-        return rank_normalise(_resize(x.float(), self.size))
+        return rank_normalise(resize_images(x.float(), self.size, "area_down"))
 
     @property
     def _cell(self) -> int:
@@ -317,7 +311,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
 
     def _label_image(self, y: Tensor) -> Tensor:
         """Binary labels -> soft labels ``[N,1,L,L]`` at the label resolution ``L = grid * cell``."""
-        return _resize((y > 0.5).float(), self.grid * self._cell)
+        return resize_images((y > 0.5).float(), self.grid * self._cell, "area_down")
 
     def _cells(self, lab: Tensor) -> Tensor:
         """Label image ``[N,1,L,L]`` -> one label patch per feature cell, ``[N, P, cell*cell]``."""
@@ -352,7 +346,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             raise ValueError(f"fit needs at least 2 labelled references, got {n}.")
         self._forget_features()
         dev = images.device
-        x = _resize(images.float(), self.size)
+        x = resize_images(images.float(), self.size, "area_down")
         lab = self._label_image(labels.to(dev))
         enc = self._new_encoder().to(dev).train()
         g = torch.Generator().manual_seed(self.seed + 1)

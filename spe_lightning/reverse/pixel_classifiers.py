@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spe_lightning.data.adapters import resize_images
 from spe_lightning.reverse.base import ReverseSegmenter, register_segmenter
-from spe_lightning.reverse.label_fusion import _resize, normalise_images
+from spe_lightning.reverse.label_fusion import normalise_images
 
 __all__ = ["filter_bank", "PixelKNNSegmenter", "PixelRidgeSegmenter"]
 
@@ -83,7 +84,7 @@ class _FeatureSegmenter(ReverseSegmenter):
         self.size, self.pos_weight = size, pos_weight
 
     def features(self, images: Tensor) -> Tensor:
-        x = normalise_images(_resize(images, self.size))
+        x = normalise_images(resize_images(images, self.size, "area_down"))
         f = filter_bank(x)
         return torch.cat([f, _positions(x.shape[0], self.size, x.device)], 1)
 
@@ -146,7 +147,7 @@ class PixelKNNSegmenter(_FeatureSegmenter):
         f = self.features(support_images)
         stats = self.stats(f)
         z = self.standardise(f, stats).permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        lab = (_resize(support_labels, self.size) > 0.5).float().flatten()
+        lab = (resize_images(support_labels, self.size, "area_down") > 0.5).float().flatten()
         g = torch.Generator().manual_seed(self.seed)
         n = z.shape[0]
         if n > self.n_samples:
@@ -224,7 +225,7 @@ class PixelRidgeSegmenter(_FeatureSegmenter):
         z_all = self.standardise(f, stats)[..., ::st, ::st]
         n, c = z_all.shape[:2]
         z = z_all.permute(0, 2, 3, 1).reshape(-1, c)
-        y = (_resize(support_labels, self.size) > 0.5).float()[..., ::st, ::st].reshape(n, -1)
+        y = (resize_images(support_labels, self.size, "area_down") > 0.5).float()[..., ::st, ::st].reshape(n, -1)
         x = self._design(z).double()
         a = x.T @ x
         a += self.alpha * x.shape[0] * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spe_lightning.data.adapters import resize_images
 from spe_lightning.reverse.base import ReverseSegmenter, downloads_allowed, register_segmenter
 
 __all__ = ["UniverSeg", "UniverSegSegmenter", "WEIGHTS_URL", "WEIGHTS_FILENAME", "WEIGHTS_ENV_VAR", "load_universeg"]
@@ -384,12 +385,6 @@ def _env_set(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- segmenter
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 @register_segmenter("universeg")
 class UniverSegSegmenter(ReverseSegmenter):
     """UniverSeg with its official weights (see :func:`load_universeg` for where they are looked for).
@@ -435,8 +430,8 @@ class UniverSegSegmenter(ReverseSegmenter):
 
     def prepare(self, support_images: Tensor, support_labels: Tensor) -> tuple[Tensor, Tensor]:
         size = (WORKING_SIZE, WORKING_SIZE)
-        images = _resize(support_images.float(), size)
-        labels = _resize(support_labels.float(), size).clamp_(0.0, 1.0)
+        images = resize_images(support_images.float(), size, "antialiased")
+        labels = resize_images(support_labels.float(), size, "antialiased").clamp_(0.0, 1.0)
         return images.unsqueeze(0), labels.unsqueeze(0)  # [1,S,1,128,128]
 
     def predict(self, query_images: Tensor, prepared: tuple[Tensor, Tensor]) -> Tensor:
@@ -444,7 +439,7 @@ class UniverSegSegmenter(ReverseSegmenter):
         q = query_images.shape[0]
         device = query_images.device
         model = self._model_on(device)
-        target = _resize(query_images.float(), (WORKING_SIZE, WORKING_SIZE))
+        target = resize_images(query_images.float(), (WORKING_SIZE, WORKING_SIZE), "antialiased")
         images, labels = images.to(device), labels.to(device)
         # PyTorch's upsampling refuses outputs of INT_MAX elements or more ([q*S, 64, 64, 64] at the
         # first decoder level), so a forward takes at most MAX_PAIRS // S queries (64 at S = 64)
