@@ -23,6 +23,7 @@ say "building the sdist and the wheel"
 ls -l "$WORK/dist"
 "$BUILD_PY" -m twine check --strict "$WORK/dist"/*
 WHEEL=$(ls "$WORK"/dist/*.whl)
+"$BUILD_PY" -m zipfile -l "$WHEEL" | grep -q "dist-info/licenses/LICENSE" || { echo "smoke_wheel: LICENSE missing from the wheel" >&2; exit 1; }
 
 say "installing the wheel into a fresh venv ($WORK/venv)"
 "$PY" -m venv "$WORK/venv"
