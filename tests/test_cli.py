@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from _demo import CONFIG, SMALL
 
+from spe_lightning import SPEConfig
 from spe_lightning.cli import cli, main
+from spe_lightning.lightning.settings import find_moved_settings
 
 
 def _report(root: Path) -> dict:
@@ -92,6 +95,16 @@ def test_old_flat_setting_names_its_new_place(tmp_path, capsys):
         message = capsys.readouterr().err
         assert "settings moved under its `config`" in message and "init_args.config." in message
     assert not list(tmp_path.rglob("*.tfevents.*"))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_put_the_settings_under_config(path):
+    """Every shipped config's SPECallback settings are a valid SPEConfig under init_args.config, none left flat."""
+    assert find_moved_settings(["--config", str(path)]) is None
+    cfg = yaml.safe_load(path.read_text())
+    (spe,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == "spe_lightning.SPECallback"]
+    assert set(spe["init_args"]) == {"config"}
+    assert SPEConfig(**spe["init_args"]["config"]).every_n_epochs == 1
 
 
 def test_classes_as_a_list_in_yaml_reach_the_config(tmp_path):
