@@ -46,7 +46,7 @@ class SPECallback(Callback):
     records; rank zero logs and writes) and publishes (:mod:`spe_lightning.lightning`).
 
     Args:
-        config: the settings, an :class:`~spe_lightning.SPEConfig` (each field documented there and in
+        config: the settings, an :class:`~spe_lightning.SPEConfig` or a dict of its fields (each documented there and in
             docs/settings.md); in a LightningCLI config ``init_args: {config: {every_n_epochs: 2}}``.
         reference: labelled dataset whose images are the reverse queries (the training set without augmentation).
         calibration: labelled dataset on which real metrics are measured to fit G (normally validation).
@@ -165,7 +165,7 @@ class SPECallback(Callback):
         self._prepare(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.publisher.fit_start = time.perf_counter()
+        self.publisher.start_fit()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

@@ -66,6 +66,10 @@ class Publisher:
         self.last_logged_step: int | None = None
         self._running: tuple[int, dict[str, Any] | None] = (-1, None)
 
+    def start_fit(self) -> None:
+        """Note when the fit started (the cost line compares SPE's time with the fit's)."""
+        self.fit_start = time.perf_counter()
+
     # ----------------------------------------------------------------- during training
     def running_estimate(self) -> dict[str, Any] | None:
         """The running estimate of the records so far (computed once per number of records)."""
