@@ -6,7 +6,7 @@ python examples/train_with_spe.py
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from spe_lightning import SPECallback
+from spe_lightning import SPECallback, SPEConfig
 from spe_lightning.data import SyntheticShapesDataModule
 from spe_lightning.models import SegmentationModel
 
@@ -18,12 +18,10 @@ def main() -> None:
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
 
     spe = SPECallback(
+        SPEConfig(every_n_epochs=1, support_size=32, working_size=64),  # the settings (docs/settings.md)
         reference=data.train_set,  # labelled: the reverse step's queries (no augmentation)
         calibration=data.val_set,  # labelled: fits G (pseudo -> real metric)
         target=data.targets,  # unlabelled: {"target": ..., "target_noisy": ...}
-        every_n_epochs=1,
-        support_size=32,
-        working_size=64,
     )
     trainer = pl.Trainer(
         max_epochs=8,

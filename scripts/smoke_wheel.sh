@@ -66,7 +66,7 @@ cp "$REPO/configs/synthetic.yaml" .
 # 2 idle cores, 20 on a busy machine) tests nothing about packaging; the test suite covers it
 "$SPE" fit --config synthetic.yaml \
     --trainer.max_epochs=3 --trainer.enable_progress_bar=false --trainer.enable_checkpointing=true \
-    --data.n_train=48 --data.n_val=16 --data.n_target=16 --trainer.callbacks.init_args.segmenter=label_fusion
+    --data.n_train=48 --data.n_val=16 --data.n_target=16 --trainer.callbacks.init_args.config.segmenter=label_fusion
 RUN=$(ls -d spe_runs/synthetic/tb/version_* | tail -n 1)
 CKPT=$(ls "$RUN"/checkpoints/*.ckpt | tail -n 1)
 test -s "$RUN/spe_report.json" && test -s "$RUN/spe_estimator.pt"

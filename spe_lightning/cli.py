@@ -43,7 +43,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     LightningDataModule, both given by class path (``--model my.module.Net``, ``--data my.module.Data``).
 
     Add SPE from YAML (``trainer.callbacks: [{class_path: spe_lightning.SPECallback, init_args: ...}]``)
-    or from flags (``--trainer.callbacks+=spe_lightning.SPECallback --trainer.callbacks.every_n_epochs=2``).
+    or from flags (``--trainer.callbacks+=spe_lightning.SPECallback --trainer.callbacks.config.every_n_epochs=2``).
     """
     import spe_lightning.data.folder  # noqa: F401  (our datamodules and model by short name too)
     import spe_lightning.data.synthetic  # noqa: F401
@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     for problem in find_missing_class_paths(args):  # before LightningCLI's long "does not validate" error
         print(f"spe-lightning {args[0]}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    from spe_lightning.lightning.settings import find_moved_settings
+
+    moved = find_moved_settings(args)  # SPE's settings live under the callback's `config` now
+    if moved:
+        print(f"spe-lightning {args[0]}: error: {moved}", file=sys.stderr)
         raise SystemExit(2)
     cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 

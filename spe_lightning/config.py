@@ -21,13 +21,32 @@ from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.engine.spe_engine import metric_keys
 from spe_lightning.reverse.base import available_segmenters
 
-__all__ = ["ACTIVATIONS", "ALERT_ON", "MAX_AUTO_WORKING_SIZE", "SPEConfig", "setting_docs", "settings_markdown"]
+__all__ = [
+    "ACTIVATIONS",
+    "ALERT_ON",
+    "GROUPS",
+    "MAX_AUTO_WORKING_SIZE",
+    "SPEConfig",
+    "setting_docs",
+    "setting_groups",
+    "settings_markdown",
+]
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
 #: the largest working size ``working_size=None`` picks (the reverse step's cost grows with its square)
 MAX_AUTO_WORKING_SIZE = 128
 #: what an alert threshold is compared with: the estimate, or the pessimistic end of its interval
 ALERT_ON = ("estimate", "lower")
+
+#: the groups of settings, in the order their fields are declared: ``{key: title}`` (a field's ``metadata["group"]``)
+GROUPS = {
+    "run": "Schedule and output",
+    "reverse": "Reverse step (pseudo metrics)",
+    "estimates": "Estimates and intervals",
+    "data": "Data and model output",
+    "alerts": "Alerts",
+}
+RUN, REVERSE, ESTIMATES, DATA, ALERTS = ({"group": key} for key in GROUPS)
 
 #: settings that change what a record or an estimate means: resuming with other values is flagged
 ESTIMATION_KEYS = (
@@ -80,94 +99,100 @@ def _check_int(name: str, value: Any, low: int) -> None:
 class SPEConfig:
     """Every plain setting of an SPE run; each field's docstring says what it does (docs/settings.md lists them).
 
+    The fields are declared group by group (:data:`GROUPS`; each field's ``metadata["group"]``); attribute
+    access is flat (``config.every_n_epochs``). :class:`~spe_lightning.SPECallback` takes an ``SPEConfig`` as
+    ``config`` (in a LightningCLI YAML: ``init_args: {config: {every_n_epochs: 2}}``) or the same names as
+    keyword overrides.
+
     Frozen and validated on construction; ``classes`` is normalised to ``{name: index}`` and the
     sequences to tuples. ``working_size=None`` means the images' own size, at most
     :data:`MAX_AUTO_WORKING_SIZE` (resolved by :meth:`SPERun.prepare`). ``segmenter`` is a registered
     name or ``"auto"``; a segmenter instance is given to :class:`~spe_lightning.SPERun` separately.
     """
 
-    segmenter: str = "auto"
+    every_n_epochs: int = field(default=1, metadata=RUN)
+    """Evaluate every n training epochs (and once more at the final weights)."""
+    verbose: bool = field(default=True, metadata=RUN)
+    """Print a line per evaluation (with its time) and the table of estimates."""
+    strict: bool = field(default=False, metadata=RUN)
+    """Raise instead of warning and skipping when an evaluation (or writing the report) fails."""
+    quality_regressor: bool = field(default=False, metadata=RUN)
+    """At fit end, fit the per-case quality regressor on the references (minutes on a CPU) and save it in
+    ``spe_estimator.pt``: per-case estimated Dice then come from it, and each target's Dice is also reported
+    combined with SPE's."""
+    segmenter: str = field(default="auto", metadata=REVERSE)
     """The reverse segmenter: ``"auto"`` is UniverSeg when its official weights are found on the machine, else
     ``learned_propagation`` (fitted on the references at the first evaluation, then cached); nothing is downloaded
     unless asked for (``SPE_DOWNLOAD=1``). Or a registered name: ``universeg``, ``learned_propagation``,
     ``label_fusion``, ``pixel_ridge``, ``pixel_knn``, ``fusion_ridge``. The callback also takes a
     ``ReverseSegmenter`` instance."""
-    every_n_epochs: int = 1
-    """Evaluate every n training epochs (and once more at the final weights)."""
-    support_size: int | None = None
+    support_size: int | None = field(default=None, metadata=REVERSE)
     """Support images per reverse step. None: the segmenter's own count (the paper's 64 for UniverSeg and label
     fusion; 512 for ``learned_propagation``, whose cost per query does not grow with it and whose pseudo metrics are
     less noisy with more)."""
-    max_references: int | None = 64
+    max_references: int | None = field(default=64, metadata=REVERSE)
     """A fixed seeded subset of at most this many references (the same queries at every checkpoint); None: all.
     The reverse step's cost grows with it."""
-    min_foreground: int = 16
+    min_foreground: int = field(default=16, metadata=REVERSE)
     """Support masks with fewer predicted foreground pixels (at ``working_size``) are dropped, as in the paper."""
-    threshold: float = 0.5
-    """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
-    metrics: tuple[str, ...] = PAPER_METRICS
-    """Metrics to estimate: any of ``dice``, ``iou``, ``precision``, ``recall``, ``hd95``, ``pearson_r``."""
-    mapping: str = "linear"
-    """G, the map from pseudo to real metric across checkpoints: ``linear`` (the paper's), ``huber`` (robust to
-    outlying checkpoints) or ``isotonic`` (monotone)."""
-    level: float = 0.9
-    """Nominal coverage of the intervals (split-conformal on the calibration pairs, scaled per run to how their
-    misses grow with the estimate's move; without pairs, G's leave-one-out residuals)."""
-    anchored: bool = True
-    """Estimate a target as the calibration score moved by ``G(pseudo target) - G(pseudo calibration)``;
-    False: the paper's ``G(pseudo target)`` (always kept in the report under ``paper``)."""
-    interval_shifts: tuple[str, ...] = SHIFT_FAMILIES
-    """Shift families (``noise``, ``gamma``, ``contrast``, ``blur``, ``bias_field``, ``low_resolution``) applied to
-    the calibration set at fit end, at ``interval_severities``, to size the intervals; ``[]`` to skip."""
-    interval_subsets: int = 2
-    """Random calibration subsets per target size measured at fit end for the intervals (each costs about one
-    SPE evaluation)."""
-    interval_severities: tuple[int, ...] = (2,)
-    """Severities (1-3) of each interval shift."""
-    seed: int = 0
-    """Seed of the reference subset and of the support order of every set."""
-    working_size: int | None = None
+    working_size: int | None = field(default=None, metadata=REVERSE)
     """Side of the square images the reverse step works on; None: the images' own size, at most 128."""
-    foreground_class: int | None = None
-    """Binary SPE on this mask class (argmax == class for a multi-channel model); None: any non-zero class."""
-    classes: dict[str, int] | None = field(default=None, hash=False)
-    """Multi-class SPE: class indices ``[1, 2]`` or ``{"heart": 2, "lung": 1}``. Each class gets its own support
-    set and reverse step; keys ``"<metric>/<class>"`` and their mean ``"<metric>"``. The model's channel ``c`` is
-    class ``c``."""
-    spatial_dims: int | None = None
-    """2 or 3; None: 4-D items ``[C,D,H,W]`` are volumes (handled slice by slice)."""
-    max_slices: int = 16
-    """Per volume, at most this many evenly spaced slices are support candidates or references."""
-    memory_budget_mb: float | None = None
+    seed: int = field(default=0, metadata=REVERSE)
+    """Seed of the reference subset and of the support order of every set."""
+    memory_budget_mb: float | None = field(default=None, metadata=REVERSE)
     """On CUDA: memory (MiB) the reverse step may add; its chunk of queries is sized to it. None: no budget."""
-    image_key: str = "image"
-    """Key of the image in dict items."""
-    label_key: str = "label"
-    """Key of the mask in dict items."""
-    activation: str = "auto"
-    """``auto``: sigmoid for one output channel, softmax for several; ``sigmoid``/``softmax`` forces one;
-    ``none`` when the model already outputs probabilities."""
-    batch_size: int = 16
-    """Batch size of SPE's own inference."""
-    verbose: bool = True
-    """Print a line per evaluation (with its time) and the table of estimates."""
-    strict: bool = False
-    """Raise instead of warning and skipping when an evaluation (or writing the report) fails."""
-    quality_regressor: bool = False
-    """At fit end, fit the per-case quality regressor on the references (minutes on a CPU) and save it in
-    ``spe_estimator.pt``: per-case estimated Dice then come from it, and each target's Dice is also reported
-    combined with SPE's."""
-    alert_below: dict[str, float] | None = field(default=None, hash=False)
-    """``{metric: threshold}``: alert when a target's estimate falls below it (e.g. ``{"dice": 0.8}``)."""
-    alert_above: dict[str, float] | None = field(default=None, hash=False)
-    """``{metric: threshold}``: alert when a target's estimate rises above it (e.g. ``{"hd95": 10.0}``)."""
-    alert_on: str = "estimate"
-    """``estimate`` compares the estimate with the thresholds; ``lower`` the pessimistic end of its interval
-    (lower bound for ``alert_below``, upper bound for ``alert_above``): more alerts, fewer missed drops."""
-    fit_cache: str | None = "auto"
+    fit_cache: str | None = field(default="auto", metadata=REVERSE)
     """Where a learned reverse segmenter's fitted weights are kept between runs (keyed by the references' content,
     its settings, the seed and the package version): ``"auto"`` is ``$SPE_CACHE_DIR`` (empty: off) or
     ``~/.cache/spe_lightning``; a folder; None: off."""
+    metrics: tuple[str, ...] = field(default=PAPER_METRICS, metadata=ESTIMATES)
+    """Metrics to estimate: any of ``dice``, ``iou``, ``precision``, ``recall``, ``hd95``, ``pearson_r``."""
+    mapping: str = field(default="linear", metadata=ESTIMATES)
+    """G, the map from pseudo to real metric across checkpoints: ``linear`` (the paper's), ``huber`` (robust to
+    outlying checkpoints) or ``isotonic`` (monotone)."""
+    level: float = field(default=0.9, metadata=ESTIMATES)
+    """Nominal coverage of the intervals (split-conformal on the calibration pairs, scaled per run to how their
+    misses grow with the estimate's move; without pairs, G's leave-one-out residuals)."""
+    anchored: bool = field(default=True, metadata=ESTIMATES)
+    """Estimate a target as the calibration score moved by ``G(pseudo target) - G(pseudo calibration)``;
+    False: the paper's ``G(pseudo target)`` (always kept in the report under ``paper``)."""
+    interval_shifts: tuple[str, ...] = field(default=SHIFT_FAMILIES, metadata=ESTIMATES)
+    """Shift families (``noise``, ``gamma``, ``contrast``, ``blur``, ``bias_field``, ``low_resolution``) applied to
+    the calibration set at fit end, at ``interval_severities``, to size the intervals; ``[]`` to skip."""
+    interval_subsets: int = field(default=2, metadata=ESTIMATES)
+    """Random calibration subsets per target size measured at fit end for the intervals (each costs about one
+    SPE evaluation)."""
+    interval_severities: tuple[int, ...] = field(default=(2,), metadata=ESTIMATES)
+    """Severities (1-3) of each interval shift."""
+    threshold: float = field(default=0.5, metadata=DATA)
+    """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
+    foreground_class: int | None = field(default=None, metadata=DATA)
+    """Binary SPE on this mask class (argmax == class for a multi-channel model); None: any non-zero class."""
+    # a list is accepted (and normalised to a dict): the wide annotation lets LightningCLI take ``classes: [1, 2]``
+    classes: dict[str, int] | list[int] | None = field(default=None, hash=False, metadata=DATA)
+    """Multi-class SPE: class indices ``[1, 2]`` or ``{"heart": 2, "lung": 1}``. Each class gets its own support
+    set and reverse step; keys ``"<metric>/<class>"`` and their mean ``"<metric>"``. The model's channel ``c`` is
+    class ``c``."""
+    spatial_dims: int | None = field(default=None, metadata=DATA)
+    """2 or 3; None: 4-D items ``[C,D,H,W]`` are volumes (handled slice by slice)."""
+    max_slices: int = field(default=16, metadata=DATA)
+    """Per volume, at most this many evenly spaced slices are support candidates or references."""
+    image_key: str = field(default="image", metadata=DATA)
+    """Key of the image in dict items."""
+    label_key: str = field(default="label", metadata=DATA)
+    """Key of the mask in dict items."""
+    activation: str = field(default="auto", metadata=DATA)
+    """``auto``: sigmoid for one output channel, softmax for several; ``sigmoid``/``softmax`` forces one;
+    ``none`` when the model already outputs probabilities."""
+    batch_size: int = field(default=16, metadata=DATA)
+    """Batch size of SPE's own inference."""
+    alert_below: dict[str, float] | None = field(default=None, hash=False, metadata=ALERTS)
+    """``{metric: threshold}``: alert when a target's estimate falls below it (e.g. ``{"dice": 0.8}``)."""
+    alert_above: dict[str, float] | None = field(default=None, hash=False, metadata=ALERTS)
+    """``{metric: threshold}``: alert when a target's estimate rises above it (e.g. ``{"hd95": 10.0}``)."""
+    alert_on: str = field(default="estimate", metadata=ALERTS)
+    """``estimate`` compares the estimate with the thresholds; ``lower`` the pessimistic end of its interval
+    (lower bound for ``alert_below``, upper bound for ``alert_above``): more alerts, fewer missed drops."""
 
     def __post_init__(self) -> None:
         self._validate_ints()
@@ -264,12 +289,12 @@ class SPEConfig:
     @property
     def class_names(self) -> list[str]:
         """Names of the classes of multi-class SPE (empty for binary)."""
-        return list(self.classes) if self.classes else []
+        return list(self.classes) if isinstance(self.classes, dict) else []
 
     @property
     def class_indices(self) -> list[int]:
         """Indices of the classes of multi-class SPE (empty for binary)."""
-        return list(self.classes.values()) if self.classes else []
+        return list(self.classes.values()) if isinstance(self.classes, dict) else []
 
     @property
     def keys(self) -> list[str]:
@@ -308,7 +333,7 @@ class SPEConfig:
         out = dataclasses.asdict(self)
         out["metrics"], out["interval_shifts"] = list(self.metrics), list(self.interval_shifts)
         out["interval_severities"] = list(self.interval_severities)
-        out["classes"] = dict(self.classes) if self.classes else None
+        out["classes"] = dict(self.classes) if isinstance(self.classes, dict) and self.classes else None
         for name in ("alert_below", "alert_above"):
             out[name] = dict(getattr(self, name)) if getattr(self, name) else None
         return out
@@ -366,14 +391,40 @@ def _default_text(value: Any) -> str:
 SETTINGS_COMMAND = "python scripts/settings_table.py > docs/settings.md"
 
 
+def setting_groups(config_class: type = SPEConfig) -> dict[str, list[str]]:
+    """``{group: [field names]}`` of :class:`SPEConfig` (or another dataclass), in :data:`GROUPS` and field order.
+
+    Raises ``ValueError`` when a field has no known group or a group's fields are not declared together
+    (the class body reads group by group, as the settings page does).
+    """
+    out: dict[str, list[str]] = {key: [] for key in GROUPS}
+    seen: list[str] = []
+    cls = config_class.__name__
+    for f in dataclasses.fields(config_class):
+        group = f.metadata.get("group")
+        if group not in GROUPS:
+            raise ValueError(
+                f"{cls}.{f.name} has group {group!r}; give it metadata={{'group': ...}} of {list(GROUPS)}."
+            )
+        if seen and seen[-1] != group and group in seen:
+            raise ValueError(f"{cls}.{f.name}: the fields of group {group!r} are not declared together.")
+        if not seen or seen[-1] != group:
+            seen.append(group)
+        out[group].append(f.name)
+    if seen != [g for g in GROUPS if out[g]]:
+        raise ValueError(f"{cls}'s groups are declared in the order {seen}, not GROUPS' {list(GROUPS)}.")
+    return out
+
+
 def settings_markdown() -> str:
-    """The settings page (Markdown): one row per :class:`SPEConfig` field with its default and docstring.
+    """The settings page (Markdown): one section per group (:data:`GROUPS`), one row per :class:`SPEConfig`
+    field with its default and docstring.
 
     Raises ``ValueError`` naming any field without a docstring (every setting must say what it does).
     """
     docs = setting_docs()
-    fields = dataclasses.fields(SPEConfig)
-    missing = [f.name for f in fields if not docs.get(f.name)]
+    fields = {f.name: f for f in dataclasses.fields(SPEConfig)}
+    missing = [name for name in fields if not docs.get(name)]
     if missing:
         raise ValueError(f"SPEConfig fields without a docstring: {missing}; add one under each field in config.py.")
     defaults = SPEConfig()
@@ -382,18 +433,28 @@ def settings_markdown() -> str:
         "",
         f"<!-- generated from SPEConfig's field docstrings (spe_lightning/config.py) by: {SETTINGS_COMMAND} -->",
         "",
-        "Every setting of an SPE run, with its default. `SPECallback(...)` takes each as a keyword argument (in",
-        "a LightningCLI config: `init_args` of the callback), `SPEConfig(...)` holds them for `SPERun`, and the",
-        "report and `spe_estimator.pt` record them. Every value is validated when the callback is built.",
+        "Every setting of an SPE run, with its default. They are the fields of `SPEConfig`, which `SPERun` and",
+        "`SPECallback(config=...)` take; `SPECallback(every_n_epochs=2, seed=0)` also takes them as keyword",
+        "overrides. In a LightningCLI config they go under the callback's `config`:",
+        "",
+        "```yaml",
+        "trainer:",
+        "  callbacks:",
+        "    - class_path: spe_lightning.SPECallback",
+        "      init_args:",
+        "        config: {every_n_epochs: 2, alert_below: {dice: 0.8}}",
+        "```",
+        "",
+        "or as flags: `--trainer.callbacks.init_args.config.every_n_epochs=2`. Every value is validated when",
+        "the callback is built; the report and `spe_estimator.pt` record them (`config`).",
         "",
         "The callback's other arguments (the datasets `reference`, `calibration`, `target`; `logits_fn`,",
-        "`log_dir`, `on_alert`, a `ReverseSegmenter` instance as `segmenter`) are described in the",
+        "`on_alert`, `log_dir`, a `ReverseSegmenter` instance as `segmenter`) are described in the",
         "[API reference](api.md).",
-        "",
-        "| setting | default | meaning |",
-        "|---|---|---|",
     ]
-    for f in fields:
-        text = " ".join(docs[f.name].split()).replace("``", "`").replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {_default_text(getattr(defaults, f.name))} | {text} |")
+    for group, names in setting_groups().items():
+        lines += ["", f"## {GROUPS[group]}", "", "| setting | default | meaning |", "|---|---|---|"]
+        for name in names:
+            text = " ".join(docs[name].split()).replace("``", "`").replace("|", "\\|")
+            lines.append(f"| `{name}` | {_default_text(getattr(defaults, name))} | {text} |")
     return "\n".join(lines) + "\n"

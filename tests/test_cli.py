@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from _demo import CONFIG, SMALL
 
+from spe_lightning import SPEConfig
 from spe_lightning.cli import cli, main
+from spe_lightning.lightning.settings import find_moved_settings
 
 
 def _report(root: Path) -> dict:
@@ -25,7 +28,7 @@ def test_fit_from_yaml_config(tmp_path):
             *SMALL,
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.callbacks.init_args.working_size=32",
+            "--trainer.callbacks.init_args.config.working_size=32",
         ]
     )
     report = _report(tmp_path)
@@ -47,10 +50,10 @@ def test_fit_with_callback_from_flags(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks+=spe_lightning.SPECallback",
-            "--trainer.callbacks.segmenter=label_fusion",
-            "--trainer.callbacks.working_size=32",
-            "--trainer.callbacks.support_size=8",
-            "--trainer.callbacks.metrics=[dice,hd95]",
+            "--trainer.callbacks.config.segmenter=label_fusion",
+            "--trainer.callbacks.config.working_size=32",
+            "--trainer.callbacks.config.support_size=8",
+            "--trainer.callbacks.config.metrics=[dice,hd95]",
         ]
     )
     report = _report(tmp_path)
@@ -67,11 +70,57 @@ def test_bad_callback_argument_is_reported_before_training(tmp_path, capsys):
                 str(CONFIG),
                 *SMALL,
                 f"--trainer.default_root_dir={tmp_path}",
-                "--trainer.callbacks.init_args.every_n_epochs=0",
+                "--trainer.callbacks.init_args.config.every_n_epochs=0",
             ]
         )
     assert "every_n_epochs must be an int >= 1" in str(err.value) + capsys.readouterr().err
     assert not list(tmp_path.rglob("*.tfevents.*"))
+
+
+def test_old_flat_setting_names_its_new_place(tmp_path, capsys):
+    """Settings moved under the callback's `config`: the old flat key or flag fails before training, saying where."""
+    flat = tmp_path / "flat.yaml"
+    text = CONFIG.read_text()
+    old_callback = (
+        "  callbacks:\n    - class_path: spe_lightning.SPECallback\n      init_args: {every_n_epochs: 1, seed: 0}\n"
+    )
+    flat.write_text(text.split("  callbacks:")[0] + old_callback + "model:" + text.split("model:", 1)[1])
+    for args in (
+        ["--config", str(flat)],
+        ["--config", str(CONFIG), "--trainer.callbacks.init_args.support_size=8"],
+    ):
+        with pytest.raises(SystemExit) as err:
+            main(["fit", *args, *SMALL, f"--trainer.default_root_dir={tmp_path}"])
+        assert err.value.code == 2
+        message = capsys.readouterr().err
+        assert "settings moved under its `config`" in message and "init_args.config." in message
+    assert not list(tmp_path.rglob("*.tfevents.*"))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_put_the_settings_under_config(path):
+    """Every shipped config's SPECallback settings are a valid SPEConfig under init_args.config, none left flat."""
+    assert find_moved_settings(["--config", str(path)]) is None
+    cfg = yaml.safe_load(path.read_text())
+    (spe,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == "spe_lightning.SPECallback"]
+    assert set(spe["init_args"]) == {"config"}
+    assert SPEConfig(**spe["init_args"]["config"]).every_n_epochs == 1
+
+
+def test_classes_as_a_list_in_yaml_reach_the_config(tmp_path):
+    """SPEConfig.classes takes a list (normalised to names) from LightningCLI, as from Python."""
+    parsed = cli(
+        [
+            "--config",
+            str(CONFIG),
+            *SMALL,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks.init_args.config.classes=[1]",
+        ],
+        run=False,
+    )
+    (spe,) = [c for c in parsed.trainer.callbacks if type(c).__name__ == "SPECallback"]
+    assert spe.config.classes == {"class_1": 1} and spe.config.every_n_epochs == 1
 
 
 @pytest.mark.ddp
@@ -89,8 +138,9 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
             "--trainer.strategy=ddp_spawn",
             "--trainer.devices=2",
             "--trainer.accelerator=cpu",
-            "--trainer.callbacks.init_args.working_size=32",
-            "--trainer.callbacks.init_args.segmenter=label_fusion",  # spawned workers do not see conftest's patch
+            "--trainer.callbacks.init_args.config.working_size=32",
+            # spawned workers do not see conftest's patch
+            "--trainer.callbacks.init_args.config.segmenter=label_fusion",
         ]
     )
     reports = list(tmp_path.rglob("spe_report.json"))

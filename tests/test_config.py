@@ -1,11 +1,13 @@
-"""SPEConfig: validated once, plain-dict round trip, unknown keys named."""
+"""SPEConfig: validated once, plain-dict round trip, unknown keys named, fields grouped."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+import spe_lightning.config as config
 from spe_lightning import SPEConfig
 
 
@@ -47,3 +49,36 @@ def test_unknown_keys_and_changes():
     c = SPEConfig()
     assert c.changed_from({**c.to_dict(), "support_size": 8, "verbose": False}) == ["support_size"]
     assert c.replace(seed=3).seed == 3 and c.seed == 0
+
+
+def test_every_field_has_a_group_and_groups_are_declared_together():
+    groups = config.setting_groups()
+    assert list(groups) == list(config.GROUPS)
+    assert [n for names in groups.values() for n in names] == [f.name for f in dataclasses.fields(SPEConfig)]
+    assert "every_n_epochs" in groups["run"] and "alert_below" in groups["alerts"] and "classes" in groups["data"]
+
+
+def test_a_field_out_of_its_group_is_named():
+    @dataclasses.dataclass
+    class Scattered:
+        a: int = dataclasses.field(default=1, metadata=config.RUN)
+        b: int = dataclasses.field(default=1, metadata=config.ALERTS)
+        c: int = dataclasses.field(default=1, metadata=config.RUN)
+
+    with pytest.raises(ValueError, match=r"Scattered.c: the fields of group 'run' are not declared together"):
+        config.setting_groups(Scattered)
+
+    @dataclasses.dataclass
+    class Ungrouped:
+        extra: int = 1
+
+    with pytest.raises(ValueError, match="Ungrouped.extra has group None"):
+        config.setting_groups(Ungrouped)
+
+    @dataclasses.dataclass
+    class Reordered:
+        a: int = dataclasses.field(default=1, metadata=config.ALERTS)
+        b: int = dataclasses.field(default=1, metadata=config.RUN)
+
+    with pytest.raises(ValueError, match="order"):
+        config.setting_groups(Reordered)

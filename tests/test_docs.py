@@ -1,4 +1,4 @@
-"""The settings page is generated from SPEConfig's field docstrings and is current; the callback agrees with them."""
+"""The settings page is generated from SPEConfig's field docstrings, one section per group, and is current."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spe_lightning import SPECallback, SPEConfig
-from spe_lightning.config import SETTINGS_COMMAND, setting_docs, settings_markdown
+from spe_lightning.config import GROUPS, SETTINGS_COMMAND, setting_docs, setting_groups, settings_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,18 @@ def test_a_field_without_docstring_is_named(monkeypatch):
         config.settings_markdown()
 
 
-def test_callback_defaults_equal_config_defaults():
-    """The callback mirrors SPEConfig's fields as keyword arguments: same names, same defaults."""
+def test_settings_page_has_one_section_per_group_in_field_order():
+    page = settings_markdown()
+    sections = [line[3:] for line in page.splitlines() if line.startswith("## ")]
+    assert sections == list(GROUPS.values())
+    for group, names in setting_groups().items():
+        body = page.split(f"## {GROUPS[group]}\n", 1)[1].split("\n## ", 1)[0]
+        assert [r.split("`")[1] for r in body.splitlines() if r.startswith("| `")] == names
+
+
+def test_callback_settings_are_the_config_not_a_second_copy():
+    """SPECallback takes an SPEConfig and overrides by name: its signature repeats no setting (one source)."""
     params = inspect.signature(SPECallback.__init__).parameters
-    defaults = SPEConfig()
-    for f in dataclasses.fields(SPEConfig):
-        assert f.name in params, f"SPECallback lacks the setting {f.name}"
-        given = params[f.name].default
-        given = tuple(given) if isinstance(given, (list, tuple)) else given
-        assert given == getattr(defaults, f.name), f.name
+    assert params["config"].annotation in ("SPEConfig | None", SPEConfig | None)
+    assert not {f.name for f in dataclasses.fields(SPEConfig)} & set(params)
+    assert SPECallback(every_n_epochs=2).config == SPEConfig(every_n_epochs=2)

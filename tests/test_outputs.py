@@ -9,7 +9,10 @@ from _demo import CONFIG, SMALL
 
 from spe_lightning.cli import cli
 
-EXTRA = ["--trainer.callbacks.init_args.working_size=32", "--trainer.callbacks.init_args.interval_shifts=[noise]"]
+EXTRA = [
+    "--trainer.callbacks.init_args.config.working_size=32",
+    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
+]
 SPE_FILES = {"spe_report.json", "spe_report.csv", "spe_calibration.png", "spe_estimator.pt"}
 
 

@@ -281,7 +281,7 @@ def test_a_misspelt_value_is_one_line_and_status_2(tmp_path, capsys):
                 "--model=spe_lightning.models.SegmentationModel",
                 "--data=spe_lightning.data.SyntheticShapesDataModule",
                 "--trainer.callbacks+=spe_lightning.SPECallback",
-                "--trainer.callbacks.segmenter=univerzeg",
+                "--trainer.callbacks.config.segmenter=univerzeg",
                 f"--trainer.default_root_dir={tmp_path}",
             ]
         )
