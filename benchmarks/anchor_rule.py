@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from spe_lightning.benchmark import shift_scores
+from spe_lightning.benchmarking import shift_scores
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 
 

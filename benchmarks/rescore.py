@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spe_lightning.benchmark import paper_metrics, selection_scores, shift_scores
+from spe_lightning.benchmarking import paper_metrics, selection_scores, shift_scores
 
 
 def rescore(result: dict) -> dict:

@@ -3,7 +3,7 @@
 The recorded runs ``shift_<dataset>_current_seed0.json`` trained one model per dataset with two SPE callbacks on the
 same checkpoints (label fusion and the learned propagation). Their calibration pairs (random subsets of the
 ``test`` split and its shifted copies, real Dice known) are development data; each pair is predicted by SPE's move
-rule fitted on the *other* pair families (:func:`spe_lightning.benchmark.pair_errors`). No extra_test image, shifted
+rule fitted on the *other* pair families (:func:`spe_lightning.benchmarking.pair_errors`). No extra_test image, shifted
 copy of it or other site enters this table.
 
     python benchmarks/segmenter_dev_errors.py          # prints the markdown table of the stored JSON
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spe_lightning.benchmark import pair_errors
+from spe_lightning.benchmarking import pair_errors
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = {"JSRT heart": "jsrt_heart", "JSRT lungs": "jsrt_lungs_covid", "BUSI lesions": "busi"}

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spe_lightning.benchmark import _all_signal_rows, all_signal_combination, pair_errors, shift_scores
+from spe_lightning.benchmarking import all_signal_combination, all_signal_rows, pair_errors, shift_scores
 
 ROWS = (
     "spe",
@@ -39,7 +39,7 @@ def rescore(result: dict[str, Any]) -> dict[str, Any]:
     result.update(shift_scores(result))
     result["pair_errors"] = pair_errors(result)
     result["all_signals"] = all_signal_combination(result)
-    _all_signal_rows(result)
+    all_signal_rows(result)
     return result
 
 

@@ -1,6 +1,6 @@
 """SPE's interval rows of recorded shift/selection results, per file: the numbers issue 23 asks for.
 
-Per file (the rows ``spe`` of ``targets``, as :func:`spe_lightning.benchmark.shift_scores` wrote them):
+Per file (the rows ``spe`` of ``targets``, as :func:`spe_lightning.benchmarking.shift_scores` wrote them):
 Dice MAE, coverage and median width over the synthetic shift targets (extra_test and its shifted
 copies: final numbers, never used to choose a rule), the number of metrics SPE declared unreliable
 and of targets flagged outside the calibrated range, the largest hd95 interval end, and each other

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spe_lightning.benchmark import paper_metrics
+from spe_lightning.benchmarking import paper_metrics
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
 
 METHODS = ("spe", "spe_paper", "spe_huber", "spe_isotonic", "calibration_score", "confidence", "quality_regressor")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spe_lightning.benchmark import selection_scores
+from spe_lightning.benchmarking import selection_scores
 
 
 def _pool(qs: list[dict]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from summarize_paper import _ms
 
-from spe_lightning.benchmark import shift_scores
+from spe_lightning.benchmarking import shift_scores
 
 
 def _value(e: object) -> float | None:

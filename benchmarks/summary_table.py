@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from spe_lightning.benchmark import paper_metrics, shift_scores
+from spe_lightning.benchmarking import paper_metrics, shift_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (column label, file pattern): the current-code runs, 3 seeds each

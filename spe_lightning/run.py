@@ -125,6 +125,10 @@ class SPERun:
         self.styles: dict[str, Any] = {}
         #: seconds of the new signals (styled pairs, agreement) apart from SPE's own
         self.signal_seconds: dict[str, float] = {"styled_pairs": 0.0, "agreement": 0.0}
+        #: ``fn(model, epoch) -> {set name: {"pseudo": ..., "real": ..., "confidence": ...}}``, called by
+        #: :meth:`record` at the same weights; their sets join the record (named in its ``"selection"``) before it
+        #: is kept, so nothing edits a kept record. A failing hook warns and is skipped (``strict``: raised).
+        self.record_hooks: list[Callable[[nn.Module, int], Mapping[str, Mapping[str, Any]]]] = []
 
     def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
         """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
@@ -406,6 +410,15 @@ class SPERun:
         # a learned segmenter's one-off fit (at the first evaluation) is counted in segmenter_fit_seconds only
         seconds = time.perf_counter() - start - (self.segmenter_fit_seconds - fit_before)
         record.update(epoch=epoch, step=step, final=final, seconds=seconds)
+        for hook in self.record_hooks:  # after `seconds`: a hook's own work is not SPE's cost
+            extra = self.guarded(
+                f"record hook at epoch {epoch} skipped", functools.partial(hook_sets, hook, model, epoch)
+            )
+            for name, measured in (extra or {}).items():
+                for kind in ("pseudo", "real", "confidence"):
+                    record[kind][name] = measured[kind]
+            if extra:
+                record["selection"] = sorted({*record.get("selection", []), *extra})
         self.records.append(record)
         self._keep_masks(record, epoch)
         return record
@@ -706,6 +719,18 @@ class SPERun:
         if "mask_history" in state:  # older checkpoints: the agreement starts over (it needs 2 new records)
             self.history.load_state_dict(state["mask_history"])
         self._segmenter_state = state.get("segmenter_state")  # used instead of refitting when the key matches
+
+
+def hook_sets(hook: Callable[[nn.Module, int], Any], model: nn.Module, epoch: int) -> dict[str, Any]:
+    """A record hook's sets (see ``SPERun.record_hooks``), checked before any joins the record."""
+    out = dict(hook(model, epoch) or {})
+    for name, measured in out.items():
+        missing = [
+            k for k in ("pseudo", "real", "confidence") if not isinstance(measured, Mapping) or k not in measured
+        ]
+        if missing:
+            raise ValueError(f"record hook {hook!r} returned the set {name!r} without {missing}.")
+    return out
 
 
 def regressor_heldout_means(est: Any, model: Any, run: Any, pair_sets: dict[str, Any]) -> dict[str, float | None]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spe_lightning.benchmark import score_records
+from spe_lightning.benchmarking import score_records
 
 
 def _records(n=8, seed=0):
@@ -47,7 +47,7 @@ def test_isotonic_mapping_follows_a_curved_relation():
 
 
 def test_every_method_is_scored_on_the_same_checkpoints():
-    from spe_lightning.benchmark import score_on_common_checkpoints
+    from spe_lightning.benchmarking import score_on_common_checkpoints
 
     real = np.array([0.2, 0.4, 0.6, 0.8])
     rows = {"spe": np.array([np.nan, 0.4, 0.6, 0.8]), "calibration_score": np.array([0.9, 0.4, 0.6, 0.8])}
@@ -64,7 +64,7 @@ def test_every_method_is_scored_on_the_same_checkpoints():
 def test_another_site_is_reported_on_its_own(tmp_path):
     from PIL import Image
 
-    from spe_lightning.benchmark import shift_scores
+    from spe_lightning.benchmarking import shift_scores
     from spe_lightning.data.folder import site_dataset
 
     for split, n in (("a", 2), ("b", 3)):
@@ -99,7 +99,7 @@ def test_another_site_is_reported_on_its_own(tmp_path):
 
 
 def test_false_alarm_is_an_estimated_drop_on_an_unshifted_target_whose_real_dice_held():
-    from spe_lightning.benchmark import shift_scores
+    from spe_lightning.benchmarking import shift_scores
 
     def set_(pseudo, real):
         return {"pseudo": {m: pseudo for m in METRICS}, "real": {m: real for m in METRICS}, "confidence": 0.9}
@@ -146,7 +146,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
     import lightning.pytorch as pl
 
     from spe_lightning import SPECallback
-    from spe_lightning.benchmark import fit_regressor, paper_metrics, regressor_by_checkpoint, weight_snapshots
+    from spe_lightning.benchmarking import WeightSnapshots, fit_regressor, paper_metrics, regressor_by_checkpoint
     from spe_lightning.data import SyntheticShapesDataModule
     from spe_lightning.models import SegmentationModel
     from spe_lightning.percase.regressor import QualitySettings
@@ -155,7 +155,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
     dm = SyntheticShapesDataModule(n_train=24, n_val=12, n_target=8, size=32, batch_size=4)
     model = SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3)
     cb = SPECallback(segmenter="label_fusion", support_size=8, max_references=16, seed=0, verbose=False)
-    snaps = weight_snapshots(cb)
+    snaps = WeightSnapshots(cb)
     trainer = pl.Trainer(
         max_epochs=4,
         accelerator="cpu",
@@ -183,7 +183,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
 
 
 def test_spe_regressor_combination_is_chosen_on_the_calibration_pairs_only():
-    from spe_lightning.benchmark import shift_scores
+    from spe_lightning.benchmarking import shift_scores
 
     records = _linear_records()
     # on the pairs' sets SPE is blind (pseudo unchanged) while the regressor follows the real drops
@@ -237,7 +237,7 @@ def _phantom_folder(root, splits):
 def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     """run_shift from training to scores: regressor rows (per checkpoint and per target), the combination
     chosen on the calibration pairs, a --target site on its own and checkpoint selection."""
-    from spe_lightning.benchmark import BenchmarkConfig, run_shift
+    from spe_lightning.benchmarking import BenchmarkConfig, run_shift
 
     data = _phantom_folder(tmp_path / "data", {"train": 16, "test": 10, "extra_test": 8})
     site = _phantom_folder(tmp_path / "site", {"extra_test": 6})

@@ -153,3 +153,25 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
     for target in ("target", "target_noisy"):
         assert report["estimates"][target]["dice"]["value"] is not None
     assert (reports[0].parent / "spe_report.csv").is_file() and (reports[0].parent / "spe_calibration.png").is_file()
+
+
+def test_python_dash_m_runs_the_command_and_the_benchmark_harness_stays_off_the_import_path():
+    """``python -m spe_lightning.cli`` is the console script; importing the package, the callback, the estimator
+    and the command itself loads no module of spe_lightning.benchmarking (only ``benchmark`` imports it)."""
+    import subprocess
+    import sys
+
+    from spe_lightning import __version__
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "spe_lightning.cli", "--version"], capture_output=True, text=True,
+                          env=env, cwd=repo, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"spe-lightning {__version__}"
+    code = (
+        "import sys, spe_lightning.callback, spe_lightning.estimator, spe_lightning.run, spe_lightning.cli;"
+        "print(sorted(m for m in sys.modules if m.startswith('spe_lightning.benchmark')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -65,7 +65,7 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
 
 
 def test_cli_reads_nifti_volumes_as_slices_and_16_bit_pngs(tmp_path):
-    from spe_lightning.estimate_cli import read_image_folder
+    from spe_lightning.cli.estimate import read_image_folder
 
     nib = pytest.importorskip("nibabel")
     vol = np.random.default_rng(0).normal(100.0, 20.0, (40, 30, 3)).astype(np.float32)  # H, W, slices

@@ -20,11 +20,11 @@ from PIL import Image
 
 from spe_lightning import SPECallback, SPEEstimator
 from spe_lightning.cli import main as cli_main
+from spe_lightning.cli.estimate import STRICT_EXIT
 from spe_lightning.data.folder import FolderSegmentationDataModule
 from spe_lightning.data.images import ReadOptions, image_tensor, read_image_array
 from spe_lightning.data.synthetic import make_phantom
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
-from spe_lightning.estimate_cli import STRICT_EXIT
 from spe_lightning.models import SegmentationModel
 
 H, W = 72, 96  # landscape files, as the dermoscopy images

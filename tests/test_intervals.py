@@ -242,7 +242,7 @@ def test_report_outputs_say_unreliable_and_outside_the_calibrated_range():
 
 
 def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range():
-    from spe_lightning.estimate_cli import _table
+    from spe_lightning.cli.estimate import estimate_table
 
     estimates = {
         "dice": {"value": 0.7, "lower": 0.5, "upper": 0.9, "pseudo": 0.6, "reason": None,
@@ -250,7 +250,7 @@ def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range
         "hd95": {"value": None, "lower": None, "upper": None, "pseudo": 9.0, "reliable": False,
                  "reason": "unreliable: its interval half-width 300 ... exceeds 0.25 of the metric's range (90.5)"},
     }  # fmt: skip
-    table = _table(estimates, 0.9, None)
+    table = estimate_table(estimates, 0.9, None)
     dice, hd95 = (line for line in table.splitlines() if line.startswith(("| dice", "| hd95")))
     assert "outside the calibrated range" in dice and "0.700" in dice
     assert "unreliable: its interval half-width" in hd95 and "n/a" in hd95

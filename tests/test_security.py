@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from spe_lightning.cli import main as cli_main
+from spe_lightning.cli.estimate import cases_csv, csv_cell, load_model, read_image_folder, write_file
 from spe_lightning.config import SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.data.images import ImageLimits, list_image_files, read_image, read_nifti_slices
-from spe_lightning.estimate_cli import _cases_csv, csv_cell, load_model, read_image_folder, write_file
 from spe_lightning.estimator import IncompatibleEstimatorError, SPEEstimator
 
 EVIL = """
@@ -174,7 +174,7 @@ def test_csv_cells_that_spreadsheets_would_run_are_quoted():
         assert csv_cell(bad) == "'" + bad
     assert csv_cell("case_01") == "case_01" and csv_cell(-0.5) == -0.5
     cases = [{"id": "=cmd|' /C calc'!A0", "quality": 0.5, "flagged": False}]
-    rows = list(csv.reader(io.StringIO(_cases_csv(cases, ["=cmd.png"]))))
+    rows = list(csv.reader(io.StringIO(cases_csv(cases, ["=cmd.png"]))))
     assert rows[1][:3] == ["'=cmd|' /C calc'!A0", "'=cmd.png", "0.5"]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
-from spe_lightning.benchmark import selection_scores
+from spe_lightning.benchmarking import selection_scores
+from spe_lightning.config import SPEConfig
 from spe_lightning.monitoring.selection import alert_quality, selection_regret, selection_summary
+from spe_lightning.run import SPERun
 
 
 def _records(n: int = 8) -> list[dict]:
@@ -87,40 +91,68 @@ def test_selection_scores_of_a_benchmark_result():
     assert np.isfinite(sel["summary"]["all"]["validation"])
 
 
-def test_selection_callback_adds_the_targets_to_every_kth_record(monkeypatch):
-    """``--select-every 2``: the selection targets are measured into the records of epochs 1 and 3 only."""
-    from types import SimpleNamespace
+def _fake_run(**config) -> tuple[SPERun, list[str]]:
+    """An SPERun whose evaluation returns fixed numbers (its own record: the calibration set; a hook's: the
+    sets asked for), counting the hooks' evaluations; warnings collected."""
+    warned: list[str] = []
+    run = SPERun(SPEConfig(**config), warn=warned.append)
+    run.hook_calls = 0  # type: ignore[attr-defined]
 
-    import spe_lightning.benchmark as bench
+    def evaluate(model, shard=None, sets=None, **kw):
+        if sets is not None:
+            run.hook_calls += 1  # type: ignore[attr-defined]
+        names = ["calibration"] if sets is None else list(sets)
+        return {
+            "pseudo": {n: {"dice": 0.5} for n in names},
+            "real": {n: {"dice": 0.6} for n in names},
+            "confidence": dict.fromkeys(names, 0.9),
+            "n_support": dict.fromkeys(names, 3),
+        }
 
-    class FakeRun:
-        def __init__(self) -> None:
-            self.records: list[dict] = []
-            self.calls = 0
+    run.evaluate = evaluate  # type: ignore[method-assign]
+    return run, warned
 
-        def evaluate(self, model, sets):
-            self.calls += 1
-            names = list(sets)
-            return {
-                "pseudo": {n: {"dice": 0.5} for n in names},
-                "real": {n: {"dice": 0.6} for n in names},
-                "confidence": dict.fromkeys(names, 0.9),
-                "n_support": dict.fromkeys(names, 3),
-            }
 
-    run = FakeRun()
-    monkeypatch.setattr(bench, "selection_targets", lambda r, dm, seed: {"noise_2": [0, 1, 2]})
-    cb = bench._selection_callback(SimpleNamespace(run=run), None, 0, 2)
+def test_selection_hook_adds_the_targets_to_every_kth_record_before_it_is_kept(monkeypatch):
+    """``--select-every 2``: the selection targets are measured into the records of epochs 1 and 3 only, by the
+    run's record hook (the record is complete when kept: nothing edits it afterwards)."""
+    import spe_lightning.benchmarking.selection as selection
+
+    run, warned = _fake_run()
+    monkeypatch.setattr(selection, "selection_targets", lambda r, dm, seed: {"noise_2": [0, 1, 2]})
+    run.record_hooks.append(selection.SelectionTargets(run, None, 0, 2))
+    kept: list[dict] = []
     for epoch in range(4):
-        run.records.append({"epoch": epoch, "pseudo": {}, "real": {}, "confidence": {}})
-        trainer = SimpleNamespace(current_epoch=epoch, sanity_checking=False)
-        cb.on_validation_end(trainer, None)
-        cb.on_train_epoch_end(trainer, None)  # never measured twice
-    assert run.calls == 2
-    assert [("noise_2" in r["pseudo"], r.get("selection")) for r in run.records] == [
+        record = run.record(None, epoch, 10 * epoch)
+        kept.append(copy.deepcopy(record))  # as it was when record() returned
+    assert run.hook_calls == 2 and warned == []
+    assert [("noise_2" in r["pseudo"], r.get("selection")) for r in kept] == [
         (False, None),
         (True, ["noise_2"]),
         (False, None),
         (True, ["noise_2"]),
     ]
-    assert run.records[1]["real"]["noise_2"] == {"dice": 0.6} and run.records[3]["confidence"]["noise_2"] == 0.9
+    assert kept == run.records
+    assert kept[1]["real"]["noise_2"] == {"dice": 0.6} and kept[3]["confidence"]["noise_2"] == 0.9
+    assert all(r["pseudo"]["calibration"] == {"dice": 0.5} for r in kept)  # the run's own sets are untouched
+    assert "noise_2" not in kept[1]["n_support"]  # only pseudo, real and confidence join the record
+
+
+def test_record_hooks_merge_and_a_failing_hook_warns_and_is_skipped():
+    run, warned = _fake_run()
+    measured = {"pseudo": {"dice": 0.4}, "real": {"dice": 0.3}, "confidence": 0.7}
+
+    def broken(model, epoch):
+        raise RuntimeError("no such set")
+
+    run.record_hooks += [lambda m, e: {"b": measured}, broken, lambda m, e: {"a": measured, "c": {"pseudo": {}}}]
+    record = run.record(None, 0, 0)
+    assert record is run.records[-1] and record["selection"] == ["b"]  # "c" lacks real/confidence: nothing joins
+    assert record["real"]["b"] == {"dice": 0.3} and "a" not in record["pseudo"]
+    assert len(warned) == 2 and "no such set" in warned[0] and "'c'" in warned[1] and "real" in warned[1]
+
+    strict, _ = _fake_run(strict=True)
+    strict.record_hooks.append(broken)
+    with pytest.raises(RuntimeError, match="no such set"):
+        strict.record(None, 0, 0)
+    assert strict.records == []

@@ -305,9 +305,9 @@ def _pair_errors(spe: list[float], reg: list[float], agree: list[float], real: l
 
 
 def test_all_signal_combination_is_chosen_on_held_out_families_and_ties_keep_spe_alone():
-    from spe_lightning.benchmark import _weight_grid, all_signal_combination
+    from spe_lightning.benchmarking import all_signal_combination, weight_grid
 
-    grid = _weight_grid(3)
+    grid = weight_grid(3)
     assert grid[0] == (1.0, 0.0, 0.0) and len(grid) == 15 and all(sum(w) == pytest.approx(1) for w in grid)
     real = [0.6, 0.9, 0.85, 0.8, 0.7, 0.75]
     # agreement is exact on every family, SPE and the regressor miss: agreement alone wins held out

@@ -1,0 +1,58 @@
+"""The shift benchmark's targets, built from the run's ``extra_test`` (clean, synthetic shifts, ``meta.csv``
+groups), and measuring sets at the model's current weights the way the run does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spe_lightning.data.folder import read_meta
+from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+
+__all__ = ["measure", "shift_targets", "selection_targets", "SELECTION_SEVERITY"]
+
+
+def measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
+    """Pseudo metrics, real metrics and confidence of each of ``sets`` under ``model``'s weights (the run's path)."""
+    rec = run.evaluate(model, sets=sets)
+    return {
+        name: {
+            "pseudo": rec["pseudo"][name],
+            "real": rec["real"].get(name, {}),
+            "confidence": rec["confidence"][name],
+            "n_support": rec["n_support"][name],
+            "n_images": len(data),
+            "distance": rec.get("distance", {}).get(name),  # label-free, to the calibration set (engine/distance.py)
+        }
+        for name, data in sets.items()
+    }
+
+
+def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
+    """The benchmark's targets built from the run's ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
+    base = run.sets["extra_test"]
+    targets = {"clean": subset(base, range(len(base)), "clean")}
+    for fam in SHIFT_FAMILIES:
+        for sev in (1, 2, 3):
+            t = shift_set(base, fam, sev, seed=seed * 100_000)
+            targets[t.name] = t
+    ds = datamodule.spe_datasets()["target"]["extra_test"]
+    meta = read_meta(datamodule.root)
+    groups: dict[str, list[int]] = {}
+    for pos, i in enumerate(base.indices):
+        g = meta.get(ds.ids[i], {}).get("group")
+        if g:
+            groups.setdefault(g, []).append(pos)
+    for g, members in sorted(groups.items()):
+        if len(groups) > 1 and len(members) >= 5:
+            targets[f"group_{g}"] = subset(base, members, f"group_{g}")
+    return targets
+
+
+#: the shifted targets measured at every k-th checkpoint for checkpoint selection (``--select-every``)
+SELECTION_SEVERITY = "_2"
+
+
+def selection_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
+    """The targets scored for checkpoint selection: the synthetic shifts at severity 2 and the meta.csv groups."""
+    every = shift_targets(run, datamodule, seed)
+    return {n: t for n, t in every.items() if n.endswith(SELECTION_SEVERITY) or n.startswith("group_")}

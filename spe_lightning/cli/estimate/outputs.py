@@ -1,0 +1,170 @@
+"""Writing the outputs of ``spe-lightning estimate``: files written without following links, CSV cells safe in a
+spreadsheet, ``cases.csv``/``chunks.csv``, the printed tables and the gallery of ``report.html``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from spe_lightning import __version__
+from spe_lightning.monitoring.chunks import CHUNK_COLUMNS
+
+__all__ = [
+    "csv_cell",
+    "write_file",
+    "cases_csv",
+    "chunks_csv",
+    "estimate_table",
+    "chunk_table",
+    "as_row",
+    "display_image",
+    "versions",
+    "relative_path",
+    "report_input_check",
+]
+
+
+def as_row(row: Any) -> dict[str, Any]:
+    """A per-case row (or an estimate) as a dict, whether the estimator returns dicts or typed rows."""
+    return row.to_dict() if hasattr(row, "to_dict") else row
+
+
+def estimate_table(estimates: dict[str, Any], level: float, true: dict[str, Any] | None) -> str:
+    """The printed table of the estimates with their intervals (and the true values with ``--masks``); a row
+    says why it has no value, and when the target lies outside the calibrated range."""
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    head = f"| metric | estimate | {level:.0%} interval | pseudo |" + (" true |" if true else "")
+    lines = [head, "|---|---|---|---|" + ("---|" if true else "")]
+    for m, entry in estimates.items():
+        e = as_row(entry)
+        row = f"| {m} | {f(e['value'])} | {f(e['lower'])} – {f(e['upper'])} | {f(e['pseudo'])} |"
+        if true:
+            row += f" {f(true.get(m))} |"
+        if e.get("reason"):
+            row += f" {e['reason']}"
+        if e.get("outside_calibrated_range"):  # farther than every calibration pair: the interval was widened
+            row += " outside the calibrated range (interval widened)"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def chunk_table(chunks: Sequence[dict[str, Any]], metric: str = "dice") -> str:
+    """The printed table of ``metric`` per chunk, with its interval, the true value and the alerts."""
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [f"| chunk | images | {metric} | interval | true | alert |", "|---|---|---|---|---|---|"]
+    for c in chunks:
+        e = c["estimates"].get(metric, {})
+        alert = "ALERT" if any(a["metric"] == metric for a in c["alerts"]) else ""
+        true = (c.get("true") or {}).get(metric)
+        lines.append(
+            f"| {c['chunk']} | {c['n_images']} | {f(e.get('value'))} | {f(e.get('lower'))} – {f(e.get('upper'))} "
+            f"| {f(true)} | {alert} |"
+        )
+    return "\n".join(lines)
+
+
+def csv_cell(v: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting with ``= + - @``, a tab or a carriage
+    return get a leading ``'`` (OWASP's CSV-injection rule); numbers are kept as they are."""
+    if isinstance(v, str) and v and v[0] in "=+-@\t\r":
+        return "'" + v
+    return v
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write ``path`` without following a link: the content goes to a new file in the same folder, which
+    then replaces ``path`` (a link already at ``path`` is replaced, its target is never written)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cases_csv(cases: Sequence[Any], sources: Sequence[str]) -> str:
+    """``cases.csv``: one row per case (``sources``: each case's file), every text cell made safe by
+    :func:`csv_cell`."""
+    cases = [as_row(c) for c in cases]
+    cols = [
+        "id",
+        "file",
+        "quality",
+        "flagged",
+        "estimated_dice",
+        "estimated_dice_lower",
+        "estimated_dice_upper",
+        "empty_prediction",
+        "foreground_pixels",
+        "confidence",
+        "best_reference",
+    ]
+    if cases and "real_dice" in cases[0]:
+        cols.append("real_dice")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for c, src in zip(cases, sources):
+        w.writerow(["" if (v := {**c, "file": src}.get(k)) is None else csv_cell(v) for k in cols])
+    return buf.getvalue()
+
+
+def chunks_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """``chunks.csv``: one row per chunk (:data:`~spe_lightning.monitoring.chunks.CHUNK_COLUMNS`)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CHUNK_COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else csv_cell(r[k]) for k in CHUNK_COLUMNS])
+    return buf.getvalue()
+
+
+def display_image(x: Tensor) -> np.ndarray:
+    """A model input ``[C,H,W]`` as a gray image in [0, 1] for the gallery."""
+    g = x.float().mean(0) if x.ndim == 3 else x.float()
+    lo, hi = float(g.min()), float(g.max())
+    return ((g - lo) / max(hi - lo, 1e-8)).numpy()
+
+
+def versions(est: Any) -> dict[str, Any]:
+    """The versions, as the full ``estimate.json`` records them."""
+    return {"spe_lightning": {"running": __version__, "estimator_written_by": getattr(est, "written_by", None)}}
+
+
+def report_input_check(check: dict[str, Any]) -> None:
+    """The input check on stderr: every warning; what could not be compared, in one line."""
+    for w in check["warnings"]:
+        print(f"spe-lightning estimate: warning: {w}", file=sys.stderr)
+    if check["verdict"] == "mismatch" and not check["warnings"]:
+        odd = [c["statistic"] for c in check["checks"] if c["verdict"] != "ok"]
+        print(
+            f"spe-lightning estimate: warning: the images differ from the calibration images in {odd}.", file=sys.stderr
+        )
+    if check["not_compared"]:
+        what = sorted({n.split(":")[0] for n in check["not_compared"]})
+        why = check["not_compared"][0].split(": ", 1)[1]
+        print(f"spe-lightning estimate: input check: not compared: {', '.join(what)} ({why})", file=sys.stderr)
+
+
+def relative_path(path: str | Path, out: Path) -> str:
+    """``path`` relative to the output folder, for the outputs: no absolute paths of this machine in them."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).as_posix()
