@@ -205,11 +205,13 @@ def fit_regressor(run: Any, model: Any, datamodule: Any, settings: Any = None) -
     ``model``'s weights (as the callback does at fit end): ``(estimator, seconds)``. ``settings``: a
     :class:`~spe_lightning.percase.regressor.QualitySettings` (None: the product's)."""
     from spe_lightning.engine.records import CALIBRATION
-    from spe_lightning.estimator import SPEEstimator
+    from spe_lightning.estimator import fit_estimator, with_case_scorer
+    from spe_lightning.percase.regressor import RegressorScorer
 
     start = time.perf_counter()
-    est = SPEEstimator.from_run(run, None)
-    est.fit_quality(model, datamodule.spe_datasets()["reference"], run.sets[CALIBRATION], settings=settings)
+    reference = datamodule.spe_datasets()["reference"]
+    est = fit_estimator(run.outcome(), None)  # the run's artifact without per-case calibration
+    est = with_case_scorer(est, model, RegressorScorer(settings), run.sets[CALIBRATION], reference)
     return est, time.perf_counter() - start
 
 
@@ -565,7 +567,7 @@ def _signals(run: Any, model: Any, targets: dict[str, Any], weights: dict[int, A
     from spe_lightning.engine.records import CALIBRATION
     from spe_lightning.engine.signals import agreement_fit
     from spe_lightning.engine.styled_pairs import styled_name, styled_set
-    from spe_lightning.run import regressor_heldout_means
+    from spe_lightning.estimator import heldout_regressor_means
 
     out: dict[str, Any] = {"seconds": {}}
     cal = run.sets[CALIBRATION]
@@ -601,7 +603,7 @@ def _signals(run: Any, model: Any, targets: dict[str, Any], weights: dict[int, A
     }
     out["seconds"]["agreement"] = time.perf_counter() - start
     print(f"[shift] agreement over epochs {epochs} ({out['seconds']['agreement']:.1f}s)")
-    out["regressor_heldout_means"] = regressor_heldout_means(regressor[0], model, run, pair_sets)
+    out["regressor_heldout_means"] = heldout_regressor_means(regressor[0], model, cal, pair_sets, run.logits_fn)
     return out
 
 
@@ -627,7 +629,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
     from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
     from spe_lightning.engine.metrics import PAPER_METRICS
     from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
-    from spe_lightning.percase.regressor import combined_value
+    from spe_lightning.percase.combination import combined_value
 
     segs = list(result["shift_raw"])
     raw0 = result["shift_raw"][segs[0]]
@@ -708,9 +710,9 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
 
 def _combination(raw: dict[str, Any], g: Any, p_c: float | None, r_c: float | None) -> dict[str, Any] | None:
     """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only
-    (:func:`~spe_lightning.percase.regressor.combination_from_pairs`: the calibration pairs' sets at the final
+    (:func:`~spe_lightning.percase.combination.combination_from_pairs`: the calibration pairs' sets at the final
     weights). None when the run did not measure the regressor on them."""
-    from spe_lightning.percase.regressor import combination_from_pairs
+    from spe_lightning.percase.combination import combination_from_pairs
 
     q = raw.get("quality_regressor") or {}
     dev = q.get("heldout_dev_means", q.get("dev_means"))  # older results: the means on the fitted families

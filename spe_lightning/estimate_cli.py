@@ -670,7 +670,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "intensity": opts.intensity,
             "image_channels": opts.channels,
         }
-        est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read))
+        est = est.with_reference_dataset(
+            FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read)
+        )
     model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
     below, above = _thresholds(a.alert_below, "--alert-below"), _thresholds(a.alert_above, "--alert-above")
