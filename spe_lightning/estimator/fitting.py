@@ -153,7 +153,9 @@ def with_case_scorer(
     )
     with torch.enable_grad():  # the regressor trains
         scorer.fit(data)
-    return est.with_fitted(est.fitted.replace(**{_SCORER_FIELDS[scorer.name]: scorer.state()}), scorer=scorer)
+    fitted = est.fitted.replace(**{_SCORER_FIELDS[scorer.name]: scorer.state()})
+    active = "regressor" if fitted.quality else "rca"  # the scorer the new estimator scores cases with
+    return est.with_fitted(fitted, scorer=scorer if scorer.name == active else None)
 
 
 def fit_estimator(
