@@ -130,9 +130,11 @@ def with_case_scorer(
     logits_fn: LogitsFn = default_logits,
     device: torch.device | str | None = None,
     progress: bool = False,
+    predicted: tuple[list[Tensor], Tensor] | None = None,
 ) -> SPEEstimator:
     """A new estimator: ``est``'s artifact with ``scorer`` fitted on the labelled ``calibration`` set (and
-    ``reference``, for scorers that learn from it) at ``model``'s weights. 2D only."""
+    ``reference``, for scorers that learn from it) at ``model``'s weights. 2D only. ``predicted``: the
+    model's masks and confidence of ``calibration`` (a cached set) when already known (not predicted again)."""
     if scorer.name not in _SCORER_FIELDS:
         raise ValueError(f"no estimator field for a scorer named {scorer.name!r}; known: {sorted(_SCORER_FIELDS)}.")
     cal = est.cache(calibration, "calibration")
@@ -142,9 +144,15 @@ def with_case_scorer(
             est.check_2d(labelled)
     device = model_device(model, device)
     c = est.config
+
+    def predict(d: CachedSet) -> tuple[list[Tensor], Tensor]:
+        if predicted is not None and d is cal:
+            return predicted
+        return est.predict(model, d, device, logits_fn)
+
     data = ScorerFitData(
         cal,
-        lambda d: est.predict(model, d, device, logits_fn),
+        predict,
         device,
         c.seed,
         c.level,
@@ -188,7 +196,9 @@ def fit_estimator(
     fitted = est.fitted
     if cal.inputs:
         fitted = fitted.replace(info={**fitted.info, "input_summary": input_summary(cal.inputs, masks, conf)})
-    est = with_case_scorer(est.with_fitted(fitted), module, est.rca_scorer(), cal, logits_fn=outcome.logits_fn)
+    est = with_case_scorer(
+        est.with_fitted(fitted), module, est.rca_scorer(), cal, logits_fn=outcome.logits_fn, predicted=(masks, conf)
+    )
     if not (c.quality_regressor if quality is None else quality) or c.classes:
         return est
     start = time.perf_counter()
