@@ -56,7 +56,7 @@ def _fit(references: int, epochs: int, root: str) -> tuple[SPEEstimator, torch.n
         default_root_dir=root,
     )
     trainer.fit(model, loader)
-    path = SPEEstimator.from_run(cb.run, model).save(os.path.join(root, "spe_estimator.pt"))
+    path = cb.run.estimator.save(os.path.join(root, "spe_estimator.pt"))  # the run's estimator, built at fit end
     return SPEEstimator.load(path), model.eval()
 
 

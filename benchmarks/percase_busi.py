@@ -54,20 +54,21 @@ def build_estimator(data: str, segmenter: str = "label_fusion") -> Any:
     that learns is fitted on them (timed in ``fit_seconds``)."""
     from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import FolderSegmentationDataset
+    from spe_lightning.estimator import FittedSPE
     from spe_lightning.reverse import make_segmenter
 
     config = SPEConfig(segmenter=segmenter, metrics=("dice",), support_size=64, working_size=128)
     seg = make_segmenter(segmenter)
-    est = SPEEstimator(config, seg.spec())
-    est.set_reference_dataset(FolderSegmentationDataset(data, "train", 1, 128))
-    est.info["fit_seconds"] = 0.0
+    est = SPEEstimator(FittedSPE(config, seg.spec())).with_reference_dataset(
+        FolderSegmentationDataset(data, "train", 1, 128)
+    )
+    fitted = est.fitted.replace(info={"fit_seconds": 0.0})
     if seg.needs_fit:
         start = time.perf_counter()
-        seg.fit(est.reference_images, est.reference_masks.float())
-        est.info["fit_seconds"] = time.perf_counter() - start
-        est.segmenter_state = seg.state_tensors()
-        est.segmenter.case_segmenter = None  # measure this segmenter's own per-case scores (SPE uses label fusion)
-    return est
+        seg.fit(fitted.reference_images, fitted.reference_masks.float())
+        fitted = fitted.replace(info={"fit_seconds": time.perf_counter() - start}, segmenter_state=seg.state_tensors())
+        seg.case_segmenter = None  # measure this segmenter's own per-case scores (SPE uses label fusion)
+    return SPEEstimator(fitted, segmenter=seg)
 
 
 def flag_stats(quality: np.ndarray, real: np.ndarray, threshold: float, cut: float = 0.7) -> dict[str, float]:
@@ -83,6 +84,7 @@ def flag_stats(quality: np.ndarray, real: np.ndarray, threshold: float, cut: flo
 def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32), segmenter: str = "label_fusion") -> dict[str, Any]:
     """Calibrate k on ROOT/test, then score ROOT/extra_test; RCA score vs the model's confidence."""
     from spe_lightning.data import FolderSegmentationDataset
+    from spe_lightning.estimator import with_case_scorer
     from spe_lightning.models import SegmentationModel
     from spe_lightning.percase.rca import auroc, spearman
 
@@ -92,11 +94,12 @@ def score(data: str, ckpt: Path, ks: tuple[int, ...] = (8, 16, 32), segmenter: s
     sweep = {}
     for k in ks:
         start = time.perf_counter()
-        c = est.calibrate_cases(model, cal, k=k)
+        c = with_case_scorer(est, model, est.rca_scorer(k=k), cal).cases
         sweep[k] = {"auroc": c["auroc"], "spearman": c["spearman"], "seconds": time.perf_counter() - start}
         print(f"calibration (test, {c['n_cases']} cases) k={k}: AUROC {c['auroc']:.3f}, Spearman {c['spearman']:.3f}")
     k_best = max(ks, key=lambda k: sweep[k]["auroc"])
-    cases = est.calibrate_cases(model, cal, k=k_best)
+    est = with_case_scorer(est, model, est.rca_scorer(k=k_best), cal)
+    cases = est.cases
     target = FolderSegmentationDataset(data, "extra_test", 1, 128)
     start = time.perf_counter()
     res = est.estimate(model, target, name="extra_test", ids=target.ids)

@@ -2,7 +2,7 @@
 
 Per-case estimates come from the product's path: a model trained on ``ROOT/train`` (cached under
 ``--workdir``), an :class:`~spe_lightning.SPEEstimator` with label fusion over ``ROOT/train`` as references
-and its per-case calibration on ``ROOT/test`` (as :meth:`SPEEstimator.from_run` calibrates it), then
+and its per-case calibration on ``ROOT/test`` (as a finished run calibrates it), then
 ``SPEEstimator.estimate``'s per-case rows (``estimated_dice``) on each target. The targets' masks give each
 case's real Dice, IoU, precision and recall; nothing is chosen on them. The rows are cached in
 ``results/ppi_cases_<dataset>.json`` so the draws can be rescored without retraining.
@@ -84,8 +84,9 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
     from spe_lightning.engine.metrics import per_item_metrics
     from spe_lightning.engine.predict import default_logits
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
+    from spe_lightning.estimator import FittedSPE, with_case_scorer
     from spe_lightning.models import SegmentationModel
-    from spe_lightning.percase.ppi import PPI_METRICS
+    from spe_lightning.percase.labels import PPI_METRICS
     from spe_lightning.reverse import make_segmenter
 
     root_name, ci, epochs, targets = DATASETS[dataset]
@@ -95,9 +96,10 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
         train(root, ci, epochs, seed, ckpt)
     model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     config = SPEConfig(segmenter="label_fusion", metrics=("dice",), support_size=64, working_size=128)
-    est = SPEEstimator(config, make_segmenter("label_fusion").spec())
-    est.set_reference_dataset(FolderSegmentationDataset(root, "train", ci, 128))
-    cal = est.calibrate_cases(model, FolderSegmentationDataset(root, "test", ci, 128))
+    est = SPEEstimator(FittedSPE(config, make_segmenter("label_fusion").spec()))
+    est = est.with_reference_dataset(FolderSegmentationDataset(root, "train", ci, 128))
+    est = with_case_scorer(est, model, est.rca_scorer(), FolderSegmentationDataset(root, "test", ci, 128))
+    cal = est.cases
     print(f"{dataset}: per-case calibration on test: Spearman {cal['spearman']:.3f}", flush=True)
     sets: dict[str, tuple[Any, list[str]]] = {}
     for name, (r, split) in targets.items():
@@ -119,9 +121,9 @@ def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
     }
     for name, (data, ids) in sets.items():
         start = time.perf_counter()
-        # the per-case rows of SPEEstimator.estimate without its set-level reverse step (same code, _case_rows)
+        # the per-case rows of SPEEstimator.estimate without its set-level reverse step (same code)
         rows = est.case_estimates(model, data)
-        masks, _ = est._predict(model, data, torch.device("cpu"), default_logits)  # the masks estimate() predicts
+        masks, _ = est.predict(model, data, torch.device("cpu"), default_logits)  # the masks estimate() predicts
         real = per_item_metrics(masks, data.masks, PPI_METRICS, select=lambda m: m > 0)
         out["targets"][name] = {
             "n": len(ids),
@@ -148,9 +150,8 @@ def _summary(values: list[float]) -> float:
 def score_target(rows: list[dict[str, Any]], k: int, draws: int, seed: int) -> dict[str, Any]:
     """Coverage and widths of PPI, the labelled-only and the suggested-design intervals over ``draws`` draws
     (each draw labels the same cases for every metric)."""
+    from spe_lightning.percase.labels import PPI_METRICS, metric_predictions
     from spe_lightning.percase.ppi import (
-        PPI_METRICS,
-        metric_predictions,
         ppi_mean,
         stratified_design,
         stratified_ppi_mean,
@@ -268,7 +269,7 @@ def summary_table(result: dict[str, Any]) -> str:
         "| width ratio PPI / labelled-only (median, max) | suggested / random (median) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    from spe_lightning.percase.ppi import PPI_METRICS
+    from spe_lightning.percase.labels import PPI_METRICS
 
     for ds, targets in result["datasets"].items():
         for m in PPI_METRICS:

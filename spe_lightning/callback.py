@@ -114,8 +114,7 @@ class SPECallback(Callback):
     @property
     def estimator(self) -> SPEEstimator | None:
         """The fitted estimator after fit (None before, or when the run could not fit G)."""
-        # bridge until SPERun.estimator (the estimator built once at finish) lands: then `return self.run.estimator`
-        return getattr(self.run, "estimator", None)
+        return self.run.estimator
 
     @property
     def on_alert(self) -> Callable[[dict[str, Any]], Any] | None:

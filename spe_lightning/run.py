@@ -2,26 +2,26 @@
 
 It reads the datasets and builds the reverse segmenter and engine (:meth:`SPERun.prepare`),
 evaluates a model at a checkpoint (:meth:`SPERun.record`, sharded over processes or not),
-measures the labelled calibration pairs at the final weights (:meth:`SPERun.finish`), and fits
-G and builds the report (:meth:`SPERun.build_report`). :class:`~spe_lightning.SPECallback` decides
-*when* and publishes; a user with their own training loop can call the same methods::
+measures the labelled calibration pairs at the final weights (:meth:`SPERun.finish`), fits G and
+builds the report (:meth:`SPERun.build_report`), and hands its outcome over to the fitted estimator
+(:meth:`SPERun.finish_fit`; :mod:`spe_lightning.estimator`, which never imports the run).
+:class:`~spe_lightning.SPECallback` decides *when* and publishes; a user with their own training loop
+can call the same methods::
 
     run = SPERun(SPEConfig(segmenter="label_fusion"))
     run.prepare(reference=train_set, calibration=val_set, target={"site_b": unlabelled})
     for epoch in range(epochs):
         train_one_epoch(model)
         run.record(model, epoch=epoch, step=epoch)
-    run.finish(model)
-    report = run.build_report()
-    run.write_report("out/")
+    run.finish(model)                # the final record and the calibration pairs
+    report = run.finish_fit(model)   # the report and the fitted estimator, once (run.estimator)
+    run.write_report("out/")         # only serialises: spe_report.json/.csv, the figure, spe_estimator.pt
 
 Failures at a checkpoint are passed to ``warn`` and that evaluation is skipped (``strict``: raised).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -33,26 +33,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spe_lightning import __version__
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
-from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
-from spe_lightning.engine.distance import diagonal, image_features, set_distance
-from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.predict import LogitsFn, default_logits, model_device, predict_labels
-from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
+from spe_lightning.engine.distance import diagonal
+from spe_lightning.engine.predict import LogitsFn, default_logits
+from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
 from spe_lightning.engine.signals import signal_baselines
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
-from spe_lightning.engine.styled_pairs import styled_name, styled_set
-from spe_lightning.estimator import SPEEstimator
+from spe_lightning.estimator import RunOutcome, SPEEstimator, fit_estimator
 from spe_lightning.monitoring.alerts import alerts_for
-from spe_lightning.percase.regressor import combination_from_pairs, combined_value
-from spe_lightning.progress import Progress
 from spe_lightning.reporting.report import make_figure, write_csv, write_json
-from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
-from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
+from spe_lightning.reverse.base import ReverseSegmenter
+from spe_lightning.run_steps import RunSteps
 
 __all__ = ["SPERun", "REPORT_VERSION"]
 
@@ -70,7 +64,7 @@ def auto_working_size(dataset: SizedDataset, config: SPEConfig) -> int:
     return max(16, min(MAX_AUTO_WORKING_SIZE, side))
 
 
-class SPERun:
+class SPERun(RunSteps):
     """State and work of one SPE run: cached sets, segmenter, engine, records, calibration pairs, report.
 
     Args:
@@ -111,6 +105,8 @@ class SPERun:
         self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
         self._reference_dataset: SizedDataset | None = None
         self.report: dict[str, Any] | None = None
+        #: the fitted estimator of the finished run (:meth:`finish_fit`); None before
+        self.estimator: SPEEstimator | None = None
         #: alert events (:func:`~spe_lightning.monitoring.alerts.alerts_for`) of the running and final estimates
         self.alerts: list[dict[str, Any]] = []
         #: progress bars of the long steps (learned fit, calibration pairs, quality regressor) when
@@ -129,10 +125,6 @@ class SPERun:
         #: :meth:`record` at the same weights; their sets join the record (named in its ``"selection"``) before it
         #: is kept, so nothing edits a kept record. A failing hook warns and is skipped (``strict``: raised).
         self.record_hooks: list[Callable[[nn.Module, int], Mapping[str, Mapping[str, Any]]]] = []
-
-    def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
-        """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
-        return Progress(total, desc, enabled=self.show_progress and self.config.verbose, unit=unit)
 
     # ------------------------------------------------------------------ views
     @property
@@ -159,14 +151,6 @@ class SPERun:
     def volumetric(self) -> bool:
         """True when the sets hold 3D volumes (handled slice-wise)."""
         return self.config.spatial_dims == 3 or any(d.volumetric for d in self._sets.values())
-
-    def segmenter_spec(self) -> dict[str, Any]:
-        """The reverse segmenter's spec (its name before :meth:`prepare` built it)."""
-        if self.segmenter is not None:
-            return self.segmenter.spec()
-        if self._segmenter_arg is not None:
-            return self._segmenter_arg.spec()
-        return {"name": self.config.segmenter}
 
     # ------------------------------------------------------------------ preparation
     def prepare(
@@ -226,175 +210,7 @@ class SPERun:
             f"reverse segmenter {engine.segmenter.name}."
         )
 
-    def _build_segmenter(self) -> ReverseSegmenter:
-        if self._segmenter_arg is not None:
-            return self._segmenter_arg
-        if self.config.segmenter == "auto":
-            seg, reason = resolve_auto()
-            if seg.name != "universeg":
-                self.warn(f"SPE(segmenter='auto'): {reason}")
-            return seg
-        return make_segmenter(self.config.segmenter)
-
-    def _engine(self) -> SPEEngine:
-        if self.engine is None:
-            raise RuntimeError("SPE: call prepare() (or fit with the callback) first.")
-        self._ensure_fitted(self.engine)
-        return self.engine
-
-    def segmenter_key(self) -> str:
-        """What a learned segmenter's weights depend on: its fit settings, the references and the seed."""
-        engine = self.engine
-        refs = list(engine.ref_indices) if engine else []
-        spec = engine.segmenter.fit_spec() if engine else self.segmenter_spec()
-        return repr((sorted(spec.items()), refs, engine.ref_slices if engine else [], self.config.seed))
-
-    def _ensure_fitted(self, engine: SPEEngine) -> None:
-        """Fit a learned reverse segmenter on the references once: restored from a checkpoint, or loaded from
-        the disk cache of an earlier run on the same references and settings, or fitted (and cached)."""
-        seg = engine.segmenter
-        if not seg.needs_fit or seg.is_fitted:
-            return
-        saved = self._segmenter_state
-        if saved is not None and saved.get("key") == self.segmenter_key():
-            seg.load_state_tensors(saved["tensors"])
-            return
-        path, key = self._fit_cache_file(engine)
-        if path is not None and self._load_fit_cache(seg, path, key):
-            return
-        if self.config.verbose:
-            self.say(
-                f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (~1 min on a CPU; once, then "
-                "kept in the fit cache for later runs on the same references)"
-            )
-        start = time.perf_counter()
-        steps = int(getattr(seg, "steps", 0) or 0)
-        with self.progress(steps, f"SPE: fitting {seg.name}", "step") as bar:
-            if steps and "progress" in inspect.signature(seg.fit).parameters:
-                seg.fit(engine.ref_images, engine.ref_masks.float(), progress=bar.update)  # type: ignore[call-arg]
-            else:
-                seg.fit(engine.ref_images, engine.ref_masks.float())
-        self.segmenter_fit_seconds = time.perf_counter() - start
-        if self.config.verbose:
-            self.say(
-                f"SPE: {seg.name} fitted on {len(engine.ref_indices)} references ({self.segmenter_fit_seconds:.1f}s)"
-            )
-        if path is not None:
-            try:
-                save_cached(path, key, seg.state_tensors())
-            except OSError as err:  # a read-only or full disk costs the next run a fit, nothing more
-                self.warn(f"SPE: could not cache the fitted {seg.name} weights in {path}: {err!r}")
-
-    def _fit_cache_file(self, engine: SPEEngine) -> tuple[Path | None, str]:
-        """The cache file and key of the learned segmenter's weights (``(None, "")`` without a cache)."""
-        folder = resolve_cache_dir(self.config.fit_cache)
-        if folder is None:
-            return None, ""
-        seg = engine.segmenter
-        key = content_key(engine.ref_images, engine.ref_masks, seg.fit_spec(), self.config.seed, __version__)
-        return cache_file(folder, seg.name, key), key
-
-    def _load_fit_cache(self, seg: ReverseSegmenter, path: Path, key: str) -> bool:
-        """Load cached weights into ``seg``; False (with a warning for a bad file) when there are none."""
-        try:
-            tensors = load_cached(path, key)
-            if tensors is None:
-                return False
-            seg.load_state_tensors(tensors)
-            self.segmenter_from_cache = True
-        except (ValueError, RuntimeError, KeyError) as err:  # a bad file is refitted over, never trusted
-            seg.load_state_tensors({})
-            self.warn(f"SPE: ignoring the fit cache {path} and fitting again: {err}")
-            return False
-        if self.config.verbose:
-            self.say(
-                f"SPE: {seg.name} weights from the fit cache (same references and settings): {path} "
-                "(fit_cache=None or SPE_CACHE_DIR='' turns the cache off)"
-            )
-        return True
-
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        shard: Shard | None = None,
-        sets: Mapping[str, CachedSet] | None = None,
-        progress: Callable[[int], Any] | None = None,
-        from_calibration: bool = False,
-    ) -> dict[str, Any]:
-        """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
-
-        With a ``shard`` of several processes, each predicts its share of every set and segments its
-        share of the references; all processes must call this together and get the same record.
-        Raises on failure (see :meth:`record` for the skipping policy). ``progress(1)`` after each set.
-        ``from_calibration``: ``sets`` were made from the calibration set's items (the calibration pairs),
-        which their distances must not match.
-        """
-        engine = self._engine()
-        shard = shard or Shard()
-        c = self.config
-        device = model_device(model)
-        predictions = {}
-        for name, data in (self._sets if sets is None else sets).items():
-            n = len(data)
-            run = functools.partial(
-                predict_labels,
-                model,  # the module itself, never a DDP wrapper: no gradient sync hooks in SPE's forward
-                data,
-                device,
-                c.batch_size,
-                self.logits_fn,
-                c.activation,
-                c.threshold,
-                c.foreground_class,
-                c.class_indices or None,
-                shard.part(n),
-            )
-            masks: list[Tensor] = [torch.zeros(0)] * n
-            conf = torch.zeros(n)
-            for r, (m, cf) in enumerate(shard.run(run)):
-                for k, pos in enumerate(range(r, n, shard.world)):
-                    masks[pos] = m[k]
-                conf[r :: shard.world] = cf
-            predictions[name] = (data, masks, conf)
-        if sets is None:  # a checkpoint's record: its masks feed the checkpoint agreement once it is kept
-            self._pending_masks = {name: p[1] for name, p in predictions.items()}
-        record = engine.evaluate(predictions, device, shard, progress=progress)
-        distances = self.guarded(
-            "the label-free distances to the calibration set failed (no extrapolation flag)",
-            lambda: self._distances(predictions, from_calibration),
-        )
-        record["distance"] = distances or {}
-        return record
-
-    def _distances(self, predictions: Mapping[str, Any], from_calibration: bool) -> dict[str, float | None]:
-        """Each set's label-free distance to the calibration set (engine/distance.py) at these weights; the
-        calibration pairs' sets (``from_calibration``) are measured against the last calibration features, never
-        matching an item with its own original."""
-        feats = {name: image_features(data, masks, conf) for name, (data, masks, conf) in predictions.items()}
-        if CALIBRATION in feats:
-            self.calibration_features = feats[CALIBRATION]
-        cal = self.calibration_features
-        if cal is None:
-            return {}
-        cal_ids = list(self._sets[CALIBRATION].indices) if from_calibration else None
-        return {
-            name: set_distance(f, cal, list(predictions[name][0].indices) if from_calibration else None, cal_ids)
-            for name, f in feats.items()
-            if name != CALIBRATION
-        }
-
-    def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""
-        try:
-            return fn()
-        except Exception as err:
-            if self.config.strict:
-                raise
-            self.warn(f"SPE: {what}: {err!r}")
-            return None
-
     def is_recorded(self, epoch: int) -> bool:
         """True when a record of ``epoch`` exists (a resumed run never evaluates an epoch twice)."""
         return any(r["epoch"] == epoch for r in self.records)
@@ -455,74 +271,6 @@ class SPERun:
         if self.config.anchored and self.records and self.records[-1]["final"]:
             self.measure_pairs(model, shard)
 
-    def pair_sets(self) -> dict[str, CachedSet]:
-        """The labelled sets behind the calibration pairs, by pair name (calibration subsets as large as the
-        targets, shifted copies of the calibration set): development data with known truth."""
-        c = self.config
-        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
-        sizes = sorted({len(self._sets[t]) for t in self._targets})
-        return calibration_sets(self._sets[CALIBRATION], sizes, c.interval_subsets, shifts, c.seed)
-
-    def measure_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
-        """The labelled calibration pairs at ``model``'s weights (subsets, shifted copies): the intervals."""
-        c = self.config
-        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
-        if not shifts and not c.interval_subsets:
-            return []
-        start = time.perf_counter()
-
-        def measure() -> list[dict[str, Any]]:
-            sets = self.pair_sets()
-            with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
-                record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
-            return self._pairs_of(record, list(sets))
-
-        pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
-        self.pairs = pairs or []
-        self.pairs_seconds = time.perf_counter() - start
-        if pairs and c.verbose:
-            self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
-        if pairs:
-            start = time.perf_counter()
-            styled = self.guarded(
-                "the target-styled calibration pairs failed; the targets use the generic pairs",
-                lambda: self.measure_styled_pairs(model, shard),
-            )
-            self.pairs += styled or []
-            self.signal_seconds["styled_pairs"] = time.perf_counter() - start
-        return self.pairs
-
-    def styled_sets(self) -> dict[str, CachedSet]:
-        """Each target's styled calibration set (the calibration set restyled as the target from its unlabelled
-        images; :func:`~spe_lightning.engine.styled_pairs.styled_set`), by set name; the styles go to ``styles``."""
-        out = {}
-        for i, t in enumerate(self._targets):
-            data, style = styled_set(self._sets[CALIBRATION], self._sets[t], seed=self.config.seed * 7919 + 31 * i)
-            self.styles[t] = {k: v for k, v in style.items() if k != "target_images"}
-            out[data.name] = data
-        return out
-
-    def measure_styled_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
-        """One labelled pair per target from its styled calibration set at ``model``'s weights (one set
-        evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
-        sets = self.styled_sets()
-        record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
-        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets})
-
-    def _pairs_of(
-        self, record: dict[str, Any], names: list[str], targets: dict[str, str] | None = None
-    ) -> list[dict[str, Any]]:
-        """The labelled pairs of the sets ``names`` evaluated in ``record`` against the last record's calibration
-        set (``targets``: set name -> the target a styled set was made for), each with its distance to the
-        calibration set: the reach of the interval model it joins."""
-        last = self.records[-1]
-        for kind in ("pseudo", "real"):
-            record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
-        pairs = pairs_from_record(record, CALIBRATION, names, targets)
-        for p in pairs:
-            p.setdefault("distance", record["distance"].get(p["name"]))
-        return pairs
-
     # ------------------------------------------------------------------ estimates and report
     def running_estimate(self) -> dict[str, Any] | None:
         """G fitted on the records so far and every target's estimate; None before 3 records."""
@@ -573,6 +321,7 @@ class SPERun:
             self.check_alerts(result["estimates"], self.records[-1], stage="final")
         report["alerts"] = list(self.alerts)
         self.report = report
+        self.estimator = None  # the estimator of an earlier report is stale
         return report
 
     def metric_bounds(self) -> dict[str, tuple[float | None, float | None]]:
@@ -602,44 +351,68 @@ class SPERun:
         extra += sum(self.signal_seconds.values())
         return sum(float(r.get("seconds", 0.0)) for r in self.records) + extra
 
+    def outcome(self) -> RunOutcome:
+        """What the finished run hands over to its estimator (after :meth:`build_report`)."""
+        report, engine = self.report, self.engine
+        if engine is None or report is None or not self.records:
+            raise ValueError("SPE: the run has no report yet; build it after fit.")
+        last = self.records[-1]
+        c = self.config
+        with_pairs = c.quality_regressor and bool(self.pairs)  # the combination's development sets
+        return RunOutcome(
+            config=c,
+            report=report,
+            calibration_pseudo=dict(last["pseudo"].get(CALIBRATION, {})),
+            calibration_real=dict(last["real"].get(CALIBRATION, {})),
+            calibration_features=self.calibration_features,
+            reference_images=engine.ref_images,
+            reference_masks=engine.ref_labels,
+            reference_indices=list(engine.ref_indices),
+            segmenter=engine.segmenter,
+            calibration=self._sets[CALIBRATION],
+            reference_dataset=self._reference_dataset,
+            targets={t: self._sets[t] for t in self._targets},
+            records=list(self.records),
+            pairs=list(self.pairs),
+            pair_sets=self.pair_sets() if with_pairs else {},
+            logits_fn=self.logits_fn,
+            volumetric=self.volumetric,
+            progress=self.show_progress and c.verbose,
+        )
+
+    def finish_fit(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Build the report (unless built) and, when it has estimates, the estimator once: ``report`` and
+        ``estimator``. ``model`` (the trained model) calibrates the per-case scores (2D only) and, with
+        ``quality_regressor``, fits the quality regressor and its combination with SPE (added to the report).
+        A failing estimator is warned and left out (``strict``: raised); the report stands."""
+        report = self.report if self.report is not None else self.build_report()
+        if self.estimator is not None or report.get("reason") is not None:
+            return report
+        est = self.guarded(
+            "building the estimator failed", lambda: fit_estimator(self.outcome(), model, warn=self.warn)
+        )
+        if est is not None:
+            notes = est.fitted.notes
+            report.update({k: notes[k] for k in ("quality", "combined") if k in notes})
+            self.quality_seconds = float(notes.get("quality_seconds", 0.0))
+            self.estimator = est
+        return report
+
     def write_report(self, out_dir: str | Path, model: nn.Module | None = None, figure: Any = None) -> dict[str, Path]:
         """Write ``spe_report.json``, ``spe_report.csv``, ``spe_calibration.png`` and ``spe_estimator.pt``.
 
-        ``model`` (the trained model) calibrates the estimator's per-case flags (2D only); ``figure``
-        (from :func:`~spe_lightning.reporting.report.make_figure`) is saved instead of drawing it again.
-        The report files come first: a failure of the estimator or the figure costs only that file (warned).
+        Only serialises what :meth:`finish_fit` built (called here first, with ``model``, when it was not);
+        ``figure`` (from :func:`~spe_lightning.reporting.report.make_figure`) is saved instead of drawing it
+        again. A failure of the estimator file or the figure costs only that file (warned).
         """
-        report = self.report if self.report is not None else self.build_report()
+        report = self.finish_fit(model)
         out = Path(out_dir)
         paths = {"json": write_json(report, out / "spe_report.json"), "csv": write_csv(report, out / "spe_report.csv")}
-
-        def estimator() -> Path:
-            module = None if self.volumetric else model
-            est = SPEEstimator.from_run(self, module)
-            if self.config.quality_regressor and module is not None and not self.config.classes:
-                start = time.perf_counter()
-                est.fit_quality(
-                    module,
-                    self._reference_dataset,
-                    self._sets[CALIBRATION],
-                    logits_fn=self.logits_fn,
-                    progress=self.show_progress and self.config.verbose,
-                )
-                assert est.quality is not None  # fit_quality sets it
-                report["quality"] = {k: v for k, v in est.quality["calibration"].items() if k != "mapping"}
-                combined = self.guarded(
-                    "combining SPE with the quality regressor failed", lambda: self._combine(est, module, report)
-                )
-                if combined is not None:
-                    report["combined"] = combined
-                    est.quality["combination"] = {"weight": combined["weight"], "n_sets": combined["n_sets"]}
-                self.quality_seconds = time.perf_counter() - start
-                write_json(report, out / "spe_report.json")
-            return est.save(out / "spe_estimator.pt")
-
-        path = self.guarded("saving spe_estimator.pt failed", estimator) if report.get("reason") is None else None
-        if path is not None:
-            paths["estimator"] = path
+        est = self.estimator
+        if est is not None:
+            path = self.guarded("saving spe_estimator.pt failed", lambda: est.save(out / "spe_estimator.pt"))
+            if path is not None:
+                paths["estimator"] = path
 
         def draw() -> Path:
             import matplotlib.pyplot as plt
@@ -656,44 +429,6 @@ class SPERun:
         if path is not None:
             paths["figure"] = path
         return paths
-
-    def _combine(self, est: SPEEstimator, model: nn.Module, report: dict[str, Any]) -> dict[str, Any] | None:
-        """Dice of every target as ``w * regressor mean + (1 - w) * SPE``, ``w`` chosen on the calibration pairs'
-        sets (development data: their real Dice is known) with the fitted quality regressor; None without pairs."""
-        mapping = report.get("mapping", {}).get("dice")
-        if not self.pairs or not mapping or "error" in mapping:
-            return None
-        pseudo = series(self.records, "pseudo", CALIBRATION, "dice")
-        real = series(self.records, "real", CALIBRATION, "dice")
-        ok = np.isfinite(pseudo) & np.isfinite(real)
-        if not ok.any():
-            return None
-        last = int(np.flatnonzero(ok)[-1])
-
-        def mean(data: CachedSet) -> float | None:
-            rows = est.case_estimates(model, data, logits_fn=self.logits_fn)
-            values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
-            return float(np.mean(values)) if values else None
-
-        # held out: the regressor's map refitted without each pair's shift family (subsets: none left, skipped)
-        dev = regressor_heldout_means(est, model, self, self.pair_sets())
-        g = MetricMapping.from_dict(mapping)
-        choice = combination_from_pairs(self.pairs, dev, g, float(pseudo[last]), float(real[last]))
-        if choice is None:
-            return None
-        w = float(choice["weight"])
-        estimates = {}
-        for t in self._targets:
-            spe, reg = report["estimates"][t]["dice"]["value"], mean(self._sets[t])
-            value = combined_value(w, reg, spe)
-            estimates[t] = {"value": value, "spe": spe, "regressor": reg}
-        return {
-            "metric": "dice",
-            "weight": w,
-            "mae_by_weight": choice["mae"],
-            "n_sets": choice["n_sets"],
-            "estimates": estimates,
-        }
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -730,50 +465,4 @@ def hook_sets(hook: Callable[[nn.Module, int], Any], model: nn.Module, epoch: in
         ]
         if missing:
             raise ValueError(f"record hook {hook!r} returned the set {name!r} without {missing}.")
-    return out
-
-
-def regressor_heldout_means(est: Any, model: Any, run: Any, pair_sets: dict[str, Any]) -> dict[str, float | None]:
-    """The regressor's mean estimate on each shifted pair set, its calibration map refitted with the shifted
-    copies of every *other* family (as ``SPEEstimator.fit_quality`` builds them); subsets: None (they are the
-    calibration cases the map is fitted on). Only when the fit used shifted copies (few bad calibration
-    cases); otherwise the map never saw the shifted sets and the plain means are returned."""
-    from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
-    from spe_lightning.estimator import _working_masks
-    from spe_lightning.percase.rca import per_case_dice
-    from spe_lightning.percase.regressor import calibrate_quality, quality_estimates
-
-    qcal = est.quality["calibration"]
-    device = model_device(model)
-    reg = est._quality_regressor(device)
-    cal = run.sets[CALIBRATION]
-    size = tuple(cal.gray.shape[-2:])
-
-    def raw_of(data: Any) -> tuple[np.ndarray, np.ndarray]:
-        masks, _ = est._predict(model, data, device, run.logits_fn)
-        return reg.predict(data.gray, _working_masks(masks, size)).numpy(), per_case_dice(masks, data.masks)
-
-    out: dict[str, float | None] = {n: None for n in pair_sets}
-    if not qcal.get("n_extra_pairs"):
-        for n, data in pair_sets.items():
-            if not n.startswith("subset"):
-                rows = est.case_estimates(model, data, logits_fn=run.logits_fn)
-                values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
-                out[n] = float(np.mean(values)) if values else None
-        return out
-    x0, y0 = raw_of(cal)
-    fam = {f: raw_of(shift_set(cal, f, 2, seed=est.config.seed * 7919 + 97 * i)) for i, f in enumerate(SHIFT_FAMILIES)}
-    for n, data in pair_sets.items():
-        f = n.rsplit("_", 1)[0]
-        if n.startswith("subset") or f not in fam:
-            continue
-        others = [fam[o] for o in fam if o != f]
-        q = calibrate_quality(
-            x0,
-            y0,
-            kind="isotonic",
-            level=qcal["level"],
-            extra_pairs=(np.concatenate([a for a, _ in others]), np.concatenate([b for _, b in others])),
-        )
-        out[n] = float(np.mean(quality_estimates(q, raw_of(data)[0])["estimate"]))
     return out

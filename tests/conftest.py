@@ -4,7 +4,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning import SPECallback
 from spe_lightning.data import SyntheticShapesDataModule
 from spe_lightning.models import SegmentationModel
 
@@ -73,5 +73,6 @@ def fitted(tmp_path_factory):
     trainer.save_checkpoint(ckpt)
     cb.ckpt_path = ckpt  # for the CLI test
     # the estimator as the callback would save it after fit (per-case flags calibrated on its calibration set)
-    cb.estimator_path = SPEEstimator.from_callback(cb, model).save(ckpt.parent / "spe_estimator.pt")
+    assert cb.run.estimator is not None  # built once when the run finished (fit_estimator)
+    cb.estimator_path = cb.run.estimator.save(ckpt.parent / "spe_estimator.pt")
     return cb, model, dm

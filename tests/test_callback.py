@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from spe_lightning import SPECallback, SPEConfig, SPERun
+from spe_lightning import SPECallback, SPEConfig
 from spe_lightning.data import SyntheticShapesDataModule
 from spe_lightning.engine.predict import eval_mode
 from spe_lightning.models import SegmentationModel
@@ -332,9 +332,6 @@ def test_bad_config_or_override_is_named(args, kwargs, error, match):
         SPECallback(*args, **kwargs)
 
 
-@pytest.mark.xfail(
-    not hasattr(SPERun, "estimator"), strict=True, reason="SPERun.estimator (built once at finish) is not merged yet"
-)
 def test_estimator_is_the_runs_fitted_estimator_after_fit(tmp_path):
     cb = spe(metrics=("dice",), interval_subsets=0, interval_shifts=[], log_dir=str(tmp_path))
     assert cb.estimator is None  # not fitted yet

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from spe_lightning import SPEEstimator
 from spe_lightning.cli import main as cli_main
 from spe_lightning.monitoring.chunks import (
     chunk_rows,
@@ -18,6 +17,7 @@ from spe_lightning.monitoring.chunks import (
     find_meta,
     parse_chunk_by,
     read_meta,
+    split,
 )
 from spe_lightning.testing import Blobs, TinyNet, loader, tiny_spe, tiny_trainer
 
@@ -38,7 +38,8 @@ def fitted(tmp_path_factory):
     trainer.fit(model, loader(ref))
     ckpt = root / "model.ckpt"
     trainer.save_checkpoint(ckpt)
-    est = SPEEstimator.from_run(cb.run, model)
+    est = cb.run.estimator  # the run's fitted estimator, built once at fit end
+    assert est is not None
     return est, model.eval(), ckpt, tgt
 
 
@@ -67,12 +68,30 @@ def test_chunk_helpers(tmp_path):
         find_meta("other.csv", tmp_path / "site" / "test" / "images")
 
 
+def test_split_takes_every_kind_of_chunker():
+    assert split(5, 5) == {"0-4": [0, 1, 2, 3, 4]}
+    assert split({"a": [0, 2], "b": [1]}, 3) == {"a": [0, 2], "b": [1]}
+    assert split([[1], [0, 2]], 3) == {"0": [1], "1": [0, 2]}
+    assert split(lambda n: {"odd": list(range(1, n, 2)), "even": list(range(0, n, 2))}, 4) == {
+        "odd": [1, 3],
+        "even": [0, 2],
+    }
+    with pytest.raises(TypeError, match="images per chunk"):
+        split(True, 3)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        split({"a": [3]}, 3)
+    with pytest.raises(ValueError, match="empty"):
+        split(lambda n: {"none": []}, 3)
+
+
 def test_estimate_chunks_one_chunk_equals_estimate_and_alerts_per_chunk(fitted):
     est, model, _, tgt = fitted
     whole = est.estimate(model, tgt, name="target", per_case=False)
     one = est.estimate_chunks(model, tgt, {"all": list(range(len(tgt)))}, name="target")
     assert one.chunks[0]["estimates"]["dice"]["value"] == pytest.approx(whole.estimates["dice"]["value"], abs=1e-6)
     assert one.chunks[0]["true"]["dice"] == pytest.approx(whole.true["dice"], abs=1e-6)
+    by_function = est.estimate_chunks(model, tgt, lambda n: {"all": list(range(n))}, name="target")
+    assert by_function.to_dict() | {"seconds": None} == one.to_dict() | {"seconds": None}
     steps = []
     res = est.estimate_chunks(model, tgt, 5, name="target", masks=whole.masks, progress=steps.append)
     assert [c["chunk"] for c in res.chunks] == ["0-4", "5-9", "10-11"] and steps == [1, 1, 1]

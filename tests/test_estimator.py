@@ -12,7 +12,7 @@ import torch
 
 from spe_lightning import SPECallback, SPEConfig, SPEEstimator
 from spe_lightning.data import SyntheticShapesDataModule
-from spe_lightning.estimator import VERSION, IncompatibleEstimatorError
+from spe_lightning.estimator import VERSION, FittedSPE, IncompatibleEstimatorError, with_case_scorer
 from spe_lightning.models import SegmentationModel
 
 
@@ -59,7 +59,7 @@ def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
 
 def test_incompatible_or_unsafe_files_are_refused(fitted, tmp_path):
     cb, model, _ = fitted
-    state = SPEEstimator.from_callback(cb).state()
+    state = cb.run.estimator.state()
     state["version"] = VERSION + 1
     torch.save(state, tmp_path / "future.pt")
     with pytest.raises(IncompatibleEstimatorError, match=f"version {VERSION + 1}.*reads versions 1 and {VERSION}"):
@@ -80,19 +80,20 @@ def test_incompatible_or_unsafe_files_are_refused(fitted, tmp_path):
 
 def test_save_caps_the_embedded_references_and_can_leave_them_out(fitted, tmp_path):
     cb, model, dm = fitted
-    est = SPEEstimator.from_callback(cb)
+    est = cb.run.estimator
     with pytest.raises(ValueError, match="max_reference_mb"):
         est.save(tmp_path / "big.pt", max_reference_mb=0.1)
     # embedding a view of a larger tensor stores only the view (not its whole storage)
     big = torch.cat([est.reference_images] * 10)
-    est.set_reference(big[:20], torch.cat([est.reference_masks] * 10)[:20])
+    masks = torch.cat([est.fitted.reference_masks] * 10)[:20]
+    est = est.with_fitted(est.fitted.replace(reference_images=big[:20], reference_masks=masks))
     size = est.save(tmp_path / "view.pt").stat().st_size
     assert size < 1.2 * 20 * 48 * 48 * 5 + 50_000
     slim = SPEEstimator.load(est.save(tmp_path / "slim.pt", embed_reference=False))
     assert slim.reference_images is None
     with pytest.raises(ValueError, match="no reference images"):
         slim.estimate(model, dm.targets["target"])
-    slim.set_reference_dataset(dm.train_set)  # the stored indices pick the same references again
+    slim = slim.with_reference_dataset(dm.train_set)  # the stored indices pick the same references again
     res = slim.estimate(model, dm.targets["target"], per_case=False)
     assert res.estimates["dice"]["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=1e-6)
 
@@ -125,7 +126,7 @@ def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_pat
                 "calibration_real": records[-1]["real"]["calibration"],
             }
         config = SPEConfig(metrics=("dice",), support_size=8, min_foreground=4, working_size=32, anchored=anchored)
-        est = SPEEstimator(config, {"name": "label_fusion"}, rep["mapping"], anchor=anchor)
+        est = SPEEstimator(FittedSPE(config, {"name": "label_fusion"}, rep["mapping"], anchor=anchor))
         est = SPEEstimator.load(est.save(tmp_path / "e.pt", embed_reference=False))
         got = est.estimate_from_pseudo(records[-1]["pseudo"]["site"])["dice"]
         want = rep["estimates"]["site"]["dice"]
@@ -147,17 +148,18 @@ def test_quality_regressor_gives_per_case_estimates_that_follow_the_truth(tmp_pa
 
     from spe_lightning.data import SyntheticShapesDataset
     from spe_lightning.percase.rca import spearman
-    from spe_lightning.percase.regressor import QualitySettings
+    from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
     from spe_lightning.reverse import make_segmenter
 
     torch.manual_seed(0)
     ref, cal = SyntheticShapesDataset(24, 32, seed=1), SyntheticShapesDataset(16, 32, seed=2)
     # clean and noisy phantoms: the threshold model's per-case Dice spreads from ~0.3 to ~0.9
     target = ConcatDataset([SyntheticShapesDataset(8, 32, seed=3), SyntheticShapesDataset(8, 32, seed=4, noise=0.25)])
-    est = SPEEstimator(SPEConfig(metrics=("dice",), working_size=32), make_segmenter("label_fusion").spec())
-    est.set_reference_dataset(ref)
-    qcal = est.fit_quality(_Threshold(), ref, cal, settings=QualitySettings(epochs=4))
-    assert qcal["n_cases"] == len(cal)
+    fitted = FittedSPE(SPEConfig(metrics=("dice",), working_size=32), make_segmenter("label_fusion").spec())
+    bare = SPEEstimator(fitted).with_reference_dataset(ref)
+    est = with_case_scorer(bare, _Threshold(), RegressorScorer(QualitySettings(epochs=4)), cal, ref)
+    assert bare.quality is None and bare.fitted.quality is None  # a new estimator; the old one is unchanged
+    assert est.quality is not None and est.quality["calibration"]["n_cases"] == len(cal)
     est = SPEEstimator.load(est.save(tmp_path / "q.pt"))  # the regressor travels as plain tensors
     res = est.estimate(_Threshold(), target)
     estimated = [r["estimated_dice"] for r in res.cases]
@@ -206,3 +208,44 @@ def test_callback_fits_the_quality_regressor_into_the_estimator(tmp_path):
         w * mean + (1 - w) * res.estimates["dice"]["value"]
     )
     assert res.to_dict()["combined"] == res.combined
+
+
+def test_the_fitted_estimator_is_frozen_and_estimating_changes_nothing(fitted):
+    import dataclasses
+
+    from spe_lightning.percase.rca import RCAScorer
+    from spe_lightning.percase.scorer import CaseScorer
+
+    cb, model, dm = fitted
+    est = SPEEstimator.load(cb.estimator_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        est.fitted.cases = None  # type: ignore[misc]
+    for gone in ("set_reference", "set_reference_dataset", "calibrate_cases", "fit_quality", "from_run"):
+        assert not hasattr(est, gone)  # nothing sets fitted state after construction
+    before = est.state()
+    est.estimate(model, dm.targets["target"], name="target")
+    est.estimate_chunks(model, dm.targets["target"], 6, name="target")
+    after = est.state()
+    assert before.keys() == after.keys() and before["cases"] == after["cases"] and before["info"] == after["info"]
+    assert torch.equal(before["reference"]["images"], after["reference"]["images"])
+    # the per-case scores come from one fitted scorer behind the CaseScorer protocol
+    scorer = est.scorer()
+    assert isinstance(scorer, RCAScorer) and isinstance(scorer, CaseScorer) and scorer.state() == est.cases
+
+
+def test_the_estimator_package_never_imports_the_run():
+    """run.py imports the estimator, never the reverse (not even for type hints)."""
+    import ast
+    from pathlib import Path
+
+    import spe_lightning.estimator as package
+
+    found = []
+    for path in Path(package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n in ("spe_lightning.run", "spe_lightning.callback")]
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("spe_lightning.run.", "spe_lightning.run_"))]
+    assert found == []

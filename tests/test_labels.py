@@ -11,7 +11,8 @@ import torch
 
 from spe_lightning import SPEEstimator
 from spe_lightning.monitoring.chunks import chunk_rows
-from spe_lightning.percase.ppi import metric_predictions, ppi_mean, stratified_ppi_mean
+from spe_lightning.percase.labels import metric_predictions
+from spe_lightning.percase.ppi import ppi_mean, stratified_ppi_mean
 
 
 def _target(dm):

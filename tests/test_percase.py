@@ -71,9 +71,12 @@ def test_empty_predictions_are_flagged_when_no_calibrated_score_exists():
         empty=torch.tensor([False, False, True]),
     )
     masks = [torch.ones(1, 4, 4, dtype=torch.bool)] * 2 + [torch.zeros(1, 4, 4, dtype=torch.bool)]
-    rows = case_rows(scores, {"threshold": 0.5, "mapping": None}, masks, torch.ones(3), ["a", "b", "c"])
+    rows = [
+        r.to_dict()
+        for r in case_rows(scores, {"threshold": 0.5, "mapping": None}, masks, torch.ones(3), ["a", "b", "c"])
+    ]
     assert [r["flagged"] for r in rows] == [False, True, True] and rows[2]["empty_prediction"]
-    assert all(r["flagged"] is None for r in case_rows(scores, None, masks, torch.ones(3), ["a", "b", "c"]))
+    assert all(r.flagged is None for r in case_rows(scores, None, masks, torch.ones(3), ["a", "b", "c"]))
 
 
 def test_a_case_scoring_below_every_calibration_case_gets_a_low_estimate():
@@ -97,7 +100,7 @@ def test_a_case_scoring_below_every_calibration_case_gets_a_low_estimate():
         empty=torch.zeros(3, dtype=torch.bool),
     )
     masks = [torch.ones(1, 4, 4, dtype=torch.bool)] * 3
-    rows = case_rows(new, cal, masks, torch.ones(3), ["zero", "low", "typical"])
+    rows = [r.to_dict() for r in case_rows(new, cal, masks, torch.ones(3), ["zero", "low", "typical"])]
     zero, low, typical = (r["estimated_dice"] for r in rows)
     assert zero == 0.0 and low == pytest.approx(0.95 * 0.3 / 0.6) and typical == pytest.approx(0.97)
     assert rows[0]["estimated_dice_lower"] == 0.0 and rows[1]["estimated_dice_lower"] == 0.0

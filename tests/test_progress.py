@@ -94,14 +94,15 @@ def test_no_progress_without_the_trainer_bar_or_when_quiet(tmp_path, capsys, ena
 def test_quality_regressor_fit_shows_its_epochs(capsys, show):
     from spe_lightning import SPEConfig, SPEEstimator
     from spe_lightning.data import SyntheticShapesDataset
-    from spe_lightning.percase.regressor import QualitySettings
+    from spe_lightning.estimator import FittedSPE, with_case_scorer
+    from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
     from spe_lightning.reverse import make_segmenter
 
     torch.manual_seed(0)
     ref, cal = SyntheticShapesDataset(12, 32, seed=1), SyntheticShapesDataset(8, 32, seed=2)
-    est = SPEEstimator(SPEConfig(metrics=("dice",), working_size=32), make_segmenter("label_fusion").spec())
+    est = SPEEstimator(FittedSPE(SPEConfig(metrics=("dice",), working_size=32), make_segmenter("label_fusion").spec()))
     settings = QualitySettings(size=32, widths=(8, 8, 16, 16), per_case=4, epochs=5, batch_size=32, n_models=2)
-    est.fit_quality(TinyNet(), ref, cal, settings=settings, progress=show)
+    with_case_scorer(est, TinyNet(), RegressorScorer(settings), cal, ref, progress=show)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("SPE: fitting the quality regressor")]
     if show:  # 5 epochs x 2 members
         assert len(lines) == 11 and "100% (10/10 epoch)" in lines[-1] and "ETA" in lines[-1]

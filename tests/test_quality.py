@@ -10,13 +10,13 @@ import torch
 
 from spe_lightning.data.synthetic import make_phantom
 from spe_lightning.engine.metrics import per_image_metrics
+from spe_lightning.percase.combination import choose_combination
 from spe_lightning.percase.mask_errors import ERROR_KINDS, degrade, dice_np, make_candidates
 from spe_lightning.percase.rca import spearman
 from spe_lightning.percase.regressor import (
     QualityRegressor,
     QualitySettings,
     calibrate_quality,
-    choose_combination,
     quality_estimates,
     synthetic_pairs,
 )

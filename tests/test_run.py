@@ -60,7 +60,12 @@ def test_plain_loop_runs_spe_end_to_end(tmp_path):
     assert said["value"] is not None and said["lower"] <= said["value"] <= said["upper"]
     assert est["distance"] is not None and all(p["distance"] is not None for p in run.pairs)
     assert finite_everywhere(report)
+    report = run.finish_fit(model)  # the report and the estimator, built once
+    est_before = run.estimator
+    assert report is run.report and est_before is not None and est_before.cases is not None  # per-case calibrated
     paths = run.write_report(tmp_path, model)
+    assert run.estimator is est_before  # writing only serialises: nothing is fitted again
+    assert run.write_report(tmp_path / "again", model) and run.estimator is est_before
     written = json.loads(paths["json"].read_text())["estimates"]["t"]["dice"]
     assert written.get("withheld", written)["value"] == pytest.approx(said["value"])
     reloaded = SPEEstimator.load(paths["estimator"])
@@ -165,12 +170,17 @@ def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estim
     res = est.estimate(model, tgt["t"], name="t", per_case=False)
     assert res.estimates["dice"]["value"] == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)
     # per-case scores (one-image supports) come from label fusion, which ranked cases better than the learned step
-    from spe_lightning.percase.rca import case_scores
+    from spe_lightning.percase.rca import RCAScorer, case_scores
+    from spe_lightning.percase.scorer import CaseInputs
     from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
 
     assert isinstance(est.case_segmenter, LabelFusionSegmenter) and est.segmenter is not est.case_segmenter
     cal = run.sets["calibration"]
-    got = est._scores(cal, cal.masks, k=4, top=1, empty_score=None, device=torch.device("cpu"))
+    c = est.config
+    rca = RCAScorer(
+        est.case_segmenter, est.engine.ref_images, est.engine.ref_masks, k=4, min_foreground=c.min_foreground
+    )
+    got = rca.scores(CaseInputs(cal.gray, cal.masks, torch.ones(len(cal)), []), torch.device("cpu"))
     args = (cal.gray, torch.stack([m > 0 for m in cal.masks]), est.engine.ref_images, est.engine.ref_masks)
     want = case_scores(LabelFusionSegmenter(), *args, k=4, min_foreground=est.config.min_foreground)
     assert torch.equal(got.score.nan_to_num(-1), want.score.nan_to_num(-1))

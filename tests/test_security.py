@@ -19,7 +19,7 @@ from spe_lightning.cli.estimate import cases_csv, csv_cell, load_model, read_ima
 from spe_lightning.config import SPEConfig
 from spe_lightning.data.adapters import split_item
 from spe_lightning.data.images import ImageLimits, list_image_files, read_image, read_nifti_slices
-from spe_lightning.estimator import IncompatibleEstimatorError, SPEEstimator
+from spe_lightning.estimator import FittedSPE, IncompatibleEstimatorError, SPEEstimator
 
 EVIL = """
 import os
@@ -193,7 +193,7 @@ def test_outputs_replace_links_instead_of_writing_through_them(tmp_path):
 # ----------------------------------------------------------------------------------- estimator files
 def _estimator(spec: dict) -> SPEEstimator:
     cfg = SPEConfig(metrics=("dice",), support_size=4, min_foreground=1, working_size=32)
-    return SPEEstimator(cfg, spec)
+    return SPEEstimator(FittedSPE(cfg, spec))
 
 
 def test_estimator_size_is_checked_on_load(tmp_path):

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from spe_lightning.engine.records import CALIBRATION
-from spe_lightning.estimator import SPEEstimator
+from spe_lightning.estimator import fit_estimator, with_case_scorer
+from spe_lightning.percase.regressor import RegressorScorer
 
 __all__ = ["fit_regressor", "regressor_mean", "regressor_by_checkpoint", "regressor_means"]
 
@@ -19,8 +20,9 @@ def fit_regressor(run: Any, model: Any, datamodule: Any, settings: Any = None) -
     ``model``'s weights (as the callback does at fit end): ``(estimator, seconds)``. ``settings``: a
     :class:`~spe_lightning.percase.regressor.QualitySettings` (None: the product's)."""
     start = time.perf_counter()
-    est = SPEEstimator.from_run(run, None)
-    est.fit_quality(model, datamodule.spe_datasets()["reference"], run.sets[CALIBRATION], settings=settings)
+    reference = datamodule.spe_datasets()["reference"]
+    est = fit_estimator(run.outcome(), None)  # the run's artifact without per-case calibration
+    est = with_case_scorer(est, model, RegressorScorer(settings), run.sets[CALIBRATION], reference)
     return est, time.perf_counter() - start
 
 

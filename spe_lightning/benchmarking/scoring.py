@@ -12,7 +12,7 @@ from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
-from spe_lightning.percase.regressor import combination_from_pairs, combined_value
+from spe_lightning.percase.combination import combination_from_pairs, combined_value
 
 __all__ = [
     "interval_row",
@@ -122,7 +122,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
 
 def regressor_combination(raw: dict[str, Any], g: Any, p_c: float | None, r_c: float | None) -> dict[str, Any] | None:
     """The weight of the regressor in ``w * regressor + (1 - w) * spe`` (Dice), chosen on development data only
-    (:func:`~spe_lightning.percase.regressor.combination_from_pairs`: the calibration pairs' sets at the final
+    (:func:`~spe_lightning.percase.combination.combination_from_pairs`: the calibration pairs' sets at the final
     weights). None when the run did not measure the regressor on them."""
     q = raw.get("quality_regressor") or {}
     dev = q.get("heldout_dev_means", q.get("dev_means"))  # older results: the means on the fitted families

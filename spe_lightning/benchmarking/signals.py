@@ -18,7 +18,7 @@ from spe_lightning.engine.predict import model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 from spe_lightning.engine.signals import agreement_fit
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
-from spe_lightning.run import regressor_heldout_means
+from spe_lightning.estimator import heldout_regressor_means
 
 __all__ = [
     "masks_by_epoch",
@@ -108,7 +108,9 @@ def measure_signals(
     }
     out["seconds"]["agreement"] = time.perf_counter() - start
     print(f"[shift] agreement over epochs {epochs} ({out['seconds']['agreement']:.1f}s)")
-    out["regressor_heldout_means"] = regressor_heldout_means(regressor[0], model, run, pair_sets)
+    out["regressor_heldout_means"] = heldout_regressor_means(
+        regressor[0], model, run.sets[CALIBRATION], pair_sets, run.logits_fn
+    )
     return out
 
 

@@ -143,7 +143,7 @@ def compare_inputs(
         who = f"spe-lightning {written_by}" if written_by else "an older spe-lightning"
         why = (
             f"the estimator file (written by {who}) holds no statistics of its calibration images; "
-            "re-export it with this version (SPEEstimator.from_run(run, model).save(...)) to compare them"
+            "re-export it with this version (a finished run's run.estimator.save(...)) to compare them"
         )
         not_compared += [f"intensity {s}: {why}" for s in INTENSITY_STATS]
         not_compared += [f"predicted foreground fraction: {why}", f"model confidence: {why}"]

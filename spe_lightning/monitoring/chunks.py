@@ -2,19 +2,24 @@
 
 A chunk is a label and the positions of its images: ``{"0-99": [0, ..., 99], ...}`` for fixed-size
 chunks in file order (:func:`chunks_of`), or one chunk per value of a ``meta.csv`` column such as a
-date or a scanner (:func:`chunks_by_column`). :meth:`~spe_lightning.SPEEstimator.estimate_chunks`
-estimates each chunk; :func:`chunk_rows` flattens the result into the rows of ``chunks.csv``.
+date or a scanner (:func:`chunks_by_column`). A *chunker* is anything :func:`split` turns into such
+chunks for a set of ``n`` images: a chunk size, ``{label: positions}``, a list of position lists, or a
+function ``n -> {label: positions}``. :meth:`~spe_lightning.SPEEstimator.estimate_chunks` takes a chunker
+and runs the one estimate flow per chunk; :func:`chunk_rows` flattens the result into the rows of
+``chunks.csv``.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CHUNK_COLUMNS",
+    "Chunker",
+    "split",
     "chunk_rows",
     "chunks_by_column",
     "chunks_of",
@@ -46,6 +51,8 @@ CHUNK_COLUMNS = (
 )
 #: the largest meta.csv read, MB
 MAX_META_MB = 50.0
+#: how a set of ``n`` images is cut into chunks (see :func:`split`)
+Chunker = int | Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | Callable[[int], Mapping[str, Sequence[int]]]
 
 
 def chunks_of(n: int, size: int) -> dict[str, list[int]]:
@@ -53,6 +60,26 @@ def chunks_of(n: int, size: int) -> dict[str, list[int]]:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"chunk size must be an int >= 1, got {size!r}.")
     return {f"{s}-{min(s + size, n) - 1}": list(range(s, min(s + size, n))) for s in range(0, n, size)}
+
+
+def split(chunker: Chunker, n: int) -> dict[str, list[int]]:
+    """The chunks ``{label: positions}`` of ``n`` images: ``chunker`` is a chunk size (:func:`chunks_of`),
+    ``{label: positions}``, a list of position lists (labelled by their order) or a function of ``n``
+    giving ``{label: positions}``. Raises for empty chunks and positions outside ``0..n-1``."""
+    if isinstance(chunker, bool):
+        raise TypeError("chunks: give images per chunk (an int), {label: positions} or a list of position lists.")
+    if isinstance(chunker, int):
+        return chunks_of(n, chunker)
+    if callable(chunker) and not isinstance(chunker, Mapping):
+        chunker = chunker(n)
+    if isinstance(chunker, Mapping):
+        groups = {str(k): [int(i) for i in v] for k, v in chunker.items()}
+    else:
+        groups = {str(i): [int(j) for j in v] for i, v in enumerate(chunker)}
+    bad = [k for k, v in groups.items() if not v or min(v) < 0 or max(v) >= n]
+    if bad:
+        raise ValueError(f"chunks {bad[:3]} are empty or name positions outside 0..{n - 1}.")
+    return groups
 
 
 def _key(image_id: str) -> str:

@@ -2,7 +2,7 @@
 
 The glue between :class:`~spe_lightning.SPEEstimator`'s per-case rows and :mod:`spe_lightning.percase.ppi`:
 :func:`labelled_estimates` turns the masks of some cases into the prediction-powered mean of every metric
-of :data:`~spe_lightning.percase.ppi.PPI_METRICS` (the per-case estimated Dice as predictions) with the
+of :data:`PPI_METRICS` (the per-case estimated Dice as predictions) with the
 labelled-only interval beside it; :func:`suggest_labels` draws the cases to label by the stratified design
 and returns it as a plain dict (saved with the suggestions, given back with the labels).
 
@@ -16,26 +16,96 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from spe_lightning.engine.metrics import per_item_metrics
 from spe_lightning.percase.ppi import (
-    PPI_METRICS,
     LabelDesign,
-    metric_predictions,
     ppi_mean,
     stratified_design,
     stratified_ppi_mean,
     uncertainty_of,
 )
 
-__all__ = ["MIN_LABELS", "label_positions", "labelled_estimates", "labelled_metrics", "suggest_labels"]
+__all__ = [
+    "MIN_LABELS",
+    "PPI_METRICS",
+    "label_positions",
+    "metric_predictions",
+    "ppi_alerts",
+    "labelled_estimates",
+    "labelled_metrics",
+    "suggest_labels",
+]
 
 #: the fewest labels a prediction-powered interval is computed from (the tuned lambda needs 3)
 MIN_LABELS = 3
 #: what the predictions of each metric are, as reported
 PREDICTIONS = "per-case estimated Dice (IoU: d / (2 - d); precision and recall: the estimated Dice itself)"
 UNCERTAINTY = "sqrt(d (1 - d)) of the per-case estimated Dice d, at least 0.05"
+
+
+#: the metrics a prediction-powered estimate is made for from the per-case estimated Dice
+PPI_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
+
+
+def metric_predictions(metric: str, estimated_dice: ArrayLike) -> np.ndarray:
+    """Per-case predictions of ``metric`` from SPE's per-case estimated Dice ``d``.
+
+    IoU is ``d / (2 - d)`` (exact per case for a binary mask); precision and recall have no per-case
+    estimate of their own, so the estimated Dice stands in for them: any fixed predictor keeps the
+    interval valid, and the tuned ``lambda`` gives a poor one little weight.
+    """
+    d = np.asarray(estimated_dice, dtype=float).reshape(-1)
+    if not np.all(np.isfinite(d)):
+        raise ValueError(
+            f"estimated_dice has {int((~np.isfinite(d)).sum())} non-finite values; PPI needs a number per case."
+        )
+    d = np.clip(d, 0.0, 1.0)
+    if metric == "iou":
+        return d / (2.0 - d)
+    if metric in ("dice", "precision", "recall"):
+        return d
+    raise ValueError(f"no per-case prediction for {metric!r}; PPI covers {PPI_METRICS}.")
+
+
+def ppi_alerts(
+    estimates: dict[str, dict[str, Any]],
+    alert_below: dict[str, float] | None = None,
+    alert_above: dict[str, float] | None = None,
+    **context: Any,
+) -> list[dict[str, Any]]:
+    """Events where a prediction-powered interval lies wholly beyond a threshold.
+
+    ``estimates`` is ``{target: {metric: {"value", "lower", "upper"}}}``. ``alert_below={"dice": 0.8}``
+    fires when the *upper* bound is below 0.8 (the labels show the drop at the interval's level),
+    ``alert_above`` when the lower bound is above. Events have the fields of
+    :func:`~spe_lightning.monitoring.alerts.alerts_for`'s, with ``alert_on="ppi_interval"``.
+    """
+    events: list[dict[str, Any]] = []
+    for direction, thresholds in (("below", alert_below), ("above", alert_above)):
+        for key, threshold in (thresholds or {}).items():
+            for target, per_key in estimates.items():
+                e = per_key.get(key) or {}
+                v = e.get("upper" if direction == "below" else "lower")
+                if v is None or not (v < threshold if direction == "below" else v > threshold):
+                    continue
+                events.append(
+                    {
+                        "target": target,
+                        "metric": key,
+                        "value": e.get("value"),
+                        "lower": e.get("lower"),
+                        "upper": e.get("upper"),
+                        "compared": float(v),
+                        "threshold": float(threshold),
+                        "direction": direction,
+                        "alert_on": "ppi_interval",
+                        **context,
+                    }
+                )
+    return events
 
 
 def label_positions(labelled_masks: Mapping[Any, Tensor], ids: Sequence[str]) -> dict[int, Tensor]:
@@ -188,7 +258,7 @@ def suggest_labels(
     if n_missing == len(ids):
         raise ValueError(
             "suggesting cases needs per-case estimated Dice; this estimator's per-case scores are not calibrated "
-            "(build it with SPEEstimator.from_run(run, model), or calibrate_cases)."
+            "(a finished run's run.estimator, or with_case_scorer(est, model, est.rca_scorer(), calibration))."
         )
     design = stratified_design(uncertainty_of(est), k, n_strata=n_strata, seed=seed)
     return {

@@ -50,10 +50,7 @@ __all__ = [
     "LabelDesign",
     "PPIResult",
     "classical_mean",
-    "PPI_METRICS",
     "default_strata",
-    "metric_predictions",
-    "ppi_alerts",
     "ppi_mean",
     "stratified_design",
     "stratified_ppi_mean",
@@ -501,60 +498,3 @@ def _satterthwaite(terms: Sequence[float], dfs: Sequence[int]) -> float:
     num = sum(terms) ** 2
     den = sum(t * t / d for t, d in zip(terms, dfs) if d > 0)
     return float(num / den) if den > 0 else float(sum(dfs))
-
-
-#: the metrics a prediction-powered estimate is made for from the per-case estimated Dice
-PPI_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
-
-
-def metric_predictions(metric: str, estimated_dice: ArrayLike) -> np.ndarray:
-    """Per-case predictions of ``metric`` from SPE's per-case estimated Dice ``d``.
-
-    IoU is ``d / (2 - d)`` (exact per case for a binary mask); precision and recall have no per-case
-    estimate of their own, so the estimated Dice stands in for them: any fixed predictor keeps the
-    interval valid, and the tuned ``lambda`` gives a poor one little weight.
-    """
-    d = np.clip(_vector(estimated_dice, "estimated_dice"), 0.0, 1.0)
-    if metric == "iou":
-        return d / (2.0 - d)
-    if metric in ("dice", "precision", "recall"):
-        return d
-    raise ValueError(f"no per-case prediction for {metric!r}; PPI covers {PPI_METRICS}.")
-
-
-def ppi_alerts(
-    estimates: dict[str, dict[str, Any]],
-    alert_below: dict[str, float] | None = None,
-    alert_above: dict[str, float] | None = None,
-    **context: Any,
-) -> list[dict[str, Any]]:
-    """Events where a prediction-powered interval lies wholly beyond a threshold.
-
-    ``estimates`` is ``{target: {metric: {"value", "lower", "upper"}}}``. ``alert_below={"dice": 0.8}``
-    fires when the *upper* bound is below 0.8 (the labels show the drop at the interval's level),
-    ``alert_above`` when the lower bound is above. Events have the fields of
-    :func:`~spe_lightning.monitoring.alerts.alerts_for`'s, with ``alert_on="ppi_interval"``.
-    """
-    events: list[dict[str, Any]] = []
-    for direction, thresholds in (("below", alert_below), ("above", alert_above)):
-        for key, threshold in (thresholds or {}).items():
-            for target, per_key in estimates.items():
-                e = per_key.get(key) or {}
-                v = e.get("upper" if direction == "below" else "lower")
-                if v is None or not (v < threshold if direction == "below" else v > threshold):
-                    continue
-                events.append(
-                    {
-                        "target": target,
-                        "metric": key,
-                        "value": e.get("value"),
-                        "lower": e.get("lower"),
-                        "upper": e.get("upper"),
-                        "compared": float(v),
-                        "threshold": float(threshold),
-                        "direction": direction,
-                        "alert_on": "ppi_interval",
-                        **context,
-                    }
-                )
-    return events

@@ -40,6 +40,7 @@ from torch import Tensor
 from spe_lightning.engine.estimate import finite_or_none
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import per_image_metrics, per_item_metrics
+from spe_lightning.percase.scorer import CaseInputs, CaseRow, CaseScoring, ScorerFitData
 from spe_lightning.reverse.base import ReverseSegmenter
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "calibrate_cases",
     "calibrate_flags",
     "case_rows",
+    "RCAScorer",
     "case_scores",
     "per_case_dice",
     "reference_neighbours",
@@ -296,24 +298,13 @@ def _case_row(
     best_reference: int,
     real_dice: float | None,
     with_real: bool,
-) -> dict[str, Any]:
+) -> CaseRow:
     """The columns every per-case row has (RCA or regressor): ``estimate`` is (value, lower, upper)."""
     value, lower, upper = estimate
-    row: dict[str, Any] = {
-        "id": case_id,
-        "quality": quality,
-        "estimated_dice": value,
-        "estimated_dice_lower": lower,
-        "estimated_dice_upper": upper,
-        "flagged": flagged,
-        "empty_prediction": empty,
-        "foreground_pixels": int(mask.sum()),
-        "confidence": confidence,
-        "best_reference": best_reference,
-    }
-    if with_real:
-        row["real_dice"] = real_dice
-    return row
+    return CaseRow(
+        case_id, quality, value, lower, upper, flagged, empty, int(mask.sum()), confidence, best_reference,
+        real_dice, with_real,
+    )  # fmt: skip
 
 
 def case_rows(
@@ -324,7 +315,7 @@ def case_rows(
     ids: Sequence[str],
     real_dice: np.ndarray | None = None,
     level: float = 0.9,
-) -> list[dict[str, Any]]:
+) -> list[CaseRow]:
     """One row per case: quality score, estimated Dice with interval and flag (when ``calibration``
     from :func:`calibrate_cases` is given), prediction size, confidence and real Dice (when known)."""
     cal = calibration or {}
@@ -380,7 +371,7 @@ def regressor_case_rows(
     confidence: Tensor,
     ids: Sequence[str],
     real_dice: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
+) -> list[CaseRow]:
     """One row per case from the quality regressor's calibrated estimates
     (:func:`~spe_lightning.percase.regressor.quality_estimates`): the same columns as :func:`case_rows`."""
     return [
@@ -398,3 +389,88 @@ def regressor_case_rows(
         )
         for i in range(len(ids))
     ]
+
+
+class RCAScorer:
+    """Per-case scores by RCA (:func:`case_scores`), calibrated by :meth:`fit` (:func:`calibrate_cases`).
+
+    Args:
+        segmenter: the reverse segmenter of the per-case step.
+        ref_images, ref_masks: the labelled references at the working size.
+        calibration: a saved :func:`calibrate_cases` dict (None: scores without flags until :meth:`fit`).
+        k, top, dice_cut: as for :func:`case_scores` and :func:`calibrate_cases` (a calibration's own win).
+        threshold, min_foreground: the reverse step's binarisation and the empty-prediction cut.
+        level: the interval level of the estimated Dice.
+    """
+
+    name = "rca"
+
+    def __init__(
+        self,
+        segmenter: ReverseSegmenter,
+        ref_images: Tensor,
+        ref_masks: Tensor,
+        calibration: dict[str, Any] | None = None,
+        k: int = 16,
+        top: int = 1,
+        dice_cut: float = 0.7,
+        threshold: float = 0.5,
+        min_foreground: int = 16,
+        level: float = 0.9,
+    ) -> None:
+        self.segmenter, self.ref_images, self.ref_masks = segmenter, ref_images, ref_masks
+        self.calibration = calibration
+        cal = calibration or {}
+        self.k, self.top = int(cal.get("k", k)), int(cal.get("top", top))
+        self.dice_cut, self.threshold, self.min_foreground, self.level = dice_cut, threshold, min_foreground, level
+
+    def scores(
+        self, cases: CaseInputs, device: torch.device, progress: Callable[[int], Any] | None = None
+    ) -> CaseScores:
+        """The raw RCA scores of ``cases`` (empty predictions at the calibrated empty score, if any)."""
+        empty_score = (self.calibration or {}).get("empty_score")
+        return case_scores(
+            self.segmenter,
+            cases.gray,
+            cases.working_masks,
+            self.ref_images,
+            self.ref_masks,
+            k=self.k,
+            top=self.top,
+            threshold=self.threshold,
+            min_foreground=self.min_foreground,
+            empty_score=empty_score,
+            device=device,
+            progress=progress,
+        )
+
+    def fit(self, data: ScorerFitData) -> RCAScorer:
+        """Calibrate the flags and the score -> Dice map on the calibration set (the model's predictions there)."""
+        cal = data.calibration
+        if cal.masks is None:
+            raise ValueError("RCAScorer.fit: the calibration set needs masks.")
+        masks, conf = data.predict(cal)
+        inputs = CaseInputs(cal.gray, masks, conf, [str(i) for i in cal.indices])
+        self.calibration = None  # scored uncalibrated: the empty score is what the calibration finds
+        scores = self.scores(inputs, data.device)
+        self.calibration = calibrate_cases(scores, per_case_dice(masks, cal.masks), self.k, self.top, self.dice_cut)
+        return self
+
+    def score(
+        self, cases: CaseInputs, device: torch.device, progress: Callable[[int], Any] | None = None
+    ) -> CaseScoring:
+        """One row per case: RCA score, estimated Dice with interval and flag (when calibrated)."""
+        rows = case_rows(
+            self.scores(cases, device, progress),
+            self.calibration,
+            cases.masks,
+            cases.confidence,
+            cases.ids,
+            cases.real_dice,
+            self.level,
+        )
+        return CaseScoring(rows, (self.calibration or {}).get("threshold"))
+
+    def state(self) -> dict[str, Any] | None:
+        """The calibration (``cases`` of an estimator file); None before :meth:`fit`."""
+        return self.calibration

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spe_lightning.data.adapters import resize_images
-from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.percase.mask_errors import ERROR_KINDS, make_candidates
+from spe_lightning.percase.quality_calibration import calibrate_quality, quality_estimates
+from spe_lightning.percase.scorer import CaseInputs, CaseScoring, ScorerFitData, working_masks
 
 __all__ = [
     "QualitySettings",
@@ -42,9 +43,7 @@ __all__ = [
     "synthetic_pairs",
     "calibrate_quality",
     "quality_estimates",
-    "choose_combination",
-    "combination_from_pairs",
-    "combined_value",
+    "RegressorScorer",
 ]
 
 
@@ -307,214 +306,104 @@ def synthetic_pairs(
     return regressor.predict(images[src], cand).double().numpy(), dice.double().numpy()
 
 
-def _combine(x: np.ndarray, c: np.ndarray | None, weights: Sequence[float] | None) -> np.ndarray:
-    if weights is None:
-        return x
-    if c is None:
-        raise ValueError("this quality calibration combines the regressor with the model's confidence; pass it.")
-    return float(weights[0]) * x + float(weights[1]) * c
+class RegressorScorer:
+    """Per-case Dice from the :class:`QualityRegressor`, calibrated on the calibration set (:func:`calibrate_quality`).
 
+    :meth:`fit` learns from the references' true masks damaged in the ways models err and from the model's own
+    masks of the references, then maps the raw output to per-case Dice with intervals on the model's calibration
+    predictions: combined with the model's confidence when the calibration set has at least 5 cases below Dice
+    0.7, else with the model's predictions on shifted copies of the calibration images as extra pairs.
+    2D binary only.
 
-def _conformal(abs_resid: np.ndarray, level: float) -> float:
-    r = np.sort(abs_resid)
-    return float(r[min(math.ceil((r.size + 1) * level), r.size) - 1])
-
-
-def _bin_half_widths(
-    est: np.ndarray, resid: np.ndarray, bins: Sequence[float], level: float, fallback: float, min_per_bin: int
-) -> list[float]:
-    edges = np.asarray(bins, dtype=float)
-    k = np.clip(np.searchsorted(edges, est, side="right") - 1, 0, len(edges) - 2)
-    return [
-        _conformal(np.abs(resid[k == b]), level) if (k == b).sum() >= min_per_bin else float(fallback)
-        for b in range(len(edges) - 1)
-    ]
-
-
-def calibrate_quality(
-    predicted: Sequence[float] | np.ndarray | Tensor,
-    real_dice: Sequence[float] | np.ndarray | Tensor,
-    kind: str = "isotonic",
-    level: float = 0.9,
-    dice_cut: float = 0.7,
-    confidence: Sequence[float] | np.ndarray | Tensor | None = None,
-    extra_pairs: tuple[np.ndarray, ...] | None = None,
-    bins: Sequence[float] = (0.0, 0.5, 0.7, 0.85, 1.0),
-    min_per_bin: int = 10,
-) -> dict[str, Any]:
-    """Map raw regressor outputs to per-case Dice on a labelled calibration set (plain numbers, safe to save).
-
-    ``mapping``: G score -> real Dice (``kind`` isotonic or linear, bounded to [0, 1]; :meth:`MetricMapping.to_dict`),
-    where the score is the raw output, or, with the model's per-case ``confidence``, ``weights[0] * raw +
-    weights[1] * confidence`` (least-squares weights). ``extra_pairs`` (raw, Dice) or (raw, Dice, confidence),
-    e.g. :func:`synthetic_pairs` or the model's predictions on shifted copies of the calibration images,
-    join the fit of the weights, the map and the per-bin widths (not the flag threshold nor the reported
-    statistics). ``half_width``: the split-conformal half-width at ``level`` from the
-    leave-one-out residuals of the real calibration cases; ``bin_half_widths``: the same per bin of the
-    estimate (``bins`` edges; Mondrian conformal), from the leave-one-out residuals of every pair whose
-    estimate falls in the bin (the global half-width for bins with fewer than ``min_per_bin``), so a case
-    estimated bad gets the wider interval bad cases need; ``threshold``: cases whose *estimated* Dice is
-    below it are flagged; it maximises Youden's J (TPR - FPR) for real Dice < ``dice_cut`` on the
-    leave-one-out estimates (``dice_cut`` itself when either kind has fewer than 2 cases). Also the
-    calibration ``spearman`` and ``auroc`` of the score.
+    Args:
+        settings: the network's :class:`QualitySettings` (None: the defaults).
+        state: a saved :meth:`state` (``{"regressor": state tensors, "calibration": plain numbers}``).
+        device: where a saved regressor runs.
     """
-    from spe_lightning.percase.rca import auroc, spearman
 
-    x = np.asarray(predicted, dtype=float).reshape(-1)
-    y = np.asarray(real_dice, dtype=float).reshape(-1)
-    c = None if confidence is None else np.asarray(confidence, dtype=float).reshape(-1)
-    if x.shape != y.shape or (c is not None and c.shape != x.shape):
-        raise ValueError(
-            f"{x.size} predictions, {y.size} real Dice values" + ("" if c is None else f", {c.size} confidences.")
+    name = "regressor"
+
+    def __init__(
+        self,
+        settings: QualitySettings | None = None,
+        state: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.regressor: QualityRegressor | None = None
+        self.calibration: dict[str, Any] | None = None
+        if state is not None:
+            self.regressor = QualityRegressor.from_state(state["regressor"], device=device)
+            self.calibration = dict(state["calibration"])
+
+    def fit(self, data: ScorerFitData) -> RegressorScorer:
+        """Fit the network on ``data.reference`` and calibrate it on ``data.calibration`` (see the class docstring)."""
+        from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
+        from spe_lightning.percase.rca import per_case_dice
+        from spe_lightning.progress import Progress
+
+        ref, cal = data.reference, data.calibration
+        if ref is None or ref.masks is None or cal.masks is None:
+            raise ValueError("RegressorScorer.fit: the reference and calibration sets need masks.")
+        size = tuple(ref.gray.shape[-2:])
+        ref_pred, _ = data.predict(ref)
+        regressor = QualityRegressor(self.settings, device=data.device)
+        s = regressor.settings
+        with Progress(
+            s.epochs * max(1, s.n_models), "SPE: fitting the quality regressor", data.progress, "epoch"
+        ) as bar:
+            regressor.fit(
+                ref.gray,
+                working_masks(ref.masks, size),
+                extra_candidates=[working_masks(ref_pred, size)],
+                seed=data.seed,
+                progress=lambda epoch, loss: bar.update(1),
+            )
+        self.regressor = regressor
+        masks, conf = data.predict(cal)
+        raw = self.raw(cal.gray, masks)
+        real = per_case_dice(masks, cal.masks)
+        if int((real < 0.7).sum()) >= 5:
+            qcal = calibrate_quality(raw, real, kind="linear", level=data.level, confidence=conf.numpy())
+        else:  # too few bad calibration cases: the model's predictions on shifted copies join the fit
+            xs, ys = [], []
+            for i, family in enumerate(SHIFT_FAMILIES):
+                shifted = shift_set(cal, family, 2, seed=data.seed * 7919 + 97 * i)
+                s_masks, _ = data.predict(shifted)
+                xs.append(self.raw(shifted.gray, s_masks))
+                assert shifted.masks is not None  # shifted copies keep the calibration set's masks
+                ys.append(per_case_dice(s_masks, shifted.masks))
+            qcal = calibrate_quality(
+                raw, real, kind="isotonic", level=data.level, extra_pairs=(np.concatenate(xs), np.concatenate(ys))
+            )
+        self.calibration = qcal
+        return self
+
+    def raw(self, gray: Tensor, masks: Sequence[Tensor]) -> np.ndarray:
+        """The network's uncalibrated Dice of each native-size mask on its working-size gray image."""
+        if self.regressor is None:
+            raise RuntimeError("RegressorScorer: not fitted; call fit() or build it from a saved state.")
+        return self.regressor.predict(gray, working_masks(masks, tuple(gray.shape[-2:]))).numpy()
+
+    def score(
+        self, cases: CaseInputs, device: torch.device, progress: Callable[[int], Any] | None = None
+    ) -> CaseScoring:
+        """One row per case: the calibrated estimate with its interval and flag (one forward per case)."""
+        from spe_lightning.percase.rca import regressor_case_rows
+
+        qcal = self.calibration
+        if qcal is None:
+            raise RuntimeError("RegressorScorer: not calibrated; call fit() or build it from a saved state.")
+        est = quality_estimates(
+            qcal, self.raw(cases.gray, cases.masks), cases.confidence.numpy() if qcal.get("weights") else None
         )
-    ok = np.isfinite(x) & np.isfinite(y) & (np.isfinite(c) if c is not None else True)
-    x, y = x[ok], y[ok]
-    c = None if c is None else c[ok]
-    ex = ey = ec = np.zeros(0)
-    if extra_pairs is not None:
-        ex, ey = (np.asarray(v, dtype=float).reshape(-1) for v in extra_pairs[:2])
-        ec = np.asarray(extra_pairs[2], dtype=float).reshape(-1) if len(extra_pairs) > 2 else np.zeros(0)
-        if c is not None and ec.shape != ex.shape:
-            raise ValueError("with confidence, extra_pairs must be (raw, Dice, confidence).")
-        keep = np.isfinite(ex) & np.isfinite(ey) & (np.isfinite(ec) if c is not None else True)
-        ex, ey, ec = ex[keep], ey[keep], (ec[keep] if c is not None else ec)
-    weights = None
-    if c is not None:
-        xa, ca, ya = np.concatenate([x, ex]), np.concatenate([c, ec]), np.concatenate([y, ey])
-        w = np.linalg.lstsq(np.stack([xa, ca, np.ones_like(xa)], 1), ya, rcond=None)[0]
-        weights = [float(w[0]), float(w[1])] if w[0] > 0 and w[1] > 0 else ([1.0, 0.0] if w[0] > 0 else [0.0, 1.0])
-    score = _combine(x, c, weights)
-    n = score.size
-    fit_x = np.concatenate([score, _combine(ex, ec if c is not None else None, weights)])
-    fit_y = np.concatenate([y, ey])
-    g = MetricMapping.fit(kind, fit_x, fit_y, bounds=(0.0, 1.0))
-    all_resid = np.asarray(g.residuals)
-    resid = all_resid[:n]  # leave-one-out residuals of the real calibration cases
-    g.residuals = [float(r) for r in resid]
-    widths = _bin_half_widths(fit_y - all_resid, all_resid, bins, level, g.half_width(level), min_per_bin)
-    loo = y - resid
-    bad = y < dice_cut
-    threshold, method = float(dice_cut), "dice_cut"
-    if bad.sum() >= 2 and (~bad).sum() >= 2:
-        cand = np.unique(loo)
-        cuts = np.concatenate([[cand[0] - 1e-9], (cand[:-1] + cand[1:]) / 2, [cand[-1] + 1e-9]])
-        flag = loo[None, :] < cuts[:, None]
-        j = flag[:, bad].mean(1) - flag[:, ~bad].mean(1)
-        best = np.flatnonzero(j == j.max())
-        threshold, method = float(cuts[best[len(best) // 2]]), "youden"
-    return {
-        "mapping": g.to_dict(),
-        "weights": weights,
-        "n_extra_pairs": 0 if extra_pairs is None else int(len(fit_x) - n),
-        "level": float(level),
-        "half_width": g.half_width(level),
-        "bins": [float(b) for b in bins],
-        "bin_half_widths": widths,
-        "dice_cut": float(dice_cut),
-        "threshold": threshold,
-        "threshold_method": method,
-        "n_cases": int(n),
-        "n_below_cut": int(bad.sum()),
-        "spearman": spearman(score, y),
-        "auroc": auroc(-score, bad),
-        "loo_mae": float(np.mean(np.abs(resid))) if n else None,
-    }
+        if progress is not None:
+            progress(len(cases.ids))
+        rows = regressor_case_rows(est, cases.masks, cases.confidence, cases.ids, cases.real_dice)
+        return CaseScoring(rows, float(qcal["threshold"]))
 
-
-def quality_estimates(
-    calibration: dict[str, Any],
-    predicted: Sequence[float] | np.ndarray | Tensor,
-    confidence: Sequence[float] | np.ndarray | Tensor | None = None,
-) -> dict[str, np.ndarray]:
-    """Per case from :func:`calibrate_quality`: ``score`` (what is ranked), ``estimate``, ``lower``, ``upper``
-    (float64) and ``flagged`` (bool). ``confidence`` is needed when the calibration combined it."""
-    x = np.asarray(predicted, dtype=float).reshape(-1)
-    c = None if confidence is None else np.asarray(confidence, dtype=float).reshape(-1)
-    score = _combine(x, c, calibration.get("weights"))
-    g = MetricMapping.from_dict(calibration["mapping"])
-    est = g.predict(score)
-    q = np.full(est.shape, float(calibration["half_width"]))
-    if calibration.get("bins"):
-        edges = np.asarray(calibration["bins"], dtype=float)
-        k = np.clip(np.searchsorted(edges, est, side="right") - 1, 0, len(edges) - 2)
-        q = np.asarray(calibration["bin_half_widths"], dtype=float)[k]
-    return {
-        "score": score,
-        "estimate": est,
-        "lower": np.clip(est - q, 0.0, 1.0),
-        "upper": np.clip(est + q, 0.0, 1.0),
-        "flagged": est < float(calibration["threshold"]),
-    }
-
-
-def choose_combination(
-    spe: Sequence[float] | np.ndarray,
-    regressor: Sequence[float] | np.ndarray,
-    real: Sequence[float] | np.ndarray,
-    weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-) -> dict[str, Any]:
-    """Weight ``w`` of the dataset-level combination ``w * regressor + (1 - w) * spe``, from development sets only.
-
-    ``spe``, ``regressor``, ``real``: one value per development set (e.g. SPE's estimate, the mean per-case
-    regressor estimate and the real mean Dice on shifted copies of the calibration set). The weight with the
-    lowest mean absolute error is kept only if it beats SPE alone (``w = 0``); ``mae`` maps each weight to
-    its error. Non-finite sets are skipped.
-    """
-    s, q, y = (np.asarray(v, dtype=float).reshape(-1) for v in (spe, regressor, real))
-    if not (s.shape == q.shape == y.shape):
-        raise ValueError(f"lengths differ: {s.size} SPE, {q.size} regressor, {y.size} real values.")
-    ok = np.isfinite(s) & np.isfinite(q) & np.isfinite(y)
-    s, q, y = s[ok], q[ok], y[ok]
-    if s.size == 0:
-        return {"weight": 0.0, "mae": {}, "n_sets": 0}
-    mae = {float(w): float(np.mean(np.abs(w * q + (1 - w) * s - y))) for w in weights}
-    best = min(mae, key=lambda w: (mae[w], w))
-    keep = best if mae[best] < mae.get(0.0, float(np.mean(np.abs(s - y)))) else 0.0
-    return {"weight": keep, "mae": {str(k): v for k, v in mae.items()}, "n_sets": int(s.size)}
-
-
-def combined_value(weight: float, regressor: float | None, spe: float | None) -> float | None:
-    """``weight * regressor + (1 - weight) * spe`` (None when either is missing)."""
-    if regressor is None or spe is None:
-        return None
-    return float(weight) * float(regressor) + (1 - float(weight)) * float(spe)
-
-
-def combination_from_pairs(
-    pairs: Sequence[dict[str, Any]],
-    regressor_means: dict[str, float | None],
-    g: MetricMapping | None,
-    pseudo_calibration: float | None,
-    real_calibration: float | None,
-) -> dict[str, Any] | None:
-    """:func:`choose_combination` on a run's calibration pairs (Dice): development sets whose real Dice
-    (``real_calibration + d_real``), SPE's anchored estimate and the regressor's mean estimate
-    (``regressor_means`` by pair name) are all known. None without them.
-
-    Neither signal is scored on data it was fitted on: SPE's estimate of a pair is made with the move rule it
-    applies (:func:`~spe_lightning.engine.estimate.fit_interval_model`) fitted without that pair's family,
-    and ``regressor_means`` must be held out the same way (e.g. :func:`spe_lightning.run.regressor_heldout_means`;
-    a pair whose mean is None, such as a subset of the calibration cases the regressor's map was fitted on,
-    is skipped). Only generic pairs (no ``"target"``) are used."""
-    from spe_lightning.engine.calibration_pairs import pairs_for_target
-    from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model, pair_family
-
-    if not regressor_means or g is None or pseudo_calibration is None or real_calibration is None:
-        return None
-    generic = pairs_for_target(pairs, None)
-    spe, reg, real, names = [], [], [], []
-    for p in generic:
-        dp, dr, mean = p["d_pseudo"].get("dice"), p["d_real"].get("dice"), regressor_means.get(p["name"])
-        if dp is None or dr is None or mean is None:
-            continue
-        fam = pair_family(p["name"])
-        held_out = [q for q in generic if pair_family(q["name"]) != fam]
-        model = fit_interval_model(held_out, "dice", g, pseudo_calibration)
-        value = anchored_estimate(
-            g, "dice", pseudo_calibration + dp, pseudo_calibration, real_calibration, interval_model=model
-        )["value"]
-        spe.append(np.nan if value is None else value)
-        reg.append(mean)
-        real.append(real_calibration + dr)
-        names.append(p["name"])
-    return {**choose_combination(spe, reg, real), "sets": names, "held_out": True}
+    def state(self) -> dict[str, Any] | None:
+        """``{"regressor": network state tensors, "calibration": plain numbers}``; None before :meth:`fit`."""
+        if self.regressor is None or self.calibration is None:
+            return None
+        return {"regressor": self.regressor.state_tensors(), "calibration": self.calibration}

@@ -127,7 +127,9 @@ def load_estimator(a: argparse.Namespace, opts: ReadOptions) -> SPEEstimator:
             "intensity": opts.intensity,
             "image_channels": opts.channels,
         }
-        est.set_reference_dataset(FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read))
+        est = est.with_reference_dataset(
+            FolderSegmentationDataset(root.parent, root.name, a.class_index, int(size), **read)
+        )
     return est
 
 

@@ -1,0 +1,428 @@
+"""SPEEstimator: the fitted SPE estimator applied to new unlabelled data.
+
+A finished run builds it once (:func:`~spe_lightning.estimator.fitting.fit_estimator`, kept as
+``run.estimator`` and saved as ``spe_estimator.pt``); it is never changed afterwards::
+
+    run.estimator.save("spe_estimator.pt")
+    result = SPEEstimator.load("spe_estimator.pt").estimate(model, new_images)
+    result.estimates["dice"]  # {"value", "lower", "upper", "pseudo", "reason"}
+    result.cases[0]           # per-case quality score, estimated Dice and flag
+
+Given the same weights, data and target name, :meth:`SPEEstimator.estimate` reproduces the estimate the
+callback reported after fit (same support order, reverse step and G).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spe_lightning.config import ALERT_ON
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
+from spe_lightning.engine.predict import LogitsFn, default_logits, model_device
+from spe_lightning.engine.shifts import subset
+from spe_lightning.estimator.base import EstimatorBase
+from spe_lightning.estimator.persistence import fitted_from_state, load
+from spe_lightning.estimator.results import ChunkedResult, EstimateResult
+from spe_lightning.monitoring.alerts import alerts_for
+from spe_lightning.monitoring.chunks import Chunker, split
+from spe_lightning.percase.combination import combined_value
+from spe_lightning.percase.labels import (
+    label_positions,
+    labelled_estimates,
+    labelled_metrics,
+    ppi_alerts,
+    suggest_labels,
+)
+from spe_lightning.percase.rca import per_case_dice
+from spe_lightning.percase.scorer import CaseInputs
+
+__all__ = ["SPEEstimator"]
+
+
+class SPEEstimator(EstimatorBase):
+    """A fitted SPE estimator: settings, reverse segmenter, references, G per key, a fitted per-case scorer.
+
+    Built once by a finished run (``run.estimator``) or :meth:`load`-ed from its file; :meth:`estimate` applies
+    it to a model and new unlabelled images, :meth:`estimate_chunks` to chunks of incoming data. The fitted
+    state is :attr:`fitted` (:class:`~spe_lightning.estimator.fitted.FittedSPE`); see
+    :class:`~spe_lightning.estimator.base.EstimatorBase` for the constructor.
+    """
+
+    @classmethod
+    def load(cls, path: str | Path, max_mb: float = 80.0, allow_download: bool = False) -> SPEEstimator:
+        """Read an estimator file with ``torch.load(weights_only=True)``: it cannot run code.
+
+        Files above ``max_mb`` (default: the 64 MB reference cap of :meth:`save` plus room for the
+        rest) are refused before reading. The reverse segmenter the file names is rebuilt without
+        downloading anything unless ``allow_download=True``.
+        """
+        return cls(load(path, max_mb), allow_download=allow_download)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SPEEstimator:
+        """The estimator of a :meth:`state` dict (version-checked)."""
+        return cls(fitted_from_state(state))
+
+    # ------------------------------------------------------------------ the one estimate flow
+    def _set_estimates(
+        self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor | None, device: torch.device, target: str | None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, float | None] | None]:
+        """One set's estimates, its pseudo metrics (values, support, reason) and its real metrics (with masks)."""
+        engine = self.engine
+        pseudo = engine.pseudo(data, masks, device)
+        distance = self.distance(data, masks, conf)  # without the model's confidence (masks given): none
+        estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"], distance, self.bounds(data), target)
+        return estimates, pseudo, engine.real(data, masks)
+
+    def _case_rows(
+        self,
+        data: CachedSet,
+        masks: Sequence[Tensor],
+        conf: Tensor,
+        ids: Sequence[str] | None,
+        device: torch.device,
+        progress: Callable[[int], Any] | None,
+    ) -> tuple[list[dict[str, Any]], float | None]:
+        real = per_case_dice(masks, data.masks) if data.masks is not None else None
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
+        scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real), device, progress)
+        return [r.to_dict() for r in scoring.rows], scoring.threshold
+
+    @torch.no_grad()
+    def case_estimates(
+        self,
+        model: nn.Module,
+        images: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Only the per-case rows of :meth:`estimate` (no set-level reverse step): each case's quality,
+        estimated Dice with its interval and flag (from the quality regressor when fitted, else RCA)."""
+        data = self.cache(images, "cases")
+        self.check_2d(data)
+        device = model_device(model, device)
+        masks, conf = self.predict(model, data, device, logits_fn)
+        return self._case_rows(data, masks, conf, None, device, None)[0]
+
+    @torch.no_grad()
+    def check_inputs(
+        self,
+        model: nn.Module,
+        images: Any,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> dict[str, Any]:
+        """Compare ``images`` with the images the estimator was fitted on, before estimating.
+
+        The model's inputs (intensity statistics, padding bars) and its predictions (foreground fraction,
+        confidence) against the calibration images' (stored at fit time; estimator files without them are
+        compared on what they hold, the rest is listed under ``not_compared``). Returns the record of
+        :func:`~spe_lightning.engine.input_check.compare_inputs` (``verdict``, ``checks``, ``warnings`` naming
+        the likely cause and the fix). Raises ``ValueError`` when the channel count differs from the model's
+        calibration inputs (the model could not take them).
+        """
+        data = self.cache(images, "target", image_key, label_key)
+        stored = self.info.get("input_summary")
+        shape = self.info.get("input_shape")
+        want = set(stored["channels"]) if stored and stored.get("channels") else {int(shape[0])} if shape else None
+        have = sorted({int(x.shape[0]) for x in data.inputs})
+        if want and have and set(have) - want:
+            fix = "--channels rgb" if 3 in want else "--channels gray" if 1 in want else "your --dataset / --transform"
+            raise ValueError(
+                f"the model was calibrated on {'/'.join(map(str, sorted(want)))}-channel images and these have "
+                f"{'/'.join(map(str, have))} channel(s): read them as in training ({fix})."
+            )
+        device = model_device(model, device)
+        masks, conf = self.predict(model, data, device, logits_fn)
+        new = input_summary(data.inputs, masks, conf)
+        ref_border = None
+        if stored is None and self.reference_images is not None:
+            ref_border = [border_fraction(x) for x in self.reference_images]
+        written = self.written_by  # the loaded file's version ("unknown": not recorded)
+        out = compare_inputs(stored, new, ref_border, None if written in (None, "", "unknown") else str(written))
+        out["n_images"] = len(data)
+        out["n_calibration"] = int(stored["n"]) if stored else None
+        return out
+
+    @torch.no_grad()
+    def estimate(
+        self,
+        model: nn.Module,
+        images: Any,
+        name: str = "target",
+        per_case: bool = True,
+        ids: Sequence[str] | None = None,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        progress: Callable[[int], Any] | None = None,
+        labelled_masks: Mapping[str | int, Tensor] | None = None,
+        label_design: Mapping[str, Any] | None = None,
+    ) -> EstimateResult:
+        """Estimate every metric (with its interval) of ``model`` on ``images``, and score each case.
+
+        Args:
+            model: the trained segmentation model (``model(x)`` gives logits; else pass ``logits_fn``).
+            images: a dataset (items ``image``, ``(image, mask)`` or dicts), a tensor ``[N,C,H,W]`` or a
+                list of ``[C,H,W]`` tensors. Masks, if present, are only used to report the truth.
+            name: the set's name; it seeds the support order, so use the callback's target name
+                (``"target"`` for a single dataset) to reproduce the in-training estimate exactly.
+            per_case: also compute per-case quality scores and flags.
+            ids: one id per image for the per-case rows (default: positions).
+            logits_fn: ``fn(model, images) -> logits`` as given to the callback.
+            device: where to run (default: the model's device).
+            image_key, label_key: keys of dict items.
+            progress: called with the number of finished cases (e.g. ``tqdm.update``).
+            labelled_masks: masks of some of the cases (``{case id or position: mask}``, binary, at the
+                image's size): ``result.labelled`` then holds the prediction-powered estimate of Dice, IoU,
+                precision and recall with its interval at ``level`` beside the labelled-only interval, and
+                the labelled rows their real Dice. The labelled cases must be a uniform random sample of
+                the images, or exactly the cases of ``label_design`` (see docs/few_labels.md).
+            label_design: the dict of :meth:`suggest_labels` whose suggested cases were labelled.
+        """
+        data = self.cache(images, name, image_key, label_key)
+        if labelled_masks is not None and not per_case:
+            raise ValueError("labelled_masks need the per-case estimates: leave per_case=True.")
+        if ids is not None and len(ids) != len(data):
+            raise ValueError(f"{len(ids)} ids for {len(data)} images.")
+        if per_case:
+            self.check_2d(data)
+        device = model_device(model, device)
+        masks, conf = self.predict(model, data, device, logits_fn)
+        if progress is not None:
+            progress(0)
+        estimates, pseudo, true = self._set_estimates(data, masks, conf, device, target=name)
+        cases: list[dict[str, Any]] = []
+        threshold = None
+        if per_case:
+            cases, threshold = self._case_rows(data, masks, conf, ids, device, progress)
+        labelled = None
+        if labelled_masks is not None:
+            labelled = self._with_labels(cases, masks, labelled_masks, label_design)
+        return EstimateResult(
+            name=name,
+            combined=self._combined(estimates, cases),
+            estimates=estimates,
+            n_images=len(data),
+            n_support=pseudo["n_support"],
+            level=self.config.level,
+            cases=cases,
+            masks=list(masks),
+            gray=data.gray,
+            true=true,
+            case_threshold=threshold,
+            reason=pseudo["reason"],
+            labelled=labelled,
+        )
+
+    def _combined(self, estimates: dict[str, dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """SPE's Dice combined with the regressor's mean per-case estimate, with the weight the run chose."""
+        weight = ((self.quality or {}).get("combination") or {}).get("weight")
+        spe = (estimates.get("dice") or {}).get("value")
+        values = [c["estimated_dice"] for c in cases if c.get("estimated_dice") is not None]
+        if weight is None or spe is None or not values:
+            return None
+        reg, w = float(np.mean(values)), float(weight)
+        return {"value": combined_value(w, reg, spe), "weight": w, "spe": spe, "regressor": reg}
+
+    @torch.no_grad()
+    def estimate_chunks(
+        self,
+        model: nn.Module,
+        images: Any,
+        chunks: Chunker,
+        name: str = "target",
+        masks: Sequence[Tensor] | None = None,
+        logits_fn: LogitsFn = default_logits,
+        device: torch.device | str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        alert_below: Mapping[str, float] | None = None,
+        alert_above: Mapping[str, float] | None = None,
+        alert_on: str | None = None,
+        progress: Callable[[int], Any] | None = None,
+        labelled_masks: Mapping[str | int, Tensor] | None = None,
+        cases: Sequence[dict[str, Any]] | None = None,
+    ) -> ChunkedResult:
+        """Monitor incoming data: predict once, then one estimate with its interval per chunk, and alerts.
+
+        Args:
+            model, images, name, logits_fn, device, image_key, label_key: as for :meth:`estimate`.
+            chunks: a chunker (:func:`~spe_lightning.monitoring.chunks.split`): images per chunk (consecutive,
+                in the given order), ``{label: positions}`` (e.g. :func:`~spe_lightning.monitoring.chunks.
+                chunks_by_column`), a list of position lists, or a function ``n -> {label: positions}``.
+            masks: the model's predicted masks of ``images`` when already known (e.g. ``EstimateResult.masks``
+                of the same images): inference is then skipped.
+            alert_below, alert_above, alert_on: thresholds as for :class:`~spe_lightning.SPECallback`
+                (default: the ones the run was configured with).
+            progress: called with 1 after each chunk (e.g. ``tqdm.update``).
+            labelled_masks: masks of some cases (as for :meth:`estimate`): each chunk with at least 3 of
+                them gets their prediction-powered estimate and interval (``labelled``; the labels inside a
+                chunk must be a uniform random sample of it), and an alert (``alert_on="ppi_interval"``)
+                when that whole interval lies beyond a threshold.
+            cases: the per-case rows of these images (``EstimateResult.cases``) for ``labelled_masks``;
+                computed here when not given (with ``masks`` given, the model then runs once more).
+
+        Each chunk runs the flow of :meth:`estimate` on its own images (its own support set and reverse
+        step; no target-styled interval model); its realised metrics (``true``) are reported when the images
+        came with masks. The intervals were sized for sets as large as the training targets: smaller chunks
+        vary more than that.
+        """
+        c = self.config
+        data = self.cache(images, name, image_key, label_key)
+        device = model_device(model, device)
+        n = len(data)
+        groups = split(chunks, n)
+        below = c.alert_below if alert_below is None else dict(alert_below)
+        above = c.alert_above if alert_above is None else dict(alert_above)
+        on = alert_on or c.alert_on
+        if on not in ALERT_ON:
+            raise ValueError(f"alert_on must be one of {ALERT_ON}, got {on!r}.")
+        start = time.perf_counter()
+        conf = None  # without the model's confidence (masks given) no distance is measured
+        if masks is None:
+            masks, conf = self.predict(model, data, device, logits_fn)
+        elif len(masks) != n:
+            raise ValueError(f"{len(masks)} masks for {n} images.")
+        labels: dict[int, Tensor] = {}
+        labelled_cases: list[dict[str, Any]] = []
+        if labelled_masks is not None:
+            labelled_cases, labels = self._chunk_labels(
+                model, data, masks, conf, labelled_masks, cases, device, logits_fn
+            )
+        predicted = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        alerts: list[dict[str, Any]] = []
+        for label, pos in groups.items():
+            part = subset(data, pos, name)  # the set's name seeds the support order, as in training
+            part_masks = [masks[i] for i in pos]
+            estimates, pseudo, true = self._set_estimates(
+                part, part_masks, None if conf is None else conf[pos], device, target=None
+            )
+            events = alerts_for({name: estimates}, below, above, on, chunk=label)
+            with_labels = None
+            if labelled_masks is not None:
+                with_labels, ppi_events = self._chunk_ppi(labelled_cases, masks, labels, pos, name, below, above, label)
+                events.extend(ppi_events)
+            alerts.extend(events)
+            rows.append(
+                {
+                    "chunk": label,
+                    "n_images": len(pos),
+                    "positions": list(pos),
+                    "estimates": estimates,
+                    "true": true,
+                    "n_support": pseudo["n_support"],
+                    "reason": pseudo["reason"],
+                    "alerts": events,
+                    **({} if with_labels is None else {"labelled": with_labels}),
+                }
+            )
+            if progress is not None:
+                progress(1)
+        done = time.perf_counter()
+        return ChunkedResult(
+            name=name,
+            chunks=rows,
+            alerts=alerts,
+            level=c.level,
+            thresholds={"alert_below": below, "alert_above": above},
+            alert_on=on,
+            seconds={"predict": predicted - start, "estimate": done - predicted},
+        )
+
+    # ------------------------------------------------------------------ few labels (prediction-powered inference)
+    def suggest_labels(
+        self, result: EstimateResult | Sequence[dict[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
+    ) -> dict[str, Any]:
+        """The ``k`` target cases to label (a stratified random draw by per-case uncertainty, seeded), as a
+        plain dict: label exactly those, then pass the dict as ``label_design`` with their masks to
+        :meth:`estimate` (see :func:`~spe_lightning.percase.labels.suggest_labels`)."""
+        cases = result.cases if isinstance(result, EstimateResult) else result
+        if not cases:
+            raise ValueError("suggest_labels needs the per-case rows (estimate with per_case=True).")
+        return suggest_labels(cases, k, seed=seed, n_strata=n_strata)
+
+    def _with_labels(
+        self,
+        cases: list[dict[str, Any]],
+        masks: Sequence[Tensor],
+        labelled_masks: Mapping[str | int, Tensor],
+        design: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The prediction-powered estimates of the labelled cases; their rows get their real Dice."""
+        if self.config.classes:
+            raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
+        ids = [c["id"] for c in cases]
+        labels = label_positions(labelled_masks, ids)
+        out = labelled_estimates(cases, masks, labels, self.config.level, design)
+        real = labelled_metrics(masks, labels, ids)["dice"]
+        for c in cases:
+            c.setdefault("real_dice", None)
+            c["labelled"] = False
+        for pos, value in zip(labels, real):
+            cases[pos]["real_dice"], cases[pos]["labelled"] = float(value), True
+        return out
+
+    def _chunk_labels(
+        self,
+        model: nn.Module,
+        data: CachedSet,
+        masks: Sequence[Tensor],
+        conf: Tensor | None,
+        labelled_masks: Mapping[str | int, Tensor],
+        cases: Sequence[dict[str, Any]] | None,
+        device: torch.device,
+        logits_fn: LogitsFn,
+    ) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
+        """The per-case rows (given, or computed) and the labelled positions of :meth:`estimate_chunks`."""
+        if self.config.classes:
+            raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
+        if cases is None:
+            self.check_2d(data)
+            if conf is None:  # masks were given: the confidence needs the model once more
+                _, conf = self.predict(model, data, device, logits_fn)
+            cases = self._case_rows(data, masks, conf, None, device, None)[0]
+        if len(cases) != len(data):
+            raise ValueError(f"{len(cases)} per-case rows for {len(data)} images.")
+        return list(cases), label_positions(labelled_masks, [c["id"] for c in cases])
+
+    def _chunk_ppi(
+        self,
+        cases: Sequence[dict[str, Any]],
+        masks: Sequence[Tensor],
+        labels: dict[int, Tensor],
+        positions: Sequence[int],
+        name: str,
+        below: Mapping[str, float] | None,
+        above: Mapping[str, float] | None,
+        chunk: str,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One chunk's prediction-powered estimates (uniform design inside the chunk) and their alerts."""
+        out = labelled_estimates(cases, masks, labels, self.config.level, None, positions)
+        bounds = {
+            m: {"value": r["estimate"], "lower": r["lower"], "upper": r["upper"]}
+            for m, r in out["metrics"].items()
+            if "estimate" in r
+        }
+        return out, ppi_alerts({name: bounds}, dict(below or {}), dict(above or {}), chunk=chunk, source="labels")
+
+    def __repr__(self) -> str:
+        images = self.reference_images
+        n = 0 if images is None else images.shape[0]
+        return (
+            f"SPEEstimator(segmenter={self.segmenter_spec.get('name')!r}, metrics={self.metrics}, references={n}, "
+            f"per_case={'regressor' if self.quality else 'calibrated' if self.cases else 'uncalibrated'}, "
+            f"written_by='spe-lightning {self.written_by}')"
+        )

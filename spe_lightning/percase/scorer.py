@@ -1,0 +1,145 @@
+"""Per-case scorers behind one small protocol: :class:`CaseScorer` (``fit`` on labelled data, ``score`` new cases).
+
+A scorer turns each case (its working-size gray image, the model's mask and confidence) into a
+:class:`CaseRow`: a quality score, an estimated Dice with its interval and a flag. Two implement it:
+
+- :class:`~spe_lightning.percase.rca.RCAScorer`: reverse classification accuracy against similar references,
+  its flag threshold and score -> Dice map calibrated on the calibration set;
+- :class:`~spe_lightning.percase.regressor.RegressorScorer`: a small CNN image + mask -> Dice fitted on the
+  references' damaged masks, calibrated on the calibration set.
+
+:class:`~spe_lightning.SPEEstimator` holds one fitted scorer and scores cases only through ``score``;
+``state()`` is what the estimator file keeps of it (plain numbers and tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spe_lightning.data.adapters import resize_masks
+from spe_lightning.engine.cached_set import CachedSet
+
+__all__ = ["CaseRow", "CaseInputs", "CaseScoring", "ScorerFitData", "CaseScorer", "working_masks"]
+
+#: ``fn(cached set) -> (the model's masks, its confidence)``, as the estimator predicts them
+PredictFn = Callable[[CachedSet], tuple[list[Tensor], Tensor]]
+
+
+def working_masks(masks: Sequence[Tensor], size: tuple[int, ...]) -> Tensor:
+    """Bool ``[N,1,w,w]`` foreground (any class) of native-size masks, at the working size."""
+    return torch.cat([resize_masks((m > 0)[None], size) for m in masks])
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """One case's row: what every scorer gives (``real_dice`` only when the images came with masks).
+
+    ``to_dict()`` is the row of ``cases.csv`` and of ``EstimateResult.cases``.
+    """
+
+    id: str
+    quality: float | None
+    estimated_dice: float | None
+    estimated_dice_lower: float | None
+    estimated_dice_upper: float | None
+    flagged: bool | None
+    empty_prediction: bool
+    foreground_pixels: int
+    confidence: float | None
+    best_reference: int  # RCA: the best-fitting reference's position; -1 for the regressor and empty masks
+    real_dice: float | None = None
+    with_real: bool = field(default=False, repr=False)  # whether the row carries ``real_dice`` at all
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a plain dict (``real_dice`` only when known to the row)."""
+        row: dict[str, Any] = {
+            "id": self.id,
+            "quality": self.quality,
+            "estimated_dice": self.estimated_dice,
+            "estimated_dice_lower": self.estimated_dice_lower,
+            "estimated_dice_upper": self.estimated_dice_upper,
+            "flagged": self.flagged,
+            "empty_prediction": self.empty_prediction,
+            "foreground_pixels": self.foreground_pixels,
+            "confidence": self.confidence,
+            "best_reference": self.best_reference,
+        }
+        if self.with_real:
+            row["real_dice"] = self.real_dice
+        return row
+
+
+@dataclass(frozen=True)
+class CaseInputs:
+    """The cases a scorer scores: working-size gray images ``[N,1,w,w]``, the model's native-size masks,
+    its confidence ``[N]``, one id per case and (when the images came with masks) their real Dice."""
+
+    gray: Tensor
+    masks: Sequence[Tensor]
+    confidence: Tensor
+    ids: Sequence[str]
+    real_dice: np.ndarray | None = None
+
+    @property
+    def working_masks(self) -> Tensor:
+        """The masks' foreground at the images' working size."""
+        return working_masks(self.masks, tuple(self.gray.shape[-2:]))
+
+
+@dataclass(frozen=True)
+class CaseScoring:
+    """What :meth:`CaseScorer.score` gives: one row per case and the flag threshold (None: uncalibrated)."""
+
+    rows: list[CaseRow]
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class ScorerFitData:
+    """Everything a scorer may fit on (each takes what it needs).
+
+    Args:
+        calibration: the labelled calibration set (masks required).
+        predict: the model's masks and confidence of a cached set (the estimator's prediction).
+        device: where to fit.
+        seed: seeds every random draw of the fit.
+        level: the interval level of the per-case estimates.
+        reference: the labelled reference set (the regressor learns from it); None when absent.
+        progress: show the long fits' progress.
+    """
+
+    calibration: CachedSet
+    predict: PredictFn
+    device: torch.device
+    seed: int
+    level: float
+    reference: CachedSet | None = None
+    progress: bool = False
+
+
+@runtime_checkable
+class CaseScorer(Protocol):
+    """A per-case scorer: fitted once on labelled data, then scores cases it has never seen."""
+
+    #: short name ("rca", "regressor") shown in reports
+    name: str
+
+    def fit(self, data: ScorerFitData) -> CaseScorer:
+        """Fit (or calibrate) on ``data``; returns the fitted scorer."""
+        ...
+
+    def score(
+        self, cases: CaseInputs, device: torch.device, progress: Callable[[int], Any] | None = None
+    ) -> CaseScoring:
+        """One :class:`CaseRow` per case of ``cases`` and the flag threshold."""
+        ...
+
+    def state(self) -> dict[str, Any] | None:
+        """What an estimator file keeps of the fitted scorer (plain numbers, strings and tensors)."""
+        ...

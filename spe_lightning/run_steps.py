@@ -1,0 +1,313 @@
+"""The steps of an SPE run that :class:`~spe_lightning.SPERun` builds on: the reverse segmenter (built, and a
+learned one fitted once: restored from a checkpoint, loaded from the fit cache, or fitted and cached), one
+evaluation of a model's weights over the cached sets, the labelled calibration pairs at the final weights
+(random subsets, shifted copies, target-styled copies of the calibration set), and the run's failure policy
+(:meth:`RunSteps.guarded`).
+
+:class:`RunSteps` holds no state of its own: :class:`~spe_lightning.SPERun` owns every attribute it names.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spe_lightning import __version__
+from spe_lightning.config import SPEConfig
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
+from spe_lightning.engine.distance import image_features, set_distance
+from spe_lightning.engine.predict import LogitsFn, model_device, predict_labels
+from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.spe_engine import Shard, SPEEngine
+from spe_lightning.engine.styled_pairs import styled_name, styled_set
+from spe_lightning.progress import Progress
+from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
+from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
+
+__all__ = ["RunSteps"]
+
+
+class RunSteps:
+    """The segmenter, evaluation, calibration-pair and failure-policy steps of :class:`~spe_lightning.SPERun`."""
+
+    # owned and set by SPERun.__init__ / prepare
+    config: SPEConfig
+    logits_fn: LogitsFn
+    warn: Callable[[str], Any]
+    say: Callable[[str], Any]
+    show_progress: bool
+    segmenter: ReverseSegmenter | None
+    engine: SPEEngine | None
+    segmenter_fit_seconds: float
+    segmenter_from_cache: bool
+    calibration_features: np.ndarray | None
+    _segmenter_arg: ReverseSegmenter | None
+    _segmenter_state: dict[str, Any] | None
+    _sets: dict[str, CachedSet]
+    _targets: list[str]
+    _pending_masks: dict[str, list[Tensor]]
+    records: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    pairs_seconds: float
+    styles: dict[str, Any]
+    signal_seconds: dict[str, float]
+
+    def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
+        """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""
+        return Progress(total, desc, enabled=self.show_progress and self.config.verbose, unit=unit)
+
+    def segmenter_spec(self) -> dict[str, Any]:
+        """The reverse segmenter's spec (its name before :meth:`prepare` built it)."""
+        if self.segmenter is not None:
+            return self.segmenter.spec()
+        if self._segmenter_arg is not None:
+            return self._segmenter_arg.spec()
+        return {"name": self.config.segmenter}
+
+    # ------------------------------------------------------------------ the reverse segmenter
+    def _build_segmenter(self) -> ReverseSegmenter:
+        if self._segmenter_arg is not None:
+            return self._segmenter_arg
+        if self.config.segmenter == "auto":
+            seg, reason = resolve_auto()
+            if seg.name != "universeg":
+                self.warn(f"SPE(segmenter='auto'): {reason}")
+            return seg
+        return make_segmenter(self.config.segmenter)
+
+    def _engine(self) -> SPEEngine:
+        if self.engine is None:
+            raise RuntimeError("SPE: call prepare() (or fit with the callback) first.")
+        self._ensure_fitted(self.engine)
+        return self.engine
+
+    def segmenter_key(self) -> str:
+        """What a learned segmenter's weights depend on: its fit settings, the references and the seed."""
+        engine = self.engine
+        refs = list(engine.ref_indices) if engine else []
+        spec = engine.segmenter.fit_spec() if engine else self.segmenter_spec()
+        return repr((sorted(spec.items()), refs, engine.ref_slices if engine else [], self.config.seed))
+
+    def _ensure_fitted(self, engine: SPEEngine) -> None:
+        """Fit a learned reverse segmenter on the references once: restored from a checkpoint, or loaded from
+        the disk cache of an earlier run on the same references and settings, or fitted (and cached)."""
+        seg = engine.segmenter
+        if not seg.needs_fit or seg.is_fitted:
+            return
+        saved = self._segmenter_state
+        if saved is not None and saved.get("key") == self.segmenter_key():
+            seg.load_state_tensors(saved["tensors"])
+            return
+        path, key = self._fit_cache_file(engine)
+        if path is not None and self._load_fit_cache(seg, path, key):
+            return
+        if self.config.verbose:
+            self.say(
+                f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (~1 min on a CPU; once, then "
+                "kept in the fit cache for later runs on the same references)"
+            )
+        start = time.perf_counter()
+        steps = int(getattr(seg, "steps", 0) or 0)
+        with self.progress(steps, f"SPE: fitting {seg.name}", "step") as bar:
+            if steps and "progress" in inspect.signature(seg.fit).parameters:
+                seg.fit(engine.ref_images, engine.ref_masks.float(), progress=bar.update)  # type: ignore[call-arg]
+            else:
+                seg.fit(engine.ref_images, engine.ref_masks.float())
+        self.segmenter_fit_seconds = time.perf_counter() - start
+        if self.config.verbose:
+            self.say(
+                f"SPE: {seg.name} fitted on {len(engine.ref_indices)} references ({self.segmenter_fit_seconds:.1f}s)"
+            )
+        if path is not None:
+            try:
+                save_cached(path, key, seg.state_tensors())
+            except OSError as err:  # a read-only or full disk costs the next run a fit, nothing more
+                self.warn(f"SPE: could not cache the fitted {seg.name} weights in {path}: {err!r}")
+
+    def _fit_cache_file(self, engine: SPEEngine) -> tuple[Path | None, str]:
+        """The cache file and key of the learned segmenter's weights (``(None, "")`` without a cache)."""
+        folder = resolve_cache_dir(self.config.fit_cache)
+        if folder is None:
+            return None, ""
+        seg = engine.segmenter
+        key = content_key(engine.ref_images, engine.ref_masks, seg.fit_spec(), self.config.seed, __version__)
+        return cache_file(folder, seg.name, key), key
+
+    def _load_fit_cache(self, seg: ReverseSegmenter, path: Path, key: str) -> bool:
+        """Load cached weights into ``seg``; False (with a warning for a bad file) when there are none."""
+        try:
+            tensors = load_cached(path, key)
+            if tensors is None:
+                return False
+            seg.load_state_tensors(tensors)
+            self.segmenter_from_cache = True
+        except (ValueError, RuntimeError, KeyError) as err:  # a bad file is refitted over, never trusted
+            seg.load_state_tensors({})
+            self.warn(f"SPE: ignoring the fit cache {path} and fitting again: {err}")
+            return False
+        if self.config.verbose:
+            self.say(
+                f"SPE: {seg.name} weights from the fit cache (same references and settings): {path} "
+                "(fit_cache=None or SPE_CACHE_DIR='' turns the cache off)"
+            )
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        shard: Shard | None = None,
+        sets: Mapping[str, CachedSet] | None = None,
+        progress: Callable[[int], Any] | None = None,
+        from_calibration: bool = False,
+    ) -> dict[str, Any]:
+        """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
+
+        With a ``shard`` of several processes, each predicts its share of every set and segments its
+        share of the references; all processes must call this together and get the same record.
+        Raises on failure (see :meth:`record` for the skipping policy). ``progress(1)`` after each set.
+        ``from_calibration``: ``sets`` were made from the calibration set's items (the calibration pairs),
+        which their distances must not match.
+        """
+        engine = self._engine()
+        shard = shard or Shard()
+        c = self.config
+        device = model_device(model)
+        predictions = {}
+        for name, data in (self._sets if sets is None else sets).items():
+            n = len(data)
+            run = functools.partial(
+                predict_labels,
+                model,  # the module itself, never a DDP wrapper: no gradient sync hooks in SPE's forward
+                data,
+                device,
+                c.batch_size,
+                self.logits_fn,
+                c.activation,
+                c.threshold,
+                c.foreground_class,
+                c.class_indices or None,
+                shard.part(n),
+            )
+            masks: list[Tensor] = [torch.zeros(0)] * n
+            conf = torch.zeros(n)
+            for r, (m, cf) in enumerate(shard.run(run)):
+                for k, pos in enumerate(range(r, n, shard.world)):
+                    masks[pos] = m[k]
+                conf[r :: shard.world] = cf
+            predictions[name] = (data, masks, conf)
+        if sets is None:  # a checkpoint's record: its masks feed the checkpoint agreement once it is kept
+            self._pending_masks = {name: p[1] for name, p in predictions.items()}
+        record = engine.evaluate(predictions, device, shard, progress=progress)
+        distances = self.guarded(
+            "the label-free distances to the calibration set failed (no extrapolation flag)",
+            lambda: self._distances(predictions, from_calibration),
+        )
+        record["distance"] = distances or {}
+        return record
+
+    def _distances(self, predictions: Mapping[str, Any], from_calibration: bool) -> dict[str, float | None]:
+        """Each set's label-free distance to the calibration set (engine/distance.py) at these weights; the
+        calibration pairs' sets (``from_calibration``) are measured against the last calibration features, never
+        matching an item with its own original."""
+        feats = {name: image_features(data, masks, conf) for name, (data, masks, conf) in predictions.items()}
+        if CALIBRATION in feats:
+            self.calibration_features = feats[CALIBRATION]
+        cal = self.calibration_features
+        if cal is None:
+            return {}
+        cal_ids = list(self._sets[CALIBRATION].indices) if from_calibration else None
+        return {
+            name: set_distance(f, cal, list(predictions[name][0].indices) if from_calibration else None, cal_ids)
+            for name, f in feats.items()
+            if name != CALIBRATION
+        }
+
+    def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""
+        try:
+            return fn()
+        except Exception as err:
+            if self.config.strict:
+                raise
+            self.warn(f"SPE: {what}: {err!r}")
+            return None
+
+    # ------------------------------------------------------------------ calibration pairs
+    def pair_sets(self) -> dict[str, CachedSet]:
+        """The labelled sets behind the calibration pairs, by pair name (calibration subsets as large as the
+        targets, shifted copies of the calibration set): development data with known truth."""
+        c = self.config
+        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
+        sizes = sorted({len(self._sets[t]) for t in self._targets})
+        return calibration_sets(self._sets[CALIBRATION], sizes, c.interval_subsets, shifts, c.seed)
+
+    def measure_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
+        """The labelled calibration pairs at ``model``'s weights (subsets, shifted copies): the intervals."""
+        c = self.config
+        shifts = [(f, v) for f in c.interval_shifts for v in c.interval_severities]
+        if not shifts and not c.interval_subsets:
+            return []
+        start = time.perf_counter()
+
+        def measure() -> list[dict[str, Any]]:
+            sets = self.pair_sets()
+            with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
+                record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
+            return self._pairs_of(record, list(sets))
+
+        pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
+        self.pairs = pairs or []
+        self.pairs_seconds = time.perf_counter() - start
+        if pairs and c.verbose:
+            self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
+        if pairs:
+            start = time.perf_counter()
+            styled = self.guarded(
+                "the target-styled calibration pairs failed; the targets use the generic pairs",
+                lambda: self.measure_styled_pairs(model, shard),
+            )
+            self.pairs += styled or []
+            self.signal_seconds["styled_pairs"] = time.perf_counter() - start
+        return self.pairs
+
+    def styled_sets(self) -> dict[str, CachedSet]:
+        """Each target's styled calibration set (the calibration set restyled as the target from its unlabelled
+        images; :func:`~spe_lightning.engine.styled_pairs.styled_set`), by set name; the styles go to ``styles``."""
+        out = {}
+        for i, t in enumerate(self._targets):
+            data, style = styled_set(self._sets[CALIBRATION], self._sets[t], seed=self.config.seed * 7919 + 31 * i)
+            self.styles[t] = {k: v for k, v in style.items() if k != "target_images"}
+            out[data.name] = data
+        return out
+
+    def measure_styled_pairs(self, model: nn.Module, shard: Shard | None = None) -> list[dict[str, Any]]:
+        """One labelled pair per target from its styled calibration set at ``model``'s weights (one set
+        evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
+        sets = self.styled_sets()
+        record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
+        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets})
+
+    def _pairs_of(
+        self, record: dict[str, Any], names: list[str], targets: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The labelled pairs of the sets ``names`` evaluated in ``record`` against the last record's calibration
+        set (``targets``: set name -> the target a styled set was made for), each with its distance to the
+        calibration set: the reach of the interval model it joins."""
+        last = self.records[-1]
+        for kind in ("pseudo", "real"):
+            record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+        pairs = pairs_from_record(record, CALIBRATION, names, targets)
+        for p in pairs:
+            p.setdefault("distance", record["distance"].get(p["name"]))
+        return pairs
