@@ -22,6 +22,7 @@ Failures at a checkpoint are passed to ``warn`` and that evaluation is skipped (
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
