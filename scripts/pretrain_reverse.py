@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64, help="working resolution (the segmenter's default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop after N steps of the --steps schedule (0: run it all); the file is then the checkpoint a "
+        "full run writes at step N",
+    )
     ap.add_argument("--checkpoint-every", type=int, default=500, help="write the file and validate every N steps")
     ap.add_argument("--out", type=Path, default=WEIGHTS_FILE)
     args = ap.parse_args(argv)
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint()
 
     labelled = (labelled_batch(b) for b in episodes)
+    if args.stop_after:  # the same schedule, cut short: the episodes run out after N batches
+        labelled = itertools.islice(labelled, args.stop_after)
     seg.train_encoder(enc, labelled, args.steps, args.lr, g, progress)
     checkpoint(final=True)
 

@@ -97,8 +97,10 @@ def test_pretrained_adaptation_starts_from_the_shipped_weights_and_moves_them_a_
     seen: list[int] = []
     seg.fit(img, msk, progress=seen.append)
     assert len(seen) == 5
-    moved = float((_flat(seg.state_tensors()) - start).norm() / start.norm())
-    assert 0 < moved < 0.05, moved
+    adapted, init = _flat(seg.state_tensors()), _flat(seg.new_encoder().state_dict())
+    moved = float((adapted - start).norm() / start.norm())
+    assert 0 < moved < 0.25, moved  # a few steps keep most of the pretrained weights
+    assert (adapted - start).norm() < (adapted - init).norm() / 2  # far nearer the start than a fresh init
     # the adapted segmenter still ranks a good support set above a poor one
     qi, qm = _phantoms(6, seed=3)
     si, sm = _phantoms(8, seed=2)

@@ -121,7 +121,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         tau_eval: float = 0.0,
         pretrained: bool = False,
         adapt_steps: int = 100,
-        adapt_lr: float = 1e-3,
+        adapt_lr: float = 3e-3,
         seed: int = 0,
         chunk_size: int = 8,
     ) -> None:
@@ -331,8 +331,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         opt = torch.optim.Adam(enc.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
         with torch.enable_grad():
-            for _ in range(steps):
-                loss = self.episode_loss(enc, next(episodes), g)
+            for _, batch in zip(range(steps), episodes):  # fewer steps if ``episodes`` runs out
+                loss = self.episode_loss(enc, batch, g)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

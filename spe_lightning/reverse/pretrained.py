@@ -37,7 +37,7 @@ __all__ = [
 WEIGHTS_VERSION = "1"
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / f"learned_propagation_v{WEIGHTS_VERSION}.pt"
 #: SHA-256 of :data:`WEIGHTS_FILE` as shipped (printed by ``scripts/pretrain_reverse.py``)
-WEIGHTS_SHA256 = "0" * 64  # set when the weights file is shipped
+WEIGHTS_SHA256 = "4480483c3675852a50031dfd379bb91f45f26acaeb4315a5a4d7414e269ebf21"
 #: the encoder settings the weights were trained with (``LearnedPropagationSegmenter`` arguments)
 ARCHITECTURE: dict[str, Any] = {"width": 32, "dim": 16, "downsample": 2, "coords": True}
 FORMAT = "spe_lightning/learned_propagation/pretrained"
