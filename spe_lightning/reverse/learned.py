@@ -11,6 +11,9 @@ away by the other supports. :meth:`~LearnedPropagationSegmenter.score` returns t
 query (mean over supports of the pair's soft Dice); ``__call__`` returns the mean of the per-support
 probabilities, for callers that want one fused map.
 
+With ``pretrained=True`` the fit starts from weights shipped with the package (pretrained on synthetic
+tasks only; :mod:`spe_lightning.reverse.pretrained`) and takes ``adapt_steps`` steps instead of ``steps``.
+
 Plain PyTorch, CPU or CUDA; deterministic for a given ``seed`` on one device.
 """
 
