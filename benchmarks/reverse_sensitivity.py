@@ -16,12 +16,17 @@ it is the Dice of ``__call__``'s probabilities > 0.5). Variants that differ only
 settings (the segmenter's ``fit_spec()`` is the same) share one fit. The appearance test shifts only the support images
 (noise, gamma, blur, low resolution, contrast) at true masks and reports the change of the pseudo
 Dice. Fit and call times are also given as ratios to ``label_fusion``'s call time in the same run.
+Each row names the weights its fit started from (``weights``: ``scratch`` or the id of the shipped
+pretrained file, which saw synthetic tasks only, so no row's weights saw the dataset it is scored on).
 
     python benchmarks/reverse_sensitivity.py --datasets jsrt busi --segmenters label_fusion knn_pixel
     python benchmarks/reverse_sensitivity.py --quick                       # 4 levels, 1 draw
     python benchmarks/reverse_sensitivity.py --segmenters "label_fusion:k=4,h_scale=0.5"
     python benchmarks/reverse_sensitivity.py --threads 2 --segmenters label_fusion learned_propagation \
         learned_propagation:direction=forward --out benchmarks/results/reverse_sensitivity_learned
+    python benchmarks/reverse_sensitivity.py --segmenters label_fusion learned_propagation \
+        learned_propagation:pretrained=true                  # scratch vs the shipped pretrained weights, adapted
+    python benchmarks/reverse_sensitivity.py --table benchmarks/results/reverse_sensitivity_learned.json
 
 Data are read from ``../shared/datasets`` relative to the repository root.
 """
@@ -133,6 +138,14 @@ def fit(x: np.ndarray, y: np.ndarray) -> dict:
     return {"r": r, "slope": float(slope), "resolution": res_std / abs(slope) if slope else float("inf")}
 
 
+def weights_of(seg) -> str | None:
+    """What a learned segmenter's fit started from: ``"scratch"`` or the pretrained weights' id (None: no fit).
+    The shipped pretrained weights saw synthetic tasks only, none of these datasets."""
+    if not getattr(seg, "needs_fit", False):
+        return None
+    return seg.fit_spec().get("pretrained_weights", "scratch")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["jsrt", "busi"], choices=["jsrt", "busi"])
@@ -145,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--quick", action="store_true", help="4 levels, 1 draw")
     ap.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md (the summary)")
+    ap.add_argument("--table", type=Path, default=None, help="print the summary of a saved <out>.json and stop")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        print(summary_table(json.loads(args.table.read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     base = import_reverse()
@@ -213,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "dataset": ds,
                     "segmenter": label,
+                    # what the fitted weights started from: "scratch", the shipped pretrained file, or None
+                    "weights": weights_of(seg),
                     **st,
                     "call_s": call,
                     "fit_s": fit_s,
@@ -226,16 +245,28 @@ def main(argv: list[str] | None = None) -> None:
             if row["dataset"] == ds:
                 row["label_fusion_call_s"] = lf_call
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    meta = {"argv": sys.argv[1:] if argv is None else argv, "threads": torch.get_num_threads(), "load": list(load)}
+    text = summary_table({"meta": meta, "rows": summary})
+    print("\n" + text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1))
+        args.out.with_suffix(".md").write_text(text + "\n")
+
+
+def summary_table(result: dict) -> str:
+    """The markdown summary of a result (``{"meta": ..., "rows": ...}`` as written to ``<out>.json``)."""
+    summary, load = result["rows"], result["meta"]["load"]
     lines = [
         "## Summary (pseudo Dice vs support Dice over all draws)",
         "",
-        f"torch threads {torch.get_num_threads()}, load average at the end "
+        f"torch threads {result['meta']['threads']}, load average at the end "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         "ratios are to label_fusion's call time in this run.",
         "",
-        "| dataset | segmenter | r | slope | resolution | true-mask Dice | max appearance shift | s/call | "
+        "| dataset | segmenter | weights | r | slope | resolution | true-mask Dice | max appearance shift | s/call | "
         "call / LF call | fit s | fit / LF call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         lf = row.get("label_fusion_call_s")
@@ -244,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             return f"{v / lf:.2f}" if lf else "-"
 
         lines.append(
-            f"| {row['dataset']} | {row['segmenter']} | {row['r']:.3f} | {row['slope']:.3f} | "
+            f"| {row['dataset']} | {row['segmenter']} | {row.get('weights') or '-'} | {row['r']:.3f} | "
+            f"{row['slope']:.3f} | "
             f"{row['resolution']:.4f} | {row['true_mask_dice']:.3f} | {row['max_abs_shift']:.3f} | "
             f"{row['call_s']:.2f} | {ratio(row['call_s'])} | "
             f"{row['fit_s']:.1f} | {ratio(row['fit_s']) if row['fit_s'] else '-'} |"
@@ -262,13 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             + " | ".join(f"{row['shifts'][k]:+.3f}" for k in APPEARANCE_SHIFTS)
             + " |"
         )
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"argv": sys.argv[1:] if argv is None else argv, "threads": torch.get_num_threads(), "load": list(load)}
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1))
-        args.out.with_suffix(".md").write_text(text + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

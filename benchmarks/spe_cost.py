@@ -10,6 +10,7 @@ the first run pays the segmenter's fit, the re-run (same data: a user's next run
     python benchmarks/spe_cost.py                                  # demo task, callback defaults
     python benchmarks/spe_cost.py --jsrt ../shared/datasets/jsrt --epochs 8
     python benchmarks/spe_cost.py --spe max_references=172 support_size=64   # other settings
+    python benchmarks/spe_cost.py --segmenter learned_propagation:pretrained=true  # the shipped weights, adapted
 
 Times are wall-clock on this machine; run it on an otherwise idle machine (under load the training
 steps are starved more than SPE's work and the ratios come out far too favourable).
@@ -29,6 +30,7 @@ import lightning.pytorch as pl
 from spe_lightning import SPECallback
 from spe_lightning.data import FolderSegmentationDataModule, SyntheticShapesDataModule
 from spe_lightning.models import SegmentationModel
+from spe_lightning.reverse import segmenter_from_text
 
 
 def _value(text: str) -> Any:
@@ -41,6 +43,9 @@ def _value(text: str) -> Any:
 def fit(task: str, data: Any, make_model: Any, epochs: int, spe_kwargs: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(0)
     model = make_model()  # after seeding: every run trains the same model
+    spe_kwargs = dict(spe_kwargs)
+    if isinstance(spe_kwargs.get("segmenter"), str) and ":" in spe_kwargs["segmenter"]:
+        spe_kwargs["segmenter"] = segmenter_from_text(spe_kwargs["segmenter"])  # a fresh, unfitted instance per run
     spe = SPECallback(verbose=False, **spe_kwargs)
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -71,6 +76,7 @@ def fit(task: str, data: Any, make_model: Any, epochs: int, spe_kwargs: dict[str
             if k in ("working_size", "support_size", "max_references", "segmenter")
         },
         "segmenter": run.segmenter_spec()["name"],
+        "segmenter_spec": run.segmenter_spec(),
         "fit_s": total,
         "train_s": total - run.seconds,
         "spe_s": run.seconds,
@@ -87,6 +93,11 @@ def main() -> None:
     p.add_argument("--jsrt", default=None, help="JSRT root (heart, class 2) for the second task")
     p.add_argument("--epochs", type=int, default=8, help="epochs of the JSRT fit (the demo always trains 8)")
     p.add_argument("--spe", nargs="*", default=[], metavar="KEY=VALUE", help="SPECallback settings (JSON values)")
+    p.add_argument(
+        "--segmenter",
+        default=None,
+        help="reverse segmenter as name:key=value,... (e.g. learned_propagation:pretrained=true)",
+    )
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument(
         "--print", dest="show", nargs="+", default=None, metavar="FILE", help="print the tables of saved runs"
@@ -99,6 +110,8 @@ def main() -> None:
         return
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     spe_kwargs = {k: _value(v) for k, _, v in (s.partition("=") for s in a.spe)}
+    if a.segmenter:
+        spe_kwargs["segmenter"] = a.segmenter
     tasks = [
         (
             "demo",

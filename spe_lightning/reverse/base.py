@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "ReverseSegmenter",
     "CallableSegmenter",
+    "check_inputs",
     "register_segmenter",
     "available_segmenters",
     "make_segmenter",
@@ -41,7 +42,8 @@ def downloads_allowed() -> bool:
     return _env_true("SPE_DOWNLOAD") and not _env_true("SPE_NO_DOWNLOAD")
 
 
-def _check_inputs(query: Tensor, support_images: Tensor, support_labels: Tensor) -> None:
+def check_inputs(query: Tensor, support_images: Tensor, support_labels: Tensor) -> None:
+    """Raise a clear error unless query, support images and labels are ``[N,1,H,W]`` tensors that fit together."""
     for name, t in (("query_images", query), ("support_images", support_images), ("support_labels", support_labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -137,7 +139,7 @@ class ReverseSegmenter(ABC):
 
     @torch.no_grad()
     def __call__(self, query_images: Tensor, support_images: Tensor, support_labels: Tensor) -> Tensor:
-        _check_inputs(query_images, support_images, support_labels)
+        check_inputs(query_images, support_images, support_labels)
         device = query_images.device
         support_images = support_images.to(device=device, dtype=torch.float32)
         support_labels = (support_labels.to(device) > 0.5).float()
@@ -219,7 +221,7 @@ def make_segmenter(name: str = "auto", **kwargs: Any) -> ReverseSegmenter:
 
 
 def segmenter_from_text(text: str) -> ReverseSegmenter:
-    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as int, float or str), e.g.
+    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as bool (true/false), int, float or str), e.g.
     ``"label_fusion:normalise=rank,k=4"``: the command-line form of :func:`make_segmenter`."""
     name, _, rest = text.partition(":")
     kwargs: dict[str, Any] = {}
@@ -227,8 +229,8 @@ def segmenter_from_text(text: str) -> ReverseSegmenter:
         key, sep, val = item.partition("=")
         if not sep or not key:
             raise ValueError(f"Bad segmenter option {item!r} in {text!r}; write name:key=value,key=value.")
-        value: Any = val
-        for cast in (int, float):
+        value: Any = {"true": True, "false": False}.get(val.strip().lower(), val)
+        for cast in (int, float) if isinstance(value, str) else ():
             try:
                 value = cast(val)
                 break

@@ -11,6 +11,9 @@ away by the other supports. :meth:`~LearnedPropagationSegmenter.score` returns t
 query (mean over supports of the pair's soft Dice); ``__call__`` returns the mean of the per-support
 probabilities, for callers that want one fused map.
 
+With ``pretrained=True`` the fit starts from weights shipped with the package (pretrained on synthetic
+tasks only; :mod:`spe_lightning.reverse.pretrained`) and takes ``adapt_steps`` steps instead of ``steps``.
+
 Plain PyTorch, CPU or CUDA; deterministic for a given ``seed`` on one device.
 """
 
@@ -18,16 +21,28 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from spe_lightning.data.adapters import resize_images
-from spe_lightning.reverse.base import ReverseSegmenter, _check_inputs, register_segmenter
+from spe_lightning.reverse.base import ReverseSegmenter, check_inputs, register_segmenter
+from spe_lightning.reverse.encoder import (
+    PAIR_METRICS,
+    PropagationEncoder,
+    augment_appearance,
+    morph,
+    soft_dice,
+    soft_overlap,
+)
 from spe_lightning.reverse.label_fusion import rank_normalise
+from spe_lightning.reverse.pretrained import check_architecture, load_pretrained, pretrained_id
+
+#: one training episode batch: query images, support images (``[B,1,size,size]``), their label images
+Episodes = Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]
 
 __all__ = ["DIRECTIONS", "LearnedPropagationSegmenter", "PropagationEncoder", "augment_appearance"]
 
@@ -35,108 +50,6 @@ __all__ = ["DIRECTIONS", "LearnedPropagationSegmenter", "PropagationEncoder", "a
 #: the query vs the query's labels), ``"forward"`` (query labels propagated to the support vs the
 #: support's labels) or ``"both"`` (their mean)
 DIRECTIONS = ("reverse", "forward", "both")
-
-
-def _blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Per-image Gaussian blur of ``[N,1,H,W]`` with standard deviations ``sigma [N]`` (0: none)."""
-    r = 3
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
-    k = k / k.sum(1, keepdim=True)  # [N, 2r+1]
-    n = x.shape[0]
-    xp = F.pad(x.transpose(0, 1), (r, r, r, r), mode="replicate")  # [1,N,H+2r,W+2r]
-    y = F.conv2d(xp, k.view(n, 1, 1, -1), groups=n)
-    y = F.conv2d(y, k.view(n, 1, -1, 1), groups=n)
-    return y.transpose(0, 1)
-
-
-def augment_appearance(x: Tensor, g: torch.Generator, strength: float = 1.0) -> Tensor:
-    """Random appearance changes of ``[N,1,H,W]`` images in [0, 1]: gamma, contrast, blur, low resolution, noise.
-
-    Random numbers are drawn on the CPU from ``g`` (so the result does not depend on the device).
-    """
-    n, dev = x.shape[0], x.device
-
-    def u(lo: float, hi: float, shape: tuple[int, ...] = ()) -> Tensor:
-        return (lo + (hi - lo) * torch.rand((n, *shape), generator=g)).to(dev)
-
-    s = strength
-    x = x.clamp(0, 1) ** torch.exp(u(-0.7 * s, 0.7 * s)).view(-1, 1, 1, 1)  # gamma 0.5 .. 2
-    mean = x.mean((1, 2, 3), keepdim=True)
-    x = (mean + (x - mean) * u(1 - 0.5 * s, 1 + 0.3 * s).view(-1, 1, 1, 1)).clamp(0, 1)
-    blur = torch.where(u(0, 1) < 0.4, u(0.3, 0.3 + 1.5 * s), torch.zeros(n, device=dev))
-    x = _blur(x, blur)
-    size = x.shape[-1]
-    if float(torch.rand((), generator=g)) < 0.3 * s:  # low resolution for the whole batch
-        small = max(8, int(size * float(0.35 + 0.4 * torch.rand((), generator=g))))
-        x = F.interpolate(F.interpolate(x, size=(small, small), mode="area"), size=x.shape[-2:], mode="bilinear")
-    noise = torch.randn(x.shape, generator=g).to(dev)
-    x = x + noise * u(0.0, 0.08 * s).view(-1, 1, 1, 1)
-    return x.clamp(0, 1)
-
-
-class PropagationEncoder(nn.Module):
-    """A small CNN: ``[N,1,size,size]`` normalised images -> unit-norm features ``[N,dim,grid,grid]``.
-
-    Two coordinate channels are appended to the image, so position can be used where anatomy is
-    aligned (JSRT) and learned to be ignored where it is not (BUSI).
-    """
-
-    def __init__(self, width: int = 24, dim: int = 16, downsample: int = 2, coords: bool = True) -> None:
-        super().__init__()
-        self.coords = coords
-        layers: list[nn.Module] = [nn.Conv2d(1 + 2 * coords, width, 3, padding=1), nn.ReLU()]
-        ch = width
-        for i in range(downsample):
-            out = width * 2 if i == downsample - 1 else width
-            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.ReLU()]
-            ch = out
-        for dil in (1, 2, 4):
-            layers += [nn.Conv2d(ch, ch, 3, padding=dil, dilation=dil), nn.ReLU()]
-        layers += [nn.Conv2d(ch, dim, 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.coords:
-            n, _, h, w = x.shape
-            yy = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
-            xx = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-            x = torch.cat([x, yy, xx], 1)
-        return F.normalize(self.net(x), dim=1)
-
-
-def _morph(lab: Tensor, radius: Tensor) -> Tensor:
-    """Dilate (``radius > 0``) or erode (``< 0``) each soft mask ``[B,1,H,W]`` by its own radius (square element)."""
-    out = lab.clone()
-    for r in radius.unique().tolist():
-        if r == 0:
-            continue
-        sel = radius == r
-        k = 2 * abs(r) + 1
-        x = lab[sel]
-        out[sel] = F.max_pool2d(x, k, 1, abs(r)) if r > 0 else -F.max_pool2d(-x, k, 1, abs(r))
-    return out
-
-
-def _soft_dice(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """Soft Dice over the last axis (any leading shape)."""
-    inter = (pred * target).sum(-1)
-    return (2 * inter + eps) / (pred.sum(-1) + target.sum(-1) + eps)
-
-
-#: the overlap metrics :meth:`LearnedPropagationSegmenter.score_metrics` scores per support pair
-PAIR_METRICS = ("dice", "iou", "precision", "recall")
-
-
-def _soft_overlap(pred: Tensor, target: Tensor, eps: float = 1e-6) -> dict[str, Tensor]:
-    """Soft Dice, IoU, precision and recall over the last axis (``eps`` as in :func:`_soft_dice`)."""
-    inter, p, t = (pred * target).sum(-1), pred.sum(-1), target.sum(-1)
-    return {
-        "dice": (2 * inter + eps) / (p + t + eps),
-        "iou": (inter + eps) / (p + t - inter + eps),
-        "precision": (inter + eps) / (p + eps),
-        "recall": (inter + eps) / (t + eps),
-    }
 
 
 @register_segmenter("learned_propagation")
@@ -172,6 +85,12 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             support is used equally often) or ``"nearest"`` (most similar by mean feature; a few
             "hub" supports may then dominate).
         tau_eval: attention temperature at evaluation (0: ``tau``).
+        pretrained: start :meth:`fit` from the shipped weights pretrained on synthetic tasks
+            (:mod:`spe_lightning.reverse.pretrained`) and adapt them for ``adapt_steps`` steps at ``adapt_lr``
+            instead of fitting ``steps`` steps from scratch. Needs the shipped architecture
+            (``width=32, dim=16, downsample=2, coords=True``).
+        adapt_steps: optimisation steps of the adaptation with ``pretrained`` (0: use the weights as they are).
+        adapt_lr: Adam learning rate of the adaptation.
         seed: seed of the weight initialisation, the episode order and the augmentation.
         chunk_size: queries per step (see :class:`ReverseSegmenter`).
     """
@@ -203,6 +122,9 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         direction: str = "reverse",
         select: str = "spread",
         tau_eval: float = 0.0,
+        pretrained: bool = False,
+        adapt_steps: int = 100,
+        adapt_lr: float = 3e-3,
         seed: int = 0,
         chunk_size: int = 8,
     ) -> None:
@@ -222,6 +144,13 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         if select not in ("spread", "nearest"):
             raise ValueError(f"select must be 'spread' or 'nearest', got {select!r}.")
         self.direction, self.tau_eval, self.select = direction, float(tau_eval), select
+        if not isinstance(pretrained, (bool, int)):
+            raise TypeError(f"pretrained must be True or False, got {pretrained!r}.")
+        if adapt_steps < 0 or adapt_lr <= 0:
+            raise ValueError(f"adapt_steps must be >= 0 and adapt_lr > 0; got {adapt_steps}, {adapt_lr}.")
+        self.pretrained, self.adapt_steps, self.adapt_lr = bool(pretrained), int(adapt_steps), float(adapt_lr)
+        if self.pretrained:
+            check_architecture(width=width, dim=dim, downsample=downsample, coords=bool(coords))
         self.encoder: PropagationEncoder | None = None
         # SPE segments the same images at every checkpoint (references, calibration and target sets; only the
         # model's masks change), so features are memoised by image content: later evaluations skip the encoder
@@ -229,28 +158,15 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         self._features_bytes = 0
 
     # ------------------------------------------------------------------ settings and state
+    #: the constructor's settings besides ``chunk_size``, in :meth:`spec`'s order
+    SETTINGS = (
+        *("size", "downsample", "width", "dim", "tau", "steps", "batch", "lr", "augment", "coords", "flip"),
+        *("patch_labels", "label_jitter", "max_supports", "direction", "select", "tau_eval"),
+        *("pretrained", "adapt_steps", "adapt_lr", "seed"),
+    )
+
     def spec(self) -> dict[str, Any]:
-        return {
-            **super().spec(),
-            "size": self.size,
-            "downsample": self.downsample,
-            "width": self.width,
-            "dim": self.dim,
-            "tau": self.tau,
-            "steps": self.steps,
-            "batch": self.batch,
-            "lr": self.lr,
-            "augment": self.augment,
-            "coords": self.coords,
-            "flip": self.flip,
-            "patch_labels": self.patch_labels,
-            "label_jitter": self.label_jitter,
-            "max_supports": self.max_supports,
-            "direction": self.direction,
-            "select": self.select,
-            "tau_eval": self.tau_eval,
-            "seed": self.seed,
-        }
+        return {**super().spec(), **{k: getattr(self, k) for k in self.SETTINGS}}
 
     #: supports per set when ``support_size`` is None: every image of most sets. Each query meets only
     #: ``max_supports`` of them, so more supports cost little (their features are memoised), and with 64 of
@@ -261,7 +177,12 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     EVAL_SETTINGS = ("direction", "select", "max_supports", "tau_eval", "chunk_size")
 
     def fit_spec(self) -> dict[str, Any]:
-        return {k: v for k, v in self.spec().items() if k not in self.EVAL_SETTINGS}
+        """What the fitted weights depend on; with ``pretrained`` it names the shipped file (version and
+        checksum), so a fit from scratch and an adapted one never share a fit-cache entry."""
+        spec = {k: v for k, v in self.spec().items() if k not in self.EVAL_SETTINGS}
+        if self.pretrained:
+            spec["pretrained_weights"] = pretrained_id()
+        return spec
 
     @property
     def grid(self) -> int:
@@ -271,7 +192,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     def is_fitted(self) -> bool:
         return self.encoder is not None
 
-    def _new_encoder(self) -> PropagationEncoder:
+    def new_encoder(self) -> PropagationEncoder:
+        """A freshly initialised encoder of this segmenter's architecture (seeded by ``seed``)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return PropagationEncoder(self.width, self.dim, self.downsample, self.coords)
@@ -288,7 +210,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         if not state:
             self.encoder = None
             return
-        enc = self._new_encoder()
+        enc = self.new_encoder()
         enc.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
         self.encoder = enc.eval()
 
@@ -309,7 +231,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         """Label pixels per feature cell and side: ``2**downsample`` with ``patch_labels``, else 1."""
         return 2**self.downsample if self.patch_labels else 1
 
-    def _label_image(self, y: Tensor) -> Tensor:
+    def label_image(self, y: Tensor) -> Tensor:
         """Binary labels -> soft labels ``[N,1,L,L]`` at the label resolution ``L = grid * cell``."""
         return resize_images((y > 0.5).float(), self.grid * self._cell, "area_down")
 
@@ -321,7 +243,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         return lab.reshape(n, g, c, g, c).permute(0, 1, 3, 2, 4).reshape(n, g * g, c * c)
 
     def _labels(self, y: Tensor) -> Tensor:
-        return self._cells(self._label_image(y))
+        return self._cells(self.label_image(y))
 
     def _uncells(self, cells: Tensor) -> Tensor:
         """Inverse of :meth:`_cells`: ``[N, P, cell*cell]`` -> ``[N,1,L,L]``."""
@@ -333,58 +255,94 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         att = torch.softmax(torch.einsum("bdp,bdr->bpr", fq, fs) / self.tau, dim=-1)
         return torch.bmm(att, ls)
 
+    @property
+    def fit_steps(self) -> int:
+        """Optimisation steps :meth:`fit` runs: ``adapt_steps`` from the pretrained weights, else ``steps``."""
+        return self.adapt_steps if self.pretrained else self.steps
+
     def fit(self, images: Tensor, labels: Tensor, progress: Callable[[int], Any] | None = None) -> None:
         """Train the encoder on labelled references ``[N,1,H,W]`` (``N >= 2``); deterministic for ``seed``.
-        ``progress(1)`` after each of the ``steps`` optimisation steps.
+        ``progress(1)`` after each of the :attr:`fit_steps` optimisation steps.
 
-        Each query reference is paired with a different support reference in turn (every reference
-        serves as query and as support equally often); the appearance of both is augmented.
+        From scratch (``pretrained=False``): ``steps`` steps at ``lr`` from a seeded initialisation. With
+        ``pretrained=True``: ``adapt_steps`` steps at ``adapt_lr`` from the shipped weights. Each query
+        reference is paired with a different support reference in turn (every reference serves as query and
+        as support equally often); the appearance of both is augmented.
         """
-        _check_inputs(images, images, labels)
+        check_inputs(images, images, labels)
         n = images.shape[0]
         if n < 2:
             raise ValueError(f"fit needs at least 2 labelled references, got {n}.")
         self._forget_features()
         dev = images.device
         x = resize_images(images.float(), self.size, "area_down")
-        lab = self._label_image(labels.to(dev))
-        enc = self._new_encoder().to(dev).train()
+        lab = self.label_image(labels.to(dev))
+        enc = self.new_encoder()
+        if self.pretrained:
+            enc.load_state_dict(load_pretrained())
         g = torch.Generator().manual_seed(self.seed + 1)
-        opt = torch.optim.Adam(enc.parameters(), lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(self.steps, 1))
+        lr = self.adapt_lr if self.pretrained else self.lr
+        episodes = self._reference_episodes(x, lab, g)
+        self.encoder = self.train_encoder(enc.to(dev), episodes, self.fit_steps, lr, g, progress)
+
+    def _reference_episodes(self, x: Tensor, lab: Tensor, g: torch.Generator) -> Episodes:
+        """Endless episode batches from references ``x`` and label images ``lab`` (drawn from ``g``)."""
+        n, dev = x.shape[0], x.device
         order = torch.empty(0, dtype=torch.long)
+        while True:
+            while order.numel() < self.batch:  # queries: every reference once per epoch
+                order = torch.cat([order, torch.randperm(n, generator=g)])
+            qi, order = order[: self.batch], order[self.batch :]
+            si = (qi + torch.randint(1, n, (self.batch,), generator=g)) % n  # a different reference
+            qi, si = qi.to(dev), si.to(dev)
+            xq, xs, lq, ls = x[qi], x[si], lab[qi], lab[si]
+            if self.flip:  # the same left-right flip for both images of an episode
+                f = (torch.rand(self.batch, generator=g) < 0.5).to(dev)
+                f = f.view(-1, 1, 1, 1)
+                xq, xs = torch.where(f, xq.flip(-1), xq), torch.where(f, xs.flip(-1), xs)
+                lq, ls = torch.where(f, lq.flip(-1), lq), torch.where(f, ls.flip(-1), ls)
+            if self.label_jitter > 0:  # grow or shrink both masks alike: the support's error must carry over
+                r = torch.randint(-self.label_jitter, self.label_jitter + 1, (self.batch,), generator=g).to(dev)
+                lq, ls = morph(lq, r), morph(ls, r)
+            yield xq, xs, lq, ls
+
+    def episode_loss(self, enc: PropagationEncoder, batch: tuple[Tensor, ...], g: torch.Generator) -> Tensor:
+        """The training loss of one episode batch ``(xq, xs, lq, ls)``: images ``[B,1,size,size]`` in [0, 1] and
+        label images ``[B,1,L,L]`` (see :meth:`label_image`); the images' appearance is augmented from ``g``."""
+        xq, xs, lq, ls = batch
+        b = xq.shape[0]
+        target, ls = self._cells(lq).flatten(1), self._cells(ls)
+        both = torch.cat([xq, xs])
+        if self.augment > 0:
+            both = augment_appearance(both, g, self.augment)
+        feats = enc(rank_normalise(both)).flatten(2)
+        pred = self._propagate(feats[:b], feats[b:], ls).flatten(1).clamp(1e-4, 1 - 1e-4)
+        return F.binary_cross_entropy(pred, target) + (1 - soft_dice(pred, target)).mean()
+
+    def train_encoder(
+        self,
+        enc: PropagationEncoder,
+        episodes: Episodes,
+        steps: int,
+        lr: float,
+        g: torch.Generator,
+        progress: Callable[[int], Any] | None = None,
+    ) -> PropagationEncoder:
+        """``steps`` Adam steps (cosine-annealed from ``lr``) on batches from ``episodes``; returns ``enc`` in eval
+        mode. Used by :meth:`fit` (references) and by the pretraining on synthetic tasks."""
+        enc.train()
+        opt = torch.optim.Adam(enc.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
         with torch.enable_grad():
-            for _ in range(self.steps):
-                while order.numel() < self.batch:  # queries: every reference once per epoch
-                    order = torch.cat([order, torch.randperm(n, generator=g)])
-                qi, order = order[: self.batch], order[self.batch :]
-                si = (qi + torch.randint(1, n, (self.batch,), generator=g)) % n  # a different reference
-                qi, si = qi.to(dev), si.to(dev)
-                xq, xs, lq, ls = x[qi], x[si], lab[qi], lab[si]
-                if self.flip:  # the same left-right flip for both images of an episode
-                    f = (torch.rand(self.batch, generator=g) < 0.5).to(dev)
-                    f = f.view(-1, 1, 1, 1)
-                    xq, xs = torch.where(f, xq.flip(-1), xq), torch.where(f, xs.flip(-1), xs)
-                    lq, ls = torch.where(f, lq.flip(-1), lq), torch.where(f, ls.flip(-1), ls)
-                if self.label_jitter > 0:  # grow or shrink both masks alike: the support's error must carry over
-                    r = torch.randint(-self.label_jitter, self.label_jitter + 1, (self.batch,), generator=g).to(dev)
-                    lq, ls = _morph(lq, r), _morph(ls, r)
-                lq, ls = self._cells(lq).flatten(1), self._cells(ls)
-                both = torch.cat([xq, xs])
-                if self.augment > 0:
-                    both = augment_appearance(both, g, self.augment)
-                feats = enc(rank_normalise(both)).flatten(2)
-                fq, fs = feats[: self.batch], feats[self.batch :]
-                pred = self._propagate(fq, fs, ls).flatten(1).clamp(1e-4, 1 - 1e-4)
-                target = lq
-                loss = F.binary_cross_entropy(pred, target) + (1 - _soft_dice(pred, target)).mean()
+            for _, batch in zip(range(steps), episodes):  # fewer steps if ``episodes`` runs out
+                loss = self.episode_loss(enc, batch, g)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 if progress is not None:
                     progress(1)
-        self.encoder = enc.eval()
+        return enc.eval()
 
     # ------------------------------------------------------------------ evaluation
     def _pick(self, fq: Tensor, prepared: dict[str, Any]) -> Tensor:
@@ -501,7 +459,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         metrics: tuple[str, ...],
         fuse: bool,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        _check_inputs(query_images, support_images, support_labels)
+        check_inputs(query_images, support_images, support_labels)
         if query_labels.shape != query_images.shape:
             raise ValueError(f"query_labels {tuple(query_labels.shape)} must match {tuple(query_images.shape)}.")
         unknown = [m for m in metrics if m not in PAIR_METRICS]
@@ -521,12 +479,12 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             pred_q = torch.softmax(sim, dim=-1) @ ls if fuse or self.direction in ("reverse", "both") else None
             if self.direction in ("reverse", "both"):
                 assert pred_q is not None
-                scores = _soft_overlap(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2))
+                scores = soft_overlap(pred_q.flatten(2), lq.expand_as(pred_q).flatten(2))
                 for m in metrics:
                     parts[m].append(scores[m])
             if self.direction in ("forward", "both"):
                 pred_s = torch.softmax(sim, dim=-2).transpose(-1, -2) @ lq
-                scores = _soft_overlap(pred_s.flatten(2), ls.flatten(2))
+                scores = soft_overlap(pred_s.flatten(2), ls.flatten(2))
                 for m in metrics:
                     parts[m].append(scores[swap.get(m, m)])
             for m in metrics:

@@ -1,0 +1,126 @@
+"""The shipped pretrained weights of the learned label propagation's encoder.
+
+The file ``weights/learned_propagation_v<VERSION>.pt`` inside the package holds plain tensors and
+strings (read with ``torch.load(weights_only=True)``: it never runs code). It is checked before use:
+its SHA-256 must equal :data:`WEIGHTS_SHA256` and its header must name this format, version and
+architecture; anything else raises an error that says what is wrong and how to fix it. The weights
+were pretrained on procedurally generated tasks only (no dataset of ../shared, no patient image), by
+``scripts/pretrain_reverse.py``; ``docs/pretrained_reverse.md`` gives the recipe and how to
+reproduce them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ARCHITECTURE",
+    "WEIGHTS_FILE",
+    "WEIGHTS_SHA256",
+    "WEIGHTS_VERSION",
+    "check_architecture",
+    "file_sha256",
+    "load_pretrained",
+    "pretrained_id",
+    "save_pretrained",
+]
+
+#: version of the shipped weights: a new recipe or a retrained file gets a new version (and file name)
+WEIGHTS_VERSION = "1"
+WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / f"learned_propagation_v{WEIGHTS_VERSION}.pt"
+#: SHA-256 of :data:`WEIGHTS_FILE` as shipped (printed by ``scripts/pretrain_reverse.py``)
+WEIGHTS_SHA256 = "4480483c3675852a50031dfd379bb91f45f26acaeb4315a5a4d7414e269ebf21"
+#: the encoder settings the weights were trained with (``LearnedPropagationSegmenter`` arguments)
+ARCHITECTURE: dict[str, Any] = {"width": 32, "dim": 16, "downsample": 2, "coords": True}
+FORMAT = "spe_lightning/learned_propagation/pretrained"
+
+
+def pretrained_id() -> str:
+    """A short name of the shipped weights (version and checksum) for fit-cache keys and reports."""
+    return f"v{WEIGHTS_VERSION}-{WEIGHTS_SHA256[:16]}"
+
+
+def check_architecture(**settings: Any) -> None:
+    """Raise ``ValueError`` unless ``settings`` match the architecture of the shipped weights."""
+    wrong = {k: v for k, v in settings.items() if k in ARCHITECTURE and ARCHITECTURE[k] != v}
+    if wrong:
+        raise ValueError(
+            f"pretrained=True needs the architecture of the shipped weights {ARCHITECTURE}; got {wrong}. "
+            "Use those settings or pretrained=False (fit from scratch)."
+        )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_pretrained(path: Path | None = None, sha256: str | None = None) -> dict[str, Tensor]:
+    """The encoder's pretrained ``state_dict`` as plain CPU tensors.
+
+    Without arguments: the shipped file, checked against :data:`WEIGHTS_SHA256`. With ``path`` (e.g. weights
+    you retrained), the checksum is checked only when ``sha256`` is given; the header is always checked.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a corrupt or foreign one.
+    """
+    shipped = path is None
+    path = WEIGHTS_FILE if path is None else Path(path)
+    expected = WEIGHTS_SHA256 if shipped else sha256
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The pretrained weights {path} are missing. Reinstall spe-lightning (the file ships inside the "
+            "package) or use learned_propagation with pretrained=False (fit from scratch)."
+        )
+    if expected is not None:
+        found = file_sha256(path)
+        if found != expected:
+            raise ValueError(
+                f"The pretrained weights {path} have SHA-256 {found}, expected {expected}: the file is corrupt or "
+                f"not version {WEIGHTS_VERSION} of the shipped weights. Reinstall spe-lightning, or use "
+                "pretrained=False."
+            )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad file
+        raise ValueError(f"The pretrained weights {path} cannot be read as plain tensors: {err!r}") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a learned_propagation weights file (no '{FORMAT}' header).")
+    if blob.get("architecture") != json.dumps(ARCHITECTURE, sort_keys=True):
+        raise ValueError(f"{path} holds weights of architecture {blob.get('architecture')}, not {ARCHITECTURE}.")
+    tensors = blob.get("tensors")
+    if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise ValueError(f"{path} holds no weights.")
+    return {str(k): v.clone() for k, v in tensors.items()}
+
+
+def save_pretrained(path: Path, tensors: dict[str, Tensor], recipe: dict[str, Any]) -> str:
+    """Write an encoder ``state_dict`` and its ``recipe`` (JSON-safe) atomically; returns the file's SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": FORMAT,
+        "version": WEIGHTS_VERSION,
+        "architecture": json.dumps(ARCHITECTURE, sort_keys=True),
+        "recipe": json.dumps(recipe, sort_keys=True),
+        "tensors": {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)

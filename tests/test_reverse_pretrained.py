@@ -1,0 +1,154 @@
+"""learned_propagation's shipped pretrained weights: checked loading, adaptation, scratch fit untouched, cache keys."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from _shapes import degrade
+
+from spe_lightning import __version__
+from spe_lightning.data.synthetic import make_phantom
+from spe_lightning.reverse import base, pretrained
+from spe_lightning.reverse.fit_cache import content_key
+from spe_lightning.reverse.learned import LearnedPropagationSegmenter
+from spe_lightning.reverse.synthetic_tasks import synthetic_episodes, synthetic_tasks
+
+#: the shipped architecture at a small working size and few supports (fast)
+FAST = {"size": 32, "batch": 4, "max_supports": 4}
+
+
+def _phantoms(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = [make_phantom(g, size) for _ in range(n)]
+    return torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])
+
+
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten() for _, v in sorted(state.items())])
+
+
+def test_the_shipped_file_is_small_plain_tensors_and_matches_its_checksum():
+    path = pretrained.WEIGHTS_FILE
+    assert path.is_file() and path.stat().st_size < 5e6
+    assert pretrained.file_sha256(path) == pretrained.WEIGHTS_SHA256
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and strings only
+    assert blob["version"] == pretrained.WEIGHTS_VERSION and f"_v{pretrained.WEIGHTS_VERSION}." in path.name
+    state = pretrained.load_pretrained()
+    expected = LearnedPropagationSegmenter(**pretrained.ARCHITECTURE).new_encoder().state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_corrupt_missing_or_foreign_file_gives_a_clear_error(tmp_path, monkeypatch):
+    good = pretrained.WEIGHTS_FILE.read_bytes()
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(good[:-10] + bytes(b ^ 0xFF for b in good[-10:]))
+    monkeypatch.setattr(pretrained, "WEIGHTS_FILE", bad)
+    with pytest.raises(ValueError, match="SHA-256 .* corrupt"):
+        pretrained.load_pretrained()
+    monkeypatch.setattr(pretrained, "WEIGHTS_FILE", tmp_path / "absent.pt")
+    with pytest.raises(FileNotFoundError, match="missing. Reinstall"):
+        pretrained.load_pretrained()
+    # a file of other weights, given explicitly (no checksum): the header is checked
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"tensors": {"w": torch.ones(2)}}, foreign)
+    with pytest.raises(ValueError, match="not a learned_propagation weights file"):
+        pretrained.load_pretrained(foreign)
+    with pytest.raises(ValueError, match="SHA-256"):
+        pretrained.load_pretrained(foreign, sha256="0" * 64)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('code ran')",))
+
+
+def test_a_weights_file_never_runs_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": pretrained.FORMAT, "tensors": {"w": _Boom()}}, f, protocol=2)
+    with pytest.raises(ValueError, match="cannot be read as plain tensors"):
+        pretrained.load_pretrained(path)
+
+
+def test_save_and_load_round_trip_with_the_architecture_checked(tmp_path):
+    enc = LearnedPropagationSegmenter(**pretrained.ARCHITECTURE).new_encoder()
+    path = tmp_path / "w.pt"
+    sha = pretrained.save_pretrained(path, enc.state_dict(), {"steps": 1})
+    state = pretrained.load_pretrained(path, sha256=sha)
+    assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
+    with pytest.raises(ValueError, match="architecture of the shipped weights"):
+        LearnedPropagationSegmenter(width=16, pretrained=True)
+    with pytest.raises(TypeError, match="True or False"):
+        LearnedPropagationSegmenter(pretrained="yes")  # type: ignore[arg-type]
+
+
+def test_pretrained_adaptation_starts_from_the_shipped_weights_and_moves_them_a_little():
+    torch.set_num_threads(1)
+    img, msk = _phantoms(12, seed=1)
+    start = _flat(pretrained.load_pretrained())
+    as_is = LearnedPropagationSegmenter(pretrained=True, adapt_steps=0, **FAST)
+    as_is.fit(img, msk)
+    assert torch.equal(_flat(as_is.state_tensors()), start)  # 0 steps: the shipped weights as they are
+    seg = LearnedPropagationSegmenter(pretrained=True, adapt_steps=5, **FAST)
+    assert seg.fit_steps == 5
+    seen: list[int] = []
+    seg.fit(img, msk, progress=seen.append)
+    assert len(seen) == 5
+    adapted, init = _flat(seg.state_tensors()), _flat(seg.new_encoder().state_dict())
+    moved = float((adapted - start).norm() / start.norm())
+    assert 0 < moved < 0.25, moved  # a few steps keep most of the pretrained weights
+    assert (adapted - start).norm() < (adapted - init).norm() / 2  # far nearer the start than a fresh init
+    # the adapted segmenter still ranks a good support set above a poor one
+    qi, qm = _phantoms(6, seed=3)
+    si, sm = _phantoms(8, seed=2)
+    good = float(seg.score(qi, qm, si, sm).mean())
+    poor = float(seg.score(qi, qm, si, degrade(sm, 0.5, seed=0)).mean())
+    assert good > poor
+
+
+def test_the_scratch_fit_never_reads_the_weights_and_ignores_the_adaptation_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "WEIGHTS_FILE", tmp_path / "absent.pt")
+    img, msk = _phantoms(8, seed=4)
+    a = LearnedPropagationSegmenter(steps=4, **FAST)
+    b = LearnedPropagationSegmenter(steps=4, adapt_steps=50, adapt_lr=0.1, **FAST)
+    a.fit(img, msk)
+    b.fit(img, msk)
+    assert a.fit_steps == 4 and torch.equal(_flat(a.state_tensors()), _flat(b.state_tensors()))
+    with pytest.raises(FileNotFoundError, match="pretrained=False"):
+        LearnedPropagationSegmenter(pretrained=True, **FAST).fit(img, msk)
+
+
+def test_fit_cache_key_tells_scratch_from_adapted_and_follows_the_weights(monkeypatch):
+    img, msk = _phantoms(4, seed=5)
+
+    def key(seg: LearnedPropagationSegmenter) -> str:
+        return content_key(img, msk, seg.fit_spec(), 0, __version__)
+
+    scratch, adapted = LearnedPropagationSegmenter(), LearnedPropagationSegmenter(pretrained=True)
+    assert adapted.fit_spec()["pretrained_weights"] == pretrained.pretrained_id()
+    assert "pretrained_weights" not in scratch.fit_spec() and key(scratch) != key(adapted)
+    before = key(adapted)
+    monkeypatch.setattr(pretrained, "WEIGHTS_SHA256", "f" * 64)  # another file: another key
+    assert key(LearnedPropagationSegmenter(pretrained=True)) != before
+
+
+def test_the_spec_string_parses_booleans():
+    seg = base.segmenter_from_text("learned_propagation:pretrained=false,adapt_steps=20")
+    assert seg.pretrained is False and seg.adapt_steps == 20
+    assert base.segmenter_from_text("learned_propagation:pretrained=true").pretrained is True
+
+
+def test_synthetic_tasks_are_seeded_and_pair_two_images_of_one_task():
+    x1, y1, v1 = synthetic_tasks(3, 4, 32, torch.Generator().manual_seed(7))
+    x2, y2, _ = synthetic_tasks(3, 4, 32, torch.Generator().manual_seed(7))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (3, 4, 1, 32, 32) and 0 <= float(x1.min()) and float(x1.max()) <= 1
+    assert set(y1.unique().tolist()) <= {0.0, 1.0} and v1.dtype == torch.bool
+    xq, xs, lq, ls = next(synthetic_episodes(5, 32, torch.Generator().manual_seed(0)))
+    assert xq.shape == xs.shape == lq.shape == ls.shape == (5, 1, 32, 32)
+    assert not torch.equal(xq, xs)  # two different images of a task
+    with pytest.raises(ValueError, match="images_per_task"):
+        next(synthetic_episodes(2, 32, torch.Generator(), images_per_task=1))
