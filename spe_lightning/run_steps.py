@@ -116,7 +116,7 @@ class RunSteps:
                 "kept in the fit cache for later runs on the same references)"
             )
         start = time.perf_counter()
-        steps = int(getattr(seg, "steps", 0) or 0)
+        steps = int(getattr(seg, "fit_steps", getattr(seg, "steps", 0)) or 0)  # a pretrained start adapts in fewer
         with self.progress(steps, f"SPE: fitting {seg.name}", "step") as bar:
             if steps and "progress" in inspect.signature(seg.fit).parameters:
                 seg.fit(engine.ref_images, engine.ref_masks.float(), progress=bar.update)  # type: ignore[call-arg]
