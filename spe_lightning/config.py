@@ -124,8 +124,9 @@ class SPEConfig:
     """The reverse segmenter: ``"auto"`` is UniverSeg when its official weights are found on the machine, else
     ``learned_propagation`` (fitted on the references at the first evaluation, then cached); nothing is downloaded
     unless asked for (``SPE_DOWNLOAD=1``). Or a registered name: ``universeg``, ``learned_propagation``,
-    ``label_fusion``, ``pixel_ridge``, ``pixel_knn``, ``fusion_ridge``. The callback also takes a
-    ``ReverseSegmenter`` instance."""
+    ``label_fusion``, ``pixel_ridge``, ``pixel_knn``, ``fusion_ridge``, with options as ``name:key=value,...``
+    (e.g. ``learned_propagation:pretrained=true``: start from the shipped weights, docs/pretrained_reverse.md).
+    The callback also takes a ``ReverseSegmenter`` instance."""
     support_size: int | None = field(default=None, metadata=REVERSE)
     """Support images per reverse step. None: the segmenter's own count (the paper's 64 for UniverSeg and label
     fusion; 512 for ``learned_propagation``, whose cost per query does not grow with it and whose pseudo metrics are
@@ -260,10 +261,11 @@ class SPEConfig:
                 f"SPEConfig.segmenter is a name; give a ReverseSegmenter instance to SPERun/SPECallback "
                 f"instead (got {type(self.segmenter).__name__})."
             )
-        if self.segmenter != "auto" and self.segmenter not in available_segmenters():
+        name, _, options = self.segmenter.partition(":")
+        if (name != "auto" or options) and name not in available_segmenters():
             raise ValueError(
-                f"SPE: unknown segmenter {self.segmenter!r}; use 'auto', one of {available_segmenters()} "
-                "or a ReverseSegmenter instance."
+                f"SPE: unknown segmenter {name!r}; use 'auto', one of {available_segmenters()} (options as "
+                "'name:key=value,...') or a ReverseSegmenter instance."
             )
 
     def _validate_alerts(self) -> None:

@@ -30,7 +30,7 @@ from spe_lightning.engine.records import CALIBRATION
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.progress import Progress
-from spe_lightning.reverse.base import ReverseSegmenter, make_segmenter, resolve_auto
+from spe_lightning.reverse.base import ReverseSegmenter, resolve_auto, segmenter_from_text
 from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
 
 __all__ = ["RunSteps"]
@@ -82,7 +82,7 @@ class RunSteps:
             if seg.name != "universeg":
                 self.warn(f"SPE(segmenter='auto'): {reason}")
             return seg
-        return make_segmenter(self.config.segmenter)
+        return segmenter_from_text(self.config.segmenter)  # a name, or name:key=value,... options
 
     def _engine(self) -> SPEEngine:
         if self.engine is None:

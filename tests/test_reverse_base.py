@@ -70,3 +70,19 @@ def test_callable_segmenter_chunks_and_validates():
         seg(q[:, 0], s, lab)
     with pytest.raises(ValueError, match="resize both"):
         seg(torch.rand(2, 1, 8, 8), s, lab)
+
+
+def test_segmenter_setting_takes_options_and_builds_them():
+    """``SPEConfig(segmenter="name:key=value")`` reaches the segmenter (e.g. the pretrained start from YAML)."""
+    from spe_lightning import SPEConfig, SPERun
+    from spe_lightning.data import SyntheticShapesDataset
+
+    run = SPERun(SPEConfig(segmenter="learned_propagation:pretrained=true,adapt_steps=7"))
+    data = SyntheticShapesDataset(6, size=32)
+    run.prepare(data, data, data)
+    assert run.segmenter.name == "learned_propagation" and run.segmenter.pretrained is True
+    assert run.segmenter.fit_steps == 7
+    with pytest.raises(ValueError, match="unknown segmenter 'bogus'"):
+        SPEConfig(segmenter="bogus:k=1")
+    with pytest.raises(ValueError, match="unknown segmenter 'auto'"):
+        SPEConfig(segmenter="auto:k=1")
