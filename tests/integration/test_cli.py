@@ -163,7 +163,7 @@ def test_python_dash_m_runs_the_command_and_the_benchmark_harness_stays_off_the_
 
     from spe_lightning import __version__
 
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "spe_lightning.cli", "--version"], capture_output=True, text=True,
                           env=env, cwd=repo, timeout=300)  # fmt: skip
