@@ -19,6 +19,14 @@ def _report(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+#: what these tests check is the command's plumbing, not the estimates: one shift family and 16 references
+#: halve the fit (117 s -> 60 s for test_fit_from_yaml_config on a loaded 2-core machine)
+CHEAP = [
+    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
+    "--trainer.callbacks.init_args.config.max_references=16",
+]
+
+
 def test_fit_from_yaml_config(tmp_path):
     cli(
         [
@@ -29,6 +37,7 @@ def test_fit_from_yaml_config(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks.init_args.config.working_size=32",
+            *CHEAP,
         ]
     )
     report = _report(tmp_path)
@@ -54,6 +63,7 @@ def test_fit_with_callback_from_flags(tmp_path):
             "--trainer.callbacks.config.working_size=32",
             "--trainer.callbacks.config.support_size=8",
             "--trainer.callbacks.config.metrics=[dice,hd95]",
+            *(flag.replace(".init_args.", ".") for flag in CHEAP),
         ]
     )
     report = _report(tmp_path)
