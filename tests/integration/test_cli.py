@@ -151,6 +151,7 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
             "--trainer.callbacks.init_args.config.working_size=32",
             # spawned workers do not see conftest's patch
             "--trainer.callbacks.init_args.config.segmenter=label_fusion",
+            "--trainer.callbacks.init_args.config.max_references=16",  # the pairs are counted below: keep them
         ]
     )
     reports = list(tmp_path.rglob("spe_report.json"))
