@@ -1,7 +1,7 @@
 """Print the settings page (docs/settings.md) generated from SPEConfig's field docstrings.
 
 python scripts/settings_table.py > docs/settings.md
-(tests/test_docs.py fails when the committed page differs from what this prints.)
+(tests/integration/test_docs.py fails when the committed page differs from what this prints.)
 """
 
 from spe_lightning.config import settings_markdown

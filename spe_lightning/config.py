@@ -389,7 +389,7 @@ def _default_text(value: Any) -> str:
     return f"`{value!r}`".replace("'", '"')
 
 
-#: the command that writes docs/settings.md (printed in the page, checked by tests/test_docs.py)
+#: the command that writes docs/settings.md (printed in the page, checked by tests/integration/test_docs.py)
 SETTINGS_COMMAND = "python scripts/settings_table.py > docs/settings.md"
 
 

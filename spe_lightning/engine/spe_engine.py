@@ -27,7 +27,7 @@ from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.metrics import per_image_metrics, per_item_metrics
 from spe_lightning.reverse.base import ReverseSegmenter
 
-__all__ = ["SPEEngine", "Shard", "SupportSet", "metric_keys", "set_seed"]
+__all__ = ["ChunkBudget", "SPEEngine", "Shard", "SupportSet", "metric_keys", "set_seed"]
 
 
 def set_seed(seed: int, name: str) -> int:
@@ -108,7 +108,7 @@ def _class_mask(labels: Tensor, cls: int) -> Tensor:
     return labels if labels.dtype == torch.bool else labels == cls
 
 
-class _ChunkBudget:
+class ChunkBudget:
     """Sizes chunks of queries so that the reverse step's peak CUDA memory stays within ``limit`` bytes.
 
     Peak memory of a chunk of n queries is modelled as ``f + p * n`` (a fixed part, e.g. workspaces,
@@ -296,7 +296,7 @@ class SPEEngine:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             assert self.memory_budget_mb is not None  # budgeted
-            budget = _ChunkBudget(self.memory_budget_mb * 2**20)
+            budget = ChunkBudget(self.memory_budget_mb * 2**20)
         sup_img = support.images.to(device, torch.float32)
         sup_lab = (support.labels.to(device) > 0.5).float()
         prepared = self.segmenter.prepare(sup_img, sup_lab)

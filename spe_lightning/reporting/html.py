@@ -21,6 +21,7 @@ from spe_lightning import __version__
 
 __all__ = [
     "GalleryItem",
+    "METRIC_LABELS",
     "chunks_figure",
     "write_html_report",
     "estimate_figure",
@@ -28,7 +29,8 @@ __all__ = [
     "gallery_figure",
 ]
 
-_LABELS = {
+#: how a metric key is named on the page and in the figures (keys not listed are shown as they are)
+METRIC_LABELS = {
     "dice": "Dice",
     "iou": "IoU",
     "precision": "Precision",
@@ -89,7 +91,7 @@ def estimate_figure(estimates: dict[str, dict[str, Any]], level: float) -> Any:
             ax.plot([lo, hi], [y, y], color="#1f77b4", lw=6, alpha=0.35, solid_capstyle="butt")
             ax.plot([e["value"]], [y], "o", color="#1f77b4", ms=8)
             ax.annotate(f"{e['value']:.3g}", (e["value"], y), xytext=(0, 9), textcoords="offset points", ha="center")
-        ax.set_yticks(ys, [_LABELS.get(m, m) for m in names])
+        ax.set_yticks(ys, [METRIC_LABELS.get(m, m) for m in names])
         ax.set_ylim(-0.7, len(names) - 0.3)
         ax.grid(axis="x", alpha=0.3)
         if names is unit:
@@ -133,7 +135,7 @@ def chunks_figure(
         fired = [i for i, c in enumerate(chunks) if any(a["metric"] == m for a in c.get("alerts", []))]
         if fired:
             ax.plot(xs[fired], value[fired], "o", color="#b00000", ms=8, mfc="none", mew=2, label="alert")
-        ax.set_ylabel(_LABELS.get(m, m))
+        ax.set_ylabel(METRIC_LABELS.get(m, m))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best", ncol=3)
     ax = axes[-1, 0]
@@ -168,7 +170,7 @@ def _chunks_section(chunks: dict[str, Any], level: float) -> list[str]:
             f"<td class='{'flag' if alert else 'ok'}'>{'ALERT' if alert else ''}</td></tr>"
         )
     out.append(
-        f"<table><tr><th>chunk</th><th>images</th><th>{html.escape(_LABELS.get(m, m))}</th>"
+        f"<table><tr><th>chunk</th><th>images</th><th>{html.escape(METRIC_LABELS.get(m, m))}</th>"
         f"<th>{level:.0%} interval</th><th>realised</th><th>alert</th></tr>{''.join(cells)}</table>"
     )
     n_alerts = len(chunks.get("alerts", []))
@@ -320,7 +322,7 @@ def write_html_report(
     if est:
         parts.append(f"<img alt='estimates' src='data:image/png;base64,{_png(estimate_figure(est, level))}'>")
         rows = "".join(
-            f"<tr><td>{html.escape(_LABELS.get(m, m))}</td><td>{_f(e.get('value'))}</td>"
+            f"<tr><td>{html.escape(METRIC_LABELS.get(m, m))}</td><td>{_f(e.get('value'))}</td>"
             f"<td>{_f(e.get('lower'))} – {_f(e.get('upper'))}</td><td>{_f(e.get('pseudo'))}</td>"
             f"<td>{html.escape(e.get('reason') or '')}</td></tr>"
             for m, e in est.items()

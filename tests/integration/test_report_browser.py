@@ -16,7 +16,7 @@ from _browser import Browser, find_chromium
 from PIL import Image
 
 from spe_lightning.cli import main as cli_main
-from spe_lightning.reporting.html import _LABELS
+from spe_lightning.reporting.html import METRIC_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_report_renders_in_chromium_on_a_desktop_and_a_phone(chromium, report, t
 
         rows = b.js(ESTIMATES_TABLE)
         assert rows is not None, "no estimates table on the page"
-        assert [r[0] for r in rows] == [_LABELS.get(m, m) for m in summary["estimates"]]  # every metric, in order
+        assert [r[0] for r in rows] == [METRIC_LABELS.get(m, m) for m in summary["estimates"]]  # every metric, in order
         for row, (m, e) in zip(rows, summary["estimates"].items()):
             assert row[1] == ("n/a" if e["value"] is None else f"{e['value']:.3f}"), (m, row)
         assert b.js("document.body.innerText").count("cases flagged for review") == 1

@@ -18,7 +18,7 @@ from _demo import CONFIG
 
 from spe_lightning.cli import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: |estimate - truth| the README states for the demo, per metric (the spread over seeds, rounded up)
 TOLERANCE = {"dice": 0.05, "iou": 0.05}
 

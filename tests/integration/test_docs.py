@@ -11,7 +11,7 @@ import pytest
 from spe_lightning import SPECallback, SPEConfig
 from spe_lightning.config import GROUPS, SETTINGS_COMMAND, setting_docs, setting_groups, settings_markdown
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_setting_has_a_docstring():

@@ -19,6 +19,14 @@ def _report(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+#: what these tests check is the command's plumbing, not the estimates: one shift family and 16 references
+#: halve the fit (117 s -> 60 s for test_fit_from_yaml_config on a loaded 2-core machine)
+CHEAP = [
+    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
+    "--trainer.callbacks.init_args.config.max_references=16",
+]
+
+
 def test_fit_from_yaml_config(tmp_path):
     cli(
         [
@@ -29,6 +37,7 @@ def test_fit_from_yaml_config(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks.init_args.config.working_size=32",
+            *CHEAP,
         ]
     )
     report = _report(tmp_path)
@@ -54,6 +63,7 @@ def test_fit_with_callback_from_flags(tmp_path):
             "--trainer.callbacks.config.working_size=32",
             "--trainer.callbacks.config.support_size=8",
             "--trainer.callbacks.config.metrics=[dice,hd95]",
+            *(flag.replace(".init_args.", ".") for flag in CHEAP),
         ]
     )
     report = _report(tmp_path)
@@ -141,6 +151,7 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
             "--trainer.callbacks.init_args.config.working_size=32",
             # spawned workers do not see conftest's patch
             "--trainer.callbacks.init_args.config.segmenter=label_fusion",
+            "--trainer.callbacks.init_args.config.max_references=16",  # the pairs are counted below: keep them
         ]
     )
     reports = list(tmp_path.rglob("spe_report.json"))
@@ -163,7 +174,7 @@ def test_python_dash_m_runs_the_command_and_the_benchmark_harness_stays_off_the_
 
     from spe_lightning import __version__
 
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "spe_lightning.cli", "--version"], capture_output=True, text=True,
                           env=env, cwd=repo, timeout=300)  # fmt: skip

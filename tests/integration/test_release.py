@@ -11,7 +11,7 @@ import pytest
 import spe_lightning
 from spe_lightning.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_version_flag_prints_the_package_version(capsys):

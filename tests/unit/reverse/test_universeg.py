@@ -10,7 +10,7 @@ import torch
 from spe_lightning.reverse import base as reverse_base
 from spe_lightning.reverse import universeg as U
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 REFERENCE = SHARED / "universeg_reference"
 
 

@@ -69,11 +69,13 @@ def test_soft_dice_confidence_approximates_the_expected_dice_under_independence(
 
 
 def test_predict_confidence_is_the_soft_dice_confidence():
-    from spe_lightning.engine.predict import _decode
+    from spe_lightning.engine.predict import predict_labels
 
     logits = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    p, m, c = _decode(logits, "auto", 0.5, None, None)
+    data = _cached("x", list(logits), None)  # the images are the logits: an identity model returns them
+    masks, c = predict_labels(torch.nn.Identity(), data, "cpu", batch_size=2)
     assert torch.allclose(c, soft_dice_confidence(torch.sigmoid(logits), torch.sigmoid(logits) > 0.5))
+    assert all(torch.equal(m, lg > 0) for m, lg in zip(masks, logits))  # sigmoid > 0.5: the masks match too
 
 
 # ---------------------------------------------------------------------------------------- styled pairs

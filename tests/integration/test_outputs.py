@@ -12,6 +12,7 @@ from spe_lightning.cli import cli
 EXTRA = [
     "--trainer.callbacks.init_args.config.working_size=32",
     "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
+    "--trainer.callbacks.init_args.config.max_references=16",  # which files are written does not depend on it
 ]
 SPE_FILES = {"spe_report.json", "spe_report.csv", "spe_calibration.png", "spe_estimator.pt"}
 

@@ -28,7 +28,8 @@ def fitted(tmp_path_factory):
     torch.manual_seed(0)
     ref, cal, tgt = Blobs(16, seed=1), Blobs(10, seed=2), Blobs(12, seed=3, noise=0.15)
     # no calibration pairs (G's residual intervals): this 4-epoch toy's pairs show SPE does not track its Dice, so
-    # its Dice would be withheld as unreliable (tests/test_intervals.py); these tests are about chunks and alerts
+    # its Dice would be withheld as unreliable (tests/unit/engine/test_intervals.py); these tests are about chunks
+    # and alerts
     cb = tiny_spe(
         reference=ref, calibration=cal, target=tgt, interval_subsets=0, interval_shifts=[], alert_below={"dice": 0.99}
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "spe_lightning"
+PACKAGE = Path(__file__).resolve().parents[2] / "spe_lightning"
 MAX_MODULE_LINES = 500
 MAX_CALLBACK_LINES = 300
 

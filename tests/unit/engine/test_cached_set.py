@@ -1,0 +1,77 @@
+"""Reading datasets into memory (engine/cached_set.py): mask and item formats, sizes, inputs refused in setup
+(rows of docs/reliability.md's "Bad input" table)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _inputs import prepared, sets, trained_net
+from torch.utils.data import Dataset
+
+from spe_lightning.engine.cached_set import cache_dataset
+from spe_lightning.testing import Blobs, tiny_spe
+
+
+def test_unlabelled_reference_or_reference_without_foreground_fails_in_setup():
+    ref, cal, tgt = sets()
+    with pytest.raises(ValueError, match="must return masks"):
+        tiny_spe().run.prepare(Blobs(4, with_mask=False), cal, tgt)
+    with pytest.raises(ValueError, match="no reference mask has"):
+        tiny_spe(foreground_class=7).run.prepare(ref, cal, tgt)
+
+
+def test_image_and_mask_of_different_size_fail_in_setup_naming_the_item():
+    class Cropped(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            it = Blobs(3, seed=1)[i]
+            return {"image": it["image"], "label": it["label"][:, :30] if i == 2 else it["label"]}
+
+    ref, cal, tgt = sets()
+    with pytest.raises(ValueError, match=r"calibration item 2: mask shape \(1, 30, 32\) does not match"):
+        tiny_spe().run.prepare(ref, Cropped(), tgt)
+
+
+def test_masks_as_0_255_float_bool_one_hot_or_soft_are_the_same_masks():
+    base = cache_dataset("x", Blobs(6, seed=1), 32)
+    for fmt in ("mask255", "onehot"):
+        other = cache_dataset("x", Blobs(6, seed=1, fmt=fmt, n_classes=1 if fmt != "onehot" else 2), 32)
+        if fmt == "onehot":  # any foreground class of a one-hot mask
+            base2 = cache_dataset("x", Blobs(6, seed=1, n_classes=2), 32)
+            assert all(torch.equal(a, b) for a, b in zip(other.masks, base2.masks))
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(other.masks, base.masks))
+    soft = [(m.float() * 0.8 + 0.1, m) for m in base.masks]  # soft masks in (0, 1): > 0.5
+    again = cache_dataset("x", soft, 32)
+    assert all(torch.equal(a, b) for a, b in zip(again.masks, base.masks))
+    as_bool = cache_dataset("x", [(x, m.bool()) for x, m in soft], 32)
+    assert all(torch.equal(a, b) for a, b in zip(as_bool.masks, base.masks))
+    assert all(m.dtype == torch.bool and m.shape == (1, 32, 32) for m in base.masks)
+    # class-index maps stored as floats (as MONAI loads them): any non-zero class, not "> 127.5"
+    three = cache_dataset("x", [(x, m.float() * 2) for x, m in soft], 32)
+    assert all(torch.equal(a, b) for a, b in zip(three.masks, base.masks))
+
+
+def test_images_of_different_sizes_in_one_dataset():
+    cb = prepared("sizes")
+    cal = cb.run.sets["calibration"]
+    assert {tuple(x.shape) for x in cal.inputs} == {(1, 32, 32), (1, 48, 48)}
+    assert cal.gray.shape == (10, 1, 32, 32)
+    batches = [b.shape for _, b in cal.batches(16)]
+    assert len(batches) == 10  # sizes alternate: every batch holds one size
+    rec = cb.run.evaluate(trained_net())
+    assert rec["real"]["calibration"]["dice"] is not None and rec["pseudo"]["t"]["dice"] is not None
+
+
+def test_items_as_tuples_or_dicts_and_targets_without_masks():
+    net = trained_net()
+    as_dict, as_tuple = prepared("dict"), prepared("tuple")
+    a, b = as_dict.run.evaluate(net), as_tuple.run.evaluate(net)
+    assert a["pseudo"] == b["pseudo"] and a["real"] == b["real"]
+    cb = tiny_spe()
+    ref, cal, _ = sets()
+    cb.run.prepare(ref, cal, {"u": Blobs(10, seed=3, fmt="tuple", with_mask=False)})
+    rec = cb.run.evaluate(net)
+    assert "u" not in rec["real"] and rec["pseudo"]["u"]["dice"] is not None

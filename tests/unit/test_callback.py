@@ -1,0 +1,46 @@
+"""SPECallback without a fit: settings refused at construction, checkpoint state on resume (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import pytest
+from _inputs import sets
+
+from spe_lightning import SPECallback
+from spe_lightning.testing import tiny_spe
+
+
+def test_a_target_named_calibration_or_bad_classes_are_refused():
+    ref, cal, _ = sets()
+    with pytest.raises(ValueError, match="may not be called"):
+        tiny_spe().run.prepare(ref, cal, {"calibration": cal})
+    with pytest.raises(ValueError, match="not both"):
+        SPECallback(foreground_class=1, classes=[1, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        SPECallback(classes={"a": 1, "b": 1})
+
+
+def test_resuming_with_other_settings_warns_or_raises_when_strict():
+    saved = tiny_spe(support_size=6).state_dict() | {"records": [{"epoch": 0, "step": 1, "pseudo": {}, "real": {}}]}
+    other = tiny_spe(support_size=8)
+    with pytest.warns(UserWarning, match="different settings.*support_size"):
+        other.load_state_dict(saved)
+    assert len(other.records) == 1
+    with pytest.raises(ValueError, match="support_size"):
+        tiny_spe(support_size=8, strict=True).load_state_dict(saved)
+
+
+def test_a_checkpoint_from_before_the_support_size_default_keeps_its_records():
+    """Checkpoints saved when ``support_size`` defaulted to 64 are keyed by it: resuming with the new default
+    (None) finds that state, keeps its records and says the setting changed (no silent fresh start)."""
+    old = tiny_spe(support_size=64)
+    saved = old.state_dict() | {"records": [{"epoch": 0, "step": 1, "pseudo": {}, "real": {}}]}
+    checkpoint = {"callbacks": {old.state_key: saved}}
+    new = tiny_spe(support_size=None)
+    assert new.state_key != old.state_key
+    new.on_load_checkpoint(None, None, checkpoint)
+    with pytest.warns(UserWarning, match="different settings.*support_size"):
+        new.load_state_dict(checkpoint["callbacks"][new.state_key])
+    assert len(new.records) == 1
+    other = tiny_spe(support_size=None, seed=1)  # another callback's state is not taken
+    other.on_load_checkpoint(None, None, checkpoint)
+    assert other.state_key not in checkpoint["callbacks"]
