@@ -223,7 +223,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         return self.encoder
 
     # ------------------------------------------------------------------ fitting
-    def _norm(self, x: Tensor) -> Tensor:
+    def normalise(self, x: Tensor) -> Tensor:
+        """Images as the encoder sees them: working size, rank-normalised."""
         return rank_normalise(resize_images(x.float(), self.size, "area_down"))
 
     @property
@@ -235,7 +236,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         """Binary labels -> soft labels ``[N,1,L,L]`` at the label resolution ``L = grid * cell``."""
         return resize_images((y > 0.5).float(), self.grid * self._cell, "area_down")
 
-    def _cells(self, lab: Tensor) -> Tensor:
+    def cells(self, lab: Tensor) -> Tensor:
         """Label image ``[N,1,L,L]`` -> one label patch per feature cell, ``[N, P, cell*cell]``."""
         # non-overlapping patches: a reshape, the same order as ``F.unfold(lab, c, stride=c).transpose(1, 2)``
         # (unfold's im2col was a tenth of an evaluation's time)
@@ -243,10 +244,10 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         return lab.reshape(n, g, c, g, c).permute(0, 1, 3, 2, 4).reshape(n, g * g, c * c)
 
     def _labels(self, y: Tensor) -> Tensor:
-        return self._cells(self.label_image(y))
+        return self.cells(self.label_image(y))
 
-    def _uncells(self, cells: Tensor) -> Tensor:
-        """Inverse of :meth:`_cells`: ``[N, P, cell*cell]`` -> ``[N,1,L,L]``."""
+    def uncells(self, cells: Tensor) -> Tensor:
+        """Inverse of :meth:`cells`: ``[N, P, cell*cell]`` -> ``[N,1,L,L]``."""
         c, g, n = self._cell, self.grid, cells.shape[0]
         return cells.reshape(n, g, g, c, c).permute(0, 1, 3, 2, 4).reshape(n, 1, g * c, g * c)
 
@@ -311,7 +312,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         label images ``[B,1,L,L]`` (see :meth:`label_image`); the images' appearance is augmented from ``g``."""
         xq, xs, lq, ls = batch
         b = xq.shape[0]
-        target, ls = self._cells(lq).flatten(1), self._cells(ls)
+        target, ls = self.cells(lq).flatten(1), self.cells(ls)
         both = torch.cat([xq, xs])
         if self.augment > 0:
             both = augment_appearance(both, g, self.augment)
@@ -368,7 +369,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         self._features_bytes = 0
 
     @torch.no_grad()
-    def _encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         """Features ``[N, D, P]`` of images ``[N,1,H,W]``, memoised by their exact content (see ``__init__``)."""
         enc = self._require_fit().to(images.device)
         data = images.detach().contiguous()
@@ -378,7 +379,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         if hit is not None:
             self._features.move_to_end(key)
             return hit
-        feats = enc(self._norm(images)).flatten(2)
+        feats = enc(self.normalise(images)).flatten(2)
         size = feats.numel() * feats.element_size()
         if size <= self.MEMO_BYTES:
             self._features[key] = feats
@@ -389,13 +390,13 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         return feats
 
     def prepare(self, support_images: Tensor, support_labels: Tensor) -> Any:
-        feats = torch.cat([self._encode(support_images[i : i + 64]) for i in range(0, support_images.shape[0], 64)])
+        feats = torch.cat([self.encode(support_images[i : i + 64]) for i in range(0, support_images.shape[0], 64)])
         glob = F.normalize(feats.mean(-1), dim=1)
         return {"feats": feats, "global": glob, "labels": self._labels(support_labels), "offset": 0}
 
     def _pair_attention(self, query_images: Tensor, prepared: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Similarities ``[q, k, P, P]`` (query pixel x support pixel) for a chunk, and support indices ``[q, k]``."""
-        fq = self._encode(query_images)  # [q,D,P]
+        fq = self.encode(query_images)  # [q,D,P]
         idx = self._pick(fq, prepared)
         sim = torch.einsum("qdp,qkdr->qkpr", fq, prepared["feats"][idx]).div_(self.tau_eval or self.tau)
         return sim, idx
@@ -407,7 +408,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
 
     def _fuse(self, pair_predictions: Tensor, size: tuple[int, ...]) -> Tensor:
         """Per-support label cells ``[q, k, P, C]`` -> their mean as probabilities ``[q,1,*size]``."""
-        prob = self._uncells(pair_predictions.mean(1))
+        prob = self.uncells(pair_predictions.mean(1))
         return F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
 
     def predict(self, query_images: Tensor, prepared: Any) -> Tensor:

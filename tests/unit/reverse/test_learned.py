@@ -163,23 +163,24 @@ def test_fit_rejects_bad_input():
 
 @pytest.mark.parametrize("patch_labels", [True, False])
 def test_label_cells_match_unfold_and_invert(patch_labels):
-    # _cells is a reshape written for speed: it must equal torch's unfold of non-overlapping patches
+    # cells is a reshape written for speed: it must equal torch's unfold of non-overlapping patches
     seg = LearnedPropagationSegmenter(size=32, downsample=2, patch_labels=patch_labels)
     lab = torch.rand(3, 1, 32 if patch_labels else 8, 32 if patch_labels else 8)
     c = 4 if patch_labels else 1
     reference = torch.nn.functional.unfold(lab, c, stride=c).transpose(1, 2)
-    assert torch.equal(seg._cells(lab), reference)
-    assert torch.equal(seg._uncells(seg._cells(lab)), lab)
+    assert torch.equal(seg.cells(lab), reference)
+    assert torch.equal(seg.uncells(seg.cells(lab)), lab)
 
 
 def test_features_are_memoised_by_content_and_forgotten_on_refit():
     images, labels = _phantoms(12, seed=0)
     seg = LearnedPropagationSegmenter(steps=5, **SMALL)
     seg.fit(images, labels)
-    first = seg._encode(images[:4])
-    assert seg._encode(images[:4].clone()) is first  # same content, another tensor: from the memo
-    assert seg._encode(images[4:8]) is not first and len(seg._features) == 2
-    direct = seg.encoder(seg._norm(images[:4])).flatten(2)
+    first = seg.encode(images[:4])
+    assert seg.encode(images[:4].clone()) is first  # same content, another tensor: from the memo
+    other = seg.encode(images[4:8])
+    assert other is not first and seg.encode(images[:4]) is first  # the memo holds both
+    direct = seg.encoder(seg.normalise(images[:4])).flatten(2)
     assert torch.allclose(first, direct)
-    seg.fit(images, labels)
-    assert len(seg._features) == 0
+    seg.fit(images, labels)  # a refit forgets: the same images are encoded anew by the new encoder
+    assert seg.encode(images[:4]) is not first
