@@ -61,6 +61,7 @@ ESTIMATION_KEYS = (
     "interval_shifts",
     "interval_subsets",
     "interval_severities",
+    "styled_pairs",
     "seed",
     "working_size",
     "every_n_epochs",
@@ -165,6 +166,10 @@ class SPEConfig:
     SPE evaluation)."""
     interval_severities: tuple[int, ...] = field(default=(2,), metadata=ESTIMATES)
     """Severities (1-3) of each interval shift."""
+    styled_pairs: bool = field(default=True, metadata=ESTIMATES)
+    """At fit end, also measure one pair per target from the calibration set restyled like that target (its
+    intensities, low frequencies, noise and blur, from its unlabelled images; docs/other_sites.md): it joins that
+    target's interval model. False: every target uses the generic pairs only (one set evaluation less per target)."""
     threshold: float = field(default=0.5, metadata=DATA)
     """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
     foreground_class: int | None = field(default=None, metadata=DATA)

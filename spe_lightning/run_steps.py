@@ -271,7 +271,7 @@ class RunSteps:
         self.pairs_seconds = time.perf_counter() - start
         if pairs and c.verbose:
             self.say(f"SPE: {len(pairs)} calibration pairs for the intervals ({time.perf_counter() - start:.1f}s)")
-        if pairs:
+        if pairs and c.styled_pairs:
             start = time.perf_counter()
             styled = self.guarded(
                 "the target-styled calibration pairs failed; the targets use the generic pairs",

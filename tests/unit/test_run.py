@@ -184,3 +184,21 @@ def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estim
     args = (cal.gray, torch.stack([m > 0 for m in cal.masks]), est.engine.ref_images, est.engine.ref_masks)
     want = case_scores(LabelFusionSegmenter(), *args, k=4, min_foreground=est.config.min_foreground)
     assert torch.equal(got.score.nan_to_num(-1), want.score.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("styled", [True, False])
+def test_styled_pairs_setting_turns_the_target_styled_pairs_on_and_off(styled):
+    torch.manual_seed(0)
+    ref, cal, tgt = _data()
+    model = TinyNet()
+    run = SPERun(
+        _config(styled_pairs=styled, interval_subsets=1, interval_shifts=["noise"]), segmenter=fast_segmenter()
+    )
+    run.prepare(ref, cal, tgt)
+    run.record(model, epoch=0, step=0)
+    run.finish(model, step=0)
+    targeted = [p for p in run.pairs if p.get("target") is not None]
+    generic = [p for p in run.pairs if p.get("target") is None]
+    assert len(generic) >= 2  # the subsets and the shifted copy are measured either way
+    assert [p["target"] for p in targeted] == (["t"] if styled else [])
+    assert (run.signal_seconds["styled_pairs"] > 0) is styled
