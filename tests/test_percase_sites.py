@@ -121,3 +121,35 @@ def test_rows_and_the_set_estimate_agree_or_say_so() -> None:
     assert "differs from the set estimate" in off["note"]
     assert rows_vs_set([], 0.8, 0.7, 0.9) is None
     assert rows_vs_set([0.8], None, None, None) is None
+
+
+def _row(i: int, site: bool) -> dict:
+    from spe_lightning.percase.scorer import CaseRow
+
+    extra = {"distance": 0.5 + i, "beyond_calibrated": i > 0, "signals": "regressor+confidence"} if site else {}
+    return CaseRow(f"c{i}", 0.6, 0.6, 0.4, 0.8, True, False, 10, 0.9, -1, **extra).to_dict()
+
+
+def test_site_rows_reach_cases_csv_and_the_html_report(tmp_path) -> None:
+    from spe_lightning.cli.estimate.outputs import cases_csv
+    from spe_lightning.reporting.html import write_html_report
+
+    plain = cases_csv([_row(0, False)], ["a.png"]).splitlines()[0].split(",")
+    assert "distance" not in plain and "signals" not in plain  # a row without a site calibration: columns as before
+    head, first, second = cases_csv([_row(0, True), _row(1, True)], ["a.png", "b.png"]).splitlines()
+    cols = head.split(",")
+    assert cols[-3:] == ["distance", "beyond_calibrated", "signals"]
+    assert second.split(",")[cols.index("beyond_calibrated")] == "True"
+    agreement = rows_vs_set([0.6, 0.6], 0.85, 0.8, 0.9)
+    summary = {"level": 0.9, "estimates": {"dice": {"value": 0.85, "lower": 0.8, "upper": 0.9}}}
+    page = write_html_report(
+        tmp_path / "r.html",
+        {**summary, "case_agreement": agreement},
+        [_row(0, True), _row(1, True)],
+        calibration={"threshold": 0.7},
+    ).read_text()
+    assert "regressor+confidence" in page and "beyond calibrated" in page
+    assert "They disagree by more than SPE's interval" in page
+    calm = rows_vs_set([0.84, 0.86], 0.85, 0.8, 0.9)
+    page = write_html_report(tmp_path / "s.html", {**summary, "case_agreement": calm}, [_row(0, True)]).read_text()
+    assert "They disagree" not in page and "beside SPE's" in page
