@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -383,7 +384,12 @@ class RegressorScorer:
         if data.styled:  # the run's targets: the map recalibrated with each one's styled pairs
             from spe_lightning.percase.site_fit import fit_sites
 
-            self.sites = fit_sites(self.raw, data.predict, per_case_dice, cal, data.styled, data.level, data.seed)
+            try:
+                self.sites = fit_sites(self.raw, data.predict, per_case_dice, cal, data.styled, data.level, data.seed)
+            except ValueError as err:  # e.g. too few calibration cases: the targets keep the calibration-set map
+                warnings.warn(
+                    f"SPE: no per-target per-case calibration ({err}); the calibration-set map is used.", stacklevel=2
+                )
         return self
 
     def raw(self, gray: Tensor, masks: Sequence[Tensor]) -> np.ndarray:
