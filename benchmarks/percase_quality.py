@@ -32,6 +32,8 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 EARLY = (1, 2, 4, 8)
+#: late epochs kept for per-case checkpoint agreement (mean pairwise Dice of their masks and the final model's)
+LATE = (26, 27, 28, 29)
 
 
 def load(root: Path, split: str, class_index: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -58,8 +60,9 @@ def train(root: Path, epochs: int, seed: int, out: Path) -> Path:
 
     class Early(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            if trainer.current_epoch + 1 in EARLY:
-                torch.save(module.state_dict(), out / f"early_e{trainer.current_epoch + 1}.pt")
+            epoch = trainer.current_epoch + 1
+            if epoch in EARLY or epoch in LATE:
+                torch.save(module.state_dict(), out / f"early_e{epoch}.pt")
 
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed)
@@ -126,6 +129,7 @@ def per_case_stats(
         mae=float(np.mean(np.abs(q["estimate"] - real))),
         coverage=float(np.mean((real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9))),
         interval_width=float(np.mean(q["upper"] - q["lower"])),
+        median_width=float(np.median(q["upper"] - q["lower"])),
         sensitivity=float((flag & bad).sum() / max(bad.sum(), 1)),
         specificity=float((~flag & ~bad).sum() / max((~bad).sum(), 1)),
         n_flagged=int(flag.sum()),
@@ -198,13 +202,13 @@ def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]
         sets[name] = {"images": img, "gray": gray(img), "truth": m, "ids": ids, "pred": pred, "conf": conf}
         sets[name]["real"] = dice(pred, m)
     early = []
-    for e in EARLY:
+    for e in EARLY:  # LATE epochs are the checkpoint-agreement signal (sites())
         path = out / f"early_e{e}.pt"
         if path.exists():
             net = SegmentationModel(**model.hparams)
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             early.append(predict(net.eval(), sets["train"]["images"])[0])
-    return {"model": model, "sets": sets, "early": early, "root": root}
+    return {"model": model, "sets": sets, "early": early, "root": root, "workdir": out}
 
 
 def tune(ctx: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -301,7 +305,9 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
     return out
 
 
-def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) -> dict[str, Any]:
+def evaluate(
+    ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True, sites_too: bool = True
+) -> dict[str, Any]:
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
     from spe_lightning.percase.rca import calibrate_flags
     from spe_lightning.percase.regressor import calibrate_quality, quality_estimates
@@ -309,7 +315,15 @@ def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) 
     sets = ctx["sets"]
     tr, te = sets["train"], sets["test"]
     st = dict(CANDIDATE_SETTINGS[setting])
-    reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+    cache = ctx["workdir"] / f"regressor_{setting}_s{seed}.pt"
+    if cache.exists():  # the same model and setting: the fit is deterministic, reuse it
+        from spe_lightning.percase.regressor import QualityRegressor
+
+        reg = QualityRegressor.from_state(torch.load(cache, map_location="cpu", weights_only=True))
+        st.pop("extras")
+    else:
+        reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+        torch.save(reg.state_tensors(), cache)
     print(f"regressor fitted in {reg.history['seconds']:.0f}s on {reg.history['n_candidates']} candidates", flush=True)
     te["raw"] = reg.predict(te["gray"], te["pred"]).numpy()
     shifted_pairs(ctx, reg, te, seed)
@@ -394,6 +408,8 @@ def evaluate(ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True) 
             for fam in SHIFT_FAMILIES
         }
         result["shift"] = {"sets": rows, "mae_by_family": fams}
+    if sites_too:
+        result["sites"] = sites(ctx, reg, flags["empty_score"], seed)
     return result
 
 
@@ -454,6 +470,169 @@ def print_tables(res: dict[str, Any]) -> None:
         print("| family | " + " | ".join(methods) + " |\n" + "|---" * (len(methods) + 1) + "|")
         for fam, r in res["shift"]["mae_by_family"].items():
             print(f"| {fam} | " + " | ".join(f"{r[m]:.3f}" for m in methods) + " |")
+    if "sites" in res:
+        print_sites(res)
+
+
+def print_sites(res: dict[str, Any]) -> None:
+    """Issue 27's table: before (today's calibration-set map), calibration-only stack, after (styled pairs)."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    st = res["sites"]
+    print(f"\nper-case rule (development folds, {st['development']['n_folds']}): {'+'.join(st['development']['rule'])}")
+    print("| rule | held-out MAE | coverage | median width |\n|---|---|---|---|")
+    for rule, r in st["development"]["scores"].items():
+        print(f"| {rule} | {f(r['mae'])} | {f(r['coverage'])} | {f(r['median_width'])} |")
+    print(
+        "\n| target | map | Spearman | AUROC (Dice<0.7) | AUROC confidence | MAE | 90% coverage | median width "
+        "| beyond calibrated (coverage there) |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for name, t in st["targets"].items():
+        b = res["targets"][name].get("selected") or {}
+        conf = t["styled"]["auroc_confidence"]
+        print(
+            f"| {name} | before: calibration-set map | {f(b.get('spearman'))} | {f(b.get('auroc'))} | {f(conf)} | "
+            f"{f(b.get('mae'))} | {f(b.get('coverage'))} | {f(_median_width(b))} | - |"
+        )
+        for key, label in (("calibration_only", "stack, calibration only"), ("styled", "after: stack + styled pairs")):
+            r = t[key]
+            print(
+                f"| {name} | {label} | {f(r['spearman'])} | {f(r['auroc'])} | {f(conf)} | {f(r['mae'])} | "
+                f"{f(r['coverage'])} | {f(r['median_width'])} | "
+                f"{r['n_beyond_calibrated']} ({f(r['coverage_beyond'])}) |"
+            )
+
+
+def _median_width(row: dict[str, Any]) -> float | None:
+    return row.get("median_width", row.get("interval_width"))
+
+
+# ---- issue 27: per-case quality recalibrated per target (spe_lightning.percase.sites) ----
+SITE_SPLITS = 2  # random halves of the calibration split for the rule choice
+SITE_SEVERITY = 2  # shifted copies of the held-out half: the development stand-ins for another site
+
+
+def cached(images: torch.Tensor, masks: torch.Tensor | None = None, name: str = "set") -> Any:
+    """A CachedSet of working-size images (as SPE caches a 2D dataset)."""
+    from spe_lightning.engine.cached_set import CachedSet
+
+    return CachedSet(name, list(images), None if masks is None else list(masks), gray(images))
+
+
+def case_signals(ctx: dict[str, Any], images: torch.Tensor, truth: torch.Tensor | None, groups: Any = None) -> Any:
+    """Every per-case signal of the model on ``images``: regressor raw, RCA, confidence (= Soft Dice Confidence
+    here), checkpoint agreement (late epochs + final), the label-free features, and the real Dice if ``truth``."""
+    from spe_lightning.engine.agreement import pairwise_agreement
+    from spe_lightning.engine.distance import image_features
+    from spe_lightning.percase.sites import CaseSignals
+
+    tr = ctx["sets"]["train"]
+    pred, conf = predict(ctx["model"], images)
+    g = gray(images)
+    raw = ctx["reg"].predict(g, pred).numpy()
+    rca = rca_scores(tr["gray"], tr["truth"], g, pred, ctx["empty_score"]).score.numpy()
+    rca = np.nan_to_num(rca, nan=0.0)  # an empty prediction: the worst score
+    late = [predict(net, images)[0] for net in ctx["late"]] + [pred]
+    agree = pairwise_agreement([[m.flatten().numpy() for m in ms] for ms in late])
+    feats = image_features(cached(images), list(pred), conf)
+    sig = {"regressor": raw, "rca": rca, "confidence": conf.numpy().astype(float), "agreement": agree}
+    real = None if truth is None else dice(pred, truth)
+    return CaseSignals(sig, feats, real, None if groups is None else np.asarray(groups))
+
+
+def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> list[tuple[Any, Any, Any]]:
+    """Development folds: half A of the calibration split restyled like a shifted copy of half B
+    (every shift family at SITE_SEVERITY), scored on that copy. Calibration data only."""
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
+    from spe_lightning.engine.styled_pairs import styled_set
+
+    te = ctx["sets"]["test"]
+    n = len(te["real"])
+    rng = np.random.default_rng(seed)
+    folds = []
+    for s in range(SITE_SPLITS):
+        perm = rng.permutation(n)
+        a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        for fam in SHIFT_FAMILIES:
+            imgs_b = torch.stack(
+                [apply_shift(te["images"][i], fam, SITE_SEVERITY, seed=seed * 100_000 + 70_000 + i) for i in b]
+            )
+            held = case_signals(ctx, imgs_b, te["truth"][b], b)
+            sty, _ = styled_set(cached(te["images"][a], te["truth"][a], "cal_a"), cached(imgs_b, None, fam), seed + s)
+            styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"][a], a)
+            folds.append((cal.subset(a), styled, held))
+    return folds
+
+
+def site_stats(q: dict[str, np.ndarray], real: np.ndarray, conf: np.ndarray, cut: float = 0.7) -> dict[str, Any]:
+    """Ranking, error and interval quality of per-case estimates ``q`` (SiteCalibration.estimate)."""
+    from spe_lightning.percase.rca import auroc, spearman
+
+    bad = real < cut
+    inside = (real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9)
+    far = q["beyond_calibrated"]
+    return {
+        "spearman": spearman(q["estimate"], real),
+        "auroc": auroc(-q["estimate"], bad),
+        "auroc_confidence": auroc(-conf, bad),
+        "mae": float(np.mean(np.abs(q["estimate"] - real))),
+        "coverage": float(np.mean(inside)),
+        "median_width": float(np.median(q["upper"] - q["lower"])),
+        "n_beyond_calibrated": int(far.sum()),
+        "coverage_beyond": float(np.mean(inside[far])) if far.any() else None,
+        "coverage_within": float(np.mean(inside[~far])) if (~far).any() else None,
+        "mean_estimate": float(np.mean(q["estimate"])),
+        "mean_real": float(np.mean(real)),
+        "estimate": [float(v) for v in q["estimate"]],
+        "lower": [float(v) for v in q["lower"]],
+        "upper": [float(v) for v in q["upper"]],
+        "distance": [float(v) for v in q["distance"]],
+    }
+
+
+def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[str, Any]:
+    """Issue 27 on the same model: the rule chosen on development folds, then per target the calibration-only
+    map and the map recalibrated with that target's styled pairs (final numbers; nothing chosen here)."""
+    from spe_lightning.engine.styled_pairs import styled_set
+    from spe_lightning.models import SegmentationModel
+    from spe_lightning.percase.sites import choose_rule, fit_site_calibration
+
+    ctx.update(reg=reg, empty_score=empty_score)
+    ctx["late"] = []
+    for e in LATE:
+        path = ctx["workdir"] / f"early_e{e}.pt"
+        if path.exists():
+            net = SegmentationModel(**ctx["model"].hparams)
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            ctx["late"].append(net.eval())
+    te = ctx["sets"]["test"]
+    start = time.perf_counter()
+    cal = case_signals(ctx, te["images"], te["truth"], np.arange(len(te["real"])))
+    per_case_seconds = (time.perf_counter() - start) / len(te["real"])
+    start = time.perf_counter()
+    folds = site_folds(ctx, cal, seed)
+    choice = choose_rule(folds, seed=seed)
+    out: dict[str, Any] = {
+        "development": {**choice, "n_folds": len(folds), "seconds": time.perf_counter() - start},
+        "n_late_checkpoints": len(ctx["late"]),
+        "signal_seconds_per_case": per_case_seconds,
+        "targets": {},
+    }
+    rule = choice["rule"]
+    print("per-case rule chosen on development folds:", rule, flush=True)
+    for name in [n for n in ctx["sets"] if n not in ("train", "test")]:
+        t = ctx["sets"][name]
+        tgt = case_signals(ctx, t["images"], t["truth"])
+        sty, style = styled_set(cached(te["images"], te["truth"], "calibration"), cached(t["images"], None, name), seed)
+        styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"], np.arange(len(te["real"])))
+        conf = np.asarray(tgt.signals["confidence"])
+        row: dict[str, Any] = {"style": {k: v for k, v in style.items() if k != "target_images"}}
+        for key, s in (("calibration_only", None), ("styled", styled)):
+            site = fit_site_calibration(cal, s, rule, seed=seed)
+            row[key] = {**site_stats(site.estimate(tgt), tgt.real, conf), "calibration": site.to_dict()}
+            row[key]["calibration"].pop("calibrated_features")
+        row["styled_real_mean"] = float(np.mean(styled.real))
+        out["targets"][name] = row
+    return out
 
 
 if __name__ == "__main__":

@@ -376,6 +376,10 @@ class SPERun(RunSteps):
             records=list(self.records),
             pairs=list(self.pairs),
             pair_sets=self.pair_sets() if with_pairs else {},
+            # the regressor's per-target map (issue 27): the styled sets again (deterministic), by target name
+            styled_sets=dict(zip(self._targets, self.styled_sets().values()))
+            if with_pairs and any(p.get("target") for p in self.pairs)
+            else {},
             logits_fn=self.logits_fn,
             volumetric=self.volumetric,
             progress=self.show_progress and c.verbose,

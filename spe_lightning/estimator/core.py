@@ -43,6 +43,7 @@ from spe_lightning.percase.labels import (
 )
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.scorer import CaseInputs
+from spe_lightning.percase.sites import rows_vs_set
 
 __all__ = ["SPEEstimator"]
 
@@ -90,10 +91,11 @@ class SPEEstimator(EstimatorBase):
         ids: Sequence[str] | None,
         device: torch.device,
         progress: Callable[[int], Any] | None,
+        name: str | None = None,
     ) -> tuple[list[dict[str, Any]], float | None]:
         real = per_case_dice(masks, data.masks) if data.masks is not None else None
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
-        scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real), device, progress)
+        scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real, name), device, progress)
         return [r.to_dict() for r in scoring.rows], scoring.threshold
 
     @torch.no_grad()
@@ -206,7 +208,7 @@ class SPEEstimator(EstimatorBase):
         cases: list[dict[str, Any]] = []
         threshold = None
         if per_case:
-            cases, threshold = self._case_rows(data, masks, conf, ids, device, progress)
+            cases, threshold = self._case_rows(data, masks, conf, ids, device, progress, name)
         labelled = None
         if labelled_masks is not None:
             labelled = self._with_labels(cases, masks, labelled_masks, label_design)
@@ -224,6 +226,7 @@ class SPEEstimator(EstimatorBase):
             case_threshold=threshold,
             reason=pseudo["reason"],
             labelled=labelled,
+            case_agreement=_rows_vs_set(cases, estimates),
         )
 
     def _combined(self, estimates: dict[str, dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -426,3 +429,11 @@ class SPEEstimator(EstimatorBase):
             f"per_case={'regressor' if self.quality else 'calibrated' if self.cases else 'uncalibrated'}, "
             f"written_by='spe-lightning {self.written_by}')"
         )
+
+
+def _rows_vs_set(cases: list[dict[str, Any]], estimates: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The mean per-case Dice beside SPE's set Dice (:func:`~spe_lightning.percase.sites.rows_vs_set`)."""
+    dice = estimates.get("dice") or {}
+    return rows_vs_set(
+        [c.get("estimated_dice") for c in cases], dice.get("value"), dice.get("lower"), dice.get("upper")
+    )

@@ -58,6 +58,7 @@ class RunOutcome:
         targets: the cached target sets by name.
         records: the run's records (the calibration Dice series of the combination).
         pairs: the labelled calibration pairs; ``pair_sets``: their sets by pair name (for the combination).
+        styled_sets: each target's styled calibration set by target name (the regressor's per-target map).
         logits_fn: how the model's logits are read.
         volumetric: the sets are 3D (no per-case step).
         progress: show the long fits' progress.
@@ -78,6 +79,7 @@ class RunOutcome:
     records: Sequence[dict[str, Any]] = ()
     pairs: Sequence[dict[str, Any]] = ()
     pair_sets: Mapping[str, CachedSet] = field(default_factory=dict)
+    styled_sets: Mapping[str, CachedSet] = field(default_factory=dict)
     logits_fn: LogitsFn = default_logits
     volumetric: bool = False
     progress: bool = False
@@ -131,10 +133,12 @@ def with_case_scorer(
     device: torch.device | str | None = None,
     progress: bool = False,
     predicted: tuple[list[Tensor], Tensor] | None = None,
+    styled: Mapping[str, CachedSet] | None = None,
 ) -> SPEEstimator:
     """A new estimator: ``est``'s artifact with ``scorer`` fitted on the labelled ``calibration`` set (and
     ``reference``, for scorers that learn from it) at ``model``'s weights. 2D only. ``predicted``: the
-    model's masks and confidence of ``calibration`` (a cached set) when already known (not predicted again)."""
+    model's masks and confidence of ``calibration`` (a cached set) when already known (not predicted again).
+    ``styled``: the run targets' styled calibration sets by target name (the regressor recalibrates per target)."""
     if scorer.name not in _SCORER_FIELDS:
         raise ValueError(f"no estimator field for a scorer named {scorer.name!r}; known: {sorted(_SCORER_FIELDS)}.")
     cal = est.cache(calibration, "calibration")
@@ -158,6 +162,7 @@ def with_case_scorer(
         c.level,
         reference=ref,
         progress=progress,
+        styled=dict(styled or {}),
     )
     with torch.enable_grad():  # the regressor trains
         scorer.fit(data)
@@ -204,7 +209,9 @@ def fit_estimator(
     start = time.perf_counter()
     reference = outcome.reference_dataset
     regressor = RegressorScorer(settings)
-    est = with_case_scorer(est, module, regressor, cal, reference, outcome.logits_fn, progress=outcome.progress)
+    est = with_case_scorer(
+        est, module, regressor, cal, reference, outcome.logits_fn, progress=outcome.progress, styled=outcome.styled_sets
+    )
     assert regressor.calibration is not None  # fitted just now
     notes: dict[str, Any] = {"quality": {k: v for k, v in regressor.calibration.items() if k != "mapping"}}
     combined = None

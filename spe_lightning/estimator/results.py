@@ -38,6 +38,9 @@ class EstimateResult:
     #: with labelled target cases: the prediction-powered estimates
     #: (:func:`~spe_lightning.percase.labels.labelled_estimates`); None otherwise
     labelled: dict[str, Any] | None = None
+    #: the mean per-case estimated Dice beside SPE's set Dice, and whether they differ by more than SPE's
+    #: interval half-width (:func:`~spe_lightning.percase.sites.rows_vs_set`); None without per-case estimates
+    case_agreement: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no tensors, no per-case rows)."""
@@ -53,6 +56,7 @@ class EstimateResult:
             "cases": {"n": len(self.cases), "n_flagged": flagged, "threshold": self.case_threshold},
             "combined": self.combined,
             "labelled": self.labelled,
+            "case_agreement": self.case_agreement,
         }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -332,9 +333,12 @@ class RegressorScorer:
         self.settings = settings
         self.regressor: QualityRegressor | None = None
         self.calibration: dict[str, Any] | None = None
+        #: per run target: the map recalibrated with its styled pairs (:func:`~.site_fit.fit_sites`)
+        self.sites: dict[str, Any] | None = None
         if state is not None:
             self.regressor = QualityRegressor.from_state(state["regressor"], device=device)
             self.calibration = dict(state["calibration"])
+            self.sites = state.get("sites")
 
     def fit(self, data: ScorerFitData) -> RegressorScorer:
         """Fit the network on ``data.reference`` and calibrate it on ``data.calibration`` (see the class docstring)."""
@@ -377,6 +381,15 @@ class RegressorScorer:
                 raw, real, kind="isotonic", level=data.level, extra_pairs=(np.concatenate(xs), np.concatenate(ys))
             )
         self.calibration = qcal
+        if data.styled:  # the run's targets: the map recalibrated with each one's styled pairs
+            from spe_lightning.percase.site_fit import fit_sites
+
+            try:
+                self.sites = fit_sites(self.raw, data.predict, per_case_dice, cal, data.styled, data.level, data.seed)
+            except ValueError as err:  # e.g. too few calibration cases: the targets keep the calibration-set map
+                warnings.warn(
+                    f"SPE: no per-target per-case calibration ({err}); the calibration-set map is used.", stacklevel=2
+                )
         return self
 
     def raw(self, gray: Tensor, masks: Sequence[Tensor]) -> np.ndarray:
@@ -394,16 +407,26 @@ class RegressorScorer:
         qcal = self.calibration
         if qcal is None:
             raise RuntimeError("RegressorScorer: not calibrated; call fit() or build it from a saved state.")
-        est = quality_estimates(
-            qcal, self.raw(cases.gray, cases.masks), cases.confidence.numpy() if qcal.get("weights") else None
-        )
+        raw = self.raw(cases.gray, cases.masks)
+        site = ((self.sites or {}).get("targets") or {}).get(cases.name) if cases.name is not None else None
+        if site is not None:  # a run target: its own map, distance-aware intervals
+            from spe_lightning.percase.site_fit import site_rows
+
+            if progress is not None:
+                progress(len(cases.ids))
+            return CaseScoring(site_rows(site, raw, cases, float(qcal["threshold"])), float(qcal["threshold"]))
+        est = quality_estimates(qcal, raw, cases.confidence.numpy() if qcal.get("weights") else None)
         if progress is not None:
             progress(len(cases.ids))
         rows = regressor_case_rows(est, cases.masks, cases.confidence, cases.ids, cases.real_dice)
         return CaseScoring(rows, float(qcal["threshold"]))
 
     def state(self) -> dict[str, Any] | None:
-        """``{"regressor": network state tensors, "calibration": plain numbers}``; None before :meth:`fit`."""
+        """``{"regressor": network state tensors, "calibration": plain numbers}`` (and ``"sites"``, the run
+        targets' calibrations, when fitted); None before :meth:`fit`."""
         if self.regressor is None or self.calibration is None:
             return None
-        return {"regressor": self.regressor.state_tensors(), "calibration": self.calibration}
+        out: dict[str, Any] = {"regressor": self.regressor.state_tensors(), "calibration": self.calibration}
+        if self.sites is not None:
+            out["sites"] = self.sites
+        return out

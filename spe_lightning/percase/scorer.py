@@ -14,7 +14,7 @@ A scorer turns each case (its working-size gray image, the model's mask and conf
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,6 +55,11 @@ class CaseRow:
     best_reference: int  # RCA: the best-fitting reference's position; -1 for the regressor and empty masks
     real_dice: float | None = None
     with_real: bool = field(default=False, repr=False)  # whether the row carries ``real_dice`` at all
+    #: set by a per-target (site) calibration only: the case's distance to the nearest calibrated case, whether
+    #: it lies beyond the calibrated range (its interval widened), and the signals stacked ("regressor+confidence")
+    distance: float | None = None
+    beyond_calibrated: bool | None = None
+    signals: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict (``real_dice`` only when known to the row)."""
@@ -70,6 +75,8 @@ class CaseRow:
             "confidence": self.confidence,
             "best_reference": self.best_reference,
         }
+        if self.signals is not None:  # a site-calibrated row (percase.sites); other rows keep their columns
+            row.update(distance=self.distance, beyond_calibrated=self.beyond_calibrated, signals=self.signals)
         if self.with_real:
             row["real_dice"] = self.real_dice
         return row
@@ -78,13 +85,14 @@ class CaseRow:
 @dataclass(frozen=True)
 class CaseInputs:
     """The cases a scorer scores: working-size gray images ``[N,1,w,w]``, the model's native-size masks,
-    its confidence ``[N]``, one id per case and (when the images came with masks) their real Dice."""
+    its confidence ``[N]``, one id per case, (when the images came with masks) their real Dice and the set's name."""
 
     gray: Tensor
     masks: Sequence[Tensor]
     confidence: Tensor
     ids: Sequence[str]
     real_dice: np.ndarray | None = None
+    name: str | None = None  # the set's name: a run target's own (site) calibration applies to it
 
     @property
     def working_masks(self) -> Tensor:
@@ -112,6 +120,7 @@ class ScorerFitData:
         level: the interval level of the per-case estimates.
         reference: the labelled reference set (the regressor learns from it); None when absent.
         progress: show the long fits' progress.
+        styled: each run target's styled calibration set, by target name (the regressor's per-target calibration).
     """
 
     calibration: CachedSet
@@ -121,6 +130,7 @@ class ScorerFitData:
     level: float
     reference: CachedSet | None = None
     progress: bool = False
+    styled: Mapping[str, CachedSet] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -118,6 +118,8 @@ def cases_csv(cases: Sequence[Any], sources: Sequence[str]) -> str:
         "confidence",
         "best_reference",
     ]
+    # a run target's site-calibrated rows (percase.sites): distance to the calibrated cases, the flag, the signals
+    cols += [k for k in ("distance", "beyond_calibrated", "signals") if cases and k in cases[0]]
     if cases and "real_dice" in cases[0]:
         cols.append("real_dice")
     buf = io.StringIO(newline="")

@@ -1,0 +1,128 @@
+"""The quality regressor's per-target (site) calibration inside a run: signals of a cached set, the rule's choice on
+the calibration set and the styled pairs (development data only), and the rows it gives.
+
+:func:`fit_sites` is called by :class:`~spe_lightning.percase.regressor.RegressorScorer` at fit time with each run
+target's styled calibration set (:func:`~spe_lightning.engine.styled_pairs.styled_set`); :func:`site_rows` scores
+the cases of a set of the same name. The signals available there are the regressor's raw output and the model's
+confidence (its Soft Dice Confidence); RCA and checkpoint agreement enter in the benchmark
+(``benchmarks/percase_quality.py``), where they are computed per case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.distance import image_features
+from spe_lightning.percase.scorer import CaseInputs, CaseRow
+from spe_lightning.percase.sites import CaseSignals, SiteCalibration, choose_rule, fit_site_calibration
+
+__all__ = ["PRODUCT_RULES", "features_of", "fit_sites", "site_rows"]
+
+#: the rules a run chooses from (the signals it has per case), simplest first
+PRODUCT_RULES: tuple[tuple[str, ...], ...] = (("regressor",), ("regressor", "confidence"))
+
+
+def features_of(gray: Tensor, masks: Sequence[Tensor], confidence: Tensor) -> np.ndarray:
+    """The label-free per-case features (:func:`~spe_lightning.engine.distance.image_features`) of 2D cases."""
+    return image_features(CachedSet("cases", [], None, gray), masks, confidence)
+
+
+def _signals(
+    raw: Callable[[Tensor, Sequence[Tensor]], np.ndarray],
+    data: CachedSet,
+    masks: Sequence[Tensor],
+    conf: Tensor,
+    real: np.ndarray | None,
+) -> CaseSignals:
+    sig = {"regressor": np.asarray(raw(data.gray, masks), float), "confidence": conf.double().numpy()}
+    return CaseSignals(sig, features_of(data.gray, masks, conf), real, np.arange(len(data)))
+
+
+def fit_sites(
+    raw: Callable[[Tensor, Sequence[Tensor]], np.ndarray],
+    predict: Callable[[CachedSet], tuple[list[Tensor], Tensor]],
+    real_dice: Callable[[Sequence[Tensor], Sequence[Tensor]], np.ndarray],
+    calibration: CachedSet,
+    styled: Mapping[str, CachedSet],
+    level: float,
+    seed: int,
+    splits: int = 3,
+) -> dict[str, Any]:
+    """Per run target, a :class:`~spe_lightning.percase.sites.SiteCalibration` of the regressor fitted on the
+    calibration cases and the target's styled pairs (``styled``: by *target* name).
+
+    The rule (:data:`PRODUCT_RULES`) is chosen on development folds only: random halves A/B of the calibration
+    images, fitted on A and A's styled copies, scored on B's styled copies (every target's styled set is one
+    pair family); without styled sets, on B's own cases. Returns ``{"rule", "scores", "targets": {name:
+    SiteCalibration.to_dict()}}`` (plain numbers).
+    """
+    if calibration.masks is None:
+        raise ValueError("fit_sites: the calibration set needs masks.")
+    masks, conf = predict(calibration)
+    cal = _signals(raw, calibration, masks, conf, real_dice(masks, calibration.masks))
+    families = {}
+    for name, data in styled.items():
+        if data.masks is None or len(data) != len(calibration):
+            raise ValueError(f"fit_sites: the styled set of {name!r} must hold the calibration set's items and masks.")
+        s_masks, s_conf = predict(data)
+        families[name] = _signals(raw, data, s_masks, s_conf, real_dice(s_masks, data.masks))
+    n = len(calibration)
+    rng = np.random.default_rng(seed)
+    folds: list[tuple[CaseSignals, CaseSignals | None, CaseSignals]] = []
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        if families:
+            folds += [(cal.subset(a), fam.subset(a), fam.subset(b)) for fam in families.values()]
+        else:
+            folds.append((cal.subset(a), None, cal.subset(b)))
+    choice = choose_rule(folds, rules=PRODUCT_RULES, level=level, seed=seed)
+    rule = choice["rule"]
+    targets = {
+        name: fit_site_calibration(cal, fam, rule, level=level, seed=seed).to_dict() for name, fam in families.items()
+    }
+    return {"rule": rule, "scores": choice["scores"], "targets": targets}
+
+
+def site_rows(
+    site: Mapping[str, Any],
+    raw: np.ndarray,
+    cases: CaseInputs,
+    threshold: float,
+) -> list[CaseRow]:
+    """One row per case from a saved site calibration (:meth:`SiteCalibration.to_dict`): the stacked estimate,
+    its distance-aware interval, ``distance``, ``beyond_calibrated`` and the signals that entered; flagged below
+    ``threshold`` (the calibration-set map's)."""
+    cal = SiteCalibration.from_dict(site)
+    feats = features_of(cases.gray, cases.masks, cases.confidence)
+    sig = {"regressor": np.asarray(raw, float), "confidence": cases.confidence.double().numpy()}
+    q = cal.estimate(CaseSignals(sig, feats))
+    real = cases.real_dice
+    rows = []
+    for i, case_id in enumerate(cases.ids):
+        mask = cases.masks[i]
+        rows.append(
+            CaseRow(
+                str(case_id),
+                float(q["estimate"][i]),
+                float(q["estimate"][i]),
+                float(q["lower"][i]),
+                float(q["upper"][i]),
+                bool(q["estimate"][i] < threshold),
+                not bool(mask.any()),
+                int(mask.sum()),
+                float(cases.confidence[i]),
+                -1,
+                None if real is None else float(real[i]),
+                real is not None,
+                distance=float(q["distance"][i]),
+                beyond_calibrated=bool(q["beyond_calibrated"][i]),
+                signals="+".join(cal.signals),
+            )
+        )
+    return rows

@@ -1,0 +1,398 @@
+"""Per-case quality that travels to another site: a score -> Dice map recalibrated per target, distance-aware intervals.
+
+The calibration-set map (:func:`~spe_lightning.percase.quality_calibration.calibrate_quality`) is fitted on
+images that look like training; at another site the map from score to Dice moves. A target offers, without
+labels, its *target-styled pairs* (:func:`~spe_lightning.engine.styled_pairs.styled_set`: the calibration
+images restyled like the target, their real per-case Dice known). Here:
+
+- :class:`CaseSignals`: per case, the label-free signals (the regressor's raw output, RCA, the model's
+  confidence / Soft Dice Confidence, checkpoint agreement), label-free features (for distances) and, for
+  calibrated cases, the real Dice and the source image (a styled copy shares its original's group);
+- :func:`fit_site_calibration`: a linear stack of the chosen signals fitted on the calibration cases *and* that
+  target's styled pairs, with per-case 90% intervals from split-conformal out-of-fold residuals normalised by
+  distance: a case farther from every calibrated case than ``distance_ref`` (the calibrated cases' own
+  ``reference_quantile`` of leave-one-group-out nearest-neighbour distance) gets its interval widened by
+  ``distance / distance_ref`` and ``beyond_calibrated`` set;
+- :func:`choose_rule`: which signals enter, chosen by held-out MAE on development folds only (ties, within
+  ``tie``, keep the rule with fewer signals);
+- :func:`rows_vs_set`: the mean per-case estimate beside the set estimate, and whether they disagree by more
+  than the set interval's half-width.
+
+Plain NumPy; everything fitted is plain numbers (:meth:`SiteCalibration.to_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SIGNALS",
+    "RULES",
+    "CaseSignals",
+    "SiteCalibration",
+    "case_distances",
+    "fit_site_calibration",
+    "heldout_errors",
+    "choose_rule",
+    "rows_vs_set",
+]
+
+#: every per-case signal a rule may stack
+SIGNALS = ("regressor", "rca", "confidence", "agreement")
+#: candidate rules (signals stacked), simplest first: a tie keeps the earlier one
+RULES: tuple[tuple[str, ...], ...] = (
+    ("regressor",),
+    ("regressor", "confidence"),
+    ("regressor", "rca"),
+    ("regressor", "agreement"),
+    ("regressor", "rca", "confidence"),
+    ("regressor", "rca", "confidence", "agreement"),
+)
+#: estimate bins of the per-bin (Mondrian) conformal quantile: bad cases need wider intervals
+BINS = (0.0, 0.5, 0.7, 0.85, 1.0)
+
+
+@dataclass(frozen=True)
+class CaseSignals:
+    """Per-case signals of a set of cases (each array ``[N]``), their features ``[N, F]`` and, when labelled,
+    their real Dice and group (the source image: a styled copy and its original share it)."""
+
+    signals: Mapping[str, np.ndarray]
+    features: np.ndarray
+    real: np.ndarray | None = None
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        for name, v in self.signals.items():
+            if name not in SIGNALS:
+                raise ValueError(f"unknown per-case signal {name!r}; known: {', '.join(SIGNALS)}.")
+            if len(v) != n:
+                raise ValueError(f"signal {name!r} has {len(v)} values for {n} cases.")
+        for name, col in (("real", self.real), ("groups", self.groups)):
+            if col is not None and len(col) != n:
+                raise ValueError(f"{name} has {len(col)} values for {n} cases.")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def subset(self, pos: np.ndarray) -> CaseSignals:
+        """The cases at ``pos``."""
+        return CaseSignals(
+            {k: np.asarray(v)[pos] for k, v in self.signals.items()},
+            np.asarray(self.features)[pos],
+            None if self.real is None else np.asarray(self.real)[pos],
+            None if self.groups is None else np.asarray(self.groups)[pos],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[CaseSignals]) -> CaseSignals:
+        """The cases of every part, in order (signals present in every part only)."""
+        names = [k for k in parts[0].signals if all(k in p.signals for p in parts)]
+        labelled = all(p.real is not None for p in parts)
+        grouped = all(p.groups is not None for p in parts)
+        return CaseSignals(
+            {k: np.concatenate([np.asarray(p.signals[k], float) for p in parts]) for k in names},
+            np.concatenate([np.asarray(p.features, float) for p in parts]),
+            np.concatenate([np.asarray(p.real, float) for p in parts]) if labelled else None,
+            np.concatenate([np.asarray(p.groups) for p in parts]) if grouped else None,
+        )
+
+
+def _standardiser(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu, sd = features.mean(0), features.std(0)
+    return mu, np.maximum(sd, 1e-6 * (np.abs(mu) + 1.0))  # a constant feature must not divide by zero
+
+
+def case_distances(
+    features: np.ndarray,
+    calibrated: np.ndarray,
+    groups: np.ndarray | None = None,
+    calibrated_groups: np.ndarray | None = None,
+    scale: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Per case, the Euclidean distance to the nearest calibrated case in standardised features.
+
+    ``scale`` (mean, sd) standardises (default: the calibrated cases'); a case is never matched with a
+    calibrated case of its own group (``groups``/``calibrated_groups``: leave-one-group-out). Inf when no
+    calibrated case is left to match.
+    """
+    x, c = np.asarray(features, float), np.asarray(calibrated, float)
+    if c.ndim != 2 or x.ndim != 2 or x.shape[1] != c.shape[1]:
+        raise ValueError(f"features {x.shape} and calibrated features {c.shape} need the same columns.")
+    if len(x) == 0:
+        return np.zeros(0)
+    if len(c) == 0:
+        return np.full(len(x), np.inf)
+    mu, sd = scale if scale is not None else _standardiser(c)
+    z, zc = (x - mu) / sd, (c - mu) / sd
+    d = np.sqrt(((z[:, None, :] - zc[None, :, :]) ** 2).sum(-1))
+    if groups is not None and calibrated_groups is not None:
+        d[np.asarray(groups)[:, None] == np.asarray(calibrated_groups)[None, :]] = np.inf
+    return d.min(1)
+
+
+def _design(signals: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    missing = [n for n in names if n not in signals]
+    if missing:
+        raise ValueError(f"this rule stacks {', '.join(missing)}, which these cases do not have.")
+    cols = [np.asarray(signals[n], float).reshape(-1) for n in names]
+    return np.stack([*cols, np.ones_like(cols[0])], 1)
+
+
+def _fit_coef(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Least squares with a small ridge on the signal weights (not the intercept): stable with collinear signals."""
+    pen = np.eye(x.shape[1]) * ridge * len(y)
+    pen[-1, -1] = 0.0
+    return np.linalg.solve(x.T @ x + pen, x.T @ y)
+
+
+def _conformal(values: np.ndarray, level: float) -> float:
+    r = np.sort(np.asarray(values, float))
+    if r.size == 0:
+        return math.inf
+    return float(r[min(math.ceil((r.size + 1) * level), r.size) - 1])
+
+
+def _bin_of(est: np.ndarray) -> np.ndarray:
+    edges = np.asarray(BINS)
+    return np.clip(np.searchsorted(edges, est, side="right") - 1, 0, len(edges) - 2)
+
+
+@dataclass(frozen=True)
+class SiteCalibration:
+    """A per-target score -> Dice map with distance-aware intervals (plain numbers; :func:`fit_site_calibration`).
+
+    ``estimate(cases)`` gives per case ``estimate``, ``lower``, ``upper``, ``distance`` (to the nearest
+    calibrated case, in standardised features) and ``beyond_calibrated`` (distance > ``distance_ref``).
+    """
+
+    signals: tuple[str, ...]
+    coef: tuple[float, ...]
+    level: float
+    bin_quantiles: tuple[float, ...]  # normalised conformal quantile per estimate bin (BINS)
+    distance_ref: float
+    feature_mean: tuple[float, ...]
+    feature_sd: tuple[float, ...]
+    calibrated_features: np.ndarray = field(repr=False)
+    n_calibration: int = 0
+    n_styled: int = 0
+    heldout_mae: float | None = None
+
+    def scale(self, distance: np.ndarray) -> np.ndarray:
+        """Interval scale of each case: 1 within the calibrated range, ``distance / distance_ref`` beyond."""
+        return np.maximum(1.0, np.asarray(distance, float) / max(self.distance_ref, 1e-12))
+
+    def point(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The stacked estimate of each case, clipped to [0, 1]."""
+        return np.clip(_design(signals, self.signals) @ np.asarray(self.coef), 0.0, 1.0)
+
+    def estimate(self, cases: CaseSignals) -> dict[str, np.ndarray]:
+        """Per case: ``estimate``, ``lower``, ``upper``, ``distance``, ``beyond_calibrated``."""
+        est = self.point(cases.signals)
+        dist = case_distances(
+            cases.features,
+            self.calibrated_features,
+            scale=(np.asarray(self.feature_mean), np.asarray(self.feature_sd)),
+        )
+        half = np.asarray(self.bin_quantiles)[_bin_of(est)] * self.scale(dist)
+        return {
+            "estimate": est,
+            "lower": np.clip(est - half, 0.0, 1.0),
+            "upper": np.clip(est + half, 0.0, 1.0),
+            "distance": dist,
+            "beyond_calibrated": dist > self.distance_ref,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers (the calibrated features as nested lists)."""
+        return {
+            "signals": list(self.signals),
+            "coef": list(self.coef),
+            "level": self.level,
+            "bins": list(BINS),
+            "bin_quantiles": list(self.bin_quantiles),
+            "distance_ref": self.distance_ref,
+            "feature_mean": list(self.feature_mean),
+            "feature_sd": list(self.feature_sd),
+            "calibrated_features": np.asarray(self.calibrated_features).tolist(),
+            "n_calibration": self.n_calibration,
+            "n_styled": self.n_styled,
+            "heldout_mae": self.heldout_mae,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SiteCalibration:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            signals=tuple(d["signals"]),
+            coef=tuple(float(v) for v in d["coef"]),
+            level=float(d["level"]),
+            bin_quantiles=tuple(float(v) for v in d["bin_quantiles"]),
+            distance_ref=float(d["distance_ref"]),
+            feature_mean=tuple(float(v) for v in d["feature_mean"]),
+            feature_sd=tuple(float(v) for v in d["feature_sd"]),
+            calibrated_features=np.asarray(d["calibrated_features"], float),
+            n_calibration=int(d.get("n_calibration", 0)),
+            n_styled=int(d.get("n_styled", 0)),
+            heldout_mae=d.get("heldout_mae"),
+        )
+
+
+def _folds(groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Positions of each of ``k`` folds, whole groups in one fold."""
+    uniq = np.unique(groups)
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of = {g: i % k for i, g in zip(range(len(uniq)), uniq[perm])}
+    which = np.array([fold_of[g] for g in groups])
+    return [np.flatnonzero(which == f) for f in range(k)]
+
+
+def fit_site_calibration(
+    calibration: CaseSignals,
+    styled: CaseSignals | None,
+    signals: Sequence[str],
+    level: float = 0.9,
+    folds: int = 5,
+    reference_quantile: float = 0.9,
+    min_per_bin: int = 10,
+    seed: int = 0,
+) -> SiteCalibration:
+    """Stack ``signals`` on the calibration cases and the target's ``styled`` pairs (None: calibration only).
+
+    The map: least squares of real Dice on the signals (small ridge), clipped to [0, 1]. The interval:
+    out-of-fold residuals (``folds`` folds of whole groups: a styled copy is held out with its original),
+    each divided by its case's scale (:meth:`SiteCalibration.scale`, from its leave-one-group-out distance to
+    the other calibrated cases), the ``level`` split-conformal quantile per estimate bin (the pooled one
+    for bins with fewer than ``min_per_bin`` cases). ``distance_ref``: the ``reference_quantile`` of those
+    leave-one-group-out distances.
+    """
+    parts = [calibration] if styled is None or len(styled) == 0 else [calibration, styled]
+    for p in parts:
+        if p.real is None:
+            raise ValueError("fit_site_calibration: calibration cases and styled pairs need their real Dice.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}.")
+    pool = CaseSignals.concat(parts)
+    assert pool.real is not None
+    n = len(pool)
+    if n < 2 * folds:
+        raise ValueError(f"fit_site_calibration: {n} calibrated cases; need at least {2 * folds}.")
+    groups = pool.groups if pool.groups is not None else np.arange(n)
+    names = tuple(signals)
+    x, y = _design(pool.signals, names), np.asarray(pool.real, float)
+    ok = np.isfinite(x).all(1) & np.isfinite(y)
+    if ok.sum() < 2 * folds:
+        raise ValueError(f"fit_site_calibration: {int(ok.sum())} cases with every signal of {names}.")
+    x, y, groups, feats = x[ok], y[ok], np.asarray(groups)[ok], np.asarray(pool.features, float)[ok]
+    coef = _fit_coef(x, y)
+    oof = np.zeros(len(y))
+    for pos in _folds(groups, folds, seed):
+        train = np.setdiff1d(np.arange(len(y)), pos)
+        oof[pos] = np.clip(x[pos] @ _fit_coef(x[train], y[train]), 0.0, 1.0)
+    scale = _standardiser(feats)
+    own = case_distances(feats, feats, groups, groups, scale=scale)
+    own = np.where(np.isfinite(own), own, np.nan)
+    ref = float(np.nanquantile(own, reference_quantile)) if np.isfinite(own).any() else 1.0
+    s = np.maximum(1.0, np.nan_to_num(own, nan=ref) / max(ref, 1e-12))
+    norm = np.abs(y - oof) / s
+    pooled = _conformal(norm, level)
+    b = _bin_of(oof)
+    quant = tuple(
+        _conformal(norm[b == i], level) if (b == i).sum() >= min_per_bin else pooled for i in range(len(BINS) - 1)
+    )
+    return SiteCalibration(
+        signals=names,
+        coef=tuple(float(v) for v in coef),
+        level=float(level),
+        bin_quantiles=quant,
+        distance_ref=ref,
+        feature_mean=tuple(float(v) for v in scale[0]),
+        feature_sd=tuple(float(v) for v in scale[1]),
+        calibrated_features=feats,
+        n_calibration=len(calibration),
+        n_styled=0 if styled is None else len(styled),
+        heldout_mae=float(np.mean(np.abs(y - oof))),
+    )
+
+
+def heldout_errors(cal: SiteCalibration, cases: CaseSignals) -> dict[str, float]:
+    """MAE, interval coverage and median width of ``cal`` on labelled held-out ``cases``."""
+    if cases.real is None:
+        raise ValueError("heldout_errors needs the cases' real Dice.")
+    q = cal.estimate(cases)
+    real = np.asarray(cases.real, float)
+    return {
+        "mae": float(np.mean(np.abs(q["estimate"] - real))),
+        "coverage": float(np.mean((real >= q["lower"] - 1e-9) & (real <= q["upper"] + 1e-9))),
+        "median_width": float(np.median(q["upper"] - q["lower"])),
+    }
+
+
+def choose_rule(
+    folds: Sequence[tuple[CaseSignals, CaseSignals | None, CaseSignals]],
+    rules: Sequence[Sequence[str]] = RULES,
+    tie: float = 0.005,
+    level: float = 0.9,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The rule (signals stacked) with the lowest mean held-out MAE over development ``folds``.
+
+    Each fold is ``(calibration cases, their styled pairs or None, held-out labelled cases)``, e.g. one half of
+    the calibration set styled like a shifted copy of the other half, scored on that copy. Rules whose
+    signals a fold lacks are skipped; a rule within ``tie`` of the best MAE and with fewer signals wins.
+    Returns ``{"rule": [...], "scores": {rule name: {"mae", "coverage", "median_width"}}}``.
+    """
+    scores: dict[str, dict[str, float]] = {}
+    for rule in rules:
+        rows = []
+        for cal, styled, held in folds:
+            have = set(cal.signals) & set(held.signals) & (set(styled.signals) if styled is not None else set(SIGNALS))
+            if not set(rule) <= have:
+                break
+            rows.append(heldout_errors(fit_site_calibration(cal, styled, rule, level=level, seed=seed), held))
+        else:
+            if rows:
+                scores["+".join(rule)] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if not scores:
+        raise ValueError("choose_rule: no rule has every signal it stacks in every fold.")
+    best = min(v["mae"] for v in scores.values())
+    ok = [r for r in rules if "+".join(r) in scores and scores["+".join(r)]["mae"] <= best + tie]
+    pick = min(ok, key=lambda r: (len(r), scores["+".join(r)]["mae"]))
+    return {"rule": list(pick), "scores": scores, "tie": tie}
+
+
+def rows_vs_set(
+    case_estimates: Sequence[float | None], set_estimate: float | None, lower: float | None, upper: float | None
+) -> dict[str, Any] | None:
+    """The mean per-case estimate beside the set estimate, and whether they disagree.
+
+    ``disagree`` when ``|mean per-case - set| > the set interval's half-width``: then the rows and the set
+    estimate cannot both be right and the report says so. None when either side is missing.
+    """
+    values = [float(v) for v in case_estimates if v is not None and math.isfinite(float(v))]
+    if not values or set_estimate is None or lower is None or upper is None:
+        return None
+    mean = float(np.mean(values))
+    half = (float(upper) - float(lower)) / 2.0
+    diff = mean - float(set_estimate)
+    disagree = abs(diff) > half
+    note = (
+        f"the mean per-case Dice {mean:.3f} differs from the set estimate {float(set_estimate):.3f} by "
+        f"{diff:+.3f}, more than its interval's half-width {half:.3f}: trust neither without a few labels"
+        if disagree
+        else None
+    )
+    return {
+        "mean_case_estimate": mean,
+        "set_estimate": float(set_estimate),
+        "half_width": half,
+        "difference": diff,
+        "disagree": bool(disagree),
+        "note": note,
+    }

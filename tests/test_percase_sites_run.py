@@ -1,0 +1,54 @@
+"""A run's quality regressor recalibrated per target with its styled pairs (issue 27), end to end."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+
+from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning.models import SegmentationModel
+from spe_lightning.percase.site_fit import PRODUCT_RULES
+
+
+def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(tmp_path):
+    pl.seed_everything(0)
+    dm = SyntheticShapesDataModule(n_train=16, n_val=12, n_target=8, size=32, batch_size=4)
+    cb = SPECallback(
+        segmenter="label_fusion", support_size=8, seed=0, verbose=False, quality_regressor=True, log_dir=str(tmp_path)
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3), datamodule=dm)
+    est = SPEEstimator.load(tmp_path / "spe_estimator.pt")  # the site calibrations travel as plain numbers
+    sites = est.quality["sites"]
+    assert set(sites["targets"]) == set(dm.targets)
+    assert tuple(sites["rule"]) in PRODUCT_RULES and set(sites["scores"]) <= {"+".join(r) for r in PRODUCT_RULES}
+    site = sites["targets"]["target"]
+    assert site["n_styled"] == site["n_calibration"] == 12
+
+    target = dm.spe_datasets()["target"]["target"]
+    res = est.estimate(trainer.lightning_module, target, name="target")
+    for row in res.cases:
+        assert row["signals"] == "+".join(sites["rule"])
+        assert row["distance"] >= 0 and isinstance(row["beyond_calibrated"], bool)
+        assert row["estimated_dice_lower"] <= row["estimated_dice"] <= row["estimated_dice_upper"]
+    # a set the run never saw keeps the calibration-set map (no styled pairs for it): no site columns
+    other = est.estimate(trainer.lightning_module, target, name="elsewhere")
+    assert all("signals" not in row for row in other.cases)
+    # the rows and the set estimate side by side, in the result and its summary
+    agree = res.case_agreement
+    mean = float(np.mean([r["estimated_dice"] for r in res.cases]))
+    assert agree["mean_case_estimate"] == pytest.approx(mean)
+    assert agree["set_estimate"] == res.estimates["dice"]["value"]
+    half = (res.estimates["dice"]["upper"] - res.estimates["dice"]["lower"]) / 2
+    assert agree["disagree"] == (abs(mean - agree["set_estimate"]) > half)
+    assert res.to_dict()["case_agreement"] == agree
