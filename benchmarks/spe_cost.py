@@ -80,7 +80,7 @@ def fit(task: str, data: Any, make_model: Any, epochs: int, spe_kwargs: dict[str
         "fit_s": total,
         "train_s": total - run.seconds,
         "spe_s": run.seconds,
-        "spe_per_evaluation_s": sum(r["seconds"] for r in run.records) / max(len(run.records), 1),
+        "spe_per_evaluation_s": sum(r.seconds for r in run.records) / max(len(run.records), 1),
         "pairs_s": run.pairs_seconds,
         "segmenter_fit_s": run.segmenter_fit_seconds,
         "from_fit_cache": run.segmenter_from_cache,

@@ -16,10 +16,12 @@ from torch.utils.data import Dataset
 
 from spe_lightning.config import SPEConfig
 from spe_lightning.engine.cached_set import SizedDataset
+from spe_lightning.engine.records import Record
 from spe_lightning.lightning import schedule
 from spe_lightning.lightning.distributed import shard
 from spe_lightning.lightning.publishing import Publisher, report_dir
 from spe_lightning.lightning.settings import resolve_settings
+from spe_lightning.monitoring.alerts import AlertEvent
 from spe_lightning.run import SPERun
 
 if TYPE_CHECKING:
@@ -55,8 +57,10 @@ class SPECallback(Callback):
             ``(image, mask)`` tuples or dicts (``image_key``/``label_key``).
         logits_fn: ``fn(pl_module, images) -> logits [B,C,H,W]``; default ``pl_module(images)`` (first
             element of a list output, ``"logits"``/``"pred"``/``"out"`` of a dict output).
-        on_alert: ``fn(event)`` called on rank zero for every alert event (a dict: target, metric, value,
-            threshold, direction, epoch, ...); an exception it raises is warned about, never stops training.
+        on_alert: ``fn(event)`` called on rank zero for every alert event (an
+            :class:`~spe_lightning.monitoring.alerts.AlertEvent`: ``event.target``, ``.metric``, ``.value``,
+            ``.threshold``, ``.direction``, ``.epoch``, ...); an exception it raises is warned about, never
+            stops training.
         log_dir: folder of ``spe_report.*`` and ``spe_estimator.pt`` (default: see :meth:`report_dir`). Where
             this callback writes, not a setting of the run: the report and the estimator do not record it.
         **overrides: settings by name (``SPECallback(every_n_epochs=2, seed=0)``), applied over ``config``
@@ -79,7 +83,7 @@ class SPECallback(Callback):
         calibration: Dataset | None = None,
         target: Dataset | Mapping[str, Dataset] | None = None,
         logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
-        on_alert: Callable[[dict[str, Any]], Any] | None = None,
+        on_alert: Callable[[AlertEvent], Any] | None = None,
         log_dir: str | None = None,
         **overrides: Any,
     ) -> None:
@@ -99,8 +103,8 @@ class SPECallback(Callback):
         return self.run.config
 
     @property
-    def records(self) -> list[dict[str, Any]]:
-        """One record per evaluated checkpoint (see :class:`~spe_lightning.SPERun`)."""
+    def records(self) -> list[Record]:
+        """One record per evaluated checkpoint (frozen; see :class:`~spe_lightning.SPERun`)."""
         return self.run.records
 
     @property
@@ -109,7 +113,8 @@ class SPECallback(Callback):
         there are no estimates (not fitted yet, skipped under ``fast_dev_run``, too few evaluations)."""
         if self.run.report is not None:
             return self.run.report
-        return {"estimates": {}, "records": list(self.records), "reason": "SPE has not finished a fit yet"}
+        records = [r.to_dict() for r in self.records]
+        return {"estimates": {}, "records": records, "reason": "SPE has not finished a fit yet"}
 
     @property
     def estimator(self) -> SPEEstimator | None:
@@ -117,7 +122,7 @@ class SPECallback(Callback):
         return self.run.estimator
 
     @property
-    def on_alert(self) -> Callable[[dict[str, Any]], Any] | None:
+    def on_alert(self) -> Callable[[AlertEvent], Any] | None:
         """The alert callable (called on rank zero for every alert event)."""
         return self.publisher.on_alert
 
@@ -184,7 +189,7 @@ class SPECallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if schedule.fast_dev_run(trainer):
-            self.run.report = {**self.report, "reason": "skipped under fast_dev_run (SPE needs real epochs)"}
+            self.run.skip_report("skipped under fast_dev_run (SPE needs real epochs)")
         elif self.run.prepared:
             self._publish(trainer, pl_module)
 
@@ -230,11 +235,12 @@ class SPECallback(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch_s = time.perf_counter() - self._epoch_start if self._epoch_start else None
-        record = self.run.record(pl_module, trainer.current_epoch, trainer.global_step, shard=shard(trainer))
+        # epoch_s: the epoch's time up to SPE, for the console line's share (part of the record when it is made)
+        record = self.run.record(
+            pl_module, trainer.current_epoch, trainer.global_step, shard=shard(trainer), epoch_seconds=epoch_s
+        )
         if record is not None:
-            if epoch_s is not None:  # SPE's share of this epoch, for the console line
-                record["epoch_seconds"] = epoch_s
-            what = f"logging the evaluation at epoch {record['epoch']} failed"
+            what = f"logging the evaluation at epoch {record.epoch} failed"
             self.run.guarded(what, lambda: self.publisher.log_record(trainer, record))
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

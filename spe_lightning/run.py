@@ -22,7 +22,6 @@ Failures at a checkpoint are passed to ``warn`` and that evaluation is skipped (
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -40,11 +39,11 @@ from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.distance import diagonal
 from spe_lightning.engine.predict import LogitsFn, default_logits
-from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
+from spe_lightning.engine.records import CALIBRATION, Record, fit_and_estimate
 from spe_lightning.engine.signals import signal_baselines
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.estimator import RunOutcome, SPEEstimator, fit_estimator
-from spe_lightning.monitoring.alerts import alerts_for
+from spe_lightning.monitoring.alerts import AlertEvent, alerts_for
 from spe_lightning.reporting.report import make_figure, write_csv, write_json
 from spe_lightning.reverse.base import ReverseSegmenter
 from spe_lightning.run_steps import RunSteps
@@ -97,7 +96,8 @@ class SPERun(RunSteps):
         self.engine: SPEEngine | None = None
         self._sets: dict[str, CachedSet] = {}
         self._targets: list[str] = []
-        self.records: list[dict[str, Any]] = []
+        #: the evaluations so far, oldest first (frozen :class:`~spe_lightning.engine.records.Record`)
+        self.records: list[Record] = []
         self.pairs: list[dict[str, Any]] = []
         self.pairs_seconds = 0.0
         self.quality_seconds = 0.0
@@ -109,7 +109,7 @@ class SPERun(RunSteps):
         #: the fitted estimator of the finished run (:meth:`finish_fit`); None before
         self.estimator: SPEEstimator | None = None
         #: alert events (:func:`~spe_lightning.monitoring.alerts.alerts_for`) of the running and final estimates
-        self.alerts: list[dict[str, Any]] = []
+        self.alerts: list[AlertEvent] = []
         #: progress bars of the long steps (learned fit, calibration pairs, quality regressor) when
         #: ``config.verbose``; SPECallback sets it to the Trainer's ``enable_progress_bar`` (rank zero only)
         self.show_progress = True
@@ -124,7 +124,7 @@ class SPERun(RunSteps):
         self.signal_seconds: dict[str, float] = {"styled_pairs": 0.0, "agreement": 0.0}
         #: ``fn(model, epoch) -> {set name: {"pseudo": ..., "real": ..., "confidence": ...}}``, called by
         #: :meth:`record` at the same weights; their sets join the record (named in its ``"selection"``) before it
-        #: is kept, so nothing edits a kept record. A failing hook warns and is skipped (``strict``: raised).
+        #: is made, so nothing edits a kept record. A failing hook warns and is skipped (``strict``: raised).
         self.record_hooks: list[Callable[[nn.Module, int], Mapping[str, Mapping[str, Any]]]] = []
 
     # ------------------------------------------------------------------ views
@@ -214,40 +214,44 @@ class SPERun(RunSteps):
     # ------------------------------------------------------------------ evaluation
     def is_recorded(self, epoch: int) -> bool:
         """True when a record of ``epoch`` exists (a resumed run never evaluates an epoch twice)."""
-        return any(r["epoch"] == epoch for r in self.records)
+        return any(r.epoch == epoch for r in self.records)
 
     def record(
-        self, model: nn.Module, epoch: int, step: int, final: bool = False, shard: Shard | None = None
-    ) -> dict[str, Any] | None:
-        """Evaluate ``model`` and keep the record; None when the evaluation failed and was skipped."""
+        self,
+        model: nn.Module,
+        epoch: int,
+        step: int,
+        final: bool = False,
+        shard: Shard | None = None,
+        epoch_seconds: float | None = None,
+    ) -> Record | None:
+        """Evaluate ``model`` and keep the record; None when the evaluation failed and was skipped.
+
+        ``epoch_seconds``: the epoch's wall time up to this evaluation (the callback's, for the console line)."""
         start, fit_before = time.perf_counter(), self.segmenter_fit_seconds
-        record = self.guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
-        if record is None:
+        measured = self.guarded(f"evaluation at epoch {epoch} skipped", lambda: self.evaluate(model, shard))
+        if measured is None:
             return None
         # a learned segmenter's one-off fit (at the first evaluation) is counted in segmenter_fit_seconds only
         seconds = time.perf_counter() - start - (self.segmenter_fit_seconds - fit_before)
-        record.update(epoch=epoch, step=step, final=final, seconds=seconds)
-        for hook in self.record_hooks:  # after `seconds`: a hook's own work is not SPE's cost
-            extra = self.guarded(
-                f"record hook at epoch {epoch} skipped", functools.partial(hook_sets, hook, model, epoch)
-            )
-            for name, measured in (extra or {}).items():
-                for kind in ("pseudo", "real", "confidence"):
-                    record[kind][name] = measured[kind]
-            if extra:
-                record["selection"] = sorted({*record.get("selection", []), *extra})
+        selection = self._hook_sets(model, epoch, measured)  # after `seconds`: a hook's work is not SPE's cost
+        record = Record(
+            pseudo=measured["pseudo"],
+            real=measured["real"],
+            confidence=measured["confidence"],
+            n_support=measured["n_support"],
+            reasons=measured["reasons"],
+            seconds=seconds,
+            distance=measured["distance"],
+            epoch=epoch,
+            step=step,
+            final=final,
+            selection=selection,
+            agreement=self._keep_masks(epoch),
+            epoch_seconds=epoch_seconds,
+        )
         self.records.append(record)
-        self._keep_masks(record, epoch)
         return record
-
-    def _keep_masks(self, record: dict[str, Any], epoch: int) -> None:
-        """Keep this record's masks (bit-packed, last K) and add each set's checkpoint agreement to it."""
-        start = time.perf_counter()
-        pending, self._pending_masks = self._pending_masks, {}
-        for name, masks in pending.items():
-            self.history.push(name, masks, epoch)
-        record["agreement"] = {name: self.history.agreement(name) for name in pending}
-        self.signal_seconds["agreement"] += time.perf_counter() - start
 
     def finish(
         self, model: nn.Module, epoch: int | None = None, step: int | None = None, shard: Shard | None = None
@@ -258,18 +262,18 @@ class SPERun(RunSteps):
         taken as final); otherwise ``model`` is evaluated once more as ``epoch``/``step``.
         """
         self.pairs = []  # measured anew at this fit's final weights (a reused run must not keep old ones)
-        if self.records and (step is None or self.records[-1]["step"] == step):
-            self.records[-1]["final"] = True
+        if self.records and (step is None or self.records[-1].step == step):
+            self.records[-1] = self.records[-1].as_final()  # the run owns its list: a new record, none edited
         else:
-            last = self.records[-1] if self.records else {"epoch": -1, "step": -1}
+            last_epoch, last_step = (self.records[-1].epoch, self.records[-1].step) if self.records else (-1, -1)
             self.record(
                 model,
-                last["epoch"] + 1 if epoch is None else epoch,
-                last["step"] + 1 if step is None else step,
+                last_epoch + 1 if epoch is None else epoch,
+                last_step + 1 if step is None else step,
                 final=True,
                 shard=shard,
             )
-        if self.config.anchored and self.records and self.records[-1]["final"]:
+        if self.config.anchored and self.records and self.records[-1].final:
             self.measure_pairs(model, shard)
 
     # ------------------------------------------------------------------ estimates and report
@@ -281,17 +285,23 @@ class SPERun(RunSteps):
         return fit_and_estimate(self.records, self._targets, self.keys, c.mapping, c.level, anchored=c.anchored)
 
     def check_alerts(
-        self, estimates: Mapping[str, Any] | None, record: Mapping[str, Any], stage: str = "running"
-    ) -> list[dict[str, Any]]:
+        self, estimates: Mapping[str, Any] | None, record: Record, stage: str = "running"
+    ) -> list[AlertEvent]:
         """The alert events of ``estimates`` (``{target: {key: estimate}}``) at ``record``; kept in ``alerts``."""
         c = self.config
         if not estimates or not (c.alert_below or c.alert_above):
             return []
         events = alerts_for(
-            estimates, c.alert_below, c.alert_above, c.alert_on, epoch=record["epoch"], step=record["step"], stage=stage
+            estimates, c.alert_below, c.alert_above, c.alert_on, epoch=record.epoch, step=record.step, stage=stage
         )
-        self.alerts = [a for a in self.alerts if (a["epoch"], a.get("stage")) != (record["epoch"], stage)] + events
+        self.alerts = [a for a in self.alerts if (a.epoch, a.stage) != (record.epoch, stage)] + events
         return events
+
+    def skip_report(self, reason: str) -> dict[str, Any]:
+        """Keep a report without estimates that says why (e.g. under ``fast_dev_run``); kept in ``report``."""
+        self.report = {"estimates": {}, "records": [r.to_dict() for r in self.records], "reason": reason}
+        self.estimator = None
+        return self.report
 
     def build_report(self) -> dict[str, Any]:
         """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
@@ -312,7 +322,8 @@ class SPERun(RunSteps):
         }
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
             report["reference_slices"] = engine.ref_slices
-        report.update(result, records=self.records, pairs=self.pairs, reason=self.no_estimate_reason())
+        records = [r.to_dict() for r in self.records]  # the report is JSON: records in their dict form
+        report.update(result, records=records, pairs=self.pairs, reason=self.no_estimate_reason())
         rows, details = signal_baselines(
             self.records, self._targets, self.keys, self.pairs, self.history, self._sets.get(CALIBRATION)
         )
@@ -320,7 +331,7 @@ class SPERun(RunSteps):
         report["signals"] = {**details, "styles": self.styles, "seconds": dict(self.signal_seconds)}
         if self.records:
             self.check_alerts(result["estimates"], self.records[-1], stage="final")
-        report["alerts"] = list(self.alerts)
+        report["alerts"] = [a.to_dict() for a in self.alerts]
         self.report = report
         self.estimator = None  # the estimator of an earlier report is stale
         return report
@@ -350,7 +361,7 @@ class SPERun(RunSteps):
         """SPE's own time so far: every evaluation and the calibration pairs."""
         extra = self.pairs_seconds + self.quality_seconds + self.segmenter_fit_seconds
         extra += sum(self.signal_seconds.values())
-        return sum(float(r.get("seconds", 0.0)) for r in self.records) + extra
+        return sum(r.seconds for r in self.records) + extra
 
     def outcome(self) -> RunOutcome:
         """What the finished run hands over to its estimator (after :meth:`build_report`)."""
@@ -363,8 +374,8 @@ class SPERun(RunSteps):
         return RunOutcome(
             config=c,
             report=report,
-            calibration_pseudo=dict(last["pseudo"].get(CALIBRATION, {})),
-            calibration_real=dict(last["real"].get(CALIBRATION, {})),
+            calibration_pseudo=dict(last.pseudo.get(CALIBRATION, {})),
+            calibration_real=dict(last.real.get(CALIBRATION, {})),
             calibration_features=self.calibration_features,
             reference_images=engine.ref_images,
             reference_masks=engine.ref_labels,
@@ -438,7 +449,11 @@ class SPERun(RunSteps):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """Records, settings and a learned segmenter's fitted weights (plain objects and tensors), for a checkpoint."""
-        state: dict[str, Any] = {"records": self.records, "config": self.config.to_dict(), "alerts": self.alerts}
+        state: dict[str, Any] = {
+            "records": [r.to_dict() for r in self.records],  # plain objects: weights_only loading reads them
+            "config": self.config.to_dict(),
+            "alerts": [a.to_dict() for a in self.alerts],
+        }
         state["mask_history"] = self.history.state_dict()  # the checkpoint agreement continues after a resume
         seg = self.engine.segmenter if self.engine is not None else None
         if seg is not None and seg.needs_fit and seg.is_fitted:
@@ -453,21 +468,9 @@ class SPERun(RunSteps):
             if self.config.strict:
                 raise ValueError(message + "; the checkpoint's records were made with the others.")
             self.warn(message + "; earlier records kept.")
-        self.records = list(state.get("records", []))
-        self.alerts = list(state.get("alerts", []))
+        self.records = [Record.from_dict(r) for r in state.get("records", [])]
+        self.alerts = [AlertEvent.from_dict(a) for a in state.get("alerts", [])]
         self.history = MaskHistory(AGREEMENT_K)
         if "mask_history" in state:  # older checkpoints: the agreement starts over (it needs 2 new records)
             self.history.load_state_dict(state["mask_history"])
         self._segmenter_state = state.get("segmenter_state")  # used instead of refitting when the key matches
-
-
-def hook_sets(hook: Callable[[nn.Module, int], Any], model: nn.Module, epoch: int) -> dict[str, Any]:
-    """A record hook's sets (see ``SPERun.record_hooks``), checked before any joins the record."""
-    out = dict(hook(model, epoch) or {})
-    for name, measured in out.items():
-        missing = [
-            k for k in ("pseudo", "real", "confidence") if not isinstance(measured, Mapping) or k not in measured
-        ]
-        if missing:
-            raise ValueError(f"record hook {hook!r} returned the set {name!r} without {missing}.")
-    return out

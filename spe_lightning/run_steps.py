@@ -22,18 +22,19 @@ from torch import Tensor, nn
 
 from spe_lightning import __version__
 from spe_lightning.config import SPEConfig
+from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import image_features, set_distance
 from spe_lightning.engine.predict import LogitsFn, model_device, predict_labels
-from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.progress import Progress
 from spe_lightning.reverse.base import ReverseSegmenter, resolve_auto, segmenter_from_text
 from spe_lightning.reverse.fit_cache import cache_file, content_key, load_cached, resolve_cache_dir, save_cached
 
-__all__ = ["RunSteps"]
+__all__ = ["RunSteps", "hook_sets"]
 
 
 class RunSteps:
@@ -55,7 +56,9 @@ class RunSteps:
     _sets: dict[str, CachedSet]
     _targets: list[str]
     _pending_masks: dict[str, list[Tensor]]
-    records: list[dict[str, Any]]
+    records: list[Record]
+    record_hooks: list[Callable[[nn.Module, int], Mapping[str, Mapping[str, Any]]]]
+    history: MaskHistory
     pairs: list[dict[str, Any]]
     pairs_seconds: float
     styles: dict[str, Any]
@@ -171,7 +174,9 @@ class RunSteps:
         progress: Callable[[int], Any] | None = None,
         from_calibration: bool = False,
     ) -> dict[str, Any]:
-        """One record of ``model``'s current weights over ``sets`` (default: calibration and targets).
+        """One evaluation of ``model``'s current weights over ``sets`` (default: calibration and targets), as a
+        dict of a record's measurements (``pseudo``, ``real``, ``confidence``, ``n_support``, ``reasons``,
+        ``seconds``, ``distance``); :meth:`SPERun.record` makes the :class:`~spe_lightning.engine.records.Record`.
 
         With a ``shard`` of several processes, each predicts its share of every set and segments its
         share of the references; all processes must call this together and get the same record.
@@ -215,6 +220,30 @@ class RunSteps:
         )
         record["distance"] = distances or {}
         return record
+
+    def _hook_sets(self, model: nn.Module, epoch: int, measured: dict[str, Any]) -> tuple[str, ...] | None:
+        """Add the record hooks' sets to ``measured`` (a record not yet made); their names, or None without any."""
+        selection: set[str] | None = None
+        for hook in self.record_hooks:
+            extra = self.guarded(
+                f"record hook at epoch {epoch} skipped", functools.partial(hook_sets, hook, model, epoch)
+            )
+            for name, values in (extra or {}).items():
+                for kind in ("pseudo", "real", "confidence"):
+                    measured[kind][name] = values[kind]
+            if extra:
+                selection = {*(selection or ()), *extra}
+        return None if selection is None else tuple(sorted(selection))
+
+    def _keep_masks(self, epoch: int) -> dict[str, float | None]:
+        """Keep the evaluated masks (bit-packed, last K); each set's checkpoint agreement for the record."""
+        start = time.perf_counter()
+        pending, self._pending_masks = self._pending_masks, {}
+        for name, masks in pending.items():
+            self.history.push(name, masks, epoch)
+        agreement = {name: self.history.agreement(name) for name in pending}
+        self.signal_seconds["agreement"] += time.perf_counter() - start
+        return agreement
 
     def _distances(self, predictions: Mapping[str, Any], from_calibration: bool) -> dict[str, float | None]:
         """Each set's label-free distance to the calibration set (engine/distance.py) at these weights; the
@@ -306,8 +335,20 @@ class RunSteps:
         calibration set: the reach of the interval model it joins."""
         last = self.records[-1]
         for kind in ("pseudo", "real"):
-            record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+            record[kind][CALIBRATION] = dict(last.measured(kind).get(CALIBRATION, {}))
         pairs = pairs_from_record(record, CALIBRATION, names, targets)
         for p in pairs:
             p.setdefault("distance", record["distance"].get(p["name"]))
         return pairs
+
+
+def hook_sets(hook: Callable[[nn.Module, int], Any], model: nn.Module, epoch: int) -> dict[str, Any]:
+    """A record hook's sets (see ``SPERun.record_hooks``), checked before any joins the record."""
+    out = dict(hook(model, epoch) or {})
+    for name, measured in out.items():
+        missing = [
+            k for k in ("pseudo", "real", "confidence") if not isinstance(measured, Mapping) or k not in measured
+        ]
+        if missing:
+            raise ValueError(f"record hook {hook!r} returned the set {name!r} without {missing}.")
+    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from spe_lightning.benchmarking.regressor import fit_regressor, regressor_by_checkpoint
 from spe_lightning.benchmarking.training import BenchmarkConfig, train
 from spe_lightning.engine.metrics import PAPER_METRICS
-from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, fit_mapping, series
+from spe_lightning.engine.records import CALIBRATION, Record, as_records, fit_and_estimate, fit_mapping, series
 
 __all__ = [
     "checkpoint_series",
@@ -56,9 +56,15 @@ def error_scores(est: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
 
 
 def checkpoint_series(
-    records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
+    records: Sequence[Record] | Sequence[Mapping[str, Any]],
+    target: str,
+    metrics: Sequence[str],
+    mapping: str = "linear",
+    anchored: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per metric, the per-checkpoint estimate of SPE, the calibration score and the confidence, and the truth."""
+    """Per metric, the per-checkpoint estimate of SPE, the calibration score and the confidence, and the truth
+    (stored JSON records are read once with :func:`~spe_lightning.engine.records.as_records`)."""
+    records = as_records(records)
     fitted = fit_and_estimate(records, [target], metrics, mapping, anchored=anchored)
     conf_cal = series(records, "confidence", CALIBRATION, None)
     conf_t = series(records, "confidence", target, None)
@@ -96,7 +102,11 @@ def score_on_common_checkpoints(rows: dict[str, np.ndarray], real: np.ndarray) -
 
 
 def score_records(
-    records: Sequence[dict], target: str, metrics: Sequence[str], mapping: str = "linear", anchored: bool = True
+    records: Sequence[Record] | Sequence[Mapping[str, Any]],
+    target: str,
+    metrics: Sequence[str],
+    mapping: str = "linear",
+    anchored: bool = True,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per metric: SPE / calibration_score / confidence vs the target's real metric, on common checkpoints."""
     out = {}
@@ -108,7 +118,7 @@ def score_records(
 
 def paper_result(cfg: BenchmarkConfig, callbacks: list, total: float) -> dict[str, Any]:
     segmenters = list(cfg.segmenters)
-    spe_s = sum(r["seconds"] for cb in callbacks for r in cb.records)
+    spe_s = sum(r.seconds for cb in callbacks for r in cb.records)
     result: dict[str, Any] = {
         "dataset": Path(cfg.data).name,
         "class_index": cfg.class_index,
@@ -121,11 +131,11 @@ def paper_result(cfg: BenchmarkConfig, callbacks: list, total: float) -> dict[st
             "train_s": total - spe_s,
             "spe_s": spe_s,
             "spe_s_per_checkpoint": {
-                s: float(np.mean([r["seconds"] for r in cb.records])) for s, cb in zip(segmenters, callbacks)
+                s: float(np.mean([r.seconds for r in cb.records])) for s, cb in zip(segmenters, callbacks)
             },
         },
     }
-    result["records"] = {s: cb.records for s, cb in zip(segmenters, callbacks)}
+    result["records"] = {s: [r.to_dict() for r in cb.records] for s, cb in zip(segmenters, callbacks)}  # JSON
     return paper_metrics(result)
 
 
@@ -138,10 +148,10 @@ def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
     ``quality_regressor`` (mean per-case estimate); all scored on the same checkpoints.
     """
     segs = list(result["records"])
-    first = result["records"][segs[0]]
-    targets = [t for t in first[-1]["pseudo"] if t != "calibration"]
+    first = as_records(result["records"][segs[0]])  # stored JSON records, or the run's own
+    targets = [t for t in first[-1].pseudo if t != "calibration"]
     main = "extra_test" if "extra_test" in targets else targets[0]  # the protocol's target
-    real_dice = [v for r in first if (v := r["real"].get(main, {}).get("dice")) is not None]
+    real_dice = [v for r in first if (v := r.real.get(main, {}).get("dice")) is not None]
     result["real_dice_range"] = [min(real_dice), max(real_dice)] if real_dice else [None, None]
     result["metrics_by_target"] = {}
     for target in targets:
@@ -161,7 +171,7 @@ def paper_metrics(result: dict[str, Any]) -> dict[str, Any]:
         by_ckpt = result.get("quality_regressor_by_checkpoint")
         if by_ckpt and target in by_ckpt["means"] and "dice" in series_by_row:  # the regressor estimates Dice only
             at = dict(zip(by_ckpt["epochs"], by_ckpt["means"][target]))
-            values = [at.get(r["epoch"]) for r in first]
+            values = [at.get(r.epoch) for r in first]
             series_by_row["dice"]["quality_regressor"] = np.asarray([np.nan if v is None else v for v in values])
         scored = {}
         for m, rows in series_by_row.items():

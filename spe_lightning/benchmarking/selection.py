@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from spe_lightning.benchmarking.targets import measure, selection_targets
-from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.records import CALIBRATION, as_records
 from spe_lightning.monitoring.selection import alert_quality, selection_regret, selection_summary
 from spe_lightning.run import SPERun
 
@@ -46,9 +46,9 @@ def selection_scores(result: dict[str, Any], metric: str = "dice") -> dict[str, 
     estimate (``estimate``) or its lower bound (``lower``) against the real Dice crossing it.
     """
     seg = next(iter(result["records"]))
-    records = result["records"][seg]
-    measured = sorted({n for r in records for n in r.get("selection", [])})
-    labelled = {n for r in records for n, v in r["real"].items() if v and n != CALIBRATION}
+    records = as_records(result["records"][seg])  # stored JSON records, or the run's own
+    measured = sorted({n for r in records for n in r.selection or ()})
+    labelled = {n for r in records for n, v in r.real.items() if v and n != CALIBRATION}
     sites = sorted(labelled - set(measured) - {"extra_test"})  # other targets of the run (e.g. --target sites)
     names = [n for n in ["extra_test", *sites, *measured] if n in labelled]
     per_target = {t: selection_regret(records, t, metric) for t in names}

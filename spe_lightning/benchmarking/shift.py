@@ -37,7 +37,7 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
     for s, cb in zip(cfg.segmenters, callbacks):
         last = cb.run.records[-1]
         raw[s] = {
-            "calibration": {kind: last[kind][CALIBRATION] for kind in ("pseudo", "real", "confidence")},
+            "calibration": {k: last.to_dict()[k][CALIBRATION] for k in ("pseudo", "real", "confidence")},
             "targets": measure(cb.run, model, targets),
             "pairs": cb.run.pairs,
         }

@@ -84,7 +84,7 @@ def measure_signals(
     record = run.evaluate(model, sets=styled)
     last = run.records[-1]
     for kind in ("pseudo", "real"):
-        record[kind][CALIBRATION] = last[kind].get(CALIBRATION, {})
+        record[kind][CALIBRATION] = dict(last.measured(kind).get(CALIBRATION, {}))
     names = {styled_name(n): n for n in targets}
     out["styled_pairs"] = {p["target"]: p for p in pairs_from_record(record, CALIBRATION, list(styled), names)}
     out["styles"] = styles

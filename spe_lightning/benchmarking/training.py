@@ -97,7 +97,7 @@ class WeightSnapshots(Callback):
     def take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the weights when ``spe`` has just recorded this epoch."""
         epoch, records = trainer.current_epoch, self.spe.run.records
-        if records and records[-1]["epoch"] == epoch and epoch not in self.weights:
+        if records and records[-1].epoch == epoch and epoch not in self.weights:
             self.weights[epoch] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

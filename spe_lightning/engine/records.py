@@ -1,12 +1,16 @@
-"""G over a run's records: fitted per metric on the calibration set, then every target's estimate.
+"""A run's records, and G over them: fitted per metric on the calibration set, then every target's estimate.
 
-A *record* is one evaluation at one checkpoint: ``{"pseudo": {set: {key: v}}, "real": {...},
-"confidence": {set: v}, "n_support": ..., "reasons": ..., "epoch", "step", "final", "seconds"}``.
+A :class:`Record` is one evaluation at one checkpoint (frozen once made); ``to_dict()`` is its JSON form
+(``spe_report.json``'s ``records``, the checkpoint state) and ``from_dict()`` reads it back, older
+checkpoints' dicts included. The functions here take ``Sequence[Record]``; stored benchmark JSON (plain
+dicts) is read through :func:`as_records`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -16,17 +20,148 @@ from spe_lightning.engine.estimate import anchored_value, estimate, finite_or_no
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
-__all__ = ["CALIBRATION", "fit_and_estimate", "fit_mapping", "series"]
+__all__ = ["CALIBRATION", "Record", "as_records", "fit_and_estimate", "fit_mapping", "series"]
 
 #: the record key of the calibration set
 CALIBRATION = "calibration"
 
+#: the per-set measurements a record holds (what :func:`series` reads)
+KINDS = ("pseudo", "real", "confidence", "n_support", "reasons", "distance", "agreement")
 
-def series(records: Sequence[dict], kind: str, name: str, metric: str | None) -> np.ndarray:
-    """``records[i][kind][name][metric]`` (or ``[kind][name]`` when metric is None) as floats, NaN where missing."""
+
+def _frozen(value: Any) -> Any:
+    """A read-only copy: mappings as ``MappingProxyType`` (nested too), lists as tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """The JSON form of :func:`_frozen`'s output: dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One evaluation of a model's weights: per set (calibration, targets, a record hook's sets) its pseudo
+    and real metrics, confidence, support size, why it has no pseudo metric, distance to the calibration set
+    and checkpoint agreement. Read-only: its maps are ``MappingProxyType`` (use :meth:`to_dict` for a copy).
+
+    ``distance``, ``agreement``, ``selection`` (the record hooks' set names) and ``epoch_seconds`` (the
+    epoch's wall time up to this evaluation, from the callback) are None where the record has none;
+    ``extra`` keeps keys of a stored record this version does not know, so nothing read is lost.
+    """
+
+    pseudo: Mapping[str, Mapping[str, float | None]]
+    real: Mapping[str, Mapping[str, float]]
+    confidence: Mapping[str, float | None]
+    n_support: Mapping[str, Any]
+    reasons: Mapping[str, str]
+    seconds: float
+    epoch: int
+    step: int
+    final: bool = False
+    distance: Mapping[str, float | None] | None = None
+    selection: tuple[str, ...] | None = None
+    agreement: Mapping[str, float | None] | None = None
+    epoch_seconds: float | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _frozen(getattr(self, field.name)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # MappingProxyType does not pickle: a record pickles (and deep-copies) as its dict form
+        return (Record.from_dict, (self.to_dict(),))
+
+    def measured(self, kind: str) -> Mapping[str, Any]:
+        """``{set: value}`` of one of :data:`KINDS` (empty where the record has none)."""
+        if kind not in KINDS:
+            raise KeyError(f"a record has no {kind!r}; it holds {KINDS}.")
+        return getattr(self, kind) or MappingProxyType({})
+
+    def as_final(self) -> Record:
+        """This record marked as the one at the final weights (a new record)."""
+        return dataclasses.replace(self, final=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts and lists, in the key order records have always had in ``spe_report.json``."""
+        out: dict[str, Any] = {
+            "pseudo": _plain(self.pseudo),
+            "real": _plain(self.real),
+            "confidence": _plain(self.confidence),
+            "n_support": _plain(self.n_support),
+            "reasons": _plain(self.reasons),
+            "seconds": self.seconds,
+        }
+        if self.distance is not None:
+            out["distance"] = _plain(self.distance)
+        out.update(epoch=self.epoch, step=self.step, final=self.final)
+        if self.selection is not None:
+            out["selection"] = list(self.selection)
+        if self.agreement is not None:
+            out["agreement"] = _plain(self.agreement)
+        if self.epoch_seconds is not None:
+            out["epoch_seconds"] = self.epoch_seconds
+        out.update(_plain(self.extra))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], position: int | None = None) -> Record:
+        """A record from :meth:`to_dict`'s form (a checkpoint's or a report's); keys an older version did not
+        write are None/empty, keys this version does not know are kept in ``extra``.
+
+        ``position``: the epoch and step of a measurement without them (:meth:`SPEEngine.evaluate
+        <spe_lightning.engine.spe_engine.SPEEngine.evaluate>`'s output used without a run); without it they
+        are required."""
+        needed = ("pseudo",) if position is not None else ("pseudo", "epoch", "step")
+        missing = [k for k in needed if k not in data]
+        if missing:
+            raise ValueError(f"SPE: a stored record without {missing} (keys: {sorted(data)}); it is not an SPE record.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        selection = data.get("selection")
+        return cls(
+            pseudo=data["pseudo"],
+            real=data.get("real", {}),
+            confidence=data.get("confidence", {}),
+            n_support=data.get("n_support", {}),
+            reasons=data.get("reasons", {}),
+            seconds=float(data.get("seconds", 0.0)),
+            epoch=int(data.get("epoch", position)),
+            step=int(data.get("step", position)),
+            final=bool(data.get("final", False)),
+            distance=data.get("distance"),
+            selection=None if selection is None else tuple(selection),
+            agreement=data.get("agreement"),
+            epoch_seconds=data.get("epoch_seconds"),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def as_records(records: Sequence[Record] | Sequence[Mapping[str, Any]]) -> list[Record]:
+    """``records`` as :class:`Record` objects: stored JSON records (a benchmark result's, a report's) and
+    :meth:`SPEEngine.evaluate <spe_lightning.engine.spe_engine.SPEEngine.evaluate>`'s measurements (numbered
+    by their position when they carry no epoch) are read with :meth:`Record.from_dict`; records pass through."""
+    items: Sequence[Record | Mapping[str, Any]] = records
+    return [r if isinstance(r, Record) else Record.from_dict(r, position=i) for i, r in enumerate(items)]
+
+
+def series(
+    records: Sequence[Record] | Sequence[Mapping[str, Any]], kind: str, name: str, metric: str | None
+) -> np.ndarray:
+    """``records[i].<kind>[name][metric]`` (or ``[name]`` when metric is None) as floats, NaN where missing.
+
+    Stored JSON records are read as :func:`as_records` reads them."""
     out = []
-    for r in records:
-        v = r.get(kind, {}).get(name)
+    for r in as_records(records):
+        v = r.measured(kind).get(name)
         if metric is not None:
             v = None if v is None else v.get(metric)
         out.append(np.nan if v is None else float(v))
@@ -44,7 +179,7 @@ def fit_mapping(kind: str, x: np.ndarray, y: np.ndarray, metric: str) -> tuple[M
 
 
 def fit_and_estimate(
-    records: Sequence[dict],
+    records: Sequence[Record] | Sequence[Mapping[str, Any]],
     targets: Sequence[str],
     metrics: Sequence[str],
     mapping: str = "linear",
@@ -75,6 +210,7 @@ def fit_and_estimate(
     (``calibration_score``: the calibration metric at the same record; ``confidence``: the model's
     soft-Dice confidence mapped by a G of the same kind fitted on calibration).
     """
+    records = as_records(records)
     last = len(records) - 1
     out: dict[str, Any] = {
         "mapping": {},
@@ -91,7 +227,7 @@ def fit_and_estimate(
     if anchored and styled:
         out["anchor_intervals_by_target"] = {t: {} for t in sorted(styled)}
     if distances is None:
-        distances = dict(records[last].get("distance") or {}) if last >= 0 else {}
+        distances = dict(records[last].distance or {}) if last >= 0 else {}
     bounds = bounds or {}
     conf_cal = series(records, "confidence", CALIBRATION, None)
     for metric in metrics:
@@ -117,10 +253,10 @@ def fit_and_estimate(
                 out["anchor_intervals_by_target"][t][metric] = model_t
             xt = series(records, "pseudo", t, metric)
             no_g = f"no mapping G: {why}"
-            cal_reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(CALIBRATION)
+            cal_reason = (records[last].reasons if last >= 0 else {}).get(CALIBRATION)
             if cal_reason:  # why the calibration set gave no pseudo metric
                 no_g += f" (calibration: {cal_reason})"
-            reason = (records[last].get("reasons", {}) if last >= 0 else {}).get(t)
+            reason = (records[last].reasons if last >= 0 else {}).get(t)
             est = estimate(
                 g,
                 metric,

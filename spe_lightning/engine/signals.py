@@ -18,7 +18,7 @@ import numpy as np
 from spe_lightning.engine.agreement import MaskHistory, agreement_estimate, fit_agreement_map
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.estimate import finite_or_none
-from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.styled_pairs import styled_name
 
 __all__ = ["SIGNAL_ROWS", "agreement_fit", "signal_baselines"]
@@ -41,7 +41,7 @@ def agreement_fit(history: MaskHistory, calibration: CachedSet) -> dict[str, Any
 
 
 def signal_baselines(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[Record],
     targets: Sequence[str],
     keys: Sequence[str],
     pairs: Sequence[dict[str, Any]],
@@ -55,7 +55,7 @@ def signal_baselines(
     if not records:
         return rows, details
     last = records[-1]
-    real_cal = last.get("real", {}).get(CALIBRATION, {})
+    real_cal = last.real.get(CALIBRATION, {})
     fit = agreement_fit(history, calibration) if history is not None and calibration is not None else None
     if history is not None:
         details["agreement"] = {
@@ -67,7 +67,7 @@ def signal_baselines(
     styled = {p.get("target"): p for p in pairs if p.get("kind") == "styled"}
     for t in targets:
         if "dice" in keys:
-            rows["soft_dice_confidence"][t]["dice"] = finite_or_none(last.get("confidence", {}).get(t))
+            rows["soft_dice_confidence"][t]["dice"] = finite_or_none(last.confidence.get(t))
             agree = history.agreement(t) if history is not None else None
             rows["agreement"][t]["dice"] = agreement_estimate(fit, agree) if fit is not None else None
         pair = styled.get(t)

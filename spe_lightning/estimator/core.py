@@ -313,7 +313,8 @@ class SPEEstimator(EstimatorBase):
             estimates, pseudo, true = self._set_estimates(
                 part, part_masks, None if conf is None else conf[pos], device, target=None
             )
-            events = alerts_for({name: estimates}, below, above, on, chunk=label)
+            # a chunk's events are kept in their JSON form beside the prediction-powered ones (ChunkedResult)
+            events = [e.to_dict() for e in alerts_for({name: estimates}, below, above, on, chunk=label)]
             with_labels = None
             if labelled_masks is not None:
                 with_labels, ppi_events = self._chunk_ppi(labelled_cases, masks, labels, pos, name, below, above, label)

@@ -25,7 +25,7 @@ from spe_lightning.engine.cached_set import CachedSet, SizedDataset
 from spe_lightning.engine.input_check import input_summary
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, model_device
-from spe_lightning.engine.records import CALIBRATION, series
+from spe_lightning.engine.records import CALIBRATION, Record, series
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
 from spe_lightning.estimator.core import SPEEstimator
 from spe_lightning.estimator.fitted import FittedSPE
@@ -76,7 +76,7 @@ class RunOutcome:
     calibration: CachedSet
     reference_dataset: SizedDataset | None = None
     targets: Mapping[str, CachedSet] = field(default_factory=dict)
-    records: Sequence[dict[str, Any]] = ()
+    records: Sequence[Record] = ()
     pairs: Sequence[dict[str, Any]] = ()
     pair_sets: Mapping[str, CachedSet] = field(default_factory=dict)
     styled_sets: Mapping[str, CachedSet] = field(default_factory=dict)

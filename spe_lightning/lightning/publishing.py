@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from spe_lightning.monitoring.alerts import alert_message, alert_scalars, monitor_scalars
+from spe_lightning.engine.records import Record
+from spe_lightning.monitoring.alerts import AlertEvent, alert_message, alert_scalars, monitor_scalars
 from spe_lightning.reporting.report import (
     by_checkpoint_scalars,
     combined_line,
@@ -57,7 +58,7 @@ class Publisher:
     step (one point per tag and step) and when the fit started (the cost line).
     """
 
-    def __init__(self, run: SPERun, on_alert: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    def __init__(self, run: SPERun, on_alert: Callable[[AlertEvent], Any] | None = None) -> None:
         if on_alert is not None and not callable(on_alert):
             raise TypeError("SPECallback: on_alert must be a callable fn(event).")
         self.run = run
@@ -84,18 +85,18 @@ class Publisher:
         scalars = monitor_scalars(running["estimates"] if running else None, self.run.targets, self.run.keys)
         trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()})
 
-    def log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+    def log_record(self, trainer: pl.Trainer, record: Record) -> None:
         """One evaluation: its scalars to the loggers, its console line, its alerts."""
         running = self.run.running_estimate()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(record_scalars(record, running), step=record["step"])
-        self.last_logged_step = record["step"]
+                logger.log_metrics(record_scalars(record, running), step=record.step)
+        self.last_logged_step = record.step
         if self.run.config.verbose:
             say(trainer, evaluation_line(record, self.run.targets, running))
         self._alert(trainer, record, running)
 
-    def _alert(self, trainer: pl.Trainer, record: dict[str, Any], running: dict[str, Any] | None) -> None:
+    def _alert(self, trainer: pl.Trainer, record: Record, running: dict[str, Any] | None) -> None:
         """Alerts of this evaluation: kept by the run; on rank zero warned, logged as 0/1 and passed to ``on_alert``."""
         self._running = (len(self.run.records), running)
         c = self.run.config
@@ -106,10 +107,10 @@ class Publisher:
             return
         flags = alert_scalars(events, self.run.targets, c.alert_below, c.alert_above)
         for logger in trainer.loggers:
-            logger.log_metrics(flags, step=record["step"])
+            logger.log_metrics(flags, step=record.step)
         self._announce(events)
 
-    def _announce(self, events: list[dict[str, Any]]) -> None:
+    def _announce(self, events: list[AlertEvent]) -> None:
         """Warn each alert and pass it to ``on_alert``; whatever that raises is warned about, never stops training."""
         for event in events:
             rank_zero_warn(alert_message(event))
@@ -145,7 +146,7 @@ class Publisher:
         run = self.run
         spe = run.seconds
         share = f" of the fit's {total:.0f} s (training {total - spe:.0f} s)" if total > spe > 0 else ""
-        parts = [f"{len(run.records)} evaluation(s) {sum(r.get('seconds', 0.0) for r in run.records):.1f} s"]
+        parts = [f"{len(run.records)} evaluation(s) {sum(r.seconds for r in run.records):.1f} s"]
         seg = run.segmenter
         if seg is not None and run.segmenter_fit_seconds:
             parts.append(f"{seg.name} fit {run.segmenter_fit_seconds:.1f} s")
@@ -161,11 +162,11 @@ class Publisher:
         c, records = self.run.config, self.run.records
         if not (c.alert_below or c.alert_above) or not records:
             return
-        events = [a for a in self.run.alerts if a.get("stage") == "final"]
+        events = [a for a in self.run.alerts if a.stage == "final"]
         flags = alert_scalars(events, self.run.targets, c.alert_below, c.alert_above)
         for logger in trainer.loggers:
             logger.log_metrics({k.replace("spe/alert/", "spe/alert_final/"): v for k, v in flags.items()},
-                               step=records[-1]["step"])  # fmt: skip
+                               step=records[-1].step)  # fmt: skip
         self._announce(events)
 
     def _log_report(self, trainer: pl.Trainer, report: dict[str, Any], fig: Any) -> None:
@@ -173,7 +174,7 @@ class Publisher:
         if not records:
             return
         last = records[-1]
-        step = last["step"]
+        step = last.step
         final = report_scalars(report)
         if step == self.last_logged_step:
             # the last evaluation already logged this step's running estimate: one point per tag and step (the
@@ -186,7 +187,7 @@ class Publisher:
             for i, r in enumerate(records):
                 per_ckpt = by_checkpoint_scalars(report, i)
                 if per_ckpt:
-                    logger.log_metrics(per_ckpt, step=r["step"])
+                    logger.log_metrics(per_ckpt, step=r.step)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("spe/calibration_fit", fig, global_step=step, close=False)

@@ -8,16 +8,61 @@ below every real score, so a checkpoint kept before the first estimate is replac
 estimated one and can never be the best.
 
 :func:`alerts_for` compares estimates with ``alert_below`` / ``alert_above`` thresholds and returns
-one event (a plain dict) per crossing; :func:`alert_scalars` gives the logged 0/1 flags.
+one :class:`AlertEvent` per crossing; :func:`alert_scalars` gives the logged 0/1 flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["alert_message", "alert_scalars", "alerts_for", "monitor_scalars", "MONITOR_TAGS"]
+__all__ = ["AlertEvent", "alert_message", "alert_scalars", "alerts_for", "monitor_scalars", "MONITOR_TAGS"]
+
+#: where an event happened: the fields :func:`alerts_for` takes as ``context``, in their JSON order
+CONTEXT = ("epoch", "step", "stage", "chunk", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertEvent:
+    """One estimate beyond its threshold: ``compared`` (the estimate, or the pessimistic end of its interval
+    with ``alert_on="lower"``) is ``direction`` (``"below"``/``"above"``) ``threshold``.
+
+    Where it happened: ``epoch``/``step``/``stage`` (``"running"`` or ``"final"``) during a fit, ``chunk``
+    for a chunked estimate; None where not given (and then left out of :meth:`to_dict`).
+    """
+
+    target: str
+    metric: str
+    value: float | None
+    lower: float | None
+    upper: float | None
+    compared: float
+    threshold: float
+    direction: str
+    alert_on: str
+    epoch: int | None = None
+    step: int | None = None
+    stage: str | None = None
+    chunk: Any = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as ``spe_report.json``'s ``alerts`` hold it (context fields only where given)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in CONTEXT}
+        out.update({k: getattr(self, k) for k in CONTEXT if getattr(self, k) is not None})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AlertEvent:
+        """An event from :meth:`to_dict`'s form (a checkpoint's ``alerts``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"SPE: a stored alert event with unknown fields {unknown}; it is not an SPE alert.")
+        return cls(**dict(data))
+
 
 #: estimate field -> tag prefix of the monitorable scalars
 MONITOR_TAGS = {"value": "spe/estimate", "lower": "spe/estimate_lower", "upper": "spe/estimate_upper"}
@@ -63,17 +108,19 @@ def alerts_for(
     alert_above: Mapping[str, float] | None = None,
     alert_on: str = "estimate",
     **context: Any,
-) -> list[dict[str, Any]]:
+) -> list[AlertEvent]:
     """One event per (target, key) whose estimate crosses its threshold.
 
     ``alert_below={"dice": 0.8}`` fires when the Dice estimate is below 0.8; ``alert_above={"hd95": 10}``
     when HD95 is above 10. ``alert_on="lower"`` compares the pessimistic end of the interval instead
     (the lower bound for ``alert_below``, the upper bound for ``alert_above``; the estimate where there
-    is no interval), so it alerts earlier. Missing estimates never alert. ``context`` (e.g. ``epoch``,
-    ``step``, ``chunk``) is copied into every event. An event is
-    ``{"target", "metric", "value", "compared", "threshold", "direction", "alert_on", "lower", "upper", **context}``.
+    is no interval), so it alerts earlier. Missing estimates never alert. ``context`` (fields of
+    :class:`AlertEvent`: ``epoch``, ``step``, ``stage``, ``chunk``) is copied into every event.
     """
-    events: list[dict[str, Any]] = []
+    unknown = sorted(set(context) - set(CONTEXT))
+    if unknown:
+        raise TypeError(f"alerts_for: unknown context {unknown}; an event can say {CONTEXT}.")
+    events: list[AlertEvent] = []
     for direction, thresholds in (("below", alert_below), ("above", alert_above)):
         for key, threshold in (thresholds or {}).items():
             for target, per_key in estimates.items():
@@ -82,46 +129,48 @@ def alerts_for(
                 if v is None or not (v < threshold if direction == "below" else v > threshold):
                     continue
                 events.append(
-                    {
-                        "target": target,
-                        "metric": key,
-                        "value": _finite(e.get("value")),
-                        "lower": _finite(e.get("lower")),
-                        "upper": _finite(e.get("upper")),
-                        "compared": v,
-                        "threshold": float(threshold),
-                        "direction": direction,
-                        "alert_on": alert_on,
+                    AlertEvent(
+                        target=target,
+                        metric=key,
+                        value=_finite(e.get("value")),
+                        lower=_finite(e.get("lower")),
+                        upper=_finite(e.get("upper")),
+                        compared=v,
+                        threshold=float(threshold),
+                        direction=direction,
+                        alert_on=alert_on,
                         **context,
-                    }
+                    )
                 )
     return events
 
 
 def alert_scalars(
-    events: Sequence[Mapping[str, Any]],
+    events: Sequence[AlertEvent],
     targets: Sequence[str],
     alert_below: Mapping[str, float] | None = None,
     alert_above: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """``spe/alert/<target>/<key>``: 1.0 when an event fired for it, else 0.0, for every watched key."""
     watched = list(alert_below or {}) + [k for k in alert_above or {} if k not in (alert_below or {})]
-    fired = {(e["target"], e["metric"]) for e in events}
+    fired = {(e.target, e.metric) for e in events}
     return {f"spe/alert/{t}/{k}": float((t, k) in fired) for t in targets for k in watched}
 
 
-def alert_message(event: Mapping[str, Any]) -> str:
-    """One line naming target, metric, value and threshold (and where: epoch or chunk)."""
+def alert_message(event: AlertEvent | Mapping[str, Any]) -> str:
+    """One line naming target, metric, value and threshold (and where: epoch or chunk).
+
+    ``event`` is an :class:`AlertEvent` or its dict (a chunked result's ``alerts``)."""
+    e = event if isinstance(event, AlertEvent) else AlertEvent.from_dict(event)
     where = ""
-    if event.get("chunk") is not None:
-        where = f" in chunk {event['chunk']}"
-    elif event.get("stage") == "final":
-        where = f" at the final weights (epoch {event.get('epoch')})"
-    elif event.get("epoch") is not None:
-        where = f" at epoch {event['epoch']}"
-    what = "estimate" if event.get("alert_on", "estimate") == "estimate" else "interval bound"
-    value = event.get("compared", event.get("value"))
+    if e.chunk is not None:
+        where = f" in chunk {e.chunk}"
+    elif e.stage == "final":
+        where = f" at the final weights (epoch {e.epoch})"
+    elif e.epoch is not None:
+        where = f" at epoch {e.epoch}"
+    what = "estimate" if e.alert_on == "estimate" else "interval bound"
     return (
-        f"SPE alert: {event['target']} {event['metric']} {what} {value:.3f} is {event['direction']} "
-        f"the threshold {event['threshold']:g}{where}."
+        f"SPE alert: {e.target} {e.metric} {what} {e.compared:.3f} is {e.direction} "
+        f"the threshold {e.threshold:g}{where}."
     )

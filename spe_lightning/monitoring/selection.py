@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spe_lightning.engine.records import CALIBRATION, fit_and_estimate, series
+from spe_lightning.engine.records import CALIBRATION, Record, as_records, fit_and_estimate, series
 
 __all__ = ["LOWER_IS_BETTER", "alert_quality", "selection_regret", "selection_summary"]
 
@@ -39,7 +39,7 @@ def _best(values: Sequence[float | None], candidates: Sequence[int], lower: bool
 
 
 def selection_regret(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[Record] | Sequence[Mapping[str, Any]],
     target: str,
     metric: str = "dice",
     mapping: str = "linear",
@@ -49,8 +49,10 @@ def selection_regret(
 
     Candidates are the records where ``target`` has both a pseudo and a real ``metric``. Returns
     ``{"n_candidates", "oracle": {...}, "spe": {...}, "spe_running": {...}, "validation": {...}}``,
-    each ``{"epoch", "real", "regret"}`` (None when the rule could not choose).
+    each ``{"epoch", "real", "regret"}`` (None when the rule could not choose). Stored JSON records (a
+    benchmark result's) are read with :func:`~spe_lightning.engine.records.as_records`.
     """
+    records = as_records(records)
     lower = metric.split("/")[0] in LOWER_IS_BETTER
     real = series(records, "real", target, metric)
     pseudo = series(records, "pseudo", target, metric)
@@ -76,7 +78,7 @@ def selection_regret(
             continue
         gap = float(real[best] - real[pick])
         out[rule] = {
-            "epoch": records[pick].get("epoch", pick),
+            "epoch": records[pick].epoch,
             "real": float(real[pick]),
             "regret": -gap if lower else gap,
         }

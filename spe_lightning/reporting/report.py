@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.records import CALIBRATION
+from spe_lightning.engine.records import CALIBRATION, Record, as_records
 
 __all__ = [
     "by_checkpoint_scalars",
@@ -37,13 +37,13 @@ def _finite(flat: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
 
 
-def record_scalars(record: dict[str, Any], running: dict[str, Any] | None = None) -> dict[str, float]:
+def record_scalars(record: Record, running: dict[str, Any] | None = None) -> dict[str, float]:
     """Logger scalars of one evaluation: ``spe/pseudo/<set>/<key>``, ``spe/real/calibration/<key>`` and,
     with a ``running`` estimate (:func:`~spe_lightning.engine.records.fit_and_estimate`), ``spe/estimate/<t>/<key>``."""
     flat: dict[str, Any] = {}
-    for name, values in record["pseudo"].items():
+    for name, values in record.pseudo.items():
         flat.update({f"spe/pseudo/{name}/{m}": v for m, v in values.items()})
-    flat.update({f"spe/real/calibration/{m}": v for m, v in record["real"].get(CALIBRATION, {}).items()})
+    flat.update({f"spe/real/calibration/{m}": v for m, v in record.real.get(CALIBRATION, {}).items()})
     if running is not None:
         for t, per_metric in running["estimates"].items():
             flat.update({f"spe/estimate/{t}/{m}": e["value"] for m, e in per_metric.items()})
@@ -94,18 +94,18 @@ def by_checkpoint_scalars(report: dict[str, Any], i: int) -> dict[str, float]:
 
 
 def evaluation_line(
-    record: dict[str, Any], targets: Sequence[str], running: dict[str, Any] | None = None, metric: str = "dice"
+    record: Record, targets: Sequence[str], running: dict[str, Any] | None = None, metric: str = "dice"
 ) -> str:
     """One console line per evaluation: its time, the calibration score, each target's pseudo value and estimate."""
-    spent = record["seconds"]
-    epoch_s = record.get("epoch_seconds")
+    spent = record.seconds
+    epoch_s = record.epoch_seconds
     share = f", {100 * spent / (epoch_s + spent):.0f}% of the epoch" if epoch_s else ""
-    parts = [f"SPE epoch {record['epoch']} ({spent:.1f}s{share}):"]
-    d = record["real"].get(CALIBRATION, {}).get(metric)
+    parts = [f"SPE epoch {record.epoch} ({spent:.1f}s{share}):"]
+    d = record.real.get(CALIBRATION, {}).get(metric)
     if d is not None:
         parts.append(f"calibration {metric} {d:.3f}")
     for t in targets:
-        p = record["pseudo"].get(t, {}).get(metric)
+        p = record.pseudo.get(t, {}).get(metric)
         part = f"{t} pseudo {metric} {_fmt(p)}"
         est = running["estimates"][t].get(metric, {}).get("value") if running else None
         if est is not None:  # the running G without the calibration pairs: the report's estimate is final
@@ -254,7 +254,7 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    records = report["records"]
+    records = as_records(report["records"])  # the report's JSON form
     metrics = list(metrics or report["metrics"])
     cols = min(3, len(metrics))
     rows = int(np.ceil(len(metrics) / cols))
@@ -262,8 +262,8 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     targets = list(report["estimates"])
     for ax, metric in zip(axes.flat, metrics):
-        xs = [r["pseudo"].get(CALIBRATION, {}).get(metric) for r in records]
-        ys = [r["real"].get(CALIBRATION, {}).get(metric) for r in records]
+        xs = [r.pseudo.get(CALIBRATION, {}).get(metric) for r in records]
+        ys = [r.real.get(CALIBRATION, {}).get(metric) for r in records]
         pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
         if pts:
             px, py = zip(*pts)

@@ -67,8 +67,9 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     t = trainer(tmp_path, 4, [cb])
     t.fit(small_model(), datamodule=small_data())
 
-    assert [r["epoch"] for r in cb.records] == [0, 1, 2, 3]
-    assert cb.records[-1]["final"] is True
+    assert [r.epoch for r in cb.records] == [0, 1, 2, 3]
+    assert cb.records[-1].final is True
+    assert all(r.epoch_seconds is not None and r.epoch_seconds > 0 for r in cb.records)  # set when made
 
     report_path = tmp_path / "tb" / "version_0" / "spe_report.json"
     report = json.loads(report_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
@@ -155,7 +156,7 @@ def test_one_point_per_tag_and_step_and_the_truth_beside_the_estimate(tmp_path):
     trainer(tmp_path, 3, [cb], logger=logger).fit(small_model(), datamodule=small_data())
     spe_points = [p for p in logger.points if p[0].startswith("spe/")]
     assert len(spe_points) == len(set(spe_points))  # the final estimate is not logged a second time
-    assert ("spe/estimate_lower/target/dice", cb.records[-1]["step"]) in spe_points
+    assert ("spe/estimate_lower/target/dice", cb.records[-1].step) in spe_points
     est = cb.report["estimates"]["target"]["dice"]
     assert est["true"] == cb.report["true"]["target"]["dice"]
 
@@ -195,7 +196,7 @@ def test_every_n_epochs_and_final_record(tmp_path):
     cb = spe(every_n_epochs=2, metrics=("dice",))
     trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
     # epoch 1 by schedule, then the final weights after epoch 2
-    assert [(r["epoch"], r["final"]) for r in cb.records] == [(1, False), (2, True)]
+    assert [(r.epoch, r.final) for r in cb.records] == [(1, False), (2, True)]
     # two records: too few for G -> null estimates with a reason, never NaN
     e = cb.report["estimates"]["target"]["dice"]
     assert e["value"] is None and "need" in e["reason"].lower()

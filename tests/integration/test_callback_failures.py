@@ -35,7 +35,7 @@ def test_nan_output_at_one_checkpoint_skips_that_evaluation_only(tmp_path):
     with pytest.warns(UserWarning, match="evaluation at epoch 1 skipped.*NaN or inf"):
         t.fit(TinyNet(nan_epochs=(1,)), loader(ref))
     assert t.current_epoch == 5
-    assert [r["epoch"] for r in cb.records] == [0, 2, 3, 4]
+    assert [r.epoch for r in cb.records] == [0, 2, 3, 4]
     report = json.loads((tmp_path / "spe_report.json").read_text())  # strict JSON: NaN would be refused
     assert finite_everywhere(report) and report["estimates"]["t"]["dice"]["value"] is not None
 
@@ -53,7 +53,7 @@ def test_every_predicted_mask_empty_gives_null_with_a_reason(tmp_path):
     tiny_trainer(tmp_path, 3, [cb]).fit(net, loader(ref))
     assert len(cb.records) == 3
     rec = cb.records[-1]
-    assert rec["pseudo"]["t"] == {"dice": None, "hd95": None} and "foreground" in rec["reasons"]["t"]
+    assert rec.pseudo["t"] == {"dice": None, "hd95": None} and "foreground" in rec.reasons["t"]
     est = cb.report["estimates"]["t"]["dice"]  # the calibration set has no support either: no G
     assert est["value"] is None and "no mapping G" in est["reason"] and "foreground" in est["reason"]
     assert finite_everywhere(cb.report)
@@ -109,10 +109,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     full = _fit(tmp_path / "a", 5)
     first = _fit(tmp_path / "b", 2, ckpt_dir=tmp_path / "ckpt")
     resumed = _fit(tmp_path / "c", 5, ckpt_dir=tmp_path / "ckpt2", resume=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [r["epoch"] for r in first.records] == [0, 1]
-    assert [r["epoch"] for r in resumed.records] == [0, 1, 2, 3, 4]  # kept, and none evaluated twice
-    assert [r["pseudo"] for r in resumed.records[:2]] == [r["pseudo"] for r in first.records]
+    assert [r.epoch for r in first.records] == [0, 1]
+    assert [r.epoch for r in resumed.records] == [0, 1, 2, 3, 4]  # kept, and none evaluated twice
+    assert [r.pseudo for r in resumed.records[:2]] == [r.pseudo for r in first.records]
     for a, b in zip(full.records, resumed.records):
+        a, b = a.to_dict(), b.to_dict()
         assert a["step"] == b["step"]
         assert max_abs_diff(a["pseudo"], b["pseudo"]) < 1e-6 and max_abs_diff(a["real"], b["real"]) < 1e-6
     ea, eb = full.report["estimates"]["t"]["dice"], resumed.report["estimates"]["t"]["dice"]

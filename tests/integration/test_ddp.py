@@ -57,7 +57,8 @@ class DumpRecords(Callback):
         self.monitored.append(None if v != v else v)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        records = [{k: r[k] for k in ("epoch", "step", "pseudo", "real", "n_support")} for r in self.spe.records]
+        keys = ("epoch", "step", "pseudo", "real", "n_support")
+        records = [{k: r.to_dict()[k] for k in keys} for r in self.spe.records]
         (self.folder / f"records_{trainer.global_rank}.json").write_text(json.dumps(records))
         (self.folder / f"monitored_{trainer.global_rank}.json").write_text(json.dumps(self.monitored))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import math
 import warnings
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from spe_lightning import SPEConfig
-from spe_lightning.monitoring.alerts import alert_message, alert_scalars, alerts_for, monitor_scalars
+from spe_lightning.monitoring.alerts import AlertEvent, alert_message, alert_scalars, alerts_for, monitor_scalars
 from spe_lightning.testing import Blobs, TinyNet, loader, tiny_spe, tiny_trainer
 
 TAG = "spe/estimate/t/dice"
@@ -41,13 +42,19 @@ def test_monitor_scalars_are_nan_until_an_estimate_exists():
 def test_alerts_below_above_and_on_the_interval():
     estimates = {"a": {"dice": _est(0.85, 0.75, 0.9), "hd95": _est(12.0, 9.0, 15.0)}, "b": {"dice": _est(None)}}
     events = alerts_for(estimates, {"dice": 0.8}, {"hd95": 10.0}, "estimate", epoch=3)
-    assert [(e["target"], e["metric"], e["direction"]) for e in events] == [("a", "hd95", "above")]
-    assert events[0]["epoch"] == 3 and events[0]["threshold"] == 10.0 and events[0]["value"] == 12.0
+    assert [(e.target, e.metric, e.direction) for e in events] == [("a", "hd95", "above")]
+    assert events[0].epoch == 3 and events[0].threshold == 10.0 and events[0].value == 12.0
+    assert events[0].to_dict() == {
+        **{"target": "a", "metric": "hd95", "value": 12.0, "lower": 9.0, "upper": 15.0, "compared": 12.0},
+        **{"threshold": 10.0, "direction": "above", "alert_on": "estimate", "epoch": 3},  # no chunk/stage: left out
+    }
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        events[0].threshold = 20.0  # type: ignore[misc]
     lower = alerts_for(estimates, {"dice": 0.8}, {"hd95": 16.0}, "lower")
-    assert [(e["metric"], e["compared"]) for e in lower] == [("dice", 0.75)]  # upper 15 < 16: no HD95 alert
+    assert [(e.metric, e.compared) for e in lower] == [("dice", 0.75)]  # upper 15 < 16: no HD95 alert
     flags = alert_scalars(lower, ["a", "b"], {"dice": 0.8}, {"hd95": 16.0})
     assert flags == {"spe/alert/a/dice": 1.0, "spe/alert/b/dice": 0.0, "spe/alert/a/hd95": 0.0, "spe/alert/b/hd95": 0.0}
-    msg = alert_message({**lower[0], "chunk": "2024-01"})
+    msg = alert_message({**lower[0].to_dict(), "chunk": "2024-01"})  # a chunked result's event dict
     assert "a dice" in msg and "0.750" in msg and "0.8" in msg and "chunk 2024-01" in msg
 
 
@@ -107,7 +114,7 @@ def test_resumed_run_publishes_before_its_next_evaluation(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = tiny_spe(**kw)
     tiny_trainer(tmp_path, 6, [first, ckpt], enable_checkpointing=True).fit(_ValNet(), loader(ref), loader(cal))
-    assert [r["epoch"] for r in first.records] == [1, 3, 5]
+    assert [r.epoch for r in first.records] == [1, 3, 5]
     probe = _Probe()
     cb = tiny_spe(**kw)
     resumed = ModelCheckpoint(dirpath=tmp_path / "ckpt2", monitor=TAG, mode="max", save_top_k=1)
@@ -145,7 +152,8 @@ def test_alerts_warn_log_report_and_survive_a_failing_notifier(tmp_path):
     assert any("SPE alert: t dice estimate" in m and "below the threshold 1.01 at epoch 2" in m for m in text)
     assert any("on_alert raised" in m for m in text)
     # from the 3rd record on, once per evaluation, then once for the final estimate
-    assert [(e["epoch"], e["stage"]) for e in got] == [(2, "running"), (3, "running"), (3, "final")]
+    assert all(isinstance(e, AlertEvent) for e in got)  # on_alert gets the typed event
+    assert [(e.epoch, e.stage) for e in got] == [(2, "running"), (3, "running"), (3, "final")]
     assert any("at the final weights (epoch 3)" in m for m in text)
     report = cb.report
     assert [(a["epoch"], a.get("stage")) for a in report["alerts"]] == [(2, "running"), (3, "running"), (3, "final")]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spe_lightning import SPEConfig, SPEEstimator, SPERun
+from spe_lightning.engine.records import Record
 from spe_lightning.testing import (
     Blobs,
     TinyNet,
@@ -51,7 +52,7 @@ def test_plain_loop_runs_spe_end_to_end(tmp_path):
         _train_epoch(model, ref, opt)
         run.record(model, epoch=epoch, step=epoch)
     run.finish(model, step=3)  # the last record holds the final weights: no extra evaluation
-    assert [r["epoch"] for r in run.records] == [0, 1, 2, 3] and run.records[-1]["final"]
+    assert [r.epoch for r in run.records] == [0, 1, 2, 3] and run.records[-1].final
     assert len(run.pairs) > 0 and warnings == []
     report = run.build_report()
     est = report["estimates"]["t"]["dice"]
@@ -85,8 +86,8 @@ def test_plain_loop_equals_the_callback(tmp_path):
     run = SPERun(cb.config, segmenter=fast_segmenter())
     run.prepare(ref, cal, tgt)
     record = run.evaluate(model)
-    assert max_abs_diff(record["pseudo"], cb.records[-1]["pseudo"]) < 1e-9
-    assert max_abs_diff(record["real"], cb.records[-1]["real"]) < 1e-9
+    assert max_abs_diff(record["pseudo"], cb.records[-1].to_dict()["pseudo"]) < 1e-9
+    assert max_abs_diff(record["real"], cb.records[-1].to_dict()["real"]) < 1e-9
 
 
 def test_failures_are_warned_and_skipped_or_raised_when_strict():
@@ -114,12 +115,13 @@ def test_evaluate_before_prepare_names_the_fix():
 
 def test_resume_warns_about_changed_settings_and_keeps_records():
     run = SPERun(_config())
-    run.records.append({"epoch": 0, "step": 5})
+    run.records.append(Record.from_dict({"epoch": 0, "step": 5, "pseudo": {}}))
     state = run.state_dict()
+    assert state["records"] == [run.records[0].to_dict()]  # plain dicts in the checkpoint
     messages: list[str] = []
     other = SPERun(_config(support_size=7), warn=messages.append)
     other.load_state_dict(state)
-    assert other.records == [{"epoch": 0, "step": 5}] and "support_size" in messages[0]
+    assert other.records == run.records and "support_size" in messages[0]
     with pytest.raises(ValueError, match="support_size"):
         SPERun(_config(support_size=7, strict=True)).load_state_dict(state)
 

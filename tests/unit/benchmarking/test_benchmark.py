@@ -167,7 +167,7 @@ def test_quality_regressor_row_follows_the_checkpoints(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)
-    assert sorted(snaps.weights) == [r["epoch"] for r in cb.records] == [0, 1, 2, 3]
+    assert sorted(snaps.weights) == [r.epoch for r in cb.records] == [0, 1, 2, 3]
     final = {k: v.clone() for k, v in model.state_dict().items()}
     est, _ = fit_regressor(cb.run, model, dm, QualitySettings(epochs=3))
     by_ckpt = regressor_by_checkpoint(est, model, cb.run, snaps.weights)

@@ -26,9 +26,9 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
     assert cb.run.keys == keys and cb.report["keys"] == keys
     assert cb.report["classes"] == {"bright": 1, "dim": 2}
     last = cb.records[-1]
-    assert last["final"] and set(last["n_support"]["t"]) == {"bright", "dim"}
+    assert last.final and set(last.n_support["t"]) == {"bright", "dim"}
     for kind in ("pseudo", "real"):
-        vals = last[kind]["calibration"]
+        vals = last.measured(kind)["calibration"]
         assert list(vals) == keys
         assert vals["dice"] == pytest.approx((vals["dice/bright"] + vals["dice/dim"]) / 2)
     # the real per-class Dice is the Dice of argmax == class against mask == class, per image
@@ -37,10 +37,10 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
     true = _stack(cal, "label").long()
     for name, c in (("bright", 1), ("dim", 2)):
         dice = per_image_metrics(pred == c, true == c, ("dice",))["dice"].mean().item()
-        assert last["real"]["calibration"][f"dice/{name}"] == pytest.approx(dice, abs=1e-9)
+        assert last.real["calibration"][f"dice/{name}"] == pytest.approx(dice, abs=1e-9)
     # the classes' reverse steps differ: each has its own support set and queries
     assert cb.run.engine.queries[1] != [] and cb.run.engine.queries[2] != []
-    assert last["pseudo"]["t"]["dice/bright"] != last["pseudo"]["t"]["dice/dim"]
+    assert last.pseudo["t"]["dice/bright"] != last.pseudo["t"]["dice/dim"]
     est = cb.report["estimates"]["t"]
     bright = est["dice/bright"]  # a 5-epoch toy: its pairs may show SPE does not track it (value withheld, said so)
     said = bright if bright.get("reliable", True) else bright["withheld"]
@@ -79,14 +79,14 @@ def test_3d_volumes_slice_wise(tmp_path):
     assert t.gray.shape == (24, 1, 24, 24)
 
     last = cb.records[-1]
-    assert last["pseudo"]["t"]["dice"] is not None and last["n_support"]["t"] > 0
+    assert last.pseudo["t"]["dice"] is not None and last.n_support["t"] > 0
     # real metrics are per volume, in 3D
     with torch.no_grad():
         pred = torch.sigmoid(net.eval()(_stack(cal, "image"))) > 0.5
     true = _stack(cal, "label") > 0.5
     real = per_image_metrics(pred, true, ("dice", "hd95"))
-    assert last["real"]["calibration"]["dice"] == pytest.approx(real["dice"].mean().item(), abs=1e-9)
-    assert last["real"]["calibration"]["hd95"] == pytest.approx(real["hd95"].mean().item(), abs=1e-9)
+    assert last.real["calibration"]["dice"] == pytest.approx(real["dice"].mean().item(), abs=1e-9)
+    assert last.real["calibration"]["hd95"] == pytest.approx(real["hd95"].mean().item(), abs=1e-9)
     assert finite_everywhere(cb.report) and cb.report["reference_slices"] == cb.run.engine.ref_slices
 
 

@@ -276,15 +276,15 @@ def test_a_run_reports_the_signal_rows_and_keeps_the_masks_across_a_resume(tmp_p
             assert resumed.history.epochs("t") == [0, 1]
             assert resumed.history.agreement("t") == pytest.approx(run.history.agreement("t"))
             run = resumed
-    assert run.records[0]["agreement"]["t"] is None and run.records[-1]["agreement"]["t"] is not None
+    assert run.records[0].agreement["t"] is None and run.records[-1].agreement["t"] is not None
     run.finish(model, step=3)
     styled = [p for p in run.pairs if p["kind"] == "styled"]
     assert [(p["name"], p["target"]) for p in styled] == [("styled_t", "t")]
     assert run.styles["t"]["noise_added"] >= 0 and run.signal_seconds["styled_pairs"] > 0
     report = run.build_report()
     base = report["baselines"]
-    assert base["soft_dice_confidence"]["t"]["dice"] == pytest.approx(run.records[-1]["confidence"]["t"])
-    real_cal = run.records[-1]["real"]["calibration"]["dice"]
+    assert base["soft_dice_confidence"]["t"]["dice"] == pytest.approx(run.records[-1].confidence["t"])
+    real_cal = run.records[-1].real["calibration"]["dice"]
     assert base["styled_calibration_score"]["t"]["dice"] == pytest.approx(real_cal + styled[0]["d_real"]["dice"])
     assert base["agreement"]["t"]["dice"] is not None
     agree = report["signals"]["agreement"]

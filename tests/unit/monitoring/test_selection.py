@@ -107,6 +107,8 @@ def _fake_run(**config) -> tuple[SPERun, list[str]]:
             "real": {n: {"dice": 0.6} for n in names},
             "confidence": dict.fromkeys(names, 0.9),
             "n_support": dict.fromkeys(names, 3),
+            "reasons": {},
+            "distance": {},
         }
 
     run.evaluate = evaluate  # type: ignore[method-assign]
@@ -121,21 +123,23 @@ def test_selection_hook_adds_the_targets_to_every_kth_record_before_it_is_kept(m
     run, warned = _fake_run()
     monkeypatch.setattr(selection, "selection_targets", lambda r, dm, seed: {"noise_2": [0, 1, 2]})
     run.record_hooks.append(selection.SelectionTargets(run, None, 0, 2))
-    kept: list[dict] = []
+    kept: list = []
     for epoch in range(4):
         record = run.record(None, epoch, 10 * epoch)
         kept.append(copy.deepcopy(record))  # as it was when record() returned
     assert run.hook_calls == 2 and warned == []
-    assert [("noise_2" in r["pseudo"], r.get("selection")) for r in kept] == [
+    assert [("noise_2" in r.pseudo, r.selection) for r in kept] == [
         (False, None),
-        (True, ["noise_2"]),
+        (True, ("noise_2",)),
         (False, None),
-        (True, ["noise_2"]),
+        (True, ("noise_2",)),
     ]
     assert kept == run.records
-    assert kept[1]["real"]["noise_2"] == {"dice": 0.6} and kept[3]["confidence"]["noise_2"] == 0.9
-    assert all(r["pseudo"]["calibration"] == {"dice": 0.5} for r in kept)  # the run's own sets are untouched
-    assert "noise_2" not in kept[1]["n_support"]  # only pseudo, real and confidence join the record
+    assert kept[1].real["noise_2"] == {"dice": 0.6} and kept[3].confidence["noise_2"] == 0.9
+    assert all(r.pseudo["calibration"] == {"dice": 0.5} for r in kept)  # the run's own sets are untouched
+    assert "noise_2" not in kept[1].n_support  # only pseudo, real and confidence join the record
+    with pytest.raises(TypeError):  # a kept record is read-only, its maps too
+        run.records[1].pseudo["noise_2"] = {"dice": 1.0}  # type: ignore[index]
 
 
 def test_record_hooks_merge_and_a_failing_hook_warns_and_is_skipped():
@@ -147,8 +151,8 @@ def test_record_hooks_merge_and_a_failing_hook_warns_and_is_skipped():
 
     run.record_hooks += [lambda m, e: {"b": measured}, broken, lambda m, e: {"a": measured, "c": {"pseudo": {}}}]
     record = run.record(None, 0, 0)
-    assert record is run.records[-1] and record["selection"] == ["b"]  # "c" lacks real/confidence: nothing joins
-    assert record["real"]["b"] == {"dice": 0.3} and "a" not in record["pseudo"]
+    assert record is run.records[-1] and record.selection == ("b",)  # "c" lacks real/confidence: nothing joins
+    assert record.real["b"] == {"dice": 0.3} and "a" not in record.pseudo
     assert len(warned) == 2 and "no such set" in warned[0] and "'c'" in warned[1] and "real" in warned[1]
 
     strict, _ = _fake_run(strict=True)
