@@ -187,11 +187,12 @@ def fit_and_estimate(
     ``by_checkpoint`` is computed with the final rule (the interval model's move), so its last point is
     the final estimate; a metric found unreliable has none.
 
-    Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
-    upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
+    Returns a dict with ``mapping``, ``estimates`` (``{target: {key: Estimate}}`` at the last record: value,
+    lower, upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
     record), ``true`` (targets with masks, at the last record) and ``baselines``
     (``calibration_score``: the calibration metric at the same record; ``confidence``: the model's
-    soft-Dice confidence mapped by a G of the same kind fitted on calibration).
+    soft-Dice confidence mapped by a G of the same kind fitted on calibration); everything but the
+    estimates is plain JSON (:class:`~spe_lightning.engine.run_report.SPEReport` holds it in the report).
     """
     records = as_records(records)
     last = len(records) - 1
