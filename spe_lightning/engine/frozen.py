@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -48,3 +48,14 @@ class DictReads:
     def keys(self) -> Any:
         """The keys of :meth:`to_dict`."""
         return self.to_dict().keys()
+
+    def items(self) -> Any:
+        """The items of :meth:`to_dict`."""
+        return self.to_dict().items()
+
+    def values(self) -> Any:
+        """The values of :meth:`to_dict`."""
+        return self.to_dict().values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())

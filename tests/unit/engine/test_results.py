@@ -96,7 +96,8 @@ def test_dict_style_reads_keep_code_written_for_dicts_working():
     e = _cases()["anchored_pairs_outside"]
     assert e["value"] == e.value and e["paper"] == e.paper.to_dict()
     assert e.get("withheld") is None and "withheld" not in e and "distance" in e
-    assert dict(e) == e.to_dict() and {**e} == e.to_dict()
+    assert dict(e) == e.to_dict() and {**e} == e.to_dict() and list(e) == list(e.to_dict())
+    assert dict(e.items()) == e.to_dict() and list(e.values()) == list(e.to_dict().values())
     with pytest.raises(KeyError):
         e["withheld"]
     with pytest.raises(TypeError):
