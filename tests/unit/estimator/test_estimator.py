@@ -27,6 +27,8 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
     assert state["reference"]["images"].shape == (20, 1, 48, 48)
     assert state["reference"]["indices"] == cb.report["reference_indices"]
     est = SPEEstimator.load(path)
+    # the file keeps the run's final estimates in their dict form; the artifact reads them back typed
+    assert est.fitted.target_estimates == cb.report.estimates
     for name in ("target", "target_noisy"):
         res = est.estimate(model, dm.targets[name], name=name)
         for metric, expected in cb.report.estimates[name].items():
