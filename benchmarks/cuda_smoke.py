@@ -42,11 +42,11 @@ def fits(root: Path) -> None:
         tiny_trainer(root / name.replace(" ", "_"), 5, [cb], accelerator="gpu", devices=1).fit(
             TinyNet(**net_kw), loader(ref, 2)
         )
-        est = cb.report["estimates"]["t"]["dice"]
+        est = cb.report.estimates["t"]["dice"]
         print(
             f"{name}: {len(cb.records)} records in {time.perf_counter() - t0:.1f}s, "
             f"finite={finite_everywhere(cb.report)}, "
-            f"dice estimate {est['value']} (true {cb.report['true']['t']['dice']:.3f}), reason {est['reason']}"
+            f"dice estimate {est.value} (true {cb.report.true['t']['dice']:.3f}), reason {est.reason}"
         )
 
 

@@ -64,8 +64,8 @@ def fit(task: str, data: Any, make_model: Any, epochs: int, spe_kwargs: dict[str
     run = spe.run
     report = spe.report
     targets = {
-        t: {k: report["estimates"][t]["dice"].get(k) for k in ("value", "lower", "upper", "true")}
-        for t in report["estimates"]
+        t: {"value": e.value, "lower": e.lower, "upper": e.upper, "true": e.true}
+        for t, e in ((t, per_key["dice"]) for t, per_key in report.estimates.items())
     }
     return {
         "task": task,

@@ -33,9 +33,9 @@ def main() -> None:
     )
     trainer.fit(model, datamodule=data)
 
-    for target, per_metric in spe.report["estimates"].items():
-        est, true = per_metric["dice"], spe.report["true"].get(target, {}).get("dice")
-        print(f"{target}: estimated Dice {est['value']:.3f} [{est['lower']:.3f}, {est['upper']:.3f}], true {true:.3f}")
+    for target, per_metric in spe.report.estimates.items():
+        est = per_metric["dice"]  # an Estimate; the target came with masks, so its true Dice is beside it
+        print(f"{target}: estimated Dice {est.value:.3f} [{est.lower:.3f}, {est.upper:.3f}], true {est.true:.3f}")
     print(f"TensorBoard: tensorboard --logdir {trainer.log_dir}")
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from spe_lightning.config import SPEConfig
 from spe_lightning.engine.cached_set import SizedDataset
 from spe_lightning.engine.records import Record
+from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.lightning import schedule
 from spe_lightning.lightning.distributed import shard
 from spe_lightning.lightning.publishing import Publisher, report_dir
@@ -108,13 +109,12 @@ class SPECallback(Callback):
         return self.run.records
 
     @property
-    def report(self) -> dict[str, Any]:
+    def report(self) -> SPEReport:
         """The final report after fit (estimates, G, baselines, records); a top-level ``reason`` says why
         there are no estimates (not fitted yet, skipped under ``fast_dev_run``, too few evaluations)."""
         if self.run.report is not None:
             return self.run.report
-        records = [r.to_dict() for r in self.records]
-        return {"estimates": {}, "records": records, "reason": "SPE has not finished a fit yet"}
+        return SPEReport({}, tuple(self.records), "SPE has not finished a fit yet")
 
     @property
     def estimator(self) -> SPEEstimator | None:
@@ -246,8 +246,8 @@ class SPECallback(Callback):
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After fit: the report on rank zero (files, console, loggers, final alerts) while the others wait."""
         report = self.run.build_report()
-        if report["reason"]:
-            rank_zero_warn(f"SPECallback: no estimates: {report['reason']}.")
+        if report.reason:
+            rank_zero_warn(f"SPECallback: no estimates: {report.reason}.")
         out = self.report_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         try:
             if trainer.is_global_zero:

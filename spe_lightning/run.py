@@ -40,6 +40,7 @@ from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_datas
 from spe_lightning.engine.distance import diagonal
 from spe_lightning.engine.predict import LogitsFn, default_logits
 from spe_lightning.engine.records import CALIBRATION, Record, fit_and_estimate
+from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.engine.signals import signal_baselines
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.estimator import RunOutcome, SPEEstimator, fit_estimator
@@ -105,7 +106,8 @@ class SPERun(RunSteps):
         self.segmenter_from_cache = False  # True when the learned segmenter's weights came from the fit cache
         self._segmenter_state: dict[str, Any] | None = None  # fitted weights from a checkpoint, until used
         self._reference_dataset: SizedDataset | None = None
-        self.report: dict[str, Any] | None = None
+        #: the run's report (:meth:`build_report`, frozen :class:`~spe_lightning.engine.run_report.SPEReport`)
+        self.report: SPEReport | None = None
         #: the fitted estimator of the finished run (:meth:`finish_fit`); None before
         self.estimator: SPEEstimator | None = None
         #: alert events (:func:`~spe_lightning.monitoring.alerts.alerts_for`) of the running and final estimates
@@ -297,20 +299,20 @@ class SPERun(RunSteps):
         self.alerts = [a for a in self.alerts if (a.epoch, a.stage) != (record.epoch, stage)] + events
         return events
 
-    def skip_report(self, reason: str) -> dict[str, Any]:
+    def skip_report(self, reason: str) -> SPEReport:
         """Keep a report without estimates that says why (e.g. under ``fast_dev_run``); kept in ``report``."""
-        self.report = {"estimates": {}, "records": [r.to_dict() for r in self.records], "reason": reason}
+        self.report = SPEReport({}, tuple(self.records), reason)
         self.estimator = None
         return self.report
 
-    def build_report(self) -> dict[str, Any]:
+    def build_report(self) -> SPEReport:
         """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
         c = self.config
         result = fit_and_estimate(
             self.records, self._targets, self.keys, c.mapping, c.level, c.anchored, self.pairs, self.metric_bounds()
         )
         engine = self.engine
-        report: dict[str, Any] = {
+        sections: dict[str, Any] = {
             "version": REPORT_VERSION,
             "metrics": list(c.metrics),
             "keys": self.keys,
@@ -321,17 +323,18 @@ class SPERun(RunSteps):
             "reference_indices": list(engine.ref_indices) if engine else [],
         }
         if engine is not None and engine.ref_slices and max(engine.ref_slices) >= 0:
-            report["reference_slices"] = engine.ref_slices
-        records = [r.to_dict() for r in self.records]  # the report is JSON: records in their dict form
-        report.update(result, records=records, pairs=self.pairs, reason=self.no_estimate_reason())
+            sections["reference_slices"] = engine.ref_slices
+        estimates = result.pop("estimates")
+        sections.update(result, pairs=self.pairs)
         rows, details = signal_baselines(
             self.records, self._targets, self.keys, self.pairs, self.history, self._sets.get(CALIBRATION)
         )
-        report["baselines"].update(rows)
-        report["signals"] = {**details, "styles": self.styles, "seconds": dict(self.signal_seconds)}
+        sections["baselines"].update(rows)
+        sections["signals"] = {**details, "styles": self.styles, "seconds": dict(self.signal_seconds)}
         if self.records:
-            self.check_alerts(result["estimates"], self.records[-1], stage="final")
-        report["alerts"] = [a.to_dict() for a in self.alerts]
+            self.check_alerts(estimates, self.records[-1], stage="final")
+        sections["alerts"] = [a.to_dict() for a in self.alerts]  # the events in their JSON form
+        report = SPEReport(estimates, tuple(self.records), self.no_estimate_reason(), sections)
         self.report = report
         self.estimator = None  # the estimator of an earlier report is stale
         return report
@@ -396,20 +399,21 @@ class SPERun(RunSteps):
             progress=self.show_progress and c.verbose,
         )
 
-    def finish_fit(self, model: nn.Module | None = None) -> dict[str, Any]:
+    def finish_fit(self, model: nn.Module | None = None) -> SPEReport:
         """Build the report (unless built) and, when it has estimates, the estimator once: ``report`` and
         ``estimator``. ``model`` (the trained model) calibrates the per-case scores (2D only) and, with
         ``quality_regressor``, fits the quality regressor and its combination with SPE (added to the report).
         A failing estimator is warned and left out (``strict``: raised); the report stands."""
         report = self.report if self.report is not None else self.build_report()
-        if self.estimator is not None or report.get("reason") is not None:
+        if self.estimator is not None or report.reason is not None:
             return report
         est = self.guarded(
             "building the estimator failed", lambda: fit_estimator(self.outcome(), model, warn=self.warn)
         )
         if est is not None:
             notes = est.fitted.notes
-            report.update({k: notes[k] for k in ("quality", "combined") if k in notes})
+            report = report.with_sections(**{k: notes[k] for k in ("quality", "combined") if k in notes})
+            self.report = report
             self.quality_seconds = float(notes.get("quality_seconds", 0.0))
             self.estimator = est
         return report

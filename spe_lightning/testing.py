@@ -6,6 +6,7 @@ Shipped in the package so that the test suite and ``benchmarks/cuda_smoke.py`` s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -178,19 +179,23 @@ def tiny_trainer(root: Any, epochs: int, callbacks: list, **kw: Any) -> pl.Train
 
 
 def finite_everywhere(obj: Any) -> bool:
-    """No NaN/inf float anywhere in a nested report."""
+    """No NaN/inf float anywhere in a nested report (typed results are checked in their ``to_dict()`` form)."""
+    if hasattr(obj, "to_dict"):
+        return finite_everywhere(obj.to_dict())
     if isinstance(obj, float):
         return math.isfinite(obj)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return all(finite_everywhere(v) for v in obj.values())
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         return all(finite_everywhere(v) for v in obj)
     return True
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
-    """Largest difference between two nested dicts of floats/None (inf when their structure differs)."""
-    if isinstance(a, dict) and isinstance(b, dict):
+    """Largest difference between two nested dicts of floats/None (inf when their structure differs; typed
+    results are compared in their ``to_dict()`` form)."""
+    a, b = (x.to_dict() if hasattr(x, "to_dict") else x for x in (a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
         if set(a) != set(b):
             return math.inf
         return max((max_abs_diff(a[k], b[k]) for k in a), default=0.0)

@@ -28,7 +28,7 @@ def fit_regressor(run: Any, model: Any, datamodule: Any, settings: Any = None) -
 
 def regressor_mean(est: Any, model: Any, data: Any) -> float | None:
     rows = est.case_estimates(model, data)
-    values = [r["estimated_dice"] for r in rows if r["estimated_dice"] is not None]
+    values = [r.estimated_dice for r in rows if r.estimated_dice is not None]
     return float(np.mean(values)) if values else None
 
 

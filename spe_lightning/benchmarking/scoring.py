@@ -12,6 +12,7 @@ from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
+from spe_lightning.engine.results import Estimate
 from spe_lightning.percase.combination import combination_from_pairs, combined_value
 
 __all__ = [
@@ -26,12 +27,17 @@ __all__ = [
 ]
 
 
-def interval_row(est: dict[str, Any]) -> dict[str, Any]:
+def interval_row(est: Estimate) -> dict[str, Any]:
     """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these), with the flags of
     issue 23 where set: ``reliable`` (False: value None, the numbers under ``withheld``) and
     ``outside_calibrated_range``."""
-    out = {k: est[k] for k in ("value", "lower", "upper")}
-    out.update({k: est[k] for k in ("reliable", "outside_calibrated_range", "withheld") if est.get(k) is not None})
+    out: dict[str, Any] = {"value": est.value, "lower": est.lower, "upper": est.upper}
+    if est.reliable is not None:
+        out["reliable"] = est.reliable
+    if est.outside_calibrated_range is not None:
+        out["outside_calibrated_range"] = est.outside_calibrated_range
+    if est.withheld is not None:
+        out["withheld"] = est.withheld.to_dict()
     return out
 
 

@@ -18,6 +18,8 @@ from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MAPPINGS, MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import PAPER_METRICS, per_image_metrics
 from spe_lightning.engine.records import CALIBRATION, fit_and_estimate
+from spe_lightning.engine.results import Estimate
+from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.engine.spe_engine import SPEEngine
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "MAPPINGS",
     "PAPER_METRICS",
     "CachedSet",
+    "Estimate",
     "MetricMapping",
     "NotEnoughPointsError",
     "SPEEngine",
+    "SPEReport",
     "cache_dataset",
     "estimate",
     "fit_and_estimate",

@@ -38,6 +38,7 @@ Used by the run (:mod:`spe_lightning.engine.records`), :class:`~spe_lightning.SP
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ from scipy import stats
 from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
+from spe_lightning.engine.results import Estimate, Interval
 
 __all__ = [
     "INTERVAL_RULES",
@@ -385,36 +387,51 @@ def estimate(
     anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
     distance: float | None = None,
     bounds: tuple[float | None, float | None] | None = None,
-) -> dict[str, Any]:
-    """One estimate ``{"value", "lower", "upper", "pseudo", "reason", "method"}`` from a pseudo metric.
+) -> Estimate:
+    """One :class:`~spe_lightning.engine.results.Estimate` (value, lower, upper, pseudo, reason, method) from a
+    pseudo metric.
 
     ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
     anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
     the target's label-free distance to the calibration set; ``bounds``: the metric's range when it
     differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
 
-    A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable:
-    False`` and the ``reason``; the numbers it would have said stay under ``withheld``.
+    A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable=False``
+    and the ``reason``; the numbers it would have said stay under ``withheld``.
     """
-    est: dict[str, Any] = {"value": None, "lower": None, "upper": None, "pseudo": finite_or_none(pseudo)}
-    est["reason"] = no_g if g is None else (no_pseudo if est["pseudo"] is None else None)
-    if est["reason"] is not None:
-        return est
-    assert g is not None
-    lo, hi = g.interval([est["pseudo"]], level)
-    paper = np.asarray([g.predict([est["pseudo"]])[0], lo[0], hi[0]], float)
+    p = finite_or_none(pseudo)
+    reason = no_g if g is None else (no_pseudo if p is None else None)
+    if reason is not None or g is None or p is None:
+        return Estimate(None, None, None, pseudo=p, reason=reason)
+    lo, hi = g.interval([p], level)
+    vals = np.asarray([g.predict([p])[0], lo[0], hi[0]], float)
     if bounds is not None:
-        paper = np.clip(paper, -np.inf if bounds[0] is None else bounds[0], np.inf if bounds[1] is None else bounds[1])
-    est.update(dict(zip(("value", "lower", "upper"), (finite_or_none(v) for v in paper))), method="paper")
-    if anchor is not None:
-        p_c, r_c, model = anchor
-        res = anchored_estimate(
-            g, metric, est["pseudo"], finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds
+        vals = np.clip(vals, -np.inf if bounds[0] is None else bounds[0], np.inf if bounds[1] is None else bounds[1])
+    paper = Interval(*(finite_or_none(v) for v in vals))
+    plain = Estimate(paper.value, paper.lower, paper.upper, pseudo=p, method="paper")
+    if anchor is None:
+        return plain
+    p_c, r_c, model = anchor
+    res = anchored_estimate(g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds)
+    if res["value"] is None:
+        return plain
+    anchored = Estimate(
+        res["value"],
+        res["lower"],
+        res["upper"],
+        pseudo=p,
+        method="anchored",
+        paper=paper,
+        from_pairs="outside_calibrated_range" in res,
+        distance=res.get("distance"),
+        pairs_distance=res.get("pairs_distance"),
+        outside_calibrated_range=res.get("outside_calibrated_range"),
+        reliable=res.get("reliable"),
+        unreliable=res.get("unreliable"),
+    )
+    if anchored.reliable is False:  # no number for a metric SPE cannot follow; what it would have said is kept
+        withheld = Interval(anchored.value, anchored.lower, anchored.upper)
+        return dataclasses.replace(
+            anchored, value=None, lower=None, upper=None, reason=f"unreliable: {res['unreliable']}", withheld=withheld
         )
-        if res["value"] is not None:
-            est["paper"] = {k: est[k] for k in ("value", "lower", "upper")}
-            est.update(res, method="anchored")
-            if res.get("reliable") is False:
-                est["withheld"] = {k: est[k] for k in ("value", "lower", "upper")}
-                est.update(value=None, lower=None, upper=None, reason=f"unreliable: {res['unreliable']}")
-    return est
+    return anchored

@@ -17,6 +17,7 @@ import numpy as np
 
 from spe_lightning.engine.calibration_pairs import pairs_for_target
 from spe_lightning.engine.estimate import anchored_value, estimate, finite_or_none, fit_interval_model
+from spe_lightning.engine.frozen import json_form, read_only
 from spe_lightning.engine.mapping import MetricMapping, NotEnoughPointsError
 from spe_lightning.engine.metrics import BOUNDED
 
@@ -27,24 +28,6 @@ CALIBRATION = "calibration"
 
 #: the per-set measurements a record holds (what :func:`series` reads)
 KINDS = ("pseudo", "real", "confidence", "n_support", "reasons", "distance", "agreement")
-
-
-def _frozen(value: Any) -> Any:
-    """A read-only copy: mappings as ``MappingProxyType`` (nested too), lists as tuples."""
-    if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """The JSON form of :func:`_frozen`'s output: dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +58,7 @@ class Record:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _frozen(getattr(self, field.name)))
+            object.__setattr__(self, field.name, read_only(getattr(self, field.name)))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # MappingProxyType does not pickle: a record pickles (and deep-copies) as its dict form
@@ -94,23 +77,23 @@ class Record:
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists, in the key order records have always had in ``spe_report.json``."""
         out: dict[str, Any] = {
-            "pseudo": _plain(self.pseudo),
-            "real": _plain(self.real),
-            "confidence": _plain(self.confidence),
-            "n_support": _plain(self.n_support),
-            "reasons": _plain(self.reasons),
+            "pseudo": json_form(self.pseudo),
+            "real": json_form(self.real),
+            "confidence": json_form(self.confidence),
+            "n_support": json_form(self.n_support),
+            "reasons": json_form(self.reasons),
             "seconds": self.seconds,
         }
         if self.distance is not None:
-            out["distance"] = _plain(self.distance)
+            out["distance"] = json_form(self.distance)
         out.update(epoch=self.epoch, step=self.step, final=self.final)
         if self.selection is not None:
             out["selection"] = list(self.selection)
         if self.agreement is not None:
-            out["agreement"] = _plain(self.agreement)
+            out["agreement"] = json_form(self.agreement)
         if self.epoch_seconds is not None:
             out["epoch_seconds"] = self.epoch_seconds
-        out.update(_plain(self.extra))
+        out.update(json_form(self.extra))
         return out
 
     @classmethod
@@ -204,11 +187,12 @@ def fit_and_estimate(
     ``by_checkpoint`` is computed with the final rule (the interval model's move), so its last point is
     the final estimate; a metric found unreliable has none.
 
-    Returns a JSON-safe dict with ``mapping``, ``estimates`` (at the last record: value, lower,
-    upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
+    Returns a dict with ``mapping``, ``estimates`` (``{target: {key: Estimate}}`` at the last record: value,
+    lower, upper, pseudo, reason, and ``true`` for targets with masks), ``by_checkpoint`` (estimate per
     record), ``true`` (targets with masks, at the last record) and ``baselines``
     (``calibration_score``: the calibration metric at the same record; ``confidence``: the model's
-    soft-Dice confidence mapped by a G of the same kind fitted on calibration).
+    soft-Dice confidence mapped by a G of the same kind fitted on calibration); everything but the
+    estimates is plain JSON (:class:`~spe_lightning.engine.run_report.SPEReport` holds it in the report).
     """
     records = as_records(records)
     last = len(records) - 1
@@ -268,10 +252,13 @@ def fit_and_estimate(
                 distance=finite_or_none(distances.get(t)),
                 bounds=key_bounds,
             )
+            true = series(records, "real", t, metric)
+            if last >= 0 and np.isfinite(true[last]):  # next to the estimate, for targets that came with masks
+                est = est.with_true(float(true[last]))
             out["estimates"][t][metric] = est
             if anchored and g is not None:
                 series_ = _anchored_series(g, metric, xt, x, y, model_t, key_bounds)
-                if est.get("reliable") is False:  # no number for a metric SPE cannot follow, at any checkpoint
+                if est.reliable is False:  # no number for a metric SPE cannot follow, at any checkpoint
                     series_ = [None] * len(series_)
                 out["by_checkpoint"][t][metric] = series_
             elif g is not None:
@@ -286,10 +273,8 @@ def fit_and_estimate(
             if g_conf is not None and last >= 0 and np.isfinite(ct[last]):
                 conf_val = finite_or_none(g_conf.predict([ct[last]])[0])
             out["baselines"]["confidence"][t][metric] = conf_val
-            true = series(records, "real", t, metric)
-            if last >= 0 and np.isfinite(true[last]):
-                out["true"].setdefault(t, {})[metric] = float(true[last])
-                est["true"] = float(true[last])  # next to the estimate, for targets that came with masks
+            if est.true is not None:
+                out["true"].setdefault(t, {})[metric] = est.true
     return out
 
 

@@ -22,6 +22,7 @@ from spe_lightning.engine.distance import diagonal, image_features, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, predict_labels
+from spe_lightning.engine.results import Estimate
 from spe_lightning.engine.spe_engine import SPEEngine
 from spe_lightning.estimator.fitted import FittedSPE
 from spe_lightning.estimator.persistence import fitted_state, save
@@ -258,7 +259,7 @@ class EstimatorBase:
         distance: float | None = None,
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
         target: str | None = None,
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Estimate]:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
         The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
@@ -272,7 +273,7 @@ class EstimatorBase:
         # the run's own targets had a target-styled pair in their interval model; other sets use the generic one
         intervals = (anchor or {}).get("intervals") or {}
         intervals = {**intervals, **((anchor or {}).get("intervals_by_target") or {}).get(target or "", {})}
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, Estimate] = {}
         for key in self.keys:
             md = self.mappings.get(key, {})
             out[key] = estimate(

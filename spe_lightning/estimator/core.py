@@ -5,8 +5,8 @@ A finished run builds it once (:func:`~spe_lightning.estimator.fitting.fit_estim
 
     run.estimator.save("spe_estimator.pt")
     result = SPEEstimator.load("spe_estimator.pt").estimate(model, new_images)
-    result.estimates["dice"]  # {"value", "lower", "upper", "pseudo", "reason"}
-    result.cases[0]           # per-case quality score, estimated Dice and flag
+    result.estimates["dice"].value  # an Estimate: value, lower, upper, pseudo, reason, ...
+    result.cases[0]                 # a CaseRow: per-case quality score, estimated Dice and flag
 
 Given the same weights, data and target name, :meth:`SPEEstimator.estimate` reproduces the estimate the
 callback reported after fit (same support order, reverse step and G).
@@ -27,6 +27,7 @@ from spe_lightning.config import ALERT_ON
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.input_check import border_fraction, compare_inputs, input_summary
 from spe_lightning.engine.predict import LogitsFn, default_logits, model_device
+from spe_lightning.engine.results import Estimate
 from spe_lightning.engine.shifts import subset
 from spe_lightning.estimator.base import EstimatorBase
 from spe_lightning.estimator.persistence import fitted_from_state, load
@@ -42,7 +43,7 @@ from spe_lightning.percase.labels import (
     suggest_labels,
 )
 from spe_lightning.percase.rca import per_case_dice
-from spe_lightning.percase.scorer import CaseInputs
+from spe_lightning.percase.scorer import CaseInputs, CaseRow, case_rows
 from spe_lightning.percase.sites import rows_vs_set
 
 __all__ = ["SPEEstimator"]
@@ -75,7 +76,7 @@ class SPEEstimator(EstimatorBase):
     # ------------------------------------------------------------------ the one estimate flow
     def _set_estimates(
         self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor | None, device: torch.device, target: str | None
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, float | None] | None]:
+    ) -> tuple[dict[str, Estimate], dict[str, Any], dict[str, float | None] | None]:
         """One set's estimates, its pseudo metrics (values, support, reason) and its real metrics (with masks)."""
         engine = self.engine
         pseudo = engine.pseudo(data, masks, device)
@@ -92,11 +93,11 @@ class SPEEstimator(EstimatorBase):
         device: torch.device,
         progress: Callable[[int], Any] | None,
         name: str | None = None,
-    ) -> tuple[list[dict[str, Any]], float | None]:
+    ) -> tuple[list[CaseRow], float | None]:
         real = per_case_dice(masks, data.masks) if data.masks is not None else None
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
         scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real, name), device, progress)
-        return [r.to_dict() for r in scoring.rows], scoring.threshold
+        return list(scoring.rows), scoring.threshold
 
     @torch.no_grad()
     def case_estimates(
@@ -105,7 +106,7 @@ class SPEEstimator(EstimatorBase):
         images: Any,
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[CaseRow]:
         """Only the per-case rows of :meth:`estimate` (no set-level reverse step): each case's quality,
         estimated Dice with its interval and flag (from the quality regressor when fitted, else RCA)."""
         data = self.cache(images, "cases")
@@ -205,13 +206,13 @@ class SPEEstimator(EstimatorBase):
         if progress is not None:
             progress(0)
         estimates, pseudo, true = self._set_estimates(data, masks, conf, device, target=name)
-        cases: list[dict[str, Any]] = []
+        cases: list[CaseRow] = []
         threshold = None
         if per_case:
             cases, threshold = self._case_rows(data, masks, conf, ids, device, progress, name)
         labelled = None
         if labelled_masks is not None:
-            labelled = self._with_labels(cases, masks, labelled_masks, label_design)
+            cases, labelled = self._with_labels(cases, masks, labelled_masks, label_design)
         return EstimateResult(
             name=name,
             combined=self._combined(estimates, cases),
@@ -229,11 +230,12 @@ class SPEEstimator(EstimatorBase):
             case_agreement=_rows_vs_set(cases, estimates),
         )
 
-    def _combined(self, estimates: dict[str, dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _combined(self, estimates: Mapping[str, Estimate], cases: Sequence[CaseRow]) -> dict[str, Any] | None:
         """SPE's Dice combined with the regressor's mean per-case estimate, with the weight the run chose."""
         weight = ((self.quality or {}).get("combination") or {}).get("weight")
-        spe = (estimates.get("dice") or {}).get("value")
-        values = [c["estimated_dice"] for c in cases if c.get("estimated_dice") is not None]
+        dice = estimates.get("dice")
+        spe = None if dice is None else dice.value
+        values = [c.estimated_dice for c in cases if c.estimated_dice is not None]
         if weight is None or spe is None or not values:
             return None
         reg, w = float(np.mean(values)), float(weight)
@@ -256,7 +258,7 @@ class SPEEstimator(EstimatorBase):
         alert_on: str | None = None,
         progress: Callable[[int], Any] | None = None,
         labelled_masks: Mapping[str | int, Tensor] | None = None,
-        cases: Sequence[dict[str, Any]] | None = None,
+        cases: Sequence[CaseRow] | None = None,
     ) -> ChunkedResult:
         """Monitor incoming data: predict once, then one estimate with its interval per chunk, and alerts.
 
@@ -299,7 +301,7 @@ class SPEEstimator(EstimatorBase):
         elif len(masks) != n:
             raise ValueError(f"{len(masks)} masks for {n} images.")
         labels: dict[int, Tensor] = {}
-        labelled_cases: list[dict[str, Any]] = []
+        labelled_cases: list[CaseRow] = []
         if labelled_masks is not None:
             labelled_cases, labels = self._chunk_labels(
                 model, data, masks, conf, labelled_masks, cases, device, logits_fn
@@ -348,7 +350,7 @@ class SPEEstimator(EstimatorBase):
 
     # ------------------------------------------------------------------ few labels (prediction-powered inference)
     def suggest_labels(
-        self, result: EstimateResult | Sequence[dict[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
+        self, result: EstimateResult | Sequence[CaseRow], k: int, seed: int = 0, n_strata: int | None = None
     ) -> dict[str, Any]:
         """The ``k`` target cases to label (a stratified random draw by per-case uncertainty, seeded), as a
         plain dict: label exactly those, then pass the dict as ``label_design`` with their masks to
@@ -360,24 +362,24 @@ class SPEEstimator(EstimatorBase):
 
     def _with_labels(
         self,
-        cases: list[dict[str, Any]],
+        cases: list[CaseRow],
         masks: Sequence[Tensor],
         labelled_masks: Mapping[str | int, Tensor],
         design: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
-        """The prediction-powered estimates of the labelled cases; their rows get their real Dice."""
+    ) -> tuple[list[CaseRow], dict[str, Any]]:
+        """The rows marked labelled or not (the labelled ones with their real Dice) and the prediction-powered
+        estimates of the labelled cases."""
         if self.config.classes:
             raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
-        ids = [c["id"] for c in cases]
+        ids = [c.id for c in cases]
         labels = label_positions(labelled_masks, ids)
         out = labelled_estimates(cases, masks, labels, self.config.level, design)
-        real = labelled_metrics(masks, labels, ids)["dice"]
-        for c in cases:
-            c.setdefault("real_dice", None)
-            c["labelled"] = False
-        for pos, value in zip(labels, real):
-            cases[pos]["real_dice"], cases[pos]["labelled"] = float(value), True
-        return out
+        real = dict(zip(labels, labelled_metrics(masks, labels, ids)["dice"]))
+        rows = [
+            c.with_label(float(real[i]), True) if i in real else c.with_label(c.real_dice, False)
+            for i, c in enumerate(cases)
+        ]
+        return rows, out
 
     def _chunk_labels(
         self,
@@ -386,10 +388,10 @@ class SPEEstimator(EstimatorBase):
         masks: Sequence[Tensor],
         conf: Tensor | None,
         labelled_masks: Mapping[str | int, Tensor],
-        cases: Sequence[dict[str, Any]] | None,
+        cases: Sequence[CaseRow] | None,
         device: torch.device,
         logits_fn: LogitsFn,
-    ) -> tuple[list[dict[str, Any]], dict[int, Tensor]]:
+    ) -> tuple[list[CaseRow], dict[int, Tensor]]:
         """The per-case rows (given, or computed) and the labelled positions of :meth:`estimate_chunks`."""
         if self.config.classes:
             raise NotImplementedError("labelled_masks: prediction-powered estimates are for binary estimators.")
@@ -400,11 +402,12 @@ class SPEEstimator(EstimatorBase):
             cases = self._case_rows(data, masks, conf, None, device, None)[0]
         if len(cases) != len(data):
             raise ValueError(f"{len(cases)} per-case rows for {len(data)} images.")
-        return list(cases), label_positions(labelled_masks, [c["id"] for c in cases])
+        rows = case_rows(cases)
+        return rows, label_positions(labelled_masks, [c.id for c in rows])
 
     def _chunk_ppi(
         self,
-        cases: Sequence[dict[str, Any]],
+        cases: Sequence[CaseRow],
         masks: Sequence[Tensor],
         labels: dict[int, Tensor],
         positions: Sequence[int],
@@ -432,9 +435,7 @@ class SPEEstimator(EstimatorBase):
         )
 
 
-def _rows_vs_set(cases: list[dict[str, Any]], estimates: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def _rows_vs_set(cases: Sequence[CaseRow], estimates: Mapping[str, Estimate]) -> dict[str, Any] | None:
     """The mean per-case Dice beside SPE's set Dice (:func:`~spe_lightning.percase.sites.rows_vs_set`)."""
-    dice = estimates.get("dice") or {}
-    return rows_vs_set(
-        [c.get("estimated_dice") for c in cases], dice.get("value"), dice.get("lower"), dice.get("upper")
-    )
+    dice = estimates.get("dice") or Estimate(None, None, None)
+    return rows_vs_set([c.estimated_dice for c in cases], dice.value, dice.lower, dice.upper)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from spe_lightning import __version__
 from spe_lightning.config import SPEConfig
+from spe_lightning.engine.results import Estimate, estimates_from_dict
 
 __all__ = ["FittedSPE"]
 
@@ -99,6 +100,12 @@ class FittedSPE:
     def keys(self) -> list[str]:
         """Estimate keys: the metrics, or per metric its class mean and ``"<metric>/<class>"``."""
         return self.config.keys
+
+    @property
+    def target_estimates(self) -> Mapping[str, Mapping[str, Estimate]]:
+        """The run's final estimate per target and key (kept in ``info["targets"]`` in their dict form, which
+        the file holds), as :class:`~spe_lightning.engine.results.Estimate` objects."""
+        return estimates_from_dict(self.info.get("targets", {}))
 
     def replace(self, **changes: Any) -> FittedSPE:
         """A copy with ``changes`` (validated again)."""

@@ -22,10 +22,13 @@ from torch import Tensor, nn
 
 from spe_lightning.config import SPEConfig
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset
+from spe_lightning.engine.frozen import json_form
 from spe_lightning.engine.input_check import input_summary
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, default_logits, model_device
 from spe_lightning.engine.records import CALIBRATION, Record, series
+from spe_lightning.engine.results import estimates_to_dict
+from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
 from spe_lightning.estimator.core import SPEEstimator
 from spe_lightning.estimator.fitted import FittedSPE
@@ -48,7 +51,8 @@ class RunOutcome:
 
     Args:
         config: the run's settings.
-        report: the run's report (G per key under ``mapping``, ``estimates``, ``anchor_intervals`` ...).
+        report: the run's :class:`~spe_lightning.engine.run_report.SPEReport` (G per key under ``mapping``,
+            ``estimates``, ``anchor_intervals`` ...).
         calibration_pseudo, calibration_real: the last record's calibration metrics (the anchor).
         calibration_features: the calibration set's label-free features at the last weights (or None).
         reference_images, reference_masks, reference_indices: the engine's references at the working size.
@@ -65,7 +69,7 @@ class RunOutcome:
     """
 
     config: SPEConfig
-    report: Mapping[str, Any]
+    report: SPEReport
     calibration_pseudo: Mapping[str, Any]
     calibration_real: Mapping[str, Any]
     calibration_features: np.ndarray | None
@@ -89,8 +93,8 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
     """The fitted state of ``outcome`` without any per-case scorer."""
     report, cal = outcome.report, outcome.calibration
     info: dict[str, Any] = {
-        "targets": {t: dict(e) for t, e in report.get("estimates", {}).items()},
-        "n_records": int(report.get("n_records", len(outcome.records))),
+        "targets": estimates_to_dict(report.estimates),  # plain dicts: the estimator file holds no objects
+        "n_records": int(report.section("n_records", len(outcome.records))),
         "custom_logits_fn": outcome.logits_fn is not default_logits,
     }
     if len(cal):
@@ -98,11 +102,11 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
     if model is not None:
         info["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     anchor: dict[str, Any] | None = None
-    if report.get("anchor_intervals") is not None:
+    if report.anchor_intervals is not None:
         anchor = {
-            "intervals": dict(report["anchor_intervals"]),
+            "intervals": json_form(report.anchor_intervals),
             # a run target's own model (its target-styled pair joined it): used for a set of the same name
-            "intervals_by_target": dict(report.get("anchor_intervals_by_target", {})),
+            "intervals_by_target": json_form(report.anchor_intervals_by_target),
             "calibration_pseudo": dict(outcome.calibration_pseudo),
             "calibration_real": dict(outcome.calibration_real),
         }
@@ -112,7 +116,7 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
     return FittedSPE(
         outcome.config,
         seg.spec(),
-        report["mapping"],
+        json_form(report.mapping),
         outcome.reference_images,
         outcome.reference_masks,
         outcome.reference_indices,
@@ -232,7 +236,7 @@ def fit_estimator(
 
 def _mean_estimate(est: SPEEstimator, model: nn.Module, data: CachedSet, logits_fn: LogitsFn) -> float | None:
     rows = est.case_estimates(model, data, logits_fn=logits_fn)
-    values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
+    values = [r.estimated_dice for r in rows if r.estimated_dice is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -240,7 +244,7 @@ def _combination(est: SPEEstimator, model: nn.Module, outcome: RunOutcome) -> di
     """Dice of every target as ``w * regressor mean + (1 - w) * SPE``, ``w`` chosen on the calibration pairs'
     sets (development data: their real Dice is known) with the fitted quality regressor; None without pairs."""
     report = outcome.report
-    mapping = report.get("mapping", {}).get("dice")
+    mapping = report.mapping.get("dice")
     if not outcome.pairs or not mapping or "error" in mapping:
         return None
     pseudo = series(list(outcome.records), "pseudo", CALIBRATION, "dice")
@@ -251,14 +255,14 @@ def _combination(est: SPEEstimator, model: nn.Module, outcome: RunOutcome) -> di
     last = int(np.flatnonzero(ok)[-1])
     # held out: the regressor's map refitted without each pair's shift family (subsets: none left, skipped)
     dev = heldout_regressor_means(est, model, outcome.calibration, outcome.pair_sets, outcome.logits_fn)
-    g = MetricMapping.from_dict(mapping)
+    g = MetricMapping.from_dict(json_form(mapping))
     choice = combination_from_pairs(list(outcome.pairs), dev, g, float(pseudo[last]), float(real[last]))
     if choice is None:
         return None
     w = float(choice["weight"])
     estimates = {}
     for t, data in outcome.targets.items():
-        spe, reg = report["estimates"][t]["dice"]["value"], _mean_estimate(est, model, data, outcome.logits_fn)
+        spe, reg = report.estimates[t]["dice"].value, _mean_estimate(est, model, data, outcome.logits_fn)
         estimates[t] = {"value": combined_value(w, reg, spe), "spe": spe, "regressor": reg}
     return {
         "metric": "dice",

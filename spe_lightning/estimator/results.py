@@ -1,6 +1,8 @@
 """The typed results of :class:`~spe_lightning.SPEEstimator`: one set's estimate, and the chunks of a monitored set.
 
 Each has ``to_dict()``: the JSON-safe summary the ``estimate`` command writes (no tensors, no per-case rows).
+The estimates are :class:`~spe_lightning.engine.results.Estimate` objects, the per-case rows
+:class:`~spe_lightning.percase.scorer.CaseRow` objects (``to_dict()`` each for JSON or CSV).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from typing import Any
 
 from torch import Tensor
 
+from spe_lightning.engine.results import Estimate
+from spe_lightning.percase.scorer import CaseRow
+
 __all__ = ["EstimateResult", "ChunkedResult"]
 
 
@@ -17,16 +22,18 @@ __all__ = ["EstimateResult", "ChunkedResult"]
 class EstimateResult:
     """What :meth:`SPEEstimator.estimate` found for one set of images.
 
-    ``cases`` holds one :meth:`~spe_lightning.percase.scorer.CaseRow.to_dict` row per case (empty with
-    ``per_case=False``); labelled cases add ``real_dice`` and ``labelled`` to their rows.
+    ``estimates`` holds one :class:`~spe_lightning.engine.results.Estimate` per key (``result.estimates["dice"]
+    .value``); ``cases`` one :class:`~spe_lightning.percase.scorer.CaseRow` per case (empty with
+    ``per_case=False``); with labelled cases every row says whether it was labelled and the labelled rows hold
+    their ``real_dice``.
     """
 
     name: str
-    estimates: dict[str, dict[str, Any]]  # metric -> value, lower, upper, pseudo, reason
+    estimates: dict[str, Estimate]  # key -> value, lower, upper, pseudo, reason, ...
     n_images: int
     n_support: int | dict[str, int]  # per class with classes
     level: float
-    cases: list[dict[str, Any]]  # per case: id, quality, estimated_dice, flagged, ... (empty if per_case=False)
+    cases: list[CaseRow]  # per case: id, quality, estimated_dice, flagged, ... (empty if per_case=False)
     masks: list[Tensor] = field(repr=False)  # predicted masks, bool [1,H,W], native size
     gray: Tensor = field(repr=False)  # working-size gray images [N,1,w,w]
     true: dict[str, float | None] | None = None  # real metrics when the images came with masks
@@ -44,13 +51,13 @@ class EstimateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no tensors, no per-case rows)."""
-        flagged = sum(1 for c in self.cases if c.get("flagged"))
+        flagged = sum(1 for c in self.cases if c.flagged)
         return {
             "name": self.name,
             "n_images": self.n_images,
             "n_support": self.n_support,
             "level": self.level,
-            "estimates": self.estimates,
+            "estimates": {k: e.to_dict() for k, e in self.estimates.items()},
             "true": self.true,
             "reason": self.reason,
             "cases": {"n": len(self.cases), "n_flagged": flagged, "threshold": self.case_threshold},
@@ -65,7 +72,8 @@ class ChunkedResult:
     """What :meth:`SPEEstimator.estimate_chunks` found: one estimate (with interval) per chunk, and the alerts."""
 
     name: str
-    chunks: list[dict[str, Any]]  # per chunk: chunk, n_images, positions, estimates, true, n_support, reason, alerts
+    #: per chunk: chunk, n_images, positions, estimates ({key: Estimate}), true, n_support, reason, alerts
+    chunks: list[dict[str, Any]]
     alerts: list[dict[str, Any]]  # every chunk's alert events, in chunk order
     level: float
     thresholds: dict[str, dict[str, float] | None]  # {"alert_below": ..., "alert_above": ...}
@@ -74,7 +82,7 @@ class ChunkedResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no positions)."""
-        chunks = [{k: v for k, v in c.items() if k != "positions"} for c in self.chunks]
+        chunks = [_chunk_json(c) for c in self.chunks]
         return {
             "name": self.name,
             "level": self.level,
@@ -84,3 +92,10 @@ class ChunkedResult:
             "alerts": self.alerts,
             "seconds": self.seconds,
         }
+
+
+def _chunk_json(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's JSON form: its estimates as dicts, without its positions."""
+    out = {k: v for k, v in chunk.items() if k != "positions"}
+    out["estimates"] = {m: e.to_dict() for m, e in chunk["estimates"].items()}
+    return out

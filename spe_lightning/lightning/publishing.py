@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from spe_lightning.engine.records import Record
+from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.monitoring.alerts import AlertEvent, alert_message, alert_scalars, monitor_scalars
 from spe_lightning.reporting.report import (
     by_checkpoint_scalars,
@@ -122,7 +123,7 @@ class Publisher:
                 rank_zero_warn(f"SPECallback: on_alert raised {err!r}; training continues.")
 
     # ----------------------------------------------------------------- after fit (rank zero)
-    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: dict[str, Any], out: Path) -> None:
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: SPEReport, out: Path) -> None:
         """The report files first (a failing logger must not cost them), then the console table, the loggers'
         scalars, figure and summary, and the final alerts; each step's failure is the run's to guard."""
         import matplotlib.pyplot as plt
@@ -130,12 +131,14 @@ class Publisher:
         fig = make_figure(report)
         try:
             self.run.guarded("writing the report failed", lambda: self.run.write_report(out, pl_module, fig))
+            # finishing (inside write_report) adds its sections (quality, combined) to a new report: the run's
+            final = self.run.report if self.run.report is not None else report
             if self.run.config.verbose:
                 # training is over and its progress bar closed: print through the logger
-                combined = combined_line(report)
-                table = summary_table(report) + (f"\n{combined}" if combined else "")
+                combined = combined_line(final)
+                table = summary_table(final) + (f"\n{combined}" if combined else "")
                 rank_zero_info(f"{table}\n{self.cost_line()}\nSPE report: {out / 'spe_report.json'}")
-            self.run.guarded("logging the report failed", lambda: self._log_report(trainer, report, fig))
+            self.run.guarded("logging the report failed", lambda: self._log_report(trainer, final, fig))
             self.run.guarded("announcing the final alerts failed", lambda: self._final_alerts(trainer))
         finally:
             plt.close(fig)
@@ -169,7 +172,7 @@ class Publisher:
                                step=records[-1].step)  # fmt: skip
         self._announce(events)
 
-    def _log_report(self, trainer: pl.Trainer, report: dict[str, Any], fig: Any) -> None:
+    def _log_report(self, trainer: pl.Trainer, report: SPEReport, fig: Any) -> None:
         records = self.run.records
         if not records:
             return

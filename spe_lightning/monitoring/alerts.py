@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from spe_lightning.engine.results import Estimate
+
 __all__ = ["AlertEvent", "alert_message", "alert_scalars", "alerts_for", "monitor_scalars", "MONITOR_TAGS"]
 
 #: where an event happened: the fields :func:`alerts_for` takes as ``context``, in their JSON order
@@ -76,34 +78,34 @@ def _finite(v: Any) -> float | None:
 
 
 def monitor_scalars(
-    estimates: Mapping[str, Mapping[str, Mapping[str, Any]]] | None, targets: Sequence[str], keys: Sequence[str]
+    estimates: Mapping[str, Mapping[str, Estimate]] | None, targets: Sequence[str], keys: Sequence[str]
 ) -> dict[str, float]:
     """``{tag: value}`` for every target and key: the estimate and its bounds, NaN where there is none yet.
 
-    ``estimates`` is ``{target: {key: {"value", "lower", "upper", ...}}}`` (a running estimate's
-    ``estimates``) or None before the first estimate. The set of tags never changes during a run, so
+    ``estimates`` is ``{target: {key: Estimate}}`` (a running estimate's ``estimates``) or None before the
+    first estimate. The set of tags never changes during a run, so
     a monitored tag is always present once the run is prepared.
     """
     out: dict[str, float] = {}
     for t in targets:
         for k in keys:
-            e = (estimates or {}).get(t, {}).get(k) or {}
+            e = (estimates or {}).get(t, {}).get(k)
             for field, prefix in MONITOR_TAGS.items():
-                v = _finite(e.get(field))
+                v = None if e is None else _finite(getattr(e, field))
                 out[f"{prefix}/{t}/{k}"] = float("nan") if v is None else v
     return out
 
 
-def _compared(e: Mapping[str, Any], direction: str, alert_on: str) -> float | None:
+def _compared(e: Estimate, direction: str, alert_on: str) -> float | None:
     """The number a threshold is compared with: the estimate, or the pessimistic end of its interval."""
     if alert_on == "estimate":
-        return _finite(e.get("value"))
-    v = _finite(e.get("lower" if direction == "below" else "upper"))
-    return v if v is not None else _finite(e.get("value"))
+        return _finite(e.value)
+    v = _finite(e.lower if direction == "below" else e.upper)
+    return v if v is not None else _finite(e.value)
 
 
 def alerts_for(
-    estimates: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    estimates: Mapping[str, Mapping[str, Estimate]],
     alert_below: Mapping[str, float] | None = None,
     alert_above: Mapping[str, float] | None = None,
     alert_on: str = "estimate",
@@ -124,17 +126,17 @@ def alerts_for(
     for direction, thresholds in (("below", alert_below), ("above", alert_above)):
         for key, threshold in (thresholds or {}).items():
             for target, per_key in estimates.items():
-                e = per_key.get(key) or {}
-                v = _compared(e, direction, alert_on)
-                if v is None or not (v < threshold if direction == "below" else v > threshold):
+                e = per_key.get(key)
+                v = None if e is None else _compared(e, direction, alert_on)
+                if e is None or v is None or not (v < threshold if direction == "below" else v > threshold):
                     continue
                 events.append(
                     AlertEvent(
                         target=target,
                         metric=key,
-                        value=_finite(e.get("value")),
-                        lower=_finite(e.get("lower")),
-                        upper=_finite(e.get("upper")),
+                        value=_finite(e.value),
+                        lower=_finite(e.lower),
+                        upper=_finite(e.upper),
                         compared=v,
                         threshold=float(threshold),
                         direction=direction,

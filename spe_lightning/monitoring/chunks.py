@@ -148,7 +148,9 @@ def read_meta(path: str | Path) -> list[dict[str, str]]:
 
 
 def chunk_rows(chunks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of ``chunks.csv``: per chunk and metric the estimate, interval, pseudo value, truth and alert."""
+    """Rows of ``chunks.csv``: per chunk (``ChunkedResult.chunks``: its ``estimates`` are
+    :class:`~spe_lightning.engine.results.Estimate` objects) and metric the estimate, interval, pseudo value,
+    truth and alert."""
     rows = []
     for c in chunks:
         fired = {a["metric"]: a for a in c.get("alerts", []) if a.get("alert_on") != "ppi_interval"}
@@ -162,14 +164,14 @@ def chunk_rows(chunks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "chunk": c["chunk"],
                     "n_images": c["n_images"],
                     "metric": metric,
-                    "estimate": e.get("value"),
-                    "lower": e.get("lower"),
-                    "upper": e.get("upper"),
-                    "pseudo": e.get("pseudo"),
+                    "estimate": e.value,
+                    "lower": e.lower,
+                    "upper": e.upper,
+                    "pseudo": e.pseudo,
                     "true": (c.get("true") or {}).get(metric),
                     "alert": int(a is not None),
                     "threshold": None if a is None else a["threshold"],
-                    "reason": e.get("reason") or "",
+                    "reason": e.reason or "",
                     "labels": lab.get("n_labels"),
                     "ppi_estimate": p.get("estimate"),
                     "ppi_lower": p.get("lower"),

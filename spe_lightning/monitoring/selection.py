@@ -63,7 +63,7 @@ def selection_regret(
     for i in candidates:
         if i >= 2:
             est = fit_and_estimate(records[: i + 1], [target], [metric], mapping, anchored=anchored)
-            running[i] = est["estimates"][target][metric]["value"]
+            running[i] = est["estimates"][target][metric].value
     picks = {
         "oracle": _best(list(real), candidates, lower),
         "spe": _best(by_ckpt, candidates, lower),

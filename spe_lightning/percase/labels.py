@@ -27,6 +27,7 @@ from spe_lightning.percase.ppi import (
     stratified_ppi_mean,
     uncertainty_of,
 )
+from spe_lightning.percase.scorer import CaseRow, case_rows
 
 __all__ = [
     "MIN_LABELS",
@@ -153,10 +154,10 @@ def labelled_metrics(predicted: Sequence[Tensor], labels: Mapping[int, Tensor], 
     return {m: got[m].double().numpy() for m in PPI_METRICS}
 
 
-def _estimated_dice(cases: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, int]:
+def _estimated_dice(cases: Sequence[CaseRow]) -> tuple[np.ndarray, int]:
     """Per-case estimated Dice, a missing one replaced by the mean of the others (a stand-in fixed before
     any label is seen, so the interval stays valid); and how many were missing."""
-    d = np.array([np.nan if c.get("estimated_dice") is None else c["estimated_dice"] for c in cases], dtype=float)
+    d = np.array([np.nan if c.estimated_dice is None else c.estimated_dice for c in cases], dtype=float)
     missing = ~np.isfinite(d)
     if missing.all():
         return d, int(missing.sum())
@@ -165,7 +166,7 @@ def _estimated_dice(cases: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, int
 
 
 def labelled_estimates(
-    cases: Sequence[Mapping[str, Any]],
+    cases: Sequence[CaseRow | Mapping[str, Any]],
     predicted: Sequence[Tensor],
     labels: Mapping[int, Tensor],
     level: float,
@@ -175,7 +176,8 @@ def labelled_estimates(
     """The prediction-powered estimate of every metric over the cases at ``positions`` (default: all).
 
     Args:
-        cases: every case's per-case row (``estimated_dice`` is the prediction; ``id`` names the case).
+        cases: every case's :class:`~spe_lightning.percase.scorer.CaseRow` (``estimated_dice`` is the prediction;
+            ``id`` names the case; plain dict rows are read with ``CaseRow.from_dict``).
         predicted: every case's predicted mask.
         labels: ``{position: mask}`` of the labelled cases (:func:`label_positions`).
         level: the intervals' coverage.
@@ -188,12 +190,13 @@ def labelled_estimates(
     "metrics": {metric: PPIResult.to_dict()} , "reason"}``; with fewer than :data:`MIN_LABELS` labels,
     or no per-case estimate at all, ``metrics`` holds only the labelled-only mean (and ``reason`` says why).
     """
-    ids = [str(c["id"]) for c in cases]
-    pop = list(range(len(cases))) if positions is None else [int(p) for p in positions]
+    rows = case_rows(cases)
+    ids = [c.id for c in rows]
+    pop = list(range(len(rows))) if positions is None else [int(p) for p in positions]
     in_pop = set(pop)
     lab = {p: m for p, m in labels.items() if p in in_pop}
     real = labelled_metrics(predicted, lab, ids)
-    est, n_missing = _estimated_dice([cases[p] for p in pop])
+    est, n_missing = _estimated_dice([rows[p] for p in pop])
     out: dict[str, Any] = {
         "n_labels": len(lab),
         "n_cases": len(pop),
@@ -249,12 +252,13 @@ def _design_strata(design: Mapping[str, Any], ids: Sequence[str], pop: Sequence[
 
 
 def suggest_labels(
-    cases: Sequence[Mapping[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
+    cases: Sequence[CaseRow | Mapping[str, Any]], k: int, seed: int = 0, n_strata: int | None = None
 ) -> dict[str, Any]:
     """The ``k`` cases to label, drawn by the stratified design of :func:`~spe_lightning.percase.ppi.stratified_design`
     on the per-case estimated Dice's uncertainty; a plain dict to save and give back with the labels."""
-    ids = [str(c["id"]) for c in cases]
-    est, n_missing = _estimated_dice(cases)
+    rows = case_rows(cases)
+    ids = [c.id for c in rows]
+    est, n_missing = _estimated_dice(rows)
     if n_missing == len(ids):
         raise ValueError(
             "suggesting cases needs per-case estimated Dice; this estimator's per-case scores are not calibrated "

@@ -15,7 +15,7 @@ A scorer turns each case (its working-size gray image, the model's mask and conf
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -24,8 +24,9 @@ from torch import Tensor
 
 from spe_lightning.data.adapters import resize_masks
 from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.frozen import DictReads
 
-__all__ = ["CaseRow", "CaseInputs", "CaseScoring", "ScorerFitData", "CaseScorer", "working_masks"]
+__all__ = ["CaseRow", "case_rows", "CaseInputs", "CaseScoring", "ScorerFitData", "CaseScorer", "working_masks"]
 
 #: ``fn(cached set) -> (the model's masks, its confidence)``, as the estimator predicts them
 PredictFn = Callable[[CachedSet], tuple[list[Tensor], Tensor]]
@@ -37,10 +38,10 @@ def working_masks(masks: Sequence[Tensor], size: tuple[int, ...]) -> Tensor:
 
 
 @dataclass(frozen=True)
-class CaseRow:
+class CaseRow(DictReads):
     """One case's row: what every scorer gives (``real_dice`` only when the images came with masks).
 
-    ``to_dict()`` is the row of ``cases.csv`` and of ``EstimateResult.cases``.
+    ``to_dict()`` is the row of ``cases.csv`` (``row["quality"]`` reads it, as when rows were dicts).
     """
 
     id: str
@@ -60,6 +61,9 @@ class CaseRow:
     distance: float | None = None
     beyond_calibrated: bool | None = None
     signals: str | None = None
+    #: with a few labelled target cases (``SPEEstimator.estimate(labelled_masks=...)``): whether this case
+    #: was labelled (its ``real_dice`` is then the labelled mask's); None without labels
+    labelled: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict (``real_dice`` only when known to the row)."""
@@ -79,7 +83,44 @@ class CaseRow:
             row.update(distance=self.distance, beyond_calibrated=self.beyond_calibrated, signals=self.signals)
         if self.with_real:
             row["real_dice"] = self.real_dice
+        if self.labelled is not None:
+            row["labelled"] = self.labelled
         return row
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CaseRow:
+        """The row of :meth:`to_dict`'s form (e.g. a row of ``cases.csv`` read back with its types)."""
+        if not isinstance(data, Mapping) or "id" not in data:
+            keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"SPE: a per-case row needs at least 'id' (got {keys}).")
+        return cls(
+            id=str(data["id"]),
+            quality=data.get("quality"),
+            estimated_dice=data.get("estimated_dice"),
+            estimated_dice_lower=data.get("estimated_dice_lower"),
+            estimated_dice_upper=data.get("estimated_dice_upper"),
+            flagged=data.get("flagged"),
+            empty_prediction=bool(data.get("empty_prediction", False)),
+            foreground_pixels=int(data.get("foreground_pixels", 0)),
+            confidence=data.get("confidence"),
+            best_reference=int(data.get("best_reference", -1)),
+            real_dice=data.get("real_dice"),
+            with_real="real_dice" in data,
+            distance=data.get("distance"),
+            beyond_calibrated=data.get("beyond_calibrated"),
+            signals=data.get("signals"),
+            labelled=data.get("labelled"),
+        )
+
+    def with_label(self, real_dice: float | None, labelled: bool) -> CaseRow:
+        """This row with whether it was labelled (and, when it was, the labelled mask's Dice)."""
+        return replace(self, real_dice=real_dice, with_real=True, labelled=labelled)
+
+
+def case_rows(rows: Sequence[CaseRow | Mapping[str, Any]]) -> list[CaseRow]:
+    """``rows`` as :class:`CaseRow` objects (plain dict rows, e.g. read back from JSON, through
+    :meth:`CaseRow.from_dict`)."""
+    return [r if isinstance(r, CaseRow) else CaseRow.from_dict(r) for r in rows]
 
 
 @dataclass(frozen=True)

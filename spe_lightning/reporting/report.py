@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spe_lightning.engine.frozen import json_form
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.records import CALIBRATION, Record, as_records
+from spe_lightning.engine.records import CALIBRATION, Record
+from spe_lightning.engine.results import Estimate
+from spe_lightning.engine.run_report import SPEReport, as_report
 
 __all__ = [
     "by_checkpoint_scalars",
@@ -46,27 +49,28 @@ def record_scalars(record: Record, running: dict[str, Any] | None = None) -> dic
     flat.update({f"spe/real/calibration/{m}": v for m, v in record.real.get(CALIBRATION, {}).items()})
     if running is not None:
         for t, per_metric in running["estimates"].items():
-            flat.update({f"spe/estimate/{t}/{m}": e["value"] for m, e in per_metric.items()})
+            flat.update({f"spe/estimate/{t}/{m}": e.value for m, e in per_metric.items()})
     return _finite(flat)
 
 
-def report_scalars(report: dict[str, Any]) -> dict[str, float]:
+def report_scalars(report: SPEReport | Mapping[str, Any]) -> dict[str, float]:
     """Logger scalars of the final estimates: ``spe/estimate[_lower|_upper]/<target>/<key>`` and
     ``spe/final_estimate/<target>/<key>`` (the report's value: at fit end the calibration pairs may move it
     from the last running estimate, which ``spe/estimate`` already holds at that step, *provisional*).
 
     Flags: ``spe/reliable/<target>/<key>`` (0: the metric is unreliable and has no final scalar),
     ``spe/outside_calibrated_range/<target>`` (1: farther from the calibration set than every calibration
-    pair; its intervals were widened) and ``spe/distance/<target>`` (engine/distance.py).
+    pair; its intervals were widened) and ``spe/distance/<target>`` (engine/distance.py). ``report``: the run's
+    or a ``json.load``-ed ``spe_report.json`` (as every function here takes).
     """
     flat: dict[str, Any] = {}
-    for t, per_metric in report["estimates"].items():
+    for t, per_metric in as_report(report).estimates.items():
         for m, e in per_metric.items():
-            for key, tag in (("value", "estimate"), ("lower", "estimate_lower"), ("upper", "estimate_upper")):
-                flat[f"spe/{tag}/{t}/{m}"] = e[key]
-            flat[f"spe/final_estimate/{t}/{m}"] = e["value"]
-            if e.get("reliable") is not None:
-                flat[f"spe/reliable/{t}/{m}"] = float(bool(e["reliable"]))
+            for value, tag in ((e.value, "estimate"), (e.lower, "estimate_lower"), (e.upper, "estimate_upper")):
+                flat[f"spe/{tag}/{t}/{m}"] = value
+            flat[f"spe/final_estimate/{t}/{m}"] = e.value
+            if e.reliable is not None:
+                flat[f"spe/reliable/{t}/{m}"] = float(e.reliable)
         outside, distance = _range_flag(per_metric)
         if outside is not None:
             flat[f"spe/outside_calibrated_range/{t}"] = float(outside)
@@ -74,20 +78,20 @@ def report_scalars(report: dict[str, Any]) -> dict[str, float]:
     return _finite(flat)
 
 
-def _range_flag(per_metric: dict[str, Any]) -> tuple[bool | None, float | None]:
+def _range_flag(per_metric: Mapping[str, Estimate]) -> tuple[bool | None, float | None]:
     """A target's ``(outside_calibrated_range, distance)``: outside when any key's interval model says so."""
-    flags = [e.get("outside_calibrated_range") for e in per_metric.values()]
+    flags = [e.outside_calibrated_range for e in per_metric.values()]
     known = [f for f in flags if f is not None]
-    distance = next((e.get("distance") for e in per_metric.values() if e.get("distance") is not None), None)
+    distance = next((e.distance for e in per_metric.values() if e.distance is not None), None)
     return (any(known) if known else None), distance
 
 
-def by_checkpoint_scalars(report: dict[str, Any], i: int) -> dict[str, float]:
+def by_checkpoint_scalars(report: SPEReport | Mapping[str, Any], i: int) -> dict[str, float]:
     """Logger scalars of the final G applied to record ``i``: ``spe/estimate_by_checkpoint/<target>/<key>``."""
     return _finite(
         {
             f"spe/estimate_by_checkpoint/{t}/{m}": vals[i]
-            for t, per_metric in report["by_checkpoint"].items()
+            for t, per_metric in as_report(report).by_checkpoint.items()
             for m, vals in per_metric.items()
         }
     )
@@ -107,23 +111,25 @@ def evaluation_line(
     for t in targets:
         p = record.pseudo.get(t, {}).get(metric)
         part = f"{t} pseudo {metric} {_fmt(p)}"
-        est = running["estimates"][t].get(metric, {}).get("value") if running else None
+        e = running["estimates"][t].get(metric) if running else None
+        est = None if e is None else e.value
         if est is not None:  # the running G without the calibration pairs: the report's estimate is final
             part += f" -> provisional est {est:.3f}"
         parts.append(part)
     return " ".join(parts)
 
 
-def write_json(report: dict[str, Any], path: str | Path) -> Path:
-    """Write ``report`` as strict JSON (NaN/inf are refused: they must be None upstream)."""
+def write_json(report: SPEReport | Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``report.to_dict()`` as strict JSON (NaN/inf are refused: they must be None upstream)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, allow_nan=False))
+    path.write_text(json.dumps(as_report(report).to_dict(), indent=2, allow_nan=False))
     return path
 
 
-def write_csv(report: dict[str, Any], path: str | Path) -> Path:
+def write_csv(report: SPEReport | Mapping[str, Any], path: str | Path) -> Path:
     """One row per (target, metric): estimate, interval, pseudo value, truth (if known), baselines."""
+    report = as_report(report)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = [
@@ -147,48 +153,50 @@ def write_csv(report: dict[str, Any], path: str | Path) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for t, per_metric in report["estimates"].items():
+        base = report.baselines
+        for t, per_metric in report.estimates.items():
             for m, e in per_metric.items():
-                base = report.get("baselines", {})
                 w.writerow(
                     [
                         t,
                         m,
-                        e["value"],
-                        e["lower"],
-                        e["upper"],
-                        e["pseudo"],
-                        report.get("true", {}).get(t, {}).get(m),
+                        e.value,
+                        e.lower,
+                        e.upper,
+                        e.pseudo,
+                        report.true.get(t, {}).get(m),
                         base.get("calibration_score", {}).get(t, {}).get(m),
                         base.get("confidence", {}).get(t, {}).get(m),
                         *(base.get(row, {}).get(t, {}).get(m) for row in SIGNAL_COLUMNS),
-                        e["reason"] or "",
-                        e.get("reliable", ""),
-                        e.get("outside_calibrated_range", ""),
-                        e.get("distance", ""),
+                        e.reason or "",
+                        e.reliable,  # None (not judged): an empty cell, as are the two below
+                        e.outside_calibrated_range,
+                        e.distance,
                     ]
                 )
     return path
 
 
-def summary_table(report: dict[str, Any], markdown: bool = True) -> str:
-    """A table of estimate [interval] (and the truth where known) per target and metric."""
-    estimates = report["estimates"]
+def summary_table(report: SPEReport | Mapping[str, Any], markdown: bool = True) -> str:
+    """A table of estimate [interval] (and the truth where known) per target and metric (``report``: the run's,
+    or a ``json.load``-ed ``spe_report.json``)."""
+    report = as_report(report)
+    estimates = report.estimates
     metrics: list[str] = list(next(iter(estimates.values()), {}).keys())
-    level = int(round(100 * report.get("level", 0.9)))
+    level = int(round(100 * (report.level if report.level is not None else 0.9)))
     header = ["target", *metrics]
     rows = []
     for t, per_metric in estimates.items():
         cells = []
         for m in metrics:
             e = per_metric[m]
-            if e.get("reliable") is False:
-                cell = f"unreliable ({_short_why(e.get('unreliable') or '')})"
-            elif e["value"] is None:
+            if e.reliable is False:
+                cell = f"unreliable ({_short_why(e.unreliable or '')})"
+            elif e.value is None:
                 cell = "n/a"
             else:
-                cell = f"{e['value']:.3f} [{_fmt(e['lower'])}, {_fmt(e['upper'])}]"
-            true = report.get("true", {}).get(t, {}).get(m)
+                cell = f"{e.value:.3f} [{_fmt(e.lower)}, {_fmt(e.upper)}]"
+            true = report.true.get(t, {}).get(m)
             if true is not None:
                 cell += f" (true {true:.3f})"
             cells.append(cell)
@@ -207,26 +215,27 @@ def _short_why(reason: str) -> str:
     return "not tracked on the calibration pairs" if "does not track" in reason else "interval too wide"
 
 
-def _notes(estimates: dict[str, Any]) -> list[str]:
+def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     """Lines under the table: targets outside the calibrated range, and why a metric is unreliable."""
     lines = []
     for t, per_metric in estimates.items():
         outside, distance = _range_flag(per_metric)
         if outside:
-            reach = next((e.get("pairs_distance") for e in per_metric.values() if e.get("pairs_distance")), None)
+            reach = next((e.pairs_distance for e in per_metric.values() if e.pairs_distance), None)
             lines.append(
                 f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
             )
-    reasons = {(m, e["unreliable"]) for per_metric in estimates.values() for m, e in per_metric.items()
-               if e.get("reliable") is False and e.get("unreliable")}  # fmt: skip
+    reasons = {(m, e.unreliable) for per_metric in estimates.values() for m, e in per_metric.items()
+               if e.reliable is False and e.unreliable}  # fmt: skip
     lines += [f"{m}: unreliable: {why}." for m, why in sorted(reasons)]
     return lines
 
 
-def combined_line(report: dict[str, Any]) -> str | None:
+def combined_line(report: SPEReport | Mapping[str, Any]) -> str | None:
     """One line with the Dice of SPE combined with the quality regressor's mean (when the run fitted it)."""
-    combined = report.get("combined")
+    report = as_report(report)
+    combined = report.combined
     if not combined:
         return None
     if combined["weight"] == 0.0:
@@ -238,7 +247,7 @@ def combined_line(report: dict[str, Any]) -> str | None:
     for t, e in combined["estimates"].items():
         if e["value"] is None:
             continue
-        true = report.get("true", {}).get(t, {}).get("dice")
+        true = report.true.get(t, {}).get("dice")
         parts.append(f"{t} {e['value']:.3f}" + (f" (true {true:.3f})" if true is not None else ""))
     w = combined["weight"]
     return (
@@ -247,20 +256,22 @@ def combined_line(report: dict[str, Any]) -> str | None:
     )
 
 
-def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
-    """Calibration pseudo vs real per checkpoint, the fitted G, and where each target falls."""
+def make_figure(report: SPEReport | Mapping[str, Any], metrics: Sequence[str] | None = None):
+    """Calibration pseudo vs real per checkpoint, the fitted G, and where each target falls (``report``: the
+    run's, or a ``json.load``-ed ``spe_report.json``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    records = as_records(report["records"])  # the report's JSON form
-    metrics = list(metrics or report["metrics"])
+    report = as_report(report)
+    records = report.records
+    metrics = list(metrics or report.metrics)
     cols = min(3, len(metrics))
     rows = int(np.ceil(len(metrics) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    targets = list(report["estimates"])
+    targets = report.targets
     for ax, metric in zip(axes.flat, metrics):
         xs = [r.pseudo.get(CALIBRATION, {}).get(metric) for r in records]
         ys = [r.real.get(CALIBRATION, {}).get(metric) for r in records]
@@ -268,17 +279,17 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
         if pts:
             px, py = zip(*pts)
             ax.scatter(px, py, s=18, c="0.35", label="calibration checkpoints", zorder=3)
-        g = report["mapping"].get(metric, {})
+        g = json_form(report.mapping.get(metric, {}))
         allx = [x for x, _ in pts]
         for ti, t in enumerate(targets):
-            e = report["estimates"][t][metric]
-            if e["value"] is None:
+            e = report.estimates[t][metric]
+            if e.value is None or e.lower is None or e.upper is None or e.pseudo is None:
                 continue
             c = colors[(ti + 1) % len(colors)]
             ax.errorbar(
-                e["pseudo"],
-                e["value"],
-                yerr=[[e["value"] - e["lower"]], [e["upper"] - e["value"]]],
+                e.pseudo,
+                e.value,
+                yerr=[[e.value - e.lower], [e.upper - e.value]],
                 fmt="D",
                 color=c,
                 ms=7,
@@ -286,10 +297,10 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
                 label=f"{t}: estimate",
                 zorder=4,
             )
-            true = report.get("true", {}).get(t, {}).get(metric)
+            true = report.true.get(t, {}).get(metric)
             if true is not None:
-                ax.scatter([e["pseudo"]], [true], marker="x", s=60, color=c, label=f"{t}: true", zorder=5)
-            allx.append(e["pseudo"])
+                ax.scatter([e.pseudo], [true], marker="x", s=60, color=c, label=f"{t}: true", zorder=5)
+            allx.append(e.pseudo)
         if "error" not in g and allx:
             grid = np.linspace(min(allx), max(allx), 100)
             ax.plot(grid, MetricMapping.from_dict(g).predict(grid), color=colors[0], lw=1.5, label=f"G ({g['kind']})")
@@ -303,7 +314,8 @@ def make_figure(report: dict[str, Any], metrics: Sequence[str] | None = None):
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle(
-        f"SPE: calibration pseudo vs real metric and G ({report['segmenter'].get('name', '?')} reverse segmenter)"
+        f"SPE: calibration pseudo vs real metric and G ({report.section('segmenter', {}).get('name', '?')} reverse "
+        "segmenter)"
     )
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     return fig

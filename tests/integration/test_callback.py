@@ -15,6 +15,7 @@ from torch import nn
 
 from spe_lightning import SPECallback, SPEConfig
 from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning.engine import SPEReport
 from spe_lightning.engine.predict import eval_mode
 from spe_lightning.models import SegmentationModel
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
@@ -74,6 +75,9 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     report_path = tmp_path / "tb" / "version_0" / "spe_report.json"
     report = json.loads(report_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
     _no_nan(report)
+    # the file is the typed report's dict form, finishing's sections included
+    assert isinstance(cb.report, SPEReport) and json.dumps(cb.report.to_dict(), indent=2) == report_path.read_text()
+    assert cb.report.estimates["target"]["dice"].to_dict() == report["estimates"]["target"]["dice"]
     assert set(report["estimates"]) == {"target", "target_noisy"}
     assert set(report["true"]) == {"target", "target_noisy"}  # synthetic targets have masks: shown as truth
     dice = report["estimates"]["target"]["dice"]
@@ -124,7 +128,7 @@ def test_no_work_during_fast_dev_run_and_it_says_so(tmp_path):
     cb = spe()
     with pytest.warns(UserWarning, match="skipped under fast_dev_run"):
         trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=small_data())
-    assert cb.records == [] and "fast_dev_run" in cb.report["reason"]
+    assert cb.records == [] and "fast_dev_run" in cb.report.reason
     assert not list(tmp_path.rglob("spe_report.json"))
 
 
@@ -157,8 +161,8 @@ def test_one_point_per_tag_and_step_and_the_truth_beside_the_estimate(tmp_path):
     spe_points = [p for p in logger.points if p[0].startswith("spe/")]
     assert len(spe_points) == len(set(spe_points))  # the final estimate is not logged a second time
     assert ("spe/estimate_lower/target/dice", cb.records[-1].step) in spe_points
-    est = cb.report["estimates"]["target"]["dice"]
-    assert est["true"] == cb.report["true"]["target"]["dice"]
+    est = cb.report.estimates["target"]["dice"]
+    assert est["true"] == cb.report.true["target"]["dice"]
 
 
 def test_a_schedule_with_too_few_evaluations_warns_before_training(tmp_path):
@@ -168,8 +172,8 @@ def test_a_schedule_with_too_few_evaluations_warns_before_training(tmp_path):
     messages = [str(w.message) for w in caught]
     first = next(i for i, m in enumerate(messages) if "every_n_epochs=5" in m)
     closing = next(i for i, m in enumerate(messages) if "no estimates" in m)
-    assert first < closing and "G needs 3" in cb.report["reason"]
-    assert cb.report["estimates"]["target"]["dice"]["value"] is None
+    assert first < closing and "G needs 3" in cb.report.reason
+    assert cb.report.estimates["target"]["dice"].value is None
     assert not list(tmp_path.rglob("spe_estimator.pt"))  # no G: nothing to reuse
 
 
@@ -188,8 +192,8 @@ def test_report_is_a_dict_with_a_reason_when_every_evaluation_failed(tmp_path):
     cb = spe(metrics=("dice",))
     with pytest.warns(UserWarning, match="no estimates: no evaluation succeeded"):
         trainer(tmp_path, 2, [cb]).fit(DictOut(channels=(8, 16), strides=(2,)), datamodule=small_data())
-    assert cb.records == [] and "no evaluation succeeded" in cb.report["reason"]
-    assert json.loads(next(tmp_path.rglob("spe_report.json")).read_text())["reason"] == cb.report["reason"]
+    assert cb.records == [] and "no evaluation succeeded" in cb.report.reason
+    assert json.loads(next(tmp_path.rglob("spe_report.json")).read_text())["reason"] == cb.report.reason
 
 
 def test_every_n_epochs_and_final_record(tmp_path):
@@ -198,7 +202,7 @@ def test_every_n_epochs_and_final_record(tmp_path):
     # epoch 1 by schedule, then the final weights after epoch 2
     assert [(r.epoch, r.final) for r in cb.records] == [(1, False), (2, True)]
     # two records: too few for G -> null estimates with a reason, never NaN
-    e = cb.report["estimates"]["target"]["dice"]
+    e = cb.report.estimates["target"]["dice"]
     assert e["value"] is None and "need" in e["reason"].lower()
     assert cb.report["pairs"]  # the pairs were measured; without G they cannot give an estimate
 
@@ -275,8 +279,8 @@ def test_explicit_datasets_and_tuple_items(tmp_path):
         metrics=("dice",),
     )
     trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=dm)
-    assert cb.report["estimates"]["unlabelled"]["dice"]["value"] is not None
-    assert "unlabelled" not in cb.report["true"]
+    assert cb.report.estimates["unlabelled"]["dice"].value is not None
+    assert "unlabelled" not in cb.report.true
 
 
 def test_a_failing_evaluation_never_stops_training(tmp_path):

@@ -54,7 +54,7 @@ def test_every_predicted_mask_empty_gives_null_with_a_reason(tmp_path):
     assert len(cb.records) == 3
     rec = cb.records[-1]
     assert rec.pseudo["t"] == {"dice": None, "hd95": None} and "foreground" in rec.reasons["t"]
-    est = cb.report["estimates"]["t"]["dice"]  # the calibration set has no support either: no G
+    est = cb.report.estimates["t"]["dice"]  # the calibration set has no support either: no G
     assert est["value"] is None and "no mapping G" in est["reason"] and "foreground" in est["reason"]
     assert finite_everywhere(cb.report)
 
@@ -64,7 +64,7 @@ def test_fewer_than_three_records_give_null_estimates_with_a_reason(tmp_path):
     cb = tiny_spe(reference=ref, calibration=cal, target=tgt)
     tiny_trainer(tmp_path, 2, [cb]).fit(TinyNet(), loader(ref))
     assert len(cb.records) == 2
-    for est in cb.report["estimates"]["t"].values():
+    for est in cb.report.estimates["t"].values():
         assert est["value"] is None and est["lower"] is None and "no mapping G" in est["reason"]
 
 

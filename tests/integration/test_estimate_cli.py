@@ -50,7 +50,7 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
     dice = summary["estimates"]["dice"]
     assert dice["lower"] <= dice["value"] <= dice["upper"]
     # 8-bit rounding of the images moves the estimate only a little
-    assert dice["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=0.05)
+    assert dice["value"] == pytest.approx(cb.report.estimates["target"]["dice"].value, abs=0.05)
     rows = list(csv.DictReader((out / "cases.csv").open()))
     assert [r["id"] for r in rows] == [f"case_{i:02d}" for i in range(len(target))]
     assert all(r["flagged"] in ("True", "False") and 0.0 <= float(r["quality"]) <= 1.0 for r in rows)

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from spe_lightning import SPEConfig
+from spe_lightning.engine import Estimate
 from spe_lightning.monitoring.alerts import AlertEvent, alert_message, alert_scalars, alerts_for, monitor_scalars
 from spe_lightning.testing import Blobs, TinyNet, loader, tiny_spe, tiny_trainer
 
@@ -26,7 +27,7 @@ def _data():
 
 
 def _est(value, lower=None, upper=None):
-    return {"value": value, "lower": lower, "upper": upper, "pseudo": 0.5, "reason": None}
+    return Estimate(value, lower, upper, pseudo=0.5)
 
 
 # ---------------------------------------------------------------- pure functions

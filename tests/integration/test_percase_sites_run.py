@@ -48,7 +48,7 @@ def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(tmp_
     agree = res.case_agreement
     mean = float(np.mean([r["estimated_dice"] for r in res.cases]))
     assert agree["mean_case_estimate"] == pytest.approx(mean)
-    assert agree["set_estimate"] == res.estimates["dice"]["value"]
-    half = (res.estimates["dice"]["upper"] - res.estimates["dice"]["lower"]) / 2
+    assert agree["set_estimate"] == res.estimates["dice"].value
+    half = (res.estimates["dice"].upper - res.estimates["dice"].lower) / 2
     assert agree["disagree"] == (abs(mean - agree["set_estimate"]) > half)
     assert res.to_dict()["case_agreement"] == agree

@@ -86,7 +86,7 @@ def test_trainer_progress_bar_shows_the_learned_fit_and_the_calibration_pairs(tm
 def test_no_progress_without_the_trainer_bar_or_when_quiet(tmp_path, capsys, enable_progress_bar, verbose):
     cb = _fit(tmp_path, enable_progress_bar=enable_progress_bar, verbose=verbose)
     err = capsys.readouterr().err
-    assert cb.report["reason"] is None  # the steps ran
+    assert cb.report.reason is None  # the steps ran
     assert "SPE: fitting learned_propagation:" not in err and "SPE: calibration pairs:" not in err
 
 

@@ -170,7 +170,7 @@ def test_a_learned_segmenter_is_fitted_once_kept_in_the_checkpoint_and_the_estim
     path = run.write_report(tmp_path, model)["estimator"]
     est = SPEEstimator.load(path)
     res = est.estimate(model, tgt["t"], name="t", per_case=False)
-    assert res.estimates["dice"]["value"] == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)
+    assert res.estimates["dice"].value == pytest.approx(run.report["estimates"]["t"]["dice"]["value"], abs=1e-6)
     # per-case scores (one-image supports) come from label fusion, which ranked cases better than the learned step
     from spe_lightning.percase.rca import RCAScorer, case_scores
     from spe_lightning.percase.scorer import CaseInputs

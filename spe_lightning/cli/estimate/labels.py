@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spe_lightning.cli.estimate.outputs import as_row, csv_cell, write_file
+from spe_lightning.cli.estimate.outputs import csv_cell, write_file
 from spe_lightning.data.images import fit_to_size, is_nifti, read_mask
 
 __all__ = ["MASK_SUFFIXES", "label_inputs", "label_outputs", "print_labels"]
@@ -78,8 +78,8 @@ def label_outputs(
     w = csv.writer(buf)
     w.writerow(["id", "file", "stratum", "estimated_dice"])
     for i in design["chosen"]:
-        c = as_row(res.cases[i])
-        w.writerow([csv_cell(c["id"]), csv_cell(sources[i]), design["strata"][i], c.get("estimated_dice") or ""])
+        c = res.cases[i]
+        w.writerow([csv_cell(c.id), csv_cell(sources[i]), design["strata"][i], c.estimated_dice or ""])
     write_file(out / "suggested_labels.csv", buf.getvalue())
     write_file(out / "label_design.json", json.dumps(design, indent=2))
     summary["suggested_labels"] = {

@@ -8,7 +8,7 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ import numpy as np
 from torch import Tensor
 
 from spe_lightning import __version__
+from spe_lightning.engine.results import Estimate
 from spe_lightning.monitoring.chunks import CHUNK_COLUMNS
+from spe_lightning.percase.scorer import CaseRow, case_rows
 
 __all__ = [
     "csv_cell",
@@ -25,7 +27,6 @@ __all__ = [
     "chunks_csv",
     "estimate_table",
     "chunk_table",
-    "as_row",
     "display_image",
     "versions",
     "relative_path",
@@ -33,12 +34,7 @@ __all__ = [
 ]
 
 
-def as_row(row: Any) -> dict[str, Any]:
-    """A per-case row (or an estimate) as a dict, whether the estimator returns dicts or typed rows."""
-    return row.to_dict() if hasattr(row, "to_dict") else row
-
-
-def estimate_table(estimates: dict[str, Any], level: float, true: dict[str, Any] | None) -> str:
+def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[str, Any] | None) -> str:
     """The printed table of the estimates with their intervals (and the true values with ``--masks``); a row
     says why it has no value, and when the target lies outside the calibrated range."""
 
@@ -47,33 +43,32 @@ def estimate_table(estimates: dict[str, Any], level: float, true: dict[str, Any]
 
     head = f"| metric | estimate | {level:.0%} interval | pseudo |" + (" true |" if true else "")
     lines = [head, "|---|---|---|---|" + ("---|" if true else "")]
-    for m, entry in estimates.items():
-        e = as_row(entry)
-        row = f"| {m} | {f(e['value'])} | {f(e['lower'])} – {f(e['upper'])} | {f(e['pseudo'])} |"
+    for m, e in estimates.items():
+        row = f"| {m} | {f(e.value)} | {f(e.lower)} – {f(e.upper)} | {f(e.pseudo)} |"
         if true:
             row += f" {f(true.get(m))} |"
-        if e.get("reason"):
-            row += f" {e['reason']}"
-        if e.get("outside_calibrated_range"):  # farther than every calibration pair: the interval was widened
+        if e.reason:
+            row += f" {e.reason}"
+        if e.outside_calibrated_range:  # farther than every calibration pair: the interval was widened
             row += " outside the calibrated range (interval widened)"
         lines.append(row)
     return "\n".join(lines)
 
 
-def chunk_table(chunks: Sequence[dict[str, Any]], metric: str = "dice") -> str:
-    """The printed table of ``metric`` per chunk, with its interval, the true value and the alerts."""
+def chunk_table(chunks: Sequence[Mapping[str, Any]], metric: str = "dice") -> str:
+    """The printed table of ``metric`` per chunk (``ChunkedResult.chunks``), with its interval, the true value
+    and the alerts."""
 
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = [f"| chunk | images | {metric} | interval | true | alert |", "|---|---|---|---|---|---|"]
     for c in chunks:
-        e = c["estimates"].get(metric, {})
+        e = c["estimates"].get(metric) or Estimate(None, None, None)
         alert = "ALERT" if any(a["metric"] == metric for a in c["alerts"]) else ""
         true = (c.get("true") or {}).get(metric)
         lines.append(
-            f"| {c['chunk']} | {c['n_images']} | {f(e.get('value'))} | {f(e.get('lower'))} – {f(e.get('upper'))} "
-            f"| {f(true)} | {alert} |"
+            f"| {c['chunk']} | {c['n_images']} | {f(e.value)} | {f(e.lower)} – {f(e.upper)} | {f(true)} | {alert} |"
         )
     return "\n".join(lines)
 
@@ -101,10 +96,10 @@ def write_file(path: Path, data: str | bytes) -> None:
         raise
 
 
-def cases_csv(cases: Sequence[Any], sources: Sequence[str]) -> str:
+def cases_csv(rows: Sequence[CaseRow | Mapping[str, Any]], sources: Sequence[str]) -> str:
     """``cases.csv``: one row per case (``sources``: each case's file), every text cell made safe by
     :func:`csv_cell`."""
-    cases = [as_row(c) for c in cases]
+    cases = [r.to_dict() for r in case_rows(rows)]
     cols = [
         "id",
         "file",

@@ -26,7 +26,6 @@ from spe_lightning.cli.estimate.inputs import (
 )
 from spe_lightning.cli.estimate.labels import label_inputs, label_outputs, print_labels
 from spe_lightning.cli.estimate.outputs import (
-    as_row,
     cases_csv,
     chunk_table,
     chunks_csv,
@@ -240,8 +239,8 @@ def write_outputs(
         summary["chunks"] = {"by": groups[1], **chunked.to_dict()}
         write_file(out / "chunks.csv", chunks_csv(chunk_rows(chunked.chunks)))
     write_file(out / "estimate.json", json.dumps(summary, indent=2, allow_nan=False))
-    cases = [as_row(c) for c in res.cases]
-    write_file(out / "cases.csv", cases_csv(cases, sources))
+    write_file(out / "cases.csv", cases_csv(res.cases, sources))
+    cases = [c.to_dict() for c in res.cases]  # report.html shows the rows of cases.csv
     order = sorted(range(len(cases)), key=lambda i: (cases[i]["quality"] is not None, cases[i]["quality"] or 0))
     gallery = []
     for i in order[: a.gallery]:
@@ -288,8 +287,8 @@ def print_results(
             f"{len(chunked.chunks)} chunks ({groups[1]}): model inference {t['predict']:.1f}s, "
             f"chunk estimates {t['estimate']:.1f}s; wrote {out / 'chunks.csv'}"
         )
-    cases = [as_row(c) for c in res.cases]
+    cases = res.cases
     if cases and res.case_threshold is not None:
-        n_flag = sum(1 for c in cases if c["flagged"])
+        n_flag = sum(1 for c in cases if c.flagged)
         print(f"{n_flag} of {len(cases)} cases flagged (quality < {res.case_threshold:.3f})")
     print(f"wrote {out / 'estimate.json'}, {out / 'cases.csv'}, {out / 'report.html'}")

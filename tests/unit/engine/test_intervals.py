@@ -11,6 +11,7 @@ from spe_lightning.engine.distance import FEATURES, diagonal, image_features, se
 from spe_lightning.engine.estimate import anchored_estimate, estimate, fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.records import fit_and_estimate
+from spe_lightning.engine.results import Estimate
 from spe_lightning.engine.shifts import shift_set, subset
 from spe_lightning.reporting.report import by_checkpoint_scalars, report_scalars, summary_table
 from spe_lightning.testing import Blobs
@@ -250,7 +251,7 @@ def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range
         "hd95": {"value": None, "lower": None, "upper": None, "pseudo": 9.0, "reliable": False,
                  "reason": "unreliable: its interval half-width 300 ... exceeds 0.25 of the metric's range (90.5)"},
     }  # fmt: skip
-    table = estimate_table(estimates, 0.9, None)
+    table = estimate_table({k: Estimate.from_dict(e) for k, e in estimates.items()}, 0.9, None)
     dice, hd95 = (line for line in table.splitlines() if line.startswith(("| dice", "| hd95")))
     assert "outside the calibrated range" in dice and "0.700" in dice
     assert "unreliable: its interval half-width" in hd95 and "n/a" in hd95

@@ -41,7 +41,7 @@ def test_multiclass_per_class_records_mean_and_names(tmp_path):
     # the classes' reverse steps differ: each has its own support set and queries
     assert cb.run.engine.queries[1] != [] and cb.run.engine.queries[2] != []
     assert last.pseudo["t"]["dice/bright"] != last.pseudo["t"]["dice/dim"]
-    est = cb.report["estimates"]["t"]
+    est = cb.report.estimates["t"]
     bright = est["dice/bright"]  # a 5-epoch toy: its pairs may show SPE does not track it (value withheld, said so)
     said = bright if bright.get("reliable", True) else bright["withheld"]
     assert set(est) == set(keys) and said["value"] is not None

@@ -12,8 +12,10 @@ import torch
 
 from spe_lightning import SPECallback, SPEConfig, SPEEstimator
 from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning.engine import Estimate
 from spe_lightning.estimator import VERSION, FittedSPE, IncompatibleEstimatorError, with_case_scorer
 from spe_lightning.models import SegmentationModel
+from spe_lightning.percase.scorer import CaseRow
 
 
 def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
@@ -25,20 +27,23 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
     assert state["reference"]["images"].shape == (20, 1, 48, 48)
     assert state["reference"]["indices"] == cb.report["reference_indices"]
     est = SPEEstimator.load(path)
+    # the file keeps the run's final estimates in their dict form; the artifact reads them back typed
+    assert est.fitted.target_estimates == cb.report.estimates
     for name in ("target", "target_noisy"):
         res = est.estimate(model, dm.targets[name], name=name)
-        for metric, expected in cb.report["estimates"][name].items():
+        for metric, expected in cb.report.estimates[name].items():
             got = res.estimates[metric]
-            assert expected["value"] is not None
+            assert isinstance(got, Estimate) and isinstance(expected, Estimate) and expected.value is not None
             for key in ("value", "lower", "upper", "pseudo"):
-                assert got[key] == pytest.approx(expected[key], abs=1e-6), (name, metric, key)
+                assert getattr(got, key) == pytest.approx(getattr(expected, key), abs=1e-6), (name, metric, key)
         # the targets have masks: reported as the truth, like the callback does
-        assert res.true["dice"] == pytest.approx(cb.report["true"][name]["dice"], abs=1e-6)
-        assert len(res.cases) == len(dm.targets[name])
+        assert res.true["dice"] == pytest.approx(cb.report.true[name]["dice"], abs=1e-6)
+        assert len(res.cases) == len(dm.targets[name]) and all(isinstance(c, CaseRow) for c in res.cases)
+        assert res.to_dict()["estimates"] == {k: e.to_dict() for k, e in res.estimates.items()}
     # a tensor of images works as well as a dataset (same numbers, no masks -> no truth)
     images = torch.stack([dm.targets["target"][i]["image"] for i in range(len(dm.targets["target"]))])
     res = est.estimate(model, images, per_case=False)
-    assert res.estimates["dice"]["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=1e-6)
+    assert res.estimates["dice"].value == pytest.approx(cb.report.estimates["target"]["dice"].value, abs=1e-6)
     assert res.true is None and res.cases == []
 
 
@@ -95,7 +100,7 @@ def test_save_caps_the_embedded_references_and_can_leave_them_out(fitted, tmp_pa
         slim.estimate(model, dm.targets["target"])
     slim = slim.with_reference_dataset(dm.train_set)  # the stored indices pick the same references again
     res = slim.estimate(model, dm.targets["target"], per_case=False)
-    assert res.estimates["dice"]["value"] == pytest.approx(cb.report["estimates"]["target"]["dice"]["value"], abs=1e-6)
+    assert res.estimates["dice"].value == pytest.approx(cb.report.estimates["target"]["dice"].value, abs=1e-6)
 
 
 def test_estimates_from_pseudo_match_fit_and_estimate_paper_and_anchored(tmp_path):
@@ -205,7 +210,7 @@ def test_callback_fits_the_quality_regressor_into_the_estimator(tmp_path):
     res = est.estimate(trainer.lightning_module, dm.spe_datasets()["target"]["target"], name="target")
     mean = sum(c["estimated_dice"] for c in res.cases) / len(res.cases)
     assert res.combined["weight"] == w and res.combined["value"] == pytest.approx(
-        w * mean + (1 - w) * res.estimates["dice"]["value"]
+        w * mean + (1 - w) * res.estimates["dice"].value
     )
     assert res.to_dict()["combined"] == res.combined
 

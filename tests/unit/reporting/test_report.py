@@ -2,6 +2,7 @@ def test_combined_line_says_what_was_mixed_in():
     from spe_lightning.reporting.report import combined_line
 
     report = {
+        "estimates": {},
         "true": {"t": {"dice": 0.8}},
         "combined": {"weight": 0.5, "n_sets": 8, "estimates": {"t": {"value": 0.75, "spe": 0.7, "regressor": 0.8}}},
     }

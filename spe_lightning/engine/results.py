@@ -1,0 +1,193 @@
+"""One typed estimate: :class:`Estimate` (a set's metric, with its interval and how it was made).
+
+Frozen; ``to_dict()`` writes exactly the estimate's JSON in ``spe_report.json`` (same keys, same order) and
+``from_dict()`` reads it back, reports and estimator files written by earlier versions included.
+:func:`~spe_lightning.engine.estimate.estimate` makes them; :class:`~spe_lightning.engine.run_report.SPEReport`
+holds a run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from spe_lightning.engine.frozen import DictReads, json_form, read_only
+
+__all__ = ["Estimate", "Interval", "estimates_from_dict", "estimates_to_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A value with its interval (the paper's ``G(pseudo)`` beside an anchored estimate, or the numbers an
+    unreliable metric withheld)."""
+
+    value: float | None
+    lower: float | None
+    upper: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        """``{"value", "lower", "upper"}``."""
+        return {"value": self.value, "lower": self.lower, "upper": self.upper}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Interval:
+        """The interval of :meth:`to_dict`'s form."""
+        return cls(data.get("value"), data.get("lower"), data.get("upper"))
+
+
+#: the keys an estimate's dict form may hold, in the order it writes them (anything else goes to ``extra``)
+ESTIMATE_KEYS = (
+    "value",
+    "lower",
+    "upper",
+    "pseudo",
+    "reason",
+    "method",
+    "paper",
+    "distance",
+    "pairs_distance",
+    "outside_calibrated_range",
+    "reliable",
+    "unreliable",
+    "withheld",
+    "true",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate(DictReads):
+    """One metric's estimate for one set: the value and its interval (None with a ``reason`` when SPE cannot
+    stand behind a number), and how it was made.
+
+    Attributes:
+        value, lower, upper: the estimate and its interval at the run's ``level``; None when there is none.
+        pseudo: the set's pseudo metric (None: the reverse step gave none).
+        reason: why there is no value (no G, no pseudo metric, ``"unreliable: ..."``); None otherwise.
+        method: ``"paper"`` (``G(pseudo)``) or ``"anchored"``; None when nothing was estimated.
+        paper: the paper's ``G(pseudo)`` with its interval beside an anchored estimate.
+        from_pairs: the interval came from the labelled calibration pairs' model; only then are ``distance``,
+            ``pairs_distance`` and ``outside_calibrated_range`` part of the estimate (each may still be None).
+        distance: the set's label-free distance to the calibration set; ``pairs_distance``: the farthest
+            calibration pair's; ``outside_calibrated_range``: the set lies beyond every pair (interval widened).
+        reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
+            numbers it would have said are under ``withheld``); None when the interval model says nothing.
+        true: the set's real metric, for sets that came with masks.
+        extra: keys of a stored estimate this version does not know, kept so that nothing read is lost.
+
+    ``estimate["value"]`` and ``estimate.get("reason")`` read the dict form, as when estimates were dicts.
+    """
+
+    value: float | None
+    lower: float | None
+    upper: float | None
+    pseudo: float | None = None
+    reason: str | None = None
+    method: str | None = None
+    paper: Interval | None = None
+    from_pairs: bool = False
+    distance: float | None = None
+    pairs_distance: float | None = None
+    outside_calibrated_range: bool | None = None
+    reliable: bool | None = None
+    unreliable: str | None = None
+    withheld: Interval | None = None
+    true: float | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", read_only(self.extra))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # MappingProxyType does not pickle: an estimate pickles (and deep-copies) as its dict form
+        return (Estimate.from_dict, (self.to_dict(),))
+
+    @property
+    def interval(self) -> tuple[float | None, float | None]:
+        """``(lower, upper)``."""
+        return self.lower, self.upper
+
+    def with_true(self, true: float | None) -> Estimate:
+        """This estimate with the set's real metric beside it (a new estimate)."""
+        return dataclasses.replace(self, true=true)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The estimate's JSON form, in the key order of ``spe_report.json``."""
+        out: dict[str, Any] = {
+            "value": self.value,
+            "lower": self.lower,
+            "upper": self.upper,
+            "pseudo": self.pseudo,
+            "reason": self.reason,
+        }
+        if self.method is not None:
+            out["method"] = self.method
+        if self.paper is not None:
+            out["paper"] = self.paper.to_dict()
+        if self.from_pairs:
+            out.update(
+                distance=self.distance,
+                pairs_distance=self.pairs_distance,
+                outside_calibrated_range=self.outside_calibrated_range,
+            )
+        if self.reliable is not None:
+            out["reliable"] = self.reliable
+        if self.reliable is False:
+            out["unreliable"] = self.unreliable
+        if self.withheld is not None:
+            out["withheld"] = self.withheld.to_dict()
+        if self.true is not None:
+            out["true"] = self.true
+        out.update(json_form(self.extra))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Estimate:
+        """An estimate from :meth:`to_dict`'s form (a report's, an estimator file's, an older version's)."""
+        if not isinstance(data, Mapping) or "value" not in data:
+            keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"SPE: a stored estimate needs at least 'value' (got {keys}); it is not an SPE estimate.")
+        paper, withheld = data.get("paper"), data.get("withheld")
+        return cls(
+            value=data["value"],
+            lower=data.get("lower"),
+            upper=data.get("upper"),
+            pseudo=data.get("pseudo"),
+            reason=data.get("reason"),
+            method=data.get("method"),
+            paper=None if paper is None else Interval.from_dict(paper),
+            from_pairs="outside_calibrated_range" in data and "pairs_distance" in data,
+            distance=data.get("distance"),
+            pairs_distance=data.get("pairs_distance"),
+            outside_calibrated_range=data.get("outside_calibrated_range"),
+            reliable=data.get("reliable"),
+            unreliable=data.get("unreliable"),
+            withheld=None if withheld is None else Interval.from_dict(withheld),
+            true=data.get("true"),
+            extra={k: v for k, v in data.items() if k not in ESTIMATE_KEYS or _not_written(k, data)},
+        )
+
+
+def _not_written(key: str, data: Mapping[str, Any]) -> bool:
+    """Whether ``to_dict`` would not write ``key`` from the fields ``from_dict`` reads (kept in ``extra``)."""
+    if key in ("distance", "pairs_distance", "outside_calibrated_range"):
+        return not ("outside_calibrated_range" in data and "pairs_distance" in data)
+    if key == "unreliable":
+        return data.get("reliable") is not False
+    return key in ("method", "paper", "reliable", "withheld", "true") and data[key] is None
+
+
+def estimates_to_dict(estimates: Mapping[str, Mapping[str, Estimate]]) -> dict[str, dict[str, Any]]:
+    """``{target: {key: Estimate}}`` as plain dicts."""
+    return {t: {k: e.to_dict() for k, e in per_key.items()} for t, per_key in estimates.items()}
+
+
+def estimates_from_dict(data: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Estimate]]:
+    """``{target: {key: estimate dict or Estimate}}`` as read-only maps of :class:`Estimate`."""
+    return MappingProxyType(
+        {
+            t: MappingProxyType({k: e if isinstance(e, Estimate) else Estimate.from_dict(e) for k, e in per.items()})
+            for t, per in data.items()
+        }
+    )
