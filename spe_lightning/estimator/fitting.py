@@ -262,6 +262,8 @@ def _combination(est: SPEEstimator, model: nn.Module, outcome: RunOutcome) -> di
         estimates[t] = {"value": combined_value(w, reg, spe), "spe": spe, "regressor": reg}
     return {
         "metric": "dice",
+        # the rows both the choice and the use average: the run targets' own maps, or the calibration-set map
+        "regressor_rows": "per_target" if (est.quality or {}).get("sites", {}).get("targets") else "calibration_set",
         "weight": w,
         "mae_by_weight": choice["mae"],
         "n_sets": choice["n_sets"],
@@ -277,15 +279,40 @@ def heldout_regressor_means(
     pair_sets: Mapping[str, CachedSet],
     logits_fn: LogitsFn = default_logits,
 ) -> dict[str, float | None]:
-    """The regressor's mean estimate on each shifted pair set, its calibration map refitted with the shifted
-    copies of every *other* family (as :class:`~spe_lightning.percase.regressor.RegressorScorer` builds them);
-    subsets: None (they are the calibration cases the map is fitted on). Only when the fit used shifted copies
-    (few bad calibration cases); otherwise the map never saw the shifted sets and the plain means are returned."""
+    """The regressor's mean estimate on each shifted pair set, made with the same kind of map as the run's
+    targets' rows, so the combination weight is chosen on the rows it is applied to.
+
+    When the run's targets have their own per-target maps (``scorer.sites``), each pair set gets one too,
+    held out (:func:`~spe_lightning.percase.site_fit.heldout_site_means`). Otherwise the calibration-set map,
+    refitted with the shifted copies of every *other* family (as
+    :class:`~spe_lightning.percase.regressor.RegressorScorer` builds them), only when the fit used shifted copies
+    (few bad calibration cases); else the map never saw the shifted sets and the plain means are returned.
+    Subsets: None (they are the calibration cases the map is fitted on)."""
     device = model_device(model)
     scorer = est.scorer(device)
     if not isinstance(scorer, RegressorScorer) or scorer.calibration is None:
         raise ValueError("heldout_regressor_means: the estimator holds no fitted quality regressor.")
     qcal = scorer.calibration
+    if (scorer.sites or {}).get("targets"):
+        from spe_lightning.percase.site_fit import heldout_site_means
+
+        def predict(data: CachedSet) -> tuple[list[Tensor], Tensor]:
+            masks, conf = est.predict(model, data, device, logits_fn)
+            return list(masks), conf
+
+        assert scorer.sites is not None
+        generic = {n: d for n, d in pair_sets.items() if n.rsplit("_", 1)[0] in SHIFT_FAMILIES}
+        means = heldout_site_means(
+            scorer.raw,
+            predict,
+            per_case_dice,
+            calibration,
+            generic,
+            scorer.sites["rule"],
+            qcal["level"],
+            est.config.seed,
+        )
+        return {n: means.get(n) for n in pair_sets}
 
     def raw_of(data: CachedSet) -> tuple[np.ndarray, np.ndarray]:
         masks, _ = est.predict(model, data, device, logits_fn)
