@@ -426,6 +426,7 @@ def main() -> None:
     p.add_argument("--tune", action="store_true")
     p.add_argument("--print", dest="show", action="store_true", help="print the tables of the saved result")
     p.add_argument("--no-shifts", action="store_true")
+    p.add_argument("--timing", action="store_true", help="regressor fit + per-case scoring of 600 cases, timed")
     p.add_argument(
         "--development", action="store_true", help="per-case interval rules on development folds only (no target)"
     )
@@ -437,6 +438,12 @@ def main() -> None:
         )
         return
     torch.set_num_threads(a.threads)
+    if a.timing:
+        res = timing(a.dataset, Path(a.workdir), a.epochs, a.setting, a.seed)
+        out = Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}_timing.json"
+        out.write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2), f"\n-> {out}")
+        return
     if a.development:
         dev = development_only(a.dataset, Path(a.workdir), a.epochs, a.setting, a.seed)
         dev.update(threads=a.threads, load=os.getloadavg())
@@ -658,6 +665,24 @@ def load_late(ctx: dict[str, Any], reg: Any, empty_score: Any) -> None:
             ctx["late"].append(net.eval())
 
 
+#: the development folds where the styled pairs imitate the site imperfectly: the interval rule is chosen there
+IMPERFECT = ("mismatched", "content")
+
+
+def pick_interval(intervals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The interval rule and width factor for the product: per rule, the smallest factor whose mean held-out
+    coverage reaches 90% on *each* kind of imperfect-imitation folds (IMPERFECT); of those, the narrowest
+    (mean median width over the kinds); ties keep the simpler rule (INTERVALS order)."""
+    rows = []
+    for order, (iv, kinds) in enumerate(intervals.items()):
+        factor = max(kinds[k]["factor"] for k in IMPERFECT)
+        reached = all(kinds[k]["reached"] for k in IMPERFECT)
+        width = float(np.mean([kinds[k]["scores"][f"{factor:g}"]["median_width"] for k in IMPERFECT]))
+        rows.append((not reached, round(width, 3), order, iv, factor))
+    _, width, _, iv, factor = min(rows)
+    return {"interval": iv, "width_factor": factor, "median_width": width, "reached": not min(rows)[0]}
+
+
 def site_development(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, Any]:
     """The signals rule (matched folds, as stop 8) and every interval rule's coverage and fitted width factor on
     the mismatched folds (and, for comparison, the matched ones). Development data only."""
@@ -681,6 +706,7 @@ def site_development(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, Any]
             )
     return {
         **choice,
+        "picked_interval": pick_interval(intervals),
         "n_folds": len(folds["matched"]),
         "n_mismatched_folds": len(folds["mismatched"]),
         "n_content_folds": len(folds["content"]),
@@ -730,6 +756,65 @@ def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[st
         row["styled_real_mean"] = float(np.mean(styled.real))
         out["targets"][name] = row
     return out
+
+
+def _reference_seconds(repeats: int = 20) -> float:
+    """A fixed CPU task (1-thread float32 matmuls), timed: the yardstick that makes timings on a loaded machine
+    comparable (report a timing as a multiple of it)."""
+    x = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x = torch.tanh(x @ x / 512.0)
+    return time.perf_counter() - start
+
+
+def timing(dataset: str, workdir: Path, epochs: int, setting: str, seed: int, n_cases: int = 600) -> dict[str, Any]:
+    """Regressor fit + per-case scoring of ``n_cases`` cases (wall seconds), as a run does it: the regressor fitted
+    on the references, then per case its raw output, the label-free features and a per-target map's estimate
+    with its interval. The cases are the training images repeated (no target is read); the load and a fixed
+    CPU task timed before and after are reported beside the seconds."""
+    from spe_lightning.percase.site_fit import features_of
+    from spe_lightning.percase.sites import INTERVAL_RULE, WIDTH_FACTOR, CaseSignals, fit_site_calibration
+
+    ctx = setup(dataset, workdir, epochs, seed, targets=False)
+    tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
+    load_before, ref_before = os.getloadavg(), _reference_seconds()
+    st = dict(CANDIDATE_SETTINGS[setting])
+    start = time.perf_counter()
+    reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+    fit_seconds = time.perf_counter() - start
+    te_raw = reg.predict(te["gray"], te["pred"]).numpy()
+    te_sig = CaseSignals(
+        {"regressor": te_raw, "confidence": te["conf"].numpy().astype(float)},
+        features_of(te["gray"], list(te["pred"]), te["conf"]),
+        te["real"],
+        np.arange(len(te["real"])),
+    )
+    site = fit_site_calibration(
+        te_sig, None, ("regressor", "confidence"), seed=seed, interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR
+    )
+    pos = np.arange(n_cases) % len(tr["real"])
+    g, pred, conf = tr["gray"][pos], tr["pred"][pos], tr["conf"][pos]
+    start = time.perf_counter()
+    raw = reg.predict(g, pred).numpy()
+    cases = CaseSignals({"regressor": raw, "confidence": conf.numpy().astype(float)}, features_of(g, list(pred), conf))
+    site.estimate(cases)
+    score_seconds = time.perf_counter() - start
+    ref_after, load_after = _reference_seconds(), os.getloadavg()
+    return {
+        "dataset": dataset,
+        "setting": setting,
+        "n_references": len(tr["real"]),
+        "n_cases": n_cases,
+        "fit_seconds": fit_seconds,
+        "scoring_seconds": score_seconds,
+        "total_seconds": fit_seconds + score_seconds,
+        "reference_task_seconds": [ref_before, ref_after],
+        "total_in_reference_tasks": (fit_seconds + score_seconds) / float(np.mean([ref_before, ref_after])),
+        "load_before": load_before,
+        "load_after": load_after,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def development_only(dataset: str, workdir: Path, epochs: int, setting: str, seed: int) -> dict[str, Any]:
