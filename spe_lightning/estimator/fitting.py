@@ -33,7 +33,7 @@ from spe_lightning.percase.combination import combination_from_pairs, combined_v
 from spe_lightning.percase.quality_calibration import calibrate_quality, quality_estimates
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
-from spe_lightning.percase.scorer import CaseScorer, ScorerFitData
+from spe_lightning.percase.scorer import CaseInputs, CaseScorer, ScorerFitData
 from spe_lightning.reverse.base import ReverseSegmenter
 
 __all__ = ["RunOutcome", "fit_estimator", "with_case_scorer", "heldout_regressor_means"]
@@ -230,9 +230,16 @@ def fit_estimator(
     return est.with_fitted(est.fitted.replace(quality=quality_state, notes=notes), scorer=regressor)
 
 
-def _mean_estimate(est: SPEEstimator, model: nn.Module, data: CachedSet, logits_fn: LogitsFn) -> float | None:
-    rows = est.case_estimates(model, data, logits_fn=logits_fn)
-    values = [r["estimated_dice"] for r in rows if r.get("estimated_dice") is not None]
+def _mean_estimate(
+    est: SPEEstimator, model: nn.Module, data: CachedSet, logits_fn: LogitsFn, name: str | None = None
+) -> float | None:
+    """The mean per-case estimate of ``data`` scored as the set called ``name`` (a run target: its own map,
+    the rows ``estimate(..., name=<target>)`` gives; None: the calibration-set map)."""
+    device = model_device(model)
+    masks, conf = est.predict(model, data, device, logits_fn)
+    ids = [str(i) for i in data.indices]
+    rows = est.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, None, name), device).rows
+    values = [r.estimated_dice for r in rows if r.estimated_dice is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -258,7 +265,7 @@ def _combination(est: SPEEstimator, model: nn.Module, outcome: RunOutcome) -> di
     w = float(choice["weight"])
     estimates = {}
     for t, data in outcome.targets.items():
-        spe, reg = report["estimates"][t]["dice"]["value"], _mean_estimate(est, model, data, outcome.logits_fn)
+        spe, reg = report["estimates"][t]["dice"]["value"], _mean_estimate(est, model, data, outcome.logits_fn, t)
         estimates[t] = {"value": combined_value(w, reg, spe), "spe": spe, "regressor": reg}
     return {
         "metric": "dice",

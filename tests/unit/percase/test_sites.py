@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from spe_lightning.percase.sites import (
+    INTERVAL_RULE,
+    WIDTH_FACTOR,
     CaseSignals,
     SiteCalibration,
     case_distances,
@@ -156,20 +158,24 @@ def test_site_rows_reach_cases_csv_and_the_html_report(tmp_path) -> None:
     assert "They disagree" not in page and "beside SPE's" in page
 
 
-def test_the_correction_rule_covers_where_the_pairs_imitate_the_site_imperfectly() -> None:
-    # the map moved by 0.15 at the site, but the styled pairs (an imperfect imitation) show only 0.06 of it
-    cal, styled, site = _cases(80, 0), _cases(80, 1, offset=-0.06), _cases(200, 2, offset=-0.15)
-    old = fit_site_calibration(cal, styled, ["regressor"], interval="heldout")
-    new = fit_site_calibration(cal, styled, ["regressor"], interval="correction")
-    assert np.allclose(old.estimate(site)["estimate"], new.estimate(site)["estimate"])  # same map, wider intervals
+def test_the_product_rule_covers_where_the_pairs_imitate_the_site_imperfectly() -> None:
+    # the map moved by 0.14 at the site, but its styled pairs (an imperfect imitation) show only 0.10 of it
+    cal, styled, site = _cases(80, 0), _cases(80, 1, offset=-0.10), _cases(200, 2, offset=-0.14)
+    old = fit_site_calibration(cal, styled, ["regressor"])  # the stop-8 rule: interval "heldout", factor 1
+    new = fit_site_calibration(cal, styled, ["regressor"], interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR)
+    corr = fit_site_calibration(cal, styled, ["regressor"], interval="correction")
+    q_old, q_new = old.estimate(site), new.estimate(site)
+    assert np.allclose(q_old["estimate"], q_new["estimate"])  # the same map: only the intervals differ
+    assert np.allclose(corr.estimate(site)["estimate"], q_old["estimate"])
     cov_old, cov_new = heldout_errors(old, site)["coverage"], heldout_errors(new, site)["coverage"]
-    assert cov_old < 0.5 and cov_new >= 0.8
-    # where the pairs and the calibration cases agree, there was nothing to correct: widths hardly grow
+    cov_corr = heldout_errors(corr, site)["coverage"]
+    assert cov_old < 0.7 and cov_new >= 0.8 and cov_corr >= cov_old + 0.15
+    # where the pairs and the calibration cases agree there was nothing to correct: "correction" hardly widens
     calm = _cases(80, 3)
     w_old = heldout_errors(fit_site_calibration(cal, calm, ["regressor"]), site)["median_width"]
     w_new = heldout_errors(fit_site_calibration(cal, calm, ["regressor"], interval="correction"), site)["median_width"]
     assert w_new <= 1.3 * w_old
-    # without styled pairs both rules are the same
+    # without styled pairs the two rules are the same
     a = fit_site_calibration(cal, None, ["regressor"], interval="correction")
     assert a.bin_quantiles == fit_site_calibration(cal, None, ["regressor"]).bin_quantiles
 
