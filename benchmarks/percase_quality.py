@@ -502,6 +502,8 @@ def print_sites(res: dict[str, Any]) -> None:
     print("| rule | held-out MAE | coverage | median width |\n|---|---|---|---|")
     for rule, r in st["development"]["scores"].items():
         print(f"| {rule} | {f(r['mae'])} | {f(r['coverage'])} | {f(r['median_width'])} |")
+    if "intervals" in st["development"]:
+        print_intervals(st["development"])
     print(
         "\n| target | map | Spearman | AUROC (Dice<0.7) | AUROC confidence | MAE | 90% coverage | median width "
         "| beyond calibrated (coverage there) |\n|---|---|---|---|---|---|---|---|---|"
@@ -513,13 +515,35 @@ def print_sites(res: dict[str, Any]) -> None:
             f"| {name} | before: calibration-set map | {f(b.get('spearman'))} | {f(b.get('auroc'))} | {f(conf)} | "
             f"{f(b.get('mae'))} | {f(b.get('coverage'))} | {f(_median_width(b))} | - |"
         )
-        for key, label in (("calibration_only", "stack, calibration only"), ("styled", "after: stack + styled pairs")):
+        rows = (
+            ("calibration_only", "stack, calibration only"),
+            ("styled", "stop 8: stack + styled pairs"),
+            ("styled_mismatch_rule", "after: stack + styled pairs, interval rule of the development folds"),
+        )
+        for key, label in [(k, v) for k, v in rows if k in t]:
             r = t[key]
             print(
                 f"| {name} | {label} | {f(r['spearman'])} | {f(r['auroc'])} | {f(conf)} | {f(r['mae'])} | "
                 f"{f(r['coverage'])} | {f(r['median_width'])} | "
                 f"{r['n_beyond_calibrated']} ({f(r['coverage_beyond'])}) |"
             )
+
+
+def print_intervals(dev: dict[str, Any]) -> None:
+    """The interval rules on the development folds: mean held-out coverage / median width at factor 1 and at
+    the factor each kind of fold needs for 90%."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n| interval rule | folds | coverage (factor 1) | median width | factor for 90% | coverage | median width |")
+    print("|---|---|---|---|---|---|---|")
+    for iv, kinds in dev["intervals"].items():
+        for kind, fit in kinds.items():
+            one, at = fit["scores"]["1"], fit["scores"][f"{fit['factor']:g}"]
+            print(
+                f"| {iv} | {kind} | {f(one['coverage'])} | {f(one['median_width'])} | {fit['factor']:g} | "
+                f"{f(at['coverage'])} | {f(at['median_width'])} |"
+            )
+    if "picked_interval" in dev:
+        print(f"picked on the mismatched and content folds: {dev['picked_interval']}")
 
 
 def _median_width(row: dict[str, Any]) -> float | None:
