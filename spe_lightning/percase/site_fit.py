@@ -68,8 +68,8 @@ def fit_sites(
     The rule (:data:`PRODUCT_RULES`) is chosen on development folds only: random halves A/B of the calibration
     images, fitted on A and A's styled copies, scored on B's styled copies (every target's styled set is one
     pair family); without styled sets, on B's own cases. The intervals follow the product's interval rule
-    (:data:`~spe_lightning.percase.sites.INTERVAL_RULE`, :data:`~spe_lightning.percase.sites.WIDTH_FACTOR`). Returns ``{"rule", "scores", "targets": {name:
-    SiteCalibration.to_dict()}}`` (plain numbers).
+    (:data:`~spe_lightning.percase.sites.INTERVAL_RULE`, :data:`~spe_lightning.percase.sites.WIDTH_FACTOR`).
+    Returns ``{"rule", "scores", "targets": {name: SiteCalibration.to_dict()}}`` (plain numbers).
     """
     if calibration.masks is None:
         raise ValueError("fit_sites: the calibration set needs masks.")
