@@ -309,7 +309,12 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
 
 
 def evaluate(
-    ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True, sites_too: bool = True
+    ctx: dict[str, Any],
+    setting: str,
+    seed: int,
+    shifts: bool = True,
+    sites_too: bool = True,
+    site_rule: list[str] | None = None,
 ) -> dict[str, Any]:
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
     from spe_lightning.percase.rca import calibrate_flags
@@ -412,7 +417,7 @@ def evaluate(
         }
         result["shift"] = {"sets": rows, "mae_by_family": fams}
     if sites_too:
-        result["sites"] = sites(ctx, reg, flags["empty_score"], seed)
+        result["sites"] = sites(ctx, reg, flags["empty_score"], seed, site_rule)
     return result
 
 
@@ -426,6 +431,9 @@ def main() -> None:
     p.add_argument("--tune", action="store_true")
     p.add_argument("--print", dest="show", action="store_true", help="print the tables of the saved result")
     p.add_argument("--no-shifts", action="store_true")
+    p.add_argument(
+        "--site-rule", default=None, help="e.g. regressor+rca: skip the per-case development folds, stack these"
+    )
     p.add_argument("--timing", action="store_true", help="regressor fit + per-case scoring of 600 cases, timed")
     p.add_argument(
         "--development", action="store_true", help="per-case interval rules on development folds only (no target)"
@@ -458,7 +466,8 @@ def main() -> None:
         res = {"tune": tune(ctx, a.seed), "dataset": a.dataset, "load_before": load_avg, "threads": a.threads}
         (results / f"percase_quality_{a.dataset}_tune.json").write_text(json.dumps(res, indent=2))
         return
-    res = evaluate(ctx, a.setting, a.seed, shifts=not a.no_shifts)
+    site_rule = a.site_rule.split("+") if a.site_rule else None
+    res = evaluate(ctx, a.setting, a.seed, shifts=not a.no_shifts, site_rule=site_rule)
     res.update(dataset=a.dataset, epochs=a.epochs, seed=a.seed, threads=a.threads, load_before=load_avg)
     res["load_after"] = os.getloadavg()
     out = results / f"percase_quality_{a.dataset}.json"
@@ -498,7 +507,8 @@ def print_sites(res: dict[str, Any]) -> None:
     """Issue 27's table: before (today's calibration-set map), calibration-only stack, after (styled pairs)."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     st = res["sites"]
-    print(f"\nper-case rule (development folds, {st['development']['n_folds']}): {'+'.join(st['development']['rule'])}")
+    folds = st["development"].get("n_folds", "none: rule given")
+    print(f"\nper-case rule (development folds, {folds}): {'+'.join(st['development']['rule'])}")
     print("| rule | held-out MAE | coverage | median width |\n|---|---|---|---|")
     for rule, r in st["development"]["scores"].items():
         print(f"| {rule} | {f(r['mae'])} | {f(r['coverage'])} | {f(r['median_width'])} |")
@@ -739,7 +749,7 @@ def site_development(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, Any]
     }
 
 
-def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[str, Any]:
+def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int, rule: list[str] | None = None) -> dict[str, Any]:
     """Issue 27 on the same model: the rule chosen on development folds, then per target the calibration-only
     map, the stop-8 interval rule and the product's interval rule (fixed beforehand on development folds:
     spe_lightning.percase.sites.INTERVAL_RULE, WIDTH_FACTOR), each recalibrated with that target's styled pairs
@@ -752,7 +762,8 @@ def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[st
     start = time.perf_counter()
     cal = case_signals(ctx, te["images"], te["truth"], np.arange(len(te["real"])))
     per_case_seconds = (time.perf_counter() - start) / len(te["real"])
-    dev = site_development(ctx, cal, seed)
+    # ``rule`` given (--site-rule): the development folds are skipped and that stack is used (say where it came from)
+    dev = site_development(ctx, cal, seed) if rule is None else {"rule": list(rule), "given": True, "scores": {}}
     out: dict[str, Any] = {
         "development": dev,
         "interval_rule": {"interval": INTERVAL_RULE, "width_factor": WIDTH_FACTOR},
