@@ -184,8 +184,9 @@ def extras_for(ctx: dict[str, Any], which: str) -> list[torch.Tensor]:
     return {"none": [], "early": ctx["early"], "early+final": [*ctx["early"], tr["pred"]]}[which]
 
 
-def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]:
-    """Model, its early checkpoints' reference predictions, and every split's images/masks/predictions."""
+def setup(dataset: str, workdir: Path, epochs: int, seed: int, targets: bool = True) -> dict[str, Any]:
+    """Model, its early checkpoints' reference predictions, and every split's images/masks/predictions
+    (``targets=False``: train and test only, so nothing of a target is even loaded)."""
     from spe_lightning.models import SegmentationModel
 
     root = SHARED / dataset
@@ -193,8 +194,10 @@ def setup(dataset: str, workdir: Path, epochs: int, seed: int) -> dict[str, Any]
     ckpt = train(root, epochs, seed, out)
     model = SegmentationModel.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     sets: dict[str, Any] = {}
-    names = {"train": (root, "train"), "test": (root, "test"), "extra_test": (root, "extra_test")}
-    if dataset == "jsrt":
+    names = {"train": (root, "train"), "test": (root, "test")}
+    if targets:
+        names["extra_test"] = (root, "extra_test")
+    if targets and dataset == "jsrt":
         names["covid_cxr"] = (SHARED / "covid_cxr", "extra_test")
     for name, (r, split) in names.items():
         img, m, ids = load(r, split)
@@ -306,7 +309,12 @@ def choose_calibration(reg: Any, t: dict[str, Any], seed: int, splits: int = 10)
 
 
 def evaluate(
-    ctx: dict[str, Any], setting: str, seed: int, shifts: bool = True, sites_too: bool = True
+    ctx: dict[str, Any],
+    setting: str,
+    seed: int,
+    shifts: bool = True,
+    sites_too: bool = True,
+    site_rule: list[str] | None = None,
 ) -> dict[str, Any]:
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
     from spe_lightning.percase.rca import calibrate_flags
@@ -409,7 +417,7 @@ def evaluate(
         }
         result["shift"] = {"sets": rows, "mae_by_family": fams}
     if sites_too:
-        result["sites"] = sites(ctx, reg, flags["empty_score"], seed)
+        result["sites"] = sites(ctx, reg, flags["empty_score"], seed, site_rule)
     return result
 
 
@@ -423,6 +431,13 @@ def main() -> None:
     p.add_argument("--tune", action="store_true")
     p.add_argument("--print", dest="show", action="store_true", help="print the tables of the saved result")
     p.add_argument("--no-shifts", action="store_true")
+    p.add_argument(
+        "--site-rule", default=None, help="e.g. regressor+rca: skip the per-case development folds, stack these"
+    )
+    p.add_argument("--timing", action="store_true", help="regressor fit + per-case scoring of 600 cases, timed")
+    p.add_argument(
+        "--development", action="store_true", help="per-case interval rules on development folds only (no target)"
+    )
     p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
     a = p.parse_args()
     if a.show:
@@ -431,6 +446,19 @@ def main() -> None:
         )
         return
     torch.set_num_threads(a.threads)
+    if a.timing:
+        res = timing(a.dataset, Path(a.workdir), a.epochs, a.setting, a.seed)
+        out = Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}_timing.json"
+        out.write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2), f"\n-> {out}")
+        return
+    if a.development:
+        dev = development_only(a.dataset, Path(a.workdir), a.epochs, a.setting, a.seed)
+        dev.update(threads=a.threads, load=os.getloadavg())
+        out = Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}_development.json"
+        out.write_text(json.dumps(dev, indent=2))
+        print(f"-> {out}")
+        return
     ctx = setup(a.dataset, Path(a.workdir), a.epochs, a.seed)
     results = Path(__file__).resolve().parent / "results"
     load_avg = os.getloadavg()
@@ -438,7 +466,8 @@ def main() -> None:
         res = {"tune": tune(ctx, a.seed), "dataset": a.dataset, "load_before": load_avg, "threads": a.threads}
         (results / f"percase_quality_{a.dataset}_tune.json").write_text(json.dumps(res, indent=2))
         return
-    res = evaluate(ctx, a.setting, a.seed, shifts=not a.no_shifts)
+    site_rule = a.site_rule.split("+") if a.site_rule else None
+    res = evaluate(ctx, a.setting, a.seed, shifts=not a.no_shifts, site_rule=site_rule)
     res.update(dataset=a.dataset, epochs=a.epochs, seed=a.seed, threads=a.threads, load_before=load_avg)
     res["load_after"] = os.getloadavg()
     out = results / f"percase_quality_{a.dataset}.json"
@@ -478,10 +507,13 @@ def print_sites(res: dict[str, Any]) -> None:
     """Issue 27's table: before (today's calibration-set map), calibration-only stack, after (styled pairs)."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     st = res["sites"]
-    print(f"\nper-case rule (development folds, {st['development']['n_folds']}): {'+'.join(st['development']['rule'])}")
+    folds = st["development"].get("n_folds", "none: rule given")
+    print(f"\nper-case rule (development folds, {folds}): {'+'.join(st['development']['rule'])}")
     print("| rule | held-out MAE | coverage | median width |\n|---|---|---|---|")
     for rule, r in st["development"]["scores"].items():
         print(f"| {rule} | {f(r['mae'])} | {f(r['coverage'])} | {f(r['median_width'])} |")
+    if "intervals" in st["development"]:
+        print_intervals(st["development"])
     print(
         "\n| target | map | Spearman | AUROC (Dice<0.7) | AUROC confidence | MAE | 90% coverage | median width "
         "| beyond calibrated (coverage there) |\n|---|---|---|---|---|---|---|---|---|"
@@ -493,13 +525,35 @@ def print_sites(res: dict[str, Any]) -> None:
             f"| {name} | before: calibration-set map | {f(b.get('spearman'))} | {f(b.get('auroc'))} | {f(conf)} | "
             f"{f(b.get('mae'))} | {f(b.get('coverage'))} | {f(_median_width(b))} | - |"
         )
-        for key, label in (("calibration_only", "stack, calibration only"), ("styled", "after: stack + styled pairs")):
+        rows = (
+            ("calibration_only", "stack, calibration only"),
+            ("styled", "stop 8: stack + styled pairs"),
+            ("styled_mismatch_rule", "after: stack + styled pairs, interval rule of the development folds"),
+        )
+        for key, label in [(k, v) for k, v in rows if k in t]:
             r = t[key]
             print(
                 f"| {name} | {label} | {f(r['spearman'])} | {f(r['auroc'])} | {f(conf)} | {f(r['mae'])} | "
                 f"{f(r['coverage'])} | {f(r['median_width'])} | "
                 f"{r['n_beyond_calibrated']} ({f(r['coverage_beyond'])}) |"
             )
+
+
+def print_intervals(dev: dict[str, Any]) -> None:
+    """The interval rules on the development folds: mean held-out coverage / median width at factor 1 and at
+    the factor each kind of fold needs for 90%."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n| interval rule | folds | coverage (factor 1) | median width | factor for 90% | coverage | median width |")
+    print("|---|---|---|---|---|---|---|")
+    for iv, kinds in dev["intervals"].items():
+        for kind, fit in kinds.items():
+            one, at = fit["scores"]["1"], fit["scores"][f"{fit['factor']:g}"]
+            print(
+                f"| {iv} | {kind} | {f(one['coverage'])} | {f(one['median_width'])} | {fit['factor']:g} | "
+                f"{f(at['coverage'])} | {f(at['median_width'])} |"
+            )
+    if "picked_interval" in dev:
+        print(f"picked on the mismatched and content folds: {dev['picked_interval']}")
 
 
 def _median_width(row: dict[str, Any]) -> float | None:
@@ -539,19 +593,41 @@ def case_signals(ctx: dict[str, Any], images: torch.Tensor, truth: torch.Tensor 
     return CaseSignals(sig, feats, real, None if groups is None else np.asarray(groups))
 
 
-def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> list[tuple[Any, Any, Any]]:
-    """Development folds: half A of the calibration split restyled like a shifted copy of half B
-    (every shift family at SITE_SEVERITY), scored on that copy. Calibration data only."""
+#: the content the styling cannot copy (development folds): one smooth bright patch per image, centred on a
+#: random foreground pixel, of this width (fraction of the image side) and strength (towards white)
+OPACITY_SIGMA = 0.12
+OPACITY_STRENGTH = 0.6
+
+
+def opacify(image: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """``image`` ``[C,H,W]`` in [0, 1] with one bright smooth patch over its foreground (an opacity the model
+    may miss): new *content*, which restyling the calibration images cannot imitate."""
+    h, w = image.shape[-2:]
+    g = torch.Generator().manual_seed(int(seed))
+    fg = torch.nonzero(mask.reshape(h, w))
+    cy, cx = fg[torch.randint(len(fg), (1,), generator=g).item()].tolist() if len(fg) else (h // 2, w // 2)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=image.dtype), torch.arange(w, dtype=image.dtype), indexing="ij")
+    blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (OPACITY_SIGMA * h) ** 2))
+    return image + OPACITY_STRENGTH * blob * (1 - image)
+
+
+def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, list[tuple[Any, Any, Any]]]:
+    """Development folds (calibration data only): half A of the calibration split restyled like a shifted copy
+    of half B (every shift family at SITE_SEVERITY). ``matched``: scored on that copy (the styling imitates
+    the 'site' perfectly); ``mismatched``: scored on half B shifted by every *other* family (the pairs imitate
+    the site's appearance imperfectly); ``content``: half B given an opacity (:func:`opacify`) then shifted,
+    A styled like that and scored on it (the pairs imitate the appearance but cannot copy the content)."""
     from spe_lightning.engine.shifts import SHIFT_FAMILIES, apply_shift
     from spe_lightning.engine.styled_pairs import styled_set
 
     te = ctx["sets"]["test"]
     n = len(te["real"])
     rng = np.random.default_rng(seed)
-    folds = []
+    folds: dict[str, list[tuple[Any, Any, Any]]] = {"matched": [], "mismatched": [], "content": []}
     for s in range(SITE_SPLITS):
         perm = rng.permutation(n)
         a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+        made = {}
         for fam in SHIFT_FAMILIES:
             imgs_b = torch.stack(
                 [apply_shift(te["images"][i], fam, SITE_SEVERITY, seed=seed * 100_000 + 70_000 + i) for i in b]
@@ -559,7 +635,27 @@ def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> list[tuple[Any, Any,
             held = case_signals(ctx, imgs_b, te["truth"][b], b)
             sty, _ = styled_set(cached(te["images"][a], te["truth"][a], "cal_a"), cached(imgs_b, None, fam), seed + s)
             styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"][a], a)
-            folds.append((cal.subset(a), styled, held))
+            made[fam] = (styled, held)
+            imgs_c = torch.stack(
+                [
+                    apply_shift(
+                        opacify(te["images"][i], te["truth"][i], seed * 100_000 + 90_000 + i),
+                        fam,
+                        SITE_SEVERITY,
+                        seed=seed * 100_000 + 70_000 + i,
+                    )
+                    for i in b
+                ]
+            )
+            held_c = case_signals(ctx, imgs_c, te["truth"][b], b)
+            sty_c, _ = styled_set(cached(te["images"][a], te["truth"][a], "cal_a"), cached(imgs_c, None, fam), seed + s)
+            folds["content"].append(
+                (cal.subset(a), case_signals(ctx, torch.stack(sty_c.inputs), te["truth"][a], a), held_c)
+            )
+        folds["matched"] += [(cal.subset(a), sty_f, held_f) for sty_f, held_f in made.values()]
+        folds["mismatched"] += [
+            (cal.subset(a), made[f1][0], made[f2][1]) for f1 in SHIFT_FAMILIES for f2 in SHIFT_FAMILIES if f1 != f2
+        ]
     return folds
 
 
@@ -589,12 +685,9 @@ def site_stats(q: dict[str, np.ndarray], real: np.ndarray, conf: np.ndarray, cut
     }
 
 
-def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[str, Any]:
-    """Issue 27 on the same model: the rule chosen on development folds, then per target the calibration-only
-    map and the map recalibrated with that target's styled pairs (final numbers; nothing chosen here)."""
-    from spe_lightning.engine.styled_pairs import styled_set
+def load_late(ctx: dict[str, Any], reg: Any, empty_score: Any) -> None:
+    """What case_signals needs beside the model: the regressor, RCA's empty score, the late checkpoints."""
     from spe_lightning.models import SegmentationModel
-    from spe_lightning.percase.sites import choose_rule, fit_site_calibration
 
     ctx.update(reg=reg, empty_score=empty_score)
     ctx["late"] = []
@@ -604,21 +697,86 @@ def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[st
             net = SegmentationModel(**ctx["model"].hparams)
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             ctx["late"].append(net.eval())
+
+
+#: the development folds where the styled pairs imitate the site imperfectly: the interval rule is chosen there
+IMPERFECT = ("mismatched", "content")
+
+
+def pick_interval(intervals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The interval rule and width factor for the product: per rule, the smallest factor whose mean held-out
+    coverage reaches 90% on *each* kind of imperfect-imitation folds (IMPERFECT); of those, the narrowest
+    (mean median width over the kinds); ties keep the simpler rule (INTERVALS order)."""
+    rows = []
+    for order, (iv, kinds) in enumerate(intervals.items()):
+        factor = max(kinds[k]["factor"] for k in IMPERFECT)
+        reached = all(kinds[k]["reached"] for k in IMPERFECT)
+        width = float(np.mean([kinds[k]["scores"][f"{factor:g}"]["median_width"] for k in IMPERFECT]))
+        rows.append((not reached, round(width, 3), order, iv, factor))
+    _, width, _, iv, factor = min(rows)
+    return {"interval": iv, "width_factor": factor, "median_width": width, "reached": not min(rows)[0]}
+
+
+def site_development(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, Any]:
+    """The signals rule (matched folds, as stop 8) and every interval rule's coverage and fitted width factor on
+    the mismatched folds (and, for comparison, the matched ones). Development data only."""
+    from spe_lightning.percase.sites import INTERVALS, choose_rule, fit_width_factor
+
+    start = time.perf_counter()
+    folds = site_folds(ctx, cal, seed)
+    choice = choose_rule(folds["matched"], seed=seed)
+    print("per-case rule chosen on development folds:", choice["rule"], flush=True)
+    intervals = {
+        iv: {kind: fit_width_factor(folds[kind], choice["rule"], iv, seed=seed) for kind in folds} for iv in INTERVALS
+    }
+    for iv, r in intervals.items():
+        for kind, fit in r.items():
+            one, at = fit["scores"]["1"], fit["scores"][f"{fit['factor']:g}"]
+            print(
+                f"interval {iv} on {kind} folds: coverage {one['coverage']:.3f} (median width "
+                f"{one['median_width']:.3f}) at factor 1; factor for 90%: {fit['factor']} "
+                f"(coverage {at['coverage']:.3f}, median width {at['median_width']:.3f})",
+                flush=True,
+            )
+    return {
+        **choice,
+        "picked_interval": pick_interval(intervals),
+        "n_folds": len(folds["matched"]),
+        "n_mismatched_folds": len(folds["mismatched"]),
+        "n_content_folds": len(folds["content"]),
+        "intervals": intervals,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int, rule: list[str] | None = None) -> dict[str, Any]:
+    """Issue 27 on the same model: the rule chosen on development folds, then per target the calibration-only
+    map, the stop-8 interval rule and the product's interval rule (fixed beforehand on development folds:
+    spe_lightning.percase.sites.INTERVAL_RULE, WIDTH_FACTOR), each recalibrated with that target's styled pairs
+    (final numbers; nothing chosen here)."""
+    from spe_lightning.engine.styled_pairs import styled_set
+    from spe_lightning.percase.sites import INTERVAL_RULE, WIDTH_FACTOR, fit_site_calibration
+
+    load_late(ctx, reg, empty_score)
     te = ctx["sets"]["test"]
     start = time.perf_counter()
     cal = case_signals(ctx, te["images"], te["truth"], np.arange(len(te["real"])))
     per_case_seconds = (time.perf_counter() - start) / len(te["real"])
-    start = time.perf_counter()
-    folds = site_folds(ctx, cal, seed)
-    choice = choose_rule(folds, seed=seed)
+    # ``rule`` given (--site-rule): the development folds are skipped and that stack is used (say where it came from)
+    dev = site_development(ctx, cal, seed) if rule is None else {"rule": list(rule), "given": True, "scores": {}}
     out: dict[str, Any] = {
-        "development": {**choice, "n_folds": len(folds), "seconds": time.perf_counter() - start},
+        "development": dev,
+        "interval_rule": {"interval": INTERVAL_RULE, "width_factor": WIDTH_FACTOR},
         "n_late_checkpoints": len(ctx["late"]),
         "signal_seconds_per_case": per_case_seconds,
         "targets": {},
     }
-    rule = choice["rule"]
-    print("per-case rule chosen on development folds:", rule, flush=True)
+    rule = dev["rule"]
+    variants = {
+        "calibration_only": (False, "heldout", 1.0),
+        "styled": (True, "heldout", 1.0),  # stop 8's rule
+        "styled_mismatch_rule": (True, INTERVAL_RULE, WIDTH_FACTOR),
+    }
     for name in [n for n in ctx["sets"] if n not in ("train", "test")]:
         t = ctx["sets"][name]
         tgt = case_signals(ctx, t["images"], t["truth"])
@@ -626,13 +784,91 @@ def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int) -> dict[st
         styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"], np.arange(len(te["real"])))
         conf = np.asarray(tgt.signals["confidence"])
         row: dict[str, Any] = {"style": {k: v for k, v in style.items() if k != "target_images"}}
-        for key, s in (("calibration_only", None), ("styled", styled)):
-            site = fit_site_calibration(cal, s, rule, seed=seed)
+        for key, (use, iv, factor) in variants.items():
+            site = fit_site_calibration(cal, styled if use else None, rule, seed=seed, interval=iv, width_factor=factor)
             row[key] = {**site_stats(site.estimate(tgt), tgt.real, conf), "calibration": site.to_dict()}
             row[key]["calibration"].pop("calibrated_features")
         row["styled_real_mean"] = float(np.mean(styled.real))
         out["targets"][name] = row
     return out
+
+
+def _reference_seconds(repeats: int = 20) -> float:
+    """A fixed CPU task (1-thread float32 matmuls), timed: the yardstick that makes timings on a loaded machine
+    comparable (report a timing as a multiple of it)."""
+    x = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x = torch.tanh(x @ x / 512.0)
+    return time.perf_counter() - start
+
+
+def timing(dataset: str, workdir: Path, epochs: int, setting: str, seed: int, n_cases: int = 600) -> dict[str, Any]:
+    """Regressor fit + per-case scoring of ``n_cases`` cases (wall seconds), as a run does it: the regressor fitted
+    on the references, then per case its raw output, the label-free features and a per-target map's estimate
+    with its interval. The cases are the training images repeated (no target is read); the load and a fixed
+    CPU task timed before and after are reported beside the seconds."""
+    from spe_lightning.percase.site_fit import features_of
+    from spe_lightning.percase.sites import INTERVAL_RULE, WIDTH_FACTOR, CaseSignals, fit_site_calibration
+
+    ctx = setup(dataset, workdir, epochs, seed, targets=False)
+    tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
+    load_before, ref_before = os.getloadavg(), _reference_seconds()
+    st = dict(CANDIDATE_SETTINGS[setting])
+    start = time.perf_counter()
+    reg = fit_regressor(st, (tr["gray"], tr["truth"]), extras_for(ctx, st.pop("extras")), seed)
+    fit_seconds = time.perf_counter() - start
+    te_raw = reg.predict(te["gray"], te["pred"]).numpy()
+    te_sig = CaseSignals(
+        {"regressor": te_raw, "confidence": te["conf"].numpy().astype(float)},
+        features_of(te["gray"], list(te["pred"]), te["conf"]),
+        te["real"],
+        np.arange(len(te["real"])),
+    )
+    site = fit_site_calibration(
+        te_sig, None, ("regressor", "confidence"), seed=seed, interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR
+    )
+    pos = np.arange(n_cases) % len(tr["real"])
+    g, pred, conf = tr["gray"][pos], tr["pred"][pos], tr["conf"][pos]
+    start = time.perf_counter()
+    raw = reg.predict(g, pred).numpy()
+    cases = CaseSignals({"regressor": raw, "confidence": conf.numpy().astype(float)}, features_of(g, list(pred), conf))
+    site.estimate(cases)
+    score_seconds = time.perf_counter() - start
+    ref_after, load_after = _reference_seconds(), os.getloadavg()
+    return {
+        "dataset": dataset,
+        "setting": setting,
+        "n_references": len(tr["real"]),
+        "n_cases": n_cases,
+        "fit_seconds": fit_seconds,
+        "scoring_seconds": score_seconds,
+        "total_seconds": fit_seconds + score_seconds,
+        "reference_task_seconds": [ref_before, ref_after],
+        "total_in_reference_tasks": (fit_seconds + score_seconds) / float(np.mean([ref_before, ref_after])),
+        "load_before": load_before,
+        "load_after": load_after,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def development_only(dataset: str, workdir: Path, epochs: int, setting: str, seed: int) -> dict[str, Any]:
+    """The per-case interval rules on development folds only (no target set is loaded): what fixed
+    spe_lightning.percase.sites.INTERVAL_RULE and WIDTH_FACTOR."""
+    from spe_lightning.percase.rca import calibrate_flags
+    from spe_lightning.percase.regressor import QualityRegressor
+
+    ctx = setup(dataset, workdir, epochs, seed, targets=False)
+    cache = ctx["workdir"] / f"regressor_{setting}_s{seed}.pt"
+    if not cache.exists():
+        raise SystemExit(f"{cache} is missing: run the full benchmark once to fit the regressor.")
+    reg = QualityRegressor.from_state(torch.load(cache, map_location="cpu", weights_only=True))
+    tr, te = ctx["sets"]["train"], ctx["sets"]["test"]
+    rca_cal = rca_scores(tr["gray"], tr["truth"], te["gray"], te["pred"], None)
+    flags = calibrate_flags(rca_cal.score.numpy(), te["real"], rca_cal.empty.numpy())
+    load_late(ctx, reg, flags["empty_score"])
+    cal = case_signals(ctx, te["images"], te["truth"], np.arange(len(te["real"])))
+    return {"dataset": dataset, "setting": setting, "seed": seed, "development": site_development(ctx, cal, seed)}
 
 
 if __name__ == "__main__":

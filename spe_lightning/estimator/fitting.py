@@ -36,7 +36,7 @@ from spe_lightning.percase.combination import combination_from_pairs, combined_v
 from spe_lightning.percase.quality_calibration import calibrate_quality, quality_estimates
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
-from spe_lightning.percase.scorer import CaseScorer, ScorerFitData
+from spe_lightning.percase.scorer import CaseInputs, CaseScorer, ScorerFitData
 from spe_lightning.reverse.base import ReverseSegmenter
 
 __all__ = ["RunOutcome", "fit_estimator", "with_case_scorer", "heldout_regressor_means"]
@@ -234,8 +234,15 @@ def fit_estimator(
     return est.with_fitted(est.fitted.replace(quality=quality_state, notes=notes), scorer=regressor)
 
 
-def _mean_estimate(est: SPEEstimator, model: nn.Module, data: CachedSet, logits_fn: LogitsFn) -> float | None:
-    rows = est.case_estimates(model, data, logits_fn=logits_fn)
+def _mean_estimate(
+    est: SPEEstimator, model: nn.Module, data: CachedSet, logits_fn: LogitsFn, name: str | None = None
+) -> float | None:
+    """The mean per-case estimate of ``data`` scored as the set called ``name`` (a run target: its own map,
+    the rows ``estimate(..., name=<target>)`` gives; None: the calibration-set map)."""
+    device = model_device(model)
+    masks, conf = est.predict(model, data, device, logits_fn)
+    ids = [str(i) for i in data.indices]
+    rows = est.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, None, name), device).rows
     values = [r.estimated_dice for r in rows if r.estimated_dice is not None]
     return float(np.mean(values)) if values else None
 
@@ -262,10 +269,12 @@ def _combination(est: SPEEstimator, model: nn.Module, outcome: RunOutcome) -> di
     w = float(choice["weight"])
     estimates = {}
     for t, data in outcome.targets.items():
-        spe, reg = report.estimates[t]["dice"].value, _mean_estimate(est, model, data, outcome.logits_fn)
+        spe, reg = report.estimates[t]["dice"].value, _mean_estimate(est, model, data, outcome.logits_fn, t)
         estimates[t] = {"value": combined_value(w, reg, spe), "spe": spe, "regressor": reg}
     return {
         "metric": "dice",
+        # the rows both the choice and the use average: the run targets' own maps, or the calibration-set map
+        "regressor_rows": "per_target" if (est.quality or {}).get("sites", {}).get("targets") else "calibration_set",
         "weight": w,
         "mae_by_weight": choice["mae"],
         "n_sets": choice["n_sets"],
@@ -281,15 +290,40 @@ def heldout_regressor_means(
     pair_sets: Mapping[str, CachedSet],
     logits_fn: LogitsFn = default_logits,
 ) -> dict[str, float | None]:
-    """The regressor's mean estimate on each shifted pair set, its calibration map refitted with the shifted
-    copies of every *other* family (as :class:`~spe_lightning.percase.regressor.RegressorScorer` builds them);
-    subsets: None (they are the calibration cases the map is fitted on). Only when the fit used shifted copies
-    (few bad calibration cases); otherwise the map never saw the shifted sets and the plain means are returned."""
+    """The regressor's mean estimate on each shifted pair set, made with the same kind of map as the run's
+    targets' rows, so the combination weight is chosen on the rows it is applied to.
+
+    When the run's targets have their own per-target maps (``scorer.sites``), each pair set gets one too,
+    held out (:func:`~spe_lightning.percase.site_fit.heldout_site_means`). Otherwise the calibration-set map,
+    refitted with the shifted copies of every *other* family (as
+    :class:`~spe_lightning.percase.regressor.RegressorScorer` builds them), only when the fit used shifted copies
+    (few bad calibration cases); else the map never saw the shifted sets and the plain means are returned.
+    Subsets: None (they are the calibration cases the map is fitted on)."""
     device = model_device(model)
     scorer = est.scorer(device)
     if not isinstance(scorer, RegressorScorer) or scorer.calibration is None:
         raise ValueError("heldout_regressor_means: the estimator holds no fitted quality regressor.")
     qcal = scorer.calibration
+    if (scorer.sites or {}).get("targets"):
+        from spe_lightning.percase.site_fit import heldout_site_means
+
+        def predict(data: CachedSet) -> tuple[list[Tensor], Tensor]:
+            masks, conf = est.predict(model, data, device, logits_fn)
+            return list(masks), conf
+
+        assert scorer.sites is not None
+        generic = {n: d for n, d in pair_sets.items() if n.rsplit("_", 1)[0] in SHIFT_FAMILIES}
+        means = heldout_site_means(
+            scorer.raw,
+            predict,
+            per_case_dice,
+            calibration,
+            generic,
+            scorer.sites["rule"],
+            qcal["level"],
+            est.config.seed,
+        )
+        return {n: means.get(n) for n in pair_sets}
 
     def raw_of(data: CachedSet) -> tuple[np.ndarray, np.ndarray]:
         masks, _ = est.predict(model, data, device, logits_fn)

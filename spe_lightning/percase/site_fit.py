@@ -19,9 +19,16 @@ from torch import Tensor
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.distance import image_features
 from spe_lightning.percase.scorer import CaseInputs, CaseRow
-from spe_lightning.percase.sites import CaseSignals, SiteCalibration, choose_rule, fit_site_calibration
+from spe_lightning.percase.sites import (
+    INTERVAL_RULE,
+    WIDTH_FACTOR,
+    CaseSignals,
+    SiteCalibration,
+    choose_rule,
+    fit_site_calibration,
+)
 
-__all__ = ["PRODUCT_RULES", "features_of", "fit_sites", "site_rows"]
+__all__ = ["PRODUCT_RULES", "features_of", "fit_sites", "heldout_site_means", "site_rows"]
 
 #: the rules a run chooses from (the signals it has per case), simplest first
 PRODUCT_RULES: tuple[tuple[str, ...], ...] = (("regressor",), ("regressor", "confidence"))
@@ -38,9 +45,11 @@ def _signals(
     masks: Sequence[Tensor],
     conf: Tensor,
     real: np.ndarray | None,
+    groups: np.ndarray | None = None,
 ) -> CaseSignals:
     sig = {"regressor": np.asarray(raw(data.gray, masks), float), "confidence": conf.double().numpy()}
-    return CaseSignals(sig, features_of(data.gray, masks, conf), real, np.arange(len(data)))
+    group = np.arange(len(data)) if groups is None else np.asarray(groups)
+    return CaseSignals(sig, features_of(data.gray, masks, conf), real, group)
 
 
 def fit_sites(
@@ -58,8 +67,9 @@ def fit_sites(
 
     The rule (:data:`PRODUCT_RULES`) is chosen on development folds only: random halves A/B of the calibration
     images, fitted on A and A's styled copies, scored on B's styled copies (every target's styled set is one
-    pair family); without styled sets, on B's own cases. Returns ``{"rule", "scores", "targets": {name:
-    SiteCalibration.to_dict()}}`` (plain numbers).
+    pair family); without styled sets, on B's own cases. The intervals follow the product's interval rule
+    (:data:`~spe_lightning.percase.sites.INTERVAL_RULE`, :data:`~spe_lightning.percase.sites.WIDTH_FACTOR`).
+    Returns ``{"rule", "scores", "targets": {name: SiteCalibration.to_dict()}}`` (plain numbers).
     """
     if calibration.masks is None:
         raise ValueError("fit_sites: the calibration set needs masks.")
@@ -84,9 +94,61 @@ def fit_sites(
     choice = choose_rule(folds, rules=PRODUCT_RULES, level=level, seed=seed)
     rule = choice["rule"]
     targets = {
-        name: fit_site_calibration(cal, fam, rule, level=level, seed=seed).to_dict() for name, fam in families.items()
+        name: fit_site_calibration(
+            cal, fam, rule, level=level, seed=seed, interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR
+        ).to_dict()
+        for name, fam in families.items()
     }
     return {"rule": rule, "scores": choice["scores"], "targets": targets}
+
+
+def heldout_site_means(
+    raw: Callable[[Tensor, Sequence[Tensor]], np.ndarray],
+    predict: Callable[[CachedSet], tuple[list[Tensor], Tensor]],
+    real_dice: Callable[[Sequence[Tensor], Sequence[Tensor]], np.ndarray],
+    calibration: CachedSet,
+    pair_sets: Mapping[str, CachedSet],
+    rule: Sequence[str],
+    level: float,
+    seed: int,
+) -> dict[str, float | None]:
+    """Each shifted pair set's mean per-case estimate from a per-target map built as :func:`fit_sites` builds a
+    run target's (the calibration cases and the calibration images styled like the set, stacking ``rule``),
+    held out: a pair set holds the calibration images themselves, shifted, so the images are split in halves
+    and the map fitted on half A (and A styled like the pair set's half B) estimates B's cases, and vice versa.
+
+    These are the development means the combination weight is chosen with when the run's targets are scored
+    by their own maps (the use: the mean of those rows), so the weight is chosen and used on the same kind of
+    rows. Sets that are not a full shifted copy (``subset...``, other sizes): None.
+    """
+    from spe_lightning.engine.shifts import subset
+    from spe_lightning.engine.styled_pairs import styled_set
+
+    if calibration.masks is None:
+        raise ValueError("heldout_site_means: the calibration set needs masks.")
+    masks, conf = predict(calibration)
+    cal = _signals(raw, calibration, masks, conf, real_dice(masks, calibration.masks))
+    n = len(calibration)
+    perm = np.random.default_rng(seed).permutation(n)
+    a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    out: dict[str, float | None] = {}
+    for name, data in pair_sets.items():
+        if name.startswith("subset") or len(data) != n:
+            out[name] = None
+            continue
+        p_masks, p_conf = predict(data)
+        target = _signals(raw, data, p_masks, p_conf, None)
+        est = np.full(n, np.nan)
+        for fit_half, score_half in ((a, b), (b, a)):
+            half = subset(calibration, fit_half.tolist(), f"{calibration.name}_half")
+            sty, _ = styled_set(half, subset(data, score_half.tolist(), name), seed)
+            assert sty.masks is not None  # styled copies keep the calibration masks
+            s_masks, s_conf = predict(sty)
+            styled = _signals(raw, sty, s_masks, s_conf, real_dice(s_masks, sty.masks), groups=fit_half)
+            site = fit_site_calibration(cal.subset(fit_half), styled, rule, level=level, seed=seed)
+            est[score_half] = site.point(target.subset(score_half).signals)
+        out[name] = float(np.mean(est))
+    return out
 
 
 def site_rows(

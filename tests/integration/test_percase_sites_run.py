@@ -52,3 +52,8 @@ def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(tmp_
     half = (res.estimates["dice"].upper - res.estimates["dice"].lower) / 2
     assert agree["disagree"] == (abs(mean - agree["set_estimate"]) > half)
     assert res.to_dict()["case_agreement"] == agree
+    # the combination weight is chosen and used on the same rows: the run target's own map (issue 27)
+    combined = cb.report.get("combined")
+    assert combined is not None and combined["regressor_rows"] == "per_target"
+    assert combined["estimates"]["target"]["regressor"] == pytest.approx(mean, abs=1e-6)
+    assert combined["n_sets"] > 0 and est.quality["combination"]["n_sets"] == combined["n_sets"]

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 from spe_lightning.percase.sites import (
+    INTERVAL_RULE,
+    WIDTH_FACTOR,
     CaseSignals,
     SiteCalibration,
     case_distances,
     choose_rule,
     fit_site_calibration,
+    fit_width_factor,
     heldout_errors,
     rows_vs_set,
 )
@@ -153,3 +156,70 @@ def test_site_rows_reach_cases_csv_and_the_html_report(tmp_path) -> None:
     calm = rows_vs_set([0.84, 0.86], 0.85, 0.8, 0.9)
     page = write_html_report(tmp_path / "s.html", {**summary, "case_agreement": calm}, [_row(0, True)]).read_text()
     assert "They disagree" not in page and "beside SPE's" in page
+
+
+def test_the_product_rule_covers_where_the_pairs_imitate_the_site_imperfectly() -> None:
+    # the map moved by 0.14 at the site, but its styled pairs (an imperfect imitation) show only 0.10 of it
+    cal, styled, site = _cases(80, 0), _cases(80, 1, offset=-0.10), _cases(200, 2, offset=-0.14)
+    old = fit_site_calibration(cal, styled, ["regressor"])  # the stop-8 rule: interval "heldout", factor 1
+    new = fit_site_calibration(cal, styled, ["regressor"], interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR)
+    corr = fit_site_calibration(cal, styled, ["regressor"], interval="correction")
+    q_old, q_new = old.estimate(site), new.estimate(site)
+    assert np.allclose(q_old["estimate"], q_new["estimate"])  # the same map: only the intervals differ
+    assert np.allclose(corr.estimate(site)["estimate"], q_old["estimate"])
+    cov_old, cov_new = heldout_errors(old, site)["coverage"], heldout_errors(new, site)["coverage"]
+    cov_corr = heldout_errors(corr, site)["coverage"]
+    assert cov_old < 0.7 and cov_new >= 0.8 and cov_corr >= cov_old + 0.15
+    # where the pairs and the calibration cases agree there was nothing to correct: "correction" hardly widens
+    calm = _cases(80, 3)
+    w_old = heldout_errors(fit_site_calibration(cal, calm, ["regressor"]), site)["median_width"]
+    w_new = heldout_errors(fit_site_calibration(cal, calm, ["regressor"], interval="correction"), site)["median_width"]
+    assert w_new <= 1.3 * w_old
+    # without styled pairs the two rules are the same
+    a = fit_site_calibration(cal, None, ["regressor"], interval="correction")
+    assert a.bin_quantiles == fit_site_calibration(cal, None, ["regressor"]).bin_quantiles
+
+
+def test_width_factor_scales_half_widths_and_leaves_estimates_and_flags_alone() -> None:
+    cal, target = _cases(80, 0), _cases(40, 5, feat_shift=3.0)
+    one = fit_site_calibration(cal, None, ["regressor"])
+    two = fit_site_calibration(cal, None, ["regressor"], width_factor=2.0)
+    q1, q2 = one.estimate(target), two.estimate(target)
+    assert np.array_equal(q1["estimate"], q2["estimate"])
+    assert np.array_equal(q1["beyond_calibrated"], q2["beyond_calibrated"]) and q1["beyond_calibrated"].any()
+    inside = (q2["lower"] > 0) & (q2["upper"] < 1)  # not clipped: exactly twice the half-width
+    assert inside.any()
+    assert np.allclose((q2["upper"] - q2["estimate"])[inside], 2 * (q1["upper"] - q1["estimate"])[inside])
+    with pytest.raises(ValueError, match="width_factor"):
+        fit_site_calibration(cal, None, ["regressor"], width_factor=0.0)
+    with pytest.raises(ValueError, match="interval must be one of"):
+        fit_site_calibration(cal, None, ["regressor"], interval="wider")
+
+
+def test_fit_width_factor_widens_only_where_heldout_folds_need_it() -> None:
+    exchangeable = [(_cases(60, s), _cases(60, s + 10), _cases(60, s + 20)) for s in range(3)]
+    fit = fit_width_factor(exchangeable, ["regressor"])
+    assert fit["reached"] and fit["factor"] <= 1.25
+    # imperfect imitation: the held-out site moved further than its styled pairs show
+    off = [(_cases(60, s), _cases(60, s + 10, offset=-0.04), _cases(60, s + 20, offset=-0.12)) for s in range(3)]
+    wide = fit_width_factor(off, ["regressor"])
+    assert wide["reached"] and wide["factor"] > 1.5
+    assert wide["scores"][f"{wide['factor']:g}"]["coverage"] >= 0.9 > wide["scores"]["1"]["coverage"]
+
+
+def test_new_fields_round_trip_and_an_old_saved_calibration_keeps_the_old_rule() -> None:
+    site = fit_site_calibration(
+        _cases(60, 0), _cases(60, 1, offset=-0.1), ["regressor"], interval="correction", width_factor=1.5
+    )
+    d = site.to_dict()
+    assert d["interval"] == "correction" and d["width_factor"] == 1.5
+    again = SiteCalibration.from_dict(d)
+    assert again.interval == "correction" and again.width_factor == 1.5
+    target = _cases(30, 4)
+    assert np.allclose(site.estimate(target)["upper"], again.estimate(target)["upper"])
+    # a calibration saved before these fields existed: the stop-8 rule (held-out residuals, factor 1)
+    old = {k: v for k, v in d.items() if k not in ("interval", "width_factor")}
+    legacy = SiteCalibration.from_dict(old)
+    assert legacy.interval == "heldout" and legacy.width_factor == 1.0
+    plain = SiteCalibration.from_dict({**old, "width_factor": 1.0})
+    assert np.allclose(legacy.estimate(target)["upper"], plain.estimate(target)["upper"])
