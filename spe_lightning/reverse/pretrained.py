@@ -37,10 +37,10 @@ __all__ = [
 ]
 
 #: version of the shipped weights: a new recipe or a retrained file gets a new version (and file name)
-WEIGHTS_VERSION = "1"
+WEIGHTS_VERSION = "2"
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / f"learned_propagation_v{WEIGHTS_VERSION}.pt"
 #: SHA-256 of :data:`WEIGHTS_FILE` as shipped (printed by ``scripts/pretrain_reverse.py``)
-WEIGHTS_SHA256 = "4480483c3675852a50031dfd379bb91f45f26acaeb4315a5a4d7414e269ebf21"
+WEIGHTS_SHA256 = "d2bd60e17a5e5b7585025df02bbbb4c14df575a23c374bafd3033eae5d90054e"
 #: the encoder settings the weights were trained with (``LearnedPropagationSegmenter`` arguments)
 ARCHITECTURE: dict[str, Any] = {"width": 32, "dim": 16, "downsample": 2, "coords": True}
 FORMAT = "spe_lightning/learned_propagation/pretrained"

@@ -39,6 +39,9 @@ def test_the_shipped_file_is_small_plain_tensors_and_matches_its_checksum():
     expected = LearnedPropagationSegmenter(**pretrained.ARCHITECTURE).new_encoder().state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     assert all(torch.isfinite(v).all() for v in state.values())
+    # version 2: the full 2,500-step schedule on synthetic tasks only (no dataset: every benchmark is leave-one-out)
+    recipe = pretrained.weights_recipe()
+    assert recipe["steps_done"] == recipe["steps"] == 2500 and pretrained.datasets_seen() == []
 
 
 def test_a_corrupt_missing_or_foreign_file_gives_a_clear_error(tmp_path, monkeypatch):
