@@ -16,8 +16,9 @@ it is the Dice of ``__call__``'s probabilities > 0.5). Variants that differ only
 settings (the segmenter's ``fit_spec()`` is the same) share one fit. The appearance test shifts only the support images
 (noise, gamma, blur, low resolution, contrast) at true masks and reports the change of the pseudo
 Dice. Fit and call times are also given as ratios to ``label_fusion``'s call time in the same run.
-Each row names the weights its fit started from (``weights``: ``scratch`` or the id of the shipped
-pretrained file, which saw synthetic tasks only, so no row's weights saw the dataset it is scored on).
+Each row names the weights its fit started from (``weights``: ``scratch`` or the id of the pretrained
+file and the datasets it was pretrained on besides synthetic tasks); weights pretrained on the dataset being
+scored are refused (leave one dataset out), so no row's weights saw the dataset it is scored on.
 
     python benchmarks/reverse_sensitivity.py --datasets jsrt busi --segmenters label_fusion knn_pixel
     python benchmarks/reverse_sensitivity.py --quick                       # 4 levels, 1 draw
@@ -26,6 +27,8 @@ pretrained file, which saw synthetic tasks only, so no row's weights saw the dat
         learned_propagation:direction=forward --out benchmarks/results/reverse_sensitivity_learned
     python benchmarks/reverse_sensitivity.py --segmenters label_fusion learned_propagation \
         learned_propagation:pretrained=true                  # scratch vs the shipped pretrained weights, adapted
+    python benchmarks/reverse_sensitivity.py --datasets busi --segmenters learned_propagation \
+        learned_propagation:pretrained=true,weights=/tmp/lodo_busi.pt   # weights pretrained without BUSI
     python benchmarks/reverse_sensitivity.py --table benchmarks/results/reverse_sensitivity_learned.json
 
 Data are read from ``../shared/datasets`` relative to the repository root.
@@ -139,11 +142,32 @@ def fit(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def weights_of(seg) -> str | None:
-    """What a learned segmenter's fit started from: ``"scratch"`` or the pretrained weights' id (None: no fit).
-    The shipped pretrained weights saw synthetic tasks only, none of these datasets."""
+    """What a learned segmenter's fit started from: ``"scratch"`` or the pretrained weights' id and, in brackets,
+    the datasets they were pretrained on besides synthetic tasks (None: no fit). The shipped weights saw
+    synthetic tasks only, none of these datasets."""
     if not getattr(seg, "needs_fit", False):
         return None
-    return seg.fit_spec().get("pretrained_weights", "scratch")
+    wid = seg.fit_spec().get("pretrained_weights")
+    if wid is None:
+        return "scratch"
+    from spe_lightning.reverse.pretrained import datasets_seen
+
+    seen = datasets_seen(getattr(seg, "weights", None))
+    return f"{wid} [synthetic{''.join('+' + d for d in seen)}]"
+
+
+def check_leave_one_out(seg, dataset: str) -> None:
+    """Refuse to score ``dataset`` with weights pretrained on it: numbers on a dataset need weights pretrained
+    without it (leave one dataset out)."""
+    if not getattr(seg, "pretrained", False):
+        return
+    from spe_lightning.reverse.pretrained import datasets_seen
+
+    if dataset in datasets_seen(getattr(seg, "weights", None)):
+        raise SystemExit(
+            f"{seg.weights} were pretrained on {dataset}'s train split: score {dataset} with weights made without "
+            "it (scripts/pretrain_reverse.py without --dataset " + dataset + "=...)."
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         lf_call = None
         for label in segs:
             seg = base.segmenter_from_text(label)
+            check_leave_one_out(seg, ds)
             fit_s = 0.0
             if getattr(seg, "needs_fit", False):
                 key = json.dumps(seg.fit_spec(), sort_keys=True)  # variants differing in evaluation share a fit

@@ -11,8 +11,8 @@ away by the other supports. :meth:`~LearnedPropagationSegmenter.score` returns t
 query (mean over supports of the pair's soft Dice); ``__call__`` returns the mean of the per-support
 probabilities, for callers that want one fused map.
 
-With ``pretrained=True`` the fit starts from weights shipped with the package (pretrained on synthetic
-tasks only; :mod:`spe_lightning.reverse.pretrained`) and takes ``adapt_steps`` steps instead of ``steps``.
+With ``pretrained=True`` the fit adapts pretrained weights (:mod:`spe_lightning.reverse.pretrained`) for
+``adapt_steps`` steps instead of fitting ``steps`` steps from scratch.
 
 Plain PyTorch, CPU or CUDA; deterministic for a given ``seed`` on one device.
 """
@@ -39,7 +39,7 @@ from spe_lightning.reverse.encoder import (
     soft_overlap,
 )
 from spe_lightning.reverse.label_fusion import rank_normalise
-from spe_lightning.reverse.pretrained import check_architecture, load_pretrained, pretrained_id
+from spe_lightning.reverse.pretrained import check_pretrained_settings, load_pretrained, pretrained_id
 
 #: one training episode batch: query images, support images (``[B,1,size,size]``), their label images
 Episodes = Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]
@@ -91,6 +91,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             (``width=32, dim=16, downsample=2, coords=True``).
         adapt_steps: optimisation steps of the adaptation with ``pretrained`` (0: use the weights as they are).
         adapt_lr: Adam learning rate of the adaptation.
+        weights: with ``pretrained``, a weights file written by ``scripts/pretrain_reverse.py`` to start from
+            instead of the shipped one (None: the shipped file); its header is checked, its SHA-256 keys the fit.
         seed: seed of the weight initialisation, the episode order and the augmentation.
         chunk_size: queries per step (see :class:`ReverseSegmenter`).
     """
@@ -125,6 +127,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         pretrained: bool = False,
         adapt_steps: int = 100,
         adapt_lr: float = 3e-3,
+        weights: str | None = None,
         seed: int = 0,
         chunk_size: int = 8,
     ) -> None:
@@ -144,13 +147,10 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         if select not in ("spread", "nearest"):
             raise ValueError(f"select must be 'spread' or 'nearest', got {select!r}.")
         self.direction, self.tau_eval, self.select = direction, float(tau_eval), select
-        if not isinstance(pretrained, (bool, int)):
-            raise TypeError(f"pretrained must be True or False, got {pretrained!r}.")
-        if adapt_steps < 0 or adapt_lr <= 0:
-            raise ValueError(f"adapt_steps must be >= 0 and adapt_lr > 0; got {adapt_steps}, {adapt_lr}.")
+        arch = {"width": width, "dim": dim, "downsample": downsample, "coords": bool(coords)}
+        check_pretrained_settings(pretrained, adapt_steps, adapt_lr, weights, **arch)
         self.pretrained, self.adapt_steps, self.adapt_lr = bool(pretrained), int(adapt_steps), float(adapt_lr)
-        if self.pretrained:
-            check_architecture(width=width, dim=dim, downsample=downsample, coords=bool(coords))
+        self.weights = None if weights is None else str(weights)
         self.encoder: PropagationEncoder | None = None
         # SPE segments the same images at every checkpoint (references, calibration and target sets; only the
         # model's masks change), so features are memoised by image content: later evaluations skip the encoder
@@ -166,7 +166,8 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     )
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), **{k: getattr(self, k) for k in self.SETTINGS}}
+        extra = {} if self.weights is None else {"weights": self.weights}  # only when set: other specs unchanged
+        return {**super().spec(), **{k: getattr(self, k) for k in self.SETTINGS}, **extra}
 
     #: supports per set when ``support_size`` is None: every image of most sets. Each query meets only
     #: ``max_supports`` of them, so more supports cost little (their features are memoised), and with 64 of
@@ -181,7 +182,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         checksum), so a fit from scratch and an adapted one never share a fit-cache entry."""
         spec = {k: v for k, v in self.spec().items() if k not in self.EVAL_SETTINGS}
         if self.pretrained:
-            spec["pretrained_weights"] = pretrained_id()
+            spec["pretrained_weights"] = pretrained_id(self.weights)
         return spec
 
     @property
@@ -280,7 +281,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         lab = self.label_image(labels.to(dev))
         enc = self.new_encoder()
         if self.pretrained:
-            enc.load_state_dict(load_pretrained())
+            enc.load_state_dict(load_pretrained(self.weights))
         g = torch.Generator().manual_seed(self.seed + 1)
         lr = self.adapt_lr if self.pretrained else self.lr
         episodes = self._reference_episodes(x, lab, g)

@@ -27,25 +27,34 @@ __all__ = [
     "WEIGHTS_SHA256",
     "WEIGHTS_VERSION",
     "check_architecture",
+    "check_pretrained_settings",
+    "datasets_seen",
     "file_sha256",
     "load_pretrained",
     "pretrained_id",
     "save_pretrained",
+    "weights_recipe",
 ]
 
 #: version of the shipped weights: a new recipe or a retrained file gets a new version (and file name)
-WEIGHTS_VERSION = "1"
+WEIGHTS_VERSION = "2"
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / f"learned_propagation_v{WEIGHTS_VERSION}.pt"
 #: SHA-256 of :data:`WEIGHTS_FILE` as shipped (printed by ``scripts/pretrain_reverse.py``)
-WEIGHTS_SHA256 = "4480483c3675852a50031dfd379bb91f45f26acaeb4315a5a4d7414e269ebf21"
+WEIGHTS_SHA256 = "d2bd60e17a5e5b7585025df02bbbb4c14df575a23c374bafd3033eae5d90054e"
 #: the encoder settings the weights were trained with (``LearnedPropagationSegmenter`` arguments)
 ARCHITECTURE: dict[str, Any] = {"width": 32, "dim": 16, "downsample": 2, "coords": True}
 FORMAT = "spe_lightning/learned_propagation/pretrained"
 
 
-def pretrained_id() -> str:
-    """A short name of the shipped weights (version and checksum) for fit-cache keys and reports."""
-    return f"v{WEIGHTS_VERSION}-{WEIGHTS_SHA256[:16]}"
+def pretrained_id(path: Path | str | None = None) -> str:
+    """A short name of the weights for fit-cache keys and reports: ``v<version>-<checksum>`` for the shipped
+    file, ``file-<checksum>`` for another file (``path``; e.g. weights retrained with the script)."""
+    if path is None:
+        return f"v{WEIGHTS_VERSION}-{WEIGHTS_SHA256[:16]}"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The pretrained weights {path} are missing (weights= names a file that is not there).")
+    return f"file-{file_sha256(path)[:16]}"
 
 
 def check_architecture(**settings: Any) -> None:
@@ -58,6 +67,22 @@ def check_architecture(**settings: Any) -> None:
         )
 
 
+def check_pretrained_settings(
+    pretrained: object, adapt_steps: int, adapt_lr: float, weights: object, **architecture: Any
+) -> None:
+    """Raise a clear error for bad pretraining settings of ``learned_propagation`` (``architecture``: its encoder's)."""
+    if not isinstance(pretrained, (bool, int)):
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}.")
+    if adapt_steps < 0 or adapt_lr <= 0:
+        raise ValueError(f"adapt_steps must be >= 0 and adapt_lr > 0; got {adapt_steps}, {adapt_lr}.")
+    if weights is not None and not pretrained:
+        raise ValueError(f"weights={weights!r} is where an adaptation starts: it needs pretrained=True.")
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise TypeError(f"weights must be the path of a weights file, got {weights!r}.")
+    if pretrained:
+        check_architecture(**architecture)
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -67,7 +92,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(path: Path | None = None, sha256: str | None = None) -> dict[str, Tensor]:
+def load_pretrained(path: Path | str | None = None, sha256: str | None = None) -> dict[str, Tensor]:
     """The encoder's pretrained ``state_dict`` as plain CPU tensors.
 
     Without arguments: the shipped file, checked against :data:`WEIGHTS_SHA256`. With ``path`` (e.g. weights
@@ -102,6 +127,20 @@ def load_pretrained(path: Path | None = None, sha256: str | None = None) -> dict
     if not isinstance(tensors, dict) or not tensors or not all(isinstance(v, Tensor) for v in tensors.values()):
         raise ValueError(f"{path} holds no weights.")
     return {str(k): v.clone() for k, v in tensors.items()}
+
+
+def weights_recipe(path: Path | str | None = None) -> dict[str, Any]:
+    """The recipe stored in a weights file's header (the shipped file without ``path``): how it was trained and
+    on what (``"datasets"``: the dataset tasks it saw besides the synthetic ones; absent or empty: none)."""
+    blob = torch.load(WEIGHTS_FILE if path is None else Path(path), map_location="cpu", weights_only=True)
+    recipe = json.loads(blob.get("recipe", "{}")) if isinstance(blob, dict) else {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def datasets_seen(path: Path | str | None = None) -> list[str]:
+    """Names of the datasets whose train splits a weights file was pretrained on (``[]``: synthetic tasks only)."""
+    entries = weights_recipe(path).get("datasets") or []
+    return sorted({str(e).split(":")[0] for e in entries})
 
 
 def save_pretrained(path: Path, tensors: dict[str, Tensor], recipe: dict[str, Any]) -> str:

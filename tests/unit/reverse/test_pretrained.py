@@ -39,6 +39,9 @@ def test_the_shipped_file_is_small_plain_tensors_and_matches_its_checksum():
     expected = LearnedPropagationSegmenter(**pretrained.ARCHITECTURE).new_encoder().state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     assert all(torch.isfinite(v).all() for v in state.values())
+    # version 2: the full 2,500-step schedule on synthetic tasks only (no dataset: every benchmark is leave-one-out)
+    recipe = pretrained.weights_recipe()
+    assert recipe["steps_done"] == recipe["steps"] == 2500 and pretrained.datasets_seen() == []
 
 
 def test_a_corrupt_missing_or_foreign_file_gives_a_clear_error(tmp_path, monkeypatch):
@@ -152,3 +155,64 @@ def test_synthetic_tasks_are_seeded_and_pair_two_images_of_one_task():
     assert not torch.equal(xq, xs)  # two different images of a task
     with pytest.raises(ValueError, match="images_per_task"):
         next(synthetic_episodes(2, 32, torch.Generator(), images_per_task=1))
+
+
+def test_weights_from_another_file_start_the_adaptation_and_key_the_fit(tmp_path):
+    img, msk = _phantoms(6, seed=6)
+    enc = LearnedPropagationSegmenter(**pretrained.ARCHITECTURE, seed=3).new_encoder()
+    path = tmp_path / "retrained.pt"
+    sha = pretrained.save_pretrained(path, enc.state_dict(), {"datasets": ["jsrt:1 (172 train images)"]})
+    seg = LearnedPropagationSegmenter(pretrained=True, adapt_steps=0, weights=str(path), **FAST)
+    seg.fit(img, msk)
+    assert torch.equal(_flat(seg.state_tensors()), _flat(enc.state_dict()))  # that file's weights, not the shipped
+    assert not torch.equal(_flat(seg.state_tensors()), _flat(pretrained.load_pretrained()))
+    assert seg.fit_spec()["pretrained_weights"] == f"file-{sha[:16]}" == pretrained.pretrained_id(path)
+    assert seg.spec()["weights"] == str(path) and "weights" not in LearnedPropagationSegmenter(pretrained=True).spec()
+    assert pretrained.datasets_seen(path) == ["jsrt"] and pretrained.datasets_seen() == []
+    with pytest.raises(ValueError, match="needs pretrained=True"):
+        LearnedPropagationSegmenter(weights=str(path))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        LearnedPropagationSegmenter(pretrained=True, weights=str(tmp_path / "absent.pt")).fit_spec()
+
+
+def _pretrain_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "scripts" / "pretrain_reverse.py"
+    spec = importlib.util.spec_from_file_location("pretrain_reverse", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dataset_tasks_read_the_train_split_only_one_task_per_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    script = _pretrain_script()
+    for split in ("train", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+    for i in range(4):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[2:8, 2:8] = 1  # class 1 in every image
+        if i < 2:
+            mask[10:16, 10:16] = 2  # class 2 in two images only
+        if i == 3:
+            mask[:] = 0  # an image showing no class is left out of every task
+        Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(tmp_path / "train" / "images" / f"c{i}.png")
+        Image.fromarray(mask).save(tmp_path / "train" / "masks" / f"c{i}.png")
+    (tmp_path / "test" / "images" / "t.png").write_bytes(b"not a png: reading it would fail")
+    tasks = script.dataset_tasks(f"toy={tmp_path}", 16)
+    assert [(name, x.shape[0]) for name, x, _ in tasks] == [("toy:1", 3), ("toy:2", 2)]
+    name, x, y = tasks[1]
+    assert x.shape == y.shape == (2, 1, 16, 16) and set(y.unique().tolist()) == {0.0, 1.0}
+    xq, xs, lq, ls = next(script.dataset_episodes(tasks, 6, torch.Generator().manual_seed(0)))
+    assert xq.shape == lq.shape == (6, 1, 16, 16)
+    assert all(not torch.equal(a, b) for a, b in zip(xq, xs))  # two different images of one task
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        script.dataset_tasks(str(tmp_path), 16)
+    with pytest.raises(SystemExit, match="no train images"):
+        script.dataset_tasks(f"empty={tmp_path / 'test'}", 16)
