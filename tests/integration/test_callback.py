@@ -177,7 +177,7 @@ def test_a_schedule_with_too_few_evaluations_warns_before_training(tmp_path):
     assert not list(tmp_path.rglob("spe_estimator.pt"))  # no G: nothing to reuse
 
 
-def test_report_is_a_dict_with_a_reason_when_every_evaluation_failed(tmp_path):
+def test_report_has_a_reason_when_every_evaluation_failed(tmp_path):
     class DictOut(SegmentationModel):
         """Returns its logits under a key SPE does not know; trains and validates on self.net directly."""
 
