@@ -37,6 +37,10 @@ LEGEND = {
     "confidence": "baseline: the model's soft Dice through its own G",
     "quality_regressor": "mean per-case estimate of the quality regressor",
     "spe_combined": "w · regressor + (1 − w) · SPE, w chosen on the calibration pairs",
+    "spe_without_styled": "SPE without the target-styled pairs (styled_pairs=False)",
+    "styled_calibration_score": "baseline: the real Dice of the calibration images restyled like the target",
+    "soft_dice_confidence": "baseline: Soft Dice Confidence through its own G",
+    "agreement": "baseline: the last checkpoints' mask agreement through its own G",
 }
 #: the first Dice false-alarm definition (commit 1a8eb37), kept so both readings can be reported
 FIRST_TOLERANCE, FIRST_DROP = 0.02, 0.05
@@ -132,6 +136,7 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Rows: " + "; ".join(f"`{m}` {LEGEND[m]}" for m in methods if m in LEGEND) + "."]
     lines += ["Seeds: " + "; ".join(f"{label} {', '.join(map(str, s))}" for label, s in seeds.items()) + "."]
+    lines += ["A blank cell: that dataset's files were written before the method's signal existed."]
 
     # intervals and false alarms
     lines += [
