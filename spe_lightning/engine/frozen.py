@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["DictReads", "json_form", "read_only"]
+__all__ = ["DictReads", "check_stored", "json_form", "read_only"]
 
 
 def read_only(value: Any) -> Any:
@@ -25,6 +25,13 @@ def json_form(value: Any) -> Any:
     if isinstance(value, tuple):
         return [json_form(v) for v in value]
     return value
+
+
+def check_stored(data: Any, key: str, what: str, note: str = "") -> None:
+    """Refuse stored data that is not a mapping holding ``key`` (what every typed result's ``from_dict`` needs)."""
+    if not isinstance(data, Mapping) or key not in data:
+        keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"SPE: {what} needs at least {key!r} (got {keys}){'; ' + note if note else ''}.")
 
 
 class DictReads:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from spe_lightning.engine.frozen import DictReads, json_form, read_only
+from spe_lightning.engine.frozen import DictReads, check_stored, json_form, read_only
 
 __all__ = ["Estimate", "Interval", "estimates_from_dict", "estimates_to_dict"]
 
@@ -145,9 +145,7 @@ class Estimate(DictReads):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Estimate:
         """An estimate from :meth:`to_dict`'s form (a report's, an estimator file's, an older version's)."""
-        if not isinstance(data, Mapping) or "value" not in data:
-            keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"SPE: a stored estimate needs at least 'value' (got {keys}); it is not an SPE estimate.")
+        check_stored(data, "value", "a stored estimate", "it is not an SPE estimate")
         paper, withheld = data.get("paper"), data.get("withheld")
         return cls(
             value=data["value"],

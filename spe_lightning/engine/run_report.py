@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from spe_lightning.engine.frozen import DictReads, json_form, read_only
+from spe_lightning.engine.frozen import DictReads, check_stored, json_form, read_only
 from spe_lightning.engine.records import Record
 from spe_lightning.engine.results import Estimate, estimates_from_dict, estimates_to_dict
 
@@ -198,9 +198,7 @@ class SPEReport(DictReads):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SPEReport:
         """A report from :meth:`to_dict`'s form (``json.load`` of ``spe_report.json``, older ones included)."""
-        if not isinstance(data, Mapping) or "estimates" not in data:
-            keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"SPE: a report needs 'estimates' (got {keys}); it is not an SPE report.")
+        check_stored(data, "estimates", "a report", "it is not an SPE report")
         return cls(
             estimates=data["estimates"],
             records=tuple(data.get("records", ())),

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from spe_lightning.data.adapters import resize_masks
 from spe_lightning.engine.cached_set import CachedSet
-from spe_lightning.engine.frozen import DictReads
+from spe_lightning.engine.frozen import DictReads, check_stored
 
 __all__ = ["CaseRow", "case_rows", "CaseInputs", "CaseScoring", "ScorerFitData", "CaseScorer", "working_masks"]
 
@@ -90,9 +90,7 @@ class CaseRow(DictReads):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CaseRow:
         """The row of :meth:`to_dict`'s form (e.g. a row of ``cases.csv`` read back with its types)."""
-        if not isinstance(data, Mapping) or "id" not in data:
-            keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"SPE: a per-case row needs at least 'id' (got {keys}).")
+        check_stored(data, "id", "a per-case row")
         return cls(
             id=str(data["id"]),
             quality=data.get("quality"),
