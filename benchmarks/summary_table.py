@@ -191,6 +191,42 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
             scored = "/".join(str(row["n_scored"]) for row in rows)
             cells.append(f"{_ms([row['mae'] for row in rows])} ({scored} of {rows[0]['n_checkpoints']})")
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    lines += ["", all_signals_table(data)]
+    return "\n".join(lines)
+
+
+def all_signals_table(data: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: the all-signals rule against SPE on each run's held-out shifted pair families (development data).
+
+    The rule may become the reported estimate only where it beats SPE there across the development runs
+    (issue 23, item 4); the last line says whether it does.
+    """
+    lines = [
+        "| run | all_signals weights | held-out pair MAE: all_signals | SPE | pairs |",
+        "|---|---|---|---|---|",
+    ]
+    wins, ours, spes = 0, [], []
+    for label, runs in data.items():
+        for r in runs:
+            a = r.get("all_signals")
+            if not a:
+                lines.append(f"| {label}, seed {r['seed']} | (run written before the rule existed) |  |  |  |")
+                continue
+            weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(a["signals"], a["weights"], strict=True))
+            ours.append(a["heldout_mae"])
+            spes.append(a["spe_heldout_mae"])
+            wins += int(a["heldout_mae"] < a["spe_heldout_mae"])
+            lines.append(
+                f"| {label}, seed {r['seed']} | {weights} | {a['heldout_mae']:.4f} | "
+                f"{a['spe_heldout_mae']:.4f} | {len(a['pairs'])} |"
+            )
+    if ours:
+        verdict = "adopted" if wins == len(ours) else "not adopted: SPE stays the reported estimate"
+        lines += [
+            "",
+            f"all_signals beats SPE on the held-out pair families in {wins} of {len(ours)} development runs "
+            f"(mean held-out MAE {np.mean(ours):.4f} against SPE's {np.mean(spes):.4f}): {verdict}.",
+        ]
     return "\n".join(lines)
 
 
