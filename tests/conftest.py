@@ -113,3 +113,27 @@ def quality_fitted(tmp_path_factory) -> QualityFit:
     )
     trainer.fit(SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3), datamodule=dm)
     return QualityFit(cb, trainer, dm, log_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_fit_in_scratch_dir(tmp_path_factory) -> Path:
+    """``spe-lightning fit --config configs/synthetic.yaml`` shrunk (tests/_demo.py's SMALL and CHEAP_SPE), run
+    from an empty directory with the config's own output places; that directory (tests only read it).
+
+    Shared by test_cli (what the report holds) and test_outputs (where the files go): one fit, not two.
+    """
+    import torch
+    from _demo import CHEAP_SPE, CONFIG, SMALL
+
+    from spe_lightning.cli import cli
+    from spe_lightning.reverse import base
+
+    root = tmp_path_factory.mktemp("demo_fit")
+    hub = tmp_path_factory.mktemp("demo_fit_hub")
+    # a session fixture runs outside the function-scoped autouse fixtures above: the same isolation by hand
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
+        mp.setattr(base, "DEFAULT_WEIGHT_FREE", "label_fusion")  # the config's "auto", as _fast_auto_segmenter
+        mp.chdir(root)
+        cli(["fit", "--config", str(CONFIG), *SMALL, *CHEAP_SPE])
+    return root
