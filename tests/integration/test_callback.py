@@ -114,10 +114,12 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
 def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path, caplog):
     """The noisy target scores worse than the clean one, and SPE's estimate says so (also on the console)."""
     pl.seed_everything(1)
-    cb = spe(metrics=("dice", "iou"), verbose=True, segmenter="label_fusion")
+    # 4 epochs and one shift family (the pairs give the intervals, not the values compared here): 40% less time
+    # than 6 epochs and six families; the estimates' gap (0.43 vs 0.52, truth 0.35 vs 0.57) stays wide
+    cb = spe(metrics=("dice", "iou"), verbose=True, segmenter="label_fusion", interval_shifts=["noise"])
     with caplog.at_level("INFO"):
         # with a progress bar: the summary must still print after the bar has closed
-        trainer(tmp_path, 6, [cb], enable_progress_bar=True).fit(small_model(), datamodule=small_data())
+        trainer(tmp_path, 4, [cb], enable_progress_bar=True).fit(small_model(), datamodule=small_data())
     assert "| target_noisy" in caplog.text and "SPE report:" in caplog.text
     r = cb.report
     assert r["true"]["target_noisy"]["dice"] < r["true"]["target"]["dice"]
