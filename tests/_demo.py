@@ -15,3 +15,10 @@ SMALL = [
     "--data.n_target=8",
     "--data.size=32",
 ]
+#: SPE settings that halve such a fit where the test checks the command's plumbing, not the estimates: the
+#: working size of the 32-px phantoms, one shift family and 16 references (117 s -> 60 s for one fit, loaded)
+CHEAP_SPE = [
+    "--trainer.callbacks.init_args.config.working_size=32",
+    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
+    "--trainer.callbacks.init_args.config.max_references=16",
+]

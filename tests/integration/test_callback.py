@@ -29,6 +29,11 @@ def small_data() -> SyntheticShapesDataModule:
     return SyntheticShapesDataModule(n_train=48, n_val=24, n_target=16, size=48, batch_size=4)
 
 
+def tiny_data() -> SyntheticShapesDataModule:
+    """Half of small_data, for the tests of the callback's plumbing (schedules, failures, files), not its numbers."""
+    return SyntheticShapesDataModule(n_train=24, n_val=12, n_target=8, size=48, batch_size=4)
+
+
 def spe(**kw) -> SPECallback:
     # a coarse label fusion keeps these tests fast; the estimate-quality test uses the default one
     fast = LabelFusionSegmenter(size=24, k=4, search=1)
@@ -66,7 +71,7 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
     pl.seed_everything(0)
     cb = spe()
     t = trainer(tmp_path, 4, [cb])
-    t.fit(small_model(), datamodule=small_data())
+    t.fit(small_model(), datamodule=tiny_data())
 
     assert [r.epoch for r in cb.records] == [0, 1, 2, 3]
     assert cb.records[-1].final is True
@@ -114,10 +119,12 @@ def test_fit_logs_estimates_to_tensorboard_and_report(tmp_path):
 def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path, caplog):
     """The noisy target scores worse than the clean one, and SPE's estimate says so (also on the console)."""
     pl.seed_everything(1)
-    cb = spe(metrics=("dice", "iou"), verbose=True, segmenter="label_fusion")
+    # 4 epochs and one shift family (the pairs give the intervals, not the values compared here): 40% less time
+    # than 6 epochs and six families; the estimates' gap (0.43 vs 0.52, truth 0.35 vs 0.57) stays wide
+    cb = spe(metrics=("dice", "iou"), verbose=True, segmenter="label_fusion", interval_shifts=["noise"])
     with caplog.at_level("INFO"):
         # with a progress bar: the summary must still print after the bar has closed
-        trainer(tmp_path, 6, [cb], enable_progress_bar=True).fit(small_model(), datamodule=small_data())
+        trainer(tmp_path, 4, [cb], enable_progress_bar=True).fit(small_model(), datamodule=small_data())
     assert "| target_noisy" in caplog.text and "SPE report:" in caplog.text
     r = cb.report
     assert r["true"]["target_noisy"]["dice"] < r["true"]["target"]["dice"]
@@ -127,7 +134,7 @@ def test_estimates_follow_the_truth_on_a_shifted_target(tmp_path, caplog):
 def test_no_work_during_fast_dev_run_and_it_says_so(tmp_path):
     cb = spe()
     with pytest.warns(UserWarning, match="skipped under fast_dev_run"):
-        trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=small_data())
+        trainer(tmp_path, 3, [cb], fast_dev_run=True).fit(small_model(), datamodule=tiny_data())
     assert cb.records == [] and "fast_dev_run" in cb.report.reason
     assert not list(tmp_path.rglob("spe_report.json"))
 
@@ -157,7 +164,7 @@ class _RecordingLogger(pl.loggers.logger.Logger):
 def test_one_point_per_tag_and_step_and_the_truth_beside_the_estimate(tmp_path):
     logger = _RecordingLogger()
     cb = spe(metrics=("dice",), interval_subsets=1, interval_shifts=["noise"], log_dir=str(tmp_path))
-    trainer(tmp_path, 3, [cb], logger=logger).fit(small_model(), datamodule=small_data())
+    trainer(tmp_path, 3, [cb], logger=logger).fit(small_model(), datamodule=tiny_data())
     spe_points = [p for p in logger.points if p[0].startswith("spe/")]
     assert len(spe_points) == len(set(spe_points))  # the final estimate is not logged a second time
     assert ("spe/estimate_lower/target/dice", cb.records[-1].step) in spe_points
@@ -168,7 +175,7 @@ def test_one_point_per_tag_and_step_and_the_truth_beside_the_estimate(tmp_path):
 def test_a_schedule_with_too_few_evaluations_warns_before_training(tmp_path):
     cb = spe(every_n_epochs=5, metrics=("dice",))
     with pytest.warns(UserWarning, match=r"every_n_epochs=5 with max_epochs=3 gives 1 evaluation") as caught:
-        trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
+        trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=tiny_data())
     messages = [str(w.message) for w in caught]
     first = next(i for i, m in enumerate(messages) if "every_n_epochs=5" in m)
     closing = next(i for i, m in enumerate(messages) if "no estimates" in m)
@@ -191,14 +198,14 @@ def test_report_has_a_reason_when_every_evaluation_failed(tmp_path):
 
     cb = spe(metrics=("dice",))
     with pytest.warns(UserWarning, match="no estimates: no evaluation succeeded"):
-        trainer(tmp_path, 2, [cb]).fit(DictOut(channels=(8, 16), strides=(2,)), datamodule=small_data())
+        trainer(tmp_path, 2, [cb]).fit(DictOut(channels=(8, 16), strides=(2,)), datamodule=tiny_data())
     assert cb.records == [] and "no evaluation succeeded" in cb.report.reason
     assert json.loads(next(tmp_path.rglob("spe_report.json")).read_text())["reason"] == cb.report.reason
 
 
 def test_every_n_epochs_and_final_record(tmp_path):
     cb = spe(every_n_epochs=2, metrics=("dice",))
-    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
+    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=tiny_data())
     # epoch 1 by schedule, then the final weights after epoch 2
     assert [(r.epoch, r.final) for r in cb.records] == [(1, False), (2, True)]
     # two records: too few for G -> null estimates with a reason, never NaN
@@ -248,7 +255,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 
 def test_missing_datasets_fail_before_training(tmp_path):
     model = small_model()
-    dm = small_data()
+    dm = tiny_data()
     dm.setup()
     loader = dm.train_dataloader()
     t = trainer(tmp_path, 1, [spe()])
@@ -258,7 +265,7 @@ def test_missing_datasets_fail_before_training(tmp_path):
 
 
 def test_explicit_datasets_and_tuple_items(tmp_path):
-    dm = small_data()
+    dm = tiny_data()
     dm.setup()
 
     class Tuples(torch.utils.data.Dataset):
@@ -298,16 +305,16 @@ def test_a_failing_evaluation_never_stops_training(tmp_path):
     cb = spe(metrics=("dice",))
     t = trainer(tmp_path, 2, [cb])
     with pytest.warns(UserWarning, match="pass logits_fn"):
-        t.fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
+        t.fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=tiny_data())
     assert t.current_epoch == 2 and cb.records == []
 
     ok = spe(metrics=("dice",), logits_fn=lambda module, x: module(x)["weird_key"])
-    trainer(tmp_path, 1, [ok]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
+    trainer(tmp_path, 1, [ok]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=tiny_data())
     assert len(ok.records) == 1
 
     strict = spe(metrics=("dice",), strict=True)
     with pytest.raises(TypeError, match="pass logits_fn"):
-        trainer(tmp_path, 1, [strict]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=small_data())
+        trainer(tmp_path, 1, [strict]).fit(DictModel(channels=(8, 16, 32), strides=(2, 2)), datamodule=tiny_data())
 
 
 def test_settings_come_from_a_config_with_overrides_by_name():
@@ -340,5 +347,5 @@ def test_bad_config_or_override_is_named(args, kwargs, error, match):
 def test_estimator_is_the_runs_fitted_estimator_after_fit(tmp_path):
     cb = spe(metrics=("dice",), interval_subsets=0, interval_shifts=[], log_dir=str(tmp_path))
     assert cb.estimator is None  # not fitted yet
-    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=small_data())
+    trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=tiny_data())
     assert cb.estimator is not None and cb.estimator is cb.run.estimator

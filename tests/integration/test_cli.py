@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _demo import CONFIG, SMALL
+from _demo import CHEAP_SPE, CONFIG, SMALL
 
 from spe_lightning import SPEConfig
 from spe_lightning.cli import cli, main
@@ -19,28 +19,9 @@ def _report(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-#: what these tests check is the command's plumbing, not the estimates: one shift family and 16 references
-#: halve the fit (117 s -> 60 s for test_fit_from_yaml_config on a loaded 2-core machine)
-CHEAP = [
-    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
-    "--trainer.callbacks.init_args.config.max_references=16",
-]
-
-
-def test_fit_from_yaml_config(tmp_path):
-    cli(
-        [
-            "fit",
-            "--config",
-            str(CONFIG),
-            *SMALL,
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.callbacks.init_args.config.working_size=32",
-            *CHEAP,
-        ]
-    )
-    report = _report(tmp_path)
+def test_fit_from_yaml_config(demo_fit_in_scratch_dir):
+    """The demo config with SMALL and CHEAP_SPE as flags (the run is shared with test_outputs: conftest)."""
+    report = _report(demo_fit_in_scratch_dir)
     assert len(report["records"]) == 3
     assert set(report["estimates"]) == {"target", "target_noisy"}
     assert report["config"]["working_size"] == 32
@@ -60,10 +41,9 @@ def test_fit_with_callback_from_flags(tmp_path):
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks+=spe_lightning.SPECallback",
             "--trainer.callbacks.config.segmenter=label_fusion",
-            "--trainer.callbacks.config.working_size=32",
             "--trainer.callbacks.config.support_size=8",
             "--trainer.callbacks.config.metrics=[dice,hd95]",
-            *(flag.replace(".init_args.", ".") for flag in CHEAP),
+            *(flag.replace(".init_args.", ".") for flag in CHEAP_SPE),  # working size 32 among them
         ]
     )
     report = _report(tmp_path)
@@ -168,7 +148,11 @@ def test_demo_config_under_ddp_spawn_writes_one_complete_report(tmp_path):
 
 def test_python_dash_m_runs_the_command_and_the_benchmark_harness_stays_off_the_import_path():
     """``python -m spe_lightning.cli`` is the console script; importing the package, the callback, the estimator
-    and the command itself loads no module of spe_lightning.benchmarking (only ``benchmark`` imports it)."""
+    and the command itself loads no module of spe_lightning.benchmarking (only ``benchmark`` imports it).
+
+    One fresh interpreter for both (each start imports torch and Lightning: ~15 s on a loaded 2-core machine):
+    the imports are listed first, then the package runs as ``-m`` runs it (``runpy.run_module`` with
+    ``alter_sys=True`` is what ``python -m`` calls)."""
     import subprocess
     import sys
 
@@ -176,13 +160,12 @@ def test_python_dash_m_runs_the_command_and_the_benchmark_harness_stays_off_the_
 
     repo = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": repo, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "spe_lightning.cli", "--version"], capture_output=True, text=True,
-                          env=env, cwd=repo, timeout=300)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == f"spe-lightning {__version__}"
     code = (
-        "import sys, spe_lightning.callback, spe_lightning.estimator, spe_lightning.run, spe_lightning.cli;"
-        "print(sorted(m for m in sys.modules if m.startswith('spe_lightning.benchmark')))"
+        "import runpy, sys, spe_lightning.callback, spe_lightning.estimator, spe_lightning.run, spe_lightning.cli;"
+        "print(sorted(m for m in sys.modules if m.startswith('spe_lightning.benchmark')), flush=True);"
+        "sys.argv = ['spe_lightning.cli', '--version'];"
+        "runpy.run_module('spe_lightning.cli', run_name='__main__', alter_sys=True)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip().splitlines() == ["[]", f"spe-lightning {__version__}"]

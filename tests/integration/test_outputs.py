@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from _demo import CONFIG, SMALL
+from _demo import CHEAP_SPE, CONFIG, SMALL
 
 from spe_lightning.cli import cli
 
-EXTRA = [
-    "--trainer.callbacks.init_args.config.working_size=32",
-    "--trainer.callbacks.init_args.config.interval_shifts=[noise]",
-    "--trainer.callbacks.init_args.config.max_references=16",  # which files are written does not depend on it
-]
 SPE_FILES = {"spe_report.json", "spe_report.csv", "spe_calibration.png", "spe_estimator.pt"}
 
 
@@ -21,23 +15,27 @@ def _files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize(
-    "extra, report_dir",
-    [
-        ([], "spe_runs/synthetic/tb/version_0"),  # the demo config as shipped: beside TensorBoard's events
-        (["--trainer.logger=false"], "spe_runs/synthetic/spe_reports"),  # no logger: under default_root_dir
-    ],
-)
-def test_demo_config_from_a_scratch_directory_writes_only_under_its_log_dir(tmp_path, monkeypatch, extra, report_dir):
-    monkeypatch.chdir(tmp_path)
-    cli(["fit", "--config", str(CONFIG), *SMALL, *EXTRA, *extra])
-    files = _files(tmp_path)
+def _written_only_under_the_log_dir(root: Path, report_dir: str) -> None:
+    files = _files(root)
     assert files, "the run wrote nothing"
     outside = sorted(f for f in files if not f.startswith("spe_runs/synthetic/"))
     assert not outside, f"written outside the configured log directory: {outside}"
     spe = {f.rsplit("/", 1)[-1]: f for f in files if f.rsplit("/", 1)[-1] in SPE_FILES}
     assert set(spe) == SPE_FILES
     assert {f.rsplit("/", 1)[0] for f in spe.values()} == {report_dir}
+
+
+def test_demo_config_from_a_scratch_directory_writes_only_under_its_log_dir(demo_fit_in_scratch_dir):
+    """The demo config as shipped (shrunk by SMALL and CHEAP_SPE; the run is shared with test_cli: conftest):
+    SPE's files beside TensorBoard's events. Which files are written does not depend on CHEAP_SPE."""
+    _written_only_under_the_log_dir(demo_fit_in_scratch_dir, "spe_runs/synthetic/tb/version_0")
+
+
+def test_demo_config_without_a_logger_writes_only_under_its_root_dir(tmp_path, monkeypatch):
+    """No logger: SPE's files under default_root_dir's spe_reports."""
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", "--config", str(CONFIG), *SMALL, *CHEAP_SPE, "--trainer.logger=false"])
+    _written_only_under_the_log_dir(tmp_path, "spe_runs/synthetic/spe_reports")
 
 
 def test_trainer_without_logger_or_root_dir_keeps_reports_in_their_own_folder(tmp_path, monkeypatch):

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 
-from spe_lightning import SPECallback, SPEEstimator
-from spe_lightning.data import SyntheticShapesDataModule
-from spe_lightning.models import SegmentationModel
+from spe_lightning import SPEEstimator
 from spe_lightning.percase.site_fit import PRODUCT_RULES
 
 
-def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(tmp_path):
-    pl.seed_everything(0)
-    dm = SyntheticShapesDataModule(n_train=16, n_val=12, n_target=8, size=32, batch_size=4)
-    cb = SPECallback(
-        segmenter="label_fusion", support_size=8, seed=0, verbose=False, quality_regressor=True, log_dir=str(tmp_path)
-    )
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[cb],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3), datamodule=dm)
-    est = SPEEstimator.load(tmp_path / "spe_estimator.pt")  # the site calibrations travel as plain numbers
+def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(quality_fitted):
+    cb, trainer, dm, log_dir = quality_fitted  # the shared 3-epoch run with quality_regressor=True (conftest)
+    est = SPEEstimator.load(log_dir / "spe_estimator.pt")  # the site calibrations travel as plain numbers
     sites = est.quality["sites"]
     assert set(sites["targets"]) == set(dm.targets)
     assert tuple(sites["rule"]) in PRODUCT_RULES and set(sites["scores"]) <= {"+".join(r) for r in PRODUCT_RULES}

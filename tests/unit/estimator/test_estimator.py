@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import pickle
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 
-from spe_lightning import SPECallback, SPEConfig, SPEEstimator
-from spe_lightning.data import SyntheticShapesDataModule
+from spe_lightning import SPEConfig, SPEEstimator
 from spe_lightning.engine import Estimate
 from spe_lightning.estimator import VERSION, FittedSPE, IncompatibleEstimatorError, with_case_scorer
-from spe_lightning.models import SegmentationModel
 from spe_lightning.percase.scorer import CaseRow
 
 
@@ -175,25 +172,11 @@ def test_quality_regressor_gives_per_case_estimates_that_follow_the_truth(tmp_pa
     assert all(isinstance(r["flagged"], bool) for r in res.cases)
 
 
-def test_callback_fits_the_quality_regressor_into_the_estimator(tmp_path):
-    pl.seed_everything(0)
-    dm = SyntheticShapesDataModule(n_train=16, n_val=12, n_target=8, size=32, batch_size=4)
-    cb = SPECallback(
-        segmenter="label_fusion", support_size=8, seed=0, verbose=False, quality_regressor=True, log_dir=str(tmp_path)
-    )
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[cb],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3), datamodule=dm)
-    est = SPEEstimator.load(tmp_path / "spe_estimator.pt")
+def test_callback_fits_the_quality_regressor_into_the_estimator(quality_fitted):
+    cb, trainer, dm, log_dir = quality_fitted  # the shared 3-epoch run with quality_regressor=True (conftest)
+    est = SPEEstimator.load(log_dir / "spe_estimator.pt")
     assert est.quality is not None and cb.report["quality"]["n_cases"] == 12
-    saved = json.loads((tmp_path / "spe_report.json").read_text())
+    saved = json.loads((log_dir / "spe_report.json").read_text())
     assert saved["quality"]["n_cases"] == 12
     # SPE combined with the regressor's mean, the weight chosen on the calibration pairs' sets
     combined = saved["combined"]
