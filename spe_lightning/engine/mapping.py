@@ -7,7 +7,9 @@ evaluated with NumPy only.
 Kinds (``MAPPINGS``)
 --------------------
 ``linear``
-    Ordinary least squares, ``sklearn.linear_model.LinearRegression`` (the paper's choice).
+    Ordinary least squares (the paper's choice), in closed form: the same numbers as
+    ``sklearn.linear_model.LinearRegression`` to rounding (a test holds them equal), ~20x faster on the
+    few points G is fitted on, which matters because every fit is refitted n times for its LOO residuals.
     ``params = {"slope", "intercept", "degenerate"}``.
 ``huber``
     Robust linear fit, ``sklearn.linear_model.HuberRegressor`` (epsilon 1.35, no L2 penalty; x is
@@ -43,11 +45,12 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["MAPPINGS", "MIN_POINTS", "MetricMapping", "NotEnoughPointsError"]
 
@@ -86,6 +89,14 @@ def _is_degenerate(x: np.ndarray) -> bool:
     return bool(np.ptp(x) <= 1e-12 * max(1.0, float(np.max(np.abs(x)))))
 
 
+@cache
+def _blas_pools() -> ThreadpoolController:
+    """The loaded BLAS thread pools, scanned once (``threadpool_limits`` rescans them on every call: 3-6 ms)."""
+    import sklearn.linear_model  # noqa: F401  (loads SciPy's BLAS, which the fits use, before the scan)
+
+    return ThreadpoolController()
+
+
 def _fit_params(kind: str, x: np.ndarray, y: np.ndarray) -> dict[str, float | list[float]]:
     """G's parameters on finite ``x``, ``y`` (at least one point; no MIN_POINTS check: LOO refits use n-1)."""
     if _is_degenerate(x):
@@ -94,10 +105,9 @@ def _fit_params(kind: str, x: np.ndarray, y: np.ndarray) -> dict[str, float | li
             return {"x": [float(np.mean(x))], "y": [mean], "degenerate": 1.0}
         return {"slope": 0.0, "intercept": mean, "degenerate": 1.0}
     if kind == "linear":
-        from sklearn.linear_model import LinearRegression
-
-        lr = LinearRegression().fit(x[:, None], y)
-        return {"slope": float(lr.coef_[0]), "intercept": float(lr.intercept_), "degenerate": 0.0}
+        dx = x - np.mean(x)
+        slope = float(np.dot(dx, y - np.mean(y)) / np.dot(dx, dx))
+        return {"slope": slope, "intercept": float(np.mean(y) - slope * np.mean(x)), "degenerate": 0.0}
     if kind == "huber":
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import HuberRegressor
@@ -170,7 +180,7 @@ class MetricMapping:
                 f"it needs at least {MIN_POINTS} (e.g. more checkpoints evaluated on the calibration set)."
             )
         # n + 1 tiny fits: multi-threaded BLAS only adds overhead (and stalls badly on a busy CPU)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_pools().limit(limits=1, user_api="blas"):
             params = _fit_params(kind, x, y)
             residuals = []
             for i in range(n):

@@ -183,3 +183,21 @@ def test_half_width_rank():
     assert g.half_width(0.9) == pytest.approx(0.4)
     lo, hi = g.interval([1.0, 2.0], 0.5)
     assert lo.tolist() == pytest.approx([0.7, 1.7]) and hi.tolist() == pytest.approx([1.3, 2.3])
+
+
+def test_linear_closed_form_equals_sklearn_linear_regression():
+    """G's linear fit is written out for speed; it must give scikit-learn's numbers, LOO residuals included."""
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 30):  # n = 3: the LOO refits stand on 2 points
+        x = rng.uniform(0.0, 1.0, n)
+        y = 0.7 * x + 0.2 + rng.normal(0.0, 0.05, n)
+        lr = LinearRegression().fit(x[:, None], y)
+        g = MetricMapping.fit("linear", x, y)
+        assert g.params["slope"] == pytest.approx(lr.coef_[0], rel=1e-10)
+        assert g.params["intercept"] == pytest.approx(lr.intercept_, rel=1e-10)
+        for i in range(n):
+            keep = np.arange(n) != i
+            loo = LinearRegression().fit(x[keep, None], y[keep])
+            assert g.residuals[i] == pytest.approx(y[i] - loo.predict(x[i : i + 1, None])[0], rel=1e-9, abs=1e-13)
