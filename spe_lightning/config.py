@@ -174,8 +174,9 @@ class SPEConfig:
     target's interval model. False: every target uses the generic pairs only (one set evaluation less per target)."""
     styling: str = field(default="v1", metadata=ESTIMATES)
     """How the styled pairs restyle the calibration set (``engine.styled_pairs.STYLINGS``): ``"v1"``, the recipe
-    fixed beforehand (FDA band 0.05, the histogram of one target image, noise and blur); ``"dev_tuned"``, the recipe
-    chosen on development data (docs/other_sites.md). The default stays ``"v1"`` until the benchmark runs are re-run."""
+    fixed beforehand (FDA band 0.05, the histogram of one target image, noise and blur); ``"histogram_noise_blur"``,
+    the recipe chosen on development data (no FDA swap; docs/other_sites.md). The default stays ``"v1"`` until the
+    recorded benchmark runs are re-run with the other."""
     threshold: float = field(default=0.5, metadata=DATA)
     """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
     foreground_class: int | None = field(default=None, metadata=DATA)
