@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,75 @@ def by_family(result: dict[str, Any], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pair_check(task: str, seed: int, names: list[str], epoch: int = EPOCHS[-1]) -> dict[str, Any]:
+    """Item 3: does a recipe's styled pair ``(pseudo diff, real diff)`` (styled A minus A) lie closer to the
+    target's true pair (target minus A)? SPE's reverse step ``label_fusion`` (50 references from the train split),
+    the model at ``epoch``; the dev targets of :func:`dev_sets` rebuilt from the run's own cached B."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    from spe_lightning import SPEConfig, SPERun
+    from spe_lightning.data import FolderSegmentationDataModule
+    from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set
+    from spe_lightning.engine.styled_pairs import styled_set, target_style
+    from spe_lightning.reverse.base import segmenter_from_text
+
+    folder, cls = TASKS[task]
+    dm = FolderSegmentationDataModule(str(DATA / folder), class_index=cls, image_size=IMAGE_SIZE, target_splits=[])
+    spe = dm.spe_datasets()
+    test: Any = spe["calibration"]
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed)).tolist()
+    half = len(perm) // 2
+    a_idx, b_idx = sorted(perm[:half])[:MAX_A], sorted(perm[half:])
+    config = SPEConfig(max_references=50, seed=seed, metrics=("dice",), verbose=False)
+    run = SPERun(config, segmenter=segmenter_from_text("label_fusion"))
+    run.prepare(spe["reference"], Subset(test, a_idx), {"clean": Subset(test, b_idx)})
+    model = load_models(task, seed)[epoch]
+    a, b = run.sets["calibration"], run.sets["clean"]
+    targets = {"clean": b}
+    for fam in SHIFT_FAMILIES:
+        for sev in (1, 2, 3):
+            t = shift_set(b, fam, sev, seed=seed * 100_000)
+            targets[t.name] = t
+    start = time.perf_counter()
+    base = run.evaluate(model)
+    rec = run.evaluate(model, sets={n: t for n, t in targets.items() if n != "clean"})
+    styled = {}
+    for i, (tname, t) in enumerate(targets.items()):
+        st_seed = seed * 7919 + 31 * i
+        style = target_style(a, t, st_seed)
+        for v in names:
+            sset, _ = styled_set(a, t, seed=st_seed, styling=v, style=style)
+            styled[f"{v}/{tname}"] = dataclasses.replace(sset, name=f"{v}/{tname}")
+    srec = run.evaluate(model, sets=styled, from_calibration=True)
+
+    def value(r: dict[str, Any], kind: str, n: str) -> float:
+        return float(r[kind][n]["dice"])
+
+    p0, r0 = value(base, "pseudo", "calibration"), value(base, "real", "calibration")
+    out: dict[str, Any] = {"epoch": epoch, "calibration": {"pseudo": p0, "real": r0}, "targets": {}}
+    for tname in targets:
+        r = base if tname == "clean" else rec
+        row = {"true": [value(r, "pseudo", tname) - p0, value(r, "real", tname) - r0]}
+        for v in names:
+            row[v] = [value(srec, "pseudo", f"{v}/{tname}") - p0, value(srec, "real", f"{v}/{tname}") - r0]
+        out["targets"][tname] = row
+    summary = {}
+    for v in names:
+        rows = list(out["targets"].values())
+        dp = [abs(x[v][0] - x["true"][0]) for x in rows]
+        dr = [abs(x[v][1] - x["true"][1]) for x in rows]
+        summary[v] = {
+            "pseudo_diff_mae": sum(dp) / len(dp),
+            "real_diff_mae": sum(dr) / len(dr),
+            "distance": sum(math.hypot(x, y) for x, y in zip(dp, dr)) / len(dp),
+        }
+    out["summary"], out["seconds"] = summary, time.perf_counter() - start
+    print(f"[styling_dev] pairs {task}: {summary} ({out['seconds']:.0f}s)", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-only", action="store_true", help="only train and cache the models")
@@ -308,6 +378,7 @@ def main() -> None:
     p.add_argument("--grid", choices=("full", "reduced"), default="reduced")
     p.add_argument("--out", default="benchmarks/results/styling_dev.json")
     p.add_argument("--table", metavar="JSON", help="print the table of a result file and exit")
+    p.add_argument("--pairs", metavar="JSON", help="item 3: write the pair check of v1 and the chosen recipe here")
     a = p.parse_args()
     if a.table:
         print(table(json.loads(Path(a.table).read_text())))
@@ -315,6 +386,10 @@ def main() -> None:
     torch.set_num_threads(1)
     for t in a.tasks:
         train_task(t, a.seed)
+    if a.pairs:
+        names = ["v1", "histogram_noise_blur"]
+        Path(a.pairs).write_text(json.dumps({t: pair_check(t, a.seed, names) for t in a.tasks}, indent=1))
+        return
     if a.train_only:
         return
     grid = variants(a.grid)
