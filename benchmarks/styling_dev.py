@@ -20,6 +20,7 @@ extra_test, its shifted copies and other sites are never read.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/styling_dev.py --out benchmarks/results/styling_dev.json
     python benchmarks/styling_dev.py --table benchmarks/results/styling_dev.json
+    python benchmarks/styling_dev.py --tasks jsrt_heart --pairs heart.json   # item 3: the styled pairs' position
 """
 
 from __future__ import annotations
