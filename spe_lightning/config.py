@@ -19,6 +19,7 @@ from spe_lightning.engine.mapping import MAPPINGS
 from spe_lightning.engine.metrics import PAPER_METRICS, validate_metrics
 from spe_lightning.engine.shifts import SHIFT_FAMILIES
 from spe_lightning.engine.spe_engine import metric_keys
+from spe_lightning.engine.styled_pairs import STYLINGS
 from spe_lightning.reverse.base import available_segmenters
 
 __all__ = [
@@ -62,6 +63,7 @@ ESTIMATION_KEYS = (
     "interval_subsets",
     "interval_severities",
     "styled_pairs",
+    "styling",
     "seed",
     "working_size",
     "every_n_epochs",
@@ -170,6 +172,11 @@ class SPEConfig:
     """At fit end, also measure one pair per target from the calibration set restyled like that target (its
     intensities, low frequencies, noise and blur, from its unlabelled images; docs/other_sites.md): it joins that
     target's interval model. False: every target uses the generic pairs only (one set evaluation less per target)."""
+    styling: str = field(default="v1", metadata=ESTIMATES)
+    """How the styled pairs restyle the calibration set (``engine.styled_pairs.STYLINGS``): ``"v1"``, the recipe
+    fixed beforehand (FDA band 0.05, the histogram of one target image, noise and blur); ``"histogram_noise_blur"``,
+    the recipe chosen on development data (no FDA swap; docs/other_sites.md). The default stays ``"v1"`` until the
+    recorded benchmark runs are re-run with the other."""
     threshold: float = field(default=0.5, metadata=DATA)
     """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
     foreground_class: int | None = field(default=None, metadata=DATA)
@@ -253,6 +260,8 @@ class SPEConfig:
             raise ValueError(f"SPE: interval_severities must be a list of 1, 2, 3, got {self.interval_severities!r}.")
         if self.mapping not in MAPPINGS:
             raise ValueError(f"SPE: mapping must be one of {MAPPINGS}, got {self.mapping!r}.")
+        if self.styling not in STYLINGS:
+            raise ValueError(f"SPE: styling must be one of {sorted(STYLINGS)}, got {self.styling!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"SPE: activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
         if self.spatial_dims not in (None, 2, 3):

@@ -315,7 +315,8 @@ class RunSteps:
         images; :func:`~spe_lightning.engine.styled_pairs.styled_set`), by set name; the styles go to ``styles``."""
         out = {}
         for i, t in enumerate(self._targets):
-            data, style = styled_set(self._sets[CALIBRATION], self._sets[t], seed=self.config.seed * 7919 + 31 * i)
+            seed = self.config.seed * 7919 + 31 * i
+            data, style = styled_set(self._sets[CALIBRATION], self._sets[t], seed=seed, styling=self.config.styling)
             self.styles[t] = {k: v for k, v in style.items() if k != "target_images"}
             out[data.name] = data
         return out

@@ -79,7 +79,7 @@ def measure_signals(
     start = time.perf_counter()
     styled, styles = {}, {}
     for i, (n, data) in enumerate(targets.items()):
-        sset, style = styled_set(cal, data, seed=run.config.seed * 7919 + 31 * i)
+        sset, style = styled_set(cal, data, seed=run.config.seed * 7919 + 31 * i, styling=run.config.styling)
         styled[sset.name], styles[n] = sset, {k: v for k, v in style.items() if k != "target_images"}
     record = run.evaluate(model, sets=styled)
     last = run.records[-1]

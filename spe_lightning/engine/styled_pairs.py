@@ -14,7 +14,9 @@ calibration masks). Each calibration image is, in its own ``[0, 1]`` range (min-
    re-blur gradient-energy ratio (:func:`reblur_ratio`) matches the target's (:func:`estimate_blur`);
 4. mapped to that target image's intensity range.
 
-Masks are unchanged. The pair ``(pseudo difference, real difference)`` of the styled set carries
+:class:`Styling` names which of these steps run (``SPEConfig.styling``): ``"v1"`` is the recipe above (the
+default); other recipes were measured on development data (``benchmarks/styling_dev.py``,
+docs/other_sites.md). Masks are unchanged. The pair ``(pseudo difference, real difference)`` of the styled set carries
 ``"target": <name>``: it joins only that target's move/interval model
 (:func:`~spe_lightning.engine.calibration_pairs.pairs_for_target`), and its real score is the *styled
 calibration score* baseline. Everything is deterministic for a seed.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -36,13 +39,18 @@ from spe_lightning.engine.shifts import gray_rows
 __all__ = [
     "BLUR_GRID",
     "FDA_BETA",
+    "HISTOGRAM_MODES",
     "STYLED_PREFIX",
+    "STYLINGS",
+    "Styling",
     "estimate_blur",
     "estimate_noise_sigma",
     "fda_swap",
     "gaussian_blur",
     "histogram_match",
+    "pooled_histogram",
     "reblur_ratio",
+    "resolve_styling",
     "style_image",
     "styled_name",
     "styled_set",
@@ -58,6 +66,61 @@ BLUR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 STYLED_PREFIX = "styled_"
 #: target images the noise and blur levels are estimated on (the median over them)
 _N_ESTIMATE = 16
+#: target images pooled into the target histogram of ``Styling(histogram="pooled")``
+_N_POOL = 64
+#: how a calibration image's histogram is matched: not at all, to its random target image, to the pooled target
+HISTOGRAM_MODES = ("off", "image", "pooled")
+
+
+@dataclass(frozen=True)
+class Styling:
+    """Which restyling steps run.
+
+    Args:
+        beta: FDA band (fraction of the image side; 0: no FDA swap).
+        histogram: ``"off"``, ``"image"`` (matched to the calibration image's random target image) or
+            ``"pooled"`` (matched to the pooled histogram of up to 64 target images).
+        noise_blur: add the target's estimated blur and noise.
+        references: styled copies of each calibration image, each from its own random target image.
+    """
+
+    beta: float = FDA_BETA
+    histogram: str = "image"
+    noise_blur: bool = True
+    references: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta < 0.5:
+            raise ValueError(f"Styling beta must be in [0, 0.5) (0: no FDA swap), got {self.beta!r}.")
+        if self.histogram not in HISTOGRAM_MODES:
+            raise ValueError(f"Styling histogram must be one of {HISTOGRAM_MODES}, got {self.histogram!r}.")
+        if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references < 1:
+            raise ValueError(f"Styling references must be a positive int, got {self.references!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain values (for the style record)."""
+        return asdict(self)
+
+
+#: the named recipes of ``SPEConfig.styling``: ``"v1"`` is the recipe fixed beforehand (the default);
+#: ``"histogram_noise_blur"`` drops the FDA swap, the recipe chosen on development data (benchmarks/styling_dev.py,
+#: test-split halves: the styled score's Dice MAE to the real target score 0.068 pooled over JSRT lungs, JSRT heart
+#: and BUSI against v1's 0.116; v1 stays better on BUSI alone, 0.079 against 0.094)
+STYLINGS: dict[str, Styling] = {
+    "v1": Styling(),
+    "histogram_noise_blur": Styling(beta=0.0, histogram="image", noise_blur=True, references=1),
+}
+
+
+def resolve_styling(styling: str | Styling) -> tuple[str, Styling]:
+    """``(name, recipe)`` of a recipe name from :data:`STYLINGS` or a :class:`Styling` (named ``"custom"``
+    unless it equals a named one)."""
+    if isinstance(styling, Styling):
+        names = [n for n, s in STYLINGS.items() if s == styling]
+        return (names[0] if names else "custom"), styling
+    if styling not in STYLINGS:
+        raise ValueError(f"Unknown styling {styling!r}; choose from {sorted(STYLINGS)} or pass a Styling.")
+    return styling, STYLINGS[styling]
 
 
 def styled_name(target: str) -> str:
@@ -96,6 +159,17 @@ def histogram_match(source: Tensor, reference: Tensor) -> Tensor:
     w = (pos - lo.double()).float()
     out = ref[lo] * (1 - w) + ref[hi] * w
     return out.reshape(source.shape)
+
+
+def pooled_histogram(images: Sequence[Tensor], n_quantiles: int = 4096) -> Tensor:
+    """The pooled intensity distribution of ``images`` (each ``[H,W]``, scaled to its own [0, 1] range; each
+    weighs by its pixel count) as ``n_quantiles`` sorted quantiles: the reference of :func:`histogram_match`
+    for a whole set (quantiles keep each match cheap)."""
+    if not images:
+        raise ValueError("pooled_histogram needs at least one image.")
+    values = torch.sort(torch.cat([_unit(x)[0].reshape(-1) for x in images])).values
+    pos = ((torch.arange(n_quantiles, dtype=torch.float64) + 0.5) / n_quantiles * values.numel()).long()
+    return values[pos.clamp_max(values.numel() - 1)]
 
 
 def fda_swap(source: Tensor, target: Tensor, beta: float = FDA_BETA) -> Tensor:
@@ -219,14 +293,21 @@ def style_image(
     blur: float,
     generator: torch.Generator,
     beta: float = FDA_BETA,
+    histogram: str | Tensor = "image",
 ) -> Tensor:
     """``image`` (``[C,H,W]`` or ``[C,D,H,W]``, any range) in the style of ``reference`` (an item image of the
-    target): FDA low-frequency amplitude, histogram, then ``blur`` and ``noise`` (in [0, 1] units), and the
-    reference's intensity range. Same shape and dtype as ``image``."""
+    target): FDA low-frequency amplitude (``beta`` 0: none), histogram, then ``blur`` and ``noise`` (in [0, 1]
+    units), and the reference's intensity range. ``histogram``: ``"image"`` (the reference's), ``"off"``, or
+    the values to match (e.g. :func:`pooled_histogram`). Same shape and dtype as ``image``."""
     x, _, _ = _unit(image)
     ref_unit, ref_lo, ref_span = _unit(_gray2d(reference))
-    y = fda_swap(x, ref_unit, beta)
-    y = histogram_match(y, ref_unit)
+    y = fda_swap(x, ref_unit, beta) if beta > 0 else x
+    if isinstance(histogram, Tensor):
+        y = histogram_match(y, histogram)
+    elif histogram == "image":
+        y = histogram_match(y, ref_unit)
+    elif histogram != "off":
+        raise ValueError(f"histogram must be 'image', 'off' or a tensor of values, got {histogram!r}.")
     y = gaussian_blur(y, blur)
     if noise > 0:
         y = y + noise * torch.randn(y.shape, generator=generator)
@@ -239,24 +320,44 @@ def style_image(
 
 
 def styled_set(
-    calibration: CachedSet, target: CachedSet, seed: int = 0, beta: float = FDA_BETA
+    calibration: CachedSet,
+    target: CachedSet,
+    seed: int = 0,
+    beta: float | None = None,
+    styling: str | Styling = "v1",
+    style: dict[str, float] | None = None,
 ) -> tuple[CachedSet, dict[str, Any]]:
     """The calibration set restyled as ``target`` (masks unchanged) and the style that was applied.
 
-    Each calibration image takes the FDA amplitude and histogram of a random target image (seeded), and
-    the noise and blur of :func:`target_style`. The set is called ``styled_<target name>``.
+    With the default ``"v1"`` recipe each calibration image takes the FDA amplitude and histogram of a random
+    target image (seeded), and the noise and blur of :func:`target_style`; ``styling`` picks another recipe
+    (:data:`STYLINGS` or a :class:`Styling`), ``beta`` overrides its FDA band. With ``references = k`` the set
+    holds ``k`` styled copies of each calibration image (copy-major). ``style``: the target's noise and blur
+    levels when already estimated (:func:`target_style` of the same sets and seed). The set is called
+    ``styled_<target name>``.
     """
     if len(target) == 0:
         raise ValueError(f"styled_set: target {target.name!r} has no images.")
-    style = target_style(calibration, target, seed)
+    name, recipe = resolve_styling(styling)
+    beta = recipe.beta if beta is None else float(beta)
+    if beta != recipe.beta:
+        name, recipe = "custom", Styling(beta, recipe.histogram, recipe.noise_blur, recipe.references)
+    style = target_style(calibration, target, seed) if style is None else dict(style)
+    noise, blur = (style["noise_added"], style["blur_added"]) if recipe.noise_blur else (0.0, 0.0)
     g = torch.Generator().manual_seed(seed + 1)
-    refs = torch.randint(len(target), (len(calibration),), generator=g).tolist()
+    n, k = len(calibration), recipe.references
+    refs = torch.randint(len(target), (n * k,), generator=g).tolist()
+    hist: str | Tensor = recipe.histogram
+    if recipe.histogram == "pooled":  # drawn after the references, so "image" and "off" keep v1's draws
+        pool = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed + 2))[:_N_POOL].tolist()
+        hist = pooled_histogram([_gray2d(target.inputs[j]) for j in sorted(pool)])
     inputs = [
-        style_image(x, target.inputs[j], style["noise_added"], style["blur_added"], g, beta)
-        for x, j in zip(calibration.inputs, refs)
+        style_image(calibration.inputs[i % n], target.inputs[j], noise, blur, g, beta, hist) for i, j in enumerate(refs)
     ]
     h, w = calibration.gray.shape[-2:]
-    gray = gray_rows(inputs, calibration.units, (int(h), int(w)))
-    name = styled_name(target.name)
-    styled = CachedSet(name, inputs, calibration.masks, gray, list(calibration.indices), list(calibration.units))
-    return styled, {**style, "beta": float(beta), "target_images": refs}
+    units = [(p + c * n, z) for c in range(k) for p, z in calibration.units]
+    gray = gray_rows(inputs, units, (int(h), int(w)))
+    masks = calibration.masks if calibration.masks is None or k == 1 else list(calibration.masks) * k
+    styled = CachedSet(styled_name(target.name), inputs, masks, gray, list(calibration.indices) * k, units)
+    record = {**style, "beta": beta, "styling": name, "recipe": recipe.to_dict(), "target_images": refs}
+    return styled, record

@@ -36,6 +36,7 @@ def test_round_trip_through_json():
         ({"metrics": ["dice", "volume"]}, "volume"),
         ({"memory_budget_mb": 0}, "memory_budget_mb"),
         ({"max_references": 0}, "max_references"),
+        ({"styling": "v9"}, "styling must be one of"),
     ],
 )
 def test_bad_settings_name_themselves(kwargs, match):

@@ -204,3 +204,21 @@ def test_styled_pairs_setting_turns_the_target_styled_pairs_on_and_off(styled):
     assert len(generic) >= 2  # the subsets and the shifted copy are measured either way
     assert [p["target"] for p in targeted] == (["t"] if styled else [])
     assert (run.signal_seconds["styled_pairs"] > 0) is styled
+
+
+def test_the_styling_setting_picks_the_recipe_of_the_styled_sets():
+    from spe_lightning.engine.styled_pairs import styled_set
+
+    ref, cal, tgt = _data()
+    sets = {}
+    for name in ("v1", "histogram_noise_blur"):
+        run = SPERun(_config(styling=name), segmenter=fast_segmenter(), warn=pytest.fail)
+        run.prepare(ref, cal, tgt)
+        sets[name] = run.styled_sets()
+        target = run.targets[0]
+        assert run.styles[target]["styling"] == name  # the style record names the recipe that ran
+        expected, _ = styled_set(run.sets["calibration"], run.sets[target], seed=0, styling=name)
+        got = sets[name][f"styled_{target}"]
+        assert all(torch.equal(a, b) for a, b in zip(got.inputs, expected.inputs))
+    first = next(iter(sets["v1"]))
+    assert not torch.equal(sets["v1"][first].inputs[0], sets["histogram_noise_blur"][first].inputs[0])

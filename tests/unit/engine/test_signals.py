@@ -281,6 +281,7 @@ def test_a_run_reports_the_signal_rows_and_keeps_the_masks_across_a_resume(tmp_p
     styled = [p for p in run.pairs if p["kind"] == "styled"]
     assert [(p["name"], p["target"]) for p in styled] == [("styled_t", "t")]
     assert run.styles["t"]["noise_added"] >= 0 and run.signal_seconds["styled_pairs"] > 0
+    assert run.styles["t"]["styling"] == "v1" and run.styles["t"]["recipe"]["beta"] == 0.05  # the default recipe
     report = run.build_report()
     base = report["baselines"]
     assert base["soft_dice_confidence"]["t"]["dice"] == pytest.approx(run.records[-1].confidence["t"])
