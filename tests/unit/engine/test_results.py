@@ -49,21 +49,33 @@ def _cases() -> dict[str, Estimate]:
     }
 
 
+def _same(new: object, old: object) -> bool:
+    """Same keys in the same order, same strings and flags, numbers equal to the last few bits.
+
+    The numbers come from fits (G's closed-form least squares since stop 10; scikit-learn's before), which may
+    differ in the last bit; the key layout and everything else must not differ at all."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return list(new) == list(old) and all(_same(new[k], old[k]) for k in new)
+    if isinstance(new, float) and isinstance(old, float) and not isinstance(new, bool):
+        return new == pytest.approx(old, rel=1e-12, abs=1e-12)
+    return type(new) is type(old) and new == old
+
+
 def test_to_dict_is_the_dict_estimates_always_were_key_order_included():
     cases = _cases()
     assert set(cases) == set(OLD)
     for name, est in cases.items():
         assert isinstance(est, Estimate)
-        # same keys, same order, same numbers: spe_report.json stays byte-identical
-        assert json.dumps(est.to_dict()) == json.dumps(OLD[name]), name
+        # same keys, same order, same numbers (to the last bits of the fits): spe_report.json's layout is kept
+        assert _same(json.loads(json.dumps(est.to_dict())), OLD[name]), name
 
 
 def test_from_dict_reads_every_old_estimate_back_exactly():
     cases = _cases()
     for name, old in OLD.items():
         back = Estimate.from_dict(old)
-        assert back == cases[name], name
-        assert json.dumps(back.to_dict()) == json.dumps(old), name
+        assert _same(back.to_dict(), cases[name].to_dict()), name
+        assert json.dumps(back.to_dict()) == json.dumps(old), name  # reading and writing back: byte-identical
         assert not back.extra  # every key of today's estimates is a field
     e = Estimate.from_dict(OLD["unreliable"])
     assert e.value is None and e.reliable is False and e.reason.startswith("unreliable: ")
