@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spe_lightning.engine.cached_set import CachedSet
+from spe_lightning.engine.styled_pairs import gaussian_blur
 
 
 def _grid(size: int) -> tuple[Tensor, Tensor]:
@@ -95,3 +96,14 @@ def shapes_set(n: int = 12, seed: int = 0) -> CachedSet:
     """A cached set of ``n`` shape images (gray = inputs) for the engine tests."""
     img, msk = make_shapes(n, seed=seed)
     return CachedSet("cal", list(img), list(msk.bool()), img.clone(), list(range(n)))
+
+
+def smooth_scene(seed: int, size: int) -> Tensor:
+    """A smooth ``[size, size]`` image with a ramp and a few blobs, in [0, 1] (the styling tests' images)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = 0.3 * xx + 0.1 * yy
+    for _ in range(4):
+        cy, cx, r = torch.rand(3, generator=g)
+        img = img + 0.4 * (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.05 + 0.1 * r) ** 2).float()
+    return gaussian_blur(img, 1.0)

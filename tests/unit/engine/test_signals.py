@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from _shapes import smooth_scene
 
 from spe_lightning.engine.agreement import (
     MaskHistory,
@@ -28,16 +30,7 @@ from spe_lightning.engine.styled_pairs import (
     styled_set,
 )
 
-
-def _scene(seed: int, size: int = 96) -> torch.Tensor:
-    """A smooth image with a ramp and a few blobs, in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    img = 0.3 * xx + 0.1 * yy
-    for _ in range(4):
-        cy, cx, r = torch.rand(3, generator=g)
-        img = img + 0.4 * (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.05 + 0.1 * r) ** 2).float()
-    return gaussian_blur(img, 1.0)
+_scene = partial(smooth_scene, size=96)
 
 
 # ---------------------------------------------------------------------------------------- soft dice confidence

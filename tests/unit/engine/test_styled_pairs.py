@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from _shapes import smooth_scene
 
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.styled_pairs import (
@@ -18,16 +21,7 @@ from spe_lightning.engine.styled_pairs import (
     target_style,
 )
 
-
-def _scene(seed: int, size: int = 64) -> torch.Tensor:
-    """A smooth image with a ramp and a few blobs, in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    img = 0.3 * xx + 0.1 * yy
-    for _ in range(4):
-        cy, cx, r = torch.rand(3, generator=g)
-        img = img + 0.4 * (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.05 + 0.1 * r) ** 2).float()
-    return gaussian_blur(img, 1.0)
+_scene = partial(smooth_scene, size=64)
 
 
 def _cached(name: str, images: list[torch.Tensor], masks: list[torch.Tensor] | None) -> CachedSet:
