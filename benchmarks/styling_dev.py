@@ -133,11 +133,11 @@ def complexity(name: str) -> int:
 def dev_sets(task: str, seed: int) -> tuple[Any, dict[str, Any]]:
     """``(A, targets)``: the test split cut in two fixed halves by ``seed``; A (at most :data:`MAX_A` images)
     plays the calibration set; the targets are made from B (clean, every shift family at severities 1-3, the
-    ``meta.csv`` groups of at least 5 images, as ``benchmarking.targets.shift_targets`` makes them)."""
+    ``meta.csv`` groups of at least 5 images: ``benchmarking.targets.targets_from``, as the shift benchmark)."""
+    from spe_lightning.benchmarking.targets import targets_from
     from spe_lightning.data import FolderSegmentationDataModule
-    from spe_lightning.data.folder import read_meta
     from spe_lightning.engine.cached_set import cache_dataset
-    from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
+    from spe_lightning.engine.shifts import subset
 
     folder, cls = TASKS[task]
     dm = FolderSegmentationDataModule(str(DATA / folder), class_index=cls, image_size=IMAGE_SIZE, target_splits=[])
@@ -149,20 +149,7 @@ def dev_sets(task: str, seed: int) -> tuple[Any, dict[str, Any]]:
     a = subset(test, sorted(perm[:half])[:MAX_A], "calibration")
     b_pos = sorted(perm[half:])
     b = subset(test, b_pos, "B")
-    targets = {"clean": subset(b, range(len(b)), "clean")}
-    for fam in SHIFT_FAMILIES:
-        for sev in (1, 2, 3):
-            t = shift_set(b, fam, sev, seed=seed * 100_000)
-            targets[t.name] = t
-    meta = read_meta(ds.root)
-    groups: dict[str, list[int]] = {}
-    for pos, i in enumerate(b.indices):
-        g = meta.get(ds.ids[i], {}).get("group")
-        if g:
-            groups.setdefault(g, []).append(pos)
-    for g, members in sorted(groups.items()):
-        if len(groups) > 1 and len(members) >= 5:
-            targets[f"group_{g}"] = subset(b, members, f"group_{g}")
+    targets = targets_from(b, ds.ids, ds.root, seed)
     return a, targets
 
 

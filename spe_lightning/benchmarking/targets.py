@@ -8,7 +8,7 @@ from typing import Any
 from spe_lightning.data.folder import read_meta
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-__all__ = ["measure", "shift_targets", "selection_targets", "SELECTION_SEVERITY"]
+__all__ = ["measure", "shift_targets", "targets_from", "selection_targets", "SELECTION_SEVERITY"]
 
 
 def measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
@@ -29,17 +29,24 @@ def measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
 
 def shift_targets(run: Any, datamodule: Any, seed: int = 0) -> dict[str, Any]:
     """The benchmark's targets built from the run's ``extra_test``: clean, synthetic shifts, ``meta.csv`` groups."""
-    base = run.sets["extra_test"]
+    ds = datamodule.spe_datasets()["target"]["extra_test"]
+    return targets_from(run.sets["extra_test"], ds.ids, datamodule.root, seed)
+
+
+def targets_from(base: Any, ids: Any, root: Any, seed: int = 0) -> dict[str, Any]:
+    """Clean, synthetic shifts and ``meta.csv`` groups of the cached set ``base``.
+
+    ``ids[i]`` is the id of ``base``'s dataset index ``i``; ``root`` holds the ``meta.csv``.
+    """
     targets = {"clean": subset(base, range(len(base)), "clean")}
     for fam in SHIFT_FAMILIES:
         for sev in (1, 2, 3):
             t = shift_set(base, fam, sev, seed=seed * 100_000)
             targets[t.name] = t
-    ds = datamodule.spe_datasets()["target"]["extra_test"]
-    meta = read_meta(datamodule.root)
+    meta = read_meta(root)
     groups: dict[str, list[int]] = {}
     for pos, i in enumerate(base.indices):
-        g = meta.get(ds.ids[i], {}).get("group")
+        g = meta.get(ids[i], {}).get("group")
         if g:
             groups.setdefault(g, []).append(pos)
     for g, members in sorted(groups.items()):
