@@ -1,6 +1,6 @@
 """CPU seconds of the learned reverse step's fit, for several segmenter specs in one process.
 
-Process CPU time (``time.process_time``, 1 torch thread) follows the work done far more closely than wall time
+Process CPU time (``time.process_time``, 1 torch thread by default) follows the work done far more closely than wall time
 on a shared machine, so the ratios between rows hold under load; wall time is recorded beside it. The fits run
 one after another on JSRT's training images, the references ``reverse_sensitivity.py`` fits on. The first spec
 is the baseline of ``cpu_ratio``.
@@ -49,14 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="jsrt")
     p.add_argument("--n-query", type=int, default=172, help="references to fit on (JSRT's train split: 172)")
     p.add_argument("--shared", type=Path, default=rs.ROOT.parent / "shared")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-time ratios that hold under load)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    load_before = list(os.getloadavg())
     rows = measure(a.specs, a.dataset, a.n_query, a.shared)
     meta = {
         "what": f"learned reverse step fit cost, {a.dataset}'s {a.n_query} references, fits one after another",
         "command": "python benchmarks/reverse_fit_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "threads": 1,
+        "threads": a.threads,
+        "load_before": load_before,
         "load_after": list(os.getloadavg()),
     }
     a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
