@@ -1,7 +1,8 @@
 """CPU seconds of the learned reverse step's fit, for several segmenter specs in one process.
 
-Process CPU time (``time.process_time``, 1 torch thread by default) follows the work done far more closely than wall time
-on a shared machine, so the ratios between rows hold under load; wall time is recorded beside it. The fits run
+Process CPU time (``time.process_time``, 1 torch thread by default) follows the work done far more closely
+than wall time on a shared machine, so the ratios between rows hold under load; wall time is recorded beside
+it. The fits run
 one after another on JSRT's training images, the references ``reverse_sensitivity.py`` fits on. The first spec
 is the baseline of ``cpu_ratio``.
 

@@ -64,6 +64,7 @@ ESTIMATION_KEYS = (
     "interval_severities",
     "styled_pairs",
     "styling",
+    "case_set_uncertainty",
     "seed",
     "working_size",
     "every_n_epochs",
@@ -177,6 +178,10 @@ class SPEConfig:
     fixed beforehand (FDA band 0.05, the histogram of one target image, noise and blur); ``"histogram_noise_blur"``,
     the recipe chosen on development data (no FDA swap; docs/other_sites.md). The default stays ``"v1"`` until the
     recorded benchmark runs are re-run with the other."""
+    case_set_uncertainty: bool = field(default=True, metadata=ESTIMATES)
+    """Widen each per-case Dice interval by the set estimate's: the reach of SPE's Dice interval beyond the rows'
+    mean is added to the case's own half-width in quadrature (``percase.set_agreement``), so a case's interval
+    also holds when the per-case map is off for the whole site. False: the per-case map's own interval."""
     threshold: float = field(default=0.5, metadata=DATA)
     """Binarisation threshold of the model's foreground probability and of the reverse segmenter's output."""
     foreground_class: int | None = field(default=None, metadata=DATA)

@@ -44,7 +44,7 @@ from spe_lightning.percase.labels import (
 )
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.scorer import CaseInputs, CaseRow, case_rows
-from spe_lightning.percase.sites import rows_vs_set
+from spe_lightning.percase.set_agreement import rows_vs_set, with_set_uncertainty
 
 __all__ = ["SPEEstimator"]
 
@@ -208,8 +208,11 @@ class SPEEstimator(EstimatorBase):
         estimates, pseudo, true = self._set_estimates(data, masks, conf, device, target=name)
         cases: list[CaseRow] = []
         threshold = None
+        widened = None
         if per_case:
             cases, threshold = self._case_rows(data, masks, conf, ids, device, progress, name)
+            if self.config.case_set_uncertainty and "dice" in estimates:
+                cases, widened = with_set_uncertainty(cases, estimates["dice"].lower, estimates["dice"].upper)
         labelled = None
         if labelled_masks is not None:
             cases, labelled = self._with_labels(cases, masks, labelled_masks, label_design)
@@ -227,7 +230,7 @@ class SPEEstimator(EstimatorBase):
             case_threshold=threshold,
             reason=pseudo["reason"],
             labelled=labelled,
-            case_agreement=_rows_vs_set(cases, estimates),
+            case_agreement=_rows_vs_set(cases, estimates, widened),
         )
 
     def _combined(self, estimates: Mapping[str, Estimate], cases: Sequence[CaseRow]) -> dict[str, Any] | None:
@@ -435,7 +438,13 @@ class SPEEstimator(EstimatorBase):
         )
 
 
-def _rows_vs_set(cases: Sequence[CaseRow], estimates: Mapping[str, Estimate]) -> dict[str, Any] | None:
-    """The mean per-case Dice beside SPE's set Dice (:func:`~spe_lightning.percase.sites.rows_vs_set`)."""
+def _rows_vs_set(
+    cases: Sequence[CaseRow], estimates: Mapping[str, Estimate], widened: Mapping[str, float] | None
+) -> dict[str, Any] | None:
+    """The mean per-case Dice beside SPE's set Dice (:func:`~spe_lightning.percase.set_agreement.rows_vs_set`),
+    and by how much the case intervals were widened for the set's uncertainty (None: not widened)."""
     dice = estimates.get("dice") or Estimate(None, None, None)
-    return rows_vs_set([c.estimated_dice for c in cases], dice.value, dice.lower, dice.upper)
+    out = rows_vs_set([c.estimated_dice for c in cases], dice.value, dice.lower, dice.upper)
+    if out is not None:
+        out["case_intervals_widened"] = None if widened is None else dict(widened)
+    return out

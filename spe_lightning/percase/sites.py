@@ -15,8 +15,9 @@ images restyled like the target, their real per-case Dice known). Here:
   ``distance / distance_ref`` and ``beyond_calibrated`` set;
 - :func:`choose_rule`: which signals enter, chosen by held-out MAE on development folds only (ties, within
   ``tie``, keep the rule with fewer signals);
-- :func:`rows_vs_set`: the mean per-case estimate beside the set estimate, and whether they disagree by more
-  than the set interval's half-width.
+
+The rows beside the set estimate (and intervals that carry its uncertainty) are in
+:mod:`spe_lightning.percase.set_agreement`.
 
 Plain NumPy; everything fitted is plain numbers (:meth:`SiteCalibration.to_dict`).
 """
@@ -40,7 +41,6 @@ __all__ = [
     "fit_width_factor",
     "heldout_errors",
     "choose_rule",
-    "rows_vs_set",
 ]
 
 #: every per-case signal a rule may stack
@@ -448,34 +448,3 @@ def choose_rule(
     ok = [r for r in rules if "+".join(r) in scores and scores["+".join(r)]["mae"] <= best + tie]
     pick = min(ok, key=lambda r: (len(r), scores["+".join(r)]["mae"]))
     return {"rule": list(pick), "scores": scores, "tie": tie}
-
-
-def rows_vs_set(
-    case_estimates: Sequence[float | None], set_estimate: float | None, lower: float | None, upper: float | None
-) -> dict[str, Any] | None:
-    """The mean per-case estimate beside the set estimate, and whether they disagree.
-
-    ``disagree`` when ``|mean per-case - set| > the set interval's half-width``: then the rows and the set
-    estimate cannot both be right and the report says so. None when either side is missing.
-    """
-    values = [float(v) for v in case_estimates if v is not None and math.isfinite(float(v))]
-    if not values or set_estimate is None or lower is None or upper is None:
-        return None
-    mean = float(np.mean(values))
-    half = (float(upper) - float(lower)) / 2.0
-    diff = mean - float(set_estimate)
-    disagree = abs(diff) > half
-    note = (
-        f"the mean per-case Dice {mean:.3f} differs from the set estimate {float(set_estimate):.3f} by "
-        f"{diff:+.3f}, more than its interval's half-width {half:.3f}: trust neither without a few labels"
-        if disagree
-        else None
-    )
-    return {
-        "mean_case_estimate": mean,
-        "set_estimate": float(set_estimate),
-        "half_width": half,
-        "difference": diff,
-        "disagree": bool(disagree),
-        "note": note,
-    }

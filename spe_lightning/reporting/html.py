@@ -425,6 +425,12 @@ def _site_notes(cases: Sequence[dict[str, Any]], agreement: dict[str, Any] | Non
             f"<b>{agreement['set_estimate']:.3f}</b> (difference {agreement['difference']:+.3f}; SPE's half-width "
             f"{agreement['half_width']:.3f})."
         )
+        widened = agreement.get("case_intervals_widened")
+        if widened:
+            text += (
+                " Each case's interval also carries SPE's uncertainty about the set's Dice (its interval reaches "
+                f"{widened['below']:.3f} below and {widened['above']:.3f} above the rows' mean; added in quadrature)."
+            )
         if agreement.get("disagree"):
             text += " <b>They disagree by more than SPE's interval: check a few cases with labels.</b>"
         out.append(f"<p class='note'>{text}</p>")

@@ -40,3 +40,26 @@ def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(qual
     assert combined is not None and combined["regressor_rows"] == "per_target"
     assert combined["estimates"]["target"]["regressor"] == pytest.approx(mean, abs=1e-6)
     assert combined["n_sets"] > 0 and est.quality["combination"]["n_sets"] == combined["n_sets"]
+
+
+def test_run_target_rows_carry_the_set_estimates_uncertainty(quality_fitted):
+    from dataclasses import replace
+
+    from spe_lightning.percase.set_agreement import with_set_uncertainty
+
+    cb, trainer, dm, log_dir = quality_fitted
+    est = SPEEstimator.load(log_dir / "spe_estimator.pt")
+    assert est.config.case_set_uncertainty  # the default
+    cases_only = SPEEstimator(replace(est.fitted, config=replace(est.config, case_set_uncertainty=False)))
+    target = dm.spe_datasets()["target"]["target"]
+    res = est.estimate(trainer.lightning_module, target, name="target")
+    plain = cases_only.estimate(trainer.lightning_module, target, name="target")
+    dice = res.estimates["dice"]
+    assert plain.estimates["dice"].value == dice.value
+    expected, reach = with_set_uncertainty(plain.cases, dice.lower, dice.upper)
+    assert reach is not None and res.case_agreement["case_intervals_widened"] == pytest.approx(reach)
+    assert plain.case_agreement["case_intervals_widened"] is None
+    assert [r.to_dict() for r in res.cases] == [r.to_dict() for r in expected]
+    widths = [(r.estimated_dice_upper - r.estimated_dice_lower) for r in res.cases]
+    plain_widths = [(r.estimated_dice_upper - r.estimated_dice_lower) for r in plain.cases]
+    assert all(w >= p - 1e-12 for w, p in zip(widths, plain_widths))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spe_lightning.percase.set_agreement import rows_vs_set
 from spe_lightning.percase.sites import (
     INTERVAL_RULE,
     WIDTH_FACTOR,
@@ -16,7 +17,6 @@ from spe_lightning.percase.sites import (
     fit_site_calibration,
     fit_width_factor,
     heldout_errors,
-    rows_vs_set,
 )
 
 
@@ -152,7 +152,10 @@ def test_site_rows_reach_cases_csv_and_the_html_report(tmp_path) -> None:
         calibration={"threshold": 0.7},
     ).read_text()
     assert "regressor+confidence" in page and "beyond calibrated" in page
-    assert "They disagree by more than SPE's interval" in page
+    assert "They disagree by more than SPE's interval" in page and "carries SPE's uncertainty" not in page
+    widened = {**agreement, "case_intervals_widened": {"below": 0.25, "above": 0.05}}
+    page = write_html_report(tmp_path / "w.html", {**summary, "case_agreement": widened}, [_row(0, True)]).read_text()
+    assert "carries SPE's uncertainty" in page and "0.250 below" in page
     calm = rows_vs_set([0.84, 0.86], 0.85, 0.8, 0.9)
     page = write_html_report(tmp_path / "s.html", {**summary, "case_agreement": calm}, [_row(0, True)]).read_text()
     assert "They disagree" not in page and "beside SPE's" in page
