@@ -21,6 +21,7 @@ from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.lightning import schedule
 from spe_lightning.lightning.distributed import shard
 from spe_lightning.lightning.publishing import Publisher, report_dir
+from spe_lightning.lightning.rng import users_rng_kept
 from spe_lightning.lightning.settings import resolve_settings
 from spe_lightning.monitoring.alerts import AlertEvent
 from spe_lightning.run import SPERun
@@ -166,7 +167,8 @@ class SPECallback(Callback):
         if schedule.fast_dev_run(trainer):
             rank_zero_warn("SPECallback: skipped under fast_dev_run (SPE needs real epochs); no report is made.")
             return
-        self._prepare(trainer)
+        with users_rng_kept():
+            self._prepare(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.publisher.start_fit()
@@ -178,20 +180,24 @@ class SPECallback(Callback):
         # Evaluate here when validation runs, so that ModelCheckpoint (which saves in this hook
         # and always runs after other callbacks) stores this epoch's record for resuming.
         if trainer.state.fn == TrainerFn.FITTING:
-            self._evaluate_if_due(trainer, pl_module)
+            with users_rng_kept():
+                self._evaluate_if_due(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate_if_due(trainer, pl_module)  # epochs without validation
+        with users_rng_kept():
+            self._evaluate_if_due(trainer, pl_module)  # epochs without validation
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active(trainer):
-            self.run.finish(pl_module, schedule.final_epoch(trainer), trainer.global_step, shard(trainer))
+            with users_rng_kept():
+                self.run.finish(pl_module, schedule.final_epoch(trainer), trainer.global_step, shard(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if schedule.fast_dev_run(trainer):
             self.run.skip_report("skipped under fast_dev_run (SPE needs real epochs)")
         elif self.run.prepared:
-            self._publish(trainer, pl_module)
+            with users_rng_kept():
+                self._publish(trainer, pl_module)
 
     # ----------------------------------------------------------------- the steps the hooks call
     def _active(self, trainer: pl.Trainer) -> bool:

@@ -249,7 +249,10 @@ def resolve_auto(**kwargs: Any) -> tuple[ReverseSegmenter, str]:
     """
     explicit = kwargs.get("weights") is not None or bool(os.environ.get("SPE_UNIVERSEG_WEIGHTS", "").strip())
     try:
-        seg = _REGISTRY["universeg"](**kwargs)
+        # building the network draws its initial weights from the global RNG before the file is read: keep the
+        # caller's random stream (a user's training) as it was, whether or not the weights are found
+        with torch.random.fork_rng(devices=[]):
+            seg = _REGISTRY["universeg"](**kwargs)
         return seg, "UniverSeg's official weights were found."
     except (FileNotFoundError, RuntimeError, OSError):
         if explicit:

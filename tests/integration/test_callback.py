@@ -349,3 +349,29 @@ def test_estimator_is_the_runs_fitted_estimator_after_fit(tmp_path):
     assert cb.estimator is None  # not fitted yet
     trainer(tmp_path, 3, [cb]).fit(small_model(), datamodule=tiny_data())
     assert cb.estimator is not None and cb.estimator is cb.run.estimator
+
+
+def test_training_with_spe_gives_the_model_training_without_it_gives(tmp_path):
+    """SPE at its defaults ("auto" included) leaves the user's random stream alone: the same weights as without it."""
+
+    def train(callbacks: list) -> torch.Tensor:
+        pl.seed_everything(0)
+        dm = SyntheticShapesDataModule(n_train=16, n_val=12, n_target=8, size=32, batch_size=4)
+        model = SegmentationModel(channels=(8, 16), strides=(2,), lr=3e-3)
+        trainer = pl.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, datamodule=dm)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    alone = train([])
+    spe = SPECallback(verbose=False, log_dir=str(tmp_path / "spe"), support_size=8)
+    assert torch.equal(train([spe]), alone)
+    assert spe.report is not None and spe.report.estimates  # SPE did its work meanwhile

@@ -44,3 +44,27 @@ def test_a_checkpoint_from_before_the_support_size_default_keeps_its_records():
     other = tiny_spe(support_size=None, seed=1)  # another callback's state is not taken
     other.on_load_checkpoint(None, None, checkpoint)
     assert other.state_key not in checkpoint["callbacks"]
+
+
+def test_users_random_streams_are_restored_after_spes_work():
+    import random
+
+    import numpy as np
+    import torch
+
+    from spe_lightning.lightning.rng import users_rng_kept
+
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    with users_rng_kept():  # whatever SPE draws in a hook
+        torch.rand(5), np.random.rand(5), random.random(), torch.nn.Linear(4, 4)
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    with pytest.raises(RuntimeError, match="boom"), users_rng_kept():  # restored on an error too
+        torch.rand(3)
+        raise RuntimeError("boom")

@@ -31,6 +31,15 @@ def test_auto_falls_back_to_the_learned_propagation_offline():
     assert "UniverSeg" in reason and "learned_propagation" in reason
 
 
+def test_auto_leaves_the_global_random_stream_alone():
+    # resolving "auto" builds UniverSeg's network (random initial weights) before looking for its file
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    resolve_auto()
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_auto_uses_universeg_when_weights_are_found(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = tmp_path / "universeg_v1_nf64_ss64_STA.pt"
