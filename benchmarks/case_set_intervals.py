@@ -129,14 +129,28 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def ranking(rows: list[dict[str, Any]], cut: float = 0.7) -> tuple[float, float | None]:
+    """Spearman of the rows' estimated with their real Dice, and the AUROC of flagging real Dice < ``cut`` by a
+    low estimate (None when every case is on one side of the cut)."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    keep = [r for r in rows if r["estimated_dice"] is not None and r["real_dice"] is not None]
+    est = np.array([r["estimated_dice"] for r in keep], float)
+    bad = np.array([r["real_dice"] < cut for r in keep])
+    rho = float(spearmanr(est, [r["real_dice"] for r in keep]).statistic)
+    auroc = float(roc_auc_score(bad, -est)) if 0 < bad.sum() < len(bad) else None
+    return rho, auroc
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown: per seed and target, SPE's set interval and the rows' coverage / median width / MAE both ways."""
     lines = [
         f"Task `{result['task']}` (per-case 90% intervals; {result['level_note']})",
         "",
         "| seed | target | SPE set Dice [interval] | mean real Dice | rows' bias | cases only: coverage / median width "
-        "| with the set's uncertainty: coverage / median width | MAE |",
-        "|---|---|---|---|---|---|---|---|",
+        "| with the set's uncertainty: coverage / median width | MAE | Spearman | AUROC (Dice < 0.7) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         for name, t in r["targets"].items():
@@ -144,9 +158,11 @@ def table(result: dict[str, Any]) -> str:
             spe = "n/a" if s["value"] is None else f"{s['value']:.3f} [{s['lower']:.3f}, {s['upper']:.3f}]"
             real = [row["real_dice"] for row in t["rows"] if row["real_dice"] is not None]
             true = f"{sum(real) / len(real):.3f}" if real else "n/a"
+            rho, auroc = ranking(t["rows"])
             lines.append(
                 f"| {r['seed']} | {name} | {spe} | {true} | {a['bias']:+.3f} | {a['coverage']:.3f} / "
-                f"{a['median_width']:.3f} | {b['coverage']:.3f} / {b['median_width']:.3f} | {a['mae']:.3f} |"
+                f"{a['median_width']:.3f} | {b['coverage']:.3f} / {b['median_width']:.3f} | {a['mae']:.3f} "
+                f"| {rho:.3f} | {'n/a' if auroc is None else f'{auroc:.3f}'} |"
             )
     lines += ["", f"Made by `{result['command']}`; `python benchmarks/case_set_intervals.py --table` prints it."]
     return "\n".join(lines)
