@@ -21,7 +21,7 @@ Tasks:
     python benchmarks/case_set_intervals.py --task jsrt_lungs_covid --seeds 0
     python benchmarks/case_set_intervals.py --table        # every stored task's table
 
-Results: ``benchmarks/results/case_set_intervals_<task>.json``.
+Results: ``benchmarks/results/case_set_intervals_<task>.json`` (``--out`` for another file, e.g. more seeds).
 """
 
 from __future__ import annotations
@@ -172,13 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, default="demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--table", action="store_true", help="print every stored task's table")
+    p.add_argument("--out", type=Path, default=None, help="default: results/case_set_intervals_<task>.json")
+    p.add_argument("--table", action="store_true", help="print the table of every stored result file")
     a = p.parse_args(argv)
     if a.table:
-        for task in TASKS:
-            path = RESULTS / f"case_set_intervals_{task}.json"
-            if path.exists():
-                print(table(json.loads(path.read_text())), "\n")
+        for path in sorted(RESULTS.glob("case_set_intervals_*.json")):
+            print(f"`{path.name}`:", table(json.loads(path.read_text())), "\n", sep="\n")
         return
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     load_before = list(os.getloadavg())
@@ -186,14 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         runs = [run(a.task, s, Path(tmp)) for s in a.seeds]
     result = {
         "task": a.task,
-        "command": f"python benchmarks/case_set_intervals.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}",
+        "command": f"python benchmarks/case_set_intervals.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}"
+        + (f" --out {a.out}" if a.out else ""),
         "level_note": "the per-case map's level and SPE's own, 0.9; rows scored against their real Dice",
         "load_before": load_before,
         "load_after": list(os.getloadavg()),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"case_set_intervals_{a.task}.json"
+    out = a.out or RESULTS / f"case_set_intervals_{a.task}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"-> {out}")
