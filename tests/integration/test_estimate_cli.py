@@ -55,6 +55,22 @@ def test_cli_estimate_on_a_folder_writes_json_csv_and_html(fitted, tmp_path, cap
     assert [r["id"] for r in rows] == [f"case_{i:02d}" for i in range(len(target))]
     assert all(r["flagged"] in ("True", "False") and 0.0 <= float(r["quality"]) <= 1.0 for r in rows)
     assert summary["cases"]["n_flagged"] == sum(r["flagged"] == "True" for r in rows)
+    # the per-case intervals carry SPE's set uncertainty by default; --case-intervals cases_only keeps the map's own
+    assert summary["case_agreement"]["case_intervals_widened"] is not None
+    plain_out = tmp_path / "out_cases_only"
+    args = ["estimate", "--ckpt", str(cb.ckpt_path), "--estimator", str(est_path), "--images", str(folder)]
+    cli_main([*args, "--out", str(plain_out), "--case-intervals", "cases_only", "--no-progress"])
+    plain = json.loads((plain_out / "estimate.json").read_text())
+    assert plain["case_agreement"]["case_intervals_widened"] is None
+    assert plain["estimates"]["dice"] == summary["estimates"]["dice"]
+    plain_rows = list(csv.DictReader((plain_out / "cases.csv").open()))
+
+    def width(r: dict) -> float:
+        return float(r["estimated_dice_upper"]) - float(r["estimated_dice_lower"])
+
+    assert [r["estimated_dice"] for r in plain_rows] == [r["estimated_dice"] for r in rows]
+    assert all(width(w) >= width(p) - 1e-9 for w, p in zip(rows, plain_rows))
+    assert sum(width(w) for w in rows) > sum(width(p) for p in plain_rows)
     with pytest.raises(SystemExit) as exit_:  # a wrong file: a one-line error, status 2
         cli_main(["estimate", "--ckpt", str(cb.ckpt_path), "--estimator", str(cb.ckpt_path), "--images", str(folder),
                   "--out", str(out)])  # fmt: skip

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compare thresholds with the estimate or the pessimistic end of its interval (default: the run's)",
     )
+    p.add_argument(
+        "--case-intervals",
+        choices=("with_set", "cases_only"),
+        default=None,
+        help="per-case Dice intervals: with_set widens them by SPE's set interval (case_set_uncertainty); "
+        "cases_only keeps the per-case map's own (default: the estimator's setting)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_reading_arguments(p)
     _add_label_options(p)  # few labelled cases (issue 28)
