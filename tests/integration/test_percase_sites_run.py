@@ -43,14 +43,12 @@ def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(qual
 
 
 def test_run_target_rows_carry_the_set_estimates_uncertainty(quality_fitted):
-    from dataclasses import replace
-
     from spe_lightning.percase.set_agreement import with_set_uncertainty
 
     cb, trainer, dm, log_dir = quality_fitted
     est = SPEEstimator.load(log_dir / "spe_estimator.pt")
     assert est.config.case_set_uncertainty  # the default
-    cases_only = SPEEstimator(replace(est.fitted, config=replace(est.config, case_set_uncertainty=False)))
+    cases_only = est.with_fitted(est.fitted.replace(config=est.config.replace(case_set_uncertainty=False)))
     target = dm.spe_datasets()["target"]["target"]
     res = est.estimate(trainer.lightning_module, target, name="target")
     plain = cases_only.estimate(trainer.lightning_module, target, name="target")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -121,7 +120,7 @@ def load_estimator(a: argparse.Namespace, opts: ReadOptions) -> SPEEstimator:
     print(f"estimator {a.estimator}: written by spe-lightning {est.written_by} (running {__version__})")
     if a.case_intervals is not None:
         widen = a.case_intervals == "with_set"
-        est = est.with_fitted(est.fitted.replace(config=dataclasses.replace(est.config, case_set_uncertainty=widen)))
+        est = est.with_fitted(est.fitted.replace(config=est.config.replace(case_set_uncertainty=widen)))
     if a.reference is not None:
         root = Path(a.reference)
         size = a.image_size or (est.info.get("input_shape") or [None])[-1] or 128
