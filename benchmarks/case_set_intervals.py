@@ -88,22 +88,14 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
 
     from spe_lightning import SPECallback, SPEEstimator
     from spe_lightning.percase.set_agreement import with_set_uncertainty
+    from spe_lightning.testing import tiny_trainer
 
     pl.seed_everything(seed)
     dm, model, epochs = _task(task)
     log_dir = workdir / f"{task}_s{seed}"
     cb = SPECallback(verbose=False, quality_regressor=True, case_set_uncertainty=False, log_dir=str(log_dir))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-        default_root_dir=str(workdir / "root"),
-    )
+    # Lightning's default sanity steps kept (they draw from the RNG): the stored runs had them
+    trainer = tiny_trainer(workdir / "root", epochs, [cb], num_sanity_val_steps=2)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     fit_s = time.perf_counter() - start
