@@ -145,13 +145,14 @@ def with_case_scorer(
     ``styled``: the run targets' styled calibration sets by target name (the regressor recalibrates per target)."""
     if scorer.name not in _SCORER_FIELDS:
         raise ValueError(f"no estimator field for a scorer named {scorer.name!r}; known: {sorted(_SCORER_FIELDS)}.")
-    cal = est.cache(calibration, "calibration")
-    ref = None if reference is None else est.cache(reference, "reference")
+    c = est.config
+    # the run's own labelled sets: their dict items carry the run's keys
+    cal = est.cache(calibration, "calibration", c.image_key, c.label_key)
+    ref = None if reference is None else est.cache(reference, "reference", c.image_key, c.label_key)
     for labelled in (cal, ref):
         if labelled is not None:
             est.check_2d(labelled)
     device = model_device(model, device)
-    c = est.config
 
     def predict(d: CachedSet) -> tuple[list[Tensor], Tensor]:
         if predicted is not None and d is cal:

@@ -172,6 +172,33 @@ def test_quality_regressor_gives_per_case_estimates_that_follow_the_truth(tmp_pa
     assert all(isinstance(r["flagged"], bool) for r in res.cases)
 
 
+def test_the_quality_regressor_reads_the_runs_own_item_keys():
+    # a user's dataset with dict items under other keys (image_key="img", label_key="seg" in the run's settings)
+    from spe_lightning.data import SyntheticShapesDataset
+    from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
+    from spe_lightning.reverse import make_segmenter
+
+    class Keyed(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            item = self.base[i]
+            return {"img": item["image"], "seg": item["label"]}
+
+    torch.manual_seed(0)
+    ref, cal = Keyed(SyntheticShapesDataset(12, 32, seed=1)), Keyed(SyntheticShapesDataset(10, 32, seed=2))
+    config = SPEConfig(metrics=("dice",), working_size=32, image_key="img", label_key="seg")
+    bare = SPEEstimator(FittedSPE(config, make_segmenter("label_fusion").spec())).with_reference_dataset(
+        ref, "img", "seg"
+    )
+    est = with_case_scorer(bare, _Threshold(), RegressorScorer(QualitySettings(epochs=1)), cal, ref)
+    assert est.quality is not None and est.quality["calibration"]["n_cases"] == len(cal)
+
+
 def test_callback_fits_the_quality_regressor_into_the_estimator(quality_fitted):
     cb, trainer, dm, log_dir = quality_fitted  # the shared 3-epoch run with quality_regressor=True (conftest)
     est = SPEEstimator.load(log_dir / "spe_estimator.pt")
