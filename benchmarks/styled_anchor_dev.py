@@ -53,8 +53,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", help="styling_dev_pairs.json")
     data = json.load(open(ap.parse_args().pairs))
-    print("| task | recipe | n | MAE calibration anchor | MAE styled anchor | styled closer | truth between | mean gap |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = ["task", "recipe", "n", "MAE calibration anchor", "MAE styled anchor", "styled closer"]
+    columns += ["truth between", "mean gap"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for task, rows in data.items():
         recipes = [k for k in next(iter(rows["targets"].values())) if k != "true"]
         for recipe in recipes:

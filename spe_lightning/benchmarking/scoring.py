@@ -30,8 +30,10 @@ __all__ = [
 def interval_row(est: Estimate) -> dict[str, Any]:
     """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these), with the flags of
     issue 23 where set: ``reliable`` (False: value None, the numbers under ``withheld``) and
-    ``outside_calibrated_range``."""
+    ``outside_calibrated_range``, and the ``styled_anchor`` the interval spans."""
     out: dict[str, Any] = {"value": est.value, "lower": est.lower, "upper": est.upper}
+    if est.styled_anchor is not None:
+        out["styled_anchor"] = est.styled_anchor
     if est.reliable is not None:
         out["reliable"] = est.reliable
     if est.outside_calibrated_range is not None:

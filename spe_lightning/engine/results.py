@@ -49,6 +49,7 @@ ESTIMATE_KEYS = (
     "distance",
     "pairs_distance",
     "outside_calibrated_range",
+    "styled_anchor",
     "reliable",
     "unreliable",
     "withheld",
@@ -71,6 +72,8 @@ class Estimate(DictReads):
             ``pairs_distance`` and ``outside_calibrated_range`` part of the estimate (each may still be None).
         distance: the set's label-free distance to the calibration set; ``pairs_distance``: the farthest
             calibration pair's; ``outside_calibrated_range``: the set lies beyond every pair (interval widened).
+        styled_anchor: the estimate anchored on the target-styled calibration set (its real score plus the same
+            move from its pseudo metric); the interval spans it. None without a styled pair for the set.
         reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
             numbers it would have said are under ``withheld``); None when the interval model says nothing.
         true: the set's real metric, for sets that came with masks.
@@ -90,6 +93,7 @@ class Estimate(DictReads):
     distance: float | None = None
     pairs_distance: float | None = None
     outside_calibrated_range: bool | None = None
+    styled_anchor: float | None = None
     reliable: bool | None = None
     unreliable: str | None = None
     withheld: Interval | None = None
@@ -131,6 +135,8 @@ class Estimate(DictReads):
                 pairs_distance=self.pairs_distance,
                 outside_calibrated_range=self.outside_calibrated_range,
             )
+        if self.styled_anchor is not None:
+            out["styled_anchor"] = self.styled_anchor
         if self.reliable is not None:
             out["reliable"] = self.reliable
         if self.reliable is False:
@@ -159,6 +165,7 @@ class Estimate(DictReads):
             distance=data.get("distance"),
             pairs_distance=data.get("pairs_distance"),
             outside_calibrated_range=data.get("outside_calibrated_range"),
+            styled_anchor=data.get("styled_anchor"),
             reliable=data.get("reliable"),
             unreliable=data.get("unreliable"),
             withheld=None if withheld is None else Interval.from_dict(withheld),
@@ -173,7 +180,7 @@ def _not_written(key: str, data: Mapping[str, Any]) -> bool:
         return not ("outside_calibrated_range" in data and "pairs_distance" in data)
     if key == "unreliable":
         return data.get("reliable") is not False
-    return key in ("method", "paper", "reliable", "withheld", "true") and data[key] is None
+    return key in ("method", "paper", "styled_anchor", "reliable", "withheld", "true") and data[key] is None
 
 
 def estimates_to_dict(estimates: Mapping[str, Mapping[str, Estimate]]) -> dict[str, dict[str, Any]]:

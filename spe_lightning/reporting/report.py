@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,17 @@ def _short_why(reason: str) -> str:
     return "not tracked on the calibration pairs" if "does not track" in reason else "interval too wide"
 
 
+def _set_by_styled_anchor(e: Estimate) -> bool:
+    """Whether the styled anchor lies outside the estimate's own interval and so set one of its ends."""
+    a = e.styled_anchor
+    if a is None or e.value is None or e.lower is None or e.upper is None:
+        return False
+    return bool(math.isclose(a, e.lower, abs_tol=1e-9) or math.isclose(a, e.upper, abs_tol=1e-9))
+
+
 def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
-    """Lines under the table: targets outside the calibrated range, and why a metric is unreliable."""
+    """Lines under the table: targets outside the calibrated range, intervals that reach the styled anchor, and why
+    a metric is unreliable."""
     lines = []
     for t, per_metric in estimates.items():
         outside, distance = _range_flag(per_metric)
@@ -225,6 +235,13 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
             lines.append(
                 f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
+            )
+        spanned = [m for m, e in per_metric.items() if _set_by_styled_anchor(e)]
+        if spanned:
+            parts = ", ".join(f"{m} {_fmt(per_metric[m].styled_anchor, 3)}" for m in spanned)
+            lines.append(
+                f"{t}: anchored on the calibration set restyled like it, the estimate would be {parts}; which anchor "
+                "is right is unknown, so the interval reaches it."
             )
     reasons = {(m, e.unreliable) for per_metric in estimates.values() for m, e in per_metric.items()
                if e.reliable is False and e.unreliable}  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,31 @@ def test_the_interval_spans_candidate_moves_that_disagree():
     assert e["lower"] <= 0.5 and e["upper"] >= max(g_move, paper)  # G's answer (0.7) inside too
     narrow = anchored_estimate(G, "dice", 0.6, 0.8, 0.9, 0.9, model, span=False)
     assert narrow["upper"] < g_move  # without the span the interval would exclude G's move
+
+
+def test_the_interval_spans_the_estimate_anchored_on_the_targets_styled_set():
+    # generic pairs follow G; the target's styled pair: restyled calibration images scored 0.25 lower in real
+    # Dice while the reverse step saw only -0.05: anchored there, the target is 0.9 - 0.25 + (-0.1 + 0.05) = 0.6
+    pairs = _tracked_pairs(noise=0.005)
+    styled = {"name": "styled_t", "target": "t", "d_pseudo": {"dice": -0.05}, "d_real": {"dice": -0.25}}
+    plain = fit_interval_model(pairs, "dice", G, 0.8)
+    model = fit_interval_model([*pairs, styled], "dice", G, 0.8)
+    assert plain["styled"] == [] and model["styled"] == [{"d_pseudo": -0.05, "d_real": -0.25}]
+    move = float(model["move"]["weight"])  # how the run moves (G here: the pairs follow G)
+    e = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model)
+    assert move == 1.0 and e["value"] == pytest.approx(0.8, abs=1e-6)  # the calibration anchor: 0.9 - 0.1
+    assert e["styled_anchor"] == pytest.approx(0.6, abs=1e-6)
+    assert e["lower"] <= 0.6 <= e["value"] <= e["upper"]  # spans both anchors
+    narrow = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, span=False)
+    assert narrow["lower"] > 0.6 and narrow["styled_anchor"] == pytest.approx(0.6, abs=1e-6)  # reported, not spanned
+    assert "styled_anchor" not in anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, plain)
+    est = estimate(G, "dice", 0.7, 0.9, anchor=(0.8, 0.9, model))
+    assert est.styled_anchor == pytest.approx(0.6, abs=1e-6)
+    assert Estimate.from_dict(est.to_dict()) == est  # written to the report and read back
+    table = summary_table({"level": 0.9, "estimates": {"t": {"dice": est.to_dict()}}})
+    assert "t: anchored on the calibration set restyled like it, the estimate would be dice 0.600" in table
+    inside = dataclasses.replace(est, styled_anchor=0.79)  # within the interval it set no end: no note
+    assert "restyled" not in summary_table({"level": 0.9, "estimates": {"t": {"dice": inside.to_dict()}}})
 
 
 def test_the_t_quantile_uses_every_pair_where_the_conformal_one_is_the_worst_pair():
