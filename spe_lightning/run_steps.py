@@ -113,13 +113,18 @@ class RunSteps:
         path, key = self._fit_cache_file(engine)
         if path is not None and self._load_fit_cache(seg, path, key):
             return
+        steps = int(getattr(seg, "fit_steps", getattr(seg, "steps", 0)) or 0)  # a pretrained start adapts in fewer
         if self.config.verbose:
+            # ~0.15 s per step on 2 CPU cores (benchmarks/results/reverse_fit_cost_idle.json: 800 steps in 100 s
+            # alone, 127 s inside a run)
+            secs = steps * 0.15
+            took = f"~{max(10, round(secs, -1)):.0f} s" if secs < 90 else f"~{round(secs / 60)} min"
+            took = f"{steps} steps, {took} on 2 CPU cores"
             self.say(
-                f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references (~1 min on a CPU; once, then "
+                f"SPE: fitting {seg.name} on {len(engine.ref_indices)} references ({took}; once, then "
                 "kept in the fit cache for later runs on the same references)"
             )
         start = time.perf_counter()
-        steps = int(getattr(seg, "fit_steps", getattr(seg, "steps", 0)) or 0)  # a pretrained start adapts in fewer
         with self.progress(steps, f"SPE: fitting {seg.name}", "step") as bar:
             if steps and "progress" in inspect.signature(seg.fit).parameters:
                 seg.fit(engine.ref_images, engine.ref_masks.float(), progress=bar.update)  # type: ignore[call-arg]
