@@ -106,7 +106,15 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
         dice = res.estimates["dice"]
         widened, reach = with_set_uncertainty(res.cases, dice.lower, dice.upper)
         out["targets"][name] = {
-            "spe": {"value": dice.value, "lower": dice.lower, "upper": dice.upper},
+            "spe": {
+                "value": dice.value,
+                "lower": dice.lower,
+                "upper": dice.upper,
+                "styled_anchor": dice.styled_anchor,
+                "distance": dice.distance,
+                "pairs_distance": dice.pairs_distance,
+                "outside_calibrated_range": dice.outside_calibrated_range,
+            },
             "reach": reach,
             "cases_only": score_rows(list(res.cases)),
             "with_set": score_rows(widened),
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=None, help="default: results/case_set_intervals_<task>.json")
     p.add_argument("--table", action="store_true", help="print the table of every stored result file")
+    p.add_argument("--keep", type=Path, default=None, help="keep each run's folder (reports, estimator) here")
     a = p.parse_args(argv)
     if a.table:
         for path in sorted(RESULTS.glob("case_set_intervals_*.json")):
@@ -173,8 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     load_before = list(os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="spe_case_set.") as tmp:
-        runs = [run(a.task, s, Path(tmp)) for s in a.seeds]
+    if a.keep is not None:
+        runs = [run(a.task, s, a.keep) for s in a.seeds]
+    else:
+        with tempfile.TemporaryDirectory(prefix="spe_case_set.") as tmp:
+            runs = [run(a.task, s, Path(tmp)) for s in a.seeds]
     result = {
         "task": a.task,
         "command": f"python benchmarks/case_set_intervals.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}"
