@@ -9,6 +9,7 @@ holds a run's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -111,6 +112,15 @@ class Estimate(DictReads):
     def interval(self) -> tuple[float | None, float | None]:
         """``(lower, upper)``."""
         return self.lower, self.upper
+
+    @property
+    def widened_to_styled_anchor(self) -> bool:
+        """Whether the styled anchor lies outside the interval SPE would give otherwise, so one end is the styled
+        anchor (the interval was widened to reach it)."""
+        a = self.styled_anchor
+        if a is None or self.value is None or self.lower is None or self.upper is None:
+            return False
+        return bool(math.isclose(a, self.lower, abs_tol=1e-9) or math.isclose(a, self.upper, abs_tol=1e-9))
 
     def with_true(self, true: float | None) -> Estimate:
         """This estimate with the set's real metric beside it (a new estimate)."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from spe_lightning import __version__
+from spe_lightning.engine.results import Estimate
 
 __all__ = [
     "GalleryItem",
@@ -324,7 +325,7 @@ def write_html_report(
         rows = "".join(
             f"<tr><td>{html.escape(METRIC_LABELS.get(m, m))}</td><td>{_f(e.get('value'))}</td>"
             f"<td>{_f(e.get('lower'))} – {_f(e.get('upper'))}</td><td>{_f(e.get('pseudo'))}</td>"
-            f"<td>{html.escape(e.get('reason') or '')}</td></tr>"
+            f"<td>{html.escape(_estimate_note(e))}</td></tr>"
             for m, e in est.items()
         )
         parts.append(
@@ -405,6 +406,19 @@ def write_html_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _estimate_note(e: dict[str, Any]) -> str:
+    """The note beside one metric's estimate: why there is no value, or what widened its interval."""
+    notes = [e["reason"]] if e.get("reason") else []
+    if e.get("outside_calibrated_range"):
+        notes.append("outside the calibrated range: interval widened")
+    if e.get("value") is not None and Estimate.from_dict(e).widened_to_styled_anchor:
+        notes.append(
+            f"interval reaches {_f(e['styled_anchor'])}, the estimate anchored on the calibration set restyled like "
+            "these images"
+        )
+    return "; ".join(notes)
 
 
 def _site_notes(cases: Sequence[dict[str, Any]], agreement: dict[str, Any] | None, level: float) -> list[str]:

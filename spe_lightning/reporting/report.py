@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,14 +215,6 @@ def _short_why(reason: str) -> str:
     return "not tracked on the calibration pairs" if "does not track" in reason else "interval too wide"
 
 
-def _set_by_styled_anchor(e: Estimate) -> bool:
-    """Whether the styled anchor lies outside the estimate's own interval and so set one of its ends."""
-    a = e.styled_anchor
-    if a is None or e.value is None or e.lower is None or e.upper is None:
-        return False
-    return bool(math.isclose(a, e.lower, abs_tol=1e-9) or math.isclose(a, e.upper, abs_tol=1e-9))
-
-
 def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     """Lines under the table: targets outside the calibrated range, intervals that reach the styled anchor, and why
     a metric is unreliable."""
@@ -236,7 +227,7 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
                 f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
             )
-        spanned = [m for m, e in per_metric.items() if _set_by_styled_anchor(e)]
+        spanned = [m for m, e in per_metric.items() if e.widened_to_styled_anchor]
         if spanned:
             parts = ", ".join(f"{m} {_fmt(per_metric[m].styled_anchor, 3)}" for m in spanned)
             lines.append(

@@ -36,7 +36,8 @@ __all__ = [
 
 def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[str, Any] | None) -> str:
     """The printed table of the estimates with their intervals (and the true values with ``--masks``); a row
-    says why it has no value, and when the target lies outside the calibrated range."""
+    says why it has no value, when the target lies outside the calibrated range and when its interval reaches the
+    styled anchor."""
 
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -51,6 +52,8 @@ def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[s
             row += f" {e.reason}"
         if e.outside_calibrated_range:  # farther than every calibration pair: the interval was widened
             row += " outside the calibrated range (interval widened)"
+        if e.widened_to_styled_anchor:  # the estimate anchored on the restyled calibration set lies there
+            row += f" interval reaches the styled anchor {f(e.styled_anchor)}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -282,6 +282,10 @@ def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range
     dice, hd95 = (line for line in table.splitlines() if line.startswith(("| dice", "| hd95")))
     assert "outside the calibrated range" in dice and "0.700" in dice
     assert "unreliable: its interval half-width" in hd95 and "n/a" in hd95
+    widened = Estimate(0.9, 0.62, 0.95, pseudo=0.8, styled_anchor=0.62)
+    inside = Estimate(0.9, 0.62, 0.95, pseudo=0.8, styled_anchor=0.8)
+    assert "interval reaches the styled anchor 0.620" in estimate_table({"dice": widened}, 0.9, None)
+    assert "styled anchor" not in estimate_table({"dice": inside}, 0.9, None)
 
 
 def test_reports_and_interval_models_from_before_issue_23_still_load():

@@ -12,3 +12,20 @@ def test_report_html_escapes_ids_and_paths(tmp_path):
         tmp_path / "r.html", {"n_images": 1}, cases, calibration={"threshold": 0.5}, meta={"images": bad}
     ).read_text()
     assert bad not in page and page.count("&lt;img src=x onerror=alert(1)&gt;") == 2
+
+
+def test_report_html_says_what_widened_an_interval(tmp_path):
+    from spe_lightning.reporting.html import write_html_report
+
+    est = {
+        "dice": {"value": 0.9, "lower": 0.7, "upper": 0.95, "pseudo": 0.8, "reason": None, "styled_anchor": 0.7,
+                 "distance": 5.0, "pairs_distance": 2.0, "outside_calibrated_range": True},
+        "iou": {"value": 0.8, "lower": 0.7, "upper": 0.9, "pseudo": 0.7, "reason": None, "styled_anchor": 0.75},
+        "hd95": {"value": None, "lower": None, "upper": None, "pseudo": 9.0, "reason": "unreliable: too wide"},
+    }  # fmt: skip
+    page = write_html_report(tmp_path / "r.html", {"n_images": 3, "estimates": est}, []).read_text()
+    row = {m: page.split(f"<td>{label}</td>", 1)[1].split("</tr>", 1)[0] for m, label in
+           (("dice", "Dice"), ("iou", "IoU"), ("hd95", "HD95 (px)"))}  # fmt: skip
+    assert "outside the calibrated range" in row["dice"] and "interval reaches 0.700" in row["dice"]
+    assert "reaches" not in row["iou"]  # inside its interval: it widened nothing
+    assert "unreliable: too wide" in row["hd95"]
