@@ -54,6 +54,7 @@ RULES: dict[str, tuple[dict, bool]] = {
     "normal": ({"quantile": "normal"}, False),
     "normal + span (default)": ({"quantile": "normal"}, True),
     "normal + span, G's move only": ({"quantile": "normal", "move": "g"}, True),
+    "max(normal, conformal) + span": ({"quantile": "max"}, True),
 }
 
 

@@ -78,8 +78,9 @@ MOVE_RULES = ("auto", "g")
 #: the candidate weights of G's move against the pairs' slope
 MOVE_WEIGHTS = (1.0, 0.5, 0.0)
 #: how the half-width is read off the pairs' normalised misses: a Student-t prediction quantile of their
-#: root mean square (default), or their conformal order statistic (the worst pair's miss with 8 pairs)
-QUANTILES = ("normal", "conformal")
+#: root mean square (default), their conformal order statistic (the worst pair's miss with 8 pairs), or the larger
+#: of the two (``"max"``: a pair missed far beyond the others, a blind spot, is not averaged away)
+QUANTILES = ("normal", "conformal", "max")
 #: a metric is unreliable when its typical half-width exceeds this fraction of its range (dev choice: see
 #: docs/intervals.md; Dice-type metrics have range 1, hd95 the image diagonal)
 MAX_HALF_WIDTH = 0.25
@@ -282,12 +283,12 @@ def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
     scores = np.asarray(model["scores"], float)
     # estimators saved before the fitted rule hold no slope (theirs was 1), before the t quantile no "quantile"
     scale = float(model["s0"]) + float(model.get("slope", 1.0)) * abs(moved)
-    if model.get("quantile", "conformal") == "normal":
-        # normalised misses taken as |N(0, sigma^2)|: the prediction quantile of a new one is t_n * rms
-        q = float(stats.t.ppf(0.5 + level / 2, df=len(scores))) * math.sqrt(float(np.mean(scores**2)))
-    else:
-        k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
-        q = float(np.sort(scores)[k])
+    rule = model.get("quantile", "conformal")
+    # normalised misses taken as |N(0, sigma^2)|: the prediction quantile of a new one is t_n * rms
+    normal = float(stats.t.ppf(0.5 + level / 2, df=len(scores))) * math.sqrt(float(np.mean(scores**2)))
+    k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
+    conformal = float(np.sort(scores)[k])
+    q = {"normal": normal, "conformal": conformal}.get(rule, max(normal, conformal))
     return q * scale
 
 
