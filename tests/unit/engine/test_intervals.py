@@ -181,8 +181,13 @@ def test_the_t_quantile_uses_every_pair_where_the_conformal_one_is_the_worst_pai
         b = anchored_estimate(G, "dice", 0.75, 0.8, 0.9, 0.9, fit_interval_model(worse, "dice", G, 0.8, quantile=q))
         widths[q] = (b["upper"] - b["lower"]) / (a["upper"] - a["lower"])
     assert widths["conformal"] > widths["normal"] > 1.0  # one pair moves the conformal width most
+    half = {}
+    for q in ("normal", "conformal", "max"):
+        e = anchored_estimate(G, "dice", 0.75, 0.8, 0.9, 0.9, fit_interval_model(worse, "dice", G, 0.8, quantile=q))
+        half[q] = e["upper"] - e["lower"]
+    assert half["max"] == pytest.approx(max(half["normal"], half["conformal"]))  # the blind spot is not averaged away
     with pytest.raises(ValueError, match="quantile must be one of"):
-        fit_interval_model(pairs, "dice", G, 0.8, quantile="max")
+        fit_interval_model(pairs, "dice", G, 0.8, quantile="median")
 
 
 def _records(n=5):
