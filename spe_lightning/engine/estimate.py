@@ -309,25 +309,25 @@ def _moves(
 
 def _styled_anchor(
     g: MetricMapping,
-    pseudo_target: float,
+    moved: float,
     pseudo_calibration: float,
     real_calibration: float,
     interval_model: dict[str, Any] | None,
 ) -> float | None:
     """The estimate anchored on the target-styled calibration set instead of the calibration set: its real score
-    ``real_c + d_real`` plus the same move rule from its pseudo metric ``p_c + d_pseudo`` to the target's (the mean
-    over the target's styled pairs; None without any).
+    ``real_c + d_real`` plus the same move rule from its pseudo metric ``p_c + d_pseudo`` to the target's
+    (``moved``: the target's move from the calibration set; the mean over the target's styled pairs; None without
+    any).
 
     Both anchors are labelled sets at the final weights; the styled one looks more like the target, the plain
     one is what the pairs were measured against. On development data neither is the better one on every task
     (benchmarks/styled_anchor_dev.py), so where they disagree the interval spans both.
     """
     pairs = (interval_model or {}).get("styled") or []
-    moved_t = _moves(g, pseudo_target, pseudo_calibration, interval_model)[0]
     cands = []
     for p in pairs:
         moved_s = _moves(g, pseudo_calibration + float(p["d_pseudo"]), pseudo_calibration, interval_model)[0]
-        cands.append(float(real_calibration) + float(p["d_real"]) + moved_t - moved_s)
+        cands.append(float(real_calibration) + float(p["d_real"]) + moved - moved_s)
     cands = [c for c in cands if math.isfinite(c)]
     return float(np.mean(cands)) if cands else None
 
@@ -389,7 +389,7 @@ def anchored_estimate(
         if outside and d is not None and reach is not None:  # beyond every pair: widen with the distance
             half *= d / max(reach, 1e-12)
     lower, upper = value - half, value + half
-    styled = _styled_anchor(g, pseudo_target, pseudo_calibration, real_calibration, interval_model)
+    styled = _styled_anchor(g, moved, pseudo_calibration, real_calibration, interval_model)
     if interval_model and span:
         cands = [real_calibration + g_move, g_t] + ([real_calibration + slope_move] if slope_move is not None else [])
         cands += [] if styled is None else [styled]

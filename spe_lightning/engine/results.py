@@ -115,8 +115,8 @@ class Estimate(DictReads):
 
     @property
     def widened_to_styled_anchor(self) -> bool:
-        """Whether the styled anchor lies outside the interval SPE would give otherwise, so one end is the styled
-        anchor (the interval was widened to reach it)."""
+        """Whether one end of the interval is the styled anchor: it lay beyond the interval SPE gives otherwise and
+        the interval was widened to reach it (or it sits on an end clipped to the metric's range)."""
         a = self.styled_anchor
         if a is None or self.value is None or self.lower is None or self.upper is None:
             return False
