@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _shapes import make_shapes, shapes_set
@@ -40,6 +41,22 @@ def test_shift_set_and_subset_keep_masks_and_positions():
     assert shifted.name == "gamma_2" and shifted.masks is data.masks and shifted.gray.shape == data.gray.shape
     sub = subset(data, [4, 1], "two")
     assert sub.indices == [4, 1] and torch.equal(sub.masks[0], data.masks[4]) and len(sub) == 2
+
+
+def test_rank_normalise_equals_scipys_average_ranks():
+    from scipy.stats import rankdata
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.rand(3, 1, 16, 16, generator=g)
+    tied = (torch.rand(3, 1, 16, 16, generator=g) * 4).round() / 4  # 5 levels: many ties
+    padded = torch.zeros(2, 1, 8, 8)
+    padded[:, :, 2:6, 2:6] = torch.rand(2, 1, 4, 4, generator=g)  # zero padding: one big tie group
+    for x in (smooth, tied, padded, torch.zeros(1, 1, 4, 4)):
+        flat = x.flatten(1).double().numpy()
+        n = flat.shape[1]
+        ranks = torch.tensor(np.stack([rankdata(row, method="average") for row in flat]))
+        expected = ((ranks - 0.5) / n - 0.5) * 12**0.5
+        assert torch.allclose(rank_normalise(x).flatten(1).double(), expected, atol=1e-6)
 
 
 def test_rank_normalise_is_invariant_to_monotone_intensity_changes():
