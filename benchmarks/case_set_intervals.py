@@ -82,8 +82,9 @@ def score_rows(rows: list[Any]) -> dict[str, Any]:
     }
 
 
-def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
-    """One fit of ``task`` with ``seed``; each run target's rows scored both ways."""
+def run(task: str, seed: int, workdir: Path, styling: str | None = None) -> dict[str, Any]:
+    """One fit of ``task`` with ``seed`` (``styling``: SPE's restyling recipe, None: its default); each run
+    target's rows scored both ways."""
     import lightning.pytorch as pl
 
     from spe_lightning import SPECallback, SPEEstimator
@@ -93,7 +94,8 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
     pl.seed_everything(seed)
     dm, model, epochs = _task(task)
     log_dir = workdir / f"{task}_s{seed}"
-    cb = SPECallback(verbose=False, quality_regressor=True, case_set_uncertainty=False, log_dir=str(log_dir))
+    extra = {} if styling is None else {"styling": styling}
+    cb = SPECallback(verbose=False, quality_regressor=True, case_set_uncertainty=False, log_dir=str(log_dir), **extra)
     # Lightning's default sanity steps kept (they draw from the RNG): the stored runs had them
     trainer = tiny_trainer(workdir / "root", epochs, [cb], num_sanity_val_steps=2)
     start = time.perf_counter()
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: results/case_set_intervals_<task>.json")
     p.add_argument("--table", action="store_true", help="print the table of every stored result file")
     p.add_argument("--keep", type=Path, default=None, help="keep each run's folder (reports, estimator) here")
+    p.add_argument("--styling", default=None, help="SPE's restyling recipe (default: SPEConfig's)")
     a = p.parse_args(argv)
     if a.table:
         for path in sorted(RESULTS.glob("case_set_intervals_*.json")):
@@ -183,13 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("SPE_NO_DOWNLOAD", "1")
     load_before = list(os.getloadavg())
     if a.keep is not None:
-        runs = [run(a.task, s, a.keep) for s in a.seeds]
+        runs = [run(a.task, s, a.keep, a.styling) for s in a.seeds]
     else:
         with tempfile.TemporaryDirectory(prefix="spe_case_set.") as tmp:
-            runs = [run(a.task, s, Path(tmp)) for s in a.seeds]
+            runs = [run(a.task, s, Path(tmp), a.styling) for s in a.seeds]
     result = {
         "task": a.task,
         "command": f"python benchmarks/case_set_intervals.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}"
+        + (f" --styling {a.styling}" if a.styling else "")
         + (f" --out {a.out}" if a.out else ""),
         "level_note": "the per-case map's level and SPE's own, 0.9; rows scored against their real Dice",
         "load_before": load_before,
