@@ -23,7 +23,10 @@ say "building the sdist and the wheel"
 ls -l "$WORK/dist"
 "$BUILD_PY" -m twine check --strict "$WORK/dist"/*
 WHEEL=$(ls "$WORK"/dist/*.whl)
-"$BUILD_PY" -m zipfile -l "$WHEEL" | grep -q "dist-info/licenses/LICENSE" || { echo "smoke_wheel: LICENSE missing from the wheel" >&2; exit 1; }
+# the listing goes to a file first: `grep -q` stops reading at its first match, and under pipefail the lister's
+# broken pipe then failed the check although the licence was there (seen once in CI)
+"$BUILD_PY" -m zipfile -l "$WHEEL" > "$WORK/wheel_files.txt"
+grep -q "dist-info/licenses/LICENSE" "$WORK/wheel_files.txt" || { echo "smoke_wheel: LICENSE missing from the wheel" >&2; exit 1; }
 
 say "installing the wheel into a fresh venv ($WORK/venv)"
 "$PY" -m venv "$WORK/venv"
