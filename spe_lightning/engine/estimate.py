@@ -284,12 +284,14 @@ def _half_width(model: dict[str, Any], moved: float, level: float) -> float:
     # estimators saved before the fitted rule hold no slope (theirs was 1), before the t quantile no "quantile"
     scale = float(model["s0"]) + float(model.get("slope", 1.0)) * abs(moved)
     rule = model.get("quantile", "conformal")
-    # normalised misses taken as |N(0, sigma^2)|: the prediction quantile of a new one is t_n * rms
-    normal = float(stats.t.ppf(0.5 + level / 2, df=len(scores))) * math.sqrt(float(np.mean(scores**2)))
-    k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
-    conformal = float(np.sort(scores)[k])
-    q = {"normal": normal, "conformal": conformal}.get(rule, max(normal, conformal))
-    return q * scale
+    qs = []
+    if rule in ("normal", "max"):
+        # normalised misses taken as |N(0, sigma^2)|: the prediction quantile of a new one is t_n * rms
+        qs.append(float(stats.t.ppf(0.5 + level / 2, df=len(scores))) * math.sqrt(float(np.mean(scores**2))))
+    if rule != "normal":  # "conformal", "max" (and, as before, anything else a stored model may say)
+        k = min(len(scores), math.ceil((len(scores) + 1) * level)) - 1
+        qs.append(float(np.sort(scores)[k]))
+    return max(qs) * scale
 
 
 def _moves(
