@@ -26,6 +26,7 @@ __all__ = [
     "cases_csv",
     "chunks_csv",
     "estimate_table",
+    "flag_line",
     "chunk_table",
     "display_image",
     "versions",
@@ -56,6 +57,20 @@ def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[s
             row += f" interval reaches the styled anchor {f(e.styled_anchor)}"
         lines.append(row)
     return "\n".join(lines)
+
+
+def flag_line(n_flagged: int, n_cases: int, threshold: float, calibration: Mapping[str, Any] | None) -> str:
+    """The printed count of flagged cases, and what the threshold means when no Dice cut could be fitted."""
+    line = f"{n_flagged} of {n_cases} cases flagged (quality < {threshold:.3f})"
+    method = (calibration or {}).get("method")
+    if method is not None and method != "youden":
+        cut = (calibration or {}).get("dice_cut", 0.7)
+        line += (
+            f": the calibration set had too few cases on one side of real Dice {cut:g} to fit a threshold, so it is "
+            "a low quantile of the calibration cases' scores; a flag means unlike them, not a Dice below "
+            f"{cut:g}"
+        )
+    return line
 
 
 def chunk_table(chunks: Sequence[Mapping[str, Any]], metric: str = "dice") -> str:

@@ -31,6 +31,7 @@ from spe_lightning.cli.estimate.outputs import (
     chunks_csv,
     display_image,
     estimate_table,
+    flag_line,
     relative_path,
     report_input_check,
     versions,
@@ -293,5 +294,5 @@ def print_results(
     cases = res.cases
     if cases and res.case_threshold is not None:
         n_flag = sum(1 for c in cases if c.flagged)
-        print(f"{n_flag} of {len(cases)} cases flagged (quality < {res.case_threshold:.3f})")
+        print(flag_line(n_flag, len(cases), res.case_threshold, summary.get("per_case")))
     print(f"wrote {out / 'estimate.json'}, {out / 'cases.csv'}, {out / 'report.html'}")

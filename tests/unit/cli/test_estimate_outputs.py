@@ -28,3 +28,15 @@ def test_outputs_replace_links_instead_of_writing_through_them(tmp_path):
     assert victim.read_text() == "keep me"
     assert not (out / "cases.csv").is_symlink() and (out / "cases.csv").read_text() == "id\n"
     assert sorted(p.name for p in out.iterdir()) == ["cases.csv"]  # no temporary file left
+
+
+def test_the_flag_count_says_when_the_threshold_is_only_a_calibration_quantile():
+    from spe_lightning.cli.estimate.outputs import flag_line
+
+    fitted = flag_line(3, 20, 0.41, {"method": "youden", "dice_cut": 0.7})
+    assert fitted == "3 of 20 cases flagged (quality < 0.410)"
+    # every calibration case above Dice 0.7: the threshold is a low quantile of their scores, not a Dice cut
+    quantile = flag_line(20, 20, 0.993, {"method": "quantile 0.05", "dice_cut": 0.7})
+    assert quantile.startswith("20 of 20 cases flagged (quality < 0.993): ")
+    assert "too few cases on one side of real Dice 0.7" in quantile and "not a Dice below 0.7" in quantile
+    assert flag_line(1, 2, 0.5, None) == "1 of 2 cases flagged (quality < 0.500)"
