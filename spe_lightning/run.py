@@ -117,6 +117,8 @@ class SPERun(RunSteps):
         self.show_progress = True
         #: the calibration set's label-free features at the last evaluated weights (engine/distance.py)
         self.calibration_features: np.ndarray | None = None
+        #: every other set's label-free features at its last evaluation (targets, calibration pairs), by set name
+        self.set_features: dict[str, np.ndarray] = {}
         #: the last checkpoints' masks per set, for the checkpoint agreement (kept in the checkpoint state)
         self.history = MaskHistory(AGREEMENT_K)
         self._pending_masks: dict[str, list[Tensor]] = {}
@@ -309,7 +311,15 @@ class SPERun(RunSteps):
         """Fit G on every record and estimate each target (intervals from the calibration pairs); kept in ``report``."""
         c = self.config
         result = fit_and_estimate(
-            self.records, self._targets, self.keys, c.mapping, c.level, c.anchored, self.pairs, self.metric_bounds()
+            self.records,
+            self._targets,
+            self.keys,
+            c.mapping,
+            c.level,
+            c.anchored,
+            self.pairs,
+            self.metric_bounds(),
+            nearest=self.nearest_set_distances(),
         )
         engine = self.engine
         sections: dict[str, Any] = {
@@ -380,6 +390,7 @@ class SPERun(RunSteps):
             calibration_pseudo=dict(last.pseudo.get(CALIBRATION, {})),
             calibration_real=dict(last.real.get(CALIBRATION, {})),
             calibration_features=self.calibration_features,
+            pair_features=self.pair_features(),
             reference_images=engine.ref_images,
             reference_masks=engine.ref_labels,
             reference_indices=list(engine.ref_indices),

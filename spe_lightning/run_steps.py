@@ -25,7 +25,7 @@ from spe_lightning.config import SPEConfig
 from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
-from spe_lightning.engine.distance import image_features, set_distance
+from spe_lightning.engine.distance import image_features, nearest_set_distance, set_distance
 from spe_lightning.engine.predict import LogitsFn, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
@@ -51,6 +51,7 @@ class RunSteps:
     segmenter_fit_seconds: float
     segmenter_from_cache: bool
     calibration_features: np.ndarray | None
+    set_features: dict[str, np.ndarray]
     _segmenter_arg: ReverseSegmenter | None
     _segmenter_state: dict[str, Any] | None
     _sets: dict[str, CachedSet]
@@ -257,6 +258,7 @@ class RunSteps:
         feats = {name: image_features(data, masks, conf) for name, (data, masks, conf) in predictions.items()}
         if CALIBRATION in feats:
             self.calibration_features = feats[CALIBRATION]
+        self.set_features.update((name, f) for name, f in feats.items() if name != CALIBRATION)
         cal = self.calibration_features
         if cal is None:
             return {}
@@ -266,6 +268,24 @@ class RunSteps:
             for name, f in feats.items()
             if name != CALIBRATION
         }
+
+    def pair_features(self) -> dict[str, np.ndarray]:
+        """The generic calibration pairs' item features at the final weights, by pair name (styled pairs are
+        made to look like a target, so they never count as a calibrated set it resembles)."""
+        return {
+            p["name"]: self.set_features[p["name"]]
+            for p in self.pairs
+            if p.get("target") is None and p["name"] in self.set_features
+        }
+
+    def nearest_set_distances(self) -> dict[str, float | None]:
+        """Each target's nearest-set distance (:func:`~spe_lightning.engine.distance.nearest_set_distance`) at
+        the last weights; empty without calibration features or generic pairs."""
+        cal, pairs = self.calibration_features, self.pair_features()
+        if cal is None or not pairs:
+            return {}
+        feats = self.set_features
+        return {t: nearest_set_distance(feats[t], cal, pairs) for t in self._targets if t in feats}
 
     def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""

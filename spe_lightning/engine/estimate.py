@@ -26,7 +26,9 @@ benchmarks/interval_rules.py):
 - *extrapolation*: each pair and target carries a label-free distance to the calibration set
   (:mod:`spe_lightning.engine.distance`); a target farther than every pair the model was fitted on
   gets its half-width multiplied by ``distance / largest pair distance`` and is flagged
-  ``outside_calibrated_range``.
+  ``outside_calibrated_range``; so is a target whose nearest-set distance (to the calibration set and to
+  each pair's set) exceeds :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT`: it looks like nothing the
+  interval was calibrated on, though one far pair may reach farther in another direction.
 - *disagreeing moves*: the interval always spans the candidate estimates (G's move, the pairs' slope,
   the paper's ``G(p_t)``, and the estimate anchored on the target's styled calibration set instead of the
   calibration set): when they disagree by more than the interval, which one is right is unknown.
@@ -48,6 +50,7 @@ import numpy as np
 from scipy import stats
 
 from spe_lightning.engine.calibration_pairs import pairs_for_target
+from spe_lightning.engine.distance import NEAREST_SET_LIMIT
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 from spe_lightning.engine.results import Estimate, Interval
@@ -363,14 +366,16 @@ def anchored_estimate(
     distance: float | None = None,
     bounds: tuple[float | None, float | None] | None = None,
     span: bool = True,
+    nearest: float | None = None,
 ) -> dict[str, Any]:
     """``{"value", "lower", "upper"}``: ``real_c + G(p_t) - G(p_c)``, clipped to the metric's range.
 
     The half-width comes from ``interval_model`` (:func:`fit_interval_model`) when given, else from G's
     leave-one-out residuals across checkpoints. With an interval model: ``distance`` (the target's
     label-free distance to the calibration set) beyond the pairs' largest widens the interval by their
-    ratio and adds ``outside_calibrated_range``; ``span`` makes the interval include every candidate
-    move's estimate, the paper's ``G(p_t)`` and the styled anchor (``styled_anchor``, when the model holds the
+    ratio and adds ``outside_calibrated_range``, which ``nearest`` (the target's nearest-set distance) beyond
+    :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT` also sets; ``span`` makes the interval include every
+    candidate move's estimate, the paper's ``G(p_t)`` and the styled anchor (``styled_anchor``, when the model holds the
     target's styled pairs). ``bounds`` overrides the metric's range.
     """
     none: dict[str, float | None] = {"value": None, "lower": None, "upper": None}
@@ -386,9 +391,13 @@ def anchored_estimate(
         d = finite_or_none(distance)
         extra["distance"] = d
         extra["pairs_distance"] = reach
-        outside = None if d is None or reach is None else bool(d > reach)
-        extra["outside_calibrated_range"] = outside
-        if outside and d is not None and reach is not None:  # beyond every pair: widen with the distance
+        beyond = None if d is None or reach is None else bool(d > reach)
+        near = finite_or_none(nearest)
+        unlike = None if near is None else bool(near > NEAREST_SET_LIMIT)
+        extra["outside_calibrated_range"] = None if beyond is None and unlike is None else bool(beyond or unlike)
+        if near is not None:
+            extra["nearest_set_distance"] = near
+        if beyond and d is not None and reach is not None:  # beyond every pair: widen with the distance
             half *= d / max(reach, 1e-12)
     lower, upper = value - half, value + half
     styled = _styled_anchor(g, moved, pseudo_calibration, real_calibration, interval_model)
@@ -425,13 +434,15 @@ def estimate(
     anchor: tuple[float | None, float | None, dict[str, Any] | None] | None = None,
     distance: float | None = None,
     bounds: tuple[float | None, float | None] | None = None,
+    nearest: float | None = None,
 ) -> Estimate:
     """One :class:`~spe_lightning.engine.results.Estimate` (value, lower, upper, pseudo, reason, method) from a
     pseudo metric.
 
     ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
     anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
-    the target's label-free distance to the calibration set; ``bounds``: the metric's range when it
+    the target's label-free distance to the calibration set, ``nearest`` its nearest-set distance;
+    ``bounds``: the metric's range when it
     differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
 
     A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable=False``
@@ -450,7 +461,9 @@ def estimate(
     if anchor is None:
         return plain
     p_c, r_c, model = anchor
-    res = anchored_estimate(g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds)
+    res = anchored_estimate(
+        g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds, nearest=nearest
+    )
     if res["value"] is None:
         return plain
     anchored = Estimate(
@@ -464,6 +477,7 @@ def estimate(
         distance=res.get("distance"),
         pairs_distance=res.get("pairs_distance"),
         outside_calibrated_range=res.get("outside_calibrated_range"),
+        nearest_set_distance=res.get("nearest_set_distance"),
         reliable=res.get("reliable"),
         unreliable=res.get("unreliable"),
         styled_anchor=res.get("styled_anchor"),

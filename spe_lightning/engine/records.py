@@ -171,6 +171,7 @@ def fit_and_estimate(
     pairs: Sequence[dict[str, Any]] | None = None,
     bounds: dict[str, tuple[float | None, float | None]] | None = None,
     distances: dict[str, float | None] | None = None,
+    nearest: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
 
@@ -182,7 +183,9 @@ def fit_and_estimate(
     generic pairs and the pairs styled like it (``"target": <name>``; kept under
     ``anchor_intervals_by_target`` when there are any). ``bounds`` overrides a key's range (hd95: the
     image diagonal); ``distances`` (default: the last record's ``"distance"``) are the targets'
-    label-free distances to the calibration set, which widen intervals beyond the pairs' reach.
+    label-free distances to the calibration set, which widen intervals beyond the pairs' reach; ``nearest``
+    their nearest-set distances (:func:`~spe_lightning.engine.distance.nearest_set_distance`), which flag a
+    target that looks like no calibrated set.
 
     ``by_checkpoint`` is computed with the final rule (the interval model's move), so its last point is
     the final estimate; a metric found unreliable has none.
@@ -251,6 +254,7 @@ def fit_and_estimate(
                 anchor=(x[last], y[last], model_t) if anchored and last >= 0 else None,
                 distance=finite_or_none(distances.get(t)),
                 bounds=key_bounds,
+                nearest=finite_or_none((nearest or {}).get(t)),
             )
             true = series(records, "real", t, metric)
             if last >= 0 and np.isfinite(true[last]):  # next to the estimate, for targets that came with masks

@@ -50,6 +50,7 @@ ESTIMATE_KEYS = (
     "distance",
     "pairs_distance",
     "outside_calibrated_range",
+    "nearest_set_distance",
     "styled_anchor",
     "reliable",
     "unreliable",
@@ -72,7 +73,10 @@ class Estimate(DictReads):
         from_pairs: the interval came from the labelled calibration pairs' model; only then are ``distance``,
             ``pairs_distance`` and ``outside_calibrated_range`` part of the estimate (each may still be None).
         distance: the set's label-free distance to the calibration set; ``pairs_distance``: the farthest
-            calibration pair's; ``outside_calibrated_range``: the set lies beyond every pair (interval widened).
+            calibration pair's; ``outside_calibrated_range``: the set lies beyond every pair (interval widened,
+            :attr:`widened_by_distance`) or looks like no calibrated set (``nearest_set_distance``, its distance
+            to the calibration set or pair set it is most like, above
+            :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT`; None when not measured).
         styled_anchor: the estimate anchored on the target-styled calibration set (its real score plus the same
             move from its pseudo metric); the interval spans it. None without a styled pair for the set.
         reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
@@ -94,6 +98,7 @@ class Estimate(DictReads):
     distance: float | None = None
     pairs_distance: float | None = None
     outside_calibrated_range: bool | None = None
+    nearest_set_distance: float | None = None
     styled_anchor: float | None = None
     reliable: bool | None = None
     unreliable: str | None = None
@@ -122,6 +127,23 @@ class Estimate(DictReads):
             return False
         return bool(math.isclose(a, self.lower, abs_tol=1e-9) or math.isclose(a, self.upper, abs_tol=1e-9))
 
+    @property
+    def widened_by_distance(self) -> bool:
+        """Whether the interval was widened because the set lies farther from the calibration set than every
+        calibration pair (``distance > pairs_distance``)."""
+        d, reach = self.distance, self.pairs_distance
+        return d is not None and reach is not None and d > reach
+
+    @property
+    def range_note(self) -> str | None:
+        """A short note when the set is outside the calibrated range (None otherwise): widened, or only unlike
+        every calibrated set (the interval then extrapolates at its usual width)."""
+        if not self.outside_calibrated_range:
+            return None
+        if self.widened_by_distance:
+            return "outside the calibrated range: interval widened"
+        return "outside the calibrated range: unlike every calibrated set, interval not widened"
+
     def with_true(self, true: float | None) -> Estimate:
         """This estimate with the set's real metric beside it (a new estimate)."""
         return dataclasses.replace(self, true=true)
@@ -145,6 +167,8 @@ class Estimate(DictReads):
                 pairs_distance=self.pairs_distance,
                 outside_calibrated_range=self.outside_calibrated_range,
             )
+        if self.nearest_set_distance is not None:
+            out["nearest_set_distance"] = self.nearest_set_distance
         if self.styled_anchor is not None:
             out["styled_anchor"] = self.styled_anchor
         if self.reliable is not None:
@@ -175,6 +199,7 @@ class Estimate(DictReads):
             distance=data.get("distance"),
             pairs_distance=data.get("pairs_distance"),
             outside_calibrated_range=data.get("outside_calibrated_range"),
+            nearest_set_distance=data.get("nearest_set_distance"),
             styled_anchor=data.get("styled_anchor"),
             reliable=data.get("reliable"),
             unreliable=data.get("unreliable"),
@@ -190,7 +215,8 @@ def _not_written(key: str, data: Mapping[str, Any]) -> bool:
         return not ("outside_calibrated_range" in data and "pairs_distance" in data)
     if key == "unreliable":
         return data.get("reliable") is not False
-    return key in ("method", "paper", "styled_anchor", "reliable", "withheld", "true") and data[key] is None
+    keys = ("method", "paper", "nearest_set_distance", "styled_anchor", "reliable", "withheld", "true")
+    return key in keys and data[key] is None
 
 
 def estimates_to_dict(estimates: Mapping[str, Mapping[str, Estimate]]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from spe_lightning.config import SPEConfig
 from spe_lightning.data.adapters import resize_labels
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
-from spe_lightning.engine.distance import diagonal, image_features, set_distance
+from spe_lightning.engine.distance import diagonal, image_features, nearest_set_distance, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import LogitsFn, predict_labels
@@ -240,12 +240,19 @@ class EstimatorBase:
         if data.volumetric or len(data.units) != len(data):
             raise NotImplementedError("SPEEstimator: per-case scores are for 2D images; pass per_case=False for 3D.")
 
-    def distance(self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor | None) -> float | None:
-        """``data``'s label-free distance to the calibration set (None without features or confidence)."""
-        cal = (self.anchor or {}).get("calibration_features")
+    def distances(
+        self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor | None
+    ) -> tuple[float | None, float | None]:
+        """``data``'s label-free distance to the calibration set and its nearest-set distance (to the calibration
+        set and each calibration pair's set; None for an estimator saved without the pairs' features); both None
+        without calibration features or the model's confidence."""
+        anchor = self.anchor or {}
+        cal = anchor.get("calibration_features")
         if not cal or conf is None:
-            return None
-        return set_distance(image_features(data, masks, conf), np.asarray(cal, float))
+            return None, None
+        feats, cal_ = image_features(data, masks, conf), np.asarray(cal, float)
+        pairs = {name: np.asarray(rows, float) for name, rows in (anchor.get("pair_features") or {}).items()}
+        return set_distance(feats, cal_), nearest_set_distance(feats, cal_, pairs) if pairs else None
 
     def bounds(self, data: CachedSet) -> dict[str, tuple[float | None, float | None]]:
         """hd95 keys range from 0 to ``data``'s largest image diagonal."""
@@ -259,13 +266,15 @@ class EstimatorBase:
         distance: float | None = None,
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
         target: str | None = None,
+        nearest: float | None = None,
     ) -> dict[str, Estimate]:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
         The paper's G maps the pseudo value; with ``anchor`` the estimate is anchored instead (the last
         calibration score moved by G(pseudo) - G(calibration pseudo)), the paper's one kept under ``paper``.
         ``distance``: the set's label-free distance to the calibration set (a set farther than the
-        calibration pairs gets a wider interval and ``outside_calibrated_range``); ``bounds``: per key range
+        calibration pairs gets a wider interval and ``outside_calibrated_range``); ``nearest``: its nearest-set
+        distance (above the limit: ``outside_calibrated_range``, no widening); ``bounds``: per key range
         overrides (hd95: the images' diagonal). A metric the run found unreliable has no value (see ``reason``).
         """
         level = self.config.level
@@ -292,6 +301,7 @@ class EstimatorBase:
                 else None,
                 distance=distance,
                 bounds=(bounds or {}).get(key),
+                nearest=nearest,
             )
         return out
 

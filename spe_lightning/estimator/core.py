@@ -80,8 +80,10 @@ class SPEEstimator(EstimatorBase):
         """One set's estimates, its pseudo metrics (values, support, reason) and its real metrics (with masks)."""
         engine = self.engine
         pseudo = engine.pseudo(data, masks, device)
-        distance = self.distance(data, masks, conf)  # without the model's confidence (masks given): none
-        estimates = self.estimate_from_pseudo(pseudo["values"], pseudo["reason"], distance, self.bounds(data), target)
+        distance, nearest = self.distances(data, masks, conf)  # without the model's confidence (masks given): none
+        estimates = self.estimate_from_pseudo(
+            pseudo["values"], pseudo["reason"], distance, self.bounds(data), target, nearest=nearest
+        )
         return estimates, pseudo, engine.real(data, masks)
 
     def _case_rows(

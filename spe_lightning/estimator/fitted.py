@@ -38,7 +38,8 @@ class FittedSPE:
         anchor: for anchored estimates (:mod:`spe_lightning.engine.estimate`): ``{"intervals": {key:
             interval model (plain numbers) or None}, "intervals_by_target": {target: {key: ...}},
             "calibration_pseudo": {key: float}, "calibration_real": {key: float}}`` at the last record, and
-            ``"calibration_features"`` (per-item feature lists, engine/distance.py) for the extrapolation flag;
+            ``"calibration_features"`` (per-item feature lists, engine/distance.py) for the extrapolation flag
+            and ``"pair_features"`` (``{pair name: per-item feature lists}``: the sets a new set may look like);
             kept only when ``config.anchored``.
         cases: the RCA per-case calibration (:func:`~spe_lightning.percase.rca.calibrate_cases`); None: uncalibrated.
         quality: the quality regressor (``{"regressor": state tensors, "calibration": plain numbers,

@@ -54,7 +54,8 @@ class RunOutcome:
         report: the run's :class:`~spe_lightning.engine.run_report.SPEReport` (G per key under ``mapping``,
             ``estimates``, ``anchor_intervals`` ...).
         calibration_pseudo, calibration_real: the last record's calibration metrics (the anchor).
-        calibration_features: the calibration set's label-free features at the last weights (or None).
+        calibration_features: the calibration set's label-free features at the last weights (or None);
+            ``pair_features``: the generic calibration pairs' sets' features at the same weights, by pair name.
         reference_images, reference_masks, reference_indices: the engine's references at the working size.
         segmenter: the reverse segmenter instance that ran in training (its fitted weights included).
         calibration: the cached labelled calibration set.
@@ -79,6 +80,7 @@ class RunOutcome:
     segmenter: ReverseSegmenter
     calibration: CachedSet
     reference_dataset: SizedDataset | None = None
+    pair_features: Mapping[str, np.ndarray] = field(default_factory=dict)
     targets: Mapping[str, CachedSet] = field(default_factory=dict)
     records: Sequence[Record] = ()
     pairs: Sequence[dict[str, Any]] = ()
@@ -112,6 +114,10 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
         }
         if outcome.calibration_features is not None:  # label-free features for the extrapolation flag
             anchor["calibration_features"] = [[float(v) for v in row] for row in outcome.calibration_features]
+            if outcome.pair_features:  # the calibrated sets a new set may look like (nearest-set distance)
+                anchor["pair_features"] = {
+                    name: [[float(v) for v in row] for row in f] for name, f in outcome.pair_features.items()
+                }
     seg = outcome.segmenter
     return FittedSPE(
         outcome.config,

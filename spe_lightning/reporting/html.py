@@ -411,9 +411,10 @@ def write_html_report(
 def _estimate_note(e: dict[str, Any]) -> str:
     """The note beside one metric's estimate: why there is no value, or what widened its interval."""
     notes = [e["reason"]] if e.get("reason") else []
-    if e.get("outside_calibrated_range"):
-        notes.append("outside the calibrated range: interval widened")
-    if e.get("value") is not None and Estimate.from_dict(e).widened_to_styled_anchor:
+    est = Estimate.from_dict(e)
+    if est.range_note:
+        notes.append(est.range_note)
+    if e.get("value") is not None and est.widened_to_styled_anchor:
         notes.append(
             f"interval reaches {_f(e['styled_anchor'])}, the estimate anchored on the calibration set restyled like "
             "these images"

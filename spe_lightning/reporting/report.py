@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from spe_lightning.engine.distance import NEAREST_SET_LIMIT
 from spe_lightning.engine.frozen import json_form
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.records import CALIBRATION, Record
@@ -60,7 +61,8 @@ def report_scalars(report: SPEReport | Mapping[str, Any]) -> dict[str, float]:
 
     Flags: ``spe/reliable/<target>/<key>`` (0: the metric is unreliable and has no final scalar),
     ``spe/outside_calibrated_range/<target>`` (1: farther from the calibration set than every calibration
-    pair; its intervals were widened) and ``spe/distance/<target>`` (engine/distance.py). ``report``: the run's
+    pair, its intervals widened, or like none of the calibrated sets), ``spe/distance/<target>`` and
+    ``spe/nearest_set_distance/<target>`` (engine/distance.py). ``report``: the run's
     or a ``json.load``-ed ``spe_report.json`` (as every function here takes).
     """
     flat: dict[str, Any] = {}
@@ -75,6 +77,9 @@ def report_scalars(report: SPEReport | Mapping[str, Any]) -> dict[str, float]:
         if outside is not None:
             flat[f"spe/outside_calibrated_range/{t}"] = float(outside)
         flat[f"spe/distance/{t}"] = distance
+        flat[f"spe/nearest_set_distance/{t}"] = next(
+            (e.nearest_set_distance for e in per_metric.values() if e.nearest_set_distance is not None), None
+        )
     return _finite(flat)
 
 
@@ -149,6 +154,7 @@ def write_csv(report: SPEReport | Mapping[str, Any], path: str | Path) -> Path:
         "reliable",
         "outside_calibrated_range",
         "distance",
+        "nearest_set_distance",
     ]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -172,6 +178,7 @@ def write_csv(report: SPEReport | Mapping[str, Any], path: str | Path) -> Path:
                         e.reliable,  # None (not judged): an empty cell, as are the two below
                         e.outside_calibrated_range,
                         e.distance,
+                        e.nearest_set_distance,
                     ]
                 )
     return path
@@ -221,11 +228,19 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     lines = []
     for t, per_metric in estimates.items():
         outside, distance = _range_flag(per_metric)
-        if outside:
+        if outside and any(e.widened_by_distance for e in per_metric.values()):
             reach = next((e.pairs_distance for e in per_metric.values() if e.pairs_distance), None)
             lines.append(
                 f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
+            )
+        elif outside:
+            near = next((e.nearest_set_distance for e in per_metric.values() if e.nearest_set_distance), None)
+            lines.append(
+                f"{t}: outside the calibrated range: it looks like none of the calibrated sets (distance "
+                f"{_fmt(near, 2)} to the nearest of the calibration set and its pairs, where about 1 is as alike as "
+                f"their own images and {NEAREST_SET_LIMIT:g} is the limit); its intervals extrapolate from pairs "
+                "unlike it and were not widened."
             )
         spanned = [m for m, e in per_metric.items() if e.widened_to_styled_anchor]
         if spanned:

@@ -74,6 +74,12 @@ def test_plain_loop_runs_spe_end_to_end(tmp_path):
     assert again.get("withheld", again)["value"] == pytest.approx(said["value"], abs=1e-6)
     # the estimator measures the same distance to the calibration set and says the same about reliability
     assert again["distance"] == pytest.approx(est["distance"]) and again.get("reliable") == est.get("reliable")
+    # and the same nearest-set distance, from the generic pairs' features the file keeps (no styled set among them)
+    assert est["nearest_set_distance"] is not None
+    assert again["nearest_set_distance"] == pytest.approx(est["nearest_set_distance"])
+    kept = reloaded.fitted.anchor["pair_features"]
+    assert set(kept) == {p["name"] for p in run.pairs if p.get("target") is None}
+    assert est["nearest_set_distance"] <= est["distance"] + 1e-9  # the calibration set is one of the candidates
 
 
 def test_plain_loop_equals_the_callback(tmp_path):

@@ -51,8 +51,8 @@ def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[s
             row += f" {f(true.get(m))} |"
         if e.reason:
             row += f" {e.reason}"
-        if e.outside_calibrated_range:  # farther than every calibration pair: the interval was widened
-            row += " outside the calibrated range (interval widened)"
+        if e.range_note:  # farther than every calibration pair, or like none of the calibrated sets
+            row += f" {e.range_note}"
         if e.widened_to_styled_anchor:  # the estimate anchored on the restyled calibration set lies there
             row += f" interval reaches the styled anchor {f(e.styled_anchor)}"
         lines.append(row)

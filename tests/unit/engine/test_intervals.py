@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from spe_lightning.engine.cached_set import cache_dataset
-from spe_lightning.engine.distance import FEATURES, diagonal, image_features, set_distance
+from spe_lightning.engine.distance import (
+    FEATURES,
+    NEAREST_SET_LIMIT,
+    diagonal,
+    image_features,
+    nearest_set_distance,
+    set_distance,
+)
 from spe_lightning.engine.estimate import anchored_estimate, estimate, fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.records import fit_and_estimate
@@ -74,6 +81,50 @@ def test_a_target_beyond_the_pairs_reach_gets_a_wider_interval_and_the_flag():
     old = fit_interval_model(_tracked_pairs(), "dice", G, 0.8)
     unknown = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, old, distance=6.0)
     assert unknown["outside_calibrated_range"] is None and unknown["upper"] - unknown["lower"] == pytest.approx(w_in)
+
+
+def test_nearest_set_distance_finds_the_pair_a_target_looks_like_whatever_the_farthest_pair():
+    cal, same = _sets()
+    fc, ids = _features(cal), list(cal.indices)
+    blur = _features(shift_set(cal, "blur", 3))
+    noise = _features(shift_set(cal, "noise", 3))
+    blurred_target = _features(shift_set(same, "blur", 3))  # new images, shifted as one of the pairs
+    gamma_target = _features(shift_set(same, "gamma", 3))  # new images, shifted as no pair is
+    # by its distance to the calibration set alone the blurred target is well within the noise pair's reach
+    assert set_distance(blurred_target, fc) < set_distance(noise, fc, ids, ids)
+    pairs = {"blur_3": blur, "noise_3": noise}
+    like_a_pair = nearest_set_distance(blurred_target, fc, pairs)
+    assert like_a_pair < set_distance(blurred_target, fc)  # the blur pair is nearer than the calibration set
+    assert like_a_pair <= NEAREST_SET_LIMIT
+    assert set_distance(gamma_target, fc) < set_distance(noise, fc, ids, ids)  # within the farthest reach
+    unlike = nearest_set_distance(gamma_target, fc, pairs)
+    assert unlike > NEAREST_SET_LIMIT  # like neither the calibration set nor any pair
+    assert nearest_set_distance(_features(same), fc, pairs) <= NEAREST_SET_LIMIT  # new images of the same kind
+    assert nearest_set_distance(fc[:0], fc, pairs) is None
+
+
+def test_a_target_like_no_calibrated_set_is_flagged_without_widening():
+    model = fit_interval_model(_tracked_pairs(distances=[1.0, 1.2, 2.0, 3.0, 1.1, 0.9, 1.5, 60.0]), "dice", G, 0.8)
+    base = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, distance=2.0)
+    like = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, distance=2.0, nearest=1.2)
+    unlike = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, distance=2.0, nearest=2.5)
+    assert base["outside_calibrated_range"] is False and "nearest_set_distance" not in base
+    assert like["outside_calibrated_range"] is False and like["nearest_set_distance"] == 1.2
+    assert unlike["outside_calibrated_range"] is True  # within the farthest pair's reach, yet like none of them
+    assert (unlike["lower"], unlike["upper"]) == (base["lower"], base["upper"])  # flagged, not widened
+    beyond = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, distance=120.0, nearest=0.5)
+    assert beyond["outside_calibrated_range"] is True  # beyond every pair: widened and flagged, as before
+    assert beyond["upper"] - beyond["lower"] > base["upper"] - base["lower"]
+    e = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), distance=2.0, nearest=2.5)
+    assert e.outside_calibrated_range and not e.widened_by_distance and e.nearest_set_distance == 2.5
+    assert e.range_note == "outside the calibrated range: unlike every calibrated set, interval not widened"
+    assert Estimate.from_dict(e.to_dict()) == e
+    wide = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), distance=120.0)
+    assert wide.widened_by_distance and wide.range_note == "outside the calibrated range: interval widened"
+    assert "nearest_set_distance" not in wide.to_dict()  # not measured: not written
+    inside = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), distance=2.0, nearest=1.0)
+    assert inside.range_note is None
+    assert "looks like none of the calibrated sets" in summary_table({"estimates": {"site": {"dice": e.to_dict()}}})
 
 
 def test_hd95_estimates_and_interval_ends_stay_within_the_image_diagonal():
