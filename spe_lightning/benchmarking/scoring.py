@@ -9,6 +9,7 @@ import numpy as np
 
 from spe_lightning.engine.agreement import agreement_estimate
 from spe_lightning.engine.calibration_pairs import pairs_for_target
+from spe_lightning.engine.distance import nearest_set_distance
 from spe_lightning.engine.estimate import estimate, finite_or_none, fit_interval_model
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
@@ -30,7 +31,8 @@ __all__ = [
 def interval_row(est: Estimate) -> dict[str, Any]:
     """``{value, lower, upper}`` of an estimate (the benchmark's rows keep only these), with the flags of
     issue 23 where set: ``reliable`` (False: value None, the numbers under ``withheld``) and
-    ``outside_calibrated_range``, and the ``styled_anchor`` the interval spans."""
+    ``outside_calibrated_range`` (with the ``nearest_set_distance`` behind it, where measured), and the
+    ``styled_anchor`` the interval spans."""
     out: dict[str, Any] = {"value": est.value, "lower": est.lower, "upper": est.upper}
     if est.styled_anchor is not None:
         out["styled_anchor"] = est.styled_anchor
@@ -38,9 +40,23 @@ def interval_row(est: Estimate) -> dict[str, Any]:
         out["reliable"] = est.reliable
     if est.outside_calibrated_range is not None:
         out["outside_calibrated_range"] = est.outside_calibrated_range
+    if est.nearest_set_distance is not None:
+        out["nearest_set_distance"] = est.nearest_set_distance
     if est.withheld is not None:
         out["withheld"] = est.withheld.to_dict()
     return out
+
+
+def nearest_without_family(features: dict[str, Any] | None, name: str, family: str | None) -> float | None:
+    """A target's nearest-set distance from the run's stored features, its own shift family's pairs left out (as
+    its interval model leaves them out); None for runs recorded before the features were stored."""
+    if not features or features.get("calibration") is None or name not in features.get("targets", {}):
+        return None
+    pairs = {k: np.asarray(v, float) for k, v in features["pairs"].items() if not (family and k.startswith(family))}
+    if not pairs:
+        return None
+    cal = np.asarray(features["calibration"], float)
+    return nearest_set_distance(np.asarray(features["targets"][name], float), cal, pairs)
 
 
 def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
@@ -91,6 +107,7 @@ def shift_scores(result: dict[str, Any], level: float = 0.9) -> dict[str, Any]:
 
                 fit_kw: dict[str, Any] = {"exclude": family, "bounds": bounds, "level": level}
                 est_kw: dict[str, Any] = {"distance": t.get("distance"), "bounds": bounds}
+                est_kw["nearest"] = nearest_without_family(raw0.get("features"), n, family)
                 model = fit_interval_model(with_styled, m, g, p_c, **fit_kw) if g is not None else None
                 anchor = (p_c, r_c, model)
                 row.setdefault(f"spe{tag}", {})[m] = interval_row(estimate(g, m, p_t, level, anchor=anchor, **est_kw))
@@ -153,14 +170,15 @@ ALARM_TOLERANCE, ALARM_DROP = 0.02, 0.05
 
 
 def shift_summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per metric and method over ``rows``: MAE, max error, interval coverage and widths, Dice false alarms
+    """Per metric and method over ``rows``: MAE, max error, interval coverage and widths, how often the
+    "outside the calibrated range" flag fired (and on how many of the intervals that missed), Dice false alarms
     (an estimate more than ``ALARM_DROP`` below the calibration score on an unshifted target whose real
     Dice stayed within ``ALARM_TOLERANCE`` of it: a user told to act for nothing)."""
     summary: dict[str, Any] = {}
     for m in PAPER_METRICS:
         summary[m] = {}
         for meth in methods:
-            errs, cover, widths, alarms = [], [], [], 0
+            errs, cover, widths, alarms, outside = [], [], [], 0, []
             for r in rows:
                 real = r["real"].get(m)
                 e = r[meth].get(m)
@@ -171,6 +189,8 @@ def shift_summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, A
                 if isinstance(e, dict) and e["lower"] is not None:
                     cover.append(e["lower"] <= real <= e["upper"])
                     widths.append(e["upper"] - e["lower"])
+                    if e.get("outside_calibrated_range") is not None:  # the flag, beside whether the truth was out
+                        outside.append((bool(e["outside_calibrated_range"]), cover[-1]))
                 cal = (r.get("calibration_score") or {}).get(m)
                 if m == "dice" and cal is not None and unshifted(r["name"]) and not r.get("site"):
                     alarms += int(real >= cal - ALARM_TOLERANCE and v < cal - ALARM_DROP)
@@ -187,6 +207,12 @@ def shift_summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, A
                     coverage=float(np.mean(cover)),
                     median_width=float(np.median(widths)),
                     max_width=float(np.max(widths)),
+                )
+            if outside:  # how often the flag fired, and on how many of the misses
+                summary[m][meth].update(
+                    flagged=sum(f for f, _ in outside),
+                    missed=sum(not c for _, c in outside),
+                    missed_and_flagged=sum(f and not c for f, c in outside),
                 )
             if m == "dice":
                 summary[m][meth]["false_alarms"] = alarms

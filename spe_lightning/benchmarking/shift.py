@@ -11,7 +11,7 @@ from spe_lightning.benchmarking.regressor import regressor_means
 from spe_lightning.benchmarking.scoring import shift_scores
 from spe_lightning.benchmarking.selection import selection_scores
 from spe_lightning.benchmarking.signals import all_signal_combination, all_signal_rows, measure_signals, pair_errors
-from spe_lightning.benchmarking.targets import measure, shift_targets
+from spe_lightning.benchmarking.targets import measure, set_features, shift_targets
 from spe_lightning.benchmarking.training import BenchmarkConfig, train
 from spe_lightning.engine.records import CALIBRATION
 
@@ -41,6 +41,8 @@ def run_shift(cfg: BenchmarkConfig, out: str | None = None) -> dict[str, Any]:
             "targets": measure(cb.run, model, targets),
             "pairs": cb.run.pairs,
         }
+        if s == cfg.segmenters[0]:  # the label-free features behind the nearest-set flag, scored per target
+            raw[s]["features"] = set_features(cb.run, list(targets))
         if s == cfg.segmenters[0]:  # the per-case quality regressor's mean estimate per target (issue 17)
             raw[s]["quality_regressor"] = regressor_means(regressor, model, targets)
             # and on the calibration pairs' sets (development data), to choose its combination with SPE

@@ -8,7 +8,7 @@ from typing import Any
 from spe_lightning.data.folder import read_meta
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-__all__ = ["measure", "shift_targets", "targets_from", "selection_targets", "SELECTION_SEVERITY"]
+__all__ = ["measure", "set_features", "shift_targets", "targets_from", "selection_targets", "SELECTION_SEVERITY"]
 
 
 def measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
@@ -24,6 +24,22 @@ def measure(run: Any, model: Any, sets: dict[str, Any]) -> dict[str, Any]:
             "distance": rec.get("distance", {}).get(name),  # label-free, to the calibration set (engine/distance.py)
         }
         for name, data in sets.items()
+    }
+
+
+def set_features(run: Any, targets: list[str]) -> dict[str, Any]:
+    """The label-free item features (engine/distance.py) of the calibration set, the generic calibration pairs and
+    ``targets`` at their last evaluation, rounded for the JSON: what the nearest-set flag is scored from, with a
+    synthetic target's own shift family left out as its interval model leaves it out."""
+
+    def rows(f: Any) -> list[list[float]]:
+        return [[round(float(v), 6) for v in row] for row in f]
+
+    cal = run.calibration_features
+    return {
+        "calibration": None if cal is None else rows(cal),
+        "pairs": {n: rows(f) for n, f in run.pair_features().items()},
+        "targets": {n: rows(run.set_features[n]) for n in targets if n in run.set_features},
     }
 
 

@@ -290,3 +290,30 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     noise = res["metrics_by_target"]["noise_2"]["dice"]  # a selection target: no row for the second segmenter
     assert "spe" in noise and "spe_label_fusion:size=32,k=4" not in noise
     assert "spe_label_fusion:size=32,k=4" in res["metrics"]["dice"]
+    # the nearest-set flag is scored from stored features, each synthetic target without its own family's pairs
+    feats = raw["features"]
+    assert set(feats["pairs"]) == {p["name"] for p in generic} and set(feats["targets"]) == set(names)
+    rows = {t["name"]: t["spe"]["dice"] for t in res["targets"]}
+    assert all(rows[n].get("nearest_set_distance") is not None for n in names if rows[n].get("value") is not None)
+    flags = res["summary"]["dice"]["spe"]
+    assert flags["missed_and_flagged"] <= min(flags["missed"], flags["flagged"])
+
+
+def test_a_synthetic_targets_nearest_set_leaves_its_own_shift_family_out():
+    from spe_lightning.benchmarking.scoring import nearest_without_family
+
+    rng = np.random.default_rng(0)
+    cal = rng.normal(0, 1, (20, 3))
+    noise_pair = cal + [6.0, 0.0, 0.0]
+    target = rng.normal(0, 1, (15, 3)) + [6.0, 0.0, 0.0]  # looks like the noise pair only
+    feats = {"calibration": cal.tolist(), "pairs": {"noise_2": noise_pair.tolist()}, "targets": {"noise_3": target}}
+    like_its_pair = nearest_without_family(
+        {**feats, "pairs": {**feats["pairs"], "gamma_2": cal.tolist()}}, "noise_3", None
+    )
+    assert like_its_pair is not None and like_its_pair < 2.0
+    # its own family left out, only the calibration set is left and it is far from it
+    assert (
+        nearest_without_family({**feats, "pairs": {**feats["pairs"], "gamma_2": cal.tolist()}}, "noise_3", "noise_") > 2
+    )
+    assert nearest_without_family(feats, "noise_3", "noise_") is None  # no pair left: not measured
+    assert nearest_without_family(None, "noise_3", None) is None  # a run recorded before the features
