@@ -22,31 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _reference_model import train_reference_model
 
 
 def train(data: str, epochs: int, seed: int, ckpt: Path, lr: float = 1e-3) -> None:
     """Train the reference SegmentationModel on ``data/train`` (no SPE) and save its checkpoint."""
-    import lightning.pytorch as pl
-
-    from spe_lightning.data import FolderSegmentationDataModule
-    from spe_lightning.models import SegmentationModel
-
-    pl.seed_everything(seed)
-    dm = FolderSegmentationDataModule(data, class_index=1, image_size=128, batch_size=8, target_splits=[])
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
-    start = time.perf_counter()
-    trainer.fit(SegmentationModel(lr=lr), datamodule=dm)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(ckpt)
-    print(f"trained {epochs} epochs in {time.perf_counter() - start:.0f}s -> {ckpt}")
+    seconds = train_reference_model(data, ckpt, epochs, seed, lr=lr)
+    print(f"trained {epochs} epochs in {seconds:.0f}s -> {ckpt}")
 
 
 def build_estimator(data: str, segmenter: str = "label_fusion") -> Any:

@@ -16,6 +16,16 @@ level: the mean per-case estimate vs the real mean Dice on every synthetic shift
     python benchmarks/percase_quality.py --dataset busi             # -> results/percase_quality_busi.json
     python benchmarks/percase_quality.py --dataset jsrt             # -> results/percase_quality_jsrt.json
     python benchmarks/percase_quality.py --dataset busi --print     # tables of a saved result
+    python benchmarks/percase_quality.py --dataset jsrt --development --workdir /tmp/sites_cache \
+        --styling histogram_noise_blur                              # the per-case folds with another recipe
+
+**The restyling recipe's per-case side (written before either run).** Three development seeds prefer the recipe
+``histogram_noise_blur`` for the styled calibration score and the styled anchor (styling_dev.py,
+styled_anchor_dev.py); the per-target per-case maps are built from the same styled sets, so the recipe may
+change for both only if, on the per-case development folds of JSRT and of BUSI (``--development``, each recipe
+on the same cached model and regressor), ``histogram_noise_blur``'s chosen stack has a held-out MAE on the
+matched folds at most 0.005 above v1's, and its picked interval (at its fitted width factor) covers the
+mismatched and the content folds at most 0.02 below v1's.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _reference_model import train_reference_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 EARLY = (1, 2, 4, 8)
@@ -51,9 +62,6 @@ def train(root: Path, epochs: int, seed: int, out: Path) -> Path:
     """Train SegmentationModel on ``root/train`` once (as percase_busi.py), saving early-epoch weights too."""
     import lightning.pytorch as pl
 
-    from spe_lightning.data import FolderSegmentationDataModule
-    from spe_lightning.models import SegmentationModel
-
     ckpt = out / f"model_e{epochs}_s{seed}.ckpt"
     if ckpt.exists():
         return ckpt
@@ -65,20 +73,7 @@ def train(root: Path, epochs: int, seed: int, out: Path) -> Path:
                 torch.save(module.state_dict(), out / f"early_e{epoch}.pt")
 
     out.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(seed)
-    dm = FolderSegmentationDataModule(str(root), class_index=1, image_size=128, batch_size=8, target_splits=[])
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=[Early()],
-    )
-    trainer.fit(SegmentationModel(lr=1e-3), datamodule=dm)
-    trainer.save_checkpoint(ckpt)
+    train_reference_model(root, ckpt, epochs, seed, callbacks=[Early()])
     return ckpt
 
 
@@ -439,7 +434,11 @@ def main() -> None:
         "--development", action="store_true", help="per-case interval rules on development folds only (no target)"
     )
     p.add_argument("--threads", type=int, default=1 if os.getloadavg()[0] > 1.0 else 2)
+    p.add_argument("--styling", default="v1", help="the styled sets' recipe (SPEConfig.styling; default v1)")
     a = p.parse_args()
+    global STYLING
+    STYLING = a.styling
+    tag = "" if a.styling == "v1" else f"_{a.styling}"
     if a.show:
         print_tables(
             json.loads((Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}.json").read_text())
@@ -454,8 +453,8 @@ def main() -> None:
         return
     if a.development:
         dev = development_only(a.dataset, Path(a.workdir), a.epochs, a.setting, a.seed)
-        dev.update(threads=a.threads, load=os.getloadavg())
-        out = Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}_development.json"
+        dev.update(threads=a.threads, load=os.getloadavg(), styling=a.styling)
+        out = Path(__file__).resolve().parent / "results" / f"percase_quality_{a.dataset}_development{tag}.json"
         out.write_text(json.dumps(dev, indent=2))
         print(f"-> {out}")
         return
@@ -611,6 +610,10 @@ def opacify(image: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
     return image + OPACITY_STRENGTH * blob * (1 - image)
 
 
+#: the restyling recipe of the styled sets (``SPEConfig.styling``; ``--styling``)
+STYLING = "v1"
+
+
 def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, list[tuple[Any, Any, Any]]]:
     """Development folds (calibration data only): half A of the calibration split restyled like a shifted copy
     of half B (every shift family at SITE_SEVERITY). ``matched``: scored on that copy (the styling imitates
@@ -633,7 +636,8 @@ def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, list[tuple
                 [apply_shift(te["images"][i], fam, SITE_SEVERITY, seed=seed * 100_000 + 70_000 + i) for i in b]
             )
             held = case_signals(ctx, imgs_b, te["truth"][b], b)
-            sty, _ = styled_set(cached(te["images"][a], te["truth"][a], "cal_a"), cached(imgs_b, None, fam), seed + s)
+            cal_a = cached(te["images"][a], te["truth"][a], "cal_a")
+            sty, _ = styled_set(cal_a, cached(imgs_b, None, fam), seed + s, styling=STYLING)
             styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"][a], a)
             made[fam] = (styled, held)
             imgs_c = torch.stack(
@@ -648,7 +652,7 @@ def site_folds(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, list[tuple
                 ]
             )
             held_c = case_signals(ctx, imgs_c, te["truth"][b], b)
-            sty_c, _ = styled_set(cached(te["images"][a], te["truth"][a], "cal_a"), cached(imgs_c, None, fam), seed + s)
+            sty_c, _ = styled_set(cal_a, cached(imgs_c, None, fam), seed + s, styling=STYLING)
             folds["content"].append(
                 (cal.subset(a), case_signals(ctx, torch.stack(sty_c.inputs), te["truth"][a], a), held_c)
             )
@@ -780,7 +784,8 @@ def sites(ctx: dict[str, Any], reg: Any, empty_score: Any, seed: int, rule: list
     for name in [n for n in ctx["sets"] if n not in ("train", "test")]:
         t = ctx["sets"][name]
         tgt = case_signals(ctx, t["images"], t["truth"])
-        sty, style = styled_set(cached(te["images"], te["truth"], "calibration"), cached(t["images"], None, name), seed)
+        cal_all = cached(te["images"], te["truth"], "calibration")
+        sty, style = styled_set(cal_all, cached(t["images"], None, name), seed, styling=STYLING)
         styled = case_signals(ctx, torch.stack(sty.inputs), te["truth"], np.arange(len(te["real"])))
         conf = np.asarray(tgt.signals["confidence"])
         row: dict[str, Any] = {"style": {k: v for k, v in style.items() if k != "target_images"}}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _reference_model import train_reference_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,29 +51,8 @@ LEVEL = 0.9
 
 def train(root: Path, class_index: int, epochs: int, seed: int, ckpt: Path) -> None:
     """Train the reference SegmentationModel on ``root/train`` (as benchmarks/percase_busi.py, any class)."""
-    import lightning.pytorch as pl
-
-    from spe_lightning.data import FolderSegmentationDataModule
-    from spe_lightning.models import SegmentationModel
-
-    pl.seed_everything(seed)
-    dm = FolderSegmentationDataModule(
-        str(root), class_index=class_index, image_size=128, batch_size=8, target_splits=[]
-    )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(SegmentationModel(lr=1e-3), datamodule=dm)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(ckpt)
-    print(f"trained {epochs} epochs in {time.perf_counter() - start:.0f}s -> {ckpt}", flush=True)
+    seconds = train_reference_model(root, ckpt, epochs, seed, class_index=class_index)
+    print(f"trained {epochs} epochs in {seconds:.0f}s -> {ckpt}", flush=True)
 
 
 def collect(dataset: str, workdir: Path, seed: int) -> dict[str, Any]:
