@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         accelerator=a.accelerator,
         targets=tuple(parse_target(t) for t in a.target),
         select_every=getattr(a, "select_every", 0),
+        styling=a.styling,
     )
     res = (run_paper if a.which == "paper" else run_shift)(cfg, a.out)
     print_paper(res)
@@ -73,6 +74,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-references", type=int, default=None)
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--styling", default="v1", help="the target-styled sets' recipe (SPEConfig.styling)")
     p.add_argument(
         "--target",
         action="append",

@@ -43,6 +43,7 @@ class BenchmarkConfig:
     #: other sites as extra targets, ``(name, root)``: every split under the root, scored beside extra_test
     targets: tuple[tuple[str, str], ...] = ()
     select_every: int = 0  # shift: measure the selection targets at every k-th epoch (0: off)
+    styling: str = "v1"  # the target-styled sets' recipe (SPEConfig.styling); the recorded runs use the default
 
 
 def train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], dict[int, Any], float]:
@@ -63,6 +64,7 @@ def train(cfg: BenchmarkConfig) -> tuple[Any, Any, list[Any], dict[int, Any], fl
             support_size=cfg.support_size,
             max_references=cfg.max_references,
             seed=cfg.seed,
+            styling=cfg.styling,
             verbose=i == 0,
         )
         for i, s in enumerate(cfg.segmenters)

@@ -295,6 +295,7 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     assert set(feats["pairs"]) == {p["name"] for p in generic} and set(feats["targets"]) == set(names)
     rows = {t["name"]: t["spe"]["dice"] for t in res["targets"]}
     assert all(rows[n].get("nearest_set_distance") is not None for n in names if rows[n].get("value") is not None)
+    assert res["settings"]["styling"] == "v1"  # the recipe is part of the recorded settings
     flags = res["summary"]["dice"]["spe"]
     assert flags["missed_and_flagged"] <= min(flags["missed"], flags["flagged"])
 
