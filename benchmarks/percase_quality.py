@@ -26,6 +26,14 @@ change for both only if, on the per-case development folds of JSRT and of BUSI (
 on the same cached model and regressor), ``histogram_noise_blur``'s chosen stack has a held-out MAE on the
 matched folds at most 0.005 above v1's, and its picked interval (at its fitted width factor) covers the
 mismatched and the content folds at most 0.02 below v1's.
+
+**Result: refused on JSRT** (``percase_quality_jsrt_development{,_histogram_noise_blur}.json``, same model,
+regressor ``early_final`` and folds): the chosen stack (regressor + RCA both times) has held-out MAE 0.035 against
+v1's 0.026 (+0.009), and the product's interval (held-out, width factor 1.25) covers the mismatched folds 0.800
+against 0.957 and the content folds 0.540 against 0.917. The per-case maps need the styled cases to look like
+the target *and* keep their score-to-Dice relation; v1's Fourier swap keeps more of it. BUSI was not run: one
+failed dataset refuses the change. The recipe stays v1 for the per-case maps, and so (one recipe per run) for
+the styled score and anchor too.
 """
 
 from __future__ import annotations
