@@ -374,9 +374,9 @@ def anchored_estimate(
     leave-one-out residuals across checkpoints. With an interval model: ``distance`` (the target's
     label-free distance to the calibration set) beyond the pairs' largest widens the interval by their
     ratio and adds ``outside_calibrated_range``, which ``nearest`` (the target's nearest-set distance) beyond
-    :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT` also sets; ``span`` makes the interval include every
-    candidate move's estimate, the paper's ``G(p_t)`` and the styled anchor (``styled_anchor``, when the model holds the
-    target's styled pairs). ``bounds`` overrides the metric's range.
+    :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT` also sets (without widening); ``span`` makes the
+    interval include every candidate move's estimate, the paper's ``G(p_t)`` and the styled anchor
+    (``styled_anchor``, when the model holds the target's styled pairs). ``bounds`` overrides the metric's range.
     """
     none: dict[str, float | None] = {"value": None, "lower": None, "upper": None}
     if g is None or pseudo_target is None or pseudo_calibration is None or real_calibration is None:
@@ -442,8 +442,8 @@ def estimate(
     ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
     anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
     the target's label-free distance to the calibration set, ``nearest`` its nearest-set distance;
-    ``bounds``: the metric's range when it
-    differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
+    ``bounds``: the metric's range when it differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95:
+    up to the image diagonal).
 
     A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable=False``
     and the ``reason``; the numbers it would have said stay under ``withheld``.
