@@ -17,11 +17,18 @@ __all__ = ["SETTING_NAMES", "find_moved_settings", "resolve_settings"]
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SPEConfig))
 
 
+#: SPECallback's own keyword arguments (the data and hooks), which a misspelt setting may have meant
+CALLBACK_ARGUMENTS = ("reference", "calibration", "target", "logits_fn", "on_alert", "log_dir")
+
+
 def _unknown_settings(names: list[str]) -> str:
     hints = []
     for name in names:
-        close = difflib.get_close_matches(name, SETTING_NAMES, n=1)
-        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        close = difflib.get_close_matches(name, (*CALLBACK_ARGUMENTS, *SETTING_NAMES), n=1)
+        if close and close[0] in CALLBACK_ARGUMENTS:  # e.g. targets= for target=: the keyword argument, not a setting
+            hints.append(f"{name!r} (did you mean the argument {close[0]}=...?)")
+        else:
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return (
         f"SPECallback: unknown setting(s) {', '.join(hints)}; the settings are SPEConfig's fields "
         f"(docs/settings.md): {', '.join(SETTING_NAMES)}."

@@ -333,6 +333,7 @@ def test_settings_come_from_a_config_with_overrides_by_name():
     "args, kwargs, error, match",
     [
         ((), {"suport_size": 8}, TypeError, r"unknown setting\(s\) 'suport_size' \(did you mean 'support_size'\?\)"),
+        ((), {"targets": {}}, TypeError, r"'targets' \(did you mean the argument target=\.\.\.\?\)"),
         ((), {"segmenter": 3}, TypeError, "segmenter must be a name or a ReverseSegmenter"),
         (("every_n_epochs=2",), {}, TypeError, "config must be an SPEConfig"),
         (({"every_n_epoch": 2},), {}, ValueError, "every_n_epoch"),
