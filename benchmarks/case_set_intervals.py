@@ -116,6 +116,7 @@ def run(task: str, seed: int, workdir: Path, styling: str | None = None) -> dict
                 "distance": dice.distance,
                 "pairs_distance": dice.pairs_distance,
                 "outside_calibrated_range": dice.outside_calibrated_range,
+                "nearest_set_distance": dice.nearest_set_distance,
             },
             "reach": reach,
             "cases_only": score_rows(list(res.cases)),

@@ -59,6 +59,8 @@ def run_seed(seed: int, root: Path) -> dict[str, Any]:
                 "lower": e.get("lower"),
                 "upper": e.get("upper"),
                 "true": (report.get("true") or {}).get(t, {}).get(m),
+                "outside_calibrated_range": e.get("outside_calibrated_range"),
+                "nearest_set_distance": e.get("nearest_set_distance"),
             }
             for m, e in est.items()
         }
