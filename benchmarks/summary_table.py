@@ -176,6 +176,9 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
             first = " / ".join(map(str, firsts))
             lines.append(f"| {meth} | {label} | {cov} | {width} | {site_cell} | {now} — {first} |")
 
+    flags = flag_table(data)
+    lines += ["", flags] if flags else []
+
     # i.i.d.: extra_test over the recorded checkpoints (paper protocol)
     head = [f"{label}: Dice MAE, checkpoints scored" for label in data]
     lines += ["", "| method (extra_test, every checkpoint) | " + " | ".join(head) + " |"]
@@ -193,6 +196,33 @@ def tables(data: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
     lines += ["", all_signals_table(data)]
     return "\n".join(lines)
+
+
+def flag_table(data: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: how often SPE's Dice flag "outside the calibrated range" fired on the shifted targets (each
+    without its own shift family's pairs) and on how many of the intervals that missed; which rule each run had."""
+    lines = [
+        "| dataset | seed | flag rule | flagged / targets | intervals that missed the truth | of those, flagged | "
+        "another site flagged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in data.items():
+        for r in runs:
+            s = r["summary"]["dice"].get("spe") or {}
+            if "flagged" not in s:
+                continue
+            first = next(iter(r["shift_raw"].values()))
+            rule = "nearest set + farthest pair" if first.get("features") else "farthest pair"
+            sites = []
+            for site in r.get("sites", {}):
+                row = next(t for t in r["targets"] if t["name"] == site)
+                flag = (row.get("spe", {}).get("dice") or {}).get("outside_calibrated_range")
+                sites.append(f"{site}: {'yes' if flag else 'no' if flag is not None else 'n/a'}")
+            lines.append(
+                f"| {label} | {r['seed']} | {rule} | {s['flagged']} / {s['n']} | {s['missed']} | "
+                f"{s['missed_and_flagged']} | {', '.join(sites)} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def all_signals_table(data: dict[str, list[dict[str, Any]]]) -> str:
