@@ -122,6 +122,21 @@ def _slices(depth: int, mask: Tensor | None, mode: str, max_slices: int | None) 
     return zs
 
 
+#: key names that usually hold a segmentation mask in dict items (MONAI and other pipelines)
+MASK_KEY_WORDS = ("label", "mask", "seg", "gt", "target", "annotation")
+
+
+def _label_key_hint(item: dict, image_key: str) -> str:
+    """A fix to suggest when dict items hold their mask under another key: ``label_key=<that key>``."""
+    found = [str(k) for k in item if k != image_key and any(w in str(k).lower() for w in MASK_KEY_WORDS)]
+    if len(found) != 1:
+        return ""
+    return (
+        f" If {found[0]!r} holds the mask, set label_key={found[0]!r} "
+        f"(SPECallback(label_key={found[0]!r}) or SPEConfig(label_key={found[0]!r}))."
+    )
+
+
 def cache_dataset(
     name: str,
     dataset: SizedDataset,
@@ -195,8 +210,9 @@ def cache_dataset(
     if require_masks and not has_mask:
         first = dataset[idx[0]] if idx else None
         keys = f" (its items have the keys {sorted(map(str, first))})" if isinstance(first, dict) else ""
+        hint = _label_key_hint(first, image_key) if isinstance(first, dict) else ""
         raise ValueError(
-            f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key{keys}."
+            f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key{keys}.{hint}"
         )
     g = flat if flat is not None else torch.cat(gray) if gray else torch.zeros(0, 1, *size)
     return CachedSet(name, inputs, masks if has_mask else None, g, idx, units)

@@ -20,6 +20,21 @@ def test_unlabelled_reference_or_reference_without_foreground_fails_in_setup():
         tiny_spe(foreground_class=7).run.prepare(ref, cal, tgt)
 
 
+def test_dict_items_with_the_mask_under_another_key_are_told_which_label_key_to_set():
+    class MaskKey(Dataset):  # MONAI-style dicts whose mask is under "mask"
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            it = Blobs(3, seed=1)[i]
+            return {"image": it["image"], "mask": it["label"]}
+
+    with pytest.raises(ValueError, match=r"set label_key='mask' \(SPECallback\(label_key='mask'\)"):
+        cache_dataset("reference", MaskKey(), 32, require_masks=True)
+    data = cache_dataset("reference", MaskKey(), 32, label_key="mask", require_masks=True)  # the fix works
+    assert data.masks is not None and len(data.masks) == 3
+
+
 def test_image_and_mask_of_different_size_fail_in_setup_naming_the_item():
     class Cropped(Dataset):
         def __len__(self):
