@@ -210,6 +210,11 @@ class EstimatorBase:
     # ------------------------------------------------------------------ shared steps
     def cache(self, images: Any, name: str = "target", image_key: str = "image", label_key: str = "label") -> CachedSet:
         """``images`` read once at this estimator's settings (for :meth:`estimate` and :meth:`estimate_chunks`)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"name must be the set's name, a non-empty str (default 'target'; a run target's name reuses its "
+                f"in-training interval model), got {name!r}."
+            )
         if isinstance(images, CachedSet):
             return images
         if isinstance(images, Tensor) and images.ndim == 3:

@@ -42,6 +42,13 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
     res = est.estimate(model, images, per_case=False)
     assert res.estimates["dice"].value == pytest.approx(cb.report.estimates["target"]["dice"].value, abs=1e-6)
     assert res.true is None and res.cases == []
+    # the same checks of every field of the in-training estimate hold for the nearest-set distance and flag
+    again = est.estimate(model, dm.targets["target_noisy"], name="target_noisy", per_case=False).estimates["dice"]
+    want = cb.report.estimates["target_noisy"]["dice"]
+    assert again.nearest_set_distance == pytest.approx(want.nearest_set_distance, abs=1e-9)
+    assert again.outside_calibrated_range == want.outside_calibrated_range
+    with pytest.raises(TypeError, match="name must be the set's name, a non-empty str"):
+        est.estimate(model, images, name=None, per_case=False)  # a newcomer's "no name": said, not an AttributeError
 
 
 def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
