@@ -208,8 +208,11 @@ class EstimatorBase:
         return self._scorer
 
     # ------------------------------------------------------------------ shared steps
-    def cache(self, images: Any, name: str = "target", image_key: str = "image", label_key: str = "label") -> CachedSet:
-        """``images`` read once at this estimator's settings (for :meth:`estimate` and :meth:`estimate_chunks`)."""
+    def cache(
+        self, images: Any, name: str = "target", image_key: str | None = None, label_key: str | None = None
+    ) -> CachedSet:
+        """``images`` read once at this estimator's settings (for :meth:`estimate` and :meth:`estimate_chunks`);
+        dict items are read with ``image_key``/``label_key``, by default the run's (``SPEConfig.image_key``...)."""
         if not isinstance(name, str) or not name:
             raise TypeError(
                 f"name must be the set's name, a non-empty str (default 'target'; a run target's name reuses its "
@@ -219,9 +222,11 @@ class EstimatorBase:
             return images
         if isinstance(images, Tensor) and images.ndim == 3:
             images = images[:, None]
-        # the keys of dict items are per call here (estimate(..., image_key=, label_key=))
-        kwargs = {k: v for k, v in self.config.cache_kwargs().items() if k not in ("image_key", "label_key")}
-        return cache_dataset(name, images, image_key=image_key, label_key=label_key, **kwargs)
+        # the keys of dict items may be given per call (estimate(..., image_key=, label_key=)); else the run's
+        kwargs = self.config.cache_kwargs()
+        kwargs["image_key"] = image_key or kwargs["image_key"]
+        kwargs["label_key"] = label_key or kwargs["label_key"]
+        return cache_dataset(name, images, **kwargs)
 
     def predict(
         self, model: nn.Module, data: CachedSet, device: torch.device, logits_fn: LogitsFn
@@ -315,15 +320,18 @@ class EstimatorBase:
         """A new estimator of ``fitted`` (same class and download policy; the segmenter instance is kept)."""
         return type(self)(fitted, segmenter=self._segmenter, scorer=scorer, allow_download=self.allow_download)
 
-    def with_reference_dataset(self, dataset: SizedDataset, image_key: str = "image", label_key: str = "label") -> Any:
+    def with_reference_dataset(
+        self, dataset: SizedDataset, image_key: str | None = None, label_key: str | None = None
+    ) -> Any:
         """A new estimator with the references re-read from the dataset they came from (the stored indices
-        pick them): for a file saved with ``embed_reference=False``."""
-        kwargs = {k: v for k, v in self.config.cache_kwargs().items() if k not in ("image_key", "label_key")}
+        pick them): for a file saved with ``embed_reference=False``; dict items read with the run's keys unless
+        ``image_key``/``label_key`` are given."""
+        kwargs = self.config.cache_kwargs()
+        kwargs["image_key"] = image_key or kwargs["image_key"]
+        kwargs["label_key"] = label_key or kwargs["label_key"]
         ref = cache_dataset(
             "reference",
             dataset,
-            image_key=image_key,
-            label_key=label_key,
             indices=sorted(set(self.fitted.reference_indices)) or None,
             require_masks=True,
             slices="foreground",

@@ -124,8 +124,8 @@ class SPEEstimator(EstimatorBase):
         images: Any,
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
-        image_key: str = "image",
-        label_key: str = "label",
+        image_key: str | None = None,
+        label_key: str | None = None,
     ) -> dict[str, Any]:
         """Compare ``images`` with the images the estimator was fitted on, before estimating.
 
@@ -169,8 +169,8 @@ class SPEEstimator(EstimatorBase):
         ids: Sequence[str] | None = None,
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
-        image_key: str = "image",
-        label_key: str = "label",
+        image_key: str | None = None,
+        label_key: str | None = None,
         progress: Callable[[int], Any] | None = None,
         labelled_masks: Mapping[str | int, Tensor] | None = None,
         label_design: Mapping[str, Any] | None = None,
@@ -187,7 +187,7 @@ class SPEEstimator(EstimatorBase):
             ids: one id per image for the per-case rows (default: positions).
             logits_fn: ``fn(model, images) -> logits`` as given to the callback.
             device: where to run (default: the model's device).
-            image_key, label_key: keys of dict items.
+            image_key, label_key: keys of dict items (default: the run's, ``SPEConfig.image_key``/``label_key``).
             progress: called with the number of finished cases (e.g. ``tqdm.update``).
             labelled_masks: masks of some of the cases (``{case id or position: mask}``, binary, at the
                 image's size): ``result.labelled`` then holds the prediction-powered estimate of Dice, IoU,
@@ -256,8 +256,8 @@ class SPEEstimator(EstimatorBase):
         masks: Sequence[Tensor] | None = None,
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
-        image_key: str = "image",
-        label_key: str = "label",
+        image_key: str | None = None,
+        label_key: str | None = None,
         alert_below: Mapping[str, float] | None = None,
         alert_above: Mapping[str, float] | None = None,
         alert_on: str | None = None,

@@ -199,11 +199,14 @@ def test_the_quality_regressor_reads_the_runs_own_item_keys():
     torch.manual_seed(0)
     ref, cal = Keyed(SyntheticShapesDataset(12, 32, seed=1)), Keyed(SyntheticShapesDataset(10, 32, seed=2))
     config = SPEConfig(metrics=("dice",), working_size=32, image_key="img", label_key="seg")
-    bare = SPEEstimator(FittedSPE(config, make_segmenter("label_fusion").spec())).with_reference_dataset(
-        ref, "img", "seg"
-    )
+    bare = SPEEstimator(FittedSPE(config, make_segmenter("label_fusion").spec())).with_reference_dataset(ref)
+    assert bare.fitted.reference_masks.shape[0] == len(ref)  # the run's keys by default: the masks were found
     est = with_case_scorer(bare, _Threshold(), RegressorScorer(QualitySettings(epochs=1)), cal, ref)
     assert est.quality is not None and est.quality["calibration"]["n_cases"] == len(cal)
+    # so does the estimate: the truth is read from "seg" without saying so again
+    res = est.estimate(_Threshold(), cal, per_case=False)
+    assert res.true is not None and 0.0 <= res.true["dice"] <= 1.0
+    assert est.estimate(_Threshold(), cal, per_case=False, label_key="nothing").true is None  # a per-call override
 
 
 def test_callback_fits_the_quality_regressor_into_the_estimator(quality_fitted):
