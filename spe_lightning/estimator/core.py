@@ -84,7 +84,10 @@ class SPEEstimator(EstimatorBase):
         estimates = self.estimate_from_pseudo(
             pseudo["values"], pseudo["reason"], distance, self.bounds(data), target, nearest=nearest
         )
-        return estimates, pseudo, engine.real(data, masks)
+        real = engine.real(data, masks)
+        if real:  # a set that came with masks: the truth beside each estimate, as in the run's report
+            estimates = {k: e.with_true(real.get(k)) for k, e in estimates.items()}
+        return estimates, pseudo, real
 
     def _case_rows(
         self,

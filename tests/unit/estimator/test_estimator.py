@@ -33,8 +33,9 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
             assert isinstance(got, Estimate) and isinstance(expected, Estimate) and expected.value is not None
             for key in ("value", "lower", "upper", "pseudo"):
                 assert getattr(got, key) == pytest.approx(getattr(expected, key), abs=1e-6), (name, metric, key)
-        # the targets have masks: reported as the truth, like the callback does
+        # the targets have masks: reported as the truth, like the callback does, and beside each estimate
         assert res.true["dice"] == pytest.approx(cb.report.true[name]["dice"], abs=1e-6)
+        assert res.estimates["dice"].true == pytest.approx(cb.report.estimates[name]["dice"].true, abs=1e-6)
         assert len(res.cases) == len(dm.targets[name]) and all(isinstance(c, CaseRow) for c in res.cases)
         assert res.to_dict()["estimates"] == {k: e.to_dict() for k, e in res.estimates.items()}
     # a tensor of images works as well as a dataset (same numbers, no masks -> no truth)
