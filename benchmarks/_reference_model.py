@@ -26,21 +26,14 @@ def train_reference_model(
 
     from spe_lightning.data import FolderSegmentationDataModule
     from spe_lightning.models import SegmentationModel
+    from spe_lightning.testing import tiny_trainer
 
     pl.seed_everything(seed)
     dm = FolderSegmentationDataModule(
         str(root), class_index=class_index, image_size=128, batch_size=8, target_splits=[]
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=list(callbacks),
-    )
+    # the Trainer of every benchmark (no logger, checkpointing or progress bar); Lightning's default sanity check
+    trainer = tiny_trainer(ckpt.parent, epochs, list(callbacks), num_sanity_val_steps=2)
     start = time.perf_counter()
     trainer.fit(SegmentationModel(lr=lr), datamodule=dm)
     ckpt.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from spe_lightning import SPECallback
 from spe_lightning.data import FolderSegmentationDataModule, SyntheticShapesDataModule
 from spe_lightning.models import SegmentationModel
 from spe_lightning.reverse import segmenter_from_text
+from spe_lightning.testing import tiny_trainer
 
 
 def _value(text: str) -> Any:
@@ -47,17 +48,7 @@ def fit(task: str, data: Any, make_model: Any, epochs: int, spe_kwargs: dict[str
     if isinstance(spe_kwargs.get("segmenter"), str) and ":" in spe_kwargs["segmenter"]:
         spe_kwargs["segmenter"] = segmenter_from_text(spe_kwargs["segmenter"])  # a fresh, unfitted instance per run
     spe = SPECallback(verbose=False, **spe_kwargs)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[spe],
-        default_root_dir=f"/tmp/spe_cost/{task}",
-    )
+    trainer = tiny_trainer(f"/tmp/spe_cost/{task}", epochs, [spe], num_sanity_val_steps=2)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     total = time.perf_counter() - start
