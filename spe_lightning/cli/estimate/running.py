@@ -143,6 +143,7 @@ def read_inputs(
     recorder: RecordingDataset | None = None
     ids: list[str] = []
     sources: list[str] = []
+    keys: tuple[str | None, str | None] = (None, None)  # --dataset's items: the run's own keys
     if a.dataset is not None:
         if a.transform is not None or a.masks is not None:
             raise ValueError(
@@ -164,7 +165,8 @@ def read_inputs(
                 raise ValueError("--masks: only for binary estimators.")
             masks = read_masks(a.masks, sources, size, est.config.foreground_class, opts.resize)
             items = [{"image": i, "label": m} for i, m in zip(images, masks)]
-    data = est.cache(items, a.name)
+            keys = ("image", "label")  # the items made here, whatever keys the run's own dataset used
+    data = est.cache(items, a.name, *keys)
     if recorder is not None:
         ids = sources = recorder.item_ids()
     return data, ids, sources

@@ -110,10 +110,12 @@ def test_estimate_chunks_one_chunk_equals_estimate_and_alerts_per_chunk(fitted):
         est.estimate_chunks(model, tgt, [[0, 99]])
 
 
-def test_cli_chunk_by_column_writes_chunks_csv_and_plot(fitted, tmp_path, capsys):
+@pytest.mark.parametrize("run_label_key", ["label", "mask"])
+def test_cli_chunk_by_column_writes_chunks_csv_and_plot(fitted, tmp_path, capsys, run_label_key):
     est, _, ckpt, tgt = fitted
     path = tmp_path / "spe_estimator.pt"
-    est.save(path)
+    # "mask": a run whose own dataset kept its masks under another key; --masks must still report the truth
+    est.with_fitted(est.fitted.replace(config=est.config.replace(label_key=run_label_key))).save(path)
     images = tmp_path / "site" / "test" / "images"
     masks = images.parent / "masks"
     images.mkdir(parents=True)
