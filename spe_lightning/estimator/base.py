@@ -222,11 +222,15 @@ class EstimatorBase:
             return images
         if isinstance(images, Tensor) and images.ndim == 3:
             images = images[:, None]
-        # the keys of dict items may be given per call (estimate(..., image_key=, label_key=)); else the run's
+        return cache_dataset(name, images, **self._read_kwargs(image_key, label_key))
+
+    def _read_kwargs(self, image_key: str | None, label_key: str | None) -> dict[str, Any]:
+        """:func:`cache_dataset`'s settings of this run; dict items' keys given per call (``estimate(...,
+        image_key=, label_key=)``) replace the run's own."""
         kwargs = self.config.cache_kwargs()
         kwargs["image_key"] = image_key or kwargs["image_key"]
         kwargs["label_key"] = label_key or kwargs["label_key"]
-        return cache_dataset(name, images, **kwargs)
+        return kwargs
 
     def predict(
         self, model: nn.Module, data: CachedSet, device: torch.device, logits_fn: LogitsFn
@@ -326,9 +330,6 @@ class EstimatorBase:
         """A new estimator with the references re-read from the dataset they came from (the stored indices
         pick them): for a file saved with ``embed_reference=False``; dict items read with the run's keys unless
         ``image_key``/``label_key`` are given."""
-        kwargs = self.config.cache_kwargs()
-        kwargs["image_key"] = image_key or kwargs["image_key"]
-        kwargs["label_key"] = label_key or kwargs["label_key"]
         ref = cache_dataset(
             "reference",
             dataset,
@@ -336,7 +337,7 @@ class EstimatorBase:
             require_masks=True,
             slices="foreground",
             keep_inputs=False,
-            **kwargs,
+            **self._read_kwargs(image_key, label_key),
         )
         size = tuple(ref.gray.shape[-2:])
         masks = torch.cat([resize_labels(ref.unit_mask(r)[None], size) for r in range(len(ref.units))])

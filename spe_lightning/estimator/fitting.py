@@ -113,11 +113,9 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
             "calibration_real": dict(outcome.calibration_real),
         }
         if outcome.calibration_features is not None:  # label-free features for the extrapolation flag
-            anchor["calibration_features"] = [[float(v) for v in row] for row in outcome.calibration_features]
+            anchor["calibration_features"] = np.asarray(outcome.calibration_features, float).tolist()
             if outcome.pair_features:  # the calibrated sets a new set may look like (nearest-set distance)
-                anchor["pair_features"] = {
-                    name: [[float(v) for v in row] for row in f] for name, f in outcome.pair_features.items()
-                }
+                anchor["pair_features"] = {n: np.asarray(f, float).tolist() for n, f in outcome.pair_features.items()}
     seg = outcome.segmenter
     return FittedSPE(
         outcome.config,

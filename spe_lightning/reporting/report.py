@@ -73,22 +73,22 @@ def report_scalars(report: SPEReport | Mapping[str, Any]) -> dict[str, float]:
             flat[f"spe/final_estimate/{t}/{m}"] = e.value
             if e.reliable is not None:
                 flat[f"spe/reliable/{t}/{m}"] = float(e.reliable)
-        outside, distance = _range_flag(per_metric)
+        outside, distance, nearest = _range_flag(per_metric)
         if outside is not None:
             flat[f"spe/outside_calibrated_range/{t}"] = float(outside)
         flat[f"spe/distance/{t}"] = distance
-        flat[f"spe/nearest_set_distance/{t}"] = next(
-            (e.nearest_set_distance for e in per_metric.values() if e.nearest_set_distance is not None), None
-        )
+        flat[f"spe/nearest_set_distance/{t}"] = nearest
     return _finite(flat)
 
 
-def _range_flag(per_metric: Mapping[str, Estimate]) -> tuple[bool | None, float | None]:
-    """A target's ``(outside_calibrated_range, distance)``: outside when any key's interval model says so."""
+def _range_flag(per_metric: Mapping[str, Estimate]) -> tuple[bool | None, float | None, float | None]:
+    """A target's ``(outside_calibrated_range, distance, nearest_set_distance)``: outside when any key's interval
+    model says so; the distances are the target's, the same for every key that measured them."""
     flags = [e.outside_calibrated_range for e in per_metric.values()]
     known = [f for f in flags if f is not None]
     distance = next((e.distance for e in per_metric.values() if e.distance is not None), None)
-    return (any(known) if known else None), distance
+    nearest = next((e.nearest_set_distance for e in per_metric.values() if e.nearest_set_distance is not None), None)
+    return (any(known) if known else None), distance, nearest
 
 
 def by_checkpoint_scalars(report: SPEReport | Mapping[str, Any], i: int) -> dict[str, float]:
@@ -227,7 +227,7 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     a metric is unreliable."""
     lines = []
     for t, per_metric in estimates.items():
-        outside, distance = _range_flag(per_metric)
+        outside, distance, near = _range_flag(per_metric)
         if outside and any(e.widened_by_distance for e in per_metric.values()):
             reach = next((e.pairs_distance for e in per_metric.values() if e.pairs_distance), None)
             lines.append(
@@ -235,7 +235,6 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
             )
         elif outside:
-            near = next((e.nearest_set_distance for e in per_metric.values() if e.nearest_set_distance), None)
             lines.append(
                 f"{t}: outside the calibrated range: it looks like none of the calibrated sets (distance "
                 f"{_fmt(near, 2)} to the nearest of the calibration set and its pairs, where about 1 is as alike as "
