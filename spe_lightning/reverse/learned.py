@@ -91,6 +91,9 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             (``width=32, dim=16, downsample=2, coords=True``).
         adapt_steps: optimisation steps of the adaptation with ``pretrained`` (0: use the weights as they are).
         adapt_lr: Adam learning rate of the adaptation.
+        adapt_layers: with ``pretrained``, only the encoder's last ``adapt_layers`` convolutions adapt and the
+            earlier ones keep the pretrained weights (0: all adapt). The backward pass then stops at the first
+            adapted layer, which is most of a step's cost.
         weights: with ``pretrained``, a weights file written by ``scripts/pretrain_reverse.py`` to start from
             instead of the shipped one (None: the shipped file); its header is checked, its SHA-256 keys the fit.
         seed: seed of the weight initialisation, the episode order and the augmentation.
@@ -127,6 +130,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         pretrained: bool = False,
         adapt_steps: int = 100,
         adapt_lr: float = 3e-3,
+        adapt_layers: int = 0,
         weights: str | None = None,
         seed: int = 0,
         chunk_size: int = 8,
@@ -151,6 +155,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         check_pretrained_settings(pretrained, adapt_steps, adapt_lr, weights, **arch)
         self.pretrained, self.adapt_steps, self.adapt_lr = bool(pretrained), int(adapt_steps), float(adapt_lr)
         self.weights = None if weights is None else str(weights)
+        self.adapt_layers = self._check_adapt_layers(adapt_layers)
         self.encoder: PropagationEncoder | None = None
         # SPE segments the same images at every checkpoint (references, calibration and target sets; only the
         # model's masks change), so features are memoised by image content: later evaluations skip the encoder
@@ -166,7 +171,10 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     )
 
     def spec(self) -> dict[str, Any]:
-        extra = {} if self.weights is None else {"weights": self.weights}  # only when set: other specs unchanged
+        # only when set: the specs (and fit-cache keys) of every earlier setting stay unchanged
+        extra: dict[str, Any] = {} if self.weights is None else {"weights": self.weights}
+        if self.adapt_layers:
+            extra["adapt_layers"] = self.adapt_layers
         return {**super().spec(), **{k: getattr(self, k) for k in self.SETTINGS}, **extra}
 
     #: supports per set when ``support_size`` is None: every image of most sets. Each query meets only
@@ -192,6 +200,17 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     @property
     def is_fitted(self) -> bool:
         return self.encoder is not None
+
+    def _check_adapt_layers(self, adapt_layers: object) -> int:
+        convs = 2 + self.downsample + 3  # PropagationEncoder: first, stride-2, three dilated, the 1x1 projection
+        if isinstance(adapt_layers, bool) or not isinstance(adapt_layers, int) or not 0 <= adapt_layers <= convs:
+            raise ValueError(f"adapt_layers must be an int from 0 (all) to {convs} (convolutions), got {adapt_layers!r}.")
+        if adapt_layers and not self.pretrained:
+            raise ValueError(
+                f"adapt_layers={adapt_layers} freezes the other layers at their pretrained weights: it needs "
+                "pretrained=True (a fit from scratch trains every layer)."
+            )
+        return adapt_layers
 
     def new_encoder(self) -> PropagationEncoder:
         """A freshly initialised encoder of this segmenter's architecture (seeded by ``seed``)."""
@@ -285,7 +304,22 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         g = torch.Generator().manual_seed(self.seed + 1)
         lr = self.adapt_lr if self.pretrained else self.lr
         episodes = self._reference_episodes(x, lab, g)
-        self.encoder = self.train_encoder(enc.to(dev), episodes, self.fit_steps, lr, g, progress)
+        frozen = self._frozen_layers(enc)
+        for p in frozen:  # no gradient, so the backward pass ends at the first adapted layer
+            p.requires_grad_(False)
+        try:
+            self.encoder = self.train_encoder(enc.to(dev), episodes, self.fit_steps, lr, g, progress)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _frozen_layers(self, enc: PropagationEncoder) -> list[Tensor]:
+        """The parameters an adaptation keeps at their pretrained values (all but the last ``adapt_layers``
+        convolutions; none when every layer adapts)."""
+        if not (self.pretrained and self.adapt_layers):
+            return []
+        convs = [m for m in enc.net if isinstance(m, torch.nn.Conv2d)]
+        return [p for m in convs[: len(convs) - self.adapt_layers] for p in m.parameters()]
 
     def _reference_episodes(self, x: Tensor, lab: Tensor, g: torch.Generator) -> Episodes:
         """Endless episode batches from references ``x`` and label images ``lab`` (drawn from ``g``)."""

@@ -138,6 +138,38 @@ def test_fit_cache_key_tells_scratch_from_adapted_and_follows_the_weights(monkey
     assert key(LearnedPropagationSegmenter(pretrained=True)) != before
 
 
+def test_adapting_only_the_last_layers_keeps_the_earlier_ones_pretrained():
+    torch.set_num_threads(1)
+    img, msk = _phantoms(8, seed=6)
+    start = pretrained.load_pretrained()
+    seg = LearnedPropagationSegmenter(pretrained=True, adapt_steps=3, adapt_layers=2, **FAST)
+    seg.fit(img, msk)
+    state = seg.state_tensors()
+    convs = sorted({k.rsplit(".", 1)[0] for k in start}, key=lambda k: int(k.split(".")[1]))
+    assert len(convs) == 7
+    for name in convs[:-2]:  # frozen: bit for bit the pretrained weights
+        assert all(torch.equal(state[f"{name}.{p}"], start[f"{name}.{p}"]) for p in ("weight", "bias")), name
+    for name in convs[-2:]:  # adapted
+        assert not torch.equal(state[f"{name}.weight"], start[f"{name}.weight"]), name
+    assert all(p.requires_grad for p in seg.encoder.parameters())  # the freeze ends with the fit
+    every = LearnedPropagationSegmenter(pretrained=True, adapt_steps=3, **FAST)
+    every.fit(img, msk)
+    first = convs[0]
+    assert not torch.equal(every.state_tensors()[f"{first}.weight"], start[f"{first}.weight"])
+
+
+def test_adapt_layers_is_checked_and_keys_the_fit_only_when_set():
+    assert "adapt_layers" not in LearnedPropagationSegmenter(pretrained=True).spec()  # earlier keys unchanged
+    two = LearnedPropagationSegmenter(pretrained=True, adapt_layers=2)
+    assert two.fit_spec()["adapt_layers"] == 2
+    assert two.fit_spec() != LearnedPropagationSegmenter(pretrained=True).fit_spec()
+    assert base.segmenter_from_text("learned_propagation:pretrained=true,adapt_layers=3").adapt_layers == 3
+    with pytest.raises(ValueError, match="needs pretrained=True"):
+        LearnedPropagationSegmenter(adapt_layers=2)
+    with pytest.raises(ValueError, match="from 0 .all. to 7"):
+        LearnedPropagationSegmenter(pretrained=True, adapt_layers=8)
+
+
 def test_the_spec_string_parses_booleans():
     seg = base.segmenter_from_text("learned_propagation:pretrained=false,adapt_steps=20")
     assert seg.pretrained is False and seg.adapt_steps == 20
