@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
-from spe_lightning.data.adapters import split_item
+from spe_lightning.data.adapters import require_map_dataset, require_targets, split_item
 from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
 from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
 from spe_lightning.engine.distance import diagonal
@@ -162,6 +162,9 @@ class SPERun(RunSteps):
         self, reference: SizedDataset, calibration: SizedDataset, target: SizedDataset | Mapping[str, SizedDataset]
     ) -> None:
         """Read the datasets and build the segmenter and engine; every input problem is raised here."""
+        for name, data in (("reference", reference), (CALIBRATION, calibration)):
+            require_map_dataset(name, data)
+        require_targets(target)
         if self.config.working_size is None:
             self.config = self.config.replace(working_size=auto_working_size(calibration, self.config))
         c = self.config

@@ -8,6 +8,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from torch import Tensor
 
 __all__ = [
@@ -42,6 +43,32 @@ def split_item(
 def split_item(
     item: Any, image_key: str = ..., label_key: str = ..., *, require_label: bool = ...
 ) -> tuple[Tensor, Tensor | None]: ...
+def require_map_dataset(name: str, dataset: Any) -> None:
+    """Raise a ``TypeError`` that names the set and the fix unless ``dataset`` is map-style (``len()`` and ``[i]``):
+    a ``DataLoader`` (its batches are not items) or an iterable-style dataset is refused."""
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        raise TypeError(
+            f"SPE {name}: got a DataLoader; pass its dataset instead ({name}=loader.dataset). SPE reads the items "
+            "one at a time and batches them itself."
+        )
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(
+            f"SPE {name}: needs a map-style dataset (len() and dataset[i]), got {type(dataset).__name__}; "
+            "collect the items of an iterable dataset or generator in a list first."
+        )
+
+
+def require_targets(target: Any) -> None:
+    """Raise a ``TypeError`` for a list or tuple of datasets given where one dataset or a dict of them is expected."""
+    if isinstance(target, (list, tuple)) and target:
+        first = target[0]
+        if isinstance(first, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+            raise TypeError(
+                f"SPE target: got a {type(target).__name__} of {len(target)} datasets; give one dataset or a dict "
+                "that names each, e.g. target={'site_a': ds_a, 'site_b': ds_b}."
+            )
+
+
 def split_item(
     item: Any, image_key: str = "image", label_key: str = "label", *, require_label: bool = False
 ) -> tuple[Tensor, Tensor | None]:

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spe_lightning.data.adapters import binarize_mask, encode_labels, resize_images, split_item, to_gray01
+from spe_lightning.data.adapters import (
+    binarize_mask,
+    encode_labels,
+    require_map_dataset,
+    resize_images,
+    split_item,
+    to_gray01,
+)
 
 __all__ = ["CachedSet", "SLICE_MODES", "SizedDataset", "cache_dataset"]
 
@@ -164,6 +171,7 @@ def cache_dataset(
     """
     if slices not in SLICE_MODES:
         raise ValueError(f"slices must be one of {SLICE_MODES}, got {slices!r}.")
+    require_map_dataset(name, dataset)
     try:
         n = len(dataset)
     except TypeError as err:
@@ -181,7 +189,13 @@ def cache_dataset(
     flat: Tensor | None = None
     for pos, i in enumerate(idx):
         where = f"{name} item {i}"
-        image, mask = split_item(dataset[i], image_key, label_key)
+        try:
+            image, mask = split_item(dataset[i], image_key, label_key)
+        except KeyError as err:  # name the set: image_key/label_key apply to every set
+            raise KeyError(
+                f"SPE {where}: {err.args[0]} image_key and label_key apply to every set, so all sets' items "
+                "need the same keys."
+            ) from err
         image = _as_item_image(image, spatial_dims, where)
         if dims is None:
             dims = image.ndim - 1

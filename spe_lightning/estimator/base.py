@@ -252,7 +252,9 @@ class EstimatorBase:
     def check_2d(self, data: CachedSet) -> None:
         """Raise for 3D data: per-case scores are for 2D images."""
         if data.volumetric or len(data.units) != len(data):
-            raise NotImplementedError("SPEEstimator: per-case scores are for 2D images; pass per_case=False for 3D.")
+            raise NotImplementedError(
+                "SPEEstimator: per-case scores are for 2D images; for 3D volumes leave per_case unset (or False)."
+            )
 
     def distances(
         self, data: CachedSet, masks: Sequence[Tensor], conf: Tensor | None

@@ -140,6 +140,9 @@ class SPEEstimator(EstimatorBase):
         calibration inputs (the model could not take them).
         """
         data = self.cache(images, "target", image_key, label_key)
+        if data.volumetric:  # the statistics are of 2D images; a 3D run stores none
+            why = "the input check compares 2D images; these are 3D volumes (compare their intensities yourself)"
+            return {"verdict": "not_compared", "checks": [], "not_compared": [why], "warnings": []}
         stored = self.info.get("input_summary")
         shape = self.info.get("input_shape")
         want = set(stored["channels"]) if stored and stored.get("channels") else {int(shape[0])} if shape else None
@@ -168,7 +171,7 @@ class SPEEstimator(EstimatorBase):
         model: nn.Module,
         images: Any,
         name: str = "target",
-        per_case: bool = True,
+        per_case: bool | None = None,
         ids: Sequence[str] | None = None,
         logits_fn: LogitsFn = default_logits,
         device: torch.device | str | None = None,
@@ -186,7 +189,8 @@ class SPEEstimator(EstimatorBase):
                 list of ``[C,H,W]`` tensors. Masks, if present, are only used to report the truth.
             name: the set's name; it seeds the support order, so use the callback's target name
                 (``"target"`` for a single dataset) to reproduce the in-training estimate exactly.
-            per_case: also compute per-case quality scores and flags.
+            per_case: also compute per-case quality scores and flags (None: for 2D images, not for 3D volumes,
+                whose per-case scores do not exist; True on volumes raises).
             ids: one id per image for the per-case rows (default: positions).
             logits_fn: ``fn(model, images) -> logits`` as given to the callback.
             device: where to run (default: the model's device).
@@ -200,6 +204,8 @@ class SPEEstimator(EstimatorBase):
             label_design: the dict of :meth:`suggest_labels` whose suggested cases were labelled.
         """
         data = self.cache(images, name, image_key, label_key)
+        if per_case is None:
+            per_case = not (data.volumetric or len(data.units) != len(data))
         if labelled_masks is not None and not per_case:
             raise ValueError("labelled_masks need the per-case estimates: leave per_case=True.")
         if ids is not None and len(ids) != len(data):

@@ -201,7 +201,7 @@ def fit_estimator(
     c = outcome.config
     say = warn or (lambda message: warnings.warn(message, stacklevel=3))
     module = None if outcome.volumetric else model
-    est = SPEEstimator(_artifact(outcome, module), segmenter=outcome.segmenter)
+    est = SPEEstimator(_artifact(outcome, model), segmenter=outcome.segmenter)  # the class is recorded for 3D too
     if module is None:
         return est
     device = model_device(module)

@@ -128,7 +128,11 @@ def _import_class(path: str) -> type:
 
 
 def load_model(
-    ckpt: str | Path, model_class: str | None = None, device: str = "cpu", trust_checkpoint_class: bool = False
+    ckpt: str | Path,
+    model_class: str | None = None,
+    device: str = "cpu",
+    trust_checkpoint_class: bool = False,
+    recorded_class: str | None = None,
 ) -> nn.Module:
     """The LightningModule of a checkpoint, in eval mode on ``device``.
 
@@ -137,6 +141,8 @@ def load_model(
     is imported only with ``trust_checkpoint_class=True``, and only after the whole checkpoint loaded
     with ``torch.load(weights_only=True)`` (tensors, numbers and strings, no code): importing a module
     runs its code, so a checkpoint must not choose one unless you trust where it came from.
+    ``recorded_class``: the class the estimator file recorded at fit time, named in the error when the
+    default class cannot load the checkpoint (never imported).
     """
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -184,7 +190,12 @@ def load_model(
         model = cls.load_from_checkpoint(str(ckpt), map_location=device, weights_only=True)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         first = " ".join(str(err).split())[:400]
-        hint = "" if model_class else " (pass --model CLASS_PATH, the class the checkpoint was saved from)"
+        hint = ""
+        if not model_class:
+            hint = " (pass --model CLASS_PATH, the class the checkpoint was saved from"
+            if recorded_class and recorded_class != path:
+                hint += f"; the estimator was fitted with the class {recorded_class}"
+            hint += ")"
         raise ValueError(f"cannot build {path} from --ckpt {ckpt}{hint}: {type(err).__name__}: {first}") from err
     return model.to(device).eval()
 

@@ -67,6 +67,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from err
 
 
+def require_reader_for(est: Any, dataset: str | None) -> None:
+    """Refuse the folder reader for an estimator whose model takes 3D volumes: it gives 2D images and slices."""
+    shape = est.info.get("input_shape")
+    if dataset is None and shape is not None and len(shape) == 4:
+        raise ValueError(
+            f"this estimator's model takes 3D volumes (its calibration inputs were {list(shape)} [C,D,H,W]) and the "
+            "folder reader gives 2D images and NIfTI slices: pass --dataset MODULE.CLASS, a dataset that returns "
+            "your volumes as in training (docs/estimate_cli.md)."
+        )
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """The work of :func:`main` on parsed arguments."""
     show = not a.no_progress
@@ -76,7 +87,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         raise NotADirectoryError(f"--out {out}: exists and is not a folder.")
     opts = ReadOptions(a.resize, a.intensity, a.channels)
     est = load_estimator(a, opts)
-    model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class)
+    require_reader_for(est, a.dataset)
+    model = load_model(a.ckpt, a.model, a.device, a.trust_checkpoint_class, est.info.get("model_class"))
     size = a.image_size or (est.info.get("input_shape") or [None])[-1]
     below, above = parse_thresholds(a.alert_below, "--alert-below"), parse_thresholds(a.alert_above, "--alert-above")
     data, ids, sources = read_inputs(a, est, size, limits, opts)

@@ -88,3 +88,13 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"x": types.SimpleNamespace(a=1)}}, path)
     with pytest.raises(ValueError, match="refused to load"):
         load_model(path, "spe_lightning.models.SegmentationModel")
+
+
+def test_a_checkpoint_of_the_users_class_loaded_without_model_names_the_class_the_estimator_recorded(tmp_path):
+    path = tmp_path / "user.ckpt"  # a plain Lightning checkpoint of a user's module: no class path stored
+    torch.save({"state_dict": {"body.weight": torch.zeros(2)}, "pytorch-lightning_version": pl.__version__}, path)
+    with pytest.raises(ValueError, match=r"pass --model CLASS_PATH.*the estimator was fitted with the class derm\.Net"):
+        load_model(path, recorded_class="derm.Net")
+    with pytest.raises(ValueError) as err:
+        load_model(path)
+    assert "fitted with" not in str(err.value)

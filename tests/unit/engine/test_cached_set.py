@@ -20,6 +20,34 @@ def test_unlabelled_reference_or_reference_without_foreground_fails_in_setup():
         tiny_spe(foreground_class=7).run.prepare(ref, cal, tgt)
 
 
+def test_a_dataloader_or_a_list_of_datasets_is_refused_in_setup_with_the_fix():
+    ref, cal, targets = sets()
+    tgt = targets["t"]
+    loader = torch.utils.data.DataLoader(cal, batch_size=2)
+    with pytest.raises(TypeError, match=r"SPE calibration: got a DataLoader; pass its dataset instead"):
+        tiny_spe().run.prepare(ref, loader, tgt)
+    with pytest.raises(TypeError, match=r"SPE t: got a DataLoader"):
+        tiny_spe().run.prepare(ref, cal, {"t": torch.utils.data.DataLoader(tgt)})
+    with pytest.raises(TypeError, match=r"got a list of 2 datasets; give one dataset or a dict"):
+        tiny_spe().run.prepare(ref, cal, [tgt, tgt])
+    with pytest.raises(TypeError, match=r"SPE reference: needs a map-style dataset"):
+        tiny_spe().run.prepare(iter([ref[0]]), cal, tgt)
+    tiny_spe().run.prepare(ref, cal, [tgt[i] for i in range(len(tgt))])  # a list of items is a dataset
+
+
+def test_a_wrong_image_key_in_one_set_names_that_set():
+    class OtherKeys(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"img": Blobs(3, seed=2)[i]["image"]}
+
+    ref, cal, _ = sets()
+    with pytest.raises(KeyError, match=r"SPE site_b item 0: Dataset item has no key 'image'.*apply to every set"):
+        tiny_spe().run.prepare(ref, cal, {"site_b": OtherKeys()})
+
+
 def test_dict_items_with_the_mask_under_another_key_are_told_which_label_key_to_set():
     class MaskKey(Dataset):  # MONAI-style dicts whose mask is under "mask"
         def __len__(self):

@@ -89,6 +89,22 @@ def test_3d_volumes_slice_wise(tmp_path):
     assert last.real["calibration"]["hd95"] == pytest.approx(real["hd95"].mean().item(), abs=1e-9)
     assert finite_everywhere(cb.report) and cb.report["reference_slices"] == cb.run.engine.ref_slices
 
+    # the fitted estimator on new volumes: no per-case step unless asked (it raises then), the class recorded
+    est = cb.estimator
+    assert est.info["model_class"].endswith("TinyNet") and len(est.info["input_shape"]) == 4
+    res = est.estimate(net, tgt["t"], name="t")
+    assert res.cases == [] and res.estimates["dice"].value == pytest.approx(cb.report.estimates["t"]["dice"]["value"])
+    with pytest.raises(NotImplementedError, match="per-case scores are for 2D images"):
+        est.estimate(net, tgt["t"], name="t", per_case=True)
+    check = est.check_inputs(net, tgt["t"])
+    assert check["verdict"] == "not_compared" and "3D volumes" in check["not_compared"][0]
+    # the estimate CLI's folder reader gives 2D images: refused for this estimator, --dataset is the way
+    from spe_lightning.cli.estimate.running import require_reader_for
+
+    with pytest.raises(ValueError, match=r"takes 3D volumes .* pass --dataset MODULE.CLASS"):
+        require_reader_for(est, None)
+    require_reader_for(est, "my.Volumes")
+
 
 def test_3d_multiclass_label_maps_per_volume():
     shape = (6, 20, 20)
