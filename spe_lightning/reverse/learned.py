@@ -204,7 +204,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     def _check_adapt_layers(self, adapt_layers: object) -> int:
         convs = 2 + self.downsample + 3  # PropagationEncoder: first, stride-2, three dilated, the 1x1 projection
         if isinstance(adapt_layers, bool) or not isinstance(adapt_layers, int) or not 0 <= adapt_layers <= convs:
-            raise ValueError(f"adapt_layers must be an int from 0 (all) to {convs} (convolutions), got {adapt_layers!r}.")
+            raise ValueError(f"adapt_layers must be an int from 0 (all) to {convs} convolutions, got {adapt_layers!r}.")
         if adapt_layers and not self.pretrained:
             raise ValueError(
                 f"adapt_layers={adapt_layers} freezes the other layers at their pretrained weights: it needs "

@@ -166,7 +166,7 @@ def test_adapt_layers_is_checked_and_keys_the_fit_only_when_set():
     assert base.segmenter_from_text("learned_propagation:pretrained=true,adapt_layers=3").adapt_layers == 3
     with pytest.raises(ValueError, match="needs pretrained=True"):
         LearnedPropagationSegmenter(adapt_layers=2)
-    with pytest.raises(ValueError, match="from 0 .all. to 7"):
+    with pytest.raises(ValueError, match="from 0 .all. to 7 convolutions"):
         LearnedPropagationSegmenter(pretrained=True, adapt_layers=8)
 
 
