@@ -172,6 +172,9 @@ class SPECallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.publisher.start_fit()
+        if self._active(trainer):  # the model is on its device now: can it take every set's items?
+            with users_rng_kept():
+                self.run.check_model(pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

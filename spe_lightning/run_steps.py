@@ -26,7 +26,7 @@ from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import image_features, nearest_set_distance, set_distance
-from spe_lightning.engine.predict import LogitsFn, model_device, predict_labels
+from spe_lightning.engine.predict import LogitsFn, NonFiniteOutputError, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
@@ -212,7 +212,13 @@ class RunSteps:
             )
             masks: list[Tensor] = [torch.zeros(0)] * n
             conf = torch.zeros(n)
-            for r, (m, cf) in enumerate(shard.run(run)):
+            try:
+                parts = shard.run(run)
+            except (ValueError, TypeError):  # SPE's own checks of the output: they say what is wrong
+                raise
+            except Exception as err:  # the model's own error (a size it cannot take...): name the set
+                raise RuntimeError(f"the model failed on the {name!r} set: {type(err).__name__}: {err}") from err
+            for r, (m, cf) in enumerate(parts):
                 for k, pos in enumerate(range(r, n, shard.world)):
                     masks[pos] = m[k]
                 conf[r :: shard.world] = cf
@@ -286,6 +292,30 @@ class RunSteps:
             return {}
         feats = self.set_features
         return {t: nearest_set_distance(feats[t], cal, pairs) for t in self._targets if t in feats}
+
+    def check_model(self, model: nn.Module) -> None:
+        """Predict the first item of the calibration set and of every target; raise a ``ValueError`` naming the set
+        and its item shape when the model cannot take it, so the problem shows before training, not as every
+        evaluation skipped."""
+        c = self.config
+        device = model_device(model)
+        for name in (CALIBRATION, *self._targets):
+            data = self._sets[name]
+            try:
+                predict_labels(
+                    model, data, device, 1, self.logits_fn, c.activation, c.threshold, c.foreground_class,
+                    c.class_indices or None, [0],
+                )  # fmt: skip
+            except NonFiniteOutputError:  # an untrained model's NaN is the training's business, not the input's
+                continue
+            except Exception as err:
+                shape = list(data.inputs[0].shape) if data.inputs else None
+                first = " ".join(str(err).split())[:300]
+                raise ValueError(
+                    f"SPE: the model cannot predict the {name!r} set's items (item 0 has shape {shape}): "
+                    f"{type(err).__name__}: {first}. Give that set items the model takes (the size and channels "
+                    "it trains on), or leave the set out."
+                ) from err
 
     def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, or None after a warning naming ``what`` when it fails (``strict``: raised)."""

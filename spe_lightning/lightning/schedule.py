@@ -27,6 +27,8 @@ def schedule_advice(max_epochs: int, every_n_epochs: int) -> str:
     fits = [e for e in range(every_n_epochs, 0, -1) if (planned_evaluations(max_epochs, e) or 0) >= 3]
     if fits:
         return f"set every_n_epochs <= {fits[0]}"
+    if every_n_epochs == 1:
+        return "train for at least 3 epochs"
     return f"train for at least {3 * every_n_epochs} epochs (or 3 with every_n_epochs=1)"
 
 

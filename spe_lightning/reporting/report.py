@@ -248,9 +248,18 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
                 f"{t}: anchored on the calibration set restyled like it, the estimate would be {parts}; which anchor "
                 "is right is unknown, so the interval reaches it."
             )
-    reasons = {(m, e.unreliable) for per_metric in estimates.values() for m, e in per_metric.items()
-               if e.reliable is False and e.unreliable}  # fmt: skip
-    lines += [f"{m}: unreliable: {why}." for m, why in sorted(reasons)]
+    unreliable: dict[tuple[str, str], list[str]] = {}  # (metric, why) -> the targets
+    missing: dict[str, list[str]] = {}  # why a cell is n/a -> "target metric"
+    for t, per_metric in estimates.items():
+        for m, e in per_metric.items():
+            if e.reliable is False and e.unreliable:
+                unreliable.setdefault((m, e.unreliable), []).append(t)
+            elif e.reliable is not False and e.value is None:
+                missing.setdefault(e.reason or "no reason recorded", []).append(f"{t} {m}")
+    lines += [f"{m} ({', '.join(ts)}): unreliable: {why}." for (m, why), ts in sorted(unreliable.items())]
+    for why, cells in missing.items():
+        shown = ", ".join(cells[:4]) + (f" and {len(cells) - 4} more" if len(cells) > 4 else "")
+        lines.append(f"n/a ({shown}): {why.rstrip('.')}.")
     return lines
 
 

@@ -68,3 +68,13 @@ def test_users_random_streams_are_restored_after_spes_work():
     with pytest.raises(RuntimeError, match="boom"), users_rng_kept():  # restored on an error too
         torch.rand(3)
         raise RuntimeError("boom")
+
+
+def test_the_schedule_advice_says_what_to_change():
+    from spe_lightning.lightning.schedule import schedule_advice, schedule_warning
+
+    assert schedule_advice(4, 2) == "set every_n_epochs <= 1"
+    assert schedule_advice(2, 1) == "train for at least 3 epochs"  # not "(or 3 with every_n_epochs=1)" again
+    assert schedule_advice(2, 5) == "train for at least 15 epochs (or 3 with every_n_epochs=1)"
+    assert schedule_warning(2, 1, 0).endswith("train for at least 3 epochs.")
+    assert schedule_warning(2, 1, 1) is None  # a resumed run's record counts

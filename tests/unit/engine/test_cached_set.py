@@ -9,7 +9,7 @@ from _inputs import prepared, sets, trained_net
 from torch.utils.data import Dataset
 
 from spe_lightning.engine.cached_set import cache_dataset
-from spe_lightning.testing import Blobs, tiny_spe
+from spe_lightning.testing import Blobs, TinyNet, loader, tiny_spe, tiny_trainer
 
 
 def test_unlabelled_reference_or_reference_without_foreground_fails_in_setup():
@@ -118,3 +118,24 @@ def test_items_as_tuples_or_dicts_and_targets_without_masks():
     cb.run.prepare(ref, cal, {"u": Blobs(10, seed=3, fmt="tuple", with_mask=False)})
     rec = cb.run.evaluate(net)
     assert "u" not in rec["real"] and rec["pseudo"]["u"]["dice"] is not None
+
+
+def test_a_target_the_model_cannot_take_stops_the_fit_before_training_naming_the_set(tmp_path):
+    class SizedNet(TinyNet):  # a model that takes 32-px images only (as a fixed-size head would)
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise RuntimeError(f"Sizes of tensors must match: expected 32, got {x.shape[-1]}")
+            return super().forward(x)
+
+    ref, cal, _ = sets()
+    cb = tiny_spe(reference=ref, calibration=cal, target={"ok": Blobs(6, seed=4), "small": Blobs(6, (24, 24), seed=5)})
+    net = SizedNet()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"cannot predict the 'small' set's items \(item 0 has shape \[1, 24, 24\]\)"):
+        tiny_trainer(tmp_path, 2, [cb]).fit(net, loader(ref, 4))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # not one training step
+    cb = tiny_spe(  # the 32-px sets alone train as before
+        reference=ref, calibration=cal, target={"ok": Blobs(6, seed=4)}
+    )
+    tiny_trainer(tmp_path, 2, [cb]).fit(SizedNet(), loader(ref, 4))
+    assert cb.records

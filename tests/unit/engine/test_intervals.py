@@ -325,6 +325,24 @@ def test_report_outputs_say_unreliable_and_outside_the_calibrated_range():
     assert "spe/final_estimate/far/hd95" not in scalars and scalars["spe/final_estimate/far/dice"] == 0.6
 
 
+def test_the_console_notes_name_the_targets_of_unreliable_metrics_and_say_why_a_cell_is_na():
+    bad = {"value": None, "lower": None, "upper": None, "pseudo": 9.0, "reason": "unreliable: x", "reliable": False}
+    na = {"value": None, "lower": None, "upper": None, "pseudo": None,
+          "reason": "no mapping G: 2 finite pairs across checkpoints, needs at least 3"}  # fmt: skip
+    ok = {"value": 0.8, "lower": 0.7, "upper": 0.9, "pseudo": 0.7, "reason": None}
+    report = {
+        "level": 0.9,
+        "estimates": {
+            "site_a": {"dice": ok, "hd95": {**bad, "unreliable": "its interval half-width 0.345 exceeds 0.25"}},
+            "site_b": {"dice": na, "hd95": {**bad, "unreliable": "its interval half-width 0.353 exceeds 0.25"}},
+        },
+    }
+    notes = summary_table(report).splitlines()
+    assert "hd95 (site_a): unreliable: its interval half-width 0.345 exceeds 0.25." in notes
+    assert "hd95 (site_b): unreliable: its interval half-width 0.353 exceeds 0.25." in notes
+    assert "n/a (site_b dice): no mapping G: 2 finite pairs across checkpoints, needs at least 3." in notes
+
+
 def test_the_estimate_cli_table_says_unreliable_and_outside_the_calibrated_range():
     from spe_lightning.cli.estimate import estimate_table
 
