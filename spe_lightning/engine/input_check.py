@@ -95,6 +95,10 @@ def input_summary(inputs: Sequence[Tensor], masks: Sequence[Tensor], confidence:
     return out
 
 
+#: the new images' median std may be this many times below the calibration images' 5th percentile or above their 95th
+STD_RATIO = 2.0
+
+
 def _range(values: Sequence[float]) -> tuple[float, float, float]:
     """(5th percentile, 95th percentile, median)."""
     v = np.asarray(values, dtype=np.float64)
@@ -102,12 +106,17 @@ def _range(values: Sequence[float]) -> tuple[float, float, float]:
     return float(lo), float(hi), float(med)
 
 
-def _compare(name: str, cal: Sequence[float], new: Sequence[float], floor: float) -> dict[str, Any]:
+def _compare(
+    name: str, cal: Sequence[float], new: Sequence[float], floor: float, ratio: float | None = None
+) -> dict[str, Any]:
+    """``new``'s median against ``cal``'s 5-95% range widened by half its width or ``floor``; with ``ratio``, a
+    spread statistic (std) is compared by ratio instead: accepted from ``p05 / ratio`` to ``p95 * ratio`` (an
+    additive margin larger than the std itself could never call it too low)."""
     lo, hi, cal_med = _range(cal)
     tol = max(0.5 * (hi - lo), floor)
     v = np.asarray(new, dtype=np.float64)
     med = float(np.median(v))
-    low, high = lo - tol, hi + tol
+    low, high = (lo / ratio, hi * ratio) if ratio else (lo - tol, hi + tol)
     outside = float(np.mean((v < low) | (v > high))) if v.size else 0.0
     verdict = "ok" if low <= med <= high else ("higher" if med > high else "lower")
     return {
@@ -157,7 +166,7 @@ def compare_inputs(
         lo1, _, _ = _range(stored["p01"])
         scale = max(hi - lo1, 1e-6)  # the calibration images' intensity range
         for s in INTENSITY_STATS:
-            checks.append(_compare(s, stored[s], new[s], 0.2 * scale))
+            checks.append(_compare(s, stored[s], new[s], 0.2 * scale, STD_RATIO if s == "std" else None))
         checks.append(_compare("border", stored["border"], new["border"], 0.05))
         _, _, fg_med = _range(stored["foreground"]) if stored.get("foreground") else (0, 0, 0)
         if stored.get("foreground") and new.get("foreground"):

@@ -10,6 +10,8 @@ rather than appearance); :func:`morph` grows or shrinks soft masks; :func:`soft_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,3 +119,33 @@ def soft_overlap(pred: Tensor, target: Tensor, eps: float = 1e-6) -> dict[str, T
         "precision": (inter + eps) / (p + eps),
         "recall": (inter + eps) / (t + eps),
     }
+
+
+#: one training episode batch: query images, support images (``[B,1,size,size]``), their label images
+Episodes = Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def reference_episodes(
+    x: Tensor, lab: Tensor, g: torch.Generator, batch: int, flip: bool = False, label_jitter: int = 0
+) -> Episodes:
+    """Endless episode batches from references ``x`` and label images ``lab`` (drawn from ``g``): every reference
+    is a query once per epoch, each with a different reference as support; ``flip``: the same random left-right
+    flip for both images of an episode; ``label_jitter``: both masks grown or shrunk alike by up to that radius."""
+    n, dev = x.shape[0], x.device
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while order.numel() < batch:  # queries: every reference once per epoch
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        qi, order = order[:batch], order[batch:]
+        si = (qi + torch.randint(1, n, (batch,), generator=g)) % n  # a different reference
+        qi, si = qi.to(dev), si.to(dev)
+        xq, xs, lq, ls = x[qi], x[si], lab[qi], lab[si]
+        if flip:
+            f = (torch.rand(batch, generator=g) < 0.5).to(dev)
+            f = f.view(-1, 1, 1, 1)
+            xq, xs = torch.where(f, xq.flip(-1), xq), torch.where(f, xs.flip(-1), xs)
+            lq, ls = torch.where(f, lq.flip(-1), lq), torch.where(f, ls.flip(-1), ls)
+        if label_jitter > 0:  # grow or shrink both masks alike: the support's error must carry over
+            r = torch.randint(-label_jitter, label_jitter + 1, (batch,), generator=g).to(dev)
+            lq, ls = morph(lq, r), morph(ls, r)
+        yield xq, xs, lq, ls

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,17 +32,21 @@ from spe_lightning.data.adapters import resize_images
 from spe_lightning.reverse.base import ReverseSegmenter, check_inputs, register_segmenter
 from spe_lightning.reverse.encoder import (
     PAIR_METRICS,
+    Episodes,
     PropagationEncoder,
     augment_appearance,
-    morph,
+    reference_episodes,
     soft_dice,
     soft_overlap,
 )
 from spe_lightning.reverse.label_fusion import rank_normalise
-from spe_lightning.reverse.pretrained import check_pretrained_settings, load_pretrained, pretrained_id
-
-#: one training episode batch: query images, support images (``[B,1,size,size]``), their label images
-Episodes = Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]
+from spe_lightning.reverse.pretrained import (
+    adapting_only_the_last,
+    check_adapt_layers,
+    check_pretrained_settings,
+    load_pretrained,
+    pretrained_id,
+)
 
 __all__ = ["DIRECTIONS", "LearnedPropagationSegmenter", "PropagationEncoder", "augment_appearance"]
 
@@ -155,7 +159,7 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
         check_pretrained_settings(pretrained, adapt_steps, adapt_lr, weights, **arch)
         self.pretrained, self.adapt_steps, self.adapt_lr = bool(pretrained), int(adapt_steps), float(adapt_lr)
         self.weights = None if weights is None else str(weights)
-        self.adapt_layers = self._check_adapt_layers(adapt_layers)
+        self.adapt_layers = check_adapt_layers(adapt_layers, self.pretrained, downsample)
         self.encoder: PropagationEncoder | None = None
         # SPE segments the same images at every checkpoint (references, calibration and target sets; only the
         # model's masks change), so features are memoised by image content: later evaluations skip the encoder
@@ -200,17 +204,6 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
     @property
     def is_fitted(self) -> bool:
         return self.encoder is not None
-
-    def _check_adapt_layers(self, adapt_layers: object) -> int:
-        convs = 2 + self.downsample + 3  # PropagationEncoder: first, stride-2, three dilated, the 1x1 projection
-        if isinstance(adapt_layers, bool) or not isinstance(adapt_layers, int) or not 0 <= adapt_layers <= convs:
-            raise ValueError(f"adapt_layers must be an int from 0 (all) to {convs} convolutions, got {adapt_layers!r}.")
-        if adapt_layers and not self.pretrained:
-            raise ValueError(
-                f"adapt_layers={adapt_layers} freezes the other layers at their pretrained weights: it needs "
-                "pretrained=True (a fit from scratch trains every layer)."
-            )
-        return adapt_layers
 
     def new_encoder(self) -> PropagationEncoder:
         """A freshly initialised encoder of this segmenter's architecture (seeded by ``seed``)."""
@@ -303,44 +296,9 @@ class LearnedPropagationSegmenter(ReverseSegmenter):
             enc.load_state_dict(load_pretrained(self.weights))
         g = torch.Generator().manual_seed(self.seed + 1)
         lr = self.adapt_lr if self.pretrained else self.lr
-        episodes = self._reference_episodes(x, lab, g)
-        frozen = self._frozen_layers(enc)
-        for p in frozen:  # no gradient, so the backward pass ends at the first adapted layer
-            p.requires_grad_(False)
-        try:
+        episodes = reference_episodes(x, lab, g, self.batch, self.flip, self.label_jitter)
+        with adapting_only_the_last(enc, self.adapt_layers if self.pretrained else 0):
             self.encoder = self.train_encoder(enc.to(dev), episodes, self.fit_steps, lr, g, progress)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    def _frozen_layers(self, enc: PropagationEncoder) -> list[Tensor]:
-        """The parameters an adaptation keeps at their pretrained values (all but the last ``adapt_layers``
-        convolutions; none when every layer adapts)."""
-        if not (self.pretrained and self.adapt_layers):
-            return []
-        convs = [m for m in enc.net if isinstance(m, torch.nn.Conv2d)]
-        return [p for m in convs[: len(convs) - self.adapt_layers] for p in m.parameters()]
-
-    def _reference_episodes(self, x: Tensor, lab: Tensor, g: torch.Generator) -> Episodes:
-        """Endless episode batches from references ``x`` and label images ``lab`` (drawn from ``g``)."""
-        n, dev = x.shape[0], x.device
-        order = torch.empty(0, dtype=torch.long)
-        while True:
-            while order.numel() < self.batch:  # queries: every reference once per epoch
-                order = torch.cat([order, torch.randperm(n, generator=g)])
-            qi, order = order[: self.batch], order[self.batch :]
-            si = (qi + torch.randint(1, n, (self.batch,), generator=g)) % n  # a different reference
-            qi, si = qi.to(dev), si.to(dev)
-            xq, xs, lq, ls = x[qi], x[si], lab[qi], lab[si]
-            if self.flip:  # the same left-right flip for both images of an episode
-                f = (torch.rand(self.batch, generator=g) < 0.5).to(dev)
-                f = f.view(-1, 1, 1, 1)
-                xq, xs = torch.where(f, xq.flip(-1), xq), torch.where(f, xs.flip(-1), xs)
-                lq, ls = torch.where(f, lq.flip(-1), lq), torch.where(f, ls.flip(-1), ls)
-            if self.label_jitter > 0:  # grow or shrink both masks alike: the support's error must carry over
-                r = torch.randint(-self.label_jitter, self.label_jitter + 1, (self.batch,), generator=g).to(dev)
-                lq, ls = morph(lq, r), morph(ls, r)
-            yield xq, xs, lq, ls
 
     def episode_loss(self, enc: PropagationEncoder, batch: tuple[Tensor, ...], g: torch.Generator) -> Tensor:
         """The training loss of one episode batch ``(xq, xs, lq, ls)``: images ``[B,1,size,size]`` in [0, 1] and

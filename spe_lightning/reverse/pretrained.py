@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "ARCHITECTURE",
@@ -163,3 +165,32 @@ def save_pretrained(path: Path, tensors: dict[str, Tensor], recipe: dict[str, An
         Path(tmp).unlink(missing_ok=True)
         raise
     return file_sha256(path)
+
+
+def check_adapt_layers(adapt_layers: object, pretrained: bool, downsample: int) -> int:
+    """``adapt_layers`` of ``learned_propagation`` checked: an int from 0 (all layers adapt) to the encoder's number
+    of convolutions, and only with a pretrained start."""
+    convs = downsample + 5  # PropagationEncoder: the first, the stride-2 ones, three dilated, the 1x1 projection
+    if isinstance(adapt_layers, bool) or not isinstance(adapt_layers, int) or not 0 <= adapt_layers <= convs:
+        raise ValueError(f"adapt_layers must be an int from 0 (all) to {convs} convolutions, got {adapt_layers!r}.")
+    if adapt_layers and not pretrained:
+        raise ValueError(
+            f"adapt_layers={adapt_layers} freezes the other layers at their pretrained weights: it needs "
+            "pretrained=True (a fit from scratch trains every layer)."
+        )
+    return adapt_layers
+
+
+@contextmanager
+def adapting_only_the_last(encoder: nn.Module, layers: int) -> Iterator[None]:
+    """Inside, every convolution of ``encoder`` but the last ``layers`` keeps its weights (no gradient, so the
+    backward pass ends at the first adapted layer); ``layers=0`` changes nothing."""
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    frozen = [p for m in convs[: len(convs) - layers] for p in m.parameters()] if layers else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

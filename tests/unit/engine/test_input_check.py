@@ -274,3 +274,17 @@ def test_compare_inputs_accepts_the_same_population():
     assert check["verdict"] == "ok" and check["warnings"] == []
     scaled = input_summary([x * 255 for x in images[12:]], masks[12:], conf[12:])
     assert compare_inputs(cal, scaled)["verdict"] == "mismatch"
+
+
+def test_a_lower_spread_is_caught_where_an_additive_margin_could_never_call_it_low():
+    g = torch.Generator().manual_seed(0)
+    z = [(lambda x: (x - x.mean()) / x.std())(torch.rand(1, 32, 32, generator=g)) for _ in range(12)]  # z-scored
+    raw = [0.5 + 0.08 * torch.randn(1, 32, 32, generator=g) for _ in range(12)]  # not normalised: std 0.08
+    masks, conf = [torch.zeros(1, 32, 32, dtype=torch.bool)] * 12, torch.full((12,), 0.9)
+    stored = input_summary(z, masks, conf)
+    out = compare_inputs(stored, input_summary(raw, masks, conf))
+    std = next(c for c in out["checks"] if c["statistic"] == "std")
+    assert std["verdict"] == "lower" and std["accepted"][0] > 0.4 and out["verdict"] == "mismatch"
+    assert any("std" in w for w in out["warnings"])
+    same = compare_inputs(stored, input_summary([1.3 * x for x in z], masks, conf))  # 1.3x the spread: accepted
+    assert next(c for c in same["checks"] if c["statistic"] == "std")["verdict"] == "ok"
