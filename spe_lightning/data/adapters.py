@@ -35,14 +35,6 @@ def as_tensor(x: Any) -> Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
-@overload
-def split_item(
-    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: Literal[True]
-) -> tuple[Tensor, Tensor]: ...
-@overload
-def split_item(
-    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: bool = ...
-) -> tuple[Tensor, Tensor | None]: ...
 def require_map_dataset(name: str, dataset: Any) -> None:
     """Raise a ``TypeError`` that names the set and the fix unless ``dataset`` is map-style (``len()`` and ``[i]``):
     a ``DataLoader`` (its batches are not items) or an iterable-style dataset is refused."""
@@ -69,6 +61,14 @@ def require_targets(target: Any) -> None:
             )
 
 
+@overload
+def split_item(
+    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: Literal[True]
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def split_item(
+    item: Any, image_key: str = ..., label_key: str = ..., *, require_label: bool = ...
+) -> tuple[Tensor, Tensor | None]: ...
 def split_item(
     item: Any, image_key: str = "image", label_key: str = "label", *, require_label: bool = False
 ) -> tuple[Tensor, Tensor | None]:
