@@ -323,6 +323,7 @@ class SPERun(RunSteps):
             self.pairs,
             self.metric_bounds(),
             nearest=self.nearest_set_distances(),
+            sizes={t: len(self._sets[t]) for t in self._targets},
         )
         engine = self.engine
         sections: dict[str, Any] = {

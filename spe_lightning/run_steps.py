@@ -26,7 +26,7 @@ from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import image_features, nearest_set_distance, set_distance
-from spe_lightning.engine.predict import LogitsFn, NonFiniteOutputError, model_device, predict_labels
+from spe_lightning.engine.predict import LogitsFn, default_logits, eval_mode, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
@@ -294,27 +294,23 @@ class RunSteps:
         return {t: nearest_set_distance(feats[t], cal, pairs) for t in self._targets if t in feats}
 
     def check_model(self, model: nn.Module) -> None:
-        """Predict the first item of the calibration set and of every target; raise a ``ValueError`` naming the set
-        and its item shape when the model cannot take it, so the problem shows before training, not as every
-        evaluation skipped."""
-        c = self.config
+        """Run the model on the first item of the calibration set and of every target; raise a ``ValueError`` naming
+        the set and its item shape when the forward fails, so a set the model cannot take shows before training,
+        not as every evaluation skipped. What the output holds is checked at each evaluation (a warning)."""
         device = model_device(model)
         for name in (CALIBRATION, *self._targets):
             data = self._sets[name]
+            x = data.inputs[0][None].to(device)
+            x = x if x.is_floating_point() else x.float()  # as predict_labels casts integer images
             try:
-                predict_labels(
-                    model, data, device, 1, self.logits_fn, c.activation, c.threshold, c.foreground_class,
-                    c.class_indices or None, [0],
-                )  # fmt: skip
-            except NonFiniteOutputError:  # an untrained model's NaN is the training's business, not the input's
-                continue
+                with torch.no_grad(), eval_mode(model):
+                    model(x) if self.logits_fn is default_logits else self.logits_fn(model, x)
             except Exception as err:
-                shape = list(data.inputs[0].shape) if data.inputs else None
                 first = " ".join(str(err).split())[:300]
                 raise ValueError(
-                    f"SPE: the model cannot predict the {name!r} set's items (item 0 has shape {shape}): "
-                    f"{type(err).__name__}: {first}. Give that set items the model takes (the size and channels "
-                    "it trains on), or leave the set out."
+                    f"SPE: the model cannot take the {name!r} set's items (item 0 has shape {list(x.shape[1:])}): "
+                    f"{type(err).__name__}: {first} Give that set items the model takes (the size and channels it "
+                    "trains on), or leave the set out."
                 ) from err
 
     def guarded(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -348,7 +344,7 @@ class RunSteps:
             sets = self.pair_sets()
             with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
                 record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
-            return self._pairs_of(record, list(sets))
+            return self._pairs_of(record, list(sets), sizes={n: len(d) for n, d in sets.items()})
 
         pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
@@ -381,20 +377,27 @@ class RunSteps:
         evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
         sets = self.styled_sets()
         record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
-        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets})
+        sizes = {n: len(d) for n, d in sets.items()}
+        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets}, sizes)
 
     def _pairs_of(
-        self, record: dict[str, Any], names: list[str], targets: dict[str, str] | None = None
+        self,
+        record: dict[str, Any],
+        names: list[str],
+        targets: dict[str, str] | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         """The labelled pairs of the sets ``names`` evaluated in ``record`` against the last record's calibration
         set (``targets``: set name -> the target a styled set was made for), each with its distance to the
-        calibration set: the reach of the interval model it joins."""
+        calibration set (the reach of the interval model it joins) and its set's size ``n`` (``sizes``)."""
         last = self.records[-1]
         for kind in ("pseudo", "real"):
             record[kind][CALIBRATION] = dict(last.measured(kind).get(CALIBRATION, {}))
         pairs = pairs_from_record(record, CALIBRATION, names, targets)
         for p in pairs:
             p.setdefault("distance", record["distance"].get(p["name"]))
+            if sizes is not None and p["name"] in sizes:
+                p["n"] = int(sizes[p["name"]])
         return pairs
 
 

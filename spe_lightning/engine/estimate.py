@@ -158,7 +158,7 @@ def fit_interval_model(
         return None
     floor = _S0.get(metric.split("/")[0], 0.01) if s0 is None else float(s0)
     base = float(g.predict([pseudo_calibration])[0])
-    fams, dps, drs, gms, dists, styled = [], [], [], [], [], []
+    fams, dps, drs, gms, dists, styled, sizes = [], [], [], [], [], [], []
     for p in pairs if target is None else pairs_for_target(pairs, target):
         if exclude and p["name"].startswith(exclude):
             continue
@@ -174,6 +174,8 @@ def fit_interval_model(
             d = finite_or_none(p.get("distance"))
             if d is not None:
                 dists.append(d)
+            if isinstance(p.get("n"), int):
+                sizes.append(p["n"])
             if p.get("target") is not None:
                 styled.append({"d_pseudo": float(dp), "d_real": float(dr)})
     if len(dps) < MIN_PAIRS:
@@ -196,6 +198,8 @@ def fit_interval_model(
         "n_target_pairs": len(styled),
         "styled": styled,
         "distance": max(dists) if len(dists) == len(dps) else None,
+        # the fewest images of a pair's set: a smaller set's mean varies more than the pairs showed
+        "n_images": min(sizes) if sizes and len(sizes) == len(dps) else None,
     }
     model["reliability"] = _reliability(model, metric, pred, dr_, bounds, level)
     return model
@@ -367,6 +371,7 @@ def anchored_estimate(
     bounds: tuple[float | None, float | None] | None = None,
     span: bool = True,
     nearest: float | None = None,
+    n_images: int | None = None,
 ) -> dict[str, Any]:
     """``{"value", "lower", "upper"}``: ``real_c + G(p_t) - G(p_c)``, clipped to the metric's range.
 
@@ -377,6 +382,9 @@ def anchored_estimate(
     :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT` also sets (without widening); ``span`` makes the
     interval include every candidate move's estimate, the paper's ``G(p_t)`` and the styled anchor
     (``styled_anchor``, when the model holds the target's styled pairs). ``bounds`` overrides the metric's range.
+    ``n_images``: the set's size; a set smaller than every pair's set (``interval_model["n_images"]``) varies
+    more than the pairs showed: its half-width is multiplied by ``sqrt(pairs' size / n_images)`` (the spread of
+    a mean of ``n`` cases) and it is ``outside_calibrated_range``.
     """
     none: dict[str, float | None] = {"value": None, "lower": None, "upper": None}
     if g is None or pseudo_target is None or pseudo_calibration is None or real_calibration is None:
@@ -394,11 +402,18 @@ def anchored_estimate(
         beyond = None if d is None or reach is None else bool(d > reach)
         near = finite_or_none(nearest)
         unlike = None if near is None else bool(near > NEAREST_SET_LIMIT)
-        extra["outside_calibrated_range"] = None if beyond is None and unlike is None else bool(beyond or unlike)
+        m = interval_model.get("n_images")
+        smaller = None if not isinstance(n_images, int) or not isinstance(m, int) else n_images < m
+        flags = [f for f in (beyond, unlike, smaller) if f is not None]
+        extra["outside_calibrated_range"] = bool(any(flags)) if flags else None
         if near is not None:
             extra["nearest_set_distance"] = near
+        if smaller is not None:
+            extra["n_images"], extra["pairs_n_images"] = n_images, m
         if beyond and d is not None and reach is not None:  # beyond every pair: widen with the distance
             half *= d / max(reach, 1e-12)
+        if smaller and isinstance(m, int) and isinstance(n_images, int):
+            half *= math.sqrt(m / max(n_images, 1))
     lower, upper = value - half, value + half
     styled = _styled_anchor(g, moved, pseudo_calibration, real_calibration, interval_model)
     if interval_model and span:
@@ -435,15 +450,16 @@ def estimate(
     distance: float | None = None,
     bounds: tuple[float | None, float | None] | None = None,
     nearest: float | None = None,
+    n_images: int | None = None,
 ) -> Estimate:
     """One :class:`~spe_lightning.engine.results.Estimate` (value, lower, upper, pseudo, reason, method) from a
     pseudo metric.
 
     ``anchor = (pseudo_calibration, real_calibration, interval_model)`` at the same weights makes it
     anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
-    the target's label-free distance to the calibration set, ``nearest`` its nearest-set distance;
-    ``bounds``: the metric's range when it differs from :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95:
-    up to the image diagonal).
+    the target's label-free distance to the calibration set, ``nearest`` its nearest-set distance, ``n_images``
+    its size (see :func:`anchored_estimate`); ``bounds``: the metric's range when it differs from
+    :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
 
     A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable=False``
     and the ``reason``; the numbers it would have said stay under ``withheld``.
@@ -462,8 +478,9 @@ def estimate(
         return plain
     p_c, r_c, model = anchor
     res = anchored_estimate(
-        g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds, nearest=nearest
-    )
+        g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds,
+        nearest=nearest, n_images=n_images,
+    )  # fmt: skip
     if res["value"] is None:
         return plain
     anchored = Estimate(
@@ -478,6 +495,8 @@ def estimate(
         pairs_distance=res.get("pairs_distance"),
         outside_calibrated_range=res.get("outside_calibrated_range"),
         nearest_set_distance=res.get("nearest_set_distance"),
+        n_images=res.get("n_images"),
+        pairs_n_images=res.get("pairs_n_images"),
         reliable=res.get("reliable"),
         unreliable=res.get("unreliable"),
         styled_anchor=res.get("styled_anchor"),

@@ -51,6 +51,8 @@ ESTIMATE_KEYS = (
     "pairs_distance",
     "outside_calibrated_range",
     "nearest_set_distance",
+    "n_images",
+    "pairs_n_images",
     "styled_anchor",
     "reliable",
     "unreliable",
@@ -76,7 +78,9 @@ class Estimate(DictReads):
             calibration pair's; ``outside_calibrated_range``: the set lies beyond every pair (interval widened,
             :attr:`widened_by_distance`) or looks like no calibrated set (``nearest_set_distance``, its distance
             to the calibration set or pair set it is most like, above
-            :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT`; None when not measured).
+            :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT`; None when not measured), or holds fewer
+            images (``n_images``) than every pair's set (``pairs_n_images``; interval widened,
+            :attr:`widened_by_size`; both None when the pairs' sizes are not known).
         styled_anchor: the estimate anchored on the target-styled calibration set (its real score plus the same
             move from its pseudo metric); the interval spans it. None without a styled pair for the set.
         reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
@@ -99,6 +103,8 @@ class Estimate(DictReads):
     pairs_distance: float | None = None
     outside_calibrated_range: bool | None = None
     nearest_set_distance: float | None = None
+    n_images: int | None = None
+    pairs_n_images: int | None = None
     styled_anchor: float | None = None
     reliable: bool | None = None
     unreliable: str | None = None
@@ -135,11 +141,21 @@ class Estimate(DictReads):
         return d is not None and reach is not None and d > reach
 
     @property
+    def widened_by_size(self) -> bool:
+        """Whether the interval was widened because the set holds fewer images than every calibration pair's set
+        (its mean varies more than the pairs showed)."""
+        n, m = self.n_images, self.pairs_n_images
+        return n is not None and m is not None and n < m
+
+    @property
     def range_note(self) -> str | None:
         """A short note when the set is outside the calibrated range (None otherwise): widened, or only unlike
         every calibrated set (the interval then extrapolates at its usual width)."""
         if not self.outside_calibrated_range:
             return None
+        if self.widened_by_size:
+            n, m = self.n_images, self.pairs_n_images
+            return f"outside the calibrated range: {n} images, fewer than the calibrated sets' {m}; interval widened"
         if self.widened_by_distance:
             return "outside the calibrated range: interval widened"
         return "outside the calibrated range: unlike every calibrated set, interval not widened"
@@ -169,6 +185,8 @@ class Estimate(DictReads):
             )
         if self.nearest_set_distance is not None:
             out["nearest_set_distance"] = self.nearest_set_distance
+        if self.n_images is not None:
+            out["n_images"], out["pairs_n_images"] = self.n_images, self.pairs_n_images
         if self.styled_anchor is not None:
             out["styled_anchor"] = self.styled_anchor
         if self.reliable is not None:
@@ -200,6 +218,8 @@ class Estimate(DictReads):
             pairs_distance=data.get("pairs_distance"),
             outside_calibrated_range=data.get("outside_calibrated_range"),
             nearest_set_distance=data.get("nearest_set_distance"),
+            n_images=data.get("n_images"),
+            pairs_n_images=data.get("pairs_n_images"),
             styled_anchor=data.get("styled_anchor"),
             reliable=data.get("reliable"),
             unreliable=data.get("unreliable"),
@@ -215,6 +235,8 @@ def _not_written(key: str, data: Mapping[str, Any]) -> bool:
         return not ("outside_calibrated_range" in data and "pairs_distance" in data)
     if key == "unreliable":
         return data.get("reliable") is not False
+    if key in ("n_images", "pairs_n_images"):
+        return data.get("n_images") is None
     keys = ("method", "paper", "nearest_set_distance", "styled_anchor", "reliable", "withheld", "true")
     return key in keys and data[key] is None
 

@@ -283,6 +283,7 @@ class EstimatorBase:
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
         target: str | None = None,
         nearest: float | None = None,
+        n_images: int | None = None,
     ) -> dict[str, Estimate]:
         """Estimates (value, interval, pseudo, reason, method) from a set's pseudo metrics, as the callback makes them.
 
@@ -290,7 +291,8 @@ class EstimatorBase:
         calibration score moved by G(pseudo) - G(calibration pseudo)), the paper's one kept under ``paper``.
         ``distance``: the set's label-free distance to the calibration set (a set farther than the
         calibration pairs gets a wider interval and ``outside_calibrated_range``); ``nearest``: its nearest-set
-        distance (above the limit: ``outside_calibrated_range``, no widening); ``bounds``: per key range
+        distance (above the limit: ``outside_calibrated_range``, no widening); ``n_images``: its size (smaller than
+        every calibration pair's set: a wider interval and ``outside_calibrated_range``); ``bounds``: per key range
         overrides (hd95: the images' diagonal). A metric the run found unreliable has no value (see ``reason``).
         """
         level = self.config.level
@@ -318,6 +320,7 @@ class EstimatorBase:
                 distance=distance,
                 bounds=(bounds or {}).get(key),
                 nearest=nearest,
+                n_images=n_images,
             )
         return out
 

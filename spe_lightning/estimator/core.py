@@ -82,7 +82,7 @@ class SPEEstimator(EstimatorBase):
         pseudo = engine.pseudo(data, masks, device)
         distance, nearest = self.distances(data, masks, conf)  # without the model's confidence (masks given): none
         estimates = self.estimate_from_pseudo(
-            pseudo["values"], pseudo["reason"], distance, self.bounds(data), target, nearest=nearest
+            pseudo["values"], pseudo["reason"], distance, self.bounds(data), target, nearest=nearest, n_images=len(data)
         )
         real = engine.real(data, masks)
         if real:  # a set that came with masks: the truth beside each estimate, as in the run's report

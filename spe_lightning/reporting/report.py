@@ -228,13 +228,20 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     lines = []
     for t, per_metric in estimates.items():
         outside, distance, near = _range_flag(per_metric)
+        small = next((e for e in per_metric.values() if e.widened_by_size), None)
+        if outside and small is not None:
+            lines.append(
+                f"{t}: outside the calibrated range: {small.n_images} images, fewer than the {small.pairs_n_images} of "
+                "the smallest calibrated set; the mean of fewer images varies more, so its intervals were widened by "
+                f"sqrt({small.pairs_n_images}/{small.n_images})."
+            )
         if outside and any(e.widened_by_distance for e in per_metric.values()):
             reach = next((e.pairs_distance for e in per_metric.values() if e.pairs_distance), None)
             lines.append(
                 f"{t}: outside the calibrated range (distance {_fmt(distance, 2)} to the calibration set, the "
                 f"farthest calibration pair {_fmt(reach, 2)}): its intervals were widened by the ratio."
             )
-        elif outside:
+        elif outside and (near or 0) > NEAREST_SET_LIMIT:
             lines.append(
                 f"{t}: outside the calibrated range: it looks like none of the calibrated sets (distance "
                 f"{_fmt(near, 2)} to the nearest of the calibration set and its pairs, where about 1 is as alike as "
@@ -251,12 +258,12 @@ def _notes(estimates: Mapping[str, Mapping[str, Estimate]]) -> list[str]:
     unreliable: dict[tuple[str, str], list[str]] = {}  # (metric, why) -> the targets
     missing: dict[str, list[str]] = {}  # why a cell is n/a -> "target metric"
     for t, per_metric in estimates.items():
-        for m, e in per_metric.items():
+        for key, e in per_metric.items():
             if e.reliable is False and e.unreliable:
-                unreliable.setdefault((m, e.unreliable), []).append(t)
+                unreliable.setdefault((key, e.unreliable), []).append(t)
             elif e.reliable is not False and e.value is None:
-                missing.setdefault(e.reason or "no reason recorded", []).append(f"{t} {m}")
-    lines += [f"{m} ({', '.join(ts)}): unreliable: {why}." for (m, why), ts in sorted(unreliable.items())]
+                missing.setdefault(e.reason or "no reason recorded", []).append(f"{t} {key}")
+    lines += [f"{key} ({', '.join(ts)}): unreliable: {why}." for (key, why), ts in sorted(unreliable.items())]
     for why, cells in missing.items():
         shown = ", ".join(cells[:4]) + (f" and {len(cells) - 4} more" if len(cells) > 4 else "")
         lines.append(f"n/a ({shown}): {why.rstrip('.')}.")

@@ -131,7 +131,7 @@ def test_a_target_the_model_cannot_take_stops_the_fit_before_training_naming_the
     cb = tiny_spe(reference=ref, calibration=cal, target={"ok": Blobs(6, seed=4), "small": Blobs(6, (24, 24), seed=5)})
     net = SizedNet()
     before = [p.detach().clone() for p in net.parameters()]
-    with pytest.raises(ValueError, match=r"cannot predict the 'small' set's items \(item 0 has shape \[1, 24, 24\]\)"):
+    with pytest.raises(ValueError, match=r"cannot take the 'small' set's items \(item 0 has shape \[1, 24, 24\]\)"):
         tiny_trainer(tmp_path, 2, [cb]).fit(net, loader(ref, 4))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # not one training step
     cb = tiny_spe(  # the 32-px sets alone train as before

@@ -127,6 +127,31 @@ def test_a_target_like_no_calibrated_set_is_flagged_without_widening():
     assert "looks like none of the calibrated sets" in summary_table({"estimates": {"site": {"dice": e.to_dict()}}})
 
 
+def test_a_set_smaller_than_every_pairs_set_gets_a_wider_interval_and_the_flag():
+    sized = [{**p, "n": n} for p, n in zip(_tracked_pairs(), [24, 24, 40, 40, 40, 40, 40, 40])]
+    model = fit_interval_model(sized, "dice", G, 0.8)
+    assert model["n_images"] == 24  # the fewest images of a pair's set
+    same = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, n_images=24)
+    small = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, n_images=6)
+    assert same["outside_calibrated_range"] is False and small["outside_calibrated_range"] is True
+    assert small["value"] == same["value"]
+    assert small["upper"] - small["lower"] == pytest.approx(2 * (same["upper"] - same["lower"]), rel=1e-6)  # sqrt(24/6)
+    larger = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, model, n_images=200)  # more images: as calibrated
+    assert (larger["lower"], larger["upper"]) == (same["lower"], same["upper"])
+    e = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=6)
+    assert e.widened_by_size and e.n_images == 6 and e.pairs_n_images == 24
+    assert (
+        e.range_note == "outside the calibrated range: 6 images, fewer than the calibrated sets' 24; interval widened"
+    )
+    assert Estimate.from_dict(e.to_dict()) == e
+    notes = summary_table({"estimates": {"chunk": {"dice": e.to_dict()}}})
+    assert "chunk: outside the calibrated range: 6 images, fewer than the 24 of the smallest calibrated set" in notes
+    # pairs without sizes (older runs and files): no rule
+    unknown = anchored_estimate(G, "dice", 0.7, 0.8, 0.9, 0.9, fit_interval_model(_tracked_pairs(), "dice", G, 0.8),
+                                n_images=2)  # fmt: skip
+    assert unknown["outside_calibrated_range"] is None and "n_images" not in unknown
+
+
 def test_hd95_estimates_and_interval_ends_stay_within_the_image_diagonal():
     g = MetricMapping.fit("linear", [1.0, 2.0, 3.0, 4.0], [10.0, 60.0, 110.0, 160.0], bounds=(0.0, None))
     pairs = [

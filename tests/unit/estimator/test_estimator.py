@@ -52,6 +52,22 @@ def test_saved_estimator_reproduces_the_in_training_estimates(fitted, tmp_path):
         est.estimate(model, images, name=None, per_case=False)  # a newcomer's "no name": said, not an AttributeError
 
 
+def test_a_set_smaller_than_the_calibrated_ones_gets_a_wider_flagged_interval(fitted):
+    cb, model, dm = fitted
+    est = SPEEstimator.load(cb.estimator_path)
+    pairs_n = {p["name"]: p["n"] for p in cb.run.pairs}
+    target = dm.targets["target"]
+    smallest = min(pairs_n.values())
+    assert smallest == min(len(d) for d in dm.targets.values())  # the subsets were drawn as large as the targets
+    whole = est.estimate(model, target, per_case=False).estimates["dice"]
+    few = est.estimate(model, torch.utils.data.Subset(target, range(4)), per_case=False).estimates["dice"]
+    assert not whole.widened_by_size and whole.n_images == len(target)  # as large as calibrated: as before
+    assert few.widened_by_size and (few.n_images, few.pairs_n_images) == (4, smallest)
+    assert few.outside_calibrated_range and "4 images, fewer than the calibrated sets'" in few.range_note
+    wide, base = few.upper - few.lower, whole.upper - whole.lower
+    assert wide > base  # the same pairs' model, the half-width times sqrt(smallest / 4) (before clipping to [0, 1])
+
+
 def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
     cb, model, dm = fitted
     est = SPEEstimator.load(cb.estimator_path)
