@@ -37,13 +37,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from spe_lightning.engine.estimate import (
-    _half_width,
-    anchored_estimate,
-    fit_interval_model,
-    metric_range,
-    pair_family,
-)
+from spe_lightning.engine.estimate import anchored_estimate, fit_interval_model, metric_range, pair_family
+from spe_lightning.engine.interval_model import half_width as _half_width
 from spe_lightning.engine.metrics import PAPER_METRICS
 from spe_lightning.engine.records import CALIBRATION, fit_mapping, series
 

@@ -103,9 +103,10 @@ def test_ddp_spawn_shares_the_work_and_agrees_with_one_process(tmp_path):
     assert m0 == m1 and m0[:2] == [None, None] and all(v is not None for v in m0[2:])
     # per evaluation each process predicted half of the 10 + 9 items, and ran half of the queries
     n_eval = len(records)
-    # (+ 10: rank zero alone calibrates the saved estimator's per-case flags on the calibration set)
-    assert _total(out / "predict_0.txt") == n_eval * (5 + 5) + 10
-    assert _total(out / "predict_1.txt") == n_eval * (5 + 4)
+    # (+ 10: rank zero alone calibrates the saved estimator's per-case flags on the calibration set;
+    # + 2: at fit start every process runs the model on one item of the calibration set and of the target)
+    assert _total(out / "predict_0.txt") == n_eval * (5 + 5) + 10 + 2
+    assert _total(out / "predict_1.txt") == n_eval * (5 + 4) + 2
     q0, q1 = _total(out / "reverse_0.txt"), _total(out / "reverse_1.txt")
     per_case = 10 * 16  # rank zero's per-case calibration: 10 cases x their 16 most similar references
     assert q0 > per_case and abs(q0 - per_case - q1) <= 2 * n_eval
