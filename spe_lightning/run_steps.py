@@ -64,6 +64,17 @@ class RunSteps:
     pairs_seconds: float
     styles: dict[str, Any]
     signal_seconds: dict[str, float]
+    alerts: list[Any]
+    report: Any
+    estimator: Any
+
+    def start_over(self) -> None:
+        """Forget the records and everything made from them (a new training reusing this run): the datasets, the
+        reverse segmenter and its fit stay."""
+        self.records, self.pairs, self.alerts, self.styles = [], [], [], {}
+        self.history = MaskHistory(self.history.k)
+        self._pending_masks, self.set_features, self.calibration_features = {}, {}, None
+        self.report = self.estimator = None
 
     def progress(self, total: int, desc: str, unit: str = "it") -> Progress:
         """A progress display of one long step (bar on a terminal, a line per ~10% in a log, off when quiet)."""

@@ -8,6 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from _inputs import sets
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,6 +20,7 @@ from spe_lightning.engine import SPEReport
 from spe_lightning.engine.predict import eval_mode
 from spe_lightning.models import SegmentationModel
 from spe_lightning.reverse.label_fusion import LabelFusionSegmenter
+from spe_lightning.testing import TinyNet, loader, tiny_spe, tiny_trainer
 
 
 def small_model() -> SegmentationModel:
@@ -376,3 +378,20 @@ def test_training_with_spe_gives_the_model_training_without_it_gives(tmp_path):
     spe = SPECallback(verbose=False, log_dir=str(tmp_path / "spe"), support_size=8)
     assert torch.equal(train([spe]), alone)
     assert spe.report is not None and spe.report.estimates  # SPE did its work meanwhile
+
+
+def test_a_callback_reused_for_another_training_starts_over_and_the_same_trainer_going_on_continues(tmp_path):
+    ref, cal, tgt = sets()
+    cb = tiny_spe(reference=ref, calibration=cal, target=tgt)
+    net = TinyNet()
+    tiny_trainer(tmp_path, 3, [cb]).fit(net, loader(ref, 4))
+    assert [r.epoch for r in cb.records] == [0, 1, 2]
+    with pytest.warns(UserWarning, match="records of an earlier training .* SPE starts over"):
+        tiny_trainer(tmp_path, 3, [cb]).fit(TinyNet(), loader(ref, 4))
+    assert [r.epoch for r in cb.records] == [0, 1, 2] and sum(r.final for r in cb.records) == 1
+    trainer = tiny_trainer(tmp_path, 2, [cb])
+    with pytest.warns(UserWarning, match="records of an earlier training"):
+        trainer.fit(net, loader(ref, 4))
+    trainer.fit_loop.max_epochs = 4  # the same Trainer going on: its records continue
+    trainer.fit(net, loader(ref, 4))
+    assert [r.epoch for r in cb.records] == [0, 1, 2, 3]

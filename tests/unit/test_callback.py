@@ -41,9 +41,28 @@ def test_a_checkpoint_from_before_the_support_size_default_keeps_its_records():
     with pytest.warns(UserWarning, match="different settings.*support_size"):
         new.load_state_dict(checkpoint["callbacks"][new.state_key])
     assert len(new.records) == 1
-    other = tiny_spe(support_size=None, seed=1)  # another callback's state is not taken
-    other.on_load_checkpoint(None, None, checkpoint)
+    other = tiny_spe(support_size=None, seed=1)  # another support size too: not taken, and said so
+    checkpoint = {"callbacks": {old.state_key: saved}}
+    with pytest.warns(UserWarning, match=r"another reverse segmenter, metrics or support size \(support_size"):
+        other.on_load_checkpoint(None, None, checkpoint)
     assert other.state_key not in checkpoint["callbacks"]
+
+
+def test_resuming_with_another_seed_or_schedule_continues_the_records_and_another_segmenter_says_it_starts_over():
+    old = tiny_spe(every_n_epochs=1)
+    saved = old.state_dict() | {"records": [{"epoch": 0, "step": 1, "pseudo": {}, "real": {}}]}
+    for changed in ({"every_n_epochs": 2}, {"seed": 3}):
+        checkpoint = {"callbacks": {old.state_key: saved}}
+        new = tiny_spe(**{"every_n_epochs": 1, **changed})
+        assert new.state_key != old.state_key
+        new.on_load_checkpoint(None, None, checkpoint)
+        with pytest.warns(UserWarning, match=f"different settings.*{next(iter(changed))}"):
+            new.load_state_dict(checkpoint["callbacks"][new.state_key])
+        assert len(new.records) == 1
+    checkpoint = {"callbacks": {old.state_key: saved}}
+    with pytest.warns(UserWarning, match="starts its records over"):
+        tiny_spe(segmenter="pixel_knn").on_load_checkpoint(None, None, checkpoint)
+    assert len(checkpoint["callbacks"]) == 1
 
 
 def test_users_random_streams_are_restored_after_spes_work():
