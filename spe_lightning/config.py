@@ -117,7 +117,8 @@ class SPEConfig:
     every_n_epochs: int = field(default=1, metadata=RUN)
     """Evaluate every n training epochs (and once more at the final weights)."""
     verbose: bool = field(default=True, metadata=RUN)
-    """Print a line per evaluation (with its time) and the table of estimates."""
+    """Print a line per evaluation (with its time) and the table of estimates (SPECallback; SPERun alone prints
+    the progress of its long steps and returns the rest)."""
     strict: bool = field(default=False, metadata=RUN)
     """Raise instead of warning and skipping when an evaluation (or writing the report) fails."""
     quality_regressor: bool = field(default=False, metadata=RUN)

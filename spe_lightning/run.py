@@ -205,6 +205,7 @@ class SPERun(RunSteps):
         self._sets, self._targets = sets, list(target)
         self._reference_dataset = reference  # for the per-case quality regressor at fit end (no copy)
         self.segmenter, self.engine = segmenter, engine
+        self.warn_if_few_pairs()
 
     def describe(self) -> str:
         """One line: how many references, calibration and target items, and which segmenter."""

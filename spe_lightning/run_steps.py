@@ -26,6 +26,7 @@ from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
 from spe_lightning.engine.distance import image_features, nearest_set_distance, set_distance
+from spe_lightning.engine.interval_model import MIN_PAIRS
 from spe_lightning.engine.predict import LogitsFn, default_logits, eval_mode, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
@@ -335,6 +336,21 @@ class RunSteps:
             return None
 
     # ------------------------------------------------------------------ calibration pairs
+    def warn_if_few_pairs(self) -> None:
+        """Warn when the settings give fewer calibration pairs than an interval model is fitted on (the intervals
+        then come from G's residuals across checkpoints, which see no shift)."""
+        c = self.config
+        n = len(self._sets[CALIBRATION])
+        sizes = {min(max(len(self._sets[t]), 2), n - 1) for t in self._targets} if n > 2 else set()
+        count = len(sizes) * c.interval_subsets + len(c.interval_shifts) * len(c.interval_severities)
+        if c.anchored and 0 < count < MIN_PAIRS:  # none at all: the user chose G's residuals
+            self.warn(
+                f"SPE: interval_subsets={c.interval_subsets} and {len(c.interval_shifts)} shift(s) x "
+                f"{len(c.interval_severities)} severity(ies) give {count} calibration pair(s), and an interval is "
+                f"fitted on at least {MIN_PAIRS}: the intervals will come from G's residuals across checkpoints, "
+                "which see no shift (often too narrow). Keep the defaults or add shifts."
+            )
+
     def pair_sets(self) -> dict[str, CachedSet]:
         """The labelled sets behind the calibration pairs, by pair name (calibration subsets as large as the
         targets, shifted copies of the calibration set): development data with known truth."""

@@ -139,3 +139,15 @@ def test_a_target_the_model_cannot_take_stops_the_fit_before_training_naming_the
     )
     tiny_trainer(tmp_path, 2, [cb]).fit(SizedNet(), loader(ref, 4))
     assert cb.records
+
+
+def test_settings_that_give_too_few_calibration_pairs_are_warned_in_setup():
+    ref, cal, tgt = sets()
+    with pytest.warns(UserWarning, match=r"give 3 calibration pair\(s\), and an interval is fitted on at least 5"):
+        tiny_spe(interval_subsets=1, interval_shifts=["noise"], interval_severities=(1, 3)).run.prepare(ref, cal, tgt)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_spe().run.prepare(ref, cal, tgt)  # the defaults: plenty
+        tiny_spe(interval_subsets=0, interval_shifts=[]).run.prepare(ref, cal, tgt)  # none at all: chosen, not warned
