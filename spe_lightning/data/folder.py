@@ -48,6 +48,11 @@ class FolderSegmentationDataset(Dataset):
         intensity: how intensities are scaled (:data:`~spe_lightning.data.images.INTENSITY_MODES`; ``estimate
             --intensity``).
         image_channels: ``"gray"`` (one channel) or ``"rgb"`` (three; ``estimate --channels``).
+        require_masks: the split must have a mask for every image (training and validation splits); else a
+            split without a ``masks`` folder is unlabelled (items without ``"label"``). A ``masks`` folder that
+            lacks some images' masks is refused either way (they would read as empty masks).
+
+    Masks that hold only 0 and 255 (8-bit binary masks) are read as class 1 where 255 is.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class FolderSegmentationDataset(Dataset):
         keep_aspect: bool = True,
         intensity: str = "auto",
         image_channels: str = "gray",
+        require_masks: bool = False,
     ) -> None:
         ReadOptions(intensity=intensity, channels=image_channels)  # validates
         self.intensity, self.image_channels = intensity, image_channels
@@ -82,7 +88,28 @@ class FolderSegmentationDataset(Dataset):
                 + f"; expected files with the suffixes {', '.join(IMAGE_SUFFIXES)}."
             )
         self.ids = [p.stem for p in self.images]
+        self.labelled = self._check_masks(require_masks)
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    def _check_masks(self, required: bool) -> bool:
+        """Whether the split is labelled; raise when its masks folder is missing (``required``) or incomplete."""
+        folder = self.root / self.split / "masks"
+        if not folder.is_dir():
+            if required:
+                near = [p.name for p in (self.root / self.split).iterdir() if p.is_dir() and p.name != "images"]
+                hint = f" (found {', '.join(sorted(near))}/: rename the masks' folder to masks/)" if near else ""
+                raise FileNotFoundError(
+                    f"No mask folder {folder}{hint}; the {self.split!r} split needs masks in the layout "
+                    "<root>/<split>/masks/<id>.png (the same file stem as its image)."
+                )
+            return False
+        missing = [p.name for p in self.images if self._mask_path(p) is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} has no mask for {len(missing)} of {len(self.images)} images, e.g. {missing[:3]}: each "
+                "image needs a mask with the same file stem (any image suffix), else it would read as an empty mask."
+            )
+        return True
 
     def __len__(self) -> int:
         return len(self.images)
@@ -105,6 +132,8 @@ class FolderSegmentationDataset(Dataset):
             mask = None
             if mpath is not None:
                 m = torch.from_numpy(read_mask(mpath))  # colour-coded masks: any channel non-zero
+                if m.max() == 255 and bool(((m == 0) | (m == 255)).all()):  # an 8-bit binary mask: 255 is class 1
+                    m = (m == 255).to(m.dtype)
                 fg = (m == self.class_index) if self.class_index is not None else (m != 0)
                 mask = self._square(fg[None].float(), "nearest")
             self._cache[i] = (self._square(img, "bilinear"), mask)
@@ -112,8 +141,8 @@ class FolderSegmentationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor | str]:
         img, mask = self._load(i)
-        if mask is None:
-            mask = torch.zeros_like(img[:1])
+        if mask is None:  # an unlabelled split: no "label" (never an empty mask posing as the truth)
+            return {"image": _augment(img, torch.zeros_like(img[:1]))[0] if self.augment else img, "id": self.ids[i]}
         if self.augment:
             img, mask = _augment(img, mask)
         return {"image": img, "label": mask, "id": self.ids[i]}
@@ -179,11 +208,12 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         if clash:
             raise ValueError(f"extra_targets names {clash} clash with the target splits or 'calibration'; rename them.")
 
-    def _ds(self, split: str, augment: bool = False) -> FolderSegmentationDataset:
+    def _ds(self, split: str, augment: bool = False, labelled: bool = False) -> FolderSegmentationDataset:
         hp: Any = self.hparams  # an AttributeDict (Lightning types it as a mapping)
         return FolderSegmentationDataset(
-            self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment, **self._read
-        )
+            self.root, split, hp.class_index, hp.image_size, groups=hp.train_groups, augment=augment,
+            require_masks=labelled, **self._read,
+        )  # fmt: skip
 
     @property
     def _read(self) -> dict[str, Any]:
@@ -192,9 +222,9 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = self._ds(self.hparams["train_split"], augment=self.hparams["augment"])
-            self.reference_set = self._ds(self.hparams["train_split"])
-            self.val_set = self._ds(self.hparams["val_split"])
+            self.train_set = self._ds(self.hparams["train_split"], augment=self.hparams["augment"], labelled=True)
+            self.reference_set = self._ds(self.hparams["train_split"], labelled=True)
+            self.val_set = self._ds(self.hparams["val_split"], labelled=True)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
