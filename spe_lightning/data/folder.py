@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from spe_lightning.data.images import IMAGE_SUFFIXES, ReadOptions, read_image_array, read_mask, square_resize
+from spe_lightning.data.images import (
+    IMAGE_SUFFIXES,
+    ReadOptions,
+    mask_foreground,
+    read_image_array,
+    read_mask,
+    square_resize,
+)
 
 __all__ = ["FolderSegmentationDataset", "FolderSegmentationDataModule", "read_meta", "site_dataset"]
 
@@ -131,10 +138,7 @@ class FolderSegmentationDataset(Dataset):
             mpath = self._mask_path(self.images[i])
             mask = None
             if mpath is not None:
-                m = torch.from_numpy(read_mask(mpath))  # colour-coded masks: any channel non-zero
-                if m.max() == 255 and bool(((m == 0) | (m == 255)).all()):  # an 8-bit binary mask: 255 is class 1
-                    m = (m == 255).to(m.dtype)
-                fg = (m == self.class_index) if self.class_index is not None else (m != 0)
+                fg = torch.from_numpy(mask_foreground(read_mask(mpath), self.class_index))  # 0/255: 255 is class 1
                 mask = self._square(fg[None].float(), "nearest")
             self._cache[i] = (self._square(img, "bilinear"), mask)
         return self._cache[i]

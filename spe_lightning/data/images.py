@@ -36,6 +36,10 @@ __all__ = [
     "is_nifti",
     "read_image",
     "read_mask",
+    "mask_foreground",
+    "MASK_SUFFIXES",
+    "find_mask_file",
+    "check_mask_shape",
     "read_nifti_slices",
     "scale_percentile",
     "square_resize",
@@ -172,6 +176,39 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as im:
         m = np.asarray(im).astype(np.int64)
     return m.max(axis=-1) if m.ndim == 3 else m
+
+
+#: the suffixes a mask file may have beside its image's name
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+def find_mask_file(root: Path, source: str) -> Path | None:
+    """The mask of image ``source`` (a path relative to its folder) under ``root``: the same relative name, or the
+    same stem with a mask suffix (never a symbolic link); None when there is none."""
+    found = [root / source, *(root / Path(source).with_suffix(x) for x in MASK_SUFFIXES)]
+    return next((f for f in found if f.is_file() and not f.is_symlink()), None)
+
+
+def mask_foreground(mask: np.ndarray, foreground: int | None) -> np.ndarray:
+    """The boolean foreground of a class-index mask: ``== foreground`` (None: any non-zero class). An 8-bit binary
+    mask (only 0 and 255) counts 255 as class 1."""
+    if mask.size and mask.max() == 255 and np.isin(mask, (0, 255)).all():
+        mask = (mask == 255).astype(mask.dtype)
+    return (mask != 0) if foreground is None else (mask == foreground)
+
+
+def check_mask_shape(mask: np.ndarray, image: str | os.PathLike, what: str) -> None:
+    """Raise a ``ValueError`` naming both files when a 2D mask's height x width differs from its image's (a
+    resized, cropped or transposed mask would score the wrong pixels)."""
+    from PIL import Image
+
+    with Image.open(image) as im:
+        w, h = im.size
+    if tuple(mask.shape[:2]) != (h, w):
+        raise ValueError(
+            f"{what}: the mask is {mask.shape[0]}x{mask.shape[1]} (height x width) and its image {image} is {h}x{w}; "
+            "give masks at their images' size."
+        )
 
 
 def read_nifti_slices(

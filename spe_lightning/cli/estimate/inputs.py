@@ -22,10 +22,13 @@ from spe_lightning.data.images import (
     IMAGE_SUFFIXES,
     ImageLimits,
     ReadOptions,
+    check_mask_shape,
+    find_mask_file,
     fit_to_size,
     image_tensor,
     is_nifti,
     list_image_files,
+    mask_foreground,
     read_mask,
     read_nifti_slices,
 )
@@ -201,20 +204,30 @@ def load_model(
 
 
 def read_masks(
-    folder: str | Path, sources: Sequence[str], size: int | None, fg: int | None, resize: str = "pad"
+    folder: str | Path,
+    sources: Sequence[str],
+    size: int | None,
+    fg: int | None,
+    resize: str = "pad",
+    images: str | Path | None = None,
 ) -> list[Tensor]:
-    """The mask of every image (``folder/<same relative name>``), binary ``[1,S,S]`` at the images' size."""
+    """The mask of every image (``folder/<same relative name>``, any mask suffix), binary ``[1,S,S]`` at the images'
+    size; with ``images`` (their folder) each mask must have its image's height and width."""
     root = Path(folder)
-    missing = [s for s in sources if not (root / s).is_file() or is_nifti(s)]
+    paths = [None if is_nifti(s) else find_mask_file(root, s) for s in sources]
+    missing = [s for s, p in zip(sources, paths) if p is None]
     if missing:
         raise ValueError(
             f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}; each mask must have its "
-            "image's relative file name (images/a/b.png -> masks/a/b.png), or leave --masks out."
+            "image's relative file name, any suffix (images/a/b.tif -> masks/a/b.png), or leave --masks out."
         )
     out = []
-    for s in sources:
-        m = read_mask(root / s)
-        m = (m > 0) if fg is None else (m == fg)
+    for s, path in zip(sources, paths):
+        assert path is not None
+        m = read_mask(path)
+        if images is not None:
+            check_mask_shape(m, Path(images) / s, f"--masks {path}")
+        m = mask_foreground(m, fg)
         out.append(fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, resize, mode="nearest"))
     return out
 

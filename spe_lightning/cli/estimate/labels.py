@@ -16,12 +16,19 @@ import torch
 from torch import Tensor
 
 from spe_lightning.cli.estimate.outputs import csv_cell, write_file
-from spe_lightning.data.images import fit_to_size, is_nifti, read_mask
+from spe_lightning.data.images import (
+    MASK_SUFFIXES,
+    check_mask_shape,
+    find_mask_file,
+    fit_to_size,
+    is_nifti,
+    mask_foreground,
+    read_mask,
+)
 
 __all__ = ["MASK_SUFFIXES", "label_inputs", "label_outputs", "print_labels"]
 
 #: what --labelled-masks looks for, beside the image's own relative name
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 
 def label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None, est: Any) -> dict[str, Any]:
@@ -45,12 +52,12 @@ def label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None
     for pos, src in enumerate(sources):
         if is_nifti(src):
             raise ValueError("--labelled-masks: only for 2D images (the images include NIfTI volumes).")
-        found = [root / src, *(root / Path(src).with_suffix(x) for x in MASK_SUFFIXES)]
-        path = next((f for f in found if f.is_file() and not f.is_symlink()), None)
+        path = find_mask_file(root, src)
         if path is None:
             continue
         m = read_mask(path)
-        m = (m > 0) if fg is None else (m == fg)
+        check_mask_shape(m, Path(a.images) / src, f"--labelled-masks {path}")
+        m = mask_foreground(m, fg)
         masks[pos] = fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, a.resize, mode="nearest")
     if not masks:
         raise ValueError(f"--labelled-masks {root}: no mask named like any of the {len(sources)} images.")

@@ -175,7 +175,7 @@ def read_inputs(
         if a.masks is not None:
             if est.config.classes:
                 raise ValueError("--masks: only for binary estimators.")
-            masks = read_masks(a.masks, sources, size, est.config.foreground_class, opts.resize)
+            masks = read_masks(a.masks, sources, size, est.config.foreground_class, opts.resize, a.images)
             items = [{"image": i, "label": m} for i, m in zip(images, masks)]
             keys = ("image", "label")  # the items made here, whatever keys the run's own dataset used
     data = est.cache(items, a.name, *keys)

@@ -46,3 +46,21 @@ def test_binary_0_255_masks_read_as_class_1(tmp_path):
     a = FolderSegmentationDataset(tmp_path / "a", "train", class_index=1, image_size=16)[0]["label"]
     b = FolderSegmentationDataset(tmp_path / "b", "train", class_index=1, image_size=16)[0]["label"]
     assert a.sum() > 0 and (a == b).all()
+
+
+def test_the_estimate_clis_masks_match_by_stem_and_must_have_their_images_size(tmp_path):
+    from spe_lightning.cli.estimate.inputs import read_masks
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "t_masks").mkdir()
+    img = np.zeros((24, 32), np.uint16)
+    Image.fromarray(img).save(tmp_path / "images" / "a.tif")
+    m = np.zeros((24, 32), np.uint8)
+    m[4:10, 5:20] = 255
+    Image.fromarray(m).save(tmp_path / "masks" / "a.png")  # another suffix, 0/255
+    Image.fromarray(m.T.copy()).save(tmp_path / "t_masks" / "a.png")  # transposed
+    (out,) = read_masks(tmp_path / "masks", ["a.tif"], None, 1, "none", tmp_path / "images")
+    assert out.shape == (1, 24, 32) and int(out.sum()) == 6 * 15  # found by stem; 255 read as class 1
+    with pytest.raises(ValueError, match=r"the mask is 32x24 \(height x width\) and its image .*a.tif is 24x32"):
+        read_masks(tmp_path / "t_masks", ["a.tif"], None, 1, "none", tmp_path / "images")
