@@ -27,6 +27,7 @@ import torch
 
 from spe_lightning import SPECallback, SPEEstimator
 from spe_lightning.data.synthetic import SyntheticShapesDataset
+from spe_lightning.engine.predict import default_logits
 from spe_lightning.engine.shifts import subset
 from spe_lightning.models import SegmentationModel
 
@@ -63,7 +64,7 @@ def main() -> None:
     for pool_name, noise in (("clean", 0.05), ("noisy", 0.15)):
         pool = SyntheticShapesDataset(200, 64, seed=50 + int(noise * 100), noise=noise)
         data = est.cache([pool[i] for i in range(len(pool))], "pool")
-        masks, conf = est.predict(model, data, torch.device("cpu"))
+        masks, conf = est.predict(model, data, torch.device("cpu"), default_logits)
         for size in a.sizes:
             hit = {"rule": [], "none": []}
             width = {"rule": [], "none": []}

@@ -295,8 +295,9 @@ class SPEEstimator(EstimatorBase):
 
         Each chunk runs the flow of :meth:`estimate` on its own images (its own support set and reverse
         step; no target-styled interval model); its realised metrics (``true``) are reported when the images
-        came with masks. A chunk smaller than the calibration pairs' sets (as large as the training targets) gets
-        a wider interval and ``outside_calibrated_range`` (its mean varies more).
+        came with masks. A chunk smaller than every calibration pair's set (subsets as large as the training
+        targets, at most the calibration set's size minus one) gets a wider interval and
+        ``outside_calibrated_range`` (its mean varies more).
         """
         c = self.config
         data = self.cache(images, name, image_key, label_key)

@@ -177,7 +177,8 @@ def _chunks_section(chunks: dict[str, Any], level: float) -> list[str]:
     n_alerts = len(chunks.get("alerts", []))
     out.append(
         f"<p class='note'>{n_alerts} alert(s). Each chunk is estimated on its own (its images are the support "
-        "set); a chunk with fewer images than the training targets gets a wider interval (its mean varies more). "
+        "set); a chunk with fewer images than the calibration pairs' sets gets a wider interval (its mean varies "
+        "more). "
         "Per chunk and metric: chunks.csv.</p>"
     )
     return out
