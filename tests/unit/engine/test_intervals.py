@@ -83,6 +83,17 @@ def test_a_target_beyond_the_pairs_reach_gets_a_wider_interval_and_the_flag():
     assert unknown["outside_calibrated_range"] is None and unknown["upper"] - unknown["lower"] == pytest.approx(w_in)
 
 
+def test_a_feature_constant_on_the_calibration_set_does_not_blow_the_distance_up():
+    rng = np.random.default_rng(0)
+    cal = rng.normal(0.5, 0.05, (20, len(FEATURES)))
+    cal[:, 0] = 0.0  # the 10th percentile of zero-padded images: 0 on every calibration image
+    near = cal[:5] + rng.normal(0, 0.01, (5, len(FEATURES)))
+    near[:, 0] = 0.02  # a little blur at the padding's edge
+    d = set_distance(near, cal)
+    assert d is not None and d < 10  # was thousands: the constant feature was divided by 1e-6
+    assert set_distance(cal[:5] + 0.3, cal) > d  # a real difference still counts
+
+
 def test_nearest_set_distance_finds_the_pair_a_target_looks_like_whatever_the_farthest_pair():
     cal, same = _sets()
     fc, ids = _features(cal), list(cal.indices)
