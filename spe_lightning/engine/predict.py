@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -39,6 +40,18 @@ def model_device(model: nn.Module, device: torch.device | str | None = None) -> 
         return own
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Short hashes of a model's architecture (its state's names and shapes) and of its weights (their bytes): what
+    a fitted estimator records, so that another model, or other weights, are told apart from the fitted ones."""
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, Tensor):
+            continue
+        arch.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        weights.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"architecture": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
 
 
 def default_logits(module: nn.Module, images: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_datas
 from spe_lightning.engine.distance import diagonal, image_features, nearest_set_distance, set_distance
 from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.predict import LogitsFn, predict_labels
+from spe_lightning.engine.predict import LogitsFn, model_fingerprint, predict_labels
 from spe_lightning.engine.results import Estimate
 from spe_lightning.engine.spe_engine import SPEEngine
 from spe_lightning.estimator.fitted import FittedSPE
@@ -248,6 +248,30 @@ class EstimatorBase:
             c.foreground_class,
             c.class_indices or None,
         )
+
+    def compare_model(self, model: nn.Module) -> dict[str, str | None]:
+        """``model`` against the one the estimator was fitted with: ``verdict`` ``"same"`` (its final weights),
+        ``"other_weights"`` (the same architecture, other weights: another checkpoint or run, so the anchor, the
+        calibration score at the fitted weights, does not hold for it), ``"other_architecture"`` or
+        ``"not_recorded"`` (files from before the fingerprint); ``message`` says what it means (None when same)."""
+        stored = self.info.get("model_fingerprint")
+        if not isinstance(stored, Mapping):
+            return {"verdict": "not_recorded", "message": None}
+        now = model_fingerprint(model)
+        if now["architecture"] != stored.get("architecture"):
+            return {
+                "verdict": "other_architecture",
+                "message": "the model's parameters differ in names or shapes from the model this estimator was fitted "
+                "with: it belongs to another model (pass the checkpoint of the training run that wrote the estimator)",
+            }
+        if now["weights"] != stored.get("weights"):
+            return {
+                "verdict": "other_weights",
+                "message": "the model has other weights than the final ones this estimator was fitted at (another "
+                "checkpoint, or another run of the same architecture): its estimates are anchored on the calibration "
+                "score of the fitted weights and may be off by their difference",
+            }
+        return {"verdict": "same", "message": None}
 
     def check_2d(self, data: CachedSet) -> None:
         """Raise for 3D data: per-case scores are for 2D images."""

@@ -142,7 +142,10 @@ class SPEEstimator(EstimatorBase):
         data = self.cache(images, "target", image_key, label_key)
         if data.volumetric:  # the statistics are of 2D images; a 3D run stores none
             why = "the input check compares 2D images; these are 3D volumes (compare their intensities yourself)"
-            return {"verdict": "not_compared", "checks": [], "not_compared": [why], "warnings": []}
+            model_check = self.compare_model(model)
+            warned = [model_check["message"] + "."] if model_check["message"] else []
+            return {"verdict": "not_compared", "checks": [], "not_compared": [why], "warnings": warned,
+                    "model": model_check}  # fmt: skip
         stored = self.info.get("input_summary")
         shape = self.info.get("input_shape")
         want = set(stored["channels"]) if stored and stored.get("channels") else {int(shape[0])} if shape else None
@@ -163,6 +166,9 @@ class SPEEstimator(EstimatorBase):
         out = compare_inputs(stored, new, ref_border, None if written in (None, "", "unknown") else str(written))
         out["n_images"] = len(data)
         out["n_calibration"] = int(stored["n"]) if stored else None
+        out["model"] = self.compare_model(model)
+        if out["model"]["message"]:
+            out["warnings"].append(out["model"]["message"] + ".")
         return out
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from spe_lightning.engine.cached_set import CachedSet, SizedDataset
 from spe_lightning.engine.frozen import json_form
 from spe_lightning.engine.input_check import input_summary
 from spe_lightning.engine.mapping import MetricMapping
-from spe_lightning.engine.predict import LogitsFn, default_logits, model_device
+from spe_lightning.engine.predict import LogitsFn, default_logits, model_device, model_fingerprint
 from spe_lightning.engine.records import CALIBRATION, Record, series
 from spe_lightning.engine.results import estimates_to_dict
 from spe_lightning.engine.run_report import SPEReport
@@ -103,6 +103,7 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
         info["input_shape"] = [int(s) for s in cal.inputs[0].shape]
     if model is not None:
         info["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+        info["model_fingerprint"] = model_fingerprint(model)  # the final weights the estimator was fitted at
     anchor: dict[str, Any] | None = None
     if report.anchor_intervals is not None:
         anchor = {

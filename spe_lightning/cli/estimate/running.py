@@ -212,6 +212,8 @@ def check_inputs(
             + (f" for the classes {est.config.classes}" if est.config.classes else "")
             + "."
         ) from err
+    if check["model"]["verdict"] == "other_architecture":
+        raise ValueError(f"--ckpt {a.ckpt}: {check['model']['message']}.")
     check["reading"] = reading(a, opts)
     report_input_check(check)
     return check

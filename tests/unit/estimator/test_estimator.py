@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -66,6 +67,28 @@ def test_a_set_smaller_than_the_calibrated_ones_gets_a_wider_flagged_interval(fi
     assert few.outside_calibrated_range and "4 images, fewer than the calibrated sets'" in few.range_note
     wide, base = few.upper - few.lower, whole.upper - whole.lower
     assert wide > base  # the same pairs' model, the half-width times sqrt(smallest / 4) (before clipping to [0, 1])
+
+
+def test_the_input_check_tells_the_fitted_model_from_other_weights_and_another_architecture(fitted):
+    import copy
+
+    from spe_lightning.models import SegmentationModel
+
+    cb, model, dm = fitted
+    est = SPEEstimator.load(cb.estimator_path)
+    images = dm.targets["target"]
+    assert est.check_inputs(model, images)["model"] == {"verdict": "same", "message": None}
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)  # another checkpoint of the same network
+    check = est.check_inputs(other, images)
+    assert check["model"]["verdict"] == "other_weights" and any("other weights" in w for w in check["warnings"])
+    narrow = SegmentationModel(channels=(4, 8, 16), strides=(2, 2))  # another run's architecture
+    assert est.check_inputs(narrow, images)["model"]["verdict"] == "other_architecture"
+    older = SPEEstimator(
+        dataclasses.replace(est.fitted, info={k: v for k, v in est.info.items() if k != "model_fingerprint"})
+    )
+    assert older.compare_model(model)["verdict"] == "not_recorded"
 
 
 def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
