@@ -124,6 +124,13 @@ def _clip(lo: float, hi: float, bounds: tuple[float, float] | None) -> tuple[flo
     return min(max(lo, bounds[0]), bounds[1]), max(min(hi, bounds[1]), bounds[0])
 
 
+def _no_spread(y: np.ndarray) -> bool:
+    """Whether every labelled value is the same: their variance is 0, and an interval sized by it would have width
+    0 whatever the unlabelled cases hold (10 labelled cases all at recall 1 said recall 1.000 [1.000, 1.000] against
+    a true 0.999). Such an interval spans the metric's range instead: the labels cannot size it."""
+    return bool(np.ptp(y) == 0.0)
+
+
 def _interval(
     center: float, var: float, df: float, level: float, bounds: tuple[float, float] | None
 ) -> tuple[float, float]:
@@ -232,6 +239,8 @@ def ppi_mean(
         var += w * w * float(f_u.var(ddof=1)) / m
     lo, hi = _interval(center, var, dof, level, bounds)
     c, c_lo, c_hi = classical_mean(y, level, total if finite_population else None, bounds)
+    if _no_spread(y) and bounds is not None and m > 0:  # every label equal (recall 1): nothing sizes an interval
+        (lo, hi), (c_lo, c_hi) = bounds, bounds
     return PPIResult(
         estimate=center,
         lower=lo,
@@ -417,6 +426,8 @@ def stratified_ppi_mean(
         var, df = float(sum(terms)), _satterthwaite(terms, dfs)
     lo, hi = _interval(center, var, df, level, bounds)
     c_lo, c_hi = _interval(c_center, float(sum(c_terms)), _satterthwaite(c_terms, dfs), level, bounds)
+    if _no_spread(y) and bounds is not None and n < n_all:  # as in ppi_mean
+        (lo, hi), (c_lo, c_hi) = bounds, bounds
     return PPIResult(
         estimate=center,
         lower=lo,

@@ -192,3 +192,12 @@ def test_stratified_coverage_by_simulation() -> None:
         res = stratified_ppi_mean(f, d.strata, d.chosen, y[d.chosen], level=0.9)
         hits.append(res.lower <= truth <= res.upper)
     assert 0.87 <= np.mean(hits) <= 0.95
+
+
+def test_labels_without_spread_size_no_interval_so_it_spans_the_range() -> None:
+    f_u = np.full(40, 0.97)
+    res = ppi_mean(f_u, np.full(10, 0.99), np.ones(10))  # 10 labelled cases, every one at recall 1
+    assert res.estimate == pytest.approx(1.0, abs=0.03)
+    assert (res.lower, res.upper) == (0.0, 1.0) and (res.classical_lower, res.classical_upper) == (0.0, 1.0)
+    spread = ppi_mean(f_u, np.full(10, 0.99), np.r_[np.ones(9), 0.9])  # one differs: an interval again
+    assert 0.0 < spread.lower < spread.upper <= 1.0
