@@ -278,6 +278,29 @@ table{display:block;max-width:100%;overflow-x:auto}.meta{overflow-wrap:anywhere}
 """
 
 
+def _labelled_section(labelled: dict[str, Any] | None, level: float) -> list[str]:
+    """The prediction-powered estimates of a few labelled cases (``estimate.json``'s ``labelled``), if any."""
+    metrics = (labelled or {}).get("metrics") or {}
+    if not metrics:
+        return []
+    rows = "".join(
+        f"<tr><td>{html.escape(METRIC_LABELS.get(m, m))}</td><td>{_f(r.get('estimate'))}</td>"
+        f"<td>{_f(r.get('lower'))} – {_f(r.get('upper'))}</td><td>{_f(r.get('classical'))}</td>"
+        f"<td>{_f(r.get('classical_lower'))} – {_f(r.get('classical_upper'))}</td>"
+        f"<td>{_f(r.get('lambda'), 2)}</td></tr>"
+        for m, r in metrics.items()
+    )
+    n = (labelled or {}).get("n_labels")
+    return [
+        f"<h2>Estimates with {html.escape(str(n))} labelled cases</h2>",
+        f"<table><tr><th>metric</th><th>prediction-powered</th><th>{level:.0%} interval</th><th>labelled only</th>"
+        f"<th>{level:.0%} interval</th><th>λ</th></tr>{rows}</table>",
+        "<p class='note'>The labelled cases' real scores combined with SPE's per-case estimates of every case "
+        "(prediction-powered inference); the interval holds whatever SPE's bias, for labelled cases drawn at "
+        "random (docs/few_labels.md).</p>",
+    ]
+
+
 def write_html_report(
     path: str | Path,
     summary: dict[str, Any],
@@ -323,16 +346,19 @@ def write_html_report(
     parts.append("<h2>1. Estimated performance on these images</h2>")
     if est:
         parts.append(f"<img alt='estimates' src='data:image/png;base64,{_png(estimate_figure(est, level))}'>")
+        true = summary.get("true") or {}  # the images came with masks: the realised score beside each estimate
         rows = "".join(
             f"<tr><td>{html.escape(METRIC_LABELS.get(m, m))}</td><td>{_f(e.get('value'))}</td>"
             f"<td>{_f(e.get('lower'))} – {_f(e.get('upper'))}</td><td>{_f(e.get('pseudo'))}</td>"
-            f"<td>{html.escape(_estimate_note(e))}</td></tr>"
+            + (f"<td>{_f(true.get(m))}</td>" if true else "")
+            + f"<td>{html.escape(_estimate_note(e))}</td></tr>"
             for m, e in est.items()
         )
         parts.append(
             f"<table><tr><th>metric</th><th>estimate</th><th>{level:.0%} interval</th>"
-            f"<th>pseudo value</th><th>note</th></tr>{rows}</table>"
+            f"<th>pseudo value</th>{'<th>true (masks)</th>' if true else ''}<th>note</th></tr>{rows}</table>"
         )
+    parts.extend(_labelled_section(summary.get("labelled"), level))
     parts.append(
         "<p class='note'>The estimate is the model's expected <i>average</i> score on this set, inferred without "
         "labels: the predicted masks of these images are used to segment labelled reference images, and how "

@@ -29,3 +29,18 @@ def test_report_html_says_what_widened_an_interval(tmp_path):
     assert "outside the calibrated range" in row["dice"] and "interval reaches 0.700" in row["dice"]
     assert "reaches" not in row["iou"]  # inside its interval: it widened nothing
     assert "unreliable: too wide" in row["hd95"]
+
+
+def test_report_html_shows_the_truth_and_the_prediction_powered_estimates(tmp_path):
+    from spe_lightning.reporting.html import write_html_report
+
+    est = {"dice": {"value": 0.6, "lower": 0.5, "upper": 0.7, "pseudo": 0.55, "reason": None}}
+    ppi = {"estimate": 0.586, "lower": 0.555, "upper": 0.616, "classical": 0.51, "classical_lower": 0.44,
+           "classical_upper": 0.57, "lambda": 0.8}  # fmt: skip
+    summary = {"n_images": 40, "estimates": est, "true": {"dice": 0.582},
+               "labelled": {"n_labels": 10, "metrics": {"dice": ppi}}}  # fmt: skip
+    page = write_html_report(tmp_path / "r.html", summary, []).read_text()
+    assert "<th>true (masks)</th>" in page and "<td>0.582</td>" in page
+    assert "Estimates with 10 labelled cases" in page and "<td>0.586</td>" in page and "0.555 – 0.616" in page
+    plain = write_html_report(tmp_path / "p.html", {"n_images": 40, "estimates": est}, []).read_text()
+    assert "true (masks)" not in plain and "labelled cases</h2>" not in plain
