@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the estimator's reverse segmenter download its weights (UniverSeg) when they are not found locally",
     )
-    p.add_argument("--name", default="target", help="the set's name (seeds the support order; default 'target')")
+    p.add_argument(
+        "--name",
+        default="target",
+        help="the set's name (default 'target'): it seeds the support order, and a training target's name also "
+        "reuses that target's interval model (with its target-styled pair), so --name site_b reproduces the "
+        "training report's estimate of site_b",
+    )
     p.add_argument(
         "--image-size", type=_positive(int), default=None, help="model input side (default: from the estimator)"
     )
