@@ -21,6 +21,7 @@ from spe_lightning.engine.run_report import SPEReport
 from spe_lightning.lightning import schedule
 from spe_lightning.lightning.distributed import shard
 from spe_lightning.lightning.publishing import Publisher, report_dir
+from spe_lightning.lightning.resume import adopt_other_settings_state, reused_for_another_training
 from spe_lightning.lightning.rng import users_rng_kept
 from spe_lightning.lightning.settings import resolve_settings
 from spe_lightning.monitoring.alerts import AlertEvent
@@ -158,31 +159,16 @@ class SPECallback(Callback):
         self._adopt_other_settings_state(states)
 
     def _adopt_other_settings_state(self, states: dict[str, Any]) -> None:
-        """A checkpoint's one SPE state saved under other settings: continued when only ``seed`` or
-        ``every_n_epochs`` differ (:meth:`load_state_dict` then warns with them), else said to start over (its
-        records came from another reverse step, metrics or support size: not comparable)."""
-        prefix = f"{type(self).__qualname__}{{"
-        others = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
-        if len(others) != 1:
-            return  # none, or several SPE callbacks in the checkpoint: each keeps its own
-        c, saved = self.config, states[others[0]]
-        saved_cfg = (saved.get("config") or {}) if isinstance(saved, dict) else {}
-        continued = self._generate_state_key(
-            segmenter=self._segmenter_label,
-            metrics=c.metrics,
-            support_size=c.support_size,
-            seed=saved_cfg.get("seed", c.seed),
-            every_n_epochs=saved_cfg.get("every_n_epochs", c.every_n_epochs),
-        )
-        if others[0] == continued:
-            states[self.state_key] = saved
-            return
-        changed = [k for k in c.changed_from(saved_cfg) if k not in ("seed", "every_n_epochs")]
-        rank_zero_warn(
-            f"SPECallback: the checkpoint's SPE records were made with another reverse segmenter, metrics or support "
-            f"size ({', '.join(changed) or 'segmenter'}); their pseudo metrics are not comparable with this run's, "
-            "so SPE starts its records over from this epoch."
-        )
+        c = self.config
+
+        def key_for(saved: Mapping[str, Any]) -> str:  # this callback's key with the saved seed and schedule
+            seed, every = saved.get("seed", c.seed), saved.get("every_n_epochs", c.every_n_epochs)
+            return self._generate_state_key(segmenter=self._segmenter_label, metrics=c.metrics,
+                                            support_size=c.support_size, seed=seed, every_n_epochs=every)  # fmt: skip
+
+        warning = adopt_other_settings_state(states, f"{type(self).__qualname__}{{", self.state_key, key_for, c)
+        if warning:
+            rank_zero_warn(warning)
 
     def state_dict(self) -> dict[str, Any]:
         return self.run.state_dict()
@@ -247,21 +233,9 @@ class SPECallback(Callback):
         if not self.run.prepared:
             self.run.prepare(*self._resolve_datasets(trainer))
             rank_zero_info(self.run.describe())
-        else:
-            self._start_over_for_a_new_training(trainer)
-
-    def _start_over_for_a_new_training(self, trainer: pl.Trainer) -> None:
-        """A callback reused for another training (not a resume, not the same Trainer going on): its records are
-        of the earlier one, so SPE starts over, and says so."""
-        if not self.records or trainer.ckpt_path is not None or trainer.current_epoch > self.records[-1].epoch:
-            return
-        rank_zero_warn(
-            f"SPECallback: this fit starts at epoch {trainer.current_epoch} while the callback holds "
-            f"{len(self.records)} records of an earlier training (up to epoch {self.records[-1].epoch}); SPE "
-            "starts over for this one (the earlier report files stay). Use one SPECallback per training, or "
-            "resume with ckpt_path= to continue."
-        )
-        self.run.start_over()
+        elif warning := reused_for_another_training(trainer, self.records):
+            rank_zero_warn(warning)
+            self.run.start_over()
 
     def _resolve_datasets(
         self, trainer: pl.Trainer
