@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from spe_lightning.config import MAX_AUTO_WORKING_SIZE, SPEConfig
-from spe_lightning.data.adapters import require_map_dataset, require_targets, split_item
+from spe_lightning.data.adapters import require_map_dataset, require_targets
 from spe_lightning.engine.agreement import AGREEMENT_K, MaskHistory
-from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset
+from spe_lightning.engine.cached_set import CachedSet, SizedDataset, cache_dataset, split_named
 from spe_lightning.engine.distance import diagonal
 from spe_lightning.engine.predict import LogitsFn, default_logits
 from spe_lightning.engine.records import CALIBRATION, Record, fit_and_estimate
@@ -60,7 +60,7 @@ def auto_working_size(dataset: SizedDataset, config: SPEConfig) -> int:
     :data:`~spe_lightning.config.MAX_AUTO_WORKING_SIZE` and at least 16, so SPE never works above the images' size."""
     if len(dataset) == 0:
         return MAX_AUTO_WORKING_SIZE
-    image, _ = split_item(dataset[0], config.image_key, config.label_key)
+    image, _ = split_named(dataset[0], config.image_key, config.label_key, "calibration item 0")
     side = max(int(image.shape[-1]), int(image.shape[-2])) if image.ndim >= 2 else MAX_AUTO_WORKING_SIZE
     return max(16, min(MAX_AUTO_WORKING_SIZE, side))
 
@@ -270,6 +270,7 @@ class SPERun(RunSteps):
         taken as final); otherwise ``model`` is evaluated once more as ``epoch``/``step``.
         """
         self.pairs = []  # measured anew at this fit's final weights (a reused run must not keep old ones)
+        self.records = [r.as_final(False) if r.final else r for r in self.records]  # one final record per run
         if self.records and (step is None or self.records[-1].step == step):
             self.records[-1] = self.records[-1].as_final()  # the run owns its list: a new record, none edited
         else:

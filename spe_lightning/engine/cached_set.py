@@ -9,7 +9,7 @@ class of ``classes``) for several.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +52,7 @@ class CachedSet:
     gray: Tensor  # float [U,1,w,w] in [0,1]: what the reverse segmenter sees
     indices: list[int] = field(default_factory=list)  # positions in the source dataset
     units: list[tuple[int, int]] = field(default_factory=list)  # (item position, slice or -1) per gray row
+    ids: list[str] = field(default_factory=list)  # dict items' own "id"s, when every item has one (else empty)
 
     def __post_init__(self) -> None:
         if not self.indices:
@@ -183,19 +184,17 @@ def cache_dataset(
     masks: list[Tensor] = []
     gray: list[Tensor] = []
     units: list[tuple[int, int]] = []
+    ids: list[str] = []
     has_mask = True
     size = (working_size, working_size)
     dims = None
     flat: Tensor | None = None
     for pos, i in enumerate(idx):
         where = f"{name} item {i}"
-        try:
-            image, mask = split_item(dataset[i], image_key, label_key)
-        except KeyError as err:  # name the set: image_key/label_key apply to every set
-            raise KeyError(
-                f"SPE {where}: {err.args[0]} image_key and label_key apply to every set, so all sets' items "
-                "need the same keys."
-            ) from err
+        item = dataset[i]
+        image, mask = split_named(item, image_key, label_key, where)
+        if isinstance(item, Mapping) and isinstance(item.get("id"), str):
+            ids.append(item["id"])
         image = _as_item_image(image, spatial_dims, where)
         if dims is None:
             dims = image.ndim - 1
@@ -229,4 +228,15 @@ def cache_dataset(
             f"The SPE {name} dataset must return masks: items need (image, mask) or a {label_key!r} key{keys}.{hint}"
         )
     g = flat if flat is not None else torch.cat(gray) if gray else torch.zeros(0, 1, *size)
-    return CachedSet(name, inputs, masks if has_mask else None, g, idx, units)
+    return CachedSet(name, inputs, masks if has_mask else None, g, idx, units, ids if len(ids) == len(idx) else [])
+
+
+def split_named(item: Any, image_key: str, label_key: str, where: str) -> tuple[Tensor, Tensor | None]:
+    """:func:`~spe_lightning.data.adapters.split_item` whose key error names the set and item (``where``)."""
+    try:
+        return split_item(item, image_key, label_key)
+    except KeyError as err:  # image_key/label_key apply to every set: say which set's items lack them
+        raise KeyError(
+            f"SPE {where}: {err.args[0]} image_key and label_key apply to every set, so all sets' items "
+            "need the same keys."
+        ) from err

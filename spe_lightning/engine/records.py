@@ -70,9 +70,9 @@ class Record:
             raise KeyError(f"a record has no {kind!r}; it holds {KINDS}.")
         return getattr(self, kind) or MappingProxyType({})
 
-    def as_final(self) -> Record:
-        """This record marked as the one at the final weights (a new record)."""
-        return dataclasses.replace(self, final=True)
+    def as_final(self, final: bool = True) -> Record:
+        """This record marked as the one at the final weights (a new record); ``False``: no longer the final one."""
+        return dataclasses.replace(self, final=final)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts and lists, in the key order records have always had in ``spe_report.json``."""

@@ -113,4 +113,7 @@ def subset(data: CachedSet, positions: Sequence[int], name: str) -> CachedSet:
     rows.sort(key=lambda r: (new[data.units[r][0]], data.units[r][1]))
     units = [(new[data.units[r][0]], data.units[r][1]) for r in rows]
     masks = None if data.masks is None else [data.masks[i] for i in pos]
-    return CachedSet(name, [data.inputs[i] for i in pos], masks, data.gray[rows], [data.indices[i] for i in pos], units)
+    ids = [data.ids[i] for i in pos] if data.ids else []
+    return CachedSet(
+        name, [data.inputs[i] for i in pos], masks, data.gray[rows], [data.indices[i] for i in pos], units, ids
+    )

@@ -100,7 +100,7 @@ class SPEEstimator(EstimatorBase):
         name: str | None = None,
     ) -> tuple[list[CaseRow], float | None]:
         real = per_case_dice(masks, data.masks) if data.masks is not None else None
-        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in data.indices]
+        ids = [str(i) for i in ids] if ids is not None else data.ids or [str(i) for i in data.indices]
         scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real, name), device, progress)
         return list(scoring.rows), scoring.threshold
 
@@ -141,7 +141,7 @@ class SPEEstimator(EstimatorBase):
         """
         data = self.cache(images, "target", image_key, label_key)
         if data.volumetric:  # the statistics are of 2D images; a 3D run stores none
-            why = "the input check compares 2D images; these are 3D volumes (compare their intensities yourself)"
+            why = "every statistic: the input check compares 2D images; these are 3D volumes (compare them yourself)"
             model_check = self.compare_model(model)
             warned = [model_check["message"] + "."] if model_check["message"] else []
             return {"verdict": "not_compared", "checks": [], "not_compared": [why], "warnings": warned,
@@ -197,7 +197,8 @@ class SPEEstimator(EstimatorBase):
                 (``"target"`` for a single dataset) to reproduce the in-training estimate exactly.
             per_case: also compute per-case quality scores and flags (None: for 2D images, not for 3D volumes,
                 whose per-case scores do not exist; True on volumes raises).
-            ids: one id per image for the per-case rows (default: positions).
+            ids: one id per image for the per-case rows (default: the dict items' ``"id"`` when every item has
+                one, else positions).
             logits_fn: ``fn(model, images) -> logits`` as given to the callback.
             device: where to run (default: the model's device).
             image_key, label_key: keys of dict items (default: the run's, ``SPEConfig.image_key``/``label_key``).

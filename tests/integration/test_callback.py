@@ -394,4 +394,4 @@ def test_a_callback_reused_for_another_training_starts_over_and_the_same_trainer
         trainer.fit(net, loader(ref, 4))
     trainer.fit_loop.max_epochs = 4  # the same Trainer going on: its records continue
     trainer.fit(net, loader(ref, 4))
-    assert [r.epoch for r in cb.records] == [0, 1, 2, 3]
+    assert [r.epoch for r in cb.records] == [0, 1, 2, 3] and [r.final for r in cb.records] == [False] * 3 + [True]

@@ -176,7 +176,7 @@ def report_input_check(check: dict[str, Any]) -> None:
         )
     if check["not_compared"]:
         what = sorted({n.split(":")[0] for n in check["not_compared"]})
-        why = check["not_compared"][0].split(": ", 1)[1]
+        why = check["not_compared"][0].split(": ", 1)[-1]  # "<what>: <why>"
         print(f"spe-lightning estimate: input check: not compared: {', '.join(what)} ({why})", file=sys.stderr)
 
 

@@ -46,6 +46,9 @@ def test_a_wrong_image_key_in_one_set_names_that_set():
     ref, cal, _ = sets()
     with pytest.raises(KeyError, match=r"SPE site_b item 0: Dataset item has no key 'image'.*apply to every set"):
         tiny_spe().run.prepare(ref, cal, {"site_b": OtherKeys()})
+    # the calibration set read first for the working size (working_size=None) names itself too
+    with pytest.raises(KeyError, match=r"SPE calibration item 0: Dataset item has no key 'image'.*apply to every"):
+        tiny_spe(working_size=None).run.prepare(ref, OtherKeys(), {"site_b": OtherKeys()})
 
 
 def test_dict_items_with_the_mask_under_another_key_are_told_which_label_key_to_set():

@@ -91,6 +91,16 @@ def test_the_input_check_tells_the_fitted_model_from_other_weights_and_another_a
     assert older.compare_model(model)["verdict"] == "not_recorded"
 
 
+def test_per_case_rows_take_the_items_own_ids(fitted):
+    cb, model, dm = fitted
+    est = SPEEstimator.load(cb.estimator_path)
+    target = dm.targets["target"]
+    named = [{**target[i], "id": f"B11_{i:03d}"} for i in range(4)]
+    assert [c.id for c in est.estimate(model, named).cases] == ["B11_000", "B11_001", "B11_002", "B11_003"]
+    assert [c.id for c in est.estimate(model, named, ids=list("abcd")).cases] == list("abcd")  # given ids win
+    assert [c.id for c in est.estimate(model, [target[i] for i in range(4)]).cases] == ["0", "1", "2", "3"]
+
+
 def test_per_case_calibration_is_stored_and_applied(fitted, tmp_path):
     cb, model, dm = fitted
     est = SPEEstimator.load(cb.estimator_path)
