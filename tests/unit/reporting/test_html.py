@@ -44,3 +44,11 @@ def test_report_html_shows_the_truth_and_the_prediction_powered_estimates(tmp_pa
     assert "Estimates with 10 labelled cases" in page and "<td>0.586</td>" in page and "0.555 – 0.616" in page
     plain = write_html_report(tmp_path / "p.html", {"n_images": 40, "estimates": est}, []).read_text()
     assert "true (masks)" not in plain and "labelled cases</h2>" not in plain
+
+
+def test_the_input_check_line_reads_any_not_compared_reason(capsys):
+    from spe_lightning.cli.estimate.outputs import report_input_check
+
+    for reason in ("every statistic: these are 3D volumes", "a reason without a colon"):
+        report_input_check({"verdict": "not_compared", "checks": [], "not_compared": [reason], "warnings": []})
+        assert "input check: not compared" in capsys.readouterr().err
