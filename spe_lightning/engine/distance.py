@@ -80,14 +80,16 @@ def image_features(data: CachedSet, masks: Sequence[Tensor], confidence: Tensor)
 
 
 #: the smallest spread a feature is standardised by, in its own units (intensities and fractions in [0, 1]; the
-#: Laplacian and gradient means are about 0.005-0.1 on gray rows): a feature (nearly) constant on the calibration
-#: set, as the 10th percentile of zero-padded images is, would otherwise turn a small difference into thousands
-#: of standard deviations. Far below the spreads of real calibration sets (JSRT's smallest: 0.0056)
-SD_FLOOR = np.array([0.01, 0.01, 0.01, 0.01, 0.001, 0.001, 0.01, 0.01])
+#: Laplacian and gradient means are about 0.005-0.1 on gray rows): a feature constant on the calibration set, as
+#: the 10th percentile of zero-padded images is, would otherwise turn a small difference into thousands of standard
+#: deviations. A tenth or less of the smallest spread of the calibration sets measured (JSRT's Laplacian 0.0056, the
+#: demo phantoms' std 0.0062), so their distances are unchanged
+SD_FLOOR = np.array([0.001, 0.001, 0.001, 0.001, 0.0001, 0.0001, 0.001, 0.001])
 
 
 def _standardise(x: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mu, sd = calibration.mean(0), np.maximum(calibration.std(0), SD_FLOOR)
+    floor = SD_FLOOR if calibration.shape[1] == len(SD_FLOOR) else SD_FLOOR.min()  # other feature sets: the least
+    mu, sd = calibration.mean(0), np.maximum(calibration.std(0), floor)
     return (x - mu) / sd, (calibration - mu) / sd
 
 
