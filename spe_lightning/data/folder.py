@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from spe_lightning.data.images import (
     IMAGE_SUFFIXES,
     ReadOptions,
+    is_dicom,
     mask_foreground,
     read_image_array,
     read_mask,
@@ -83,7 +84,7 @@ class FolderSegmentationDataset(Dataset):
             raise FileNotFoundError(f"No image folder {folder}; expected the layout <root>/<split>/images/<id>.png.")
         self.split, self.class_index, self.image_size = split, class_index, int(image_size)
         self.augment, self.keep_aspect = augment, keep_aspect
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p))
         if groups is not None:
             meta = read_meta(self.root)
             wanted = set(groups)
@@ -92,7 +93,7 @@ class FolderSegmentationDataset(Dataset):
             raise ValueError(
                 f"No images found in {folder}"
                 + (f" for groups {list(groups)} (the 'group' column of {self.root / 'meta.csv'})" if groups else "")
-                + f"; expected files with the suffixes {', '.join(IMAGE_SUFFIXES)}."
+                + f"; expected files with the suffixes {', '.join(IMAGE_SUFFIXES)} or .dcm."
             )
         self.ids = [p.stem for p in self.images]
         self.labelled = self._check_masks(require_masks)

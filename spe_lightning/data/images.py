@@ -34,6 +34,10 @@ __all__ = [
     "ImageLimits",
     "is_image_file",
     "is_nifti",
+    "is_dicom",
+    "read_dicom_array",
+    "image_shape",
+    "DICOM_SUFFIXES",
     "read_image",
     "read_mask",
     "mask_foreground",
@@ -48,6 +52,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 #: PIL modes read as 8-bit (divided by 255); every other mode is scaled between percentiles
 _EIGHT_BIT = ("1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La", "PA", "RGBa")
 
@@ -101,8 +106,53 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def is_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a DICOM file (``.dcm``, ``.dicom``)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_nifti(path)
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_nifti(path) or is_dicom(path)
+
+
+def read_dicom_array(path: str | os.PathLike, limits: ImageLimits | None = None) -> np.ndarray:
+    """A single-frame DICOM image as float32 ``[H,W]`` (or ``[H,W,3]``) in its modality's units: the stored values
+    through ``RescaleSlope``/``RescaleIntercept`` (Hounsfield units for CT), MONOCHROME1 inverted so that bright
+    means dense as in MONOCHROME2. Needs ``pydicom`` (``pip install 'spe-lightning[dicom]'``); a multi-frame file is
+    refused (read its frames with your own ``--dataset``)."""
+    path = Path(path)
+    try:
+        import pydicom
+    except ImportError as err:
+        raise ImportError(f"{path.name}: reading DICOM needs pydicom: pip install 'spe-lightning[dicom]'.") from err
+    try:
+        ds = pydicom.dcmread(path)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise ValueError(f"a multi-frame DICOM ({frames} frames); read its frames with your own --dataset")
+        _check_voxels(path, (int(ds.Rows), int(ds.Columns)), limits)
+        arr = np.asarray(ds.pixel_array, dtype=np.float32)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from err
+    except Exception as err:  # not DICOM, truncated, a compression without its decoder...
+        raise ValueError(f"cannot read the DICOM file {path.name}: {type(err).__name__}: {err}") from err
+    arr = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        arr = arr.max() + arr.min() - arr
+    return arr
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of a 2D image file (DICOM: its header only)."""
+    if is_dicom(path):
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
 
 
 def scale_percentile(x: np.ndarray) -> np.ndarray:
@@ -143,6 +193,9 @@ def read_image_array(
 
     ReadOptions(intensity=intensity, channels=channels)  # validates
     path = Path(path)
+    if is_dicom(path):  # stored values in the modality's units: scaled like 16-bit images, or kept ("none")
+        x = _channels(read_dicom_array(path, limits), channels)
+        return np.ascontiguousarray(x, dtype=np.float32) if intensity in ("none", "divide") else scale_percentile(x)
     cap = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb cap: raised with ours, never lowered
     try:
         if limits is not None and cap is not None and limits.max_voxels > cap:
@@ -200,10 +253,7 @@ def mask_foreground(mask: np.ndarray, foreground: int | None) -> np.ndarray:
 def check_mask_shape(mask: np.ndarray, image: str | os.PathLike, what: str) -> None:
     """Raise a ``ValueError`` naming both files when a 2D mask's height x width differs from its image's (a
     resized, cropped or transposed mask would score the wrong pixels)."""
-    from PIL import Image
-
-    with Image.open(image) as im:
-        w, h = im.size
+    h, w = image_shape(image)
     if tuple(mask.shape[:2]) != (h, w):
         raise ValueError(
             f"{what}: the mask is {mask.shape[0]}x{mask.shape[1]} (height x width) and its image {image} is {h}x{w}; "
@@ -286,7 +336,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def list_image_files(folder: str | os.PathLike, limits: ImageLimits | None = None) -> list[Path]:
-    """The image files (PNG/JPEG/TIFF/BMP/NIfTI) under ``folder``, recursively, sorted.
+    """The image files (PNG/JPEG/TIFF/BMP/DICOM/NIfTI) under ``folder``, recursively, sorted.
 
     Only regular files inside ``folder`` are read: a symbolic link (to a file or a folder) whose
     target lies outside ``folder`` is refused with an error naming it; links to folders are not

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images",
         required=True,
-        help="folder of images (PNG/JPEG/TIFF/BMP, NIfTI slices); only regular files inside it are read",
+        help="folder of images (PNG/JPEG/TIFF/BMP, DICOM, NIfTI slices); only regular files inside it are read",
     )
     p.add_argument("--out", required=True, help="output folder for estimate.json, cases.csv, report.html")
     p.add_argument(

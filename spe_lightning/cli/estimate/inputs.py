@@ -67,7 +67,7 @@ def read_image_folder(
     files = list_image_files(folder, limits)
     if not files:
         raise ValueError(
-            f"--images {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)}, .nii, .nii.gz, "
+            f"--images {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)}, .dcm, .nii, .nii.gz, "
             "in sub-folders too); give the folder that holds the image files, or --dataset to read other formats."
         )
     ids: list[str] = []
