@@ -15,6 +15,7 @@ callback reported after fit (same support order, reverse step and G).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,16 @@ class SPEEstimator(EstimatorBase):
             )
             if progress is not None:
                 progress(1)
+        small = sorted({r["n_images"] for r in rows if any(e.widened_by_size for e in r["estimates"].values())})
+        if small:
+            calibrated = next(e.pairs_n_images for r in rows for e in r["estimates"].values() if e.widened_by_size)
+            warnings.warn(
+                f"SPE: chunks of {', '.join(map(str, small))} images are smaller than the calibrated sets "
+                f"({calibrated} images): their intervals were widened, but their pseudo metric comes from a smaller "
+                "support set than the calibration's, which the estimate is not corrected for (with label fusion it "
+                f"runs low: false alerts); chunks of at least {calibrated} images are estimated as calibrated.",
+                stacklevel=2,
+            )
         done = time.perf_counter()
         return ChunkedResult(
             name=name,

@@ -41,6 +41,7 @@ CHUNK_COLUMNS = (
     "alert",
     "threshold",
     "reason",
+    "note",  # outside the calibrated range: fewer images than the calibrated sets, or unlike them
     # with labelled cases (docs/few_labels.md): their number, the prediction-powered estimate and interval,
     # and whether that whole interval crossed a threshold
     "labels",
@@ -172,6 +173,7 @@ def chunk_rows(chunks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "alert": int(a is not None),
                     "threshold": None if a is None else a["threshold"],
                     "reason": e.reason or "",
+                    "note": e.range_note or "",
                     "labels": lab.get("n_labels"),
                     "ppi_estimate": p.get("estimate"),
                     "ppi_lower": p.get("lower"),

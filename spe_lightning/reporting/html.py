@@ -165,14 +165,16 @@ def _chunks_section(chunks: dict[str, Any], level: float) -> list[str]:
         e = c["estimates"].get(m, {})
         alert = any(a["metric"] == m for a in c.get("alerts", []))
         true = (c.get("true") or {}).get(m)
+        note = Estimate.from_dict(e).range_note if isinstance(e, dict) and "value" in e else None
         cells.append(
             f"<tr><td>{html.escape(str(c['chunk']))}</td><td>{c['n_images']}</td><td>{_f(e.get('value'))}</td>"
             f"<td>{_f(e.get('lower'))} – {_f(e.get('upper'))}</td><td>{_f(true)}</td>"
-            f"<td class='{'flag' if alert else 'ok'}'>{'ALERT' if alert else ''}</td></tr>"
+            f"<td class='{'flag' if alert else 'ok'}'>{'ALERT' if alert else ''}</td>"
+            f"<td>{html.escape(note or '')}</td></tr>"
         )
     out.append(
         f"<table><tr><th>chunk</th><th>images</th><th>{html.escape(METRIC_LABELS.get(m, m))}</th>"
-        f"<th>{level:.0%} interval</th><th>realised</th><th>alert</th></tr>{''.join(cells)}</table>"
+        f"<th>{level:.0%} interval</th><th>realised</th><th>alert</th><th>note</th></tr>{''.join(cells)}</table>"
     )
     n_alerts = len(chunks.get("alerts", []))
     out.append(

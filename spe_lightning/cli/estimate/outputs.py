@@ -80,13 +80,16 @@ def chunk_table(chunks: Sequence[Mapping[str, Any]], metric: str = "dice") -> st
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    lines = [f"| chunk | images | {metric} | interval | true | alert |", "|---|---|---|---|---|---|"]
+    lines = [f"| chunk | images | {metric} | interval | true | alert | note |", "|---|---|---|---|---|---|---|"]
     for c in chunks:
         e = c["estimates"].get(metric) or Estimate(None, None, None)
         alert = "ALERT" if any(a["metric"] == metric for a in c["alerts"]) else ""
         true = (c.get("true") or {}).get(metric)
+        note = "fewer images than calibrated" if e.widened_by_size else ""
+        note = note or ("outside the calibrated range" if e.range_note else "")
         lines.append(
-            f"| {c['chunk']} | {c['n_images']} | {f(e.value)} | {f(e.lower)} – {f(e.upper)} | {f(true)} | {alert} |"
+            f"| {c['chunk']} | {c['n_images']} | {f(e.value)} | {f(e.lower)} – {f(e.upper)} | {f(true)} | {alert} "
+            f"| {note} |"
         )
     return "\n".join(lines)
 

@@ -67,6 +67,16 @@ def test_a_set_smaller_than_the_calibrated_ones_gets_a_wider_flagged_interval(fi
     assert few.outside_calibrated_range and "4 images, fewer than the calibrated sets'" in few.range_note
     wide, base = few.upper - few.lower, whole.upper - whole.lower
     assert wide > base  # the same pairs' model, the half-width times sqrt(smallest / 4) (before clipping to [0, 1])
+    # chunks smaller than the calibrated sets: flagged in every output, and the user is told the estimate is not
+    # corrected for the smaller support set
+    from spe_lightning.cli.estimate.outputs import chunk_table
+    from spe_lightning.monitoring.chunks import chunk_rows
+
+    said = rf"chunks of 4 images are smaller than the calibrated sets \({smallest} images"
+    with pytest.warns(UserWarning, match=said):
+        res = est.estimate_chunks(model, torch.utils.data.Subset(target, range(8)), 4)
+    assert "fewer images than calibrated" in chunk_table(res.chunks)
+    assert all("fewer than the calibrated sets'" in r["note"] for r in chunk_rows(res.chunks) if r["metric"] == "dice")
 
 
 def test_the_input_check_tells_the_fitted_model_from_other_weights_and_another_architecture(fitted):
