@@ -139,7 +139,13 @@ class FolderSegmentationDataset(Dataset):
             mpath = self._mask_path(self.images[i])
             mask = None
             if mpath is not None:
-                fg = torch.from_numpy(mask_foreground(read_mask(mpath), self.class_index))  # 0/255: 255 is class 1
+                m = read_mask(mpath)
+                if tuple(m.shape[:2]) != tuple(img.shape[-2:]):  # resized, cropped or transposed: wrong pixels
+                    raise ValueError(
+                        f"{mpath}: the mask is {m.shape[0]}x{m.shape[1]} (height x width) and its image "
+                        f"{self.images[i].name} is {img.shape[-2]}x{img.shape[-1]}; give masks at their images' size."
+                    )
+                fg = torch.from_numpy(mask_foreground(m, self.class_index))  # 0/255: 255 is class 1
                 mask = self._square(fg[None].float(), "nearest")
             self._cache[i] = (self._square(img, "bilinear"), mask)
         return self._cache[i]

@@ -115,11 +115,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_nifti(path) or is_dicom(path)
 
 
-def read_dicom_array(path: str | os.PathLike, limits: ImageLimits | None = None) -> np.ndarray:
-    """A single-frame DICOM image as float32 ``[H,W]`` (or ``[H,W,3]``) in its modality's units: the stored values
-    through ``RescaleSlope``/``RescaleIntercept`` (Hounsfield units for CT), MONOCHROME1 inverted so that bright
-    means dense as in MONOCHROME2. Needs ``pydicom`` (``pip install 'spe-lightning[dicom]'``); a multi-frame file is
-    refused (read its frames with your own ``--dataset``)."""
+def read_dicom_array(path: str | os.PathLike, limits: ImageLimits | None = None) -> tuple[np.ndarray, bool]:
+    """A single-frame DICOM image as float32 ``[H,W]`` (or ``[H,W,3]``) in its modality's units (the stored values
+    through ``RescaleSlope``/``RescaleIntercept``: Hounsfield units for CT), and whether it is MONOCHROME1 (low
+    values displayed bright). Needs ``pydicom`` (``pip install 'spe-lightning[dicom]'``); a multi-frame file is
+    refused (read its frames with a dataset of your own)."""
     path = Path(path)
     try:
         import pydicom
@@ -129,17 +129,20 @@ def read_dicom_array(path: str | os.PathLike, limits: ImageLimits | None = None)
         ds = pydicom.dcmread(path)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
-            raise ValueError(f"a multi-frame DICOM ({frames} frames); read its frames with your own --dataset")
+            raise ValueError(
+                f"a multi-frame DICOM ({frames} frames); read its frames with a dataset of your own (--dataset in "
+                "spe-lightning estimate)"
+            )
         _check_voxels(path, (int(ds.Rows), int(ds.Columns)), limits)
         arr = np.asarray(ds.pixel_array, dtype=np.float32)
     except ValueError as err:
         raise ValueError(f"{path.name}: {err}") from err
+    except AttributeError as err:  # no Rows/Columns/pixel data: not an image, or cut short
+        raise ValueError(f"cannot read the DICOM file {path.name}: no image in it (truncated or corrupt?)") from err
     except Exception as err:  # not DICOM, truncated, a compression without its decoder...
         raise ValueError(f"cannot read the DICOM file {path.name}: {type(err).__name__}: {err}") from err
     arr = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        arr = arr.max() + arr.min() - arr
-    return arr
+    return arr, str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
 
 
 def image_shape(path: str | os.PathLike) -> tuple[int, int]:
@@ -193,9 +196,12 @@ def read_image_array(
 
     ReadOptions(intensity=intensity, channels=channels)  # validates
     path = Path(path)
-    if is_dicom(path):  # stored values in the modality's units: scaled like 16-bit images, or kept ("none")
-        x = _channels(read_dicom_array(path, limits), channels)
-        return np.ascontiguousarray(x, dtype=np.float32) if intensity in ("none", "divide") else scale_percentile(x)
+    if is_dicom(path):  # the modality's units: kept ("none", "divide"), or scaled like 16-bit images
+        arr, monochrome1 = read_dicom_array(path, limits)
+        x = _channels(arr, channels)
+        if intensity in ("none", "divide"):
+            return np.ascontiguousarray(x, dtype=np.float32)
+        return scale_percentile(-x if monochrome1 else x)  # scaled as displayed: MONOCHROME1 shows low values bright
     cap = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb cap: raised with ours, never lowered
     try:
         if limits is not None and cap is not None and limits.max_voxels > cap:

@@ -43,18 +43,17 @@ def estimate_table(estimates: Mapping[str, Estimate], level: float, true: dict[s
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    head = f"| metric | estimate | {level:.0%} interval | pseudo |" + (" true |" if true else "")
-    lines = [head, "|---|---|---|---|" + ("---|" if true else "")]
+    head = f"| metric | estimate | {level:.0%} interval | pseudo |" + (" true |" if true else "") + " note |"
+    lines = [head, "|---|---|---|---|" + ("---|" if true else "") + "---|"]
     for m, e in estimates.items():
         row = f"| {m} | {f(e.value)} | {f(e.lower)} – {f(e.upper)} | {f(e.pseudo)} |"
         if true:
             row += f" {f(true.get(m))} |"
-        if e.reason:
-            row += f" {e.reason}"
-        if e.range_note:  # farther than every calibration pair, or like none of the calibrated sets
-            row += f" {e.range_note}"
+        notes = [e.reason or ""]
+        notes.append(e.range_note or "")  # farther than every pair, fewer images, or like none of the calibrated sets
         if e.widened_to_styled_anchor:  # the estimate anchored on the restyled calibration set lies there
-            row += f" interval reaches the styled anchor {f(e.styled_anchor)}"
+            notes.append(f"interval reaches the styled anchor {f(e.styled_anchor)}")
+        row += f" {'; '.join(n for n in notes if n)} |"
         lines.append(row)
     return "\n".join(lines)
 

@@ -41,8 +41,10 @@ def test_a_ct_slice_reads_in_hounsfield_units_or_scaled_and_monochrome1_is_inver
     assert hu.shape == (1, 20, 30) and hu.min() == 0.0 and hu.max() == 1000.0
     scaled = read_image_array(path)  # auto: between the 0.5th and 99.5th percentiles, as 16-bit images
     assert scaled.min() == 0.0 and scaled.max() == 1.0 and scaled[0, 10, 15] == 1.0
-    inverted = read_image_array(_dicom(tmp_path / "cr.dcm", raw, photometric="MONOCHROME1"))
-    assert inverted[0, 10, 15] == 0.0 and inverted[0, 0, 0] == 1.0  # MONOCHROME1: bright means low values
+    cr = _dicom(tmp_path / "cr.dcm", raw, photometric="MONOCHROME1")
+    inverted = read_image_array(cr)
+    assert inverted[0, 10, 15] == 0.0 and inverted[0, 0, 0] == 1.0  # scaled as displayed: low values bright
+    assert np.array_equal(read_image_array(cr, intensity="none"), hu)  # the units kept as stored
     assert list_image_files(tmp_path) == [tmp_path / "cr.dcm", tmp_path / "ct.dcm"]
 
 
@@ -53,6 +55,10 @@ def test_a_multi_frame_or_broken_dicom_is_refused_naming_the_file(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(b"not a dicom file at all")
     with pytest.raises(ValueError, match="cannot read the DICOM file bad.dcm"):
         read_image_array(tmp_path / "bad.dcm")
+    whole = (tmp_path / "cine.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) // 3])  # cut short before the pixel data
+    with pytest.raises(ValueError, match="cannot read the DICOM file cut.dcm"):
+        read_image_array(tmp_path / "cut.dcm")
 
 
 def test_the_folder_dataset_reads_dicom_images_with_png_masks(tmp_path):

@@ -64,3 +64,10 @@ def test_the_estimate_clis_masks_match_by_stem_and_must_have_their_images_size(t
     assert out.shape == (1, 24, 32) and int(out.sum()) == 6 * 15  # found by stem; 255 read as class 1
     with pytest.raises(ValueError, match=r"the mask is 32x24 \(height x width\) and its image .*a.tif is 24x32"):
         read_masks(tmp_path / "t_masks", ["a.tif"], None, 1, "none", tmp_path / "images")
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path):
+    _write(tmp_path, "train", 1)
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "train" / "masks" / "c0.png")
+    with pytest.raises(ValueError, match=r"c0.png: the mask is 40x48 \(height x width\) and its image c0.png is 24x32"):
+        FolderSegmentationDataset(tmp_path, "train", image_size=16)[0]
