@@ -24,7 +24,7 @@ from spe_lightning import __version__
 from spe_lightning.config import SPEConfig
 from spe_lightning.engine.agreement import MaskHistory
 from spe_lightning.engine.cached_set import CachedSet
-from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record
+from spe_lightning.engine.calibration_pairs import calibration_sets, pairs_from_record, subset_sizes_of
 from spe_lightning.engine.distance import image_features, nearest_set_distance, set_distance
 from spe_lightning.engine.interval_model import MIN_PAIRS
 from spe_lightning.engine.predict import LogitsFn, default_logits, eval_mode, model_device, predict_labels
@@ -340,8 +340,7 @@ class RunSteps:
         """Warn when the settings give fewer calibration pairs than an interval model is fitted on (the intervals
         then come from G's residuals across checkpoints, which see no shift)."""
         c = self.config
-        n = len(self._sets[CALIBRATION])
-        sizes = {min(max(len(self._sets[t]), 2), n - 1) for t in self._targets} if n > 2 else set()
+        sizes = subset_sizes_of(len(self._sets[CALIBRATION]), [len(self._sets[t]) for t in self._targets])
         count = len(sizes) * c.interval_subsets + len(c.interval_shifts) * len(c.interval_severities)
         if c.anchored and 0 < count < MIN_PAIRS:  # none at all: the user chose G's residuals
             self.warn(
@@ -371,7 +370,7 @@ class RunSteps:
             sets = self.pair_sets()
             with self.progress(len(sets), "SPE: calibration pairs", "set") as bar:
                 record = self.evaluate(model, shard, sets, progress=bar.update, from_calibration=True)
-            return self._pairs_of(record, list(sets), sizes={n: len(d) for n, d in sets.items()})
+            return self._pairs_of(record, sets)
 
         pairs = self.guarded("the calibration pairs for the intervals failed; G's residuals are used", measure)
         self.pairs = pairs or []
@@ -404,27 +403,21 @@ class RunSteps:
         evaluation per target); each carries ``"target"`` and joins only that target's interval model."""
         sets = self.styled_sets()
         record = self.evaluate(model, shard, sets, from_calibration=True)  # restyled calibration items
-        sizes = {n: len(d) for n, d in sets.items()}
-        return self._pairs_of(record, list(sets), {styled_name(t): t for t in self._targets}, sizes)
+        return self._pairs_of(record, sets, {styled_name(t): t for t in self._targets})
 
     def _pairs_of(
-        self,
-        record: dict[str, Any],
-        names: list[str],
-        targets: dict[str, str] | None = None,
-        sizes: Mapping[str, int] | None = None,
+        self, record: dict[str, Any], sets: Mapping[str, CachedSet], targets: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
-        """The labelled pairs of the sets ``names`` evaluated in ``record`` against the last record's calibration
-        set (``targets``: set name -> the target a styled set was made for), each with its distance to the
-        calibration set (the reach of the interval model it joins) and its set's size ``n`` (``sizes``)."""
+        """The labelled pairs of ``sets`` evaluated in ``record`` against the last record's calibration set
+        (``targets``: set name -> the target a styled set was made for), each with its distance to the calibration
+        set (the reach of the interval model it joins) and its set's size ``n``."""
         last = self.records[-1]
         for kind in ("pseudo", "real"):
             record[kind][CALIBRATION] = dict(last.measured(kind).get(CALIBRATION, {}))
-        pairs = pairs_from_record(record, CALIBRATION, names, targets)
+        pairs = pairs_from_record(record, CALIBRATION, list(sets), targets)
         for p in pairs:
             p.setdefault("distance", record["distance"].get(p["name"]))
-            if sizes is not None and p["name"] in sizes:
-                p["n"] = int(sizes[p["name"]])
+            p["n"] = len(sets[p["name"]])
         return pairs
 
 

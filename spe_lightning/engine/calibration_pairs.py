@@ -18,10 +18,18 @@ import torch
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_for_target", "pairs_from_record"]
+__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_for_target", "pairs_from_record", "subset_sizes_of"]
 
 #: severities of each shift family measured for the intervals
 INTERVAL_SEVERITIES = (2,)
+
+
+def subset_sizes_of(n_calibration: int, target_sizes: Sequence[int]) -> list[int]:
+    """The sizes of the random calibration subsets for targets of ``target_sizes`` images: each at least 2 and at
+    most ``n_calibration - 1`` (none when the calibration set has 2 images or fewer), each size once."""
+    if n_calibration <= 2:
+        return []
+    return sorted({min(max(int(s), 2), n_calibration - 1) for s in target_sizes})
 
 
 def calibration_sets(
@@ -47,7 +55,7 @@ def calibration_sets(
     g = torch.Generator().manual_seed(seed)
     n = len(calibration)
     sets: dict[str, CachedSet] = {}
-    for size in sorted({min(max(int(s), 2), n - 1) for s in subset_sizes if n > 2}):
+    for size in subset_sizes_of(n, subset_sizes):
         for k in range(n_subsets):
             pos = sorted(torch.randperm(n, generator=g)[:size].tolist())
             sets[f"subset{size}_{k}"] = subset(calibration, pos, f"subset{size}_{k}")
