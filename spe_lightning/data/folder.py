@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from spe_lightning.data.images import (
     IMAGE_SUFFIXES,
     ReadOptions,
+    check_mask_shape,
     is_dicom,
     mask_foreground,
     read_image_array,
@@ -140,11 +141,7 @@ class FolderSegmentationDataset(Dataset):
             mask = None
             if mpath is not None:
                 m = read_mask(mpath)
-                if tuple(m.shape[:2]) != tuple(img.shape[-2:]):  # resized, cropped or transposed: wrong pixels
-                    raise ValueError(
-                        f"{mpath}: the mask is {m.shape[0]}x{m.shape[1]} (height x width) and its image "
-                        f"{self.images[i].name} is {img.shape[-2]}x{img.shape[-1]}; give masks at their images' size."
-                    )
+                check_mask_shape(m, self.images[i].name, str(mpath), shape=(img.shape[-2], img.shape[-1]))
                 fg = torch.from_numpy(mask_foreground(m, self.class_index))  # 0/255: 255 is class 1
                 mask = self._square(fg[None].float(), "nearest")
             self._cache[i] = (self._square(img, "bilinear"), mask)

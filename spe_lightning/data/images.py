@@ -256,10 +256,13 @@ def mask_foreground(mask: np.ndarray, foreground: int | None) -> np.ndarray:
     return (mask != 0) if foreground is None else (mask == foreground)
 
 
-def check_mask_shape(mask: np.ndarray, image: str | os.PathLike, what: str) -> None:
-    """Raise a ``ValueError`` naming both files when a 2D mask's height x width differs from its image's (a
-    resized, cropped or transposed mask would score the wrong pixels)."""
-    h, w = image_shape(image)
+def check_mask_shape(
+    mask: np.ndarray, image: str | os.PathLike, what: str, shape: tuple[int, int] | None = None
+) -> None:
+    """Raise a ``ValueError`` naming both files when a 2D mask's height x width differs from its image's (``shape``
+    when the image is already read, else read from the file ``image``): a resized, cropped or transposed mask would
+    score, or teach, the wrong pixels."""
+    h, w = shape if shape is not None else image_shape(image)
     if tuple(mask.shape[:2]) != (h, w):
         raise ValueError(
             f"{what}: the mask is {mask.shape[0]}x{mask.shape[1]} (height x width) and its image {image} is {h}x{w}; "
