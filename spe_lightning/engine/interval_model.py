@@ -169,6 +169,12 @@ def fit_interval_model(
     return model
 
 
+def _with_styled(model: dict[str, Any]) -> str:
+    """`` (the target's styled one included)`` when the model holds target-styled pairs (the count then exceeds
+    the run's generic pairs that the fit line prints), else empty."""
+    return " (the target's styled one included)" if model.get("n_target_pairs") else ""
+
+
 def _reliability(
     model: dict[str, Any],
     metric: str,
@@ -195,8 +201,8 @@ def _reliability(
     if mae > still + tol:
         out.update(
             reliable=False,
-            reason=f"on {len(dr)} calibration pairs SPE's held-out error {mae:.3g} was larger than keeping the "
-            f"calibration score ({still:.3g}): SPE does not track {metric} here",
+            reason=f"on {len(dr)} calibration pairs{_with_styled(model)} SPE's held-out error {mae:.3g} was larger "
+            f"than keeping the calibration score ({still:.3g}): SPE does not track {metric} here",
         )
     elif span is not None and half > MAX_HALF_WIDTH * span:
         out.update(

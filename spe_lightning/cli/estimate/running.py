@@ -93,6 +93,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     below, above = parse_thresholds(a.alert_below, "--alert-below"), parse_thresholds(a.alert_above, "--alert-above")
     data, ids, sources = read_inputs(a, est, size, limits, opts)
     groups = chunk_groups(a.chunk_by, ids, a.images) if a.chunk_by else None
+    labelled = label_inputs(a, sources, size, est)  # few labelled cases (issue 28): read before the model runs
     check = check_inputs(a, est, model, data, opts)
     if a.strict and check["verdict"] == "mismatch":
         out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         first = check["warnings"][0] if check["warnings"] else "see input_check in estimate.json"
         raise InputMismatchError(f"{first} (nothing estimated; wrote {out / 'estimate.json'} with input_check)")
     bar = progress_bar(len(data), "per-case quality", show)
-    labelled = label_inputs(a, sources, size, est)  # few labelled cases (issue 28)
     res = est.estimate(model, data, name=a.name, ids=ids, device=a.device, progress=bar.update, **labelled)
     bar.close()
     chunked = None

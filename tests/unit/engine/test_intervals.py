@@ -412,3 +412,18 @@ def test_reports_and_interval_models_from_before_issue_23_still_load():
     e = estimate(G, "dice", 0.7, 0.9, anchor=(0.8, 0.9, legacy), distance=9.0)
     assert e["value"] == pytest.approx(0.8) and e["outside_calibrated_range"] is None and "reliable" not in e
     assert e["upper"] - e["lower"] == pytest.approx(2 * 0.5 * (0.01 + 0.1))  # the conformal order statistic
+
+
+def test_the_untracked_reason_says_when_the_targets_styled_pair_is_counted():
+    moves = [(-0.2, -0.2), (-0.2, 0.15), (-0.15, 0.0), (-0.1, 0.0), (0.1, 0.0)]  # as in the test above: untracked
+    flat = [
+        {"name": f"f{i}_{k}", "d_pseudo": {"dice": dp}, "d_real": {"dice": dr}}
+        for i, (dp, dr) in enumerate(moves)
+        for k in (1, 2)
+    ]
+    styled = {"name": "styled_t", "target": "t", "d_pseudo": {"dice": -0.15}, "d_real": {"dice": 0.1}}
+    generic = fit_interval_model(flat, "dice", G, 0.8)
+    with_styled = fit_interval_model([*flat, styled], "dice", G, 0.8, target="t")
+    assert generic["reliability"]["reliable"] is False and with_styled["reliability"]["reliable"] is False
+    assert generic["reliability"]["reason"].startswith("on 10 calibration pairs SPE's held-out error")
+    assert with_styled["reliability"]["reason"].startswith("on 11 calibration pairs (the target's styled one included)")
