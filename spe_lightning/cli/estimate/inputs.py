@@ -224,12 +224,19 @@ def read_masks(
     out = []
     for s, path in zip(sources, paths):
         assert path is not None
-        m = read_mask(path)
-        if images is not None:
-            check_mask_shape(m, Path(images) / s, f"--masks {path}")
-        m = mask_foreground(m, fg)
-        out.append(fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, resize, mode="nearest"))
+        out.append(read_case_mask(path, None if images is None else Path(images) / s, fg, size, resize, "--masks"))
     return out
+
+
+def read_case_mask(
+    path: Path, image: Path | None, fg: int | None, size: int | None, resize: str, option: str
+) -> Tensor:
+    """One case's mask file as the estimate CLI reads it (``--masks``, ``--labelled-masks``): binary ``[1,S,S]``
+    at the images' size, after checking it has its ``image``'s height and width (when given)."""
+    m = read_mask(path)
+    if image is not None:
+        check_mask_shape(m, image, f"{option} {path}")
+    return fit_to_size(torch.from_numpy(mask_foreground(m, fg).astype(np.uint8))[None], size, resize, mode="nearest")
 
 
 def chunk_groups(spec: str, ids: Sequence[str], images: str | Path) -> tuple[dict[str, list[int]], str]:

@@ -11,24 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
+from spe_lightning.cli.estimate.inputs import read_case_mask
 from spe_lightning.cli.estimate.outputs import csv_cell, write_file
-from spe_lightning.data.images import (
-    MASK_SUFFIXES,
-    check_mask_shape,
-    find_mask_file,
-    fit_to_size,
-    is_nifti,
-    mask_foreground,
-    read_mask,
-)
+from spe_lightning.data.images import MASK_SUFFIXES, find_mask_file, is_nifti
 
 __all__ = ["MASK_SUFFIXES", "label_inputs", "label_outputs", "print_labels"]
-
-#: what --labelled-masks looks for, beside the image's own relative name
 
 
 def label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None, est: Any) -> dict[str, Any]:
@@ -55,10 +44,7 @@ def label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None
         path = find_mask_file(root, src)
         if path is None:
             continue
-        m = read_mask(path)
-        check_mask_shape(m, Path(a.images) / src, f"--labelled-masks {path}")
-        m = mask_foreground(m, fg)
-        masks[pos] = fit_to_size(torch.from_numpy(m.astype(np.uint8))[None], size, a.resize, mode="nearest")
+        masks[pos] = read_case_mask(path, Path(a.images) / src, fg, size, a.resize, "--labelled-masks")
     if not masks:
         raise ValueError(f"--labelled-masks {root}: no mask named like any of the {len(sources)} images.")
     design = None
