@@ -1,4 +1,4 @@
-"""Intervals for sets smaller than the calibrated ones: coverage of chunk estimates with and without the size rule.
+"""Sets smaller than the calibrated ones: error and coverage of chunk estimates with and without the size rules.
 
 A set's estimate is anchored on the calibration score, and its interval is learnt from labelled calibration pairs
 whose random subsets are as large as the run's targets. A smaller set (a chunk of incoming images, a handful of new
@@ -6,10 +6,14 @@ cases) has a noisier mean, so that interval is too narrow for it; SPE multiplies
 ``sqrt(pairs' smallest set / n)`` and flags the set (engine/estimate.py). This measures both on development data
 only (synthetic phantoms, nothing from ../shared): a small model trained with SPE (label fusion, targets of
 ``--target-size`` images), then random chunks of 2-24 images drawn from fresh phantoms of the calibration's kind
-and of a noisier kind, their realised Dice known. Per chunk size: the 90% interval's coverage of the realised mean
-Dice and its median width, with the size rule (the product) and without it (the interval as sized for the targets).
+and of a noisier kind, their realised Dice known. Per chunk size, three readings of the same chunks: ``none`` (no
+size rule: the interval as sized for the targets, anchored on the whole calibration set), ``widened`` (the interval
+rule alone, the product before the size probes) and ``product`` (widened and anchored on the calibration pseudo
+metric at the chunk's size, engine/set_size.py): the 90% interval's coverage of the realised mean Dice, its median
+width, the mean signed error and the mean absolute error.
 
     python benchmarks/small_sets.py --out benchmarks/results/small_sets.json
+    python benchmarks/small_sets.py --segmenter learned_propagation --out benchmarks/results/small_sets_learned.json
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ from spe_lightning.engine.shifts import subset
 from spe_lightning.models import SegmentationModel
 
 
-def fit(root: str, target_size: int, epochs: int) -> tuple[SPEEstimator, torch.nn.Module]:
+def fit(root: str, target_size: int, epochs: int, segmenter: str) -> tuple[SPEEstimator, torch.nn.Module]:
     pl.seed_everything(0)
     train = SyntheticShapesDataset(64, 64, seed=1)
     val = SyntheticShapesDataset(48, 64, seed=2)
     targets = {"clean": SyntheticShapesDataset(target_size, 64, seed=3),
                "noisy": SyntheticShapesDataset(target_size, 64, seed=4, noise=0.15)}  # fmt: skip
-    cb = SPECallback(reference=train, calibration=val, target=targets, segmenter="label_fusion", verbose=False)
+    cb = SPECallback(reference=train, calibration=val, target=targets, segmenter=segmenter, verbose=False)
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
@@ -53,12 +57,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 24])
     ap.add_argument("--chunks", type=int, default=40, help="random chunks per size and pool")
+    ap.add_argument("--segmenter", default="label_fusion")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        est, model = fit(root, a.target_size, a.epochs)
+        est, model = fit(root, a.target_size, a.epochs, a.segmenter)
+    # the same estimator without its size probes: what the size rule alone gives (and older estimator files)
+    widened_only = est.with_fitted(
+        est.fitted.replace(anchor={k: v for k, v in est.anchor.items() if k != "pseudo_by_size"})
+    )
+    readings = (("none", est, None), ("widened", widened_only, True), ("product", est, True))
     rng = np.random.default_rng(0)
     rows = []
     for pool_name, noise in (("clean", 0.05), ("noisy", 0.15)):
@@ -66,8 +76,9 @@ def main() -> None:
         data = est.cache([pool[i] for i in range(len(pool))], "pool")
         masks, conf = est.predict(model, data, torch.device("cpu"), default_logits)
         for size in a.sizes:
-            hit = {"rule": [], "none": []}
-            width = {"rule": [], "none": []}
+            hit: dict[str, list[bool]] = {k: [] for k, _, _ in readings}
+            width: dict[str, list[float]] = {k: [] for k, _, _ in readings}
+            error: dict[str, list[float]] = {k: [] for k, _, _ in readings}
             for _ in range(a.chunks):
                 pos = sorted(rng.choice(len(pool), size, replace=False).tolist())
                 part = subset(data, pos, "pool")
@@ -77,28 +88,40 @@ def main() -> None:
                 true = est.engine.real(part, pm)
                 if not true or true.get("dice") is None:
                     continue
-                for kind, n_images in (("rule", len(part)), ("none", None)):
-                    d = est.estimate_from_pseudo(
-                        pseudo["values"], pseudo["reason"], distance, est.bounds(part), None, nearest, n_images
-                    )["dice"]
+                for kind, reader, sized in readings:
+                    d = reader.estimate_from_pseudo(
+                        pseudo["values"], pseudo["reason"], distance, est.bounds(part), None, nearest,
+                        len(part) if sized else None,
+                    )["dice"]  # fmt: skip
                     if d.value is None:
                         continue
                     hit[kind].append(d.lower <= true["dice"] <= d.upper)
                     width[kind].append(d.upper - d.lower)
+                    error[kind].append(d.value - true["dice"])
             rows.append({
-                "pool": pool_name, "size": size, "n_chunks": len(hit["rule"]),
+                "pool": pool_name, "size": size, "n_chunks": len(hit["product"]),
                 **{f"coverage_{k}": float(np.mean(v)) for k, v in hit.items()},
                 **{f"median_width_{k}": float(np.median(v)) for k, v in width.items()},
+                **{f"bias_{k}": float(np.mean(v)) for k, v in error.items()},
+                **{f"mae_{k}": float(np.mean(np.abs(v))) for k, v in error.items()},
             })  # fmt: skip
             print(rows[-1], flush=True)
     out = {"settings": vars(a) | {"out": str(a.out)}, "seconds": time.perf_counter() - start, "rows": rows}
     if a.out:
         a.out.write_text(json.dumps(out, indent=2))
-    print("| pool | images per chunk | chunks | coverage with the rule / without | median width with / without |")
-    print("|---|---|---|---|---|")
+    table(rows)
+
+
+def table(rows: list[dict]) -> None:
+    """The markdown table of ``rows`` (each reading: none / widened / product)."""
+    print("| pool | images per chunk | chunks | coverage | median width | bias | MAE |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['pool']} | {r['size']} | {r['n_chunks']} | {r['coverage_rule']:.2f} / {r['coverage_none']:.2f} | "
-              f"{r['median_width_rule']:.3f} / {r['median_width_none']:.3f} |")  # fmt: skip
+        columns = (("coverage", ".2f"), ("median_width", ".3f"), ("bias", "+.3f"), ("mae", ".3f"))
+        cells = [
+            " / ".join(f"{r[f'{what}_{k}']:{fmt}}" for k in ("none", "widened", "product")) for what, fmt in columns
+        ]
+        print(f"| {r['pool']} | {r['size']} | {r['n_chunks']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

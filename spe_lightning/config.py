@@ -62,6 +62,7 @@ ESTIMATION_KEYS = (
     "interval_shifts",
     "interval_subsets",
     "interval_severities",
+    "size_probes",
     "styled_pairs",
     "styling",
     "case_set_uncertainty",
@@ -170,6 +171,10 @@ class SPEConfig:
     SPE evaluation)."""
     interval_severities: tuple[int, ...] = field(default=(2,), metadata=ESTIMATES)
     """Severities (1-3) of each interval shift."""
+    size_probes: int = field(default=8, metadata=ESTIMATES)
+    """Random calibration subsets per size (1, 2, 4, ... images) measured at fit end, so that a set smaller than the
+    calibrated ones (a chunk of a few images) is anchored on the calibration pseudo metric at its size (docs/
+    intervals.md); 0: off (such sets are anchored on the whole calibration set's and read low)."""
     styled_pairs: bool = field(default=True, metadata=ESTIMATES)
     """At fit end, also measure one pair per target from the calibration set restyled like that target (its
     intensities, low frequencies, noise and blur, from its unlabelled images; docs/other_sites.md): it joins that
@@ -239,6 +244,7 @@ class SPEConfig:
             ("batch_size", 1),
             ("max_slices", 1),
             ("interval_subsets", 0),
+            ("size_probes", 0),
         ):
             _check_int(name, getattr(self, name), low)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

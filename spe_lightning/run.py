@@ -100,6 +100,7 @@ class SPERun(RunSteps):
         #: the evaluations so far, oldest first (frozen :class:`~spe_lightning.engine.records.Record`)
         self.records: list[Record] = []
         self.pairs: list[dict[str, Any]] = []
+        self.pseudo_by_size: dict[str, Any] | None = None  #: the size probes at the final weights (set_size.py)
         self.pairs_seconds = 0.0
         self.quality_seconds = 0.0
         self.segmenter_fit_seconds = 0.0
@@ -124,8 +125,7 @@ class SPERun(RunSteps):
         self._pending_masks: dict[str, list[Tensor]] = {}
         #: the style applied to each target's styled calibration set (engine/styled_pairs.py)
         self.styles: dict[str, Any] = {}
-        #: seconds of the new signals (styled pairs, agreement) apart from SPE's own
-        self.signal_seconds: dict[str, float] = {"styled_pairs": 0.0, "agreement": 0.0}
+        self.signal_seconds: dict[str, float] = {"styled_pairs": 0.0, "agreement": 0.0}  #: the signals' own seconds
         #: ``fn(model, epoch) -> {set name: {"pseudo": ..., "real": ..., "confidence": ...}}``, called by
         #: :meth:`record` at the same weights; their sets join the record (named in its ``"selection"``) before it
         #: is made, so nothing edits a kept record. A failing hook warns and is skipped (``strict``: raised).
@@ -270,6 +270,7 @@ class SPERun(RunSteps):
         taken as final); otherwise ``model`` is evaluated once more as ``epoch``/``step``.
         """
         self.pairs = []  # measured anew at this fit's final weights (a reused run must not keep old ones)
+        self.pseudo_by_size = None
         self.records = [r.as_final(False) if r.final else r for r in self.records]  # one final record per run
         if self.records and (step is None or self.records[-1].step == step):
             self.records[-1] = self.records[-1].as_final()  # the run owns its list: a new record, none edited
@@ -326,6 +327,7 @@ class SPERun(RunSteps):
             self.metric_bounds(),
             nearest=self.nearest_set_distances(),
             sizes={t: len(self._sets[t]) for t in self._targets},
+            probes=self.pseudo_by_size,
         )
         engine = self.engine
         sections: dict[str, Any] = {
@@ -395,6 +397,7 @@ class SPERun(RunSteps):
             report=report,
             calibration_pseudo=dict(last.pseudo.get(CALIBRATION, {})),
             calibration_real=dict(last.real.get(CALIBRATION, {})),
+            pseudo_by_size=self.pseudo_by_size,
             calibration_features=self.calibration_features,
             pair_features=self.pair_features(),
             reference_images=engine.ref_images,

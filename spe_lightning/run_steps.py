@@ -29,6 +29,7 @@ from spe_lightning.engine.distance import image_features, nearest_set_distance, 
 from spe_lightning.engine.interval_model import MIN_PAIRS
 from spe_lightning.engine.predict import LogitsFn, default_logits, eval_mode, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
+from spe_lightning.engine.set_size import probe_means, probe_sets
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.progress import Progress
@@ -58,6 +59,7 @@ class RunSteps:
     _sets: dict[str, CachedSet]
     _targets: list[str]
     _pending_masks: dict[str, list[Tensor]]
+    pseudo_by_size: dict[str, Any] | None
     records: list[Record]
     record_hooks: list[Callable[[nn.Module, int], Mapping[str, Mapping[str, Any]]]]
     history: MaskHistory
@@ -385,7 +387,25 @@ class RunSteps:
             )
             self.pairs += styled or []
             self.signal_seconds["styled_pairs"] = time.perf_counter() - start
+        if pairs and c.size_probes:
+            start = time.perf_counter()
+            self.pseudo_by_size = self.guarded(
+                "the size probes failed; sets smaller than the calibrated ones keep the calibration set's anchor",
+                lambda: self.measure_size_probes(model, shard),
+            )
+            self.signal_seconds["size_probes"] = time.perf_counter() - start
         return self.pairs
+
+    def measure_size_probes(self, model: nn.Module, shard: Shard | None = None) -> dict[str, Any] | None:
+        """The calibration set's pseudo metrics on disjoint random subsets of 1, 2, 4, ... images and of the
+        generic pairs' smallest set size (:mod:`~spe_lightning.engine.set_size`): the anchor of smaller sets."""
+        sizes = [p["n"] for p in self.pairs if p.get("target") is None and isinstance(p.get("n"), int)]
+        if not sizes or min(sizes) < 2:
+            return None
+        c = self.config
+        sets = probe_sets(self._sets[CALIBRATION], min(sizes), c.size_probes, c.seed)
+        record = self.evaluate(model, shard, sets, from_calibration=True)
+        return probe_means(record["pseudo"], sets, c.keys)
 
     def styled_sets(self) -> dict[str, CachedSet]:
         """Each target's styled calibration set (the calibration set restyled as the target from its unlabelled

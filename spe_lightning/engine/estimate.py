@@ -66,6 +66,7 @@ from spe_lightning.engine.interval_model import (
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 from spe_lightning.engine.results import Estimate, Interval
+from spe_lightning.engine.set_size import calibration_pseudo_at
 
 __all__ = [
     "INTERVAL_RULES",
@@ -233,6 +234,7 @@ def estimate(
     bounds: tuple[float | None, float | None] | None = None,
     nearest: float | None = None,
     n_images: int | None = None,
+    probes: dict[str, Any] | None = None,
 ) -> Estimate:
     """One :class:`~spe_lightning.engine.results.Estimate` (value, lower, upper, pseudo, reason, method) from a
     pseudo metric.
@@ -241,7 +243,9 @@ def estimate(
     anchored (see the module docstring); the paper's ``G(pseudo)`` then moves to ``paper``. ``distance``:
     the target's label-free distance to the calibration set, ``nearest`` its nearest-set distance, ``n_images``
     its size (see :func:`anchored_estimate`); ``bounds``: the metric's range when it differs from
-    :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal).
+    :data:`~spe_lightning.engine.metrics.BOUNDED` (hd95: up to the image diagonal). ``probes``: the size probes
+    (:mod:`~spe_lightning.engine.set_size`); a set smaller than them is anchored on the calibration pseudo metric
+    at its size (kept in ``anchor_pseudo``).
 
     A metric the interval model finds unreliable gets ``value``/``lower``/``upper`` None, ``reliable=False``
     and the ``reason``; the numbers it would have said stay under ``withheld``.
@@ -259,8 +263,13 @@ def estimate(
     if anchor is None:
         return plain
     p_c, r_c, model = anchor
+    p_c = finite_or_none(p_c)
+    at_size = calibration_pseudo_at(p_c, probes, metric, n_images)
+    # a set smaller than the calibrated ones: its pseudo metric as a support of the calibration's size would give
+    # it (every candidate move, the paper's G(p_t) among them, is read from the same corrected value)
+    p_read = p if at_size is None or p_c is None else p + p_c - at_size
     res = anchored_estimate(
-        g, metric, p, finite_or_none(p_c), finite_or_none(r_c), level, model, distance, bounds,
+        g, metric, p_read, p_c, finite_or_none(r_c), level, model, distance, bounds,
         nearest=nearest, n_images=n_images,
     )  # fmt: skip
     if res["value"] is None:
@@ -282,6 +291,7 @@ def estimate(
         reliable=res.get("reliable"),
         unreliable=res.get("unreliable"),
         styled_anchor=res.get("styled_anchor"),
+        anchor_pseudo=at_size if at_size != p_c else None,
     )
     if anchored.reliable is False:  # no number for a metric SPE cannot follow; what it would have said is kept
         withheld = Interval(anchored.value, anchored.lower, anchored.upper)

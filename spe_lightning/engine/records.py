@@ -173,6 +173,7 @@ def fit_and_estimate(
     distances: dict[str, float | None] | None = None,
     nearest: dict[str, float | None] | None = None,
     sizes: Mapping[str, int] | None = None,
+    probes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit G per metric (calibration pseudo -> real, one point per record) and estimate every target.
 
@@ -187,7 +188,8 @@ def fit_and_estimate(
     label-free distances to the calibration set, which widen intervals beyond the pairs' reach; ``nearest``
     their nearest-set distances (:func:`~spe_lightning.engine.distance.nearest_set_distance`), which flag a
     target that looks like no calibrated set; ``sizes`` the targets' numbers of items (a target smaller than
-    every pair's set gets a wider interval).
+    every pair's set gets a wider interval and, with ``probes`` (:mod:`~spe_lightning.engine.set_size`), the
+    calibration pseudo metric at its size as anchor).
 
     ``by_checkpoint`` is computed with the final rule (the interval model's move), so its last point is
     the final estimate; a metric found unreliable has none.
@@ -258,6 +260,7 @@ def fit_and_estimate(
                 bounds=key_bounds,
                 nearest=finite_or_none((nearest or {}).get(t)),
                 n_images=(sizes or {}).get(t),
+                probes=probes,
             )
             true = series(records, "real", t, metric)
             if last >= 0 and np.isfinite(true[last]):  # next to the estimate, for targets that came with masks

@@ -54,6 +54,7 @@ ESTIMATE_KEYS = (
     "n_images",
     "pairs_n_images",
     "styled_anchor",
+    "anchor_pseudo",
     "reliable",
     "unreliable",
     "withheld",
@@ -83,6 +84,9 @@ class Estimate(DictReads):
             :attr:`widened_by_size`; both None when the pairs' sizes are not known).
         styled_anchor: the estimate anchored on the target-styled calibration set (its real score plus the same
             move from its pseudo metric); the interval spans it. None without a styled pair for the set.
+        anchor_pseudo: the calibration pseudo metric the estimate was anchored on when the set is smaller than
+            the calibrated ones: the calibration set's at the set's size, from fit-end size probes
+            (:mod:`~spe_lightning.engine.set_size`); None when anchored on the whole calibration set's.
         reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
             numbers it would have said are under ``withheld``); None when the interval model says nothing.
         true: the set's real metric, for sets that came with masks.
@@ -106,6 +110,7 @@ class Estimate(DictReads):
     n_images: int | None = None
     pairs_n_images: int | None = None
     styled_anchor: float | None = None
+    anchor_pseudo: float | None = None
     reliable: bool | None = None
     unreliable: str | None = None
     withheld: Interval | None = None
@@ -155,7 +160,11 @@ class Estimate(DictReads):
             return None
         if self.widened_by_size:
             n, m = self.n_images, self.pairs_n_images
-            return f"outside the calibrated range: {n} images, fewer than the calibrated sets' {m}; interval widened"
+            anchored = ", anchored on calibration subsets of its size" if self.anchor_pseudo is not None else ""
+            return (
+                f"outside the calibrated range: {n} images, fewer than the calibrated sets' {m}; interval widened"
+                + anchored
+            )
         if self.widened_by_distance:
             return "outside the calibrated range: interval widened"
         return "outside the calibrated range: unlike every calibrated set, interval not widened"
@@ -189,6 +198,8 @@ class Estimate(DictReads):
             out["n_images"], out["pairs_n_images"] = self.n_images, self.pairs_n_images
         if self.styled_anchor is not None:
             out["styled_anchor"] = self.styled_anchor
+        if self.anchor_pseudo is not None:
+            out["anchor_pseudo"] = self.anchor_pseudo
         if self.reliable is not None:
             out["reliable"] = self.reliable
         if self.reliable is False:
@@ -221,6 +232,7 @@ class Estimate(DictReads):
             n_images=data.get("n_images"),
             pairs_n_images=data.get("pairs_n_images"),
             styled_anchor=data.get("styled_anchor"),
+            anchor_pseudo=data.get("anchor_pseudo"),
             reliable=data.get("reliable"),
             unreliable=data.get("unreliable"),
             withheld=None if withheld is None else Interval.from_dict(withheld),
@@ -237,7 +249,7 @@ def _not_written(key: str, data: Mapping[str, Any]) -> bool:
         return data.get("reliable") is not False
     if key in ("n_images", "pairs_n_images"):
         return data.get("n_images") is None
-    keys = ("method", "paper", "nearest_set_distance", "styled_anchor", "reliable", "withheld", "true")
+    keys = ("method", "paper", "nearest_set_distance", "styled_anchor", "anchor_pseudo", "reliable", "withheld", "true")
     return key in keys and data[key] is None
 
 

@@ -345,6 +345,7 @@ class EstimatorBase:
                 bounds=(bounds or {}).get(key),
                 nearest=nearest,
                 n_images=n_images,
+                probes=(anchor or {}).get("pseudo_by_size"),
             )
         return out
 

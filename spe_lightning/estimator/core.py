@@ -362,12 +362,20 @@ class SPEEstimator(EstimatorBase):
                 progress(1)
         small = sorted({r["n_images"] for r in rows if any(e.widened_by_size for e in r["estimates"].values())})
         if small:
-            calibrated = next(e.pairs_n_images for r in rows for e in r["estimates"].values() if e.widened_by_size)
+            small_ones = [e for r in rows for e in r["estimates"].values() if e.widened_by_size]
+            calibrated = small_ones[0].pairs_n_images
+            corrected = (
+                "their estimates are anchored on calibration subsets of their size (the size probes measured at fit "
+                "end)"
+                if any(e.anchor_pseudo is not None for e in small_ones)
+                else "their pseudo metric comes from a smaller support set than the calibration's, which this "
+                "estimator file cannot correct for (no size probes: re-fit with size_probes > 0; it runs low: false "
+                "alerts)"
+            )
             warnings.warn(
                 f"SPE: chunks of {', '.join(map(str, small))} images are smaller than the calibrated sets "
-                f"({calibrated} images): their intervals were widened, but their pseudo metric comes from a smaller "
-                "support set than the calibration's, which the estimate is not corrected for (with label fusion it "
-                f"runs low: false alerts); chunks of at least {calibrated} images are estimated as calibrated.",
+                f"({calibrated} images): their intervals were widened and {corrected}; chunks of at least "
+                f"{calibrated} images are estimated as calibrated.",
                 stacklevel=2,
             )
         done = time.perf_counter()

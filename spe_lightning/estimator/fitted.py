@@ -39,8 +39,9 @@ class FittedSPE:
             interval model (plain numbers) or None}, "intervals_by_target": {target: {key: ...}},
             "calibration_pseudo": {key: float}, "calibration_real": {key: float}}`` at the last record, and
             ``"calibration_features"`` (per-item feature lists, engine/distance.py) for the extrapolation flag
-            and ``"pair_features"`` (``{pair name: per-item feature lists}``: the sets a new set may look like);
-            kept only when ``config.anchored``.
+            and ``"pair_features"`` (``{pair name: per-item feature lists}``: the sets a new set may look like),
+            ``"pseudo_by_size"`` (the size probes, engine/set_size.py: the anchor of smaller sets); kept only when
+            ``config.anchored``.
         cases: the RCA per-case calibration (:func:`~spe_lightning.percase.rca.calibrate_cases`); None: uncalibrated.
         quality: the quality regressor (``{"regressor": state tensors, "calibration": plain numbers,
             "combination": {"weight", "n_sets"}}``); None: per-case scores come from RCA.

@@ -53,7 +53,8 @@ class RunOutcome:
         config: the run's settings.
         report: the run's :class:`~spe_lightning.engine.run_report.SPEReport` (G per key under ``mapping``,
             ``estimates``, ``anchor_intervals`` ...).
-        calibration_pseudo, calibration_real: the last record's calibration metrics (the anchor).
+        calibration_pseudo, calibration_real: the last record's calibration metrics (the anchor);
+            ``pseudo_by_size``: the size probes' pseudo metrics (engine/set_size.py; None: not measured).
         calibration_features: the calibration set's label-free features at the last weights (or None);
             ``pair_features``: the generic calibration pairs' sets' features at the same weights, by pair name.
         reference_images, reference_masks, reference_indices: the engine's references at the working size.
@@ -81,6 +82,7 @@ class RunOutcome:
     calibration: CachedSet
     reference_dataset: SizedDataset | None = None
     pair_features: Mapping[str, np.ndarray] = field(default_factory=dict)
+    pseudo_by_size: Mapping[str, Any] | None = None
     targets: Mapping[str, CachedSet] = field(default_factory=dict)
     records: Sequence[Record] = ()
     pairs: Sequence[dict[str, Any]] = ()
@@ -113,6 +115,8 @@ def _artifact(outcome: RunOutcome, model: nn.Module | None) -> FittedSPE:
             "calibration_pseudo": dict(outcome.calibration_pseudo),
             "calibration_real": dict(outcome.calibration_real),
         }
+        if outcome.pseudo_by_size:  # the anchor of sets smaller than the calibrated ones
+            anchor["pseudo_by_size"] = json_form(outcome.pseudo_by_size)
         if outcome.calibration_features is not None:  # label-free features for the extrapolation flag
             anchor["calibration_features"] = np.asarray(outcome.calibration_features, float).tolist()
             if outcome.pair_features:  # the calibrated sets a new set may look like (nearest-set distance)

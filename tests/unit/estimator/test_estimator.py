@@ -12,6 +12,7 @@ import torch
 
 from spe_lightning import SPEConfig, SPEEstimator
 from spe_lightning.engine import Estimate
+from spe_lightning.engine.set_size import calibration_pseudo_at
 from spe_lightning.estimator import VERSION, FittedSPE, IncompatibleEstimatorError, with_case_scorer
 from spe_lightning.percase.scorer import CaseRow
 
@@ -67,16 +68,30 @@ def test_a_set_smaller_than_the_calibrated_ones_gets_a_wider_flagged_interval(fi
     assert few.outside_calibrated_range and "4 images, fewer than the calibrated sets'" in few.range_note
     wide, base = few.upper - few.lower, whole.upper - whole.lower
     assert wide > base  # the same pairs' model, the half-width times sqrt(smallest / 4) (before clipping to [0, 1])
-    # chunks smaller than the calibrated sets: flagged in every output, and the user is told the estimate is not
-    # corrected for the smaller support set
+    # the anchor of the smaller set: the calibration pseudo metric at 4 images, from the size probes measured at fit
+    # end up to the smallest pair's size (the whole target keeps the calibration set's own)
+    probes = est.anchor["pseudo_by_size"]
+    assert probes["reference_size"] == smallest and [m for m, _ in probes["values"]["dice"]][:3] == [1, 2, 4]
+    assert few.anchor_pseudo is not None and whole.anchor_pseudo is None
+    assert few.anchor_pseudo == pytest.approx(
+        calibration_pseudo_at(est.anchor["calibration_pseudo"]["dice"], probes, "dice", 4)
+    )
+    assert few.range_note.endswith("anchored on calibration subsets of its size")
+    # an estimator without the probes (an older file, size_probes=0) anchors it on the whole calibration set's
+    old = est.with_fitted(est.fitted.replace(anchor={k: v for k, v in est.anchor.items() if k != "pseudo_by_size"}))
+    unsized = old.estimate(model, torch.utils.data.Subset(target, range(4)), per_case=False).estimates["dice"]
+    assert unsized.anchor_pseudo is None and unsized.pseudo == few.pseudo
+    # chunks smaller than the calibrated sets: flagged in every output, and the user is told how they were anchored
     from spe_lightning.cli.estimate.outputs import chunk_table
     from spe_lightning.monitoring.chunks import chunk_rows
 
-    said = rf"chunks of 4 images are smaller than the calibrated sets \({smallest} images"
+    said = rf"chunks of 4 images are smaller than the calibrated sets \({smallest} images\): .* anchored on calibration"
     with pytest.warns(UserWarning, match=said):
         res = est.estimate_chunks(model, torch.utils.data.Subset(target, range(8)), 4)
     assert "fewer images than calibrated" in chunk_table(res.chunks)
     assert all("fewer than the calibrated sets'" in r["note"] for r in chunk_rows(res.chunks) if r["metric"] == "dice")
+    with pytest.warns(UserWarning, match="cannot correct for"):
+        old.estimate_chunks(model, torch.utils.data.Subset(target, range(8)), 4)
 
 
 def test_the_input_check_tells_the_fitted_model_from_other_weights_and_another_architecture(fitted):
