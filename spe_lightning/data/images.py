@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "ImageLimits",
+    "UnreadableImageError",
     "is_image_file",
     "is_nifti",
     "is_dicom",
@@ -102,6 +103,15 @@ class ReadOptions:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
 
 
+class UnreadableImageError(ValueError):
+    """A DICOM or NIfTI file that cannot be decoded (not that format, truncated, corrupt): unlike a limit or an
+    unsupported layout, the file itself is broken. ``reason``: the short why, for a list of such files."""
+
+    def __init__(self, path: Path, kind: str, reason: str) -> None:
+        super().__init__(f"cannot read the {kind} file {path.name}: {reason}")
+        self.reason = reason
+
+
 def is_nifti(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -138,9 +148,9 @@ def read_dicom_array(path: str | os.PathLike, limits: ImageLimits | None = None)
     except ValueError as err:
         raise ValueError(f"{path.name}: {err}") from err
     except AttributeError as err:  # no Rows/Columns/pixel data: not an image, or cut short
-        raise ValueError(f"cannot read the DICOM file {path.name}: no image in it (truncated or corrupt?)") from err
+        raise UnreadableImageError(path, "DICOM", "no image in it (truncated or corrupt?)") from err
     except Exception as err:  # not DICOM, truncated, a compression without its decoder...
-        raise ValueError(f"cannot read the DICOM file {path.name}: {type(err).__name__}: {err}") from err
+        raise UnreadableImageError(path, "DICOM", f"{type(err).__name__}: {err}") from err
     arr = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
     return arr, str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
 
@@ -290,9 +300,9 @@ def read_nifti_slices(
     except ValueError as err:
         if "voxels, above the limit" in str(err):
             raise
-        raise ValueError(f"cannot read the NIfTI file {path.name}: {type(err).__name__}: {err}") from err
+        raise UnreadableImageError(path, "NIfTI", f"{type(err).__name__}: {err}") from err
     except Exception as err:  # nibabel's ImageFileError, gzip/EOF errors of a truncated file...
-        raise ValueError(f"cannot read the NIfTI file {path.name}: {type(err).__name__}: {err}") from err
+        raise UnreadableImageError(path, "NIfTI", f"{type(err).__name__}: {err}") from err
     if vol.ndim == 4:  # channel-last volumes: first channel
         vol = vol[..., 0]
     if vol.ndim not in (2, 3):

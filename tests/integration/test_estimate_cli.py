@@ -133,6 +133,16 @@ def test_first_run_errors_name_the_fix(fitted, tmp_path, capsys):
     for i in range(4):
         img = (dm.targets["target"][i]["image"][0].numpy() * 255).round().astype("uint8")
         Image.fromarray(img).save(folder / f"c{i}.png")
+    broken = tmp_path / "broken"  # two unreadable images beside a good one: both named in one run
+    broken.mkdir()
+    (broken / "c0.png").write_bytes((folder / "c0.png").read_bytes())
+    whole = (folder / "c1.png").read_bytes()
+    (broken / "c1.png").write_bytes(whole[: len(whole) // 2])  # cut short in its pixel data
+    (broken / "notes.png").write_text("not an image")
+    bad_masks = tmp_path / "bad_masks"
+    bad_masks.mkdir()
+    for i in range(4):
+        (bad_masks / f"c{i}.png").write_text("not a mask")
     state = torch.load(cb.estimator_path, weights_only=True)
     state["config"]["classes"] = {"a": 1, "b": 2}  # an estimator of another (multi-class) model
     other = tmp_path / "other_estimator.pt"
@@ -147,6 +157,12 @@ def test_first_run_errors_name_the_fix(fitted, tmp_path, capsys):
         (["--ckpt", ckpt, "--estimator", est, "--images", str(folder / "c0.png")], "a file; give the folder"),
         (["--ckpt", ckpt, "--estimator", est, "--images", str(folder), "--masks", str(tmp_path / "empty")],
          "each mask must have its image's relative file name"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(broken)],
+         "cannot read 2 files: c1.png (OSError: image file is truncated"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(broken)],
+         "notes.png (UnidentifiedImageError: cannot identify image file 'notes.png'). Remove or replace those files"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(folder), "--masks", str(bad_masks)],
+         "cannot read 4 files: c0.png (UnidentifiedImageError"),
         (["--ckpt", ckpt, "--estimator", str(other), "--images", str(folder)],
          "Are the model and the estimator from the same training run?"),
     ]  # fmt: skip

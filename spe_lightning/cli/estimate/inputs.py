@@ -22,6 +22,7 @@ from spe_lightning.data.images import (
     IMAGE_SUFFIXES,
     ImageLimits,
     ReadOptions,
+    UnreadableImageError,
     check_mask_shape,
     find_mask_file,
     fit_to_size,
@@ -42,8 +43,12 @@ __all__ = [
     "user_dataset",
     "RecordingDataset",
     "progress_bar",
+    "unreadable_error",
     "IMAGE_SUFFIXES",
 ]
+
+#: how many unreadable files one error names (the others are counted)
+MAX_LISTED = 10
 
 
 def read_image_folder(
@@ -59,7 +64,7 @@ def read_image_folder(
     Recursive and sorted; see :func:`spe_lightning.data.images.list_image_files` for what is refused
     (``limits``: default :class:`ImageLimits`). ``options``: how each file is read (default
     :class:`ReadOptions`: gray in [0, 1], padded to a square); ``transform(image [C,S,S]) -> image``
-    after reading.
+    after reading. Files that cannot be decoded are all named in one ``ValueError``, after the whole folder.
     """
     folder = Path(folder)
     o = options or ReadOptions()
@@ -73,32 +78,73 @@ def read_image_folder(
     ids: list[str] = []
     images: list[Tensor] = []
     sources: list[str] = []
+    # files that cannot be decoded, named together at the end: a user with five broken files fixes them in one go
+    bad: list[tuple[Path, Exception]] = []
     bar = progress_bar(len(files), "reading images", progress)
     for p in files:
         rel = p.relative_to(folder)
         name = rel.as_posix()
-        if is_nifti(p):
-            stem = name[: -len(".nii.gz") if p.name.lower().endswith(".gz") else -len(".nii")]
-            for z, sl in enumerate(read_nifti_slices(p, limits, o.intensity)):
-                ids.append(f"{stem}#z{z:03d}")
-                x = torch.from_numpy(np.ascontiguousarray(sl))[None]
-                x = x.expand(3, *x.shape[1:]).clone() if o.channels == "rgb" else x
-                images.append(_transformed(fit_to_size(x, image_size, o.resize), transform, name))
-                sources.append(name)
+        try:
+            slices = read_nifti_slices(p, limits, o.intensity) if is_nifti(p) else None
+            x = image_tensor(p, image_size, limits, o) if slices is None else None
+        except (OSError, SyntaxError, UnreadableImageError) as err:  # PIL: not an image, truncated; DICOM, NIfTI
+            bad.append((p, err))
         else:
-            try:
-                x = image_tensor(p, image_size, limits, o)
-            except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
-                raise ValueError(
-                    f"cannot read the image {name}: {type(err).__name__}: {err} (remove it from the folder, or "
-                    "re-save it as PNG/TIFF)"
-                ) from err
-            images.append(_transformed(x, transform, name))
-            ids.append(rel.with_suffix("").as_posix())
-            sources.append(name)
+            if slices is not None:
+                stem = name[: -len(".nii.gz") if p.name.lower().endswith(".gz") else -len(".nii")]
+                for z, sl in enumerate(slices):
+                    ids.append(f"{stem}#z{z:03d}")
+                    y = torch.from_numpy(np.ascontiguousarray(sl))[None]
+                    y = y.expand(3, *y.shape[1:]).clone() if o.channels == "rgb" else y
+                    images.append(_transformed(fit_to_size(y, image_size, o.resize), transform, name))
+                    sources.append(name)
+            else:
+                assert x is not None
+                images.append(_transformed(x, transform, name))
+                ids.append(rel.with_suffix("").as_posix())
+                sources.append(name)
         bar.update(1)
     bar.close()
+    _raise_unreadable(folder, bad)
     return ids, images, sources
+
+
+def _reason(err: Exception, path: Path, root: Path) -> str:
+    """The short why of an unreadable file (PIL quotes the whole path: shortened to the name under ``root``)."""
+    if isinstance(err, UnreadableImageError):
+        return err.reason
+    return f"{type(err).__name__}: {err}".replace(str(path), path.relative_to(root).as_posix())
+
+
+def _raise_unreadable(folder: Path, bad: Sequence[tuple[Path, Exception]]) -> None:
+    """Raise for the image files of ``folder`` that could not be read (none: return): one file with its own message,
+    several in one list."""
+    if not bad:
+        return
+    if len(bad) == 1:
+        path, err = bad[0]
+        if isinstance(err, UnreadableImageError):
+            raise err
+        raise ValueError(
+            f"cannot read the image {path.relative_to(folder).as_posix()}: {type(err).__name__}: {err} (remove it "
+            "from the folder, or re-save it as PNG/TIFF)"
+        ) from err
+    listed = [(p.relative_to(folder).as_posix(), _reason(e, p, folder)) for p, e in bad]
+    raise unreadable_error(
+        "--images",
+        folder,
+        listed,
+        "Remove or replace those files (re-save them as PNG/TIFF), or move them out of the folder.",
+    ) from bad[0][1]
+
+
+def unreadable_error(option: str, folder: Path, bad: Sequence[tuple[str, str]], fix: str) -> ValueError:
+    """One error for the files of ``option``'s ``folder`` that could not be read (``(name, reason)`` each): how
+    many, the first :data:`MAX_LISTED` with their reason, and ``fix``."""
+    shown = "; ".join(f"{name} ({reason})" for name, reason in bad[:MAX_LISTED])
+    more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    files = "file" if len(bad) == 1 else "files"
+    return ValueError(f"{option} {folder}: cannot read {len(bad)} {files}: {shown}{more}. {fix}")
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img") -> Any:
@@ -222,10 +268,25 @@ def read_masks(
             "image's relative file name, any suffix (images/a/b.tif -> masks/a/b.png), or leave --masks out."
         )
     out = []
+    bad: list[tuple[str, str]] = []  # named together, as --images' unreadable files
     for s, path in zip(sources, paths):
         assert path is not None
-        out.append(read_case_mask(path, None if images is None else Path(images) / s, fg, size, resize, "--masks"))
+        try:
+            out.append(read_case_mask(path, None if images is None else Path(images) / s, fg, size, resize, "--masks"))
+        except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
+            bad.append(unreadable_mask(path, root, err))
+    if bad:
+        raise unreadable_error("--masks", root, bad, MASK_FIX)
     return out
+
+
+#: what to do about masks that cannot be read
+MASK_FIX = "Replace each with a readable PNG/TIFF mask."
+
+
+def unreadable_mask(path: Path, root: Path, err: Exception) -> tuple[str, str]:
+    """``(name under root, short reason)`` of a mask file that could not be read, for :func:`unreadable_error`."""
+    return path.relative_to(root).as_posix(), _reason(err, path, root)
 
 
 def read_case_mask(
