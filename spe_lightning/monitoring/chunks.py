@@ -89,24 +89,25 @@ def _key(image_id: str) -> str:
 
 
 def chunks_by_column(
-    ids: Sequence[str], rows: Sequence[Mapping[str, str]], column: str, id_column: str = "id"
+    ids: Sequence[str], rows: Sequence[Mapping[str, str]], column: str, id_column: str = "id", meta: str = "meta.csv"
 ) -> dict[str, list[int]]:
     """One chunk per value of ``column``, in sorted value order (ISO dates sort in time order).
 
     Images are matched to rows by ``id_column`` against their file name without suffix (the id
     ``"sub/A001"`` matches the row ``id == "A001"``; NIfTI slices ``"vol#z003"`` match ``"vol"``).
     An image without a row raises ``ValueError`` naming a few; an empty value is the chunk ``"(empty)"``.
+    ``meta``: the file the rows came from, as the errors name it (the user's ``--chunk-by FILE:COLUMN``).
     """
     if not rows:
-        raise ValueError("meta.csv has no rows.")
+        raise ValueError(f"{meta} has no rows.")
     for col in (column, id_column):
         if col not in rows[0]:
-            raise ValueError(f"meta.csv has no column {col!r}; its columns: {list(rows[0])}.")
+            raise ValueError(f"{meta} has no column {col!r}; its columns: {list(rows[0])}.")
     value = {str(r[id_column]): (r.get(column) or "").strip() or "(empty)" for r in rows}
     missing = [i for i in ids if _key(i) not in value]
     if missing:
         raise ValueError(
-            f"{len(missing)} image(s) have no row in meta.csv (matched on {id_column!r}), e.g. {missing[:3]}."
+            f"{len(missing)} image(s) have no row in {meta} (matched on {id_column!r}), e.g. {missing[:3]}."
         )
     groups: dict[str, list[int]] = {}
     for pos, i in enumerate(ids):

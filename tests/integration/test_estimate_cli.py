@@ -139,6 +139,7 @@ def test_first_run_errors_name_the_fix(fitted, tmp_path, capsys):
     whole = (folder / "c1.png").read_bytes()
     (broken / "c1.png").write_bytes(whole[: len(whole) // 2])  # cut short in its pixel data
     (broken / "notes.png").write_text("not an image")
+    (tmp_path / "sites.csv").write_text("id,scanner\n" + "".join(f"c{i},A\n" for i in range(4)))
     bad_masks = tmp_path / "bad_masks"
     bad_masks.mkdir()
     for i in range(4):
@@ -163,6 +164,8 @@ def test_first_run_errors_name_the_fix(fitted, tmp_path, capsys):
          "notes.png (UnidentifiedImageError: cannot identify image file 'notes.png'). Remove or replace those files"),
         (["--ckpt", ckpt, "--estimator", est, "--images", str(folder), "--masks", str(bad_masks)],
          "cannot read 4 files: c0.png (UnidentifiedImageError"),
+        (["--ckpt", ckpt, "--estimator", est, "--images", str(folder), "--chunk-by", "sites.csv:hospital"],
+         f"{tmp_path / 'sites.csv'} has no column 'hospital'"),
         (["--ckpt", ckpt, "--estimator", str(other), "--images", str(folder)],
          "Are the model and the estimator from the same training run?"),
     ]  # fmt: skip

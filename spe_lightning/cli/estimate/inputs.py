@@ -306,7 +306,7 @@ def chunk_groups(spec: str, ids: Sequence[str], images: str | Path) -> tuple[dic
     if isinstance(parsed, int):
         return chunks_of(len(ids), parsed), f"{parsed} images per chunk, in file order"
     meta = find_meta(parsed[0], images)
-    return chunks_by_column(ids, read_meta(meta), parsed[1]), f"by {parsed[1]!r} of {meta.name}"
+    return chunks_by_column(ids, read_meta(meta), parsed[1], meta=str(meta)), f"by {parsed[1]!r} of {meta.name}"
 
 
 class RecordingDataset:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image
 
 from spe_lightning.cli import main as cli_main
+from spe_lightning.cli.estimate.inputs import chunk_groups
 from spe_lightning.monitoring.chunks import (
     chunk_rows,
     chunks_by_column,
@@ -67,6 +69,25 @@ def test_chunk_helpers(tmp_path):
     assert found == tmp_path / "site" / "meta.csv" and read_meta(found) == [{"id": "x", "scanner": "A"}]
     with pytest.raises(FileNotFoundError):
         find_meta("other.csv", tmp_path / "site" / "test" / "images")
+
+
+def test_chunk_by_errors_name_the_users_meta_file(tmp_path):
+    """``--chunk-by sites.csv:hospital``: the errors name sites.csv (as found), not "meta.csv"."""
+    images = tmp_path / "study" / "images"
+    images.mkdir(parents=True)
+    sites = tmp_path / "study" / "sites.csv"  # found in the images folder's parent
+    sites.write_text("id,scanner\na,A\n")
+    name = re.escape(str(sites))
+    with pytest.raises(ValueError, match=f"^{name} has no column 'hospital'; its columns: \\['id', 'scanner'\\]"):
+        chunk_groups("sites.csv:hospital", ["a"], images)
+    with pytest.raises(ValueError, match=f"^1 image\\(s\\) have no row in {name} \\(matched on 'id'\\)"):
+        chunk_groups("sites.csv:scanner", ["a", "b"], images)
+    sites.write_text("id,hospital\n")
+    with pytest.raises(ValueError, match=f"^{name} has no rows"):
+        chunk_groups(f"{sites}:hospital", ["a"], images)  # as given
+    assert chunk_groups("5", ["a", "b"], images) == ({"0-1": [0, 1]}, "5 images per chunk, in file order")
+    with pytest.raises(ValueError, match="^meta.csv has no rows"):  # without a file name: as before
+        chunks_by_column(["a"], [], "date")
 
 
 def test_split_takes_every_kind_of_chunker():
