@@ -29,7 +29,7 @@ from spe_lightning.engine.distance import image_features, nearest_set_distance, 
 from spe_lightning.engine.interval_model import MIN_PAIRS
 from spe_lightning.engine.predict import LogitsFn, default_logits, eval_mode, model_device, predict_labels
 from spe_lightning.engine.records import CALIBRATION, Record
-from spe_lightning.engine.set_size import probe_means, probe_sets
+from spe_lightning.engine.set_size import probe_sets, probe_values
 from spe_lightning.engine.spe_engine import Shard, SPEEngine
 from spe_lightning.engine.styled_pairs import styled_name, styled_set
 from spe_lightning.progress import Progress
@@ -405,7 +405,7 @@ class RunSteps:
         c = self.config
         sets = probe_sets(self._sets[CALIBRATION], min(sizes), c.size_probes, c.seed)
         record = self.evaluate(model, shard, sets, from_calibration=True)
-        return probe_means(record["pseudo"], sets, c.keys)
+        return probe_values(record["pseudo"], sets, c.keys)
 
     def styled_sets(self) -> dict[str, CachedSet]:
         """Each target's styled calibration set (the calibration set restyled as the target from its unlabelled

@@ -267,7 +267,7 @@ def estimate(
     at_size = calibration_pseudo_at(p_c, probes, metric, n_images)
     # a set smaller than the calibrated ones: its pseudo metric as a support of the calibration's size would give
     # it (every candidate move, the paper's G(p_t) among them, is read from the same corrected value)
-    p_read = p if at_size is None or p_c is None else p + p_c - at_size
+    p_read = p if at_size is None or p_c is None else p + p_c - at_size  # at_size None: the probes do not apply
     res = anchored_estimate(
         g, metric, p_read, p_c, finite_or_none(r_c), level, model, distance, bounds,
         nearest=nearest, n_images=n_images,
@@ -291,7 +291,7 @@ def estimate(
         reliable=res.get("reliable"),
         unreliable=res.get("unreliable"),
         styled_anchor=res.get("styled_anchor"),
-        anchor_pseudo=at_size if at_size != p_c else None,
+        anchor_pseudo=at_size,
     )
     if anchored.reliable is False:  # no number for a metric SPE cannot follow; what it would have said is kept
         withheld = Interval(anchored.value, anchored.lower, anchored.upper)

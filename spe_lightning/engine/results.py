@@ -86,7 +86,8 @@ class Estimate(DictReads):
             move from its pseudo metric); the interval spans it. None without a styled pair for the set.
         anchor_pseudo: the calibration pseudo metric the estimate was anchored on when the set is smaller than
             the calibrated ones: the calibration set's at the set's size, from fit-end size probes
-            (:mod:`~spe_lightning.engine.set_size`); None when anchored on the whole calibration set's.
+            (:mod:`~spe_lightning.engine.set_size`; equal to the whole set's when they show no size effect); None
+            when the probes do not apply (anchored on the whole calibration set's).
         reliable: False when the pairs show SPE does not track the metric (``unreliable`` says why and the
             numbers it would have said are under ``withheld``); None when the interval model says nothing.
         true: the set's real metric, for sets that came with masks.

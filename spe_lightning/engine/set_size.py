@@ -8,10 +8,12 @@ pseudo metric reads the smaller support as a worse model (5-image chunks estimat
 0.80-0.87, every one alerted).
 
 At fit end SPE therefore also measures *size probes*: disjoint random calibration subsets of 1, 2, 4, ... images
-and of the pairs' smallest set size, a few of each. A set of ``n`` images smaller than the pairs' sets is anchored on
-``calibration pseudo + (probe mean at n - probe mean at the pairs' size)`` (linear in ``log n`` between probe
-sizes): the calibration set's pseudo metric as it would read with a support of ``n`` images. At the pairs' size
-the shift is zero, so every set the pairs were calibrated for keeps its anchor.
+and of the pairs' smallest set size, a few of each. Their pseudo metrics are fitted on ``log size`` (least squares
+weighted by size); a set of ``n`` images smaller than the pairs' sets is anchored on ``calibration pseudo + slope *
+(log n - log pairs' size)``: the calibration set's pseudo metric as it would read with a support of ``n`` images.
+The slope is shrunk toward 0 by its standard error, so a reverse step whose pseudo metric does not depend on the
+support's size (or probes too few to tell) leaves the anchor where it was. At the pairs' size the shift is zero:
+every set the pairs were calibrated for keeps its anchor.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ import torch
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.shifts import subset
 
-__all__ = ["PROBE_PREFIX", "calibration_pseudo_at", "probe_means", "probe_sets", "probe_sizes"]
+__all__ = [
+    "PROBE_PREFIX",
+    "SHRINK_SE",
+    "calibration_pseudo_at",
+    "probe_sets",
+    "probe_sizes",
+    "probe_values",
+    "size_slope",
+]
 
 #: the size probes' set names start with this (never a calibration pair)
 PROBE_PREFIX = "size_probe"
+#: a slope within this many standard errors of 0 is shrunk to 0 (the probes show no size effect to correct)
+SHRINK_SE = 2.0
 
 
 def probe_sizes(reference_size: int) -> list[int]:
@@ -56,40 +68,48 @@ def probe_sets(calibration: CachedSet, reference_size: int, draws: int, seed: in
     return sets
 
 
-def probe_means(
+def probe_values(
     pseudo: Mapping[str, Mapping[str, float | None]], sets: Mapping[str, CachedSet], keys: Sequence[str]
 ) -> dict[str, Any]:
-    """``{"reference_size": the largest probe size, "values": {key: [[size, mean pseudo], ...]}}`` from the
-    probes' pseudo metrics (``pseudo``: set name -> key -> value); a size whose probes gave no value is left out."""
-    by_size: dict[int, list[str]] = {}
-    for name, data in sets.items():
-        by_size.setdefault(len(data), []).append(name)
+    """``{"reference_size": the largest probe size, "values": {key: [[size, pseudo], ...]}}``, one row per probe
+    (``pseudo``: set name -> key -> value); a probe that gave no value is left out."""
     values: dict[str, list[list[float]]] = {}
     for key in keys:
-        rows = []
-        for m in sorted(by_size):
-            got = [pseudo.get(s, {}).get(key) for s in by_size[m]]
-            got = [float(v) for v in got if v is not None and math.isfinite(v)]
-            if got:
-                rows.append([m, float(np.mean(got))])
-        values[key] = rows
-    return {"reference_size": max(by_size) if by_size else None, "values": values}
+        rows = [[len(data), pseudo.get(name, {}).get(key)] for name, data in sets.items()]
+        values[key] = [[int(m), float(v)] for m, v in rows if v is not None and math.isfinite(v)]
+    return {"reference_size": max((len(d) for d in sets.values()), default=None), "values": values}
+
+
+def size_slope(rows: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """``(slope, standard error)`` of the probes' pseudo metric on ``log size``: least squares weighted by size (the
+    noise of a set's pseudo metric falls as ``1/size``); None with fewer than 3 probes or fewer than 2 sizes."""
+    m = np.asarray([r[0] for r in rows], float)
+    v = np.asarray([r[1] for r in rows], float)
+    if len(m) < 3 or len(np.unique(m)) < 2:
+        return None
+    x = np.log(m)
+    xc, vc = x - np.average(x, weights=m), v - np.average(v, weights=m)
+    sxx = float(np.sum(m * xc**2))
+    slope = float(np.sum(m * xc * vc) / sxx)
+    sigma2 = float(np.sum(m * (vc - slope * xc) ** 2)) / (len(m) - 2)  # noise variance of a 1-image set
+    return slope, math.sqrt(sigma2 / sxx)
 
 
 def calibration_pseudo_at(
     pseudo_calibration: float | None, probes: Mapping[str, Any] | None, key: str, n_images: int | None
 ) -> float | None:
-    """The calibration pseudo metric a set of ``n_images`` is anchored on: ``pseudo_calibration`` itself unless the
-    set is smaller than the probes' reference size, then shifted by the probes' change from that size down to
-    ``n_images`` (linear in ``log n``; below the smallest probe, the smallest probe's). None probes, an unknown
-    size, or no probe value at the reference size: ``pseudo_calibration`` unchanged."""
+    """The calibration pseudo metric a set of ``n_images``, smaller than the probes' reference size, is anchored on:
+    ``pseudo_calibration`` moved along the probes' slope on ``log size`` from the reference size down to
+    ``n_images``. The slope is shrunk toward 0 by its standard error (``b * max(0, 1 - (2 se / b)^2)``): probes whose
+    slope is within two standard errors of 0 leave the anchor where it was. None where the probes do not apply (a
+    set as large as the reference, no probes, an unknown size, fewer than 3 probes): the whole calibration set's
+    pseudo metric is the anchor."""
     ref = (probes or {}).get("reference_size")
-    rows = sorted(((int(m), float(v)) for m, v in ((probes or {}).get("values") or {}).get(key, [])))
     if pseudo_calibration is None or not isinstance(n_images, int) or not isinstance(ref, int) or n_images >= ref:
-        return pseudo_calibration
-    at = dict(rows)
-    if ref not in at or len(at) < 2:
-        return pseudo_calibration
-    sizes = np.log([m for m, _ in rows])
-    value = float(np.interp(math.log(max(n_images, 1)), sizes, [v for _, v in rows]))
-    return float(pseudo_calibration) + value - at[ref]
+        return None
+    fit = size_slope(((probes or {}).get("values") or {}).get(key, []))
+    if fit is None:
+        return None
+    slope, se = fit
+    shrunk = slope * max(0.0, 1.0 - (SHRINK_SE * se / slope) ** 2) if slope != 0 and math.isfinite(se) else 0.0
+    return float(pseudo_calibration) + shrunk * (math.log(max(n_images, 1)) - math.log(ref))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from spe_lightning.engine.estimate import estimate
 from spe_lightning.engine.interval_model import fit_interval_model
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.results import Estimate
-from spe_lightning.engine.set_size import calibration_pseudo_at, probe_means, probe_sets, probe_sizes
+from spe_lightning.engine.set_size import calibration_pseudo_at, probe_sets, probe_sizes, probe_values, size_slope
 
 G = MetricMapping.fit("linear", [0.5, 0.6, 0.7, 0.8], [0.6, 0.7, 0.8, 0.9])
 
@@ -46,32 +47,54 @@ def test_probe_sets_are_disjoint_subsets_of_each_size_at_most_draws_of_them():
     assert probe_sets(cal, 10, draws=0) == {}
 
 
-def test_probe_means_average_each_size_and_skip_missing_values():
+def test_probe_values_keep_one_row_per_probe_and_skip_missing_values():
     cal = _calibration(12)
     sets = probe_sets(cal, 4, draws=2, seed=1)
-    pseudo = {name: {"dice": 0.1 * len(d) + (0.01 if name.endswith("_0") else -0.01)} for name, d in sets.items()}
+    pseudo = {name: {"dice": 0.1 * len(d)} for name, d in sets.items()}
     pseudo["size_probe1_1"] = {"dice": None}  # a probe with too little foreground gives no pseudo metric
-    got = probe_means(pseudo, sets, ["dice"])
+    got = probe_values(pseudo, sets, ["dice"])
     assert got["reference_size"] == 4
-    rows = dict((int(m), v) for m, v in got["values"]["dice"])
-    assert rows[1] == pytest.approx(0.11) and rows[2] == pytest.approx(0.2) and rows[4] == pytest.approx(0.4)
+    assert sorted(got["values"]["dice"]) == sorted([len(d), pytest.approx(0.1 * len(d))] for n, d in sets.items()
+                                                   if n != "size_probe1_1")  # fmt: skip
 
 
-def test_the_anchor_moves_only_for_sets_smaller_than_the_reference_and_interpolates_in_log_size():
-    probes = {"reference_size": 16, "values": {"dice": [[1, 0.40], [2, 0.50], [4, 0.60], [8, 0.65], [16, 0.70]]}}
-    assert calibration_pseudo_at(0.8, probes, "dice", 16) == 0.8  # as large as calibrated: unchanged
-    assert calibration_pseudo_at(0.8, probes, "dice", 100) == 0.8
-    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 - 0.10)
-    assert calibration_pseudo_at(0.8, probes, "dice", 1) == pytest.approx(0.8 - 0.30)
-    between = 0.60 + (0.65 - 0.60) * (math.log(6) - math.log(4)) / (math.log(8) - math.log(4))
-    assert calibration_pseudo_at(0.8, probes, "dice", 6) == pytest.approx(0.8 + between - 0.70)
-    # nothing to go on: the whole calibration set's pseudo metric
-    assert calibration_pseudo_at(0.8, None, "dice", 4) == 0.8
-    assert calibration_pseudo_at(0.8, probes, "hd95", 4) == 0.8
-    assert calibration_pseudo_at(0.8, probes, "dice", None) == 0.8
-    assert calibration_pseudo_at(None, probes, "dice", 4) is None
-    no_reference = {"reference_size": 16, "values": {"dice": [[1, 0.4], [2, 0.5]]}}
-    assert calibration_pseudo_at(0.8, no_reference, "dice", 1) == 0.8
+def _probes(slope: float, noise: float, seed: int = 0) -> dict:
+    g = np.random.default_rng(seed)
+    sizes = [1] * 8 + [2] * 8 + [4] * 8 + [8] * 6 + [16] * 3
+    rows = [[m, 0.7 + slope * math.log(m / 16) + g.normal(0, noise / math.sqrt(m))] for m in sizes]
+    return {"reference_size": 16, "values": {"dice": rows}}
+
+
+def test_the_size_slope_equals_numpys_weighted_least_squares():
+    rows = _probes(0.05, 0.1)["values"]["dice"]
+    m, v = np.array([r[0] for r in rows], float), np.array([r[1] for r in rows])
+    coef, cov = np.polyfit(np.log(m), v, 1, w=np.sqrt(m), cov="unscaled")
+    sigma2 = np.sum(m * (v - np.polyval(coef, np.log(m))) ** 2) / (len(m) - 2)
+    slope, se = size_slope(rows)
+    assert slope == pytest.approx(coef[0], abs=1e-12) and se == pytest.approx(math.sqrt(cov[0, 0] * sigma2), rel=1e-9)
+    assert size_slope(rows[:2]) is None and size_slope([[4, 0.5], [4, 0.6], [4, 0.7]]) is None
+
+
+def test_the_anchor_moves_along_a_clear_size_effect_only_for_sets_smaller_than_the_reference():
+    probes = _probes(0.05, 0.02)
+    slope, se = size_slope(probes["values"]["dice"])
+    assert slope > 10 * se  # a clear effect: barely shrunk
+    assert calibration_pseudo_at(0.8, probes, "dice", 16) is None  # as large as calibrated: the probes do not apply
+    assert calibration_pseudo_at(0.8, probes, "dice", 100) is None
+    shrunk = slope * (1 - (2 * se / slope) ** 2)
+    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 + shrunk * math.log(4 / 16))
+    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 - 0.05 * math.log(4), abs=0.01)
+    # no size effect, only noise: the slope is within two standard errors of 0 and the anchor stays
+    flat = [calibration_pseudo_at(0.8, _probes(0.0, 0.1, seed), "dice", 2) for seed in range(20)]
+    assert sum(f == 0.8 for f in flat) >= 15 and max(abs(f - 0.8) for f in flat) < 0.03
+    # nothing to go on: the probes do not apply (the whole calibration set's pseudo metric is the anchor)
+    for args in (
+        (0.8, None, "dice", 4),
+        (0.8, probes, "hd95", 4),
+        (0.8, probes, "dice", None),
+        (None, probes, "dice", 4),
+    ):
+        assert calibration_pseudo_at(*args) is None
 
 
 def test_a_small_set_is_anchored_on_the_calibration_pseudo_at_its_size():
@@ -80,15 +103,16 @@ def test_a_small_set_is_anchored_on_the_calibration_pseudo_at_its_size():
         for i, (d, n) in enumerate(zip([-0.1, -0.05, 0.0, 0.02, -0.2, -0.15, 0.05, -0.08], [16, 16] + [40] * 6))
     ]
     model = fit_interval_model(pairs, "dice", G, 0.8)
-    probes = {"reference_size": 16, "values": {"dice": [[1, 0.40], [2, 0.50], [4, 0.60], [8, 0.65], [16, 0.70]]}}
+    probes = _probes(0.05, 0.0)  # an exact size effect: 0.05 per e-fold of the set's size
     plain = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=4)
     sized = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=4, probes=probes)
-    # the 4-image set's pseudo 0.7 is read against the calibration pseudo at 4 images (0.7), not the whole set's 0.8
-    assert sized.anchor_pseudo == pytest.approx(0.7) and plain.anchor_pseudo is None
-    assert sized.value == pytest.approx(plain.value + (G.predict([0.8])[0] - G.predict([0.7])[0]))
+    # the 4-image set's pseudo 0.7 is read against the calibration pseudo at 4 images, not the whole set's 0.8
+    at_4 = 0.8 + 0.05 * math.log(4 / 16)
+    assert sized.anchor_pseudo == pytest.approx(at_4) and plain.anchor_pseudo is None
+    assert sized.value == pytest.approx(plain.value + (G.predict([0.8])[0] - G.predict([at_4])[0]))
     # the same move read from the corrected pseudo metric: the same interval, shifted (the paper's G(p_t) too)
     assert sized.upper - sized.lower == pytest.approx(plain.upper - plain.lower, abs=1e-9)
     assert sized.range_note.endswith("interval widened, anchored on calibration subsets of its size")
-    assert Estimate.from_dict(sized.to_dict()) == sized and sized.to_dict()["anchor_pseudo"] == pytest.approx(0.7)
+    assert Estimate.from_dict(sized.to_dict()) == sized and sized.to_dict()["anchor_pseudo"] == pytest.approx(at_4)
     large = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=16, probes=probes)
     assert large.anchor_pseudo is None and large == estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=16)
