@@ -14,6 +14,10 @@ width, the mean signed error and the mean absolute error.
 
     python benchmarks/small_sets.py --out benchmarks/results/small_sets.json
     python benchmarks/small_sets.py --segmenter learned_propagation --out benchmarks/results/small_sets_learned.json
+
+``--data ../shared/datasets/jsrt --class-index 1`` runs the same on JSRT's development splits (the model and the
+references from train; the test split cut in two fixed halves, calibration and the chunk pool, clean and with
+noise at severity 2); never extra_test.
 """
 
 from __future__ import annotations
@@ -24,31 +28,52 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from spe_lightning import SPECallback, SPEEstimator
+from spe_lightning.data.folder import FolderSegmentationDataset
 from spe_lightning.data.synthetic import SyntheticShapesDataset
 from spe_lightning.engine.predict import default_logits
-from spe_lightning.engine.shifts import subset
+from spe_lightning.engine.shifts import shift_set, subset
 from spe_lightning.models import SegmentationModel
 
 
-def fit(root: str, target_size: int, epochs: int, segmenter: str) -> tuple[SPEEstimator, torch.nn.Module]:
+def datasets(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """``(train, calibration, targets, chunk pools)``: phantoms, or with ``--data`` a folder dataset's development
+    splits (train: the model and references; test cut in two fixed halves: calibration, and targets and chunks)."""
+    if a.data is None:
+        train, val = SyntheticShapesDataset(64, 64, seed=1), SyntheticShapesDataset(48, 64, seed=2)
+        targets = {"clean": SyntheticShapesDataset(a.target_size, 64, seed=3),
+                   "noisy": SyntheticShapesDataset(a.target_size, 64, seed=4, noise=0.15)}  # fmt: skip
+        pools = {"clean": SyntheticShapesDataset(200, 64, seed=55, noise=0.05),
+                 "noisy": SyntheticShapesDataset(200, 64, seed=65, noise=0.15)}  # fmt: skip
+        return train, val, targets, pools
+    train = FolderSegmentationDataset(a.data, "train", a.class_index, a.image_size)
+    test = FolderSegmentationDataset(a.data, "test", a.class_index, a.image_size)
+    order = np.random.default_rng(0).permutation(len(test)).tolist()
+    half = len(test) // 2
+    val, rest = Subset(test, sorted(order[:half])), Subset(test, sorted(order[half:]))
+    return train, val, {"rest": rest}, {"clean": rest, "noisy": ("noise", 2)}
+
+
+def fit(root: str, a: argparse.Namespace) -> tuple[SPEEstimator, torch.nn.Module, dict[str, Any]]:
     pl.seed_everything(0)
-    train = SyntheticShapesDataset(64, 64, seed=1)
-    val = SyntheticShapesDataset(48, 64, seed=2)
-    targets = {"clean": SyntheticShapesDataset(target_size, 64, seed=3),
-               "noisy": SyntheticShapesDataset(target_size, 64, seed=4, noise=0.15)}  # fmt: skip
+    train, val, targets, pools = datasets(a)
+    segmenter = a.segmenter
     cb = SPECallback(reference=train, calibration=val, target=targets, segmenter=segmenter, verbose=False)
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=a.epochs, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )  # fmt: skip
     trainer.fit(model, torch.utils.data.DataLoader(train, batch_size=8, shuffle=True))
     path = cb.run.estimator.save(os.path.join(root, "spe_estimator.pt"))
-    return SPEEstimator.load(path), model.eval()
+    return SPEEstimator.load(path), model.eval(), pools
 
 
 def main() -> None:
@@ -58,12 +83,15 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 24])
     ap.add_argument("--chunks", type=int, default=40, help="random chunks per size and pool")
     ap.add_argument("--segmenter", default="label_fusion")
+    ap.add_argument("--data", default=None, help="a folder dataset (its train and test splits) instead of phantoms")
+    ap.add_argument("--class-index", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        est, model = fit(root, a.target_size, a.epochs, a.segmenter)
+        est, model, pools = fit(root, a)
     # the same estimator without its size probes: what the size rule alone gives (and older estimator files)
     widened_only = est.with_fitted(
         est.fitted.replace(anchor={k: v for k, v in est.anchor.items() if k != "pseudo_by_size"})
@@ -71,16 +99,18 @@ def main() -> None:
     readings = (("none", est, None), ("widened", widened_only, True), ("product", est, True))
     rng = np.random.default_rng(0)
     rows = []
-    for pool_name, noise in (("clean", 0.05), ("noisy", 0.15)):
-        pool = SyntheticShapesDataset(200, 64, seed=50 + int(noise * 100), noise=noise)
-        data = est.cache([pool[i] for i in range(len(pool))], "pool")
+    for pool_name, pool in pools.items():
+        if isinstance(pool, tuple):  # a synthetic shift of the clean pool
+            data = shift_set(est.cache([pools["clean"][i] for i in range(len(pools["clean"]))], "pool"), *pool)
+        else:
+            data = est.cache([pool[i] for i in range(len(pool))], "pool")
         masks, conf = est.predict(model, data, torch.device("cpu"), default_logits)
         for size in a.sizes:
             hit: dict[str, list[bool]] = {k: [] for k, _, _ in readings}
             width: dict[str, list[float]] = {k: [] for k, _, _ in readings}
             error: dict[str, list[float]] = {k: [] for k, _, _ in readings}
             for _ in range(a.chunks):
-                pos = sorted(rng.choice(len(pool), size, replace=False).tolist())
+                pos = sorted(rng.choice(len(data), size, replace=False).tolist())
                 part = subset(data, pos, "pool")
                 pm = [masks[i] for i in pos]
                 pseudo = est.engine.pseudo(part, pm, torch.device("cpu"))
