@@ -1,19 +1,21 @@
-"""Sets smaller than the calibrated ones: error and coverage of chunk estimates with and without the size rules.
+"""Sets of new images, smaller than or as large as the calibrated ones: error and coverage of chunk estimates.
 
 A set's estimate is anchored on the calibration score, and its interval is learnt from labelled calibration pairs
 whose random subsets are as large as the run's targets. A smaller set (a chunk of incoming images, a handful of new
-cases) has a noisier mean, so that interval is too narrow for it; SPE multiplies the half-width by
-``sqrt(pairs' smallest set / n)`` and flags the set (engine/estimate.py). This measures both on development data
-only (synthetic phantoms, nothing from ../shared): a small model trained with SPE (label fusion, targets of
-``--target-size`` images), then random chunks of 2-24 images drawn from fresh phantoms of the calibration's kind
-and of a noisier kind, their realised Dice known. Per chunk size, three readings of the same chunks: ``none`` (no
-size rule: the interval as sized for the targets, anchored on the whole calibration set), ``widened`` (the interval
-rule alone, the product before the size probes) and ``product`` (widened and anchored on the calibration pseudo
-metric at the chunk's size, engine/set_size.py): the 90% interval's coverage of the realised mean Dice, its median
-width, the mean signed error and the mean absolute error.
+cases) has a noisier mean, so SPE multiplies the half-width by ``sqrt(pairs' smallest set / n)`` and flags the set
+(engine/estimate.py), and anchors it on the calibration pseudo metric at its size (engine/set_size.py). A subset of
+the calibration set shares images with it, so its pair understates how much a set of new images differs; SPE scales
+those pairs to stand for new images (engine.calibration_pairs.independent_set_scale). This measures them on
+development data only: a small model trained with SPE (label fusion by default, targets of ``--target-size``
+images), then random chunks of 2-24 images drawn from fresh phantoms of the calibration's kind and of a noisier
+kind, their realised Dice known. Per chunk size, four readings of the same chunks: ``none`` (no size rule, subset
+pairs as measured: the product before these rules), ``widened`` (the interval widened for the chunk's size),
+``probes`` (also anchored at the chunk's size) and ``product`` (also the subset pairs scaled to new images): the 90%
+interval's coverage of the realised mean Dice, its median width, the mean signed error and the mean absolute error.
 
     python benchmarks/small_sets.py --out benchmarks/results/small_sets.json
     python benchmarks/small_sets.py --segmenter learned_propagation --out benchmarks/results/small_sets_learned.json
+    python benchmarks/small_sets.py --table benchmarks/results/small_sets*.json       # the tables of docs/intervals.md
 
 ``--data ../shared/datasets/jsrt --class-index 1`` runs the same on JSRT's development splits (the model and the
 references from train; the test split cut in two fixed halves, calibration and the chunk pool, clean and with
@@ -38,6 +40,9 @@ from torch.utils.data import Subset
 from spe_lightning import SPECallback, SPEEstimator
 from spe_lightning.data.folder import FolderSegmentationDataset
 from spe_lightning.data.synthetic import SyntheticShapesDataset
+from spe_lightning.engine.calibration_pairs import pairs_for_target
+from spe_lightning.engine.interval_model import fit_interval_model
+from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.predict import default_logits
 from spe_lightning.engine.shifts import shift_set, subset
 from spe_lightning.models import SegmentationModel
@@ -61,7 +66,7 @@ def datasets(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str,
     return train, val, {"rest": rest}, {"clean": rest, "noisy": ("noise", 2)}
 
 
-def fit(root: str, a: argparse.Namespace) -> tuple[SPEEstimator, torch.nn.Module, dict[str, Any]]:
+def fit(root: str, a: argparse.Namespace) -> tuple[SPEEstimator, torch.nn.Module, dict[str, Any], list[dict]]:
     pl.seed_everything(0)
     train, val, targets, pools = datasets(a)
     segmenter = a.segmenter
@@ -73,7 +78,24 @@ def fit(root: str, a: argparse.Namespace) -> tuple[SPEEstimator, torch.nn.Module
     )  # fmt: skip
     trainer.fit(model, torch.utils.data.DataLoader(train, batch_size=8, shuffle=True))
     path = cb.run.estimator.save(os.path.join(root, "spe_estimator.pt"))
-    return SPEEstimator.load(path), model.eval(), pools
+    return SPEEstimator.load(path), model.eval(), pools, list(cb.run.pairs)
+
+
+def without(est: SPEEstimator, pairs: list[dict], probes: bool, independent: bool) -> SPEEstimator:
+    """``est`` without its size probes and/or with its interval models refitted on the pairs as measured (subset
+    pairs not scaled to independent sets: engine.calibration_pairs.independent_set_scale)."""
+    anchor = {k: v for k, v in est.anchor.items() if probes or k != "pseudo_by_size"}
+    if not independent:
+        plain = [{k: v for k, v in p.items() if k != "n_calibration"} for p in pairs_for_target(pairs, None)]
+        anchor["intervals"] = {
+            key: fit_interval_model(
+                plain, key, MetricMapping.from_dict(dict(est.mappings[key])), anchor["calibration_pseudo"][key],
+                level=est.config.level,
+            )
+            for key in est.keys
+            if "params" in est.mappings.get(key, {}) and anchor["calibration_pseudo"].get(key) is not None
+        }  # fmt: skip
+    return est.with_fitted(est.fitted.replace(anchor=anchor))
 
 
 def main() -> None:
@@ -87,16 +109,25 @@ def main() -> None:
     ap.add_argument("--class-index", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="print the tables of written results; no run")
     a = ap.parse_args()
+    if a.table:
+        for path in a.table:
+            print(f"\n{path.name}:")
+            table(json.loads(path.read_text())["rows"])
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        est, model, pools = fit(root, a)
-    # the same estimator without its size probes: what the size rule alone gives (and older estimator files)
-    widened_only = est.with_fitted(
-        est.fitted.replace(anchor={k: v for k, v in est.anchor.items() if k != "pseudo_by_size"})
+        est, model, pools, pairs = fit(root, a)
+    # the same chunks read four ways (see the module docstring)
+    before = without(est, pairs, probes=False, independent=False)
+    readings = (
+        ("none", before, None),
+        ("widened", before, True),
+        ("probes", without(est, pairs, probes=True, independent=False), True),
+        ("product", est, True),
     )
-    readings = (("none", est, None), ("widened", widened_only, True), ("product", est, True))
     rng = np.random.default_rng(0)
     rows = []
     for pool_name, pool in pools.items():
@@ -143,14 +174,13 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> None:
-    """The markdown table of ``rows`` (each reading: none / widened / product)."""
+    """The markdown table of ``rows`` (each cell: the readings none / widened / probes / product)."""
     print("| pool | images per chunk | chunks | coverage | median width | bias | MAE |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         columns = (("coverage", ".2f"), ("median_width", ".3f"), ("bias", "+.3f"), ("mae", ".3f"))
-        cells = [
-            " / ".join(f"{r[f'{what}_{k}']:{fmt}}" for k in ("none", "widened", "product")) for what, fmt in columns
-        ]
+        kinds = [k for k in ("none", "widened", "probes", "product") if f"coverage_{k}" in r]
+        cells = [" / ".join(f"{r[f'{what}_{k}']:{fmt}}" for k in kinds) for what, fmt in columns]
         print(f"| {r['pool']} | {r['size']} | {r['n_chunks']} | " + " | ".join(cells) + " |")
 
 

@@ -438,6 +438,8 @@ class RunSteps:
         for p in pairs:
             p.setdefault("distance", record["distance"].get(p["name"]))
             p["n"] = len(sets[p["name"]])
+            if p["kind"] == "subset":  # engine.calibration_pairs.independent_set_scale
+                p["n_calibration"] = len(self._sets[CALIBRATION])
         return pairs
 
 

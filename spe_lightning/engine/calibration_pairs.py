@@ -10,6 +10,7 @@ turns them into an interval model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,14 @@ import torch
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.shifts import SHIFT_FAMILIES, shift_set, subset
 
-__all__ = ["INTERVAL_SEVERITIES", "calibration_sets", "pairs_for_target", "pairs_from_record", "subset_sizes_of"]
+__all__ = [
+    "INTERVAL_SEVERITIES",
+    "calibration_sets",
+    "independent_set_scale",
+    "pairs_for_target",
+    "pairs_from_record",
+    "subset_sizes_of",
+]
 
 #: severities of each shift family measured for the intervals
 INTERVAL_SEVERITIES = (2,)
@@ -93,6 +101,22 @@ def pairs_for_target(pairs: Sequence[dict[str, Any]], target: str | None) -> lis
     """The pairs of ``target``'s move/interval model: every generic pair (no ``"target"`` key) and the pairs
     made for that target (``target=None``: the generic ones only)."""
     return [p for p in pairs if p.get("target") is None or (target is not None and p.get("target") == target)]
+
+
+def independent_set_scale(pair: dict[str, Any]) -> float:
+    """How much larger a random subset pair's differences would be for an independent set of its size.
+
+    A subset of ``n`` of the ``N`` calibration images shares images with the set it is compared with: its mean
+    differs from the calibration's with variance ``sigma^2 (N - n) / (n (N - 1))``, while a target of ``n`` new
+    images differs with variance ``sigma^2 (1 / n + 1 / N)`` (23 of 24 images: 45 times more). A subset pair's
+    ``(d_pseudo, d_real)`` is multiplied by the square root of that ratio so that it stands for the sampling
+    noise of a new set. Shifted and styled pairs (the calibration images themselves), and pairs without
+    ``n`` and ``n_calibration`` (older runs): 1.
+    """
+    n, big_n = pair.get("n"), pair.get("n_calibration")
+    if pair.get("kind") != "subset" or not isinstance(n, int) or not isinstance(big_n, int) or not 0 < n < big_n:
+        return 1.0
+    return math.sqrt((big_n + n) * (big_n - 1) / (big_n * (big_n - n)))
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:

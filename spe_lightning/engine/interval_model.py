@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from spe_lightning.engine.calibration_pairs import pairs_for_target
+from spe_lightning.engine.calibration_pairs import independent_set_scale, pairs_for_target
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.metrics import BOUNDED
 
@@ -129,6 +129,8 @@ def fit_interval_model(
         dp, dr = p["d_pseudo"].get(metric), p["d_real"].get(metric)
         if dp is None or dr is None:
             continue
+        scale = independent_set_scale(p)  # a calibration subset stands for a set of new images of its size
+        dp, dr = dp * scale, dr * scale
         gm = float(g.predict([pseudo_calibration + dp])[0]) - base
         if np.isfinite(gm) and np.isfinite(dr) and np.isfinite(dp):
             fams.append(pair_family(p["name"]))
