@@ -8,9 +8,10 @@ pseudo metric reads the smaller support as a worse model (5-image chunks estimat
 0.80-0.87, every one alerted).
 
 At fit end SPE therefore also measures *size probes*: disjoint random calibration subsets of 1, 2, 4, ... images
-and of the pairs' smallest set size, a few of each. Their pseudo metrics are fitted on ``log size`` (least squares
-weighted by size); a set of ``n`` images smaller than the pairs' sets is anchored on ``calibration pseudo + slope *
-(log n - log pairs' size)``: the calibration set's pseudo metric as it would read with a support of ``n`` images.
+and of the pairs' smallest set size, a few of each. Their pseudo metrics are fitted on ``1 / size`` (least squares
+weighted by size: a deficit that shrinks with every image added, as a fusion of fewer atlases does); a set of ``n``
+images smaller than the pairs' sets is anchored on ``calibration pseudo + slope * (1 / n - 1 / pairs' size)``: the
+calibration set's pseudo metric as it would read with a support of ``n`` images.
 The slope is shrunk toward 0 by its standard error, so a reverse step whose pseudo metric does not depend on the
 support's size (or probes too few to tell) leaves the anchor where it was. At the pairs' size the shift is zero:
 every set the pairs were calibrated for keeps its anchor.
@@ -81,13 +82,13 @@ def probe_values(
 
 
 def size_slope(rows: Sequence[Sequence[float]]) -> tuple[float, float] | None:
-    """``(slope, standard error)`` of the probes' pseudo metric on ``log size``: least squares weighted by size (the
-    noise of a set's pseudo metric falls as ``1/size``); None with fewer than 3 probes or fewer than 2 sizes."""
+    """``(slope, standard error)`` of the probes' pseudo metric on ``1 / size``: least squares weighted by size (the
+    noise of a set's pseudo metric falls as ``1 / size``); None with fewer than 3 probes or fewer than 2 sizes."""
     m = np.asarray([r[0] for r in rows], float)
     v = np.asarray([r[1] for r in rows], float)
     if len(m) < 3 or len(np.unique(m)) < 2:
         return None
-    x = np.log(m)
+    x = 1.0 / m
     xc, vc = x - np.average(x, weights=m), v - np.average(v, weights=m)
     sxx = float(np.sum(m * xc**2))
     slope = float(np.sum(m * xc * vc) / sxx)
@@ -99,7 +100,7 @@ def calibration_pseudo_at(
     pseudo_calibration: float | None, probes: Mapping[str, Any] | None, key: str, n_images: int | None
 ) -> float | None:
     """The calibration pseudo metric a set of ``n_images``, smaller than the probes' reference size, is anchored on:
-    ``pseudo_calibration`` moved along the probes' slope on ``log size`` from the reference size down to
+    ``pseudo_calibration`` moved along the probes' slope on ``1 / size`` from the reference size down to
     ``n_images``. The slope is shrunk toward 0 by its standard error (``b * max(0, 1 - (2 se / b)^2)``): probes whose
     slope is within two standard errors of 0 leave the anchor where it was. None where the probes do not apply (a
     set as large as the reference, no probes, an unknown size, fewer than 3 probes): the whole calibration set's
@@ -112,4 +113,4 @@ def calibration_pseudo_at(
         return None
     slope, se = fit
     shrunk = slope * max(0.0, 1.0 - (SHRINK_SE * se / slope) ** 2) if slope != 0 and math.isfinite(se) else 0.0
-    return float(pseudo_calibration) + shrunk * (math.log(max(n_images, 1)) - math.log(ref))
+    return float(pseudo_calibration) + shrunk * (1.0 / max(n_images, 1) - 1.0 / ref)

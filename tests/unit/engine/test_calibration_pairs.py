@@ -40,3 +40,32 @@ def test_calibration_sets_default_to_the_products_shifts():
     sets = calibration_sets(shapes_set(6), subset_sizes=[3], n_subsets=1)
     shifted = [n for n in sets if not n.startswith("subset")]
     assert sorted(shifted) == sorted(f"{f}_{s}" for f in SHIFT_FAMILIES for s in INTERVAL_SEVERITIES)
+
+
+def test_a_subset_pair_is_scaled_to_stand_for_a_set_of_new_images():
+    import math
+
+    import numpy as np
+
+    from spe_lightning.engine.calibration_pairs import independent_set_scale
+
+    assert independent_set_scale({"kind": "subset", "n": 24, "n_calibration": 48}) == pytest.approx(math.sqrt(2.9375))
+    assert independent_set_scale({"kind": "subset", "n": 6, "n_calibration": 24}) == pytest.approx(
+        math.sqrt(30 * 23 / 432)
+    )
+    # beyond half the calibration set: scaled as the half-size subset (23 of 24 would be 6.7 times)
+    half = independent_set_scale({"kind": "subset", "n": 12, "n_calibration": 24})
+    assert independent_set_scale({"kind": "subset", "n": 23, "n_calibration": 24}) == pytest.approx(half)
+    for other in ({"kind": "shift", "n": 24, "n_calibration": 24}, {"kind": "subset", "n": 23}, {"kind": "subset"}):
+        assert independent_set_scale(other) == 1.0  # the calibration images themselves, or an older run's pair
+    # the formula's premise, simulated: a subset's mean against the whole set's varies less than a new set's mean
+    rng = np.random.default_rng(0)
+    big_n, n = 24, 12
+    population = rng.normal(0, 1, 200_000)
+    sub, new = [], []
+    for _ in range(4000):
+        cal = rng.choice(population, big_n, replace=False)
+        sub.append(rng.choice(cal, n, replace=False).mean() - cal.mean())
+        new.append(rng.choice(population, n, replace=False).mean() - cal.mean())
+    ratio = float(np.std(new) / np.std(sub))
+    assert ratio == pytest.approx(independent_set_scale({"kind": "subset", "n": n, "n_calibration": big_n}), rel=0.05)

@@ -18,6 +18,7 @@ from spe_lightning.engine.distance import (
     set_distance,
 )
 from spe_lightning.engine.estimate import anchored_estimate, estimate, fit_interval_model
+from spe_lightning.engine.interval_model import half_width
 from spe_lightning.engine.mapping import MetricMapping
 from spe_lightning.engine.records import fit_and_estimate
 from spe_lightning.engine.results import Estimate
@@ -427,3 +428,16 @@ def test_the_untracked_reason_says_when_the_targets_styled_pair_is_counted():
     assert generic["reliability"]["reliable"] is False and with_styled["reliability"]["reliable"] is False
     assert generic["reliability"]["reason"].startswith("on 10 calibration pairs SPE's held-out error")
     assert with_styled["reliability"]["reason"].startswith("on 11 calibration pairs (the target's styled one included)")
+
+
+def test_subset_pairs_scaled_to_new_images_widen_the_interval_they_set():
+    rng = np.random.default_rng(3)
+    subsets = [
+        {"name": f"subset23_{k}", "kind": "subset", "n": 23, "d_pseudo": {"dice": float(d)},
+         "d_real": {"dice": float(d + rng.normal(0, 0.004))}}
+        for k, d in enumerate(rng.normal(0, 0.005, 6))
+    ]  # fmt: skip
+    plain = fit_interval_model(subsets, "dice", G, 0.8)
+    scaled = fit_interval_model([{**p, "n_calibration": 24} for p in subsets], "dice", G, 0.8)
+    # the subsets' misses are scaled as the half-size subset's (1.7 times): so is the half-width at no move
+    assert half_width(scaled, 0.0, 0.9) > 1.5 * half_width(plain, 0.0, 0.9)

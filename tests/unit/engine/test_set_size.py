@@ -61,29 +61,29 @@ def test_probe_values_keep_one_row_per_probe_and_skip_missing_values():
 def _probes(slope: float, noise: float, seed: int = 0) -> dict:
     g = np.random.default_rng(seed)
     sizes = [1] * 8 + [2] * 8 + [4] * 8 + [8] * 6 + [16] * 3
-    rows = [[m, 0.7 + slope * math.log(m / 16) + g.normal(0, noise / math.sqrt(m))] for m in sizes]
+    rows = [[m, 0.7 + slope * (1 / m - 1 / 16) + g.normal(0, noise / math.sqrt(m))] for m in sizes]
     return {"reference_size": 16, "values": {"dice": rows}}
 
 
 def test_the_size_slope_equals_numpys_weighted_least_squares():
-    rows = _probes(0.05, 0.1)["values"]["dice"]
+    rows = _probes(-0.2, 0.1)["values"]["dice"]
     m, v = np.array([r[0] for r in rows], float), np.array([r[1] for r in rows])
-    coef, cov = np.polyfit(np.log(m), v, 1, w=np.sqrt(m), cov="unscaled")
-    sigma2 = np.sum(m * (v - np.polyval(coef, np.log(m))) ** 2) / (len(m) - 2)
+    coef, cov = np.polyfit(1 / m, v, 1, w=np.sqrt(m), cov="unscaled")
+    sigma2 = np.sum(m * (v - np.polyval(coef, 1 / m)) ** 2) / (len(m) - 2)
     slope, se = size_slope(rows)
     assert slope == pytest.approx(coef[0], abs=1e-12) and se == pytest.approx(math.sqrt(cov[0, 0] * sigma2), rel=1e-9)
     assert size_slope(rows[:2]) is None and size_slope([[4, 0.5], [4, 0.6], [4, 0.7]]) is None
 
 
 def test_the_anchor_moves_along_a_clear_size_effect_only_for_sets_smaller_than_the_reference():
-    probes = _probes(0.05, 0.02)
+    probes = _probes(-0.2, 0.02)  # the pseudo metric falls by 0.2 / size: 0.1 at 2 images
     slope, se = size_slope(probes["values"]["dice"])
-    assert slope > 10 * se  # a clear effect: barely shrunk
+    assert -slope > 10 * se  # a clear effect: barely shrunk
     assert calibration_pseudo_at(0.8, probes, "dice", 16) is None  # as large as calibrated: the probes do not apply
     assert calibration_pseudo_at(0.8, probes, "dice", 100) is None
     shrunk = slope * (1 - (2 * se / slope) ** 2)
-    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 + shrunk * math.log(4 / 16))
-    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 - 0.05 * math.log(4), abs=0.01)
+    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 + shrunk * (1 / 4 - 1 / 16))
+    assert calibration_pseudo_at(0.8, probes, "dice", 4) == pytest.approx(0.8 - 0.2 * (1 / 4 - 1 / 16), abs=0.005)
     # no size effect, only noise: the slope is within two standard errors of 0 and the anchor stays
     flat = [calibration_pseudo_at(0.8, _probes(0.0, 0.1, seed), "dice", 2) for seed in range(20)]
     assert sum(f == 0.8 for f in flat) >= 15 and max(abs(f - 0.8) for f in flat) < 0.03
@@ -103,11 +103,11 @@ def test_a_small_set_is_anchored_on_the_calibration_pseudo_at_its_size():
         for i, (d, n) in enumerate(zip([-0.1, -0.05, 0.0, 0.02, -0.2, -0.15, 0.05, -0.08], [16, 16] + [40] * 6))
     ]
     model = fit_interval_model(pairs, "dice", G, 0.8)
-    probes = _probes(0.05, 0.0)  # an exact size effect: 0.05 per e-fold of the set's size
+    probes = _probes(-0.2, 0.0)  # an exact size effect: -0.2 / size
     plain = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=4)
     sized = estimate(G, "dice", 0.7, anchor=(0.8, 0.9, model), n_images=4, probes=probes)
     # the 4-image set's pseudo 0.7 is read against the calibration pseudo at 4 images, not the whole set's 0.8
-    at_4 = 0.8 + 0.05 * math.log(4 / 16)
+    at_4 = 0.8 - 0.2 * (1 / 4 - 1 / 16)
     assert sized.anchor_pseudo == pytest.approx(at_4) and plain.anchor_pseudo is None
     assert sized.value == pytest.approx(plain.value + (G.predict([0.8])[0] - G.predict([at_4])[0]))
     # the same move read from the corrected pseudo metric: the same interval, shifted (the paper's G(p_t) too)

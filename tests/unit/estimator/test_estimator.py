@@ -61,6 +61,10 @@ def test_a_set_smaller_than_the_calibrated_ones_gets_a_wider_flagged_interval(fi
     target = dm.targets["target"]
     smallest = min(pairs_n.values())
     assert smallest == min(len(d) for d in dm.targets.values())  # the subsets were drawn as large as the targets
+    # the subset pairs know the calibration set they were drawn from (they are scaled to stand for new images)
+    n_cal = len(cb.run._sets["calibration"])
+    assert {p.get("n_calibration") for p in cb.run.pairs if p["kind"] == "subset"} == {n_cal}
+    assert all("n_calibration" not in p for p in cb.run.pairs if p["kind"] != "subset")
     whole = est.estimate(model, target, per_case=False).estimates["dice"]
     few = est.estimate(model, torch.utils.data.Subset(target, range(4)), per_case=False).estimates["dice"]
     assert not whole.widened_by_size and whole.n_images == len(target)  # as large as calibrated: as before
