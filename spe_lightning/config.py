@@ -174,7 +174,7 @@ class SPEConfig:
     size_probes: int = field(default=8, metadata=ESTIMATES)
     """Random calibration subsets per size (1, 2, 4, ... images) measured at fit end, so that a set smaller than the
     calibrated ones (a chunk of a few images) is anchored on the calibration pseudo metric at its size (docs/
-    intervals.md); 0: off (such sets are anchored on the whole calibration set's and read low)."""
+    intervals.md); 0: off (such sets are anchored on the whole calibration set's, and with label fusion read low)."""
     styled_pairs: bool = field(default=True, metadata=ESTIMATES)
     """At fit end, also measure one pair per target from the calibration set restyled like that target (its
     intensities, low frequencies, noise and blur, from its unlabelled images; docs/other_sites.md): it joins that

@@ -31,7 +31,9 @@ benchmarks/interval_rules.py):
   each pair's set) exceeds :data:`~spe_lightning.engine.distance.NEAREST_SET_LIMIT`: it looks like nothing the
   interval was calibrated on, though one far pair may reach farther in another direction.
 - *set size*: a set with fewer images than every pair's set has a noisier mean: half-width times
-  ``sqrt(pairs' size / set size)``, flagged ``outside_calibrated_range``.
+  ``sqrt(pairs' size / set size)``, flagged ``outside_calibrated_range``; and its pseudo metric comes from a
+  smaller support: it is read against the calibration pseudo metric at its size
+  (:mod:`~spe_lightning.engine.set_size`).
 - *disagreeing moves*: the interval always spans the candidate estimates (G's move, the pairs' slope,
   the paper's ``G(p_t)``, and the estimate anchored on the target's styled calibration set instead of the
   calibration set): when they disagree by more than the interval, which one is right is unknown.
