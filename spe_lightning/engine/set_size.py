@@ -76,8 +76,8 @@ def probe_values(
     (``pseudo``: set name -> key -> value); a probe that gave no value is left out."""
     values: dict[str, list[list[float]]] = {}
     for key in keys:
-        rows = [[len(data), pseudo.get(name, {}).get(key)] for name, data in sets.items()]
-        values[key] = [[int(m), float(v)] for m, v in rows if v is not None and math.isfinite(v)]
+        rows = [(len(data), pseudo.get(name, {}).get(key)) for name, data in sets.items()]
+        values[key] = [[m, float(v)] for m, v in rows if v is not None and math.isfinite(v)]
     return {"reference_size": max((len(d) for d in sets.values()), default=None), "values": values}
 
 

@@ -282,7 +282,9 @@ def test_shift_benchmark_end_to_end_on_a_tiny_folder(tmp_path):
     for row in ("soft_dice_confidence", "styled_calibration_score", "agreement", "spe_without_styled"):
         assert res["summary"]["dice"][row]["n"] > 0, row
     assert {"spe", "calibration_score", "soft_dice_confidence", "agreement"} <= set(res["pair_errors"])
-    assert set(res["timing"]["signals_s"]) == set(res["timing"]["product_signals_s"]) == {"styled_pairs", "agreement"}
+    assert set(res["timing"]["signals_s"]) == {"styled_pairs", "agreement"}
+    # the product's own: also the size probes it measures at fit end (engine/set_size.py)
+    assert set(res["timing"]["product_signals_s"]) == {"styled_pairs", "agreement", "size_probes"}
     combo = res["all_signals"]  # item 4: weights chosen on held-out families, a row beside SPE's
     assert combo is None or (sum(combo["weights"]) == pytest.approx(1.0) and "all_signals" in res["summary"]["dice"])
     assert set(res["sites"]) == {"site"} and "site" in res["selection"]["targets"]
