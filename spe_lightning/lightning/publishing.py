@@ -156,6 +156,8 @@ class Publisher:
         elif seg is not None and run.segmenter_from_cache:
             parts.append(f"{seg.name} from the fit cache")
         parts.append(f"calibration pairs {run.pairs_seconds:.1f} s")
+        # the signals beside SPE's own (styled pairs, checkpoint agreement, size probes), each where it took time
+        parts += [f"{name.replace('_', ' ')} {secs:.1f} s" for name, secs in run.signal_seconds.items() if secs >= 0.05]
         if run.quality_seconds:
             parts.append(f"quality regressor {run.quality_seconds:.1f} s")
         return f"SPE took {spe:.1f} s{share}: {', '.join(parts)}."

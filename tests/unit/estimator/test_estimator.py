@@ -355,3 +355,11 @@ def test_the_estimator_package_never_imports_the_run():
             found += [f"{path.name}: {n}" for n in names if n in ("spe_lightning.run", "spe_lightning.callback")]
             found += [f"{path.name}: {n}" for n in names if n.startswith(("spe_lightning.run.", "spe_lightning.run_"))]
     assert found == []
+
+
+def test_the_cost_line_names_the_signals_beside_spes_own_work(fitted):
+    cb, _, _ = fitted
+    line = cb.publisher.cost_line()
+    seconds = cb.run.signal_seconds
+    assert seconds["size_probes"] > 0 and f"size probes {seconds['size_probes']:.1f} s" in line
+    assert f"styled pairs {seconds['styled_pairs']:.1f} s" in line and "calibration pairs" in line
