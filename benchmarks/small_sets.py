@@ -70,7 +70,9 @@ def fit(root: str, a: argparse.Namespace) -> tuple[SPEEstimator, torch.nn.Module
     pl.seed_everything(0)
     train, val, targets, pools = datasets(a)
     segmenter = a.segmenter
-    cb = SPECallback(reference=train, calibration=val, target=targets, segmenter=segmenter, verbose=False)
+    cb = SPECallback(
+        reference=train, calibration=val, target=targets, segmenter=segmenter, size_probes=a.size_probes, verbose=False
+    )
     model = SegmentationModel(channels=(8, 16, 32), strides=(2, 2), lr=3e-3)
     trainer = pl.Trainer(
         max_epochs=a.epochs, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 24])
     ap.add_argument("--chunks", type=int, default=40, help="random chunks per size and pool")
     ap.add_argument("--segmenter", default="label_fusion")
+    ap.add_argument("--size-probes", type=int, default=8, help="SPEConfig.size_probes")
     ap.add_argument("--data", default=None, help="a folder dataset (its train and test splits) instead of phantoms")
     ap.add_argument("--class-index", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=64)
