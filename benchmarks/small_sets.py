@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16, 24])
     ap.add_argument("--chunks", type=int, default=40, help="random chunks per size and pool")
     ap.add_argument("--segmenter", default="label_fusion")
-    ap.add_argument("--size-probes", type=int, default=8, help="SPEConfig.size_probes")
+    ap.add_argument("--size-probes", type=int, default=4, help="SPEConfig.size_probes")
     ap.add_argument("--data", default=None, help="a folder dataset (its train and test splits) instead of phantoms")
     ap.add_argument("--class-index", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=64)

@@ -171,7 +171,7 @@ class SPEConfig:
     SPE evaluation)."""
     interval_severities: tuple[int, ...] = field(default=(2,), metadata=ESTIMATES)
     """Severities (1-3) of each interval shift."""
-    size_probes: int = field(default=8, metadata=ESTIMATES)
+    size_probes: int = field(default=4, metadata=ESTIMATES)
     """Random calibration subsets per size (1, 2, 4, ... images) measured at fit end, so that a set smaller than the
     calibrated ones (a chunk of a few images) is anchored on the calibration pseudo metric at its size (docs/
     intervals.md); 0: off (such sets are anchored on the whole calibration set's, and with label fusion read low)."""
