@@ -44,6 +44,7 @@ __all__ = [
     "RecordingDataset",
     "progress_bar",
     "unreadable_error",
+    "read_case_masks",
     "IMAGE_SUFFIXES",
 ]
 
@@ -267,26 +268,33 @@ def read_masks(
             f"--masks {root}: no 2D mask for {len(missing)} image(s), e.g. {missing[:3]}; each mask must have its "
             "image's relative file name, any suffix (images/a/b.tif -> masks/a/b.png), or leave --masks out."
         )
-    out = []
-    bad: list[tuple[str, str]] = []  # named together, as --images' unreadable files
-    for s, path in zip(sources, paths):
+    image_paths = [None if images is None else Path(images) / s for s in sources]
+    cases = [(pos, path, image) for pos, (path, image) in enumerate(zip(paths, image_paths))]
+    masks = read_case_masks(cases, root, fg, size, resize, "--masks")
+    return [masks[pos] for pos in range(len(sources))]
+
+
+def read_case_masks(
+    cases: Sequence[tuple[int, Path | None, Path | None]],
+    root: Path,
+    fg: int | None,
+    size: int | None,
+    resize: str,
+    option: str,
+) -> dict[int, Tensor]:
+    """:func:`read_case_mask` of each ``(position, mask path, image path)`` under ``root``, by position; the mask
+    files that cannot be decoded are all named in one ``ValueError``, after the whole folder (as ``--images``)."""
+    masks: dict[int, Tensor] = {}
+    bad: list[tuple[str, str]] = []
+    for pos, path, image in cases:
         assert path is not None
         try:
-            out.append(read_case_mask(path, None if images is None else Path(images) / s, fg, size, resize, "--masks"))
+            masks[pos] = read_case_mask(path, image, fg, size, resize, option)
         except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
-            bad.append(unreadable_mask(path, root, err))
+            bad.append((path.relative_to(root).as_posix(), _reason(err, path, root)))
     if bad:
-        raise unreadable_error("--masks", root, bad, MASK_FIX)
-    return out
-
-
-#: what to do about masks that cannot be read
-MASK_FIX = "Replace each with a readable PNG/TIFF mask."
-
-
-def unreadable_mask(path: Path, root: Path, err: Exception) -> tuple[str, str]:
-    """``(name under root, short reason)`` of a mask file that could not be read, for :func:`unreadable_error`."""
-    return path.relative_to(root).as_posix(), _reason(err, path, root)
+        raise unreadable_error(option, root, bad, "Replace each with a readable PNG/TIFF mask.")
+    return masks
 
 
 def read_case_mask(

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from spe_lightning.cli.estimate.inputs import MASK_FIX, read_case_mask, unreadable_error, unreadable_mask
+from spe_lightning.cli.estimate.inputs import read_case_masks
 from spe_lightning.cli.estimate.outputs import csv_cell, write_file
 from spe_lightning.data.images import MASK_SUFFIXES, find_mask_file, is_nifti
 
@@ -37,20 +37,12 @@ def label_inputs(a: argparse.Namespace, sources: Sequence[str], size: int | None
     if est.config.classes:
         raise ValueError("--labelled-masks: prediction-powered estimates are for binary estimators.")
     fg = est.config.foreground_class
-    masks: dict[int | str, Tensor] = {}
-    bad: list[tuple[str, str]] = []  # named together, as --images' unreadable files
-    for pos, src in enumerate(sources):
-        if is_nifti(src):
-            raise ValueError("--labelled-masks: only for 2D images (the images include NIfTI volumes).")
-        path = find_mask_file(root, src)
-        if path is None:
-            continue
-        try:
-            masks[pos] = read_case_mask(path, Path(a.images) / src, fg, size, a.resize, "--labelled-masks")
-        except (OSError, SyntaxError) as err:  # PIL: not an image, truncated file
-            bad.append(unreadable_mask(path, root, err))
-    if bad:
-        raise unreadable_error("--labelled-masks", root, bad, MASK_FIX)
+    if any(is_nifti(src) for src in sources):
+        raise ValueError("--labelled-masks: only for 2D images (the images include NIfTI volumes).")
+    found = [(pos, find_mask_file(root, src), Path(a.images) / src) for pos, src in enumerate(sources)]
+    cases = [(pos, path, image) for pos, path, image in found if path is not None]  # the cases labelled so far
+    read = read_case_masks(cases, root, fg, size, a.resize, "--labelled-masks")
+    masks: dict[int | str, Tensor] = {pos: mask for pos, mask in read.items()}  # the estimator takes ids or positions
     if not masks:
         raise ValueError(f"--labelled-masks {root}: no mask named like any of the {len(sources)} images.")
     design = None
