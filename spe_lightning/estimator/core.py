@@ -360,9 +360,9 @@ class SPEEstimator(EstimatorBase):
             )
             if progress is not None:
                 progress(1)
-        small = sorted({r["n_images"] for r in rows if any(e.widened_by_size for e in r["estimates"].values())})
-        if small:
-            small_ones = [e for r in rows for e in r["estimates"].values() if e.widened_by_size]
+        small_ones = [e for r in rows for e in r["estimates"].values() if e.widened_by_size]
+        if small_ones:
+            small = sorted({e.n_images for e in small_ones if e.n_images is not None})
             calibrated = small_ones[0].pairs_n_images
             corrected = (
                 "their estimates are anchored on calibration subsets of their size (the size probes measured at fit "
