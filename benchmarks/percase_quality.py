@@ -736,7 +736,9 @@ def site_development(ctx: dict[str, Any], cal: Any, seed: int) -> dict[str, Any]
 
     start = time.perf_counter()
     folds = site_folds(ctx, cal, seed)
-    choice = choose_rule(folds["matched"], seed=seed)
+    # the linear stack only: the recorded development runs (and the interval rule fixed on them) predate the
+    # monotone map the product may also choose (docs/per_case.md, "Where per-case Dice piles up")
+    choice = choose_rule(folds["matched"], seed=seed, shapes=("linear",))
     print("per-case rule chosen on development folds:", choice["rule"], flush=True)
     intervals = {
         iv: {kind: fit_width_factor(folds[kind], choice["rule"], iv, seed=seed) for kind in folds} for iv in INTERVALS

@@ -332,6 +332,7 @@ def heldout_regressor_means(
             scorer.sites["rule"],
             qcal["level"],
             est.config.seed,
+            shape=scorer.sites.get("shape", "linear"),  # estimators saved before the shape was chosen: linear
         )
         return {n: means.get(n) for n in pair_sets}
 

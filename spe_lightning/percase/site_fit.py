@@ -26,6 +26,7 @@ from spe_lightning.percase.sites import (
     SiteCalibration,
     choose_rule,
     fit_site_calibration,
+    rule_name,
 )
 
 __all__ = ["PRODUCT_RULES", "features_of", "fit_sites", "heldout_site_means", "site_rows"]
@@ -65,11 +66,12 @@ def fit_sites(
     """Per run target, a :class:`~spe_lightning.percase.sites.SiteCalibration` of the regressor fitted on the
     calibration cases and the target's styled pairs (``styled``: by *target* name).
 
-    The rule (:data:`PRODUCT_RULES`) is chosen on development folds only: random halves A/B of the calibration
+    The rule (:data:`PRODUCT_RULES`, and the map's shape, :data:`~spe_lightning.percase.sites.SHAPES`) is chosen
+    on development folds only: random halves A/B of the calibration
     images, fitted on A and A's styled copies, scored on B's styled copies (every target's styled set is one
     pair family); without styled sets, on B's own cases. The intervals follow the product's interval rule
     (:data:`~spe_lightning.percase.sites.INTERVAL_RULE`, :data:`~spe_lightning.percase.sites.WIDTH_FACTOR`).
-    Returns ``{"rule", "scores", "targets": {name: SiteCalibration.to_dict()}}`` (plain numbers).
+    Returns ``{"rule", "shape", "scores", "targets": {name: SiteCalibration.to_dict()}}`` (plain numbers).
     """
     if calibration.masks is None:
         raise ValueError("fit_sites: the calibration set needs masks.")
@@ -92,14 +94,14 @@ def fit_sites(
         else:
             folds.append((cal.subset(a), None, cal.subset(b)))
     choice = choose_rule(folds, rules=PRODUCT_RULES, level=level, seed=seed)
-    rule = choice["rule"]
+    rule, shape = choice["rule"], choice["shape"]
     targets = {
         name: fit_site_calibration(
-            cal, fam, rule, level=level, seed=seed, interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR
+            cal, fam, rule, level=level, seed=seed, interval=INTERVAL_RULE, width_factor=WIDTH_FACTOR, shape=shape
         ).to_dict()
         for name, fam in families.items()
     }
-    return {"rule": rule, "scores": choice["scores"], "targets": targets}
+    return {"rule": rule, "shape": shape, "scores": choice["scores"], "targets": targets}
 
 
 def heldout_site_means(
@@ -111,9 +113,11 @@ def heldout_site_means(
     rule: Sequence[str],
     level: float,
     seed: int,
+    shape: str = "linear",
 ) -> dict[str, float | None]:
     """Each shifted pair set's mean per-case estimate from a per-target map built as :func:`fit_sites` builds a
-    run target's (the calibration cases and the calibration images styled like the set, stacking ``rule``),
+    run target's (the calibration cases and the calibration images styled like the set, stacking ``rule``, the
+    map of ``shape``),
     held out: a pair set holds the calibration images themselves, shifted, so the images are split in halves
     and the map fitted on half A (and A styled like the pair set's half B) estimates B's cases, and vice versa.
 
@@ -145,7 +149,7 @@ def heldout_site_means(
             assert sty.masks is not None  # styled copies keep the calibration masks
             s_masks, s_conf = predict(sty)
             styled = _signals(raw, sty, s_masks, s_conf, real_dice(s_masks, sty.masks), groups=fit_half)
-            site = fit_site_calibration(cal.subset(fit_half), styled, rule, level=level, seed=seed)
+            site = fit_site_calibration(cal.subset(fit_half), styled, rule, level=level, seed=seed, shape=shape)
             est[score_half] = site.point(target.subset(score_half).signals)
         out[name] = float(np.mean(est))
     return out
@@ -158,7 +162,8 @@ def site_rows(
     threshold: float,
 ) -> list[CaseRow]:
     """One row per case from a saved site calibration (:meth:`SiteCalibration.to_dict`): the stacked estimate,
-    its distance-aware interval, ``distance``, ``beyond_calibrated`` and the signals that entered; flagged below
+    its distance-aware interval, ``distance``, ``beyond_calibrated`` and the rule that gave it (the signals that
+    entered, ``/isotonic`` when through a monotone map: :func:`~spe_lightning.percase.sites.rule_name`); flagged below
     ``threshold`` (the calibration-set map's)."""
     cal = SiteCalibration.from_dict(site)
     feats = features_of(cases.gray, cases.masks, cases.confidence)
@@ -184,7 +189,7 @@ def site_rows(
                 real is not None,
                 distance=float(q["distance"][i]),
                 beyond_calibrated=bool(q["beyond_calibrated"][i]),
-                signals="+".join(cal.signals),
+                signals=rule_name(cal.signals, cal.shape),  # "regressor+confidence/isotonic": the map that gave it
             )
         )
     return rows

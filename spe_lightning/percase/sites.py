@@ -8,13 +8,13 @@ images restyled like the target, their real per-case Dice known). Here:
 - :class:`CaseSignals`: per case, the label-free signals (the regressor's raw output, RCA, the model's
   confidence / Soft Dice Confidence, checkpoint agreement), label-free features (for distances) and, for
   calibrated cases, the real Dice and the source image (a styled copy shares its original's group);
-- :func:`fit_site_calibration`: a linear stack of the chosen signals fitted on the calibration cases *and* that
-  target's styled pairs, with per-case 90% intervals from split-conformal out-of-fold residuals normalised by
-  distance: a case farther from every calibrated case than ``distance_ref`` (the calibrated cases' own
-  ``reference_quantile`` of leave-one-group-out nearest-neighbour distance) gets its interval widened by
-  ``distance / distance_ref`` and ``beyond_calibrated`` set;
-- :func:`choose_rule`: which signals enter, chosen by held-out MAE on development folds only (ties, within
-  ``tie``, keep the rule with fewer signals);
+- :func:`fit_site_calibration`: a linear stack of the chosen signals (or a monotone map of it, where Dice piles up
+  at 0 and near 1) fitted on the calibration cases *and* the target's styled pairs, with per-case 90% intervals
+  from split-conformal out-of-fold residuals normalised by distance: a case farther from every calibrated case
+  than ``distance_ref`` (the calibrated cases' own ``reference_quantile`` of leave-one-group-out nearest-neighbour
+  distance) gets its interval widened by ``distance / distance_ref`` and ``beyond_calibrated`` set;
+- :func:`choose_rule`: which signals enter and the map's shape, chosen by held-out MAE on development folds only
+  (ties, within ``tie``, keep the rule with fewer signals, then the linear map);
 
 The rows beside the set estimate (and intervals that carry its uncertainty) are in
 :mod:`spe_lightning.percase.set_agreement`.
@@ -34,6 +34,7 @@ import numpy as np
 __all__ = [
     "SIGNALS",
     "RULES",
+    "SHAPES",
     "CaseSignals",
     "SiteCalibration",
     "case_distances",
@@ -41,6 +42,7 @@ __all__ = [
     "fit_width_factor",
     "heldout_errors",
     "choose_rule",
+    "rule_name",
 ]
 
 #: every per-case signal a rule may stack
@@ -54,6 +56,8 @@ RULES: tuple[tuple[str, ...], ...] = (
     ("regressor", "rca", "confidence"),
     ("regressor", "rca", "confidence", "agreement"),
 )
+#: shapes of the map from the stacked score to Dice: a straight line, or a monotone (isotonic) map of it
+SHAPES = ("linear", "isotonic")
 #: estimate bins of the per-bin (Mondrian) conformal quantile: bad cases need wider intervals
 BINS = (0.0, 0.5, 0.7, 0.85, 1.0)
 #: interval rules of :func:`fit_site_calibration`
@@ -158,10 +162,30 @@ def _design(signals: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarr
 
 
 def _fit_coef(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """Least squares with a small ridge on the signal weights (not the intercept): stable with collinear signals."""
+    """Least squares, a small ridge on the signal weights (not the intercept): stable with collinear signals."""
     pen = np.eye(x.shape[1]) * ridge * len(y)
     pen[-1, -1] = 0.0
     return np.linalg.solve(x.T @ x + pen, x.T @ y)
+
+
+def _fit_map(x: np.ndarray, y: np.ndarray, shape: str) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
+    """The stack's least-squares weights and, for ``shape="isotonic"``, the knots of scikit-learn's isotonic map
+    of its score to Dice (bounded to [0, 1])."""
+    coef = _fit_coef(x, y)
+    if shape == "linear":
+        return coef, (), ()
+    from sklearn.isotonic import IsotonicRegression
+
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x @ coef, y)
+    return coef, tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_)
+
+
+def _apply_map(x: np.ndarray, coef: Sequence[float], knots_x: Sequence[float], knots_y: Sequence[float]) -> np.ndarray:
+    """Per case, the map's Dice in [0, 1]: the stack, then the knots if any (flat beyond them, as ``"clip"``)."""
+    score = x @ np.asarray(coef, float)
+    if len(knots_x):
+        score = np.interp(score, np.asarray(knots_x, float), np.asarray(knots_y, float))
+    return np.clip(score, 0.0, 1.0)
 
 
 def _conformal(values: np.ndarray, level: float) -> float:
@@ -198,14 +222,18 @@ class SiteCalibration:
     # the interval rule (issue 27): defaults are the stop-8 rule, so a calibration saved before them loads unchanged
     interval: str = "heldout"
     width_factor: float = 1.0
+    # the map's shape (SHAPES); a calibration saved before it is linear
+    shape: str = "linear"
+    knots_x: tuple[float, ...] = ()
+    knots_y: tuple[float, ...] = ()
 
     def scale(self, distance: np.ndarray) -> np.ndarray:
         """Interval scale of each case: 1 within the calibrated range, ``distance / distance_ref`` beyond."""
         return np.maximum(1.0, np.asarray(distance, float) / max(self.distance_ref, 1e-12))
 
     def point(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The stacked estimate of each case, clipped to [0, 1]."""
-        return np.clip(_design(signals, self.signals) @ np.asarray(self.coef), 0.0, 1.0)
+        """The map's estimate of each case, clipped to [0, 1]."""
+        return _apply_map(_design(signals, self.signals), self.coef, self.knots_x, self.knots_y)
 
     def estimate(self, cases: CaseSignals) -> dict[str, np.ndarray]:
         """Per case: ``estimate``, ``lower``, ``upper``, ``distance``, ``beyond_calibrated``."""
@@ -241,6 +269,9 @@ class SiteCalibration:
             "heldout_mae": self.heldout_mae,
             "interval": self.interval,
             "width_factor": self.width_factor,
+            "shape": self.shape,
+            "knots_x": list(self.knots_x),
+            "knots_y": list(self.knots_y),
         }
 
     @classmethod
@@ -260,6 +291,9 @@ class SiteCalibration:
             heldout_mae=d.get("heldout_mae"),
             interval=str(d.get("interval", "heldout")),
             width_factor=float(d.get("width_factor", 1.0)),
+            shape=str(d.get("shape", "linear")),
+            knots_x=tuple(float(v) for v in d.get("knots_x", ())),
+            knots_y=tuple(float(v) for v in d.get("knots_y", ())),
         )
 
 
@@ -283,10 +317,12 @@ def fit_site_calibration(
     seed: int = 0,
     interval: str = "heldout",
     width_factor: float = 1.0,
+    shape: str = "linear",
 ) -> SiteCalibration:
     """Stack ``signals`` on the calibration cases and the target's ``styled`` pairs (None: calibration only).
 
-    The map: least squares of real Dice on the signals (small ridge), clipped to [0, 1]. The interval:
+    The map: least squares of real Dice on the signals (small ridge), clipped to [0, 1]; with
+    ``shape="isotonic"`` a monotone map of that stack's score, fitted on the same cases. The interval:
     out-of-fold residuals (``folds`` folds of whole groups: a styled copy is held out with its original),
     each divided by its case's scale (:meth:`SiteCalibration.scale`, from its leave-one-group-out distance to
     the other calibrated cases), the ``level`` split-conformal quantile per estimate bin (the pooled one
@@ -300,6 +336,8 @@ def fit_site_calibration(
     """
     if interval not in INTERVALS:
         raise ValueError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}.")
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}.")
     if not (math.isfinite(width_factor) and width_factor > 0):
         raise ValueError(f"width_factor must be a positive number, got {width_factor!r}.")
     parts = [calibration] if styled is None or len(styled) == 0 else [calibration, styled]
@@ -320,11 +358,11 @@ def fit_site_calibration(
     if ok.sum() < 2 * folds:
         raise ValueError(f"fit_site_calibration: {int(ok.sum())} cases with every signal of {names}.")
     x, y, groups, feats = x[ok], y[ok], np.asarray(groups)[ok], np.asarray(pool.features, float)[ok]
-    coef = _fit_coef(x, y)
+    coef, knots_x, knots_y = _fit_map(x, y, shape)
     oof = np.zeros(len(y))
     for pos in _folds(groups, folds, seed):
         train = np.setdiff1d(np.arange(len(y)), pos)
-        oof[pos] = np.clip(x[pos] @ _fit_coef(x[train], y[train]), 0.0, 1.0)
+        oof[pos] = _apply_map(x[pos], *_fit_map(x[train], y[train], shape))
     scale = _standardiser(feats)
     own = case_distances(feats, feats, groups, groups, scale=scale)
     own = np.where(np.isfinite(own), own, np.nan)
@@ -337,7 +375,7 @@ def fit_site_calibration(
         # residuals of the recalibrated map are optimistic where the imitation is wrong. How far the styled
         # pairs moved the calibration-only map is how far the pairs had to correct; the rule assumes they may
         # fail to correct by as much, and pools those residuals too (normalised and binned alike).
-        cal_only = np.clip(x[n_cal:] @ _fit_coef(x[:n_cal], y[:n_cal]), 0.0, 1.0)
+        cal_only = _apply_map(x[n_cal:], *_fit_map(x[:n_cal], y[:n_cal], shape))
         norm = np.concatenate([norm, np.abs(y[n_cal:] - cal_only) / s[n_cal:]])
         b = np.concatenate([b, b[n_cal:]])
     pooled = _conformal(norm, level)
@@ -358,6 +396,9 @@ def fit_site_calibration(
         heldout_mae=float(np.mean(np.abs(y - oof))),
         interval=interval,
         width_factor=float(width_factor),
+        shape=shape,
+        knots_x=knots_x,
+        knots_y=knots_y,
     )
 
 
@@ -417,34 +458,41 @@ def fit_width_factor(
     }
 
 
+def rule_name(signals: Sequence[str], shape: str = "linear") -> str:
+    """A rule's name in :func:`choose_rule`'s scores: ``"regressor+rca"``, ``"regressor+rca/isotonic"``."""
+    return "+".join(signals) + ("" if shape == "linear" else f"/{shape}")
+
+
 def choose_rule(
     folds: Sequence[tuple[CaseSignals, CaseSignals | None, CaseSignals]],
     rules: Sequence[Sequence[str]] = RULES,
     tie: float = 0.005,
     level: float = 0.9,
     seed: int = 0,
+    shapes: Sequence[str] = SHAPES,
 ) -> dict[str, Any]:
-    """The rule (signals stacked) with the lowest mean held-out MAE over development ``folds``.
+    """The rule (signals stacked, the map's shape) with the lowest mean held-out MAE over development ``folds``.
 
     Each fold is ``(calibration cases, their styled pairs or None, held-out labelled cases)``, e.g. one half of
     the calibration set styled like a shifted copy of the other half, scored on that copy. Rules whose
-    signals a fold lacks are skipped; a rule within ``tie`` of the best MAE and with fewer signals wins.
-    Returns ``{"rule": [...], "scores": {rule name: {"mae", "coverage", "median_width"}}}``.
+    signals a fold lacks are skipped; among the rules within ``tie`` of the best MAE the one with fewer
+    signals wins, then the linear map (:data:`SHAPES` order).
+    Returns ``{"rule": [...], "shape", "scores": {rule_name: {"mae", "coverage", "median_width"}}, "tie"}``.
     """
+
+    def has(rule: Sequence[str], cal: CaseSignals, styled: CaseSignals | None, held: CaseSignals) -> bool:
+        return set(rule) <= set(cal.signals) & set(held.signals) & set(SIGNALS if styled is None else styled.signals)
+
     scores: dict[str, dict[str, float]] = {}
-    for rule in rules:
-        rows = []
-        for cal, styled, held in folds:
-            have = set(cal.signals) & set(held.signals) & (set(styled.signals) if styled is not None else set(SIGNALS))
-            if not set(rule) <= have:
-                break
-            rows.append(heldout_errors(fit_site_calibration(cal, styled, rule, level=level, seed=seed), held))
-        else:
-            if rows:
-                scores["+".join(rule)] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    for rule, shape in ((r, sh) for r in rules for sh in shapes if all(has(r, *f) for f in folds)):
+        fits = [(fit_site_calibration(c, s, rule, level=level, seed=seed, shape=shape), h) for c, s, h in folds]
+        rows = [heldout_errors(site, held) for site, held in fits]
+        if rows:
+            scores[rule_name(rule, shape)] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     if not scores:
         raise ValueError("choose_rule: no rule has every signal it stacks in every fold.")
     best = min(v["mae"] for v in scores.values())
-    ok = [r for r in rules if "+".join(r) in scores and scores["+".join(r)]["mae"] <= best + tie]
-    pick = min(ok, key=lambda r: (len(r), scores["+".join(r)]["mae"]))
-    return {"rule": list(pick), "scores": scores, "tie": tie}
+    ok = [(r, sh) for r in rules for sh in shapes if rule_name(r, sh) in scores]
+    ok = [(r, sh) for r, sh in ok if scores[rule_name(r, sh)]["mae"] <= best + tie]
+    pick, shape = min(ok, key=lambda c: (len(c[0]), SHAPES.index(c[1]), scores[rule_name(*c)]["mae"]))
+    return {"rule": list(pick), "shape": shape, "scores": scores, "tie": tie}

@@ -455,11 +455,14 @@ def _site_notes(cases: Sequence[dict[str, Any]], agreement: dict[str, Any] | Non
     """The per-target (site) calibration's note and whether the rows agree with the set estimate."""
     out = []
     if cases and cases[0].get("signals"):
+        signals = str(cases[0]["signals"])  # percase.sites.rule_name: "regressor+confidence[/isotonic]"
         far = sum(1 for c in cases if c.get("beyond_calibrated"))
         out.append(
             "<p class='note'>Per-case estimates of this set come from a map recalibrated for it: the calibration "
             "cases and the same images restyled like this set (their real Dice known), stacking "
-            f"<b>{html.escape(str(cases[0]['signals']))}</b>. Each case has a {level:.0%} interval; "
+            f"<b>{html.escape(signals.removesuffix('/isotonic'))}</b>"
+            f"{' through a monotone map' if signals.endswith('/isotonic') else ''}. "
+            f"Each case has a {level:.0%} interval; "
             f"<b>{far}</b> of {len(cases)} cases lie farther from every calibrated case than the calibrated cases "
             "lie from each other, and their intervals are widened in proportion (column beyond_calibrated).</p>"
         )

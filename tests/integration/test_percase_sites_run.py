@@ -7,6 +7,7 @@ import pytest
 
 from spe_lightning import SPEEstimator
 from spe_lightning.percase.site_fit import PRODUCT_RULES
+from spe_lightning.percase.sites import SHAPES, rule_name
 
 
 def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(quality_fitted):
@@ -14,14 +15,16 @@ def test_run_targets_get_their_own_per_case_map_with_distance_and_agreement(qual
     est = SPEEstimator.load(log_dir / "spe_estimator.pt")  # the site calibrations travel as plain numbers
     sites = est.quality["sites"]
     assert set(sites["targets"]) == set(dm.targets)
-    assert tuple(sites["rule"]) in PRODUCT_RULES and set(sites["scores"]) <= {"+".join(r) for r in PRODUCT_RULES}
+    assert tuple(sites["rule"]) in PRODUCT_RULES and sites["shape"] in SHAPES
+    assert set(sites["scores"]) == {rule_name(r, sh) for r in PRODUCT_RULES for sh in SHAPES}
     site = sites["targets"]["target"]
+    assert site["shape"] == sites["shape"]  # the chosen map's shape is the one each target's map is fitted with
     assert site["n_styled"] == site["n_calibration"] == 12
 
     target = dm.spe_datasets()["target"]["target"]
     res = est.estimate(trainer.lightning_module, target, name="target")
     for row in res.cases:
-        assert row["signals"] == "+".join(sites["rule"])
+        assert row["signals"] == rule_name(sites["rule"], sites["shape"])
         assert row["distance"] >= 0 and isinstance(row["beyond_calibrated"], bool)
         assert row["estimated_dice_lower"] <= row["estimated_dice"] <= row["estimated_dice_upper"]
     # a set the run never saw keeps the calibration-set map (no styled pairs for it): no site columns

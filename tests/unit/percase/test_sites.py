@@ -76,7 +76,13 @@ def test_choose_rule_keeps_the_simpler_rule_on_a_tie_and_takes_a_signal_that_hel
     # confidence is the regressor plus noise: it adds nothing, so the single-signal rule is kept
     plain = choose_rule(folds, rules=[("regressor",), ("regressor", "confidence")], tie=0.005)
     assert plain["rule"] == ["regressor"]
-    assert set(plain["scores"]) == {"regressor", "regressor+confidence"}
+    assert plain["shape"] == "linear"  # a straight relation: the monotone map gains nothing, the line is kept
+    assert set(plain["scores"]) == {
+        "regressor",
+        "regressor+confidence",
+        "regressor/isotonic",
+        "regressor+confidence/isotonic",
+    }
 
     def informative(c: CaseSignals, seed: int) -> CaseSignals:
         # here the real Dice also depends on 'rca', which only the stacked rule sees
@@ -88,6 +94,36 @@ def test_choose_rule_keeps_the_simpler_rule_on_a_tie_and_takes_a_signal_that_hel
     folds2 = [tuple(informative(c, 100 * s + j) for j, c in enumerate(f)) for s, f in enumerate(folds)]
     both = choose_rule(folds2, rules=[("regressor",), ("regressor", "rca")])  # type: ignore[arg-type]
     assert both["rule"] == ["regressor", "rca"]
+
+
+def _piled_up(n: int, seed: int) -> CaseSignals:
+    """Cases whose real Dice piles up at 0 and near 0.9 (a steep step in the regressor's score, as on BUSI where
+    a third of the lesions are missed): a straight line pulls both ends toward the mean."""
+    rng = np.random.default_rng(seed)
+    reg = rng.uniform(0, 1, n)
+    real = np.clip(0.9 / (1 + np.exp(-(reg - 0.5) * 30)) + rng.normal(0, 0.03, n), 0, 1)
+    return CaseSignals(
+        {"regressor": reg, "confidence": rng.uniform(0, 1, n)}, rng.normal(0, 1, (n, 3)), real, np.arange(n)
+    )
+
+
+def test_a_monotone_map_is_chosen_where_dice_piles_up_and_travels_as_plain_numbers() -> None:
+    folds = [(_piled_up(60, s), _piled_up(60, s + 10), _piled_up(60, s + 20)) for s in range(3)]
+    choice = choose_rule(folds, rules=[("regressor",)])
+    line, mono = choice["scores"]["regressor"], choice["scores"]["regressor/isotonic"]
+    assert choice["rule"] == ["regressor"] and choice["shape"] == "isotonic"
+    assert mono["mae"] < line["mae"] - 0.03
+    site = fit_site_calibration(_piled_up(120, 0), None, ["regressor"], shape="isotonic")
+    target = _piled_up(200, 7)
+    est = site.estimate(target)["estimate"]
+    assert est.min() < 0.1 and est.max() > 0.8  # both piles reached, not pulled toward the mean
+    assert np.all(np.diff(est[np.argsort(target.signals["regressor"])]) >= -1e-12)  # monotone in the score
+    again = SiteCalibration.from_dict(site.to_dict())
+    assert again.shape == "isotonic" and np.allclose(again.estimate(target)["estimate"], est)
+    old = {k: v for k, v in site.to_dict().items() if k not in ("shape", "knots_x", "knots_y")}
+    assert SiteCalibration.from_dict(old).shape == "linear"  # a calibration saved before the shape: a line
+    with pytest.raises(ValueError, match="shape must be one of"):
+        fit_site_calibration(_piled_up(60, 0), None, ["regressor"], shape="spline")
 
 
 def test_calibration_round_trips_through_plain_numbers() -> None:
@@ -126,10 +162,10 @@ def test_rows_and_the_set_estimate_agree_or_say_so() -> None:
     assert rows_vs_set([0.8], None, None, None) is None
 
 
-def _row(i: int, site: bool) -> dict:
+def _row(i: int, site: bool, signals: str = "regressor+confidence") -> dict:
     from spe_lightning.percase.scorer import CaseRow
 
-    extra = {"distance": 0.5 + i, "beyond_calibrated": i > 0, "signals": "regressor+confidence"} if site else {}
+    extra = {"distance": 0.5 + i, "beyond_calibrated": i > 0, "signals": signals} if site else {}
     return CaseRow(f"c{i}", 0.6, 0.6, 0.4, 0.8, True, False, 10, 0.9, -1, **extra).to_dict()
 
 
@@ -159,6 +195,10 @@ def test_site_rows_reach_cases_csv_and_the_html_report(tmp_path) -> None:
     calm = rows_vs_set([0.84, 0.86], 0.85, 0.8, 0.9)
     page = write_html_report(tmp_path / "s.html", {**summary, "case_agreement": calm}, [_row(0, True)]).read_text()
     assert "They disagree" not in page and "beside SPE's" in page
+    assert "monotone map" not in page
+    mono = [_row(0, True, "regressor+confidence/isotonic")]  # rows of a map through isotonic regression
+    page = write_html_report(tmp_path / "m.html", {**summary, "case_agreement": calm}, mono).read_text()
+    assert "<b>regressor+confidence</b> through a monotone map" in page
 
 
 def test_the_product_rule_covers_where_the_pairs_imitate_the_site_imperfectly() -> None:
