@@ -16,10 +16,8 @@ images restyled like the target, their real per-case Dice known). Here:
 - :func:`choose_rule`: which signals enter and the map's shape, chosen by held-out MAE on development folds only
   (ties, within ``tie``, keep the rule with fewer signals, then the linear map);
 
-The rows beside the set estimate (and intervals that carry its uncertainty) are in
-:mod:`spe_lightning.percase.set_agreement`.
-
-Plain NumPy; everything fitted is plain numbers (:meth:`SiteCalibration.to_dict`).
+The rows beside the set estimate are in :mod:`spe_lightning.percase.set_agreement`. Plain NumPy (and scikit-learn's
+isotonic regression); everything fitted is plain numbers (:meth:`SiteCalibration.to_dict`).
 """
 
 from __future__ import annotations
@@ -62,13 +60,10 @@ SHAPES = ("linear", "isotonic")
 BINS = (0.0, 0.5, 0.7, 0.85, 1.0)
 #: interval rules of :func:`fit_site_calibration`
 INTERVALS = ("heldout", "correction")
-#: The product's interval rule and width factor, fixed on development folds only (JSRT lungs' calibration split,
-#: ``python benchmarks/percase_quality.py --dataset jsrt --workdir /tmp/sites_cache --setting early_final
-#: --development`` -> benchmarks/results/percase_quality_jsrt_development.json): on the folds where the styled
-#: pairs imitate the held-out half imperfectly (60 "mismatched": styled like one shift family, scored on another;
-#: 12 "content": an opacity the styling cannot copy), the stop-8 rule covered 0.930 and 0.867 of the held-out
-#: cases on average; the smallest factor reaching 90% on both is 1.25 (0.957 / 0.917, median widths 0.275 /
-#: 0.129); the "correction" rule covered 0.985 / 0.997 at factor 1 but wider (0.358 / 0.226), so it was not taken.
+#: The product's interval rule and width factor, fixed on development folds only (JSRT lungs' calibration split;
+#: benchmarks/results/percase_quality_jsrt_development.json, docs/per_case.md): on the folds where the styled pairs
+#: imitate the held-out half imperfectly ("mismatched", "content") the smallest factor reaching 90% on both is 1.25
+#: (0.957 / 0.917); the "correction" rule covered 0.985 / 0.997 at factor 1 but wider, so it was not taken.
 INTERVAL_RULE = "heldout"
 WIDTH_FACTOR = 1.25
 
@@ -226,6 +221,14 @@ class SiteCalibration:
     shape: str = "linear"
     knots_x: tuple[float, ...] = ()
     knots_y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        knots = len(self.knots_x) == len(self.knots_y) and (self.shape == "isotonic") == bool(self.knots_x)
+        if self.shape not in SHAPES or not knots:
+            raise ValueError(
+                f"a per-case map of shape {self.shape!r} with {len(self.knots_x)}/{len(self.knots_y)} knots is not one "
+                f"this version reads (shapes: {', '.join(SHAPES)}); refit the estimator with this version."
+            )
 
     def scale(self, distance: np.ndarray) -> np.ndarray:
         """Interval scale of each case: 1 within the calibrated range, ``distance / distance_ref`` beyond."""
@@ -438,10 +441,7 @@ def fit_width_factor(
 
     if not folds:
         raise ValueError("fit_width_factor: no development folds.")
-    fits = [
-        (fit_site_calibration(cal, sty, signals, level=level, seed=seed, interval=interval), held)
-        for cal, sty, held in folds
-    ]
+    fits = [(fit_site_calibration(c, s, signals, level=level, seed=seed, interval=interval), h) for c, s, h in folds]
     scores: dict[str, dict[str, float]] = {}
     factor = None
     for f in sorted(grid):

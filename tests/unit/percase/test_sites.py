@@ -124,6 +124,9 @@ def test_a_monotone_map_is_chosen_where_dice_piles_up_and_travels_as_plain_numbe
     assert SiteCalibration.from_dict(old).shape == "linear"  # a calibration saved before the shape: a line
     with pytest.raises(ValueError, match="shape must be one of"):
         fit_site_calibration(_piled_up(60, 0), None, ["regressor"], shape="spline")
+    for bad in ({"shape": "spline"}, {"knots_x": [], "knots_y": []}, {"knots_y": [0.5]}):  # e.g. a file from elsewhere
+        with pytest.raises(ValueError, match="not one this version reads"):
+            SiteCalibration.from_dict({**site.to_dict(), **bad})
 
 
 def test_calibration_round_trips_through_plain_numbers() -> None:
