@@ -103,6 +103,9 @@ def run(task: str, seed: int, workdir: Path, styling: str | None = None) -> dict
     fit_s = time.perf_counter() - start
     est = SPEEstimator.load(log_dir / "spe_estimator.pt")
     out: dict[str, Any] = {"seed": seed, "epochs": epochs, "fit_s": round(fit_s, 1), "targets": {}}
+    sites = (est.quality or {}).get("sites") or {}
+    if sites:  # the per-case rule the run chose on its development folds: signals, the map's shape, their MAEs
+        out["per_case_rule"] = {k: sites.get(k) for k in ("rule", "shape", "scores")}
     for name, data in dm.spe_datasets()["target"].items():
         res = est.estimate(trainer.lightning_module, data, name=name)
         dice = res.estimates["dice"]
@@ -152,10 +155,12 @@ def table(result: dict[str, Any]) -> str:
         f"Task `{result['task']}` (per-case 90% intervals; {result['level_note']})",
         "",
         "| seed | target | SPE set Dice [interval] | mean real Dice | rows' bias | cases only: coverage / median width "
-        "| with the set's uncertainty: coverage / median width | MAE | Spearman | AUROC (Dice < 0.7) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| with the set's uncertainty: coverage / median width | MAE | Spearman | AUROC (Dice < 0.7) | per-case map |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
+        chosen = r.get("per_case_rule") or {}  # runs recorded before it: not known
+        rule = "n/a" if not chosen.get("rule") else "+".join(chosen["rule"]) + f" ({chosen.get('shape') or 'linear'})"
         for name, t in r["targets"].items():
             s, a, b = t["spe"], t["cases_only"], t["with_set"]
             spe = "n/a" if s["value"] is None else f"{s['value']:.3f} [{s['lower']:.3f}, {s['upper']:.3f}]"
@@ -165,7 +170,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['seed']} | {name} | {spe} | {true} | {a['bias']:+.3f} | {a['coverage']:.3f} / "
                 f"{a['median_width']:.3f} | {b['coverage']:.3f} / {b['median_width']:.3f} | {a['mae']:.3f} "
-                f"| {rho:.3f} | {'n/a' if auroc is None else f'{auroc:.3f}'} |"
+                f"| {rho:.3f} | {'n/a' if auroc is None else f'{auroc:.3f}'} | {rule} |"
             )
     lines += ["", f"Made by `{result['command']}`; `python benchmarks/case_set_intervals.py --table` prints it."]
     return "\n".join(lines)
