@@ -175,7 +175,9 @@ def _fit_map(x: np.ndarray, y: np.ndarray, shape: str) -> tuple[np.ndarray, tupl
     return coef, tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_)
 
 
-def _apply_map(x: np.ndarray, coef: Sequence[float], knots_x: Sequence[float], knots_y: Sequence[float]) -> np.ndarray:
+def _apply_map(
+    x: np.ndarray, coef: np.ndarray | Sequence[float], knots_x: Sequence[float], knots_y: Sequence[float]
+) -> np.ndarray:
     """Per case, the map's Dice in [0, 1]: the stack, then the knots if any (flat beyond them, as ``"clip"``)."""
     score = x @ np.asarray(coef, float)
     if len(knots_x):
