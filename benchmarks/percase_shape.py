@@ -13,7 +13,7 @@ the run passes them to :func:`spe_lightning.percase.site_fit.fit_sites`. Reporte
 - ``bound``: the stack and a monotone map fitted on the target's own labels, scored in-sample: an optimistic
   floor for any map of these signals (no label-free map beats it on average).
 
-    python benchmarks/percase_shape.py --task busi --seed 0
+    python benchmarks/percase_shape.py --task busi --seeds 0 1
     python benchmarks/percase_shape.py --table
 
 Results: ``benchmarks/results/percase_shape_<task>.json``.
@@ -41,7 +41,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
     """One fit; the development choice, each shape on the run target, and the in-sample bound."""
     import lightning.pytorch as pl
+    from scipy.stats import spearmanr
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.metrics import roc_auc_score
 
     from spe_lightning import SPECallback, SPEEstimator
     from spe_lightning.percase import site_fit
@@ -111,7 +113,12 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
                     shape=shape,
                 )
                 e = heldout_errors(site, target)
-                e["bias"] = float(np.mean(site.point(target.signals) - np.asarray(target.real)))
+                point, real = site.point(target.signals), np.asarray(target.real, float)
+                e["bias"] = float(np.mean(point - real))
+                # ranking: a monotone map's flat steps tie cases, which may cost rank statistics
+                e["spearman"] = float(spearmanr(point, real).statistic)
+                bad = real < 0.7
+                e["auroc"] = float(roc_auc_score(bad, -point)) if 0 < bad.sum() < len(bad) else None
                 rows[rule_name(rule, shape)] = e
         real = np.asarray(target.real, float)
         x = _design(target.signals, ("regressor", "confidence"))
@@ -141,15 +148,17 @@ def table(result: dict[str, Any]) -> str:
                 f"Seed {r['seed']}, target `{name}` ({t['n']} cases, mean real Dice {t['mean_real']:.3f}, "
                 f"{t['share_below_0.1']:.0%} below 0.1); chosen on development folds: **{chosen}**",
                 "",
-                "| rule | development MAE | target MAE | bias | coverage | median width |",
-                "|---|---|---|---|---|---|",
+                "| rule | development MAE | target MAE | bias | coverage | median width | Spearman | AUROC (< 0.7) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for rule, e in t["rules"].items():
                 d = dev["scores"].get(rule, {}).get("mae")
                 mark = "**" if rule == chosen else ""
+                rank = [e.get(k) for k in ("spearman", "auroc")]  # runs recorded before they were: n/a
+                rho, auroc = ("n/a" if v is None else f"{v:.3f}" for v in rank)
                 lines.append(
                     f"| {mark}{rule}{mark} | {'n/a' if d is None else f'{d:.4f}'} | {e['mae']:.4f} | "
-                    f"{e['bias']:+.3f} | {e['coverage']:.3f} | {e['median_width']:.3f} |"
+                    f"{e['bias']:+.3f} | {e['coverage']:.3f} | {e['median_width']:.3f} | {rho} | {auroc} |"
                 )
             b = t["bound"]
             lines += [
