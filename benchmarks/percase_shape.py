@@ -11,7 +11,7 @@ the run passes them to :func:`spe_lightning.percase.site_fit.fit_sites`. Reporte
   each shape (MAE, bias, 90% coverage and median width of the per-case map, before the set's uncertainty is
   added), fitted as the product fits it (calibration cases and the target's styled pairs);
 - ``bound``: the stack and a monotone map fitted on the target's own labels, scored in-sample: an optimistic
-  floor for any map of these signals (no label-free map beats it on average).
+  reference for any map of these signals (one fitted without those labels is not expected to beat it).
 
     python benchmarks/percase_shape.py --task busi --seeds 0 1
     python benchmarks/percase_shape.py --table
