@@ -47,12 +47,11 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
 
     from spe_lightning import SPECallback, SPEEstimator
     from spe_lightning.percase import site_fit
+    from spe_lightning.percase.score_map import design, fit_stack
     from spe_lightning.percase.sites import (
         INTERVAL_RULE,
         SHAPES,
         WIDTH_FACTOR,
-        _design,
-        _fit_coef,
         fit_site_calibration,
         heldout_errors,
         rule_name,
@@ -121,8 +120,8 @@ def run(task: str, seed: int, workdir: Path) -> dict[str, Any]:
                 e["auroc"] = float(roc_auc_score(bad, -point)) if 0 < bad.sum() < len(bad) else None
                 rows[rule_name(rule, shape)] = e
         real = np.asarray(target.real, float)
-        x = _design(target.signals, ("regressor", "confidence"))
-        score = x @ _fit_coef(x, real)
+        x = design(target.signals, ("regressor", "confidence"))
+        score = x @ fit_stack(x, real)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(score, real)
         out["targets"][name] = {
             "n": len(real),

@@ -9,10 +9,11 @@ images restyled like the target, their real per-case Dice known). Here:
   confidence / Soft Dice Confidence, checkpoint agreement), label-free features (for distances) and, for
   calibrated cases, the real Dice and the source image (a styled copy shares its original's group);
 - :func:`fit_site_calibration`: a linear stack of the chosen signals (or a monotone map of it, where Dice piles up
-  at 0 and near 1) fitted on the calibration cases *and* the target's styled pairs, with per-case 90% intervals
-  from split-conformal out-of-fold residuals normalised by distance: a case farther from every calibrated case
-  than ``distance_ref`` (the calibrated cases' own ``reference_quantile`` of leave-one-group-out nearest-neighbour
-  distance) gets its interval widened by ``distance / distance_ref`` and ``beyond_calibrated`` set;
+  at 0 and near 1: :mod:`~spe_lightning.percase.score_map`) fitted on the calibration cases *and* the target's
+  styled pairs, with per-case 90% intervals from split-conformal out-of-fold residuals normalised by distance: a
+  case farther from every calibrated case than ``distance_ref`` (the calibrated cases' own ``reference_quantile``
+  of leave-one-group-out nearest-neighbour distance) gets its interval widened by ``distance / distance_ref`` and
+  ``beyond_calibrated`` set;
 - :func:`choose_rule`: which signals enter and the map's shape, chosen by held-out MAE on development folds only
   (ties, within ``tie``, keep the rule with fewer signals, then the linear map);
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from spe_lightning.percase.score_map import SHAPES, apply_score_map, design, fit_score_map
 
 __all__ = [
     "SIGNALS",
@@ -54,8 +57,6 @@ RULES: tuple[tuple[str, ...], ...] = (
     ("regressor", "rca", "confidence"),
     ("regressor", "rca", "confidence", "agreement"),
 )
-#: shapes of the map from the stacked score to Dice: a straight line, or a monotone (isotonic) map of it
-SHAPES = ("linear", "isotonic")
 #: estimate bins of the per-bin (Mondrian) conformal quantile: bad cases need wider intervals
 BINS = (0.0, 0.5, 0.7, 0.85, 1.0)
 #: interval rules of :func:`fit_site_calibration`
@@ -148,43 +149,6 @@ def case_distances(
     return d.min(1)
 
 
-def _design(signals: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
-    missing = [n for n in names if n not in signals]
-    if missing:
-        raise ValueError(f"this rule stacks {', '.join(missing)}, which these cases do not have.")
-    cols = [np.asarray(signals[n], float).reshape(-1) for n in names]
-    return np.stack([*cols, np.ones_like(cols[0])], 1)
-
-
-def _fit_coef(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """Least squares, a small ridge on the signal weights (not the intercept): stable with collinear signals."""
-    pen = np.eye(x.shape[1]) * ridge * len(y)
-    pen[-1, -1] = 0.0
-    return np.linalg.solve(x.T @ x + pen, x.T @ y)
-
-
-def _fit_map(x: np.ndarray, y: np.ndarray, shape: str) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
-    """The stack's least-squares weights and, for ``shape="isotonic"``, the knots of scikit-learn's isotonic map
-    of its score to Dice (bounded to [0, 1])."""
-    coef = _fit_coef(x, y)
-    if shape == "linear":
-        return coef, (), ()
-    from sklearn.isotonic import IsotonicRegression
-
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x @ coef, y)
-    return coef, tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_)
-
-
-def _apply_map(
-    x: np.ndarray, coef: np.ndarray | Sequence[float], knots_x: Sequence[float], knots_y: Sequence[float]
-) -> np.ndarray:
-    """Per case, the map's Dice in [0, 1]: the stack, then the knots if any (flat beyond them, as ``"clip"``)."""
-    score = x @ np.asarray(coef, float)
-    if len(knots_x):
-        score = np.interp(score, np.asarray(knots_x, float), np.asarray(knots_y, float))
-    return np.clip(score, 0.0, 1.0)
-
-
 def _conformal(values: np.ndarray, level: float) -> float:
     r = np.sort(np.asarray(values, float))
     if r.size == 0:
@@ -238,7 +202,7 @@ class SiteCalibration:
 
     def point(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
         """The map's estimate of each case, clipped to [0, 1]."""
-        return _apply_map(_design(signals, self.signals), self.coef, self.knots_x, self.knots_y)
+        return apply_score_map(design(signals, self.signals), self.coef, self.knots_x, self.knots_y)
 
     def estimate(self, cases: CaseSignals) -> dict[str, np.ndarray]:
         """Per case: ``estimate``, ``lower``, ``upper``, ``distance``, ``beyond_calibrated``."""
@@ -358,16 +322,16 @@ def fit_site_calibration(
         raise ValueError(f"fit_site_calibration: {n} calibrated cases; need at least {2 * folds}.")
     groups = pool.groups if pool.groups is not None else np.arange(n)
     names = tuple(signals)
-    x, y = _design(pool.signals, names), np.asarray(pool.real, float)
+    x, y = design(pool.signals, names), np.asarray(pool.real, float)
     ok = np.isfinite(x).all(1) & np.isfinite(y)
     if ok.sum() < 2 * folds:
         raise ValueError(f"fit_site_calibration: {int(ok.sum())} cases with every signal of {names}.")
     x, y, groups, feats = x[ok], y[ok], np.asarray(groups)[ok], np.asarray(pool.features, float)[ok]
-    coef, knots_x, knots_y = _fit_map(x, y, shape)
+    coef, knots_x, knots_y = fit_score_map(x, y, shape)
     oof = np.zeros(len(y))
     for pos in _folds(groups, folds, seed):
         train = np.setdiff1d(np.arange(len(y)), pos)
-        oof[pos] = _apply_map(x[pos], *_fit_map(x[train], y[train], shape))
+        oof[pos] = apply_score_map(x[pos], *fit_score_map(x[train], y[train], shape))
     scale = _standardiser(feats)
     own = case_distances(feats, feats, groups, groups, scale=scale)
     own = np.where(np.isfinite(own), own, np.nan)
@@ -380,7 +344,7 @@ def fit_site_calibration(
         # residuals of the recalibrated map are optimistic where the imitation is wrong. How far the styled
         # pairs moved the calibration-only map is how far the pairs had to correct; the rule assumes they may
         # fail to correct by as much, and pools those residuals too (normalised and binned alike).
-        cal_only = _apply_map(x[n_cal:], *_fit_map(x[:n_cal], y[:n_cal], shape))
+        cal_only = apply_score_map(x[n_cal:], *fit_score_map(x[:n_cal], y[:n_cal], shape))
         norm = np.concatenate([norm, np.abs(y[n_cal:] - cal_only) / s[n_cal:]])
         b = np.concatenate([b, b[n_cal:]])
     pooled = _conformal(norm, level)
