@@ -43,6 +43,7 @@ from spe_lightning.percase.labels import (
     ppi_alerts,
     suggest_labels,
 )
+from spe_lightning.percase.mirror import MIRROR, mirror_consistency
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.scorer import CaseInputs, CaseRow, case_rows
 from spe_lightning.percase.set_agreement import rows_vs_set, with_set_uncertainty
@@ -90,19 +91,25 @@ class SPEEstimator(EstimatorBase):
             estimates = {k: e.with_true(real.get(k)) for k, e in estimates.items()}
         return estimates, pseudo, real
 
-    def _case_rows(
-        self,
-        data: CachedSet,
-        masks: Sequence[Tensor],
-        conf: Tensor,
-        ids: Sequence[str] | None,
-        device: torch.device,
-        progress: Callable[[int], Any] | None,
-        name: str | None = None,
-    ) -> tuple[list[CaseRow], float | None]:
+    def case_inputs(
+        self, model: nn.Module, data: CachedSet, masks: Sequence[Tensor], conf: Tensor, ids: Sequence[str],
+        device: torch.device, logits_fn: LogitsFn, name: str | None = None,
+    ) -> CaseInputs:  # fmt: skip
+        """The per-case scorer's inputs of ``data`` scored as the set ``name``, with the model's mirror
+        consistency when the scorer stacks it there (:meth:`CaseScorer.model_signals`)."""
         real = per_case_dice(masks, data.masks) if data.masks is not None else None
+        mirror = None
+        if MIRROR in self.scorer(device).model_signals(name):
+            mirror = mirror_consistency(lambda d: self.predict(model, d, device, logits_fn), data, masks)
+        return CaseInputs(data.gray, masks, conf, ids, real, name, mirror)
+
+    def _case_rows(
+        self, model: nn.Module, data: CachedSet, masks: Sequence[Tensor], conf: Tensor, ids: Sequence[str] | None,
+        device: torch.device, logits_fn: LogitsFn, progress: Callable[[int], Any] | None, name: str | None = None,
+    ) -> tuple[list[CaseRow], float | None]:  # fmt: skip
         ids = [str(i) for i in ids] if ids is not None else data.ids or [str(i) for i in data.indices]
-        scoring = self.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, real, name), device, progress)
+        inputs = self.case_inputs(model, data, masks, conf, ids, device, logits_fn, name)
+        scoring = self.scorer(device).score(inputs, device, progress)
         return list(scoring.rows), scoring.threshold
 
     @torch.no_grad()
@@ -119,7 +126,7 @@ class SPEEstimator(EstimatorBase):
         self.check_2d(data)
         device = model_device(model, device)
         masks, conf = self.predict(model, data, device, logits_fn)
-        return self._case_rows(data, masks, conf, None, device, None)[0]
+        return self._case_rows(model, data, masks, conf, None, device, logits_fn, None)[0]
 
     @torch.no_grad()
     def check_inputs(
@@ -229,7 +236,7 @@ class SPEEstimator(EstimatorBase):
         threshold = None
         widened = None
         if per_case:
-            cases, threshold = self._case_rows(data, masks, conf, ids, device, progress, name)
+            cases, threshold = self._case_rows(model, data, masks, conf, ids, device, logits_fn, progress, name)
             if self.config.case_set_uncertainty and "dice" in estimates:
                 cases, widened = with_set_uncertainty(cases, estimates["dice"].lower, estimates["dice"].upper)
         labelled = None
@@ -440,7 +447,7 @@ class SPEEstimator(EstimatorBase):
             self.check_2d(data)
             if conf is None:  # masks were given: the confidence needs the model once more
                 _, conf = self.predict(model, data, device, logits_fn)
-            cases = self._case_rows(data, masks, conf, None, device, None)[0]
+            cases = self._case_rows(model, data, masks, conf, None, device, logits_fn, None)[0]
         if len(cases) != len(data):
             raise ValueError(f"{len(cases)} per-case rows for {len(data)} images.")
         rows = case_rows(cases)

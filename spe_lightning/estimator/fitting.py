@@ -36,7 +36,7 @@ from spe_lightning.percase.combination import combination_from_pairs, combined_v
 from spe_lightning.percase.quality_calibration import calibrate_quality, quality_estimates
 from spe_lightning.percase.rca import per_case_dice
 from spe_lightning.percase.regressor import QualitySettings, RegressorScorer
-from spe_lightning.percase.scorer import CaseInputs, CaseScorer, ScorerFitData
+from spe_lightning.percase.scorer import CaseScorer, ScorerFitData
 from spe_lightning.reverse.base import ReverseSegmenter
 
 __all__ = ["RunOutcome", "fit_estimator", "with_case_scorer", "heldout_regressor_means"]
@@ -252,7 +252,9 @@ def _mean_estimate(
     device = model_device(model)
     masks, conf = est.predict(model, data, device, logits_fn)
     ids = [str(i) for i in data.indices]
-    rows = est.scorer(device).score(CaseInputs(data.gray, masks, conf, ids, None, name), device).rows
+    rows = (
+        est.scorer(device).score(est.case_inputs(model, data, masks, conf, ids, device, logits_fn, name), device).rows
+    )
     values = [r.estimated_dice for r in rows if r.estimated_dice is not None]
     return float(np.mean(values)) if values else None
 

@@ -474,3 +474,7 @@ class RCAScorer:
     def state(self) -> dict[str, Any] | None:
         """The calibration (``cases`` of an estimator file); None before :meth:`fit`."""
         return self.calibration
+
+    def model_signals(self, name: str | None) -> tuple[str, ...]:
+        """RCA needs nothing more from the model than its masks and confidence."""
+        return ()

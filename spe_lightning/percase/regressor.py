@@ -421,6 +421,11 @@ class RegressorScorer:
         rows = regressor_case_rows(est, cases.masks, cases.confidence, cases.ids, cases.real_dice)
         return CaseScoring(rows, float(qcal["threshold"]))
 
+    def model_signals(self, name: str | None) -> tuple[str, ...]:
+        """``("mirror",)`` when ``name`` is a run target whose map stacks the model's mirror consistency."""
+        site = ((self.sites or {}).get("targets") or {}).get(name) if name is not None else None
+        return tuple(s for s in (site or {}).get("signals", ()) if s == "mirror")
+
     def state(self) -> dict[str, Any] | None:
         """``{"regressor": network state tensors, "calibration": plain numbers}`` (and ``"sites"``, the run
         targets' calibrations, when fitted); None before :meth:`fit`."""

@@ -124,7 +124,8 @@ def case_rows(rows: Sequence[CaseRow | Mapping[str, Any]]) -> list[CaseRow]:
 @dataclass(frozen=True)
 class CaseInputs:
     """The cases a scorer scores: working-size gray images ``[N,1,w,w]``, the model's native-size masks,
-    its confidence ``[N]``, one id per case, (when the images came with masks) their real Dice and the set's name."""
+    its confidence ``[N]``, one id per case, (when the images came with masks) their real Dice, the set's name
+    and, when the scorer asks for it (:meth:`CaseScorer.model_signals`), the model's mirror consistency ``[N]``."""
 
     gray: Tensor
     masks: Sequence[Tensor]
@@ -132,6 +133,7 @@ class CaseInputs:
     ids: Sequence[str]
     real_dice: np.ndarray | None = None
     name: str | None = None  # the set's name: a run target's own (site) calibration applies to it
+    mirror: np.ndarray | None = None  # percase.mirror.mirror_consistency of the cases
 
     @property
     def working_masks(self) -> Tensor:
@@ -191,4 +193,9 @@ class CaseScorer(Protocol):
 
     def state(self) -> dict[str, Any] | None:
         """What an estimator file keeps of the fitted scorer (plain numbers, strings and tensors)."""
+        ...
+
+    def model_signals(self, name: str | None) -> tuple[str, ...]:
+        """The signals beyond masks and confidence that scoring a set called ``name`` needs from the model
+        (``"mirror"``: :func:`~spe_lightning.percase.mirror.mirror_consistency`); the caller computes them."""
         ...

@@ -3,9 +3,10 @@ the calibration set and the styled pairs (development data only), and the rows i
 
 :func:`fit_sites` is called by :class:`~spe_lightning.percase.regressor.RegressorScorer` at fit time with each run
 target's styled calibration set (:func:`~spe_lightning.engine.styled_pairs.styled_set`); :func:`site_rows` scores
-the cases of a set of the same name. The signals available there are the regressor's raw output and the model's
-confidence (its Soft Dice Confidence); RCA and checkpoint agreement enter in the benchmark
-(``benchmarks/percase_quality.py``), where they are computed per case.
+the cases of a set of the same name. The signals available there are the regressor's raw output, the model's
+confidence (its Soft Dice Confidence) and its mirror consistency (:mod:`~spe_lightning.percase.mirror`: one more
+forward per case); RCA and checkpoint agreement enter in the benchmark (``benchmarks/percase_quality.py``), where
+they are computed per case.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from spe_lightning.engine.cached_set import CachedSet
 from spe_lightning.engine.distance import image_features
+from spe_lightning.percase.mirror import MIRROR, mirror_consistency
 from spe_lightning.percase.scorer import CaseInputs, CaseRow
 from spe_lightning.percase.sites import (
     INTERVAL_RULE,
@@ -32,7 +34,12 @@ from spe_lightning.percase.sites import (
 __all__ = ["PRODUCT_RULES", "features_of", "fit_sites", "heldout_site_means", "site_rows"]
 
 #: the rules a run chooses from (the signals it has per case), simplest first
-PRODUCT_RULES: tuple[tuple[str, ...], ...] = (("regressor",), ("regressor", "confidence"))
+PRODUCT_RULES: tuple[tuple[str, ...], ...] = (
+    ("regressor",),
+    ("regressor", "confidence"),
+    ("regressor", MIRROR),
+    ("regressor", "confidence", MIRROR),
+)
 
 
 def features_of(gray: Tensor, masks: Sequence[Tensor], confidence: Tensor) -> np.ndarray:
@@ -47,8 +54,11 @@ def _signals(
     conf: Tensor,
     real: np.ndarray | None,
     groups: np.ndarray | None = None,
+    mirror: np.ndarray | None = None,
 ) -> CaseSignals:
     sig = {"regressor": np.asarray(raw(data.gray, masks), float), "confidence": conf.double().numpy()}
+    if mirror is not None:
+        sig[MIRROR] = np.asarray(mirror, float)
     group = np.arange(len(data)) if groups is None else np.asarray(groups)
     return CaseSignals(sig, features_of(data.gray, masks, conf), real, group)
 
@@ -76,13 +86,15 @@ def fit_sites(
     if calibration.masks is None:
         raise ValueError("fit_sites: the calibration set needs masks.")
     masks, conf = predict(calibration)
-    cal = _signals(raw, calibration, masks, conf, real_dice(masks, calibration.masks))
+    mirror = mirror_consistency(predict, calibration, masks)
+    cal = _signals(raw, calibration, masks, conf, real_dice(masks, calibration.masks), mirror=mirror)
     families = {}
     for name, data in styled.items():
         if data.masks is None or len(data) != len(calibration):
             raise ValueError(f"fit_sites: the styled set of {name!r} must hold the calibration set's items and masks.")
         s_masks, s_conf = predict(data)
-        families[name] = _signals(raw, data, s_masks, s_conf, real_dice(s_masks, data.masks))
+        s_real, s_mirror = real_dice(s_masks, data.masks), mirror_consistency(predict, data, s_masks)
+        families[name] = _signals(raw, data, s_masks, s_conf, s_real, mirror=s_mirror)
     n = len(calibration)
     rng = np.random.default_rng(seed)
     folds: list[tuple[CaseSignals, CaseSignals | None, CaseSignals]] = []
@@ -130,8 +142,14 @@ def heldout_site_means(
 
     if calibration.masks is None:
         raise ValueError("heldout_site_means: the calibration set needs masks.")
+
+    def mirror_of(data: CachedSet, masks: Sequence[Tensor]) -> np.ndarray | None:
+        return mirror_consistency(predict, data, masks) if MIRROR in rule else None
+
     masks, conf = predict(calibration)
-    cal = _signals(raw, calibration, masks, conf, real_dice(masks, calibration.masks))
+    cal = _signals(
+        raw, calibration, masks, conf, real_dice(masks, calibration.masks), mirror=mirror_of(calibration, masks)
+    )
     n = len(calibration)
     perm = np.random.default_rng(seed).permutation(n)
     a, b = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
@@ -141,14 +159,15 @@ def heldout_site_means(
             out[name] = None
             continue
         p_masks, p_conf = predict(data)
-        target = _signals(raw, data, p_masks, p_conf, None)
+        target = _signals(raw, data, p_masks, p_conf, None, mirror=mirror_of(data, p_masks))
         est = np.full(n, np.nan)
         for fit_half, score_half in ((a, b), (b, a)):
             half = subset(calibration, fit_half.tolist(), f"{calibration.name}_half")
             sty, _ = styled_set(half, subset(data, score_half.tolist(), name), seed)
             assert sty.masks is not None  # styled copies keep the calibration masks
             s_masks, s_conf = predict(sty)
-            styled = _signals(raw, sty, s_masks, s_conf, real_dice(s_masks, sty.masks), groups=fit_half)
+            s_real = real_dice(s_masks, sty.masks)
+            styled = _signals(raw, sty, s_masks, s_conf, s_real, groups=fit_half, mirror=mirror_of(sty, s_masks))
             site = fit_site_calibration(cal.subset(fit_half), styled, rule, level=level, seed=seed, shape=shape)
             est[score_half] = site.point(target.subset(score_half).signals)
         out[name] = float(np.mean(est))
@@ -168,6 +187,13 @@ def site_rows(
     cal = SiteCalibration.from_dict(site)
     feats = features_of(cases.gray, cases.masks, cases.confidence)
     sig = {"regressor": np.asarray(raw, float), "confidence": cases.confidence.double().numpy()}
+    if cases.mirror is not None:
+        sig[MIRROR] = np.asarray(cases.mirror, float)
+    elif MIRROR in cal.signals:
+        raise ValueError(
+            f"the per-case map of {cases.name!r} stacks the model's mirror consistency, which these cases lack: "
+            "score them through SPEEstimator.estimate (it computes it with the model)."
+        )
     q = cal.estimate(CaseSignals(sig, feats))
     real = cases.real_dice
     rows = []

@@ -6,8 +6,8 @@ labels, its *target-styled pairs* (:func:`~spe_lightning.engine.styled_pairs.sty
 images restyled like the target, their real per-case Dice known). Here:
 
 - :class:`CaseSignals`: per case, the label-free signals (the regressor's raw output, RCA, the model's
-  confidence / Soft Dice Confidence, checkpoint agreement), label-free features (for distances) and, for
-  calibrated cases, the real Dice and the source image (a styled copy shares its original's group);
+  confidence / Soft Dice Confidence, checkpoint agreement, mirror consistency), label-free features (for
+  distances) and, for calibrated cases, the real Dice and the source image (a styled copy shares its original's group);
 - :func:`fit_site_calibration`: a linear stack of the chosen signals (or a monotone map of it, where Dice piles up
   at 0 and near 1: :mod:`~spe_lightning.percase.score_map`) fitted on the calibration cases *and* the target's
   styled pairs, with per-case 90% intervals from split-conformal out-of-fold residuals normalised by distance: a
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: every per-case signal a rule may stack
-SIGNALS = ("regressor", "rca", "confidence", "agreement")
+SIGNALS = ("regressor", "rca", "confidence", "agreement", "mirror")
 #: candidate rules (signals stacked), simplest first: a tie keeps the earlier one
 RULES: tuple[tuple[str, ...], ...] = (
     ("regressor",),

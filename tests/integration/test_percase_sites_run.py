@@ -64,3 +64,32 @@ def test_run_target_rows_carry_the_set_estimates_uncertainty(quality_fitted):
     widths = [(r.estimated_dice_upper - r.estimated_dice_lower) for r in res.cases]
     plain_widths = [(r.estimated_dice_upper - r.estimated_dice_lower) for r in plain.cases]
     assert all(w >= p - 1e-12 for w, p in zip(widths, plain_widths))
+
+
+def test_a_run_targets_map_stacking_the_mirror_gets_it_from_the_model(quality_fitted):
+    import copy
+
+    import torch
+
+    from spe_lightning.engine.predict import default_logits
+    from spe_lightning.percase.mirror import MIRROR, mirror_consistency
+
+    cb, trainer, dm, log_dir = quality_fitted
+    est = SPEEstimator.load(log_dir / "spe_estimator.pt")
+    quality = copy.deepcopy(dict(est.quality))
+    # the target's map made to read the mirror consistency alone: its rows are then exactly that signal
+    quality["sites"]["targets"]["target"].update(
+        signals=["regressor", MIRROR], coef=[0.0, 1.0, 0.0], shape="linear", knots_x=[], knots_y=[]
+    )
+    config = est.config.replace(case_set_uncertainty=False)
+    mirrored_est = est.with_fitted(est.fitted.replace(quality=quality, config=config))
+    model, target = trainer.lightning_module, dm.spe_datasets()["target"]["target"]
+    res = mirrored_est.estimate(model, target, name="target")
+    cpu = torch.device("cpu")
+    data = est.cache(target, "target")
+    masks, _ = est.predict(model, data, cpu, default_logits)
+    expected = mirror_consistency(lambda d: est.predict(model, d, cpu, default_logits), data, masks)
+    assert [r["estimated_dice"] for r in res.cases] == pytest.approx(np.clip(expected, 0, 1).tolist())
+    assert {r["signals"] for r in res.cases} == {"regressor+mirror"}
+    # a set scored with the calibration-set map needs no mirror: the same estimator scores it as before
+    assert all("signals" not in r for r in mirrored_est.estimate(model, target, name="elsewhere").cases)
