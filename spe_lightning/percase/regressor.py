@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from spe_lightning.data.adapters import resize_images
 from spe_lightning.engine.metrics import per_image_metrics
 from spe_lightning.percase.mask_errors import ERROR_KINDS, make_candidates
+from spe_lightning.percase.mirror import MIRROR
 from spe_lightning.percase.quality_calibration import calibrate_quality, quality_estimates
 from spe_lightning.percase.scorer import CaseInputs, CaseScoring, ScorerFitData, working_masks
 
@@ -424,7 +425,7 @@ class RegressorScorer:
     def model_signals(self, name: str | None) -> tuple[str, ...]:
         """``("mirror",)`` when ``name`` is a run target whose map stacks the model's mirror consistency."""
         site = ((self.sites or {}).get("targets") or {}).get(name) if name is not None else None
-        return tuple(s for s in (site or {}).get("signals", ()) if s == "mirror")
+        return tuple(s for s in (site or {}).get("signals", ()) if s == MIRROR)
 
     def state(self) -> dict[str, Any] | None:
         """``{"regressor": network state tensors, "calibration": plain numbers}`` (and ``"sites"``, the run
