@@ -13,14 +13,15 @@ low everywhere, which the choice then finds no use for).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 from torch import Tensor
 
 from spe_lightning.engine.cached_set import CachedSet
-from spe_lightning.engine.metrics import per_item_metrics
+from spe_lightning.percase.rca import per_case_dice
+from spe_lightning.percase.scorer import PredictFn
 
 __all__ = ["MIRROR", "mirror_consistency", "mirrored"]
 
@@ -39,12 +40,10 @@ def mirrored(data: CachedSet) -> CachedSet:
     )
 
 
-def mirror_consistency(
-    predict: Callable[[CachedSet], tuple[list[Tensor], Tensor]], data: CachedSet, masks: Sequence[Tensor]
-) -> np.ndarray:
+def mirror_consistency(predict: PredictFn, data: CachedSet, masks: Sequence[Tensor]) -> np.ndarray:
     """Per case, the Dice between ``masks`` (the model's masks of ``data``) and its masks of the mirrored cases
     mirrored back (foreground of any class; 1 where both are empty). ``predict`` is the estimator's prediction."""
     if len(masks) != len(data.inputs):
         raise ValueError(f"mirror_consistency: {len(masks)} masks for {len(data.inputs)} cases.")
     back = [m.flip(-1) for m in predict(mirrored(data))[0]]
-    return per_item_metrics(list(masks), back, ("dice",), select=lambda m: m > 0)["dice"].double().numpy()
+    return per_case_dice(masks, back)
